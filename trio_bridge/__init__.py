@@ -1,0 +1,42 @@
+"""trio_bridge: offer a local LLM's OpenAI-compatible API to the outside world.
+
+A *connector* beside the LLM dials out a persistent, multiplexed relay to a public *broker*;
+the broker forwards every HTTP request through it; the connector checks the API key and
+forwards the request byte-exact to the LLM, streaming the answer back as it is generated.
+"""
+
+from __future__ import annotations
+
+from ._broker import Broker, Registry
+from ._config import Config, ConfigError, load_config
+from ._connector import Connector
+from ._errors import (
+    BridgeError,
+    LocalProtocolError,
+    ProtocolError,
+    RelayClosed,
+    RemoteProtocolError,
+    StreamReset,
+)
+from ._keys import SecretStore
+from ._testmodel import TestModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BridgeError",
+    "Broker",
+    "Config",
+    "ConfigError",
+    "Connector",
+    "LocalProtocolError",
+    "ProtocolError",
+    "Registry",
+    "RelayClosed",
+    "RemoteProtocolError",
+    "SecretStore",
+    "StreamReset",
+    "TestModel",
+    "__version__",
+    "load_config",
+]

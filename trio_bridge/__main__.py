@@ -1,0 +1,3 @@
+from trio_bridge._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""The broker role: the public HTTP port, the relay endpoint, and the connector registry.
+
+One ASGI app (served by hypercorn) handles both: a WebSocket upgrade at ``relay_path`` with a
+valid connector token becomes a relay; every other request is sent through a relay to a
+connector of its route, in its own nursery (the *request scope*):
+
+    client ──▶ _http: limits, pick relay (wait ≤ queue_timeout) ──▶ open stream
+                 ├─ task: pump request body into the stream, then watch for client disconnect
+                 └─ main: response head → chunks → client, as they arrive
+
+Cancellation: a client disconnect resets the stream (CANCEL); the connector then cancels its
+upstream call. A stream reset after the response head aborts the client's response (the
+connection is closed without a terminating chunk), so a truncated answer never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from ._asgi import Receive, Scope, Send, lifespan, send_simple, serve_app
+from ._config import Config
+from ._errors import RelayClosed, StreamReset
+from ._frames import MAX_PAYLOAD, ResetCode
+from ._http import (
+    error_body,
+    error_response,
+    header,
+    presented_key,
+    request_id_from,
+    strip_hop_by_hop,
+)
+from ._keys import SecretStore
+from ._observe import log_request
+from ._protocol import RequestHead, Session
+from ._relay import AsgiWebSocketTransport, Relay, RelayStream
+
+log = logging.getLogger("trio_bridge.broker")
+
+DEFAULT_ROUTE = "default"
+_INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
+
+_RESET_STATUS = {
+    ResetCode.TIMEOUT: (504, "the LLM did not answer in time"),
+    ResetCode.TOO_LARGE: (413, "request body too large"),
+    ResetCode.REFUSED: (503, "the connector refused the request; retry"),
+    ResetCode.SHUTDOWN: (503, "the connector is shutting down; retry"),
+    ResetCode.RELAY_LOST: (502, "the connection to the LLM's connector was lost"),
+}
+
+
+class Registry:
+    """Relays by route, with a wake-up for requests waiting for a usable relay."""
+
+    def __init__(self) -> None:
+        self._by_route: dict[str, list[Relay]] = {}
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def add(self, relay: Relay) -> None:
+        self._by_route.setdefault(relay.route, []).append(relay)
+        self.changed(relay)
+
+    def remove(self, relay: Relay) -> None:
+        relays = self._by_route.get(relay.route, [])
+        if relay in relays:
+            relays.remove(relay)
+        self.changed(relay)
+
+    def changed(self, _relay: Relay | None = None) -> None:
+        if self._changed:
+            self._changed.unpark_all()
+
+    def relays(self) -> list[Relay]:
+        return [r for rs in self._by_route.values() for r in rs]
+
+    def pick(self, route: str) -> Relay | None:
+        """The usable relay of ``route`` with the fewest streams in flight."""
+        best: Relay | None = None
+        for relay in self._by_route.get(route, ()):
+            if relay.usable and not relay.peer_draining:
+                if best is None or relay.in_flight < best.in_flight:
+                    best = relay
+        return best
+
+    async def wait_pick(self, route: str, timeout: float) -> Relay | None:
+        relay = self.pick(route)
+        if relay is not None:
+            return relay
+        with trio.move_on_after(timeout):
+            while (relay := self.pick(route)) is None:
+                await self._changed.park()
+        return relay
+
+
+class Broker:
+    """The broker's ASGI application and its state."""
+
+    def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
+        self.config = config
+        self.tokens = tokens or SecretStore(
+            config.path(config.broker.connector_tokens_file), "tbc"
+        )
+        self.registry = Registry()
+        self.relay_path = config.broker.relay_path
+        self.max_body = int(config.limits.max_body)
+        self.queue_timeout = float(config.broker.queue_timeout)
+
+    async def serve(
+        self,
+        listen: str | None = None,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the public port until cancelled; started value: the bound (host, port)."""
+        await serve_app(self, listen or self.config.broker.listen, task_status=task_status)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await lifespan(receive, send)
+
+    # -- relay endpoint --
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # websocket.connect
+        peer = _client(scope)
+        if scope["path"] != self.relay_path:
+            await _deny(send, 404, "not found")
+            return
+        token = presented_key(scope["headers"])
+        entry = self.tokens.verify(token) if token is not None else None
+        if entry is None:
+            log.warning("relay refused: bad connector token", extra={"peer": peer})
+            await _deny(send, 401, "invalid connector token")
+            return
+        await send({"type": "websocket.accept"})
+        relay_cfg = self.config.relay
+        relay = Relay(
+            AsgiWebSocketTransport(receive, send),
+            Session(opener=True, window=int(relay_cfg.window), max_streams=relay_cfg.max_streams),
+            ping_interval=float(relay_cfg.ping_interval),
+            on_change=self.registry.changed,
+        )
+        async with trio.open_nursery() as nursery:
+            try:
+                hello = await nursery.start(relay.run)
+            except RelayClosed as exc:
+                log.warning("relay handshake failed: %s", exc.reason, extra={"peer": peer})
+                return
+            relay.name = hello.name or entry.name
+            relay.route = hello.route or DEFAULT_ROUTE
+            self.registry.add(relay)
+            log.info(
+                "relay connected",
+                extra={"connector": relay.name, "route": relay.route, "peer": peer,
+                       "token_id": entry.id},
+            )
+        self.registry.remove(relay)
+        log.info(
+            "relay disconnected: %s", relay.closed_reason,
+            extra={"connector": relay.name, "route": relay.route},
+        )
+
+    # -- public requests --
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.monotonic()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        rid = request_id_from(headers)
+        method: str = scope["method"]
+        path: str = scope["path"]
+        fields: dict[str, Any] = {"request_id": rid, "method": method, "path": path}
+        outcome = await self._forward(scope, receive, send, rid, fields)
+        fields["outcome"] = outcome
+        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+        log_request("broker", fields)
+
+    async def _error(
+        self, send: Send, fields: dict[str, Any], status: int, message: str,
+        retry_after: int | None = None,
+    ) -> str:
+        fields["status"] = status
+        s, h, body = error_response(status, message, fields["request_id"], retry_after=retry_after)
+        await send_simple(send, s, h, body)
+        return "bridge_error"
+
+    async def _forward(  # noqa: PLR0911
+        self, scope: Scope, receive: Receive, send: Send, rid: str, fields: dict[str, Any]
+    ) -> str:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if scope["path"] == self.relay_path:
+            return await self._error(send, fields, 400, "the relay endpoint needs a WebSocket")
+        declared = header(headers, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            status = 413 if declared.isdigit() else 400
+            return await self._error(send, fields, status, "request body too large"
+                                     if status == 413 else "invalid Content-Length")
+        # Read a first part of the body so small requests travel as one relay message.
+        body_parts: list[bytes] = []
+        size = 0
+        body_done = False
+        while size < _INITIAL_BODY:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return "client_gone"
+            chunk = msg.get("body", b"")
+            if chunk:
+                body_parts.append(chunk)
+                size += len(chunk)
+            if not msg.get("more_body", False):
+                body_done = True
+                break
+        if size > self.max_body:
+            return await self._error(send, fields, 413, "request body too large")
+
+        relay = await self.registry.wait_pick(DEFAULT_ROUTE, self.queue_timeout)
+        if relay is None:
+            return await self._error(
+                send, fields, 503, "no connector is available for this route; retry later",
+                retry_after=max(1, int(self.queue_timeout)),
+            )
+        fields["connector"] = relay.name
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        target = raw_path.decode("latin-1")
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        head = RequestHead(
+            scope["method"], target, strip_hop_by_hop(headers, also=frozenset({b"host"})), rid
+        )
+        try:
+            stream = relay.open_stream(head, end_stream=body_done and size == 0)
+        except RelayClosed:
+            return await self._error(send, fields, 503, "connector went away; retry",
+                                     retry_after=1)
+        if size:
+            try:
+                await stream.send_data(b"".join(body_parts), end_stream=body_done)
+            except StreamReset:
+                pass  # answered below from the reset
+
+        state = _Exchange(stream, size)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_request, receive, state, body_done)
+            outcome = await self._respond(send, state, fields)
+            nursery.cancel_scope.cancel()
+        if not stream.finished:
+            stream.reset(ResetCode.CANCEL, "client went away")
+        fields["bytes_in"] = state.body_size
+        fields["bytes_out"] = stream.bytes_received
+        return outcome
+
+    async def _pump_request(self, receive: Receive, state: _Exchange, body_done: bool) -> None:
+        """Stream the rest of the request body, then watch for the client going away."""
+        stream = state.stream
+        while not body_done:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                state.client_gone = True
+                stream.reset(ResetCode.CANCEL, "client went away during the upload")
+                return
+            chunk = msg.get("body", b"")
+            state.body_size += len(chunk)
+            body_done = not msg.get("more_body", False)
+            if state.body_size > self.max_body:
+                stream.reset(ResetCode.TOO_LARGE, "request body too large")
+                return
+            try:
+                await stream.send_data(chunk, end_stream=body_done)
+            except StreamReset:
+                return  # the connector answered already, or the stream failed
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                state.client_gone = True
+                stream.reset(ResetCode.CANCEL, "client disconnected")
+                return
+
+    async def _respond(self, send: Send, state: _Exchange, fields: dict[str, Any]) -> str:
+        stream = state.stream
+        try:
+            head = await stream.receive_response_head()
+        except StreamReset as exc:
+            if state.client_gone:
+                return "client_gone"
+            status, message = _RESET_STATUS.get(
+                exc.code, (502, "the connector failed to answer")  # type: ignore[call-overload]
+            )
+            return await self._error(send, fields, status, message,
+                                     retry_after=1 if status == 503 else None)
+        fields["status"] = head.status
+        await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
+        try:
+            while chunk := await stream.receive_data():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except StreamReset as exc:
+            # Abort: returning without the final body message makes hypercorn close the
+            # connection, so the client sees an incomplete response, never a complete one.
+            fields["reset"] = exc.reason
+            return "client_gone" if state.client_gone else "aborted"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return "ok"
+
+
+class _Exchange:
+    __slots__ = ("body_size", "client_gone", "stream")
+
+    def __init__(self, stream: RelayStream, body_size: int) -> None:
+        self.stream = stream
+        self.body_size = body_size
+        self.client_gone = False
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
+async def _deny(send: Send, status: int, message: str) -> None:
+    body = error_body(message, "invalid_request_error", "relay_refused")
+    await send({
+        "type": "websocket.http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})

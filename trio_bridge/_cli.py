@@ -1,0 +1,255 @@
+"""Command line: ``python -m trio_bridge ROLE|COMMAND [-c bridge.toml]``.
+
+Exit codes: 0 success; 1 a runtime failure (an endpoint did not answer in ``check``);
+2 unusable configuration or usage (never worth restarting: see RestartPreventExitStatus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from . import __version__
+from ._broker import Broker
+from ._config import Config, ConnectorConfig, load_config, parse_hostport
+from ._connector import Connector
+from ._errors import ConfigError
+from ._keys import SecretStore
+from ._observe import setup_logging
+from ._testmodel import MODEL_ID, TestModel
+
+log = logging.getLogger("trio_bridge.cli")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trio-bridge",
+        description="Offer a local LLM's OpenAI-compatible API through a public broker.",
+    )
+    p.add_argument("--version", action="version", version=f"trio-bridge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", help="path to bridge.toml (default: built-in defaults)")
+        return sp
+
+    cmd("broker", "run the public broker (public port + relay endpoint)")
+    cmd("connector", "run the connector beside the LLM")
+    demo = cmd("demo", "broker + connector on loopback, with the test model if no LLM answers")
+    demo.add_argument("--port", type=int, default=8080, help="public port (0: any free port)")
+    demo.add_argument("--local-url", help="LLM to use (default: connector.local_url)")
+    demo.add_argument("--test-model", action="store_true",
+                      help="always use the built-in test model")
+    cmd("check", "validate the config and probe the LLM and the broker")
+    for store, what in (("keys", "users' API keys (connector side)"),
+                        ("tokens", "connector tokens (broker side)")):
+        sp = sub.add_parser(store, help=f"manage {what}", description=f"Manage {what}.")
+        ssub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+        for action, help in (("add", "create one and print it once"),
+                             ("list", "show names, ids and creation times"),
+                             ("revoke", "remove one (by name or id)")):
+            a = ssub.add_parser(action, help=help)
+            if action != "list":
+                a.add_argument("name")
+            a.add_argument("-c", "--config", help="path to bridge.toml")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.command in ("keys", "tokens"):
+            return _store_command(config, args.command, args.action, getattr(args, "name", None))
+        setup_logging(config.log.level, "text" if args.command in ("demo", "check")
+                      else config.log.format)
+        if args.command == "check":
+            return trio.run(_check, config)
+        if args.command == "broker":
+            broker = Broker(config)
+            trio.run(_run_until_signal, lambda: broker.serve())
+        elif args.command == "connector":
+            connector = Connector(config)
+            trio.run(_run_until_signal, connector.run)
+        elif args.command == "demo":
+            trio.run(_run_until_signal, lambda: _demo(config, args))
+    except ConfigError as exc:
+        print(f"trio-bridge: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run_until_signal(fn: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``fn`` until it returns or SIGINT/SIGTERM arrives."""
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        await fn()
+        nursery.cancel_scope.cancel()
+
+
+def _store_command(config: Config, store: str, action: str, name: str | None) -> int:
+    if store == "keys":
+        path, prefix = config.path(config.connector.api_keys_file), "tbk"
+    else:
+        path, prefix = config.path(config.broker.connector_tokens_file), "tbc"
+    s = SecretStore(path, prefix)
+    if action == "add":
+        assert name is not None
+        entry, secret = s.add(name)
+        print(secret)
+        what = "API key" if store == "keys" else "connector token"
+        print(f"# {what} {entry.name!r} (id {entry.id}) added to {path}. It is shown only "
+              "once: only its hash is stored.", file=sys.stderr)
+        if store == "tokens":
+            print("# On the connector machine, put it in the file named by connector.token_file "
+                  "(mode 0600) or in the TRIO_BRIDGE_TOKEN environment variable.", file=sys.stderr)
+    elif action == "list":
+        entries = s.entries()
+        if not entries:
+            print(f"(no entries in {path})")
+        for e in entries:
+            print(f"{e.name:<24} {e.id:<10} {e.created}")
+    else:
+        assert name is not None
+        entry = s.revoke(name)
+        print(f"revoked {entry.name!r} (id {entry.id}); running processes stop accepting it "
+              "within a second")
+    return 0
+
+
+async def _probe(url: str) -> str | None:
+    """None if an HTTP server answers at ``url``, else the reason."""
+    try:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            await client.get(url)
+        return None
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _check(config: Config) -> int:
+    ok = True
+    print("config: OK")
+    for what, path in (("broker.connector_tokens_file",
+                        config.path(config.broker.connector_tokens_file)),
+                       ("connector.api_keys_file", config.path(config.connector.api_keys_file))):
+        try:
+            n = len(SecretStore(path, "tbk"))
+            print(f"{what}: {path}: {n} entr{'y' if n == 1 else 'ies'}")
+        except ConfigError as exc:
+            print(f"{what}: {exc}")
+            return EXIT_CONFIG
+    local = config.connector.local_url.rstrip("/") + "/v1/models"
+    err = await _probe(local)
+    print(f"LLM at {config.connector.local_url}: " + ("answers" if err is None else f"NOT answering ({err})"))
+    ok &= err is None
+    for url in config.connector.broker_urls:
+        http_url = "http" + url[2:] if url.startswith("ws") else url
+        err = await _probe(http_url)
+        print(f"broker at {url}: " + ("answers" if err is None else f"NOT answering ({err})"))
+        ok &= err is None
+    return 0 if ok else 1
+
+
+async def _first_model(url: str) -> str | None:
+    try:
+        async with httpx.AsyncClient(timeout=1.5, trust_env=False) as client:
+            r = await client.get(url.rstrip("/") + "/v1/models")
+            data = r.json().get("data") or []
+            return str(data[0]["id"]) if r.status_code == 200 and data else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+async def _demo(config: Config, args: argparse.Namespace) -> None:
+    local_url = args.local_url or config.connector.local_url
+    model_id = None if args.test_model else await _first_model(local_url)
+    with tempfile.TemporaryDirectory(prefix="trio-bridge-demo-") as tmp:
+        async with trio.open_nursery() as nursery:
+            if model_id is None:
+                model = TestModel(token_delay=0.05)
+                host, port = await nursery.start(model.serve)
+                local_url, model_id = f"http://{host}:{port}", MODEL_ID
+                label = (f"built-in TEST MODEL (not a real LLM; no LLM answered at "
+                         f"{args.local_url or config.connector.local_url})")
+            else:
+                label = f"the LLM at {local_url}"
+            host, _ = parse_hostport(config.broker.listen)
+            config = attrs.evolve(
+                config,
+                base_dir=tmp,
+                broker=attrs.evolve(config.broker, listen=f"127.0.0.1:{args.port}",
+                                    connector_tokens_file="tokens.toml"),
+            )
+            tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
+            _, token = tokens.add("demo-connector")
+            keys = SecretStore(Path(tmp) / "keys.toml", "tbk")
+            _, api_key = keys.add("demo-user")
+            broker = Broker(config, tokens)
+            bhost, bport = await nursery.start(broker.serve)
+            config = attrs.evolve(
+                config,
+                connector=attrs.evolve(
+                    config.connector,
+                    broker_urls=[f"ws://{bhost}:{bport}{config.broker.relay_path}"],
+                    local_url=local_url, name="demo-connector",
+                    api_keys_file="keys.toml",
+                ),
+            )
+            connector = Connector(config, keys=keys, token=token)
+            nursery.start_soon(connector.run)
+            with trio.fail_after(10):
+                await connector.connected.wait()
+            _print_demo(f"http://{bhost}:{bport}", api_key, model_id, label)
+
+
+def _print_demo(base: str, key: str, model: str, label: str) -> None:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+    stream_body = json.dumps({"model": model, "stream": True,
+                              "messages": [{"role": "user", "content": "count to 20"}]})
+    py = (f"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
+          f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
+          f"'content': 'Say hello'}}]).choices[0].message.content)")
+    print(f"""
+trio-bridge demo is running: broker + connector on loopback, serving {label}.
+
+  Public base URL : {base}/v1
+  API key         : {key}
+  Model           : {model}
+
+Try it (paste into another terminal):
+
+  curl -sS {base}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'
+
+  curl -sSN {base}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{stream_body}'
+
+  python -c "{py}"
+
+Press Ctrl-C to stop.
+""", flush=True)
+
+
+__all__ = ["ConnectorConfig", "main"]

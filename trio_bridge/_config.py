@@ -1,0 +1,251 @@
+"""Configuration: ``bridge.toml`` → frozen attrs classes through a strict cattrs converter.
+
+Durations accept ``"250ms"``, ``"10s"``, ``"5m"``, ``"1h"`` or a bare number of seconds; sizes
+accept ``"512KiB"``, ``"16MiB"``, ``"1GB"`` or a bare number of bytes. A wrong key or type is a
+:class:`ConfigError` whose message is one line naming the key, e.g.
+``broker.queue_timeout: invalid duration 'soon' (use e.g. "10s", "250ms", "5m")``.
+Relative file paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+
+from ._errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Duration(float):
+    """Seconds, parsed from a human duration."""
+
+
+class Size(int):
+    """Bytes, parsed from a human size."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r} (negative)")
+        return Duration(value)
+    if isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    raise ValueError(f'invalid duration {value!r} (use e.g. "10s", "250ms", "5m")')
+
+
+def parse_size(value: object) -> Size:
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid size {value!r} (negative)")
+        return Size(value)
+    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        unit = (m.group(2) or "b").lower()
+        return Size(int(float(m.group(1)) * _SIZE_UNITS[unit]))
+    raise ValueError(f'invalid size {value!r} (use e.g. "16MiB", "512KiB", or bytes)')
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ValueError(f"invalid address {value!r} (use host:port)")
+    return host.strip("[]"), int(port)
+
+
+def _check_hostport(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        parse_hostport(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+def _check_level(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value.lower() not in {"debug", "info", "warning", "error"}:
+        raise ValueError(f"{attribute.name}: invalid level {value!r} (debug, info, warning or error)")
+
+
+def _check_format(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in {"json", "text"}:
+        raise ValueError(f"{attribute.name}: invalid format {value!r} (json or text)")
+
+
+def _check_url(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"{attribute.name}: invalid URL {value!r} (use http://host:port)")
+
+
+def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name}: at least one broker URL is needed")
+    for url in value:
+        if not re.match(r"^wss?://[^/\s]+", url):
+            raise ValueError(f"{attribute.name}: invalid broker URL {url!r} (use ws://host:port/_bridge/relay)")
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name}: must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class LimitsConfig:
+    max_body: Size = Size(16 * 1024**2)
+    connect_timeout: Duration = Duration(5)
+    first_byte_timeout: Duration = Duration(300)
+    idle_timeout: Duration = Duration(120)
+    shutdown_grace: Duration = Duration(60)
+
+
+@attrs.frozen(kw_only=True)
+class LogConfig:
+    level: str = attrs.field(default="info", validator=_check_level)
+    format: str = attrs.field(default="json", validator=_check_format)
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Relay tuning shared by both roles (defaults suit nearly everyone)."""
+
+    window: Size = attrs.field(default=Size(256 * 1024), validator=_positive)
+    max_streams: int = attrs.field(default=1000, validator=_positive)
+    ping_interval: Duration = attrs.field(default=Duration(10), validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class BrokerConfig:
+    listen: str = attrs.field(default="0.0.0.0:8080", validator=_check_hostport)
+    admin_listen: str = attrs.field(default="127.0.0.1:9180", validator=_check_hostport)
+    connector_tokens_file: str = "tokens.toml"
+    relay_path: str = "/_bridge/relay"
+    queue_timeout: Duration = Duration(10)
+
+
+@attrs.frozen(kw_only=True)
+class ConnectorConfig:
+    broker_urls: list[str] = attrs.field(
+        factory=lambda: ["ws://127.0.0.1:8080/_bridge/relay"], validator=_check_ws_urls
+    )
+    token_file: str = "connector.token"
+    local_url: str = attrs.field(default="http://127.0.0.1:11434", validator=_check_url)
+    admin_listen: str = attrs.field(default="127.0.0.1:9181", validator=_check_hostport)
+    api_keys_file: str = "keys.toml"
+    #: a key the LLM server itself wants (llama.cpp / vLLM --api-key); read from this file or
+    #: from the environment variable TRIO_BRIDGE_UPSTREAM_KEY.
+    upstream_api_key_file: str = ""
+    max_concurrent: int = attrs.field(default=10, validator=_positive)
+    name: str = ""
+    route: str = "default"
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    broker: BrokerConfig = attrs.field(factory=BrokerConfig)
+    connector: ConnectorConfig = attrs.field(factory=ConnectorConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    relay: RelayConfig = attrs.field(factory=RelayConfig)
+    log: LogConfig = attrs.field(factory=LogConfig)
+    #: directory relative paths are resolved against (not a TOML key)
+    base_dir: str = attrs.field(default=".", metadata={"internal": True})
+
+    def path(self, name: str) -> Path:
+        """Resolve a file name from the config against the config file's directory."""
+        p = Path(os.path.expanduser(name))
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+def _strict(kind: type[T]) -> Any:
+    def hook(value: object, _type: object) -> T:
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            raise ValueError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return kind(value)  # type: ignore[call-arg]
+
+    return hook
+
+
+def make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    for kind in (str, int, float, bool):
+        conv.register_structure_hook(kind, _strict(kind))
+    conv.register_structure_hook(Duration, lambda v, _t: parse_duration(v))
+    conv.register_structure_hook(Size, lambda v, _t: parse_size(v))
+    return conv
+
+
+def _one_line(exc: BaseException, source: str) -> str:
+    """The first leaf error of a cattrs exception tree as `a.b.c: message`."""
+
+    def walk(e: BaseException, path: list[str]) -> tuple[list[str], BaseException]:
+        if isinstance(e, ForbiddenExtraKeysError):
+            return path, e
+        if isinstance(e, ClassValidationError | cattrs.IterableValidationError):
+            for sub in e.exceptions:
+                note = getattr(sub, "__notes__", [""])[0] if hasattr(sub, "__notes__") else ""
+                m = re.search(r"@ (?:attribute|index) (\w+)", note)
+                return walk(sub, [*path, m.group(1)] if m else path)
+        return path, e
+
+    path, leaf = walk(exc, [])
+    if isinstance(leaf, ForbiddenExtraKeysError):
+        keys = ", ".join(".".join([*path, k]) for k in sorted(leaf.extra_fields))
+        return f"{source}: unknown key {keys}"
+    if isinstance(leaf, KeyError):
+        return f"{source}: {'.'.join(path) or 'config'}: missing required key"
+    msg = str(leaf)
+    if isinstance(leaf, ValueError) and (m := re.match(r"^(\w+): (.*)$", msg)):
+        path, msg = [*path, m.group(1)], m.group(2)
+    return f"{source}: {'.'.join(path) or 'config'}: {msg}"
+
+
+def structure(data: dict[str, Any], cls: type[T], *, source: str = "config") -> T:
+    """Structure ``data`` into ``cls`` strictly; ConfigError (one line) on any problem."""
+    try:
+        return make_converter().structure(data, cls)
+    except (ClassValidationError, ForbiddenExtraKeysError, cattrs.IterableValidationError) as exc:
+        raise ConfigError(_one_line(exc, source)) from None
+    except (ValueError, TypeError) as exc:  # attrs validators outside cattrs' grouping
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a ``bridge.toml``. ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    if "base_dir" in data:
+        raise ConfigError(f"{p}: unknown key base_dir")
+    data["base_dir"] = str(p.resolve().parent)
+    return structure(data, Config, source=str(p))

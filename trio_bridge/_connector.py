@@ -1,0 +1,298 @@
+"""The connector role: dial the broker(s), check API keys, forward each stream to the LLM.
+
+Per broker URL one task keeps a relay up forever (backoff with full jitter; a refused token
+is retried slowly). Each incoming stream runs :meth:`Connector.handle_stream` in its own cancel
+scope (see ``_relay``), which holds the httpx call to the LLM: when the broker resets the
+stream (client gone) or the relay is lost, the scope is cancelled and httpx closes the upstream
+connection, so the LLM stops generating.
+
+httpx exceptions are mapped here and only here: before the response head they become an
+OpenAI-shaped 502 (LLM unreachable or broken) or 504 (no first byte in time); after it, a
+RESET (UPSTREAM_ERROR or TIMEOUT) that makes the broker abort the client's response.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import trio
+
+from ._backoff import Backoff
+from ._config import Config
+from ._errors import ConfigError, RelayClosed, StreamReset
+from ._frames import MAX_MESSAGE, ResetCode
+from ._http import (
+    KEY_HEADERS,
+    REQUEST_ID,
+    error_response,
+    header,
+    presented_key,
+    strip_hop_by_hop,
+)
+from ._keys import SecretStore
+from ._observe import log_request
+from ._protocol import ResponseHead, Session
+from ._relay import Relay, RelayStream, TrioWebSocketTransport
+
+log = logging.getLogger("trio_bridge.connector")
+
+_DROP_UPSTREAM = KEY_HEADERS | {REQUEST_ID, b"host", b"expect"}
+_DROP_DOWNSTREAM = frozenset({REQUEST_ID})
+
+
+def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: {path}: no such file") from None
+    if not value:
+        raise ConfigError(f"{what}: {path} is empty")
+    return value
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Connector:
+    """The connector's state: key store, HTTP client to the LLM, relays to brokers."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        keys: SecretStore | None = None,
+        token: str | None = None,
+        upstream_key: str | None = None,
+    ) -> None:
+        c = config.connector
+        self.config = config
+        self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
+        if token is None:
+            token = os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(
+                config.path(c.token_file), "connector.token_file"
+            )
+        self._token = token
+        if upstream_key is None:
+            upstream_key = os.environ.get("TRIO_BRIDGE_UPSTREAM_KEY") or (
+                read_secret_file(config.path(c.upstream_api_key_file), "upstream_api_key_file")
+                if c.upstream_api_key_file
+                else None
+            )
+        self._upstream_auth = (
+            (b"authorization", b"Bearer " + upstream_key.encode()) if upstream_key else None
+        )
+        self.local_url = c.local_url.rstrip("/")
+        self.name = c.name or os.uname().nodename
+        self.max_body = int(config.limits.max_body)
+        self.limits = config.limits
+        self.relays: dict[str, Relay] = {}
+        self.connected = trio.Event()  # set once the first relay is up
+        self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=float(config.limits.connect_timeout), read=None, write=None, pool=None
+            ),
+            limits=httpx.Limits(
+                max_connections=c.max_concurrent * 2, max_keepalive_connections=c.max_concurrent
+            ),
+            trust_env=False,
+            follow_redirects=False,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep one relay per broker URL until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for url in self.config.connector.broker_urls:
+                    nursery.start_soon(self.keep_relay, url)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.client.aclose()
+
+    async def keep_relay(self, url: str) -> None:
+        """Dial ``url`` and serve on it; re-dial forever with backoff."""
+        from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
+
+        backoff = Backoff()
+        slow = Backoff(base=5.0, cap=60.0)
+        rc = self.config.relay
+        while True:
+            up_since: float | None = None
+            reason = ""
+            delay_policy = backoff
+            try:
+                async with open_websocket_url(
+                    url,
+                    extra_headers=[(b"authorization", b"Bearer " + self._token.encode())],
+                    max_message_size=MAX_MESSAGE + 1024,
+                    connect_timeout=float(self.limits.connect_timeout),
+                    disconnect_timeout=2,
+                ) as ws:
+                    relay = Relay(
+                        TrioWebSocketTransport(ws),
+                        Session(opener=False, window=int(rc.window), max_streams=rc.max_streams),
+                        name=self.name,
+                        route=self.config.connector.route,
+                        ping_interval=float(rc.ping_interval),
+                        handler=self.handle_stream,
+                    )
+                    async with trio.open_nursery() as nursery:
+                        try:
+                            await nursery.start(relay.run)
+                        except RelayClosed as exc:
+                            reason = exc.reason
+                        else:
+                            up_since = time.monotonic()
+                            self.relays[url] = relay
+                            self.connected.set()
+                            log.info("relay connected", extra={"broker": url})
+                    self.relays.pop(url, None)
+                    reason = reason or relay.closed_reason or "closed"
+            except ConnectionRejected as exc:
+                reason = f"broker refused the relay: HTTP {exc.status_code}"
+                if exc.status_code in (401, 403):
+                    delay_policy = slow
+                    reason += " (check the connector token)"
+            except HandshakeError as exc:
+                reason = f"cannot reach broker: {exc!r}"
+            except (OSError, trio.BrokenResourceError) as exc:
+                reason = f"connection failed: {exc!r}"
+            if up_since is not None:
+                backoff.connected_for(time.monotonic() - up_since)
+            delay = delay_policy.next_delay()
+            log.warning(
+                "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
+            )
+            await trio.sleep(delay)
+
+    # -- one request --
+    async def handle_stream(self, stream: RelayStream) -> None:
+        head = stream.request_head
+        assert head is not None
+        started = time.monotonic()
+        fields: dict[str, Any] = {
+            "request_id": head.request_id,
+            "method": head.method,
+            "path": head.target.split("?", 1)[0],
+        }
+        try:
+            fields["outcome"] = await self._forward(stream, fields)
+        finally:
+            fields.setdefault("outcome", "cancelled")
+            fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            fields["bytes_out"] = stream.bytes_sent
+            if stream.reset_error is not None and stream.reset_error.code != ResetCode.NO_ERROR:
+                fields["reset"] = stream.reset_error.reason
+            log_request("connector", fields)
+
+    async def _reply_error(
+        self, stream: RelayStream, fields: dict[str, Any], status: int, message: str
+    ) -> str:
+        fields["status"] = status
+        _, headers, body = error_response(status, message, fields["request_id"])
+        await stream.send_response(ResponseHead(status, headers))
+        await stream.send_data(body, end_stream=True)
+        return "bridge_error"
+
+    async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:  # noqa: PLR0911
+        head = stream.request_head
+        assert head is not None
+        presented = presented_key(head.headers)
+        entry = self.keys.verify(presented) if presented is not None else None
+        if entry is None:
+            return await self._reply_error(
+                stream, fields, 401,
+                "missing API key" if presented is None else "invalid API key",
+            )
+        fields["key_id"] = entry.id
+        declared = header(head.headers, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return await self._reply_error(stream, fields, 413, "request body too large")
+
+        headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
+        headers.append((REQUEST_ID, head.request_id.encode()))
+        if self._upstream_auth is not None:
+            headers.append(self._upstream_auth)
+        content: bytes | AsyncIterator[bytes]
+        if stream.recv_done:
+            content = b"".join(await _drain_buffered(stream))
+        else:
+            content = self._body(stream)
+        try:
+            request = httpx.Request(
+                head.method, self.local_url + head.target, headers=headers, content=content
+            )
+        except (httpx.InvalidURL, ValueError):
+            return await self._reply_error(stream, fields, 400, "invalid request target")
+
+        limits = self.limits
+        try:
+            with trio.fail_after(float(limits.first_byte_timeout)):
+                async with self._upstream_slots:
+                    response = await self.client.send(request, stream=True)
+        except trio.TooSlowError:
+            return await self._reply_error(
+                stream, fields, 504, "the LLM did not start answering in time"
+            )
+        except _TooLarge:
+            stream.reset(ResetCode.TOO_LARGE, "request body too large")
+            return "too_large"
+        except httpx.ConnectError:
+            return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
+        except httpx.TimeoutException:
+            return await self._reply_error(stream, fields, 502, "connecting to the LLM timed out")
+        except httpx.HTTPError as exc:
+            return await self._reply_error(
+                stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
+            )
+
+        fields["status"] = response.status_code
+        try:
+            resp_headers = strip_hop_by_hop(response.headers.raw, also=_DROP_DOWNSTREAM)
+            resp_headers.append((REQUEST_ID, head.request_id.encode()))
+            await stream.send_response(ResponseHead(response.status_code, resp_headers))
+            chunks = response.aiter_raw()
+            idle = float(limits.idle_timeout)
+            while True:
+                with trio.fail_after(idle):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                await stream.send_data(chunk)
+            await stream.end()
+            return "ok"
+        except trio.TooSlowError:
+            stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
+            return "idle_timeout"
+        except httpx.HTTPError as exc:
+            stream.reset(ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}")
+            return "upstream_error"
+        except StreamReset as exc:
+            return "client_gone" if exc.code == ResetCode.CANCEL else "reset"
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await response.aclose()
+
+    async def _body(self, stream: RelayStream) -> AsyncIterator[bytes]:
+        size = 0
+        while chunk := await stream.receive_data():
+            size += len(chunk)
+            if size > self.max_body:
+                raise _TooLarge
+            yield chunk
+
+
+async def _drain_buffered(stream: RelayStream) -> list[bytes]:
+    parts = []
+    while chunk := await stream.receive_data():
+        parts.append(chunk)
+    return parts

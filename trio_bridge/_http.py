@@ -1,0 +1,108 @@
+"""Pure HTTP helpers: hop-by-hop filtering, API key extraction, correlation ids, error bodies."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+REQUEST_ID = b"x-request-id"
+_SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in v.split(b","))
+    return frozenset(tokens)
+
+
+def strip_hop_by_hop(headers: Headers, *, also: frozenset[bytes] = frozenset()) -> Headers:
+    """Drop hop-by-hop headers, those named in ``Connection:``, and ``also`` (lower-case)."""
+    drop = HOP_BY_HOP | also
+    if any(k.lower() == b"connection" for k, _ in headers):
+        drop |= _connection_tokens(headers)
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+def request_id_from(headers: Headers) -> str:
+    """A sane incoming X-Request-ID is kept; anything else gets a fresh one."""
+    v = header(headers, REQUEST_ID)
+    if v is not None and _SANE_ID.match(v):
+        return v.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The API key a client presented (Authorization: Bearer, x-api-key or api-key)."""
+    for k, v in headers:
+        lk = k.lower()
+        if lk == b"authorization":
+            scheme, _, token = v.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip().decode("latin-1")
+        elif lk in (b"x-api-key", b"api-key") and v.strip():
+            return v.strip().decode("latin-1")
+    return None
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    """An OpenAI-shaped error document."""
+    return json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode()
+
+
+# status → (type, code) for errors the bridge itself makes
+ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limited"),
+    500: ("server_error", "internal_error"),
+    502: ("server_error", "upstream_unavailable"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "upstream_timeout"),
+}
+
+
+def error_response(
+    status: int, message: str, request_id: str, *, retry_after: int | None = None
+) -> tuple[int, Headers, bytes]:
+    """(status, headers, body) of a bridge-made error in the OpenAI shape."""
+    type_, code = ERRORS.get(status, ("server_error", "error"))
+    body = error_body(message, type_, code)
+    headers: Headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REQUEST_ID, request_id.encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="trio-bridge"'))
+    return status, headers, body

@@ -1,0 +1,580 @@
+"""Relay session state machine (sans-IO: no trio, no network).
+
+One :class:`Session` per relay connection and side. The broker's session is the *opener*
+(it opens one stream per public request); the connector's is the *acceptor*. Feed received bytes
+with :meth:`Session.receive_data` and take events out with :meth:`Session.next_event`; produce
+bytes to send with the ``send_*`` methods. The wire format is documented in ``_frames``.
+
+Stream life cycle (per side; "send" is this side's direction, "recv" the peer's)::
+
+    opener:   open_stream ─▶ send open (unless END) ─ data…END ─▶ send closed
+              recv: RESPONSE head ─▶ DATA…END ─▶ recv closed
+    acceptor: REQUEST head ─▶ recv open (unless END) ─ DATA…END ─▶ recv closed
+              send: send_response ─▶ send_data…END ─▶ send closed
+    either:   RESET sent or received ─▶ both closed at once
+
+A stream is forgotten once both directions are closed. Frames that arrive for a forgotten
+stream (id at or below the highest id seen) are dropped silently: they were in flight when we
+reset it. A frame for an id never opened is a relay error.
+
+Errors: a violation that concerns one stream yields a :class:`StreamError` event (the stream is
+already closed here; the caller must send the RESET with :meth:`Session.send_reset`). A
+violation that concerns the relay raises :class:`RemoteProtocolError` from ``next_event``;
+the caller should send GOAWAY with the reason and close. Illegal local actions raise
+:class:`LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._frames import (
+    FLAG_END_STREAM,
+    MAX_PAYLOAD,
+    MAX_WINDOW,
+    VERSION,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ResetCode,
+    decode_reset,
+    decode_window,
+    encode_frame,
+    encode_reset,
+    encode_window,
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+DEFAULT_WINDOW = 256 * 1024
+
+
+@attrs.define(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    headers: Headers
+    request_id: str
+
+
+@attrs.define(slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+@attrs.define(slots=True)
+class Hello:
+    version: int
+    role: str
+    window: int
+    max_streams: int
+    name: str = ""
+    route: str = ""
+    ready: bool = True
+
+
+@attrs.define(slots=True)
+class Request:
+    stream_id: int
+    head: RequestHead
+    end_stream: bool
+
+
+@attrs.define(slots=True)
+class Response:
+    stream_id: int
+    head: ResponseHead
+    end_stream: bool
+
+
+@attrs.define(slots=True)
+class Data:
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+@attrs.define(slots=True)
+class Reset:
+    stream_id: int
+    code: int
+    reason: str
+
+
+@attrs.define(slots=True)
+class StreamError:
+    """The peer broke the protocol on one stream; it is closed here, send the RESET."""
+
+    stream_id: int
+    code: int
+    reason: str
+
+
+@attrs.define(slots=True)
+class WindowUpdate:
+    stream_id: int
+    increment: int
+
+
+@attrs.define(slots=True)
+class GoAway:
+    reason: str
+
+
+@attrs.define(slots=True)
+class Ping:
+    opaque: bytes
+
+
+@attrs.define(slots=True)
+class Pong:
+    opaque: bytes
+
+
+@attrs.define(slots=True)
+class Status:
+    ready: bool
+
+
+Event = (
+    Hello
+    | Request
+    | Response
+    | Data
+    | Reset
+    | StreamError
+    | WindowUpdate
+    | GoAway
+    | Ping
+    | Pong
+    | Status
+)
+
+
+# ---- head (de)serialisation ---------------------------------------------------------------
+
+
+def _headers_to_json(headers: Headers) -> list[list[str]]:
+    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]
+
+
+def _headers_from_json(value: Any) -> Headers:
+    if not isinstance(value, list):
+        raise RemoteProtocolError("head: headers must be a list")
+    out: Headers = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], str)
+        ):
+            raise RemoteProtocolError("head: each header must be [name, value]")
+        try:
+            out.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
+        except UnicodeEncodeError:
+            raise RemoteProtocolError("head: header outside latin-1") from None
+    return out
+
+
+def _load_json(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise RemoteProtocolError(f"{what}: invalid JSON") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{what}: not a JSON object")
+    return obj
+
+
+def encode_request_head(head: RequestHead) -> bytes:
+    return json.dumps(
+        {
+            "method": head.method,
+            "target": head.target,
+            "headers": _headers_to_json(head.headers),
+            "id": head.request_id,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_request_head(payload: bytes) -> RequestHead:
+    obj = _load_json(payload, "REQUEST")
+    method, target, request_id = obj.get("method"), obj.get("target"), obj.get("id")
+    if not (isinstance(method, str) and isinstance(target, str) and isinstance(request_id, str)):
+        raise RemoteProtocolError("REQUEST: method, target and id must be strings")
+    return RequestHead(method, target, _headers_from_json(obj.get("headers")), request_id)
+
+
+def encode_response_head(head: ResponseHead) -> bytes:
+    return json.dumps(
+        {"status": head.status, "headers": _headers_to_json(head.headers)},
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_response_head(payload: bytes) -> ResponseHead:
+    obj = _load_json(payload, "RESPONSE")
+    status = obj.get("status")
+    if type(status) is not int or not 100 <= status <= 999:
+        raise RemoteProtocolError("RESPONSE: status must be an integer 100..999")
+    return ResponseHead(status, _headers_from_json(obj.get("headers")))
+
+
+def _decode_hello(payload: bytes) -> Hello:
+    obj = _load_json(payload, "HELLO")
+    version = obj.get("version")
+    if type(version) is not int:
+        raise RemoteProtocolError("HELLO: version must be an integer")
+    if version != VERSION:
+        raise RemoteProtocolError(
+            f"unsupported relay protocol version {version} (this side speaks {VERSION})"
+        )
+    window, max_streams = obj.get("window"), obj.get("max_streams")
+    if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+        raise RemoteProtocolError("HELLO: window out of range")
+    if type(max_streams) is not int or not 1 <= max_streams <= 1_000_000:
+        raise RemoteProtocolError("HELLO: max_streams out of range")
+    role, name, route, ready = (
+        obj.get("role"),
+        obj.get("name", ""),
+        obj.get("route", ""),
+        obj.get("ready", True),
+    )
+    if not all(isinstance(x, str) and len(x) <= 256 for x in (role, name, route)):
+        raise RemoteProtocolError("HELLO: role, name and route must be short strings")
+    if not isinstance(ready, bool):
+        raise RemoteProtocolError("HELLO: ready must be a boolean")
+    assert isinstance(role, str) and isinstance(name, str) and isinstance(route, str)
+    return Hello(version, role, window, max_streams, name, route, ready)
+
+
+# ---- the state machine --------------------------------------------------------------------
+
+
+class _Stream:
+    __slots__ = ("head_received", "head_sent", "recv_open", "recv_window", "send_open", "send_window")
+
+    def __init__(self, send_window: int, recv_window: int) -> None:
+        self.send_open = True
+        self.recv_open = True
+        self.head_sent = False
+        self.head_received = False
+        self.send_window = send_window
+        self.recv_window = recv_window
+
+
+class Session:
+    """The relay protocol state of one side of one relay connection.
+
+    ``opener`` is True on the broker (it opens streams) and False on the connector.
+    ``window`` is the per-stream receive window this side advertises; ``max_streams`` the
+    number of concurrently open streams it accepts (acceptor) or advertises (opener).
+    """
+
+    def __init__(
+        self,
+        *,
+        opener: bool,
+        window: int = DEFAULT_WINDOW,
+        max_streams: int = 1000,
+    ) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError("window out of range")
+        self.opener = opener
+        self.window = window
+        self.max_streams = max_streams
+        self.peer_hello: Hello | None = None
+        self.hello_sent = False
+        self.goaway_received = False
+        self.goaway_sent = False
+        self._decoder = FrameDecoder()
+        self._streams: dict[int, _Stream] = {}
+        self._highest_id = 0  # highest stream id opened (by us as opener, or by the peer)
+
+    # -- introspection --
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes this side may send on the stream now (0 if it is closed)."""
+        s = self._streams.get(stream_id)
+        return s.send_window if s is not None and s.send_open else 0
+
+    @property
+    def ready_to_open(self) -> bool:
+        return (
+            self.opener
+            and self.hello_sent
+            and self.peer_hello is not None
+            and not self.goaway_received
+            and not self.goaway_sent
+        )
+
+    # -- sending --
+    def send_hello(self, *, role: str, name: str = "", route: str = "", ready: bool = True) -> bytes:
+        if self.hello_sent:
+            raise LocalProtocolError("HELLO already sent")
+        self.hello_sent = True
+        payload = {
+            "version": VERSION,
+            "role": role,
+            "window": self.window,
+            "max_streams": self.max_streams,
+            "name": name,
+            "route": route,
+            "ready": ready,
+        }
+        return encode_frame(FrameType.HELLO, 0, json.dumps(payload).encode())
+
+    def open_stream(self, head: RequestHead, *, end_stream: bool) -> tuple[int, bytes]:
+        """Open a new stream with a request head. Returns (stream id, bytes to send)."""
+        if not self.ready_to_open:
+            raise LocalProtocolError("cannot open a stream (no hello yet, or going away)")
+        assert self.peer_hello is not None
+        if len(self._streams) >= self.peer_hello.max_streams:
+            raise LocalProtocolError("peer's max_streams reached")
+        payload = encode_request_head(head)
+        stream_id = self._highest_id + 1
+        self._highest_id = stream_id
+        s = _Stream(self.peer_hello.window, self.window)
+        s.head_sent = True
+        s.send_open = not end_stream
+        self._streams[stream_id] = s
+        flags = FLAG_END_STREAM if end_stream else 0
+        return stream_id, encode_frame(FrameType.REQUEST, stream_id, payload, flags)
+
+    def send_response(self, stream_id: int, head: ResponseHead, *, end_stream: bool) -> bytes:
+        s = self._local_stream(stream_id)
+        if self.opener:
+            raise LocalProtocolError("the opener does not send responses")
+        if s.head_sent:
+            raise LocalProtocolError("response head already sent")
+        s.head_sent = True
+        frame = encode_frame(
+            FrameType.RESPONSE,
+            stream_id,
+            encode_response_head(head),
+            FLAG_END_STREAM if end_stream else 0,
+        )
+        if end_stream:
+            self._close_send(stream_id, s)
+        return frame
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> bytes:
+        """Encode ``data`` as one DATA frame. ``len(data)`` must fit the window and MAX_PAYLOAD."""
+        s = self._local_stream(stream_id)
+        if not s.head_sent:
+            raise LocalProtocolError("DATA before the head")
+        n = len(data)
+        if n > s.send_window:
+            raise LocalProtocolError(f"DATA of {n} bytes exceeds the send window {s.send_window}")
+        if n > MAX_PAYLOAD:
+            raise LocalProtocolError("DATA larger than MAX_PAYLOAD")
+        s.send_window -= n
+        frame = encode_frame(FrameType.DATA, stream_id, data, FLAG_END_STREAM if end_stream else 0)
+        if end_stream:
+            self._close_send(stream_id, s)
+        return frame
+
+    def send_reset(self, stream_id: int, code: int, reason: str) -> bytes:
+        """Reset a stream (idempotent on a stream that is already closed)."""
+        if not 0 < stream_id <= self._highest_id:
+            raise LocalProtocolError(f"RESET on stream {stream_id} that was never opened")
+        self._streams.pop(stream_id, None)
+        return encode_reset(stream_id, code, reason)
+
+    def send_window_update(self, stream_id: int, increment: int) -> bytes:
+        """Grant the peer ``increment`` more bytes; b"" if the stream no longer receives."""
+        s = self._streams.get(stream_id)
+        if s is None or not s.recv_open:
+            return b""
+        if increment < 1 or s.recv_window + increment > MAX_WINDOW:
+            raise LocalProtocolError("window increment out of range")
+        s.recv_window += increment
+        return encode_window(stream_id, increment)
+
+    def send_goaway(self, reason: str) -> bytes:
+        self.goaway_sent = True
+        return encode_frame(FrameType.GOAWAY, 0, reason.encode("utf-8", "replace")[:1024])
+
+    def send_ping(self, opaque: bytes) -> bytes:
+        if len(opaque) != 8:
+            raise LocalProtocolError("PING payload must be 8 bytes")
+        return encode_frame(FrameType.PING, 0, opaque)
+
+    def send_pong(self, opaque: bytes) -> bytes:
+        return encode_frame(FrameType.PONG, 0, opaque)
+
+    def send_status(self, *, ready: bool) -> bytes:
+        if self.opener:
+            raise LocalProtocolError("only the connector sends STATUS")
+        return encode_frame(FrameType.STATUS, 0, json.dumps({"ready": ready}).encode())
+
+    def _local_stream(self, stream_id: int) -> _Stream:
+        s = self._streams.get(stream_id)
+        if s is None or not s.send_open:
+            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        return s
+
+    def _close_send(self, stream_id: int, s: _Stream) -> None:
+        s.send_open = False
+        if not s.recv_open:
+            del self._streams[stream_id]
+
+    def _close_recv(self, stream_id: int, s: _Stream) -> None:
+        s.recv_open = False
+        if not s.send_open:
+            del self._streams[stream_id]
+
+    # -- receiving --
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more data is needed.
+
+        Raises RemoteProtocolError when the peer broke the relay; the session is then dead.
+        """
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return None
+            event = self._handle(frame)
+            if event is not None:
+                return event
+
+    def _handle(self, f: Frame) -> Event | None:  # noqa: PLR0911, PLR0912
+        t = f.type
+        if self.peer_hello is None:
+            if t is not FrameType.HELLO:
+                if t is FrameType.GOAWAY:
+                    return GoAway(f.payload.decode("utf-8", "replace"))
+                raise RemoteProtocolError(f"expected HELLO, got {t.name}")
+            self.peer_hello = _decode_hello(f.payload)
+            return self.peer_hello
+        if t is FrameType.DATA:
+            return self._on_data(f)
+        if t is FrameType.WINDOW:
+            s = self._peer_stream(f.stream_id)
+            if s is None:
+                return None
+            increment = decode_window(f.payload)
+            if not s.send_open:
+                return None
+            if s.send_window + increment > MAX_WINDOW:
+                del self._streams[f.stream_id]
+                return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "window overflow")
+            s.send_window += increment
+            return WindowUpdate(f.stream_id, increment)
+        if t is FrameType.RESET:
+            code, reason = decode_reset(f.payload)
+            if self._peer_stream(f.stream_id) is None:
+                return None
+            del self._streams[f.stream_id]
+            return Reset(f.stream_id, code, reason)
+        if t is FrameType.REQUEST:
+            return self._on_request(f)
+        if t is FrameType.RESPONSE:
+            return self._on_response(f)
+        if t is FrameType.PING:
+            if len(f.payload) != 8:
+                raise RemoteProtocolError("PING payload must be 8 bytes")
+            return Ping(f.payload)
+        if t is FrameType.PONG:
+            if len(f.payload) != 8:
+                raise RemoteProtocolError("PONG payload must be 8 bytes")
+            return Pong(f.payload)
+        if t is FrameType.GOAWAY:
+            self.goaway_received = True
+            return GoAway(f.payload.decode("utf-8", "replace"))
+        if t is FrameType.STATUS:
+            if not self.opener:
+                raise RemoteProtocolError("STATUS from the broker")
+            obj = _load_json(f.payload, "STATUS")
+            ready = obj.get("ready")
+            if not isinstance(ready, bool):
+                raise RemoteProtocolError("STATUS: ready must be a boolean")
+            return Status(ready)
+        assert t is FrameType.HELLO
+        raise RemoteProtocolError("second HELLO")
+
+    def _peer_stream(self, stream_id: int) -> _Stream | None:
+        """The stream a peer frame refers to; None if it was closed; error if never opened."""
+        s = self._streams.get(stream_id)
+        if s is None and stream_id > self._highest_id:
+            raise RemoteProtocolError(f"frame for stream {stream_id} that was never opened")
+        return s
+
+    def _on_data(self, f: Frame) -> Event | None:
+        s = self._peer_stream(f.stream_id)
+        if s is None:
+            return None
+        if not s.recv_open:
+            del self._streams[f.stream_id]
+            return StreamError(f.stream_id, ResetCode.PROTOCOL_ERROR, "DATA after end of stream")
+        if not s.head_received:
+            del self._streams[f.stream_id]
+            return StreamError(f.stream_id, ResetCode.PROTOCOL_ERROR, "DATA before the head")
+        n = len(f.payload)
+        if n > s.recv_window:
+            del self._streams[f.stream_id]
+            return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "DATA beyond the window")
+        s.recv_window -= n
+        end = f.end_stream
+        if end:
+            self._close_recv(f.stream_id, s)
+        return Data(f.stream_id, f.payload, end)
+
+    def _on_request(self, f: Frame) -> Event | None:
+        if self.opener:
+            raise RemoteProtocolError("REQUEST sent to the broker")
+        if self.goaway_sent and f.stream_id > self._highest_id:
+            # We said we take no new streams; the peer may not have seen it yet.
+            self._highest_id = f.stream_id
+            return StreamError(f.stream_id, ResetCode.REFUSED, "connector is draining")
+        if f.stream_id <= self._highest_id:
+            raise RemoteProtocolError(f"stream id {f.stream_id} reused or out of order")
+        self._highest_id = f.stream_id
+        head = decode_request_head(f.payload)
+        if len(self._streams) >= self.max_streams:
+            return StreamError(f.stream_id, ResetCode.REFUSED, "too many concurrent streams")
+        s = _Stream(self.peer_window, self.window)
+        s.head_received = True
+        self._streams[f.stream_id] = s
+        if f.end_stream:
+            s.recv_open = False
+        return Request(f.stream_id, head, f.end_stream)
+
+    def _on_response(self, f: Frame) -> Event | None:
+        if not self.opener:
+            raise RemoteProtocolError("RESPONSE sent to the connector")
+        s = self._peer_stream(f.stream_id)
+        if s is None:
+            return None
+        if s.head_received:
+            del self._streams[f.stream_id]
+            return StreamError(f.stream_id, ResetCode.PROTOCOL_ERROR, "second RESPONSE head")
+        head = decode_response_head(f.payload)
+        s.head_received = True
+        if f.end_stream:
+            self._close_recv(f.stream_id, s)
+        return Response(f.stream_id, head, f.end_stream)
+
+    @property
+    def peer_window(self) -> int:
+        assert self.peer_hello is not None
+        return self.peer_hello.window

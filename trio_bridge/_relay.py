@@ -1,0 +1,613 @@
+"""I/O: one relay connection, joining the sans-IO :class:`Session` to a WebSocket.
+
+Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
+
+- the **reader** (the task that called ``run``): receives messages, feeds the session, routes
+  events to :class:`RelayStream` objects. It never blocks on a stream: each stream's buffer is
+  bounded by the credit window it granted, so a slow consumer stalls only itself.
+- the **writer**: the only task that touches the socket for sending. Frames are appended to
+  its queue synchronously; it sends everything that is ready as one WebSocket message
+  (coalescing), at most ``MAX_MESSAGE`` bytes. Data senders wait while more than
+  ``high_water`` bytes are queued; control frames (pong, window, reset) never wait.
+- the **pinger**: sends PING every ``ping_interval``; if nothing at all has been received for
+  ``2.5 × ping_interval`` the relay is declared dead.
+- on the connector, one **handler** task per incoming stream, each in its own cancel scope
+  (``RelayStream.scope``), cancelled when the stream is reset or the relay is lost.
+
+Cancellation: cancelling ``run`` (or :meth:`Relay.close`) tears the relay down; every open
+stream then fails with :class:`StreamReset` (code RELAY_LOST) and its scope is cancelled.
+
+Error handling: transport errors become :class:`RelayClosed`; a protocol violation by the peer
+sends GOAWAY with the reason and closes the relay. Per-stream violations reset that stream only.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from ._errors import LocalProtocolError, RelayClosed, RemoteProtocolError, StreamReset
+from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
+from ._protocol import (
+    Data,
+    GoAway,
+    Hello,
+    Ping,
+    Pong,
+    Request,
+    RequestHead,
+    Reset,
+    Response,
+    ResponseHead,
+    Session,
+    Status,
+    StreamError,
+    WindowUpdate,
+)
+
+log = logging.getLogger("trio_bridge.relay")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class MessageTransport(Protocol):
+    """What a relay needs from a WebSocket: whole binary messages both ways."""
+
+    async def send_message(self, data: bytes) -> None: ...
+
+    async def receive_message(self) -> bytes:
+        """The next message; raises RelayClosed when the connection is gone."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class TrioWebSocketTransport:
+    """Adapter for a trio-websocket ``WebSocketConnection`` (the connector's side)."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+
+    async def send_message(self, data: bytes) -> None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            await self._ws.send_message(data)
+        except ConnectionClosed as exc:
+            raise RelayClosed(f"websocket closed: {exc.reason}") from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise RelayClosed(f"websocket broken: {exc!r}") from None
+
+    async def receive_message(self) -> bytes:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            msg = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            raise RelayClosed(f"websocket closed: {exc.reason}") from None
+        if isinstance(msg, str):
+            raise RemoteProtocolError("text message on the relay")
+        return bytes(msg)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2) as cs:
+            cs.shield = True
+            await self._ws.aclose()
+
+
+class AsgiWebSocketTransport:
+    """Adapter for an ASGI websocket connection (the broker's side, under hypercorn)."""
+
+    def __init__(self, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]):
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    async def send_message(self, data: bytes) -> None:
+        if self._closed:
+            raise RelayClosed("websocket closed")
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
+        except Exception as exc:  # hypercorn raises various errors once the peer is gone
+            self._closed = True
+            raise RelayClosed(f"websocket broken: {exc!r}") from None
+
+    async def receive_message(self) -> bytes:
+        msg = await self._receive()
+        kind = msg["type"]
+        if kind == "websocket.receive":
+            data = msg.get("bytes")
+            if data is None:
+                raise RemoteProtocolError("text message on the relay")
+            return bytes(data)
+        self._closed = True
+        raise RelayClosed(f"websocket closed ({msg.get('code', 'no code')})")
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with trio.move_on_after(2) as cs:
+                cs.shield = True
+                try:
+                    await self._send({"type": "websocket.close", "code": 1000})
+                except Exception:
+                    pass
+
+
+class _Writer:
+    """Single owner of the transport's send side; coalesces queued frames into messages."""
+
+    def __init__(self, transport: MessageTransport, high_water: int) -> None:
+        self._transport = transport
+        self._high_water = high_water
+        self._frames: deque[bytes] = deque()
+        self._queued = 0
+        self._has_data = trio.lowlevel.ParkingLot()
+        self._space = trio.lowlevel.ParkingLot()
+        self.closed: str | None = None
+
+    def put_nowait(self, frame: bytes) -> None:
+        if self.closed is not None:
+            raise RelayClosed(self.closed)
+        if not frame:
+            return
+        self._frames.append(frame)
+        self._queued += len(frame)
+        if self._has_data:
+            self._has_data.unpark()
+
+    async def wait_space(self) -> None:
+        while self._queued >= self._high_water:
+            if self.closed is not None:
+                raise RelayClosed(self.closed)
+            await self._space.park()
+        if self.closed is not None:
+            raise RelayClosed(self.closed)
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+        self._space.unpark_all()
+
+    async def run(self) -> None:
+        frames = self._frames
+        while True:
+            while not frames:
+                await self._has_data.park()
+            if self._queued <= MAX_MESSAGE:
+                batch = b"".join(frames) if len(frames) > 1 else frames[0]
+                frames.clear()
+            else:
+                parts: list[bytes] = []
+                size = 0
+                while frames and size + len(frames[0]) <= MAX_MESSAGE:
+                    f = frames.popleft()
+                    parts.append(f)
+                    size += len(f)
+                batch = b"".join(parts)
+            self._queued -= len(batch)
+            if self._space:
+                self._space.unpark_all()
+            await self._transport.send_message(batch)
+
+
+class RelayStream:
+    """One request/response exchange on a relay, as seen by one side.
+
+    Receiving methods raise :class:`StreamReset` once the stream was reset (by either side or
+    because the relay was lost). ``scope``, when set by the owner of the stream, is cancelled
+    on such a reset, so work that is not waiting on the stream (an upstream HTTP call) stops.
+    """
+
+    def __init__(self, relay: Relay, stream_id: int, request_head: RequestHead | None = None):
+        self.id = stream_id
+        self.request_head = request_head
+        self.response_head: ResponseHead | None = None
+        self.scope: trio.CancelScope | None = None
+        self.reset_error: StreamReset | None = None
+        self.send_done = False  # our END went out
+        self.recv_done = False  # the peer's END arrived
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._relay = relay
+        self._chunks: deque[bytes] = deque()
+        self._unacked = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def finished(self) -> bool:
+        return self.reset_error is not None or (self.send_done and self.recv_done)
+
+    # -- receiving --
+    async def receive_response_head(self) -> ResponseHead:
+        while self.response_head is None:
+            if self.reset_error is not None:
+                raise self.reset_error
+            await self._lot.park()
+        return self.response_head
+
+    async def receive_data(self) -> bytes:
+        """The next body chunk; b"" once the peer ended the stream."""
+        while not self._chunks:
+            if self.reset_error is not None:
+                raise self.reset_error
+            if self.recv_done:
+                return b""
+            await self._lot.park()
+        chunk = self._chunks.popleft()
+        if not self.recv_done:
+            self._unacked += len(chunk)
+            if self._unacked >= self._relay.grant_threshold:
+                increment, self._unacked = self._unacked, 0
+                self._relay._put(self._relay.session.send_window_update(self.id, increment))
+        return chunk
+
+    # -- sending --
+    async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
+        self._check_sendable()
+        await self._relay._writer.wait_space()
+        self._check_sendable()
+        self._relay._put(self._relay.session.send_response(self.id, head, end_stream=end_stream))
+        if end_stream:
+            self._sent_end()
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send ``data`` (any size), waiting for credit as needed."""
+        session = self._relay.session
+        view = memoryview(data)
+        while True:
+            self._check_sendable()
+            window = session.send_window(self.id)
+            if window <= 0 and view:
+                await self._lot.park()
+                continue
+            await self._relay._writer.wait_space()
+            self._check_sendable()
+            window = session.send_window(self.id)
+            n = min(len(view), window, MAX_PAYLOAD)
+            last = n == len(view)
+            if n == 0 and not (last and end_stream):
+                return
+            self._relay._put(
+                session.send_data(self.id, bytes(view[:n]), end_stream=end_stream and last)
+            )
+            self.bytes_sent += n
+            view = view[n:]
+            if last:
+                if end_stream:
+                    self._sent_end()
+                return
+
+    async def end(self) -> None:
+        await self.send_data(b"", end_stream=True)
+
+    def reset(self, code: int, reason: str) -> None:
+        """Reset the stream (no-op if it already finished). Never blocks."""
+        if self.finished:
+            return
+        self._relay._reset_stream(self, code, reason)
+
+    def _check_sendable(self) -> None:
+        if self.reset_error is not None:
+            raise self.reset_error
+        if self.send_done:
+            raise LocalProtocolError("stream already ended")
+
+    def _sent_end(self) -> None:
+        self.send_done = True
+        if self.recv_done:
+            self._relay._forget(self)
+
+    # -- called by the relay's reader --
+    def _deliver(self, data: bytes, end: bool) -> None:
+        if data:
+            self._chunks.append(data)
+            self.bytes_received += len(data)
+        if end:
+            self.recv_done = True
+            if self.send_done:
+                self._relay._forget(self)
+        self._lot.unpark_all()
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self.reset_error is None:
+            self.reset_error = StreamReset(code, reason)
+        self._lot.unpark_all()
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+StreamHandler = Callable[[RelayStream], Awaitable[None]]
+
+
+class Relay:
+    """One relay connection. Create, then ``await nursery.start(relay.run)``.
+
+    ``run`` performs the hello exchange (started value: the peer's :class:`Hello`), then serves
+    until the connection ends or the relay is closed; it returns the reason as a string.
+    """
+
+    def __init__(
+        self,
+        transport: MessageTransport,
+        session: Session,
+        *,
+        name: str = "",
+        route: str = "",
+        ready: bool = True,
+        ping_interval: float = 10.0,
+        handler: StreamHandler | None = None,
+        high_water: int = 512 * 1024,
+        on_change: Callable[[Relay], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.name = name
+        self.route = route
+        self.local_ready = ready
+        self.ping_interval = ping_interval
+        self.peer: Hello | None = None
+        self.peer_ready = True
+        self.peer_draining = False
+        self.closed_reason: str | None = None
+        self.grant_threshold = max(1, session.window // 4)
+        self._transport = transport
+        self._writer = _Writer(transport, high_water)
+        self._handler = handler
+        self._on_change = on_change
+        self._streams: dict[int, RelayStream] = {}
+        self._nursery: trio.Nursery | None = None
+        self._last_received = trio.current_time()
+        self._ping_counter = 0
+
+    # -- public --
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def usable(self) -> bool:
+        """True if new streams may be opened on this relay now."""
+        return (
+            self.closed_reason is None
+            and self.session.ready_to_open
+            and self.peer_ready
+            and self.peer is not None
+            and len(self._streams) < self.peer.max_streams
+        )
+
+    def open_stream(self, head: RequestHead, *, end_stream: bool) -> RelayStream:
+        """Open a stream with ``head`` (opener side). Raises RelayClosed if not possible."""
+        if self.closed_reason is not None:
+            raise RelayClosed(self.closed_reason)
+        try:
+            stream_id, frame = self.session.open_stream(head, end_stream=end_stream)
+        except LocalProtocolError as exc:
+            raise RelayClosed(str(exc)) from None
+        stream = RelayStream(self, stream_id, head)
+        stream.send_done = end_stream
+        self._streams[stream_id] = stream
+        self._put(frame)
+        return stream
+
+    def send_status(self, *, ready: bool) -> None:
+        self.local_ready = ready
+        if self.closed_reason is None and self.session.hello_sent:
+            self._put(self.session.send_status(ready=ready))
+
+    def send_goaway(self, reason: str) -> None:
+        if self.closed_reason is None and not self.session.goaway_sent:
+            self._put(self.session.send_goaway(reason))
+
+    def close(self, reason: str) -> None:
+        """Tear the relay down (idempotent; does not wait)."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._writer.close(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[Hello] = trio.TASK_STATUS_IGNORED) -> str:
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop)
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        hello = await self._handshake()
+                    task_status.started(hello)
+                    started = True
+                    nursery.start_soon(self._pinger)
+                    await self._read_loop()
+                except trio.TooSlowError:
+                    self.close("handshake timeout")
+                except RelayClosed as exc:
+                    self.close(exc.reason)
+                except RemoteProtocolError as exc:
+                    log.warning("relay protocol error: %s", exc, extra={"relay": self.name})
+                    self.close(f"protocol error: {exc}")
+                    await self._goaway_and_close(str(exc))
+        finally:
+            reason = self.closed_reason or "closed"
+            self.closed_reason = reason
+            self._writer.close(reason)
+            for stream in list(self._streams.values()):
+                stream._fail(ResetCode.RELAY_LOST, f"relay lost: {reason}")
+            self._streams.clear()
+            with trio.CancelScope(shield=True):
+                await self._transport.aclose()
+            if self._on_change is not None:
+                self._on_change(self)
+        if not started:
+            raise RelayClosed(reason)
+        return reason
+
+    # -- internals --
+    def _put(self, frame: bytes) -> None:
+        self._writer.put_nowait(frame)
+
+    def _forget(self, stream: RelayStream) -> None:
+        self._streams.pop(stream.id, None)
+        if self._on_change is not None:
+            self._on_change(self)
+
+    def _reset_stream(self, stream: RelayStream, code: int, reason: str) -> None:
+        stream._fail(code, reason)
+        self._streams.pop(stream.id, None)
+        if self.closed_reason is None:
+            self._put(self.session.send_reset(stream.id, code, reason))
+        if self._on_change is not None:
+            self._on_change(self)
+
+    async def _write_loop(self) -> None:
+        try:
+            await self._writer.run()
+        except RelayClosed as exc:
+            self.close(exc.reason)
+
+    async def _goaway_and_close(self, reason: str) -> None:
+        with trio.move_on_after(1) as cs:
+            cs.shield = True
+            try:
+                await self._transport.send_message(self.session.send_goaway(reason))
+            except (RelayClosed, RemoteProtocolError):
+                pass
+
+    async def _handshake(self) -> Hello:
+        role = "broker" if self.session.opener else "connector"
+        if not self.session.opener:
+            self._put(
+                self.session.send_hello(
+                    role=role, name=self.name, route=self.route, ready=self.local_ready
+                )
+            )
+        while True:
+            self.session.receive_data(await self._transport.receive_message())
+            event = self.session.next_event()
+            if isinstance(event, GoAway):
+                raise RelayClosed(f"refused by peer: {event.reason}")
+            if isinstance(event, Hello):
+                break
+            if event is not None:  # pragma: no cover - session enforces HELLO first
+                raise RemoteProtocolError("expected HELLO")
+        self.peer = event
+        self.peer_ready = event.ready
+        if self.session.opener:
+            self._put(self.session.send_hello(role=role))
+        self._last_received = trio.current_time()
+        # Frames that arrived in the same message as the hello:
+        self._dispatch_pending()
+        return event
+
+    async def _read_loop(self) -> None:
+        receive = self._transport.receive_message
+        session = self.session
+        while True:
+            data = await receive()
+            self._last_received = trio.current_time()
+            session.receive_data(data)
+            self._dispatch_pending()
+
+    def _dispatch_pending(self) -> None:  # noqa: PLR0912
+        session = self.session
+        while (ev := session.next_event()) is not None:
+            if isinstance(ev, Data):
+                stream = self._streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._deliver(ev.data, ev.end_stream)
+            elif isinstance(ev, Response):
+                stream = self._streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.response_head = ev.head
+                    stream._deliver(b"", ev.end_stream)
+            elif isinstance(ev, WindowUpdate):
+                stream = self._streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._lot.unpark_all()
+            elif isinstance(ev, Request):
+                self._on_request(ev)
+            elif isinstance(ev, Reset):
+                stream = self._streams.pop(ev.stream_id, None)
+                if stream is not None:
+                    stream._fail(ev.code, ev.reason or "reset by peer")
+                    if self._on_change is not None:
+                        self._on_change(self)
+            elif isinstance(ev, StreamError):
+                log.warning(
+                    "stream %d reset: %s", ev.stream_id, ev.reason, extra={"relay": self.name}
+                )
+                self._put(session.send_reset(ev.stream_id, ev.code, ev.reason))
+                stream = self._streams.pop(ev.stream_id, None)
+                if stream is not None:
+                    stream._fail(ev.code, ev.reason)
+            elif isinstance(ev, Ping):
+                self._put(session.send_pong(ev.opaque))
+            elif isinstance(ev, Pong):
+                pass  # _last_received already updated
+            elif isinstance(ev, GoAway):
+                self.peer_draining = True
+                log.info("peer going away: %s", ev.reason, extra={"relay": self.name})
+                if self._on_change is not None:
+                    self._on_change(self)
+            elif isinstance(ev, Status):
+                self.peer_ready = ev.ready
+                if self._on_change is not None:
+                    self._on_change(self)
+
+    def _on_request(self, ev: Request) -> None:
+        stream = RelayStream(self, ev.stream_id, ev.head)
+        stream.recv_done = ev.end_stream
+        self._streams[ev.stream_id] = stream
+        if self._handler is None or self._nursery is None:
+            self._reset_stream(stream, ResetCode.REFUSED, "no handler")
+            return
+        self._nursery.start_soon(self._run_handler, stream)
+
+    async def _run_handler(self, stream: RelayStream) -> None:
+        assert self._handler is not None
+        try:
+            with trio.CancelScope() as scope:
+                stream.scope = scope
+                if stream.reset_error is None:
+                    await self._handler(stream)
+        except Exception:
+            log.exception("stream handler failed", extra={"request_id": _rid(stream)})
+            stream.reset(ResetCode.INTERNAL_ERROR, "internal error")
+        finally:
+            stream.scope = None
+            if not stream.finished:
+                if stream.send_done:
+                    # Response complete; tell the peer to stop sending the request body.
+                    stream.reset(ResetCode.NO_ERROR, "response complete")
+                else:
+                    stream.reset(ResetCode.CANCEL, "handler ended early")
+
+    async def _pinger(self) -> None:
+        interval = self.ping_interval
+        dead_after = 2.5 * interval
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_received
+            if silent > dead_after:
+                self.close(f"no answer for {silent:.1f}s (ping timeout)")
+                return
+            self._ping_counter += 1
+            self._put(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
+
+
+def _rid(stream: RelayStream) -> str:
+    return stream.request_head.request_id if stream.request_head is not None else "-"
+
+
+__all__ = [
+    "AsgiWebSocketTransport",
+    "MessageTransport",
+    "Relay",
+    "RelayStream",
+    "TrioWebSocketTransport",
+]
