@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from ._asgi import Receive, Scope, Send, lifespan, send_simple, serve_app
+from ._asgi import Receive, Scope, Send, lifespan, serve_app
 from ._config import Config
 from ._errors import RelayClosed, StreamReset
 from ._frames import MAX_PAYLOAD, ResetCode
@@ -42,6 +42,8 @@ log = logging.getLogger("trio_bridge.broker")
 
 DEFAULT_ROUTE = "default"
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
+DRAIN_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
+DRAIN_SECONDS = 30.0
 
 _RESET_STATUS = {
     ResetCode.TIMEOUT: (504, "the LLM did not answer in time"),
@@ -168,60 +170,122 @@ class Broker:
         )
 
     # -- public requests --
+    #
+    # hypercorn hazard: once the app sends the final body message, hypercorn puts an
+    # http.disconnect into the app's receive queue; if the app left request-body messages
+    # unread and that queue is full, the app's own send() blocks forever. So one task (the
+    # *reader*) owns receive() for the whole request and never stops reading, and the final
+    # body message waits (bounded) until the upload finished, so the client can read our answer.
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        rid = request_id_from(headers)
-        method: str = scope["method"]
-        path: str = scope["path"]
-        fields: dict[str, Any] = {"request_id": rid, "method": method, "path": path}
-        outcome = await self._forward(scope, receive, send, rid, fields)
-        fields["outcome"] = outcome
+        ex = _Exchange(request_id_from(scope["headers"]), receive, send)
+        fields: dict[str, Any] = {
+            "request_id": ex.request_id, "method": scope["method"], "path": scope["path"]
+        }
+        async with trio.open_nursery() as nursery:
+            ex.nursery = nursery
+            fields["outcome"] = await self._forward(scope, ex, fields)
+            nursery.cancel_scope.cancel()
+        if ex.stream is not None and not ex.stream.finished:
+            ex.stream.reset(ResetCode.CANCEL, "client went away")
+        fields["bytes_in"] = ex.body_size
         fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
         log_request("broker", fields)
 
+    def _start_reader(self, ex: _Exchange) -> None:
+        if not ex.reader_started:
+            ex.reader_started = True
+            assert ex.nursery is not None
+            ex.nursery.start_soon(self._read_request, ex)
+
+    async def _read_request(self, ex: _Exchange) -> None:
+        """Own receive(): feed the body into the stream (or discard it once the stream is
+        gone or the body is over the limit), then watch for the client going away."""
+        receive = ex.receive
+        while not ex.body_done:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                self._client_gone(ex, "client went away during the upload")
+                return
+            chunk = msg.get("body", b"")
+            ex.body_size += len(chunk)
+            done = not msg.get("more_body", False)
+            if ex.body_size > self.max_body:
+                if ex.stream is not None:
+                    ex.stream.reset(ResetCode.TOO_LARGE, "request body too large")
+                ex.too_large = True
+                if ex.body_size > self.max_body + DRAIN_BYTES:
+                    ex.body_finished.set()  # stop waiting for it; keep discarding
+            elif ex.stream is not None and ex.stream.reset_error is None:
+                try:
+                    await ex.stream.send_data(chunk, end_stream=done)
+                except StreamReset:
+                    pass  # the connector answered already or the stream failed: discard
+            ex.body_done = done
+        ex.body_finished.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone(ex, "client disconnected")
+
+    def _client_gone(self, ex: _Exchange, reason: str) -> None:
+        ex.client_gone = True
+        ex.body_finished.set()
+        if ex.stream is not None:
+            ex.stream.reset(ResetCode.CANCEL, reason)
+
+    async def _finish(self, ex: _Exchange) -> None:
+        """Send the final (empty) body message once the upload is over (bounded wait)."""
+        if not ex.body_done and not ex.client_gone:
+            self._start_reader(ex)
+            with trio.move_on_after(DRAIN_SECONDS):
+                await ex.body_finished.wait()
+        await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _error(
-        self, send: Send, fields: dict[str, Any], status: int, message: str,
+        self, ex: _Exchange, fields: dict[str, Any], status: int, message: str,
         retry_after: int | None = None,
     ) -> str:
         fields["status"] = status
-        s, h, body = error_response(status, message, fields["request_id"], retry_after=retry_after)
-        await send_simple(send, s, h, body)
+        s, h, body = error_response(status, message, ex.request_id, retry_after=retry_after)
+        if not ex.body_done:
+            h.append((b"connection", b"close"))
+        await ex.send({"type": "http.response.start", "status": s, "headers": h})
+        await ex.send({"type": "http.response.body", "body": body, "more_body": True})
+        await self._finish(ex)
         return "bridge_error"
 
-    async def _forward(  # noqa: PLR0911
-        self, scope: Scope, receive: Receive, send: Send, rid: str, fields: dict[str, Any]
-    ) -> str:
+    async def _forward(self, scope: Scope, ex: _Exchange, fields: dict[str, Any]) -> str:  # noqa: PLR0911
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if scope["path"] == self.relay_path:
-            return await self._error(send, fields, 400, "the relay endpoint needs a WebSocket")
+            return await self._error(ex, fields, 400, "the relay endpoint needs a WebSocket")
         declared = header(headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            status = 413 if declared.isdigit() else 400
-            return await self._error(send, fields, status, "request body too large"
-                                     if status == 413 else "invalid Content-Length")
+            if declared.isdigit():
+                return await self._error(ex, fields, 413, "request body too large")
+            return await self._error(ex, fields, 400, "invalid Content-Length")
         # Read a first part of the body so small requests travel as one relay message.
         body_parts: list[bytes] = []
-        size = 0
-        body_done = False
-        while size < _INITIAL_BODY:
-            msg = await receive()
+        while ex.body_size < _INITIAL_BODY:
+            msg = await ex.receive()
             if msg["type"] != "http.request":
+                ex.client_gone = True
                 return "client_gone"
             chunk = msg.get("body", b"")
             if chunk:
                 body_parts.append(chunk)
-                size += len(chunk)
+                ex.body_size += len(chunk)
             if not msg.get("more_body", False):
-                body_done = True
+                ex.body_done = True
+                ex.body_finished.set()
                 break
-        if size > self.max_body:
-            return await self._error(send, fields, 413, "request body too large")
+        if ex.body_size > self.max_body:
+            return await self._error(ex, fields, 413, "request body too large")
 
         relay = await self.registry.wait_pick(DEFAULT_ROUTE, self.queue_timeout)
         if relay is None:
             return await self._error(
-                send, fields, 503, "no connector is available for this route; retry later",
+                ex, fields, 503, "no connector is available for this route; retry later",
                 retry_after=max(1, int(self.queue_timeout)),
             )
         fields["connector"] = relay.name
@@ -230,69 +294,43 @@ class Broker:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         head = RequestHead(
-            scope["method"], target, strip_hop_by_hop(headers, also=frozenset({b"host"})), rid
+            scope["method"], target, strip_hop_by_hop(headers, also=frozenset({b"host"})),
+            ex.request_id,
         )
+        first = b"".join(body_parts)
         try:
-            stream = relay.open_stream(head, end_stream=body_done and size == 0)
+            stream = relay.open_stream(head, end_stream=ex.body_done and not first)
         except RelayClosed:
-            return await self._error(send, fields, 503, "connector went away; retry",
+            return await self._error(ex, fields, 503, "connector went away; retry",
                                      retry_after=1)
-        if size:
+        ex.stream = stream
+        if first:
             try:
-                await stream.send_data(b"".join(body_parts), end_stream=body_done)
+                await stream.send_data(first, end_stream=ex.body_done)
             except StreamReset:
                 pass  # answered below from the reset
-
-        state = _Exchange(stream, size)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_request, receive, state, body_done)
-            outcome = await self._respond(send, state, fields)
-            nursery.cancel_scope.cancel()
-        if not stream.finished:
-            stream.reset(ResetCode.CANCEL, "client went away")
-        fields["bytes_in"] = state.body_size
+        self._start_reader(ex)
+        outcome = await self._respond(ex, fields)
         fields["bytes_out"] = stream.bytes_received
         return outcome
 
-    async def _pump_request(self, receive: Receive, state: _Exchange, body_done: bool) -> None:
-        """Stream the rest of the request body, then watch for the client going away."""
-        stream = state.stream
-        while not body_done:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                state.client_gone = True
-                stream.reset(ResetCode.CANCEL, "client went away during the upload")
-                return
-            chunk = msg.get("body", b"")
-            state.body_size += len(chunk)
-            body_done = not msg.get("more_body", False)
-            if state.body_size > self.max_body:
-                stream.reset(ResetCode.TOO_LARGE, "request body too large")
-                return
-            try:
-                await stream.send_data(chunk, end_stream=body_done)
-            except StreamReset:
-                return  # the connector answered already, or the stream failed
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                state.client_gone = True
-                stream.reset(ResetCode.CANCEL, "client disconnected")
-                return
-
-    async def _respond(self, send: Send, state: _Exchange, fields: dict[str, Any]) -> str:
-        stream = state.stream
+    async def _respond(self, ex: _Exchange, fields: dict[str, Any]) -> str:
+        stream = ex.stream
+        assert stream is not None
         try:
             head = await stream.receive_response_head()
         except StreamReset as exc:
-            if state.client_gone:
+            if ex.client_gone:
                 return "client_gone"
+            if ex.too_large:
+                return await self._error(ex, fields, 413, "request body too large")
             status, message = _RESET_STATUS.get(
                 exc.code, (502, "the connector failed to answer")  # type: ignore[call-overload]
             )
-            return await self._error(send, fields, status, message,
+            return await self._error(ex, fields, status, message,
                                      retry_after=1 if status == 503 else None)
         fields["status"] = head.status
+        send = ex.send
         await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
         try:
             while chunk := await stream.receive_data():
@@ -301,18 +339,29 @@ class Broker:
             # Abort: returning without the final body message makes hypercorn close the
             # connection, so the client sees an incomplete response, never a complete one.
             fields["reset"] = exc.reason
-            return "client_gone" if state.client_gone else "aborted"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return "client_gone" if ex.client_gone else "aborted"
+        await self._finish(ex)
         return "ok"
 
 
 class _Exchange:
-    __slots__ = ("body_size", "client_gone", "stream")
+    """What the tasks of one public request share."""
 
-    def __init__(self, stream: RelayStream, body_size: int) -> None:
-        self.stream = stream
-        self.body_size = body_size
+    __slots__ = ("body_done", "body_finished", "body_size", "client_gone", "nursery",
+                 "reader_started", "receive", "request_id", "send", "stream", "too_large")
+
+    def __init__(self, request_id: str, receive: Receive, send: Send) -> None:
+        self.request_id = request_id
+        self.receive = receive
+        self.send = send
+        self.nursery: trio.Nursery | None = None
+        self.stream: RelayStream | None = None
+        self.body_size = 0
+        self.body_done = False
+        self.body_finished = trio.Event()  # body complete, client gone, or over the drain cap
+        self.reader_started = False
         self.client_gone = False
+        self.too_large = False
 
 
 def _client(scope: Scope) -> str:

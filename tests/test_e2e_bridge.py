@@ -1,0 +1,345 @@
+"""End to end over real loopback sockets: hypercorn broker, trio-websocket relay, real upstream."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+import trio
+
+from trio_bridge.testing import Bridge, open_bridge
+from upstream import GZIP_BODY, SSE_BYTES, Upstream, run_upstream
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[tuple[Upstream, str]]:
+    async with run_upstream() as pair:
+        yield pair
+
+
+def auth(b: Bridge) -> dict[str, str]:
+    return {"Authorization": f"Bearer {b.api_key}"}
+
+
+async def test_openai_sdk_async_gets_what_it_gets_directly(bridge: Bridge) -> None:
+    assert bridge.model is not None
+    msgs = [{"role": "user", "content": "Is this forwarded?"}]
+    via = openai.AsyncOpenAI(base_url=bridge.openai_base_url, api_key=bridge.api_key, max_retries=0)
+    direct = openai.AsyncOpenAI(base_url=bridge.upstream_url + "/v1", api_key="x", max_retries=0)
+    a = await via.chat.completions.create(model="m", messages=msgs)  # type: ignore[arg-type]
+    d = await direct.chat.completions.create(model="m", messages=msgs)  # type: ignore[arg-type]
+    assert a.choices[0].message.content == d.choices[0].message.content
+    assert "Is this forwarded?" in (a.choices[0].message.content or "")
+    assert a.usage == d.usage
+
+    streamed = await via.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "count to 30"}], stream=True,
+        stream_options={"include_usage": True})
+    parts, usage = [], None
+    async for chunk in streamed:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == " ".join(str(i) for i in range(1, 31))
+    assert usage is not None and usage.completion_tokens == 30
+    models = await via.models.list()
+    assert [m.id for m in models.data] == ["trio-bridge-test-model"]
+    await via.close()
+    await direct.close()
+
+
+async def test_openai_sdk_sync_stream_and_completions(bridge: Bridge) -> None:
+    def run() -> tuple[str, str]:
+        client = openai.OpenAI(base_url=bridge.openai_base_url, api_key=bridge.api_key,
+                               max_retries=0)
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "count to 5"}], stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        comp = client.completions.create(model="m", prompt="count to 3")
+        return text, comp.choices[0].text
+
+    text, comp = await trio.to_thread.run_sync(run)
+    assert text == "1 2 3 4 5"
+    assert comp == "1 2 3"
+
+
+async def test_sse_bytes_through_the_bridge_equal_the_direct_bytes(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        async with client.stream("GET", url + "/sse") as r:
+            direct = b"".join([c async for c in r.aiter_raw()])
+        async with client.stream("GET", b.base_url + "/sse", headers=auth(b)) as r:
+            assert r.headers["content-type"] == "text/event-stream"
+            via = b"".join([c async for c in r.aiter_raw()])
+    assert via == direct == b"".join(SSE_BYTES)
+
+
+async def test_compressed_body_is_forwarded_raw(up: tuple[Upstream, str]) -> None:
+    _, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        async with client.stream("GET", b.base_url + "/gzip", headers=auth(b)) as r:
+            raw = b"".join([c async for c in r.aiter_raw()])
+            assert r.headers["content-encoding"] == "gzip"
+    assert raw == GZIP_BODY
+    assert gzip.decompress(raw).startswith(b'{"hello"')
+
+
+async def test_ollama_ndjson_streams_line_by_line_as_generated() -> None:
+    async with open_bridge(token_delay=0.05) as b, httpx.AsyncClient() as client:
+        body = {"model": "m", "messages": [{"role": "user", "content": "count to 8"}]}
+        arrivals: list[float] = []
+        lines: list[dict[str, object]] = []
+        async with client.stream("POST", b.base_url + "/api/chat", json=body,
+                                 headers=auth(b)) as r:
+            assert r.headers["content-type"] == "application/x-ndjson"
+            async for line in r.aiter_lines():
+                arrivals.append(trio.current_time())
+                lines.append(json.loads(line))
+    assert [x["message"]["content"] for x in lines[:-1]] == [  # type: ignore[index]
+        "1", " 2", " 3", " 4", " 5", " 6", " 7", " 8"]
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 8
+    # tokens arrived spread over the generation, not all at the end
+    assert arrivals[-1] - arrivals[0] > 0.2
+
+
+async def test_any_method_path_and_query_are_forwarded_unchanged(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        for method in ("GET", "DELETE", "PATCH", "PUT", "OPTIONS"):
+            r = await client.request(method, b.base_url + "/v1/x%2Fy/z?a=1&b=%20c&a=2",
+                                     headers=auth(b), content=b"" if method != "PATCH" else b"p")
+            assert r.status_code == 404  # the upstream's own answer
+            seen = app.requests[-1]
+            assert seen["method"] == method
+            assert seen["raw_path"] == b"/v1/x%2Fy/z"
+            assert seen["query"] == "a=1&b=%20c&a=2"
+
+
+async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
+    up: tuple[Upstream, str],
+) -> None:
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        r = await client.get(b.base_url + "/headers", headers={
+            "x-api-key": b.api_key, "X-Custom": "kept", "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1", "Keep-Alive": "timeout=5", "Proxy-Authorization": "Basic eA==",
+            "TE": "trailers"})
+        assert r.status_code == 200
+        seen = {k.lower(): v for k, v in app.requests[-1]["headers"]}
+        assert seen["x-custom"] == "kept"
+        for gone in ("x-api-key", "authorization", "x-drop-me", "keep-alive",
+                     "proxy-authorization", "te"):
+            assert gone not in seen
+        assert b.api_key not in json.dumps(app.requests[-1]["headers"])
+        assert seen["x-request-id"] == r.headers["x-request-id"]
+        assert len(r.headers["x-request-id"]) >= 16
+        # a sane incoming id is kept
+        r = await client.get(b.base_url + "/headers",
+                             headers={**auth(b), "X-Request-ID": "my-trace-42"})
+        assert r.headers["x-request-id"] == "my-trace-42"
+        assert dict(app.requests[-1]["headers"])["x-request-id"] == "my-trace-42"
+        # an insane one is replaced
+        r = await client.get(b.base_url + "/headers",
+                             headers={**auth(b), "X-Request-ID": "bad id\twith spaces"})
+        assert r.headers["x-request-id"] != "bad id\twith spaces"
+
+
+async def test_upstream_api_key_replaces_the_users_key(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    async with open_bridge(url) as b:
+        b.connector._upstream_auth = (b"authorization", b"Bearer upstream-secret")
+        async with httpx.AsyncClient() as client:
+            await client.get(b.base_url + "/headers", headers=auth(b))
+    seen = [(k.lower(), v) for k, v in app.requests[-1]["headers"]]
+    assert ("authorization", "Bearer upstream-secret") in seen
+    assert not any(b.api_key in v for _, v in seen)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong"},
+    {"Authorization": "Basic dXNlcjpwYXNz"}, {"x-api-key": "tbk_aaaaaaaa_nope"},
+])
+async def test_missing_or_wrong_key_is_401_and_never_reaches_the_llm(
+    up: tuple[Upstream, str], headers: dict[str, str],
+) -> None:
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        r = await client.post(b.base_url + "/v1/chat/completions", headers=headers, json={})
+        assert r.status_code == 401
+        err = r.json()["error"]
+        assert err["code"] == "invalid_api_key" and err["type"] and err["message"]
+        # right id, wrong secret
+        wrong = b.api_key[:-4] + ("AAAA" if not b.api_key.endswith("AAAA") else "BBBB")
+        r = await client.get(b.base_url + "/v1/models", headers={"Authorization": f"Bearer {wrong}"})
+        assert r.status_code == 401
+    assert app.requests == []
+
+
+async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
+    async with httpx.AsyncClient() as client:
+        r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
+        assert r.status_code == 200
+        # revoke through a second store object on the same file, like the CLI would
+        from trio_bridge._keys import SecretStore
+        SecretStore(bridge.keys.path, "tbk").revoke("test-user")
+        await trio.sleep(0.6)  # the running store re-checks the file at most every 0.5 s
+        r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
+        assert r.status_code == 401
+
+
+async def test_large_upload_and_download_arrive_intact(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    body = os.urandom(10 * 1024 * 1024)
+    async with open_bridge(url, limits={"max_body": "16MiB"}) as b, \
+            httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(b.base_url + "/echo", headers=auth(b), content=body)
+        assert r.status_code == 200
+        assert r.headers["x-body-sha256"] == hashlib.sha256(body).hexdigest()
+        assert r.content == body
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for i in range(0, len(body), 1 << 20):
+                yield body[i:i + (1 << 20)]
+
+        r = await client.post(b.base_url + "/echo", headers=auth(b), content=chunked())
+        assert r.status_code == 200 and r.content == body
+    assert app.requests[-1]["size"] == len(body)
+
+
+async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    async with open_bridge(url, limits={"max_body": "1MiB"}) as b, \
+            httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(b.base_url + "/echo", headers=auth(b), content=b"x" * (2 << 20))
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for _ in range(40):
+                yield b"y" * 65536
+
+        r = await client.post(b.base_url + "/echo", headers=auth(b), content=chunked())
+        assert r.status_code == 413
+    assert not any(req["path"] == "/echo" and req["size"] > (1 << 20) for req in app.requests)
+    assert all(req["size"] == 0 or req["size"] <= 1 << 20 for req in app.requests)
+
+
+async def test_llm_unreachable_is_502() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connection refused
+        async with open_bridge(f"http://127.0.0.1:{port}") as b, httpx.AsyncClient() as client:
+            r = await client.get(b.base_url + "/v1/models", headers=auth(b))
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_unavailable"
+
+
+async def test_no_first_byte_in_time_is_504(up: tuple[Upstream, str]) -> None:
+    _, url = up
+    async with open_bridge(url, limits={"first_byte_timeout": "300ms"}) as b, \
+            httpx.AsyncClient() as client:
+        r = await client.get(b.base_url + "/slow-head?s=5", headers=auth(b))
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "upstream_timeout"
+        r = await client.get(b.base_url + "/slow-head?s=0.05", headers=auth(b))
+        assert r.status_code == 200 and r.content == b"late"
+
+
+@pytest.mark.parametrize("path", ["/stall", "/die"])
+async def test_llm_failing_mid_stream_aborts_the_client_response(
+    up: tuple[Upstream, str], path: str,
+) -> None:
+    _, url = up
+    async with open_bridge(url, limits={"idle_timeout": "500ms"}) as b, \
+            httpx.AsyncClient() as client:
+        got = b""
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("GET", b.base_url + path, headers=auth(b)) as r:
+                assert r.status_code == 200
+                async for chunk in r.aiter_raw():
+                    got += chunk
+        assert got == b"data: first\n\n"
+        # and the bridge keeps serving
+        r2 = await client.get(b.base_url + "/sse", headers=auth(b))
+        assert r2.content == b"".join(SSE_BYTES)
+
+
+async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstream, str]) -> None:
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        async with client.stream("GET", b.base_url + "/forever", headers=auth(b)) as r:
+            n = 0
+            async for _ in r.aiter_raw():
+                n += 1
+                if n == 3:
+                    break
+        closed_at = trio.current_time()
+        with trio.fail_after(5):
+            await app.disconnected.wait()
+        assert app.disconnect_time is not None
+        delay = app.disconnect_time - closed_at
+        assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
+        # nothing left in flight on either side
+        with trio.fail_after(2):
+            while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
+                await trio.sleep(0.01)
+
+
+async def test_hundred_concurrent_streams_all_complete(bridge: Bridge) -> None:
+    results: dict[int, str] = {}
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        body = {"model": "m", "stream": True,
+                "messages": [{"role": "user", "content": f"count to {20 + i % 7}"}]}
+        text = ""
+        async with client.stream("POST", bridge.base_url + "/v1/chat/completions",
+                                 headers=auth(bridge), json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    text += delta.get("content", "")
+        results[i] = text
+
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(one, i, client)
+    assert len(results) == 100
+    for i, text in results.items():
+        assert text == " ".join(str(k) for k in range(1, 21 + i % 7))
+
+
+async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
+    up: tuple[Upstream, str],
+) -> None:
+    _, url = up
+    total = 64 * 1024 * 1024
+    async with open_bridge(url) as b:
+        host, port = b.base_url.removeprefix("http://").split(":")
+        # A raw client that asks for 64 MiB and never reads a byte.
+        stalled = await trio.open_tcp_stream(host, int(port))
+        await stalled.send_all(
+            f"GET /big?n={total} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}\r\n\r\n"
+            .encode())
+        await trio.sleep(0.5)
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10):
+                for _ in range(5):
+                    r = await client.get(b.base_url + "/sse", headers=auth(b))
+                    assert r.content == b"".join(SSE_BYTES)
+        relay = next(iter(b.connector.relays.values()))
+        [stream] = [s for s in relay._streams.values()
+                    if s.request_head and s.request_head.target.startswith("/big")]
+        # The connector has pushed only what the window and socket buffers allow.
+        assert stream.bytes_sent < 16 * 1024 * 1024, stream.bytes_sent
+        await stalled.aclose()
