@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 import trio
+from upstream import GZIP_BODY, SSE_BYTES, Upstream, run_upstream
 
 from trio_bridge.testing import Bridge, open_bridge
-from upstream import GZIP_BODY, SSE_BYTES, Upstream, run_upstream
 
 
 @pytest.fixture
@@ -40,8 +40,11 @@ async def test_openai_sdk_async_gets_what_it_gets_directly(bridge: Bridge) -> No
     assert a.usage == d.usage
 
     streamed = await via.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "count to 30"}], stream=True,
-        stream_options={"include_usage": True})
+        model="m",
+        messages=[{"role": "user", "content": "count to 30"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     parts, usage = [], None
     async for chunk in streamed:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -58,10 +61,12 @@ async def test_openai_sdk_async_gets_what_it_gets_directly(bridge: Bridge) -> No
 
 async def test_openai_sdk_sync_stream_and_completions(bridge: Bridge) -> None:
     def run() -> tuple[str, str]:
-        client = openai.OpenAI(base_url=bridge.openai_base_url, api_key=bridge.api_key,
-                               max_retries=0)
+        client = openai.OpenAI(
+            base_url=bridge.openai_base_url, api_key=bridge.api_key, max_retries=0
+        )
         stream = client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "count to 5"}], stream=True)
+            model="m", messages=[{"role": "user", "content": "count to 5"}], stream=True
+        )
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         comp = client.completions.create(model="m", prompt="count to 3")
         return text, comp.choices[0].text
@@ -71,8 +76,10 @@ async def test_openai_sdk_sync_stream_and_completions(bridge: Bridge) -> None:
     assert comp == "1 2 3"
 
 
-async def test_sse_bytes_through_the_bridge_equal_the_direct_bytes(up: tuple[Upstream, str]) -> None:
-    app, url = up
+async def test_sse_bytes_through_the_bridge_equal_the_direct_bytes(
+    up: tuple[Upstream, str],
+) -> None:
+    _, url = up
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
         async with client.stream("GET", url + "/sse") as r:
             direct = b"".join([c async for c in r.aiter_raw()])
@@ -97,14 +104,21 @@ async def test_ollama_ndjson_streams_line_by_line_as_generated() -> None:
         body = {"model": "m", "messages": [{"role": "user", "content": "count to 8"}]}
         arrivals: list[float] = []
         lines: list[dict[str, object]] = []
-        async with client.stream("POST", b.base_url + "/api/chat", json=body,
-                                 headers=auth(b)) as r:
+        async with client.stream("POST", b.base_url + "/api/chat", json=body, headers=auth(b)) as r:
             assert r.headers["content-type"] == "application/x-ndjson"
             async for line in r.aiter_lines():
                 arrivals.append(trio.current_time())
                 lines.append(json.loads(line))
     assert [x["message"]["content"] for x in lines[:-1]] == [  # type: ignore[index]
-        "1", " 2", " 3", " 4", " 5", " 6", " 7", " 8"]
+        "1",
+        " 2",
+        " 3",
+        " 4",
+        " 5",
+        " 6",
+        " 7",
+        " 8",
+    ]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 8
     # tokens arrived spread over the generation, not all at the end
     assert arrivals[-1] - arrivals[0] > 0.2
@@ -114,8 +128,12 @@ async def test_any_method_path_and_query_are_forwarded_unchanged(up: tuple[Upstr
     app, url = up
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
         for method in ("GET", "DELETE", "PATCH", "PUT", "OPTIONS"):
-            r = await client.request(method, b.base_url + "/v1/x%2Fy/z?a=1&b=%20c&a=2",
-                                     headers=auth(b), content=b"" if method != "PATCH" else b"p")
+            r = await client.request(
+                method,
+                b.base_url + "/v1/x%2Fy/z?a=1&b=%20c&a=2",
+                headers=auth(b),
+                content=b"" if method != "PATCH" else b"p",
+            )
             assert r.status_code == 404  # the upstream's own answer
             seen = app.requests[-1]
             assert seen["method"] == method
@@ -128,27 +146,43 @@ async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
 ) -> None:
     app, url = up
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
-        r = await client.get(b.base_url + "/headers", headers={
-            "x-api-key": b.api_key, "X-Custom": "kept", "Connection": "keep-alive, X-Drop-Me",
-            "X-Drop-Me": "1", "Keep-Alive": "timeout=5", "Proxy-Authorization": "Basic eA==",
-            "TE": "trailers"})
+        r = await client.get(
+            b.base_url + "/headers",
+            headers={
+                "x-api-key": b.api_key,
+                "X-Custom": "kept",
+                "Connection": "keep-alive, X-Drop-Me",
+                "X-Drop-Me": "1",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authorization": "Basic eA==",
+                "TE": "trailers",
+            },
+        )
         assert r.status_code == 200
         seen = {k.lower(): v for k, v in app.requests[-1]["headers"]}
         assert seen["x-custom"] == "kept"
-        for gone in ("x-api-key", "authorization", "x-drop-me", "keep-alive",
-                     "proxy-authorization", "te"):
+        for gone in (
+            "x-api-key",
+            "authorization",
+            "x-drop-me",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+        ):
             assert gone not in seen
         assert b.api_key not in json.dumps(app.requests[-1]["headers"])
         assert seen["x-request-id"] == r.headers["x-request-id"]
         assert len(r.headers["x-request-id"]) >= 16
         # a sane incoming id is kept
-        r = await client.get(b.base_url + "/headers",
-                             headers={**auth(b), "X-Request-ID": "my-trace-42"})
+        r = await client.get(
+            b.base_url + "/headers", headers={**auth(b), "X-Request-ID": "my-trace-42"}
+        )
         assert r.headers["x-request-id"] == "my-trace-42"
         assert dict(app.requests[-1]["headers"])["x-request-id"] == "my-trace-42"
         # an insane one is replaced
-        r = await client.get(b.base_url + "/headers",
-                             headers={**auth(b), "X-Request-ID": "bad id\twith spaces"})
+        r = await client.get(
+            b.base_url + "/headers", headers={**auth(b), "X-Request-ID": "bad id\twith spaces"}
+        )
         assert r.headers["x-request-id"] != "bad id\twith spaces"
 
 
@@ -163,12 +197,19 @@ async def test_upstream_api_key_replaces_the_users_key(up: tuple[Upstream, str])
     assert not any(b.api_key in v for _, v in seen)
 
 
-@pytest.mark.parametrize("headers", [
-    {}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong"},
-    {"Authorization": "Basic dXNlcjpwYXNz"}, {"x-api-key": "tbk_aaaaaaaa_nope"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"x-api-key": "tbk_aaaaaaaa_nope"},
+    ],
+)
 async def test_missing_or_wrong_key_is_401_and_never_reaches_the_llm(
-    up: tuple[Upstream, str], headers: dict[str, str],
+    up: tuple[Upstream, str],
+    headers: dict[str, str],
 ) -> None:
     app, url = up
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
@@ -178,7 +219,9 @@ async def test_missing_or_wrong_key_is_401_and_never_reaches_the_llm(
         assert err["code"] == "invalid_api_key" and err["type"] and err["message"]
         # right id, wrong secret
         wrong = b.api_key[:-4] + ("AAAA" if not b.api_key.endswith("AAAA") else "BBBB")
-        r = await client.get(b.base_url + "/v1/models", headers={"Authorization": f"Bearer {wrong}"})
+        r = await client.get(
+            b.base_url + "/v1/models", headers={"Authorization": f"Bearer {wrong}"}
+        )
         assert r.status_code == 401
     assert app.requests == []
 
@@ -189,6 +232,7 @@ async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
         assert r.status_code == 200
         # revoke through a second store object on the same file, like the CLI would
         from trio_bridge._keys import SecretStore
+
         SecretStore(bridge.keys.path, "tbk").revoke("test-user")
         await trio.sleep(0.6)  # the running store re-checks the file at most every 0.5 s
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
@@ -198,8 +242,10 @@ async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
 async def test_large_upload_and_download_arrive_intact(up: tuple[Upstream, str]) -> None:
     app, url = up
     body = os.urandom(10 * 1024 * 1024)
-    async with open_bridge(url, limits={"max_body": "16MiB"}) as b, \
-            httpx.AsyncClient(timeout=30) as client:
+    async with (
+        open_bridge(url, limits={"max_body": "16MiB"}) as b,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
         r = await client.post(b.base_url + "/echo", headers=auth(b), content=body)
         assert r.status_code == 200
         assert r.headers["x-body-sha256"] == hashlib.sha256(body).hexdigest()
@@ -207,7 +253,7 @@ async def test_large_upload_and_download_arrive_intact(up: tuple[Upstream, str])
 
         async def chunked() -> AsyncIterator[bytes]:
             for i in range(0, len(body), 1 << 20):
-                yield body[i:i + (1 << 20)]
+                yield body[i : i + (1 << 20)]
 
         r = await client.post(b.base_url + "/echo", headers=auth(b), content=chunked())
         assert r.status_code == 200 and r.content == body
@@ -216,8 +262,10 @@ async def test_large_upload_and_download_arrive_intact(up: tuple[Upstream, str])
 
 async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, str]) -> None:
     app, url = up
-    async with open_bridge(url, limits={"max_body": "1MiB"}) as b, \
-            httpx.AsyncClient(timeout=30) as client:
+    async with (
+        open_bridge(url, limits={"max_body": "1MiB"}) as b,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
         r = await client.post(b.base_url + "/echo", headers=auth(b), content=b"x" * (2 << 20))
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "request_too_large"
@@ -244,8 +292,10 @@ async def test_llm_unreachable_is_502() -> None:
 
 async def test_no_first_byte_in_time_is_504(up: tuple[Upstream, str]) -> None:
     _, url = up
-    async with open_bridge(url, limits={"first_byte_timeout": "300ms"}) as b, \
-            httpx.AsyncClient() as client:
+    async with (
+        open_bridge(url, limits={"first_byte_timeout": "300ms"}) as b,
+        httpx.AsyncClient() as client,
+    ):
         r = await client.get(b.base_url + "/slow-head?s=5", headers=auth(b))
         assert r.status_code == 504
         assert r.json()["error"]["code"] == "upstream_timeout"
@@ -255,11 +305,14 @@ async def test_no_first_byte_in_time_is_504(up: tuple[Upstream, str]) -> None:
 
 @pytest.mark.parametrize("path", ["/stall", "/die"])
 async def test_llm_failing_mid_stream_aborts_the_client_response(
-    up: tuple[Upstream, str], path: str,
+    up: tuple[Upstream, str],
+    path: str,
 ) -> None:
     _, url = up
-    async with open_bridge(url, limits={"idle_timeout": "500ms"}) as b, \
-            httpx.AsyncClient() as client:
+    async with (
+        open_bridge(url, limits={"idle_timeout": "500ms"}) as b,
+        httpx.AsyncClient() as client,
+    ):
         got = b""
         with pytest.raises(httpx.RemoteProtocolError):
             async with client.stream("GET", b.base_url + path, headers=auth(b)) as r:
@@ -289,7 +342,7 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
         assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
         # nothing left in flight on either side
         with trio.fail_after(2):
-            while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
+            while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:  # noqa: ASYNC110
                 await trio.sleep(0.01)
 
 
@@ -297,11 +350,15 @@ async def test_hundred_concurrent_streams_all_complete(bridge: Bridge) -> None:
     results: dict[int, str] = {}
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
-        body = {"model": "m", "stream": True,
-                "messages": [{"role": "user", "content": f"count to {20 + i % 7}"}]}
+        body = {
+            "model": "m",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"count to {20 + i % 7}"}],
+        }
         text = ""
-        async with client.stream("POST", bridge.base_url + "/v1/chat/completions",
-                                 headers=auth(bridge), json=body) as r:
+        async with client.stream(
+            "POST", bridge.base_url + "/v1/chat/completions", headers=auth(bridge), json=body
+        ) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     delta = json.loads(line[6:])["choices"][0]["delta"]
@@ -328,9 +385,8 @@ async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
         host, port = b.base_url.removeprefix("http://").split(":")
         # A raw client that asks for 64 MiB and never reads a byte.
         stalled = await trio.open_tcp_stream(host, int(port))
-        await stalled.send_all(
-            f"GET /big?n={total} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}\r\n\r\n"
-            .encode())
+        head = f"GET /big?n={total} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}"
+        await stalled.send_all(head.encode() + b"\r\n\r\n")
         await trio.sleep(0.5)
         async with httpx.AsyncClient() as client:
             with trio.fail_after(10):
@@ -338,8 +394,11 @@ async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
                     r = await client.get(b.base_url + "/sse", headers=auth(b))
                     assert r.content == b"".join(SSE_BYTES)
         relay = next(iter(b.connector.relays.values()))
-        [stream] = [s for s in relay._streams.values()
-                    if s.request_head and s.request_head.target.startswith("/big")]
+        [stream] = [
+            s
+            for s in relay._streams.values()
+            if s.request_head and s.request_head.target.startswith("/big")
+        ]
         # The connector has pushed only what the window and socket buffers allow.
         assert stream.bytes_sent < 16 * 1024 * 1024, stream.bytes_sent
         await stalled.aclose()

@@ -21,8 +21,13 @@ from trio_bridge._frames import (
     encode_window,
 )
 
-STREAM_TYPES = [FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA, FrameType.RESET,
-                FrameType.WINDOW]
+STREAM_TYPES = [
+    FrameType.REQUEST,
+    FrameType.RESPONSE,
+    FrameType.DATA,
+    FrameType.RESET,
+    FrameType.WINDOW,
+]
 RELAY_TYPES = [t for t in FrameType if t not in STREAM_TYPES]
 
 
@@ -30,8 +35,11 @@ RELAY_TYPES = [t for t in FrameType if t not in STREAM_TYPES]
 def frames(draw: st.DrawFn) -> Frame:
     t = draw(st.sampled_from(list(FrameType)))
     sid = draw(st.integers(1, 2**32 - 1)) if t in STREAM_TYPES else 0
-    flags = draw(st.sampled_from([0, FLAG_END_STREAM])) if t in (
-        FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA) else 0
+    flags = (
+        draw(st.sampled_from([0, FLAG_END_STREAM]))
+        if t in (FrameType.REQUEST, FrameType.RESPONSE, FrameType.DATA)
+        else 0
+    )
     payload = draw(st.binary(max_size=300))
     return Frame(t, flags, sid, payload)
 
@@ -114,7 +122,7 @@ def test_reset_round_trip(code: int, reason: str) -> None:
 
 
 def test_window_increment_bounds() -> None:
-    assert decode_window(encode_window(1, 10)[HEADER.size:]) == 10
+    assert decode_window(encode_window(1, 10)[HEADER.size :]) == 10
     for bad in (b"\x00\x00\x00\x00", b"\x80\x00\x00\x00", b"\x00\x01"):
         with pytest.raises(RemoteProtocolError):
             decode_window(bad)

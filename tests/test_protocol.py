@@ -25,8 +25,9 @@ from trio_bridge._protocol import (
     WindowUpdate,
 )
 
-HEAD = RequestHead("POST", "/v1/chat/completions?x=1", [(b"content-type", b"application/json")],
-                   "rid-1")
+HEAD = RequestHead(
+    "POST", "/v1/chat/completions?x=1", [(b"content-type", b"application/json")], "rid-1"
+)
 
 
 def events(session: Session, data: bytes) -> list[Event]:
@@ -53,12 +54,18 @@ def test_request_and_response_round_trip_with_heads_and_bodies() -> None:
     wire += broker.send_data(sid, b"hello ", end_stream=False)
     wire += broker.send_data(sid, b"world", end_stream=True)
     evs = events(connector, wire)
-    assert evs == [Request(sid, HEAD, False), Data(sid, b"hello ", False), Data(sid, b"world", True)]
+    assert evs == [
+        Request(sid, HEAD, False),
+        Data(sid, b"hello ", False),
+        Data(sid, b"world", True),
+    ]
     wire = connector.send_response(sid, ResponseHead(200, [(b"x", b"\xff")]), end_stream=False)
     wire += connector.send_data(sid, b"answer", end_stream=True)
     evs = events(broker, wire)
-    assert evs == [Response(sid, ResponseHead(200, [(b"x", b"\xff")]), False),
-                   Data(sid, b"answer", True)]
+    assert evs == [
+        Response(sid, ResponseHead(200, [(b"x", b"\xff")]), False),
+        Data(sid, b"answer", True),
+    ]
     assert broker.open_streams == 0 and connector.open_streams == 0
 
 
@@ -83,7 +90,7 @@ def test_other_major_version_is_refused_with_a_reason() -> None:
 
 def test_reused_stream_id_is_a_relay_error() -> None:
     broker, connector = pair()
-    sid, wire = broker.open_stream(HEAD, end_stream=True)
+    _, wire = broker.open_stream(HEAD, end_stream=True)
     events(connector, wire)
     with pytest.raises(RemoteProtocolError, match="reused"):
         events(connector, wire)
@@ -105,7 +112,8 @@ def test_data_after_end_of_stream_resets_only_that_stream() -> None:
     assert not connector.is_open(sid) and connector.is_open(sid2)
     # the relay keeps working for the other stream
     assert events(connector, broker.send_data(sid2, b"ok", end_stream=True)) == [
-        Data(sid2, b"ok", True)]
+        Data(sid2, b"ok", True)
+    ]
 
 
 def test_sender_cannot_exceed_the_window() -> None:
@@ -180,8 +188,12 @@ def test_max_streams_refuses_extra_streams() -> None:
         broker.open_stream(HEAD, end_stream=False)
     events(connector, w1)
     # a peer ignoring the limit gets a REFUSED reset
-    [err] = events(connector, encode_frame(FrameType.REQUEST, sid1 + 1,
-                                           b'{"method":"GET","target":"/","headers":[],"id":"x"}'))
+    [err] = events(
+        connector,
+        encode_frame(
+            FrameType.REQUEST, sid1 + 1, b'{"method":"GET","target":"/","headers":[],"id":"x"}'
+        ),
+    )
     assert isinstance(err, StreamError) and err.code == ResetCode.REFUSED
 
 
@@ -197,9 +209,16 @@ def test_goaway_stops_new_streams_but_not_open_ones() -> None:
     assert evs == [Response(sid, ResponseHead(204, []), True)]
 
 
-@pytest.mark.parametrize("payload", [b"[]", b"not json", b'{"method":1}',
-                                     b'{"method":"GET","target":"/","headers":[["a"]],"id":"x"}',
-                                     b'{"method":"GET","target":"/","headers":[["\\u0100","v"]],"id":"x"}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[]",
+        b"not json",
+        b'{"method":1}',
+        b'{"method":"GET","target":"/","headers":[["a"]],"id":"x"}',
+        b'{"method":"GET","target":"/","headers":[["\\u0100","v"]],"id":"x"}',
+    ],
+)
 def test_malformed_request_heads_are_relay_errors(payload: bytes) -> None:
     _, connector = pair()
     with pytest.raises(RemoteProtocolError):

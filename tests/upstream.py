@@ -43,64 +43,110 @@ class Upstream:
             return
         path = scope["path"]
         query = scope["query_string"].decode()
-        self.requests.append({"method": scope["method"], "path": path, "query": query,
-                              "raw_path": scope.get("raw_path"),
-                              "headers": [(k.decode(), v.decode("latin-1"))
-                                          for k, v in scope["headers"]],
-                              "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)})
+        self.requests.append(
+            {
+                "method": scope["method"],
+                "path": path,
+                "query": query,
+                "raw_path": scope.get("raw_path"),
+                "headers": [(k.decode(), v.decode("latin-1")) for k, v in scope["headers"]],
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "size": len(body),
+            }
+        )
         if path == "/echo":
-            await send_simple(send, 200, [(b"content-type", b"application/octet-stream"),
-                                          (b"x-body-sha256", hashlib.sha256(body).hexdigest().encode())],
-                              body)
+            await send_simple(
+                send,
+                200,
+                [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"x-body-sha256", hashlib.sha256(body).hexdigest().encode()),
+                ],
+                body,
+            )
         elif path == "/headers":
             doc = json.dumps(self.requests[-1]["headers"]).encode()
             await send_simple(send, 200, [(b"content-type", b"application/json")], doc)
         elif path == "/sse":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
             for chunk in SSE_BYTES:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await trio.sleep(0.01)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif path == "/gzip":
-            await send_simple(send, 200, [(b"content-type", b"application/json"),
-                                          (b"content-encoding", b"gzip"),
-                                          (b"content-length", str(len(GZIP_BODY)).encode())],
-                              GZIP_BODY)
+            await send_simple(
+                send,
+                200,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"content-encoding", b"gzip"),
+                    (b"content-length", str(len(GZIP_BODY)).encode()),
+                ],
+                GZIP_BODY,
+            )
         elif path == "/slow-head":
             await trio.sleep(float(query.split("=")[1]))
             await send_simple(send, 200, [], b"late")
         elif path in ("/stall", "/die"):
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
-            await send({"type": "http.response.body", "body": b"data: first\n\n",
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            await send(
+                {"type": "http.response.body", "body": b"data: first\n\n", "more_body": True}
+            )
             await trio.sleep(0.2)
             if path == "/die":
                 raise RuntimeError("simulated LLM crash mid-stream")
             await trio.sleep(3600)
         elif path == "/forever":
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
             self.forever_started.set()
             async with trio.open_nursery() as nursery:
+
                 async def watch() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
                     self.disconnect_time = trio.current_time()
                     self.disconnected.set()
                     nursery.cancel_scope.cancel()
+
                 nursery.start_soon(watch)
                 i = 0
                 while True:
                     i += 1
-                    await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
-                                "more_body": True})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: %d\n\n" % i,
+                            "more_body": True,
+                        }
+                    )
                     await trio.sleep(0.01)
         elif path == "/big":
             n = int(query.split("=")[1])
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-length", str(n).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", str(n).encode())],
+                }
+            )
             block = b"z" * 65536
             while n > 0:
                 part = block[: min(n, len(block))]

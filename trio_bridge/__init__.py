@@ -8,10 +8,11 @@ forwards the request byte-exact to the LLM, streaming the answer back as it is g
 from __future__ import annotations
 
 from ._broker import Broker, Registry
-from ._config import Config, ConfigError, load_config
+from ._config import Config, load_config
 from ._connector import Connector
 from ._errors import (
     BridgeError,
+    ConfigError,
     LocalProtocolError,
     ProtocolError,
     RelayClosed,

@@ -82,9 +82,9 @@ class Registry:
         """The usable relay of ``route`` with the fewest streams in flight."""
         best: Relay | None = None
         for relay in self._by_route.get(route, ()):
-            if relay.usable and not relay.peer_draining:
-                if best is None or relay.in_flight < best.in_flight:
-                    best = relay
+            usable = relay.usable and not relay.peer_draining
+            if usable and (best is None or relay.in_flight < best.in_flight):
+                best = relay
         return best
 
     async def wait_pick(self, route: str, timeout: float) -> Relay | None:
@@ -102,9 +102,7 @@ class Broker:
 
     def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
         self.config = config
-        self.tokens = tokens or SecretStore(
-            config.path(config.broker.connector_tokens_file), "tbc"
-        )
+        self.tokens = tokens or SecretStore(config.path(config.broker.connector_tokens_file), "tbc")
         self.registry = Registry()
         self.relay_path = config.broker.relay_path
         self.max_body = int(config.limits.max_body)
@@ -160,12 +158,17 @@ class Broker:
             self.registry.add(relay)
             log.info(
                 "relay connected",
-                extra={"connector": relay.name, "route": relay.route, "peer": peer,
-                       "token_id": entry.id},
+                extra={
+                    "connector": relay.name,
+                    "route": relay.route,
+                    "peer": peer,
+                    "token_id": entry.id,
+                },
             )
         self.registry.remove(relay)
         log.info(
-            "relay disconnected: %s", relay.closed_reason,
+            "relay disconnected: %s",
+            relay.closed_reason,
             extra={"connector": relay.name, "route": relay.route},
         )
 
@@ -181,7 +184,9 @@ class Broker:
         started = time.monotonic()
         ex = _Exchange(request_id_from(scope["headers"]), receive, send)
         fields: dict[str, Any] = {
-            "request_id": ex.request_id, "method": scope["method"], "path": scope["path"]
+            "request_id": ex.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
         }
         async with trio.open_nursery() as nursery:
             ex.nursery = nursery
@@ -243,7 +248,11 @@ class Broker:
         await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _error(
-        self, ex: _Exchange, fields: dict[str, Any], status: int, message: str,
+        self,
+        ex: _Exchange,
+        fields: dict[str, Any],
+        status: int,
+        message: str,
         retry_after: int | None = None,
     ) -> str:
         fields["status"] = status
@@ -255,7 +264,7 @@ class Broker:
         await self._finish(ex)
         return "bridge_error"
 
-    async def _forward(self, scope: Scope, ex: _Exchange, fields: dict[str, Any]) -> str:  # noqa: PLR0911
+    async def _forward(self, scope: Scope, ex: _Exchange, fields: dict[str, Any]) -> str:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if scope["path"] == self.relay_path:
             return await self._error(ex, fields, 400, "the relay endpoint needs a WebSocket")
@@ -285,7 +294,10 @@ class Broker:
         relay = await self.registry.wait_pick(DEFAULT_ROUTE, self.queue_timeout)
         if relay is None:
             return await self._error(
-                ex, fields, 503, "no connector is available for this route; retry later",
+                ex,
+                fields,
+                503,
+                "no connector is available for this route; retry later",
                 retry_after=max(1, int(self.queue_timeout)),
             )
         fields["connector"] = relay.name
@@ -294,15 +306,16 @@ class Broker:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         head = RequestHead(
-            scope["method"], target, strip_hop_by_hop(headers, also=frozenset({b"host"})),
+            scope["method"],
+            target,
+            strip_hop_by_hop(headers, also=frozenset({b"host"})),
             ex.request_id,
         )
         first = b"".join(body_parts)
         try:
             stream = relay.open_stream(head, end_stream=ex.body_done and not first)
         except RelayClosed:
-            return await self._error(ex, fields, 503, "connector went away; retry",
-                                     retry_after=1)
+            return await self._error(ex, fields, 503, "connector went away; retry", retry_after=1)
         ex.stream = stream
         if first:
             try:
@@ -325,10 +338,12 @@ class Broker:
             if ex.too_large:
                 return await self._error(ex, fields, 413, "request body too large")
             status, message = _RESET_STATUS.get(
-                exc.code, (502, "the connector failed to answer")  # type: ignore[call-overload]
+                exc.code,
+                (502, "the connector failed to answer"),  # type: ignore[call-overload]
             )
-            return await self._error(ex, fields, status, message,
-                                     retry_after=1 if status == 503 else None)
+            return await self._error(
+                ex, fields, status, message, retry_after=1 if status == 503 else None
+            )
         fields["status"] = head.status
         send = ex.send
         await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
@@ -347,8 +362,19 @@ class Broker:
 class _Exchange:
     """What the tasks of one public request share."""
 
-    __slots__ = ("body_done", "body_finished", "body_size", "client_gone", "nursery",
-                 "reader_started", "receive", "request_id", "send", "stream", "too_large")
+    __slots__ = (
+        "body_done",
+        "body_finished",
+        "body_size",
+        "client_gone",
+        "nursery",
+        "reader_started",
+        "receive",
+        "request_id",
+        "send",
+        "stream",
+        "too_large",
+    )
 
     def __init__(self, request_id: str, receive: Receive, send: Send) -> None:
         self.request_id = request_id
@@ -371,10 +397,14 @@ def _client(scope: Scope) -> str:
 
 async def _deny(send: Send, status: int, message: str) -> None:
     body = error_body(message, "invalid_request_error", "relay_refused")
-    await send({
-        "type": "websocket.http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})

@@ -52,16 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = cmd("demo", "broker + connector on loopback, with the test model if no LLM answers")
     demo.add_argument("--port", type=int, default=8080, help="public port (0: any free port)")
     demo.add_argument("--local-url", help="LLM to use (default: connector.local_url)")
-    demo.add_argument("--test-model", action="store_true",
-                      help="always use the built-in test model")
+    demo.add_argument(
+        "--test-model", action="store_true", help="always use the built-in test model"
+    )
     cmd("check", "validate the config and probe the LLM and the broker")
-    for store, what in (("keys", "users' API keys (connector side)"),
-                        ("tokens", "connector tokens (broker side)")):
+    for store, what in (
+        ("keys", "users' API keys (connector side)"),
+        ("tokens", "connector tokens (broker side)"),
+    ):
         sp = sub.add_parser(store, help=f"manage {what}", description=f"Manage {what}.")
         ssub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
-        for action, help in (("add", "create one and print it once"),
-                             ("list", "show names, ids and creation times"),
-                             ("revoke", "remove one (by name or id)")):
+        for action, help in (
+            ("add", "create one and print it once"),
+            ("list", "show names, ids and creation times"),
+            ("revoke", "remove one (by name or id)"),
+        ):
             a = ssub.add_parser(action, help=help)
             if action != "list":
                 a.add_argument("name")
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command in ("keys", "tokens"):
             return _store_command(config, args.command, args.action, getattr(args, "name", None))
-        setup_logging(config.log.level, "text" if args.command in ("demo", "check")
-                      else config.log.format)
+        setup_logging(
+            config.log.level, "text" if args.command in ("demo", "check") else config.log.format
+        )
         if args.command == "check":
             return trio.run(_check, config)
         if args.command == "broker":
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_run_until_signal, lambda: broker.serve())
         elif args.command == "connector":
             connector = Connector(config)
-            trio.run(_run_until_signal, connector.run)
+            trio.run(_run_until_signal, connector.run, connector.stop)
         elif args.command == "demo":
             trio.run(_run_until_signal, lambda: _demo(config, args))
     except ConfigError as exc:
@@ -95,15 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run_until_signal(fn: Callable[[], Awaitable[Any]]) -> None:
-    """Run ``fn`` until it returns or SIGINT/SIGTERM arrives."""
+async def _run_until_signal(
+    fn: Callable[[], Awaitable[Any]], on_signal: Callable[[], None] | None = None
+) -> None:
+    """Run ``fn`` until it returns or SIGINT/SIGTERM arrives.
+
+    The first signal calls ``on_signal`` (a clean stop) if given, else cancels; a second
+    signal, or 10 s after the first, cancels everything.
+    """
     async with trio.open_nursery() as nursery:
+
         async def watch() -> None:
+            nonlocal on_signal
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("received %s; stopping", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    return
+                    if on_signal is None:
+                        break
+                    on_signal()
+                    on_signal = None
+                    nursery.cancel_scope.deadline = trio.current_time() + 10
+                nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
         await fn()
@@ -121,11 +139,17 @@ def _store_command(config: Config, store: str, action: str, name: str | None) ->
         entry, secret = s.add(name)
         print(secret)
         what = "API key" if store == "keys" else "connector token"
-        print(f"# {what} {entry.name!r} (id {entry.id}) added to {path}. It is shown only "
-              "once: only its hash is stored.", file=sys.stderr)
+        print(
+            f"# {what} {entry.name!r} (id {entry.id}) added to {path}. It is shown only "
+            "once: only its hash is stored.",
+            file=sys.stderr,
+        )
         if store == "tokens":
-            print("# On the connector machine, put it in the file named by connector.token_file "
-                  "(mode 0600) or in the TRIO_BRIDGE_TOKEN environment variable.", file=sys.stderr)
+            print(
+                "# On the connector machine, put it in the file named by connector.token_file "
+                "(mode 0600) or in the TRIO_BRIDGE_TOKEN environment variable.",
+                file=sys.stderr,
+            )
     elif action == "list":
         entries = s.entries()
         if not entries:
@@ -135,8 +159,10 @@ def _store_command(config: Config, store: str, action: str, name: str | None) ->
     else:
         assert name is not None
         entry = s.revoke(name)
-        print(f"revoked {entry.name!r} (id {entry.id}); running processes stop accepting it "
-              "within a second")
+        print(
+            f"revoked {entry.name!r} (id {entry.id}); running processes stop accepting it "
+            "within a second"
+        )
     return 0
 
 
@@ -153,9 +179,10 @@ async def _probe(url: str) -> str | None:
 async def _check(config: Config) -> int:
     ok = True
     print("config: OK")
-    for what, path in (("broker.connector_tokens_file",
-                        config.path(config.broker.connector_tokens_file)),
-                       ("connector.api_keys_file", config.path(config.connector.api_keys_file))):
+    for what, path in (
+        ("broker.connector_tokens_file", config.path(config.broker.connector_tokens_file)),
+        ("connector.api_keys_file", config.path(config.connector.api_keys_file)),
+    ):
         try:
             n = len(SecretStore(path, "tbk"))
             print(f"{what}: {path}: {n} entr{'y' if n == 1 else 'ies'}")
@@ -164,7 +191,10 @@ async def _check(config: Config) -> int:
             return EXIT_CONFIG
     local = config.connector.local_url.rstrip("/") + "/v1/models"
     err = await _probe(local)
-    print(f"LLM at {config.connector.local_url}: " + ("answers" if err is None else f"NOT answering ({err})"))
+    print(
+        f"LLM at {config.connector.local_url}: "
+        + ("answers" if err is None else f"NOT answering ({err})")
+    )
     ok &= err is None
     for url in config.connector.broker_urls:
         http_url = "http" + url[2:] if url.startswith("ws") else url
@@ -193,16 +223,21 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
                 model = TestModel(token_delay=0.05)
                 host, port = await nursery.start(model.serve)
                 local_url, model_id = f"http://{host}:{port}", MODEL_ID
-                label = (f"built-in TEST MODEL (not a real LLM; no LLM answered at "
-                         f"{args.local_url or config.connector.local_url})")
+                label = (
+                    f"built-in TEST MODEL (not a real LLM; no LLM answered at "
+                    f"{args.local_url or config.connector.local_url})"
+                )
             else:
                 label = f"the LLM at {local_url}"
             host, _ = parse_hostport(config.broker.listen)
             config = attrs.evolve(
                 config,
                 base_dir=tmp,
-                broker=attrs.evolve(config.broker, listen=f"127.0.0.1:{args.port}",
-                                    connector_tokens_file="tokens.toml"),
+                broker=attrs.evolve(
+                    config.broker,
+                    listen=f"127.0.0.1:{args.port}",
+                    connector_tokens_file="tokens.toml",
+                ),
             )
             tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
             _, token = tokens.add("demo-connector")
@@ -215,7 +250,8 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
                 connector=attrs.evolve(
                     config.connector,
                     broker_urls=[f"ws://{bhost}:{bport}{config.broker.relay_path}"],
-                    local_url=local_url, name="demo-connector",
+                    local_url=local_url,
+                    name="demo-connector",
                     api_keys_file="keys.toml",
                 ),
             )
@@ -228,12 +264,17 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
 
 def _print_demo(base: str, key: str, model: str, label: str) -> None:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
-    stream_body = json.dumps({"model": model, "stream": True,
-                              "messages": [{"role": "user", "content": "count to 20"}]})
-    py = (f"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
-          f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
-          f"'content': 'Say hello'}}]).choices[0].message.content)")
-    print(f"""
+    stream_body = json.dumps(
+        {"model": model, "stream": True, "messages": [{"role": "user", "content": "count to 20"}]}
+    )
+    py = (
+        f"from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
+        f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
+        f"'content': 'Say hello'}}]).choices[0].message.content)"
+    )
+    hdrs = f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json'"
+    print(
+        f"""
 trio-bridge demo is running: broker + connector on loopback, serving {label}.
 
   Public base URL : {base}/v1
@@ -242,14 +283,16 @@ trio-bridge demo is running: broker + connector on loopback, serving {label}.
 
 Try it (paste into another terminal):
 
-  curl -sS {base}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'
+  curl -sS {base}/v1/chat/completions {hdrs} -d '{body}'
 
-  curl -sSN {base}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{stream_body}'
+  curl -sSN {base}/v1/chat/completions {hdrs} -d '{stream_body}'
 
   python -c "{py}"
 
 Press Ctrl-C to stop.
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 __all__ = ["ConnectorConfig", "main"]

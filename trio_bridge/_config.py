@@ -88,7 +88,9 @@ def _check_hostport(_inst: object, attribute: attrs.Attribute[Any], value: str) 
 
 def _check_level(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value.lower() not in {"debug", "info", "warning", "error"}:
-        raise ValueError(f"{attribute.name}: invalid level {value!r} (debug, info, warning or error)")
+        raise ValueError(
+            f"{attribute.name}: invalid level {value!r} (debug, info, warning or error)"
+        )
 
 
 def _check_format(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -106,7 +108,9 @@ def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[s
         raise ValueError(f"{attribute.name}: at least one broker URL is needed")
     for url in value:
         if not re.match(r"^wss?://[^/\s]+", url):
-            raise ValueError(f"{attribute.name}: invalid broker URL {url!r} (use ws://host:port/_bridge/relay)")
+            raise ValueError(
+                f"{attribute.name}: invalid broker URL {url!r} (use ws://host:port/_bridge/relay)"
+            )
 
 
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:

@@ -94,6 +94,8 @@ class Connector:
         self.limits = config.limits
         self.relays: dict[str, Relay] = {}
         self.connected = trio.Event()  # set once the first relay is up
+        self.stopping = False
+        self._stop = trio.Event()
         self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -106,8 +108,19 @@ class Connector:
             follow_redirects=False,
         )
 
+    def stop(self) -> None:
+        """Close every relay cleanly (WebSocket close handshake) and make ``run`` return.
+
+        Cancelling ``run`` instead also works, but then trio-websocket cannot complete the
+        close handshake and each relay lingers up to its disconnect timeout.
+        """
+        self.stopping = True
+        self._stop.set()
+        for relay in list(self.relays.values()):
+            relay.close("connector stopping")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep one relay per broker URL until cancelled."""
+        """Keep one relay per broker URL until :meth:`stop` or cancellation."""
         try:
             async with trio.open_nursery() as nursery:
                 for url in self.config.connector.broker_urls:
@@ -124,7 +137,7 @@ class Connector:
         backoff = Backoff()
         slow = Backoff(base=5.0, cap=60.0)
         rc = self.config.relay
-        while True:
+        while not self.stopping:
             up_since: float | None = None
             reason = ""
             delay_policy = backoff
@@ -144,6 +157,8 @@ class Connector:
                         ping_interval=float(rc.ping_interval),
                         handler=self.handle_stream,
                     )
+                    if self.stopping:
+                        return
                     async with trio.open_nursery() as nursery:
                         try:
                             await nursery.start(relay.run)
@@ -167,11 +182,15 @@ class Connector:
                 reason = f"connection failed: {exc!r}"
             if up_since is not None:
                 backoff.connected_for(time.monotonic() - up_since)
+            if self.stopping:
+                log.info("relay closed: %s", reason, extra={"broker": url})
+                return
             delay = delay_policy.next_delay()
             log.warning(
                 "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
             )
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
 
     # -- one request --
     async def handle_stream(self, stream: RelayStream) -> None:
@@ -202,14 +221,16 @@ class Connector:
         await stream.send_data(body, end_stream=True)
         return "bridge_error"
 
-    async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:  # noqa: PLR0911
+    async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:
         head = stream.request_head
         assert head is not None
         presented = presented_key(head.headers)
         entry = self.keys.verify(presented) if presented is not None else None
         if entry is None:
             return await self._reply_error(
-                stream, fields, 401,
+                stream,
+                fields,
+                401,
                 "missing API key" if presented is None else "invalid API key",
             )
         fields["key_id"] = entry.id
@@ -274,7 +295,9 @@ class Connector:
             stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
             return "idle_timeout"
         except httpx.HTTPError as exc:
-            stream.reset(ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}")
+            stream.reset(
+                ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}"
+            )
             return "upstream_error"
         except StreamReset as exc:
             return "client_gone" if exc.code == ResetCode.CANCEL else "reset"

@@ -7,7 +7,7 @@
     ├── ProtocolError                relay protocol violation (sans-IO layer)
     │   ├── LocalProtocolError       we tried something illegal (a bug on our side)
     │   └── RemoteProtocolError      the peer did (close the relay, log the reason)
-    ├── RelayClosed                  the relay is gone; .reason says why ("closed" by us, else broken)
+    ├── RelayClosed                  the relay is gone; .reason says why
     └── StreamReset                  a stream was reset; .code and .reason from the reset frame
 
 Foreign exceptions (trio-websocket, wsproto, httpx, hypercorn) are translated into these at

@@ -170,7 +170,7 @@ def decode_reset(payload: bytes) -> tuple[int, str]:
 def decode_window(payload: bytes) -> int:
     if len(payload) != 4:
         raise RemoteProtocolError("malformed WINDOW payload")
-    (increment,) = _U32.unpack(payload)
+    increment: int = _U32.unpack(payload)[0]
     if not 1 <= increment <= MAX_WINDOW:
         raise RemoteProtocolError(f"WINDOW increment {increment} out of range")
     return increment

@@ -262,7 +262,14 @@ def _decode_hello(payload: bytes) -> Hello:
 
 
 class _Stream:
-    __slots__ = ("head_received", "head_sent", "recv_open", "recv_window", "send_open", "send_window")
+    __slots__ = (
+        "head_received",
+        "head_sent",
+        "recv_open",
+        "recv_window",
+        "send_open",
+        "send_window",
+    )
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.send_open = True
@@ -325,7 +332,9 @@ class Session:
         )
 
     # -- sending --
-    def send_hello(self, *, role: str, name: str = "", route: str = "", ready: bool = True) -> bytes:
+    def send_hello(
+        self, *, role: str, name: str = "", route: str = "", ready: bool = True
+    ) -> bytes:
         if self.hello_sent:
             raise LocalProtocolError("HELLO already sent")
         self.hello_sent = True
@@ -457,7 +466,7 @@ class Session:
             if event is not None:
                 return event
 
-    def _handle(self, f: Frame) -> Event | None:  # noqa: PLR0911, PLR0912
+    def _handle(self, f: Frame) -> Event | None:
         t = f.type
         if self.peer_hello is None:
             if t is not FrameType.HELLO:

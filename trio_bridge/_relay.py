@@ -103,7 +103,9 @@ class TrioWebSocketTransport:
 class AsgiWebSocketTransport:
     """Adapter for an ASGI websocket connection (the broker's side, under hypercorn)."""
 
-    def __init__(self, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]):
+    def __init__(
+        self, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ):
         self._receive = receive
         self._send = send
         self._closed = False
@@ -513,7 +515,7 @@ class Relay:
             session.receive_data(data)
             self._dispatch_pending()
 
-    def _dispatch_pending(self) -> None:  # noqa: PLR0912
+    def _dispatch_pending(self) -> None:
         session = self.session
         while (ev := session.next_event()) is not None:
             if isinstance(ev, Data):

@@ -77,7 +77,9 @@ class TestModel:
         self.active_streams = 0
 
     async def serve(
-        self, listen: str = "127.0.0.1:0", *,
+        self,
+        listen: str = "127.0.0.1:0",
+        *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         await serve_app(self, listen, task_status=task_status)
@@ -93,8 +95,13 @@ class TestModel:
             return
         path = scope["path"]
         self.requests.append(
-            SeenRequest(scope["method"], path, scope.get("query_string", b"").decode("latin-1"),
-                        list(scope["headers"]), body)
+            SeenRequest(
+                scope["method"],
+                path,
+                scope.get("query_string", b"").decode("latin-1"),
+                list(scope["headers"]),
+                body,
+            )
         )
         method = scope["method"]
         if method == "GET" and path in ("/v1/models", "/models"):
@@ -106,7 +113,10 @@ class TestModel:
         elif method == "GET" and path in ("/health", "/"):
             await _json(send, 200, {"status": "ok", "model": MODEL_ID})
         elif method == "POST" and path in (
-            "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/api/chat",
             "/api/generate",
         ):
             try:
@@ -125,14 +135,19 @@ class TestModel:
         else:
             await _error(send, 404, f"no route {method} {path}", code="not_found")
 
-    async def _openai(self, receive: Receive, send: Send, req: dict[str, Any], *, chat: bool) -> None:
+    async def _openai(
+        self, receive: Receive, send: Send, req: dict[str, Any], *, chat: bool
+    ) -> None:
         if chat:
             messages = req.get("messages")
             if not isinstance(messages, list) or not messages:
                 await _error(send, 400, "'messages' must be a non-empty list")
                 return
-            users = [m.get("content", "") for m in messages if isinstance(m, dict)
-                     and m.get("role") == "user"]
+            users = [
+                m.get("content", "")
+                for m in messages
+                if isinstance(m, dict) and m.get("role") == "user"
+            ]
             prompt = str(users[-1]) if users else ""
         else:
             prompt = str(req.get("prompt", ""))
@@ -144,26 +159,50 @@ class TestModel:
         model = str(req.get("model") or MODEL_ID)
         created = int(time.time())
         cid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(
-            f"{prompt}{created}".encode()).hexdigest()[:24]
-        usage = {"prompt_tokens": _prompt_tokens(prompt), "completion_tokens": len(tokens),
-                 "total_tokens": _prompt_tokens(prompt) + len(tokens)}
+            f"{prompt}{created}".encode()
+        ).hexdigest()[:24]
+        usage = {
+            "prompt_tokens": _prompt_tokens(prompt),
+            "completion_tokens": len(tokens),
+            "total_tokens": _prompt_tokens(prompt) + len(tokens),
+        }
         obj = "chat.completion" if chat else "text_completion"
         if not req.get("stream"):
             text = "".join(tokens)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": finish}
-                if chat else {"index": 0, "text": text, "finish_reason": finish}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": finish}
             )
-            await _json(send, 200, {"id": cid, "object": obj, "created": created, "model": model,
-                                    "choices": [choice], "usage": usage})
+            await _json(
+                send,
+                200,
+                {
+                    "id": cid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage,
+                },
+            )
             return
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            doc = {"id": cid, "object": chunk_obj, "created": created, "model": model,
-                   "choices": choices, **extra}
+            doc = {
+                "id": cid,
+                "object": chunk_obj,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
             return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
         def piece(i: int, tok: str | None, fin: str | None) -> dict[str, Any]:
@@ -181,11 +220,16 @@ class TestModel:
         events.append(b"data: [DONE]\n\n")
         await self._stream(receive, send, "text/event-stream", events)
 
-    async def _ollama(self, receive: Receive, send: Send, req: dict[str, Any], *, chat: bool) -> None:
+    async def _ollama(
+        self, receive: Receive, send: Send, req: dict[str, Any], *, chat: bool
+    ) -> None:
         if chat:
             messages = req.get("messages") or []
-            users = [m.get("content", "") for m in messages if isinstance(m, dict)
-                     and m.get("role") == "user"]
+            users = [
+                m.get("content", "")
+                for m in messages
+                if isinstance(m, dict) and m.get("role") == "user"
+            ]
             prompt = str(users[-1]) if users else ""
         else:
             prompt = str(req.get("prompt", ""))
@@ -202,8 +246,11 @@ class TestModel:
             else:
                 doc["response"] = tok
             if done:
-                doc.update(done_reason="stop", prompt_eval_count=_prompt_tokens(prompt),
-                           eval_count=len(tokens))
+                doc.update(
+                    done_reason="stop",
+                    prompt_eval_count=_prompt_tokens(prompt),
+                    eval_count=len(tokens),
+                )
             return json.dumps(doc).encode() + b"\n"
 
         if req.get("stream", True) is False:
@@ -218,19 +265,37 @@ class TestModel:
         data = []
         for i, item in enumerate(items):
             digest = hashlib.sha256(str(item).encode()).digest()
-            data.append({"object": "embedding", "index": i,
-                         "embedding": [round(b / 255.0 - 0.5, 4) for b in digest[:8]]})
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": [round(b / 255.0 - 0.5, 4) for b in digest[:8]],
+                }
+            )
         n = sum(_prompt_tokens(str(x)) for x in items)
-        await _json(send, 200, {"object": "list", "data": data, "model": MODEL_ID,
-                                "usage": {"prompt_tokens": n, "total_tokens": n}})
+        await _json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": MODEL_ID,
+                "usage": {"prompt_tokens": n, "total_tokens": n},
+            },
+        )
 
     async def _stream(self, receive: Receive, send: Send, ctype: str, events: list[bytes]) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", ctype.encode()),
-                                (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", ctype.encode()), (b"cache-control", b"no-cache")],
+            }
+        )
         self.active_streams += 1
         try:
             async with trio.open_nursery() as nursery:
+
                 async def watch() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
@@ -255,11 +320,19 @@ def _model_card() -> dict[str, Any]:
 
 async def _json(send: Send, status: int, doc: Any) -> None:
     body = json.dumps(doc).encode()
-    await send_simple(send, status, [(b"content-type", b"application/json"),
-                                     (b"content-length", str(len(body)).encode())], body)
+    await send_simple(
+        send,
+        status,
+        [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        body,
+    )
 
 
 async def _error(send: Send, status: int, message: str, code: str = "invalid_request") -> None:
     body = error_body(message, "invalid_request_error", code)
-    await send_simple(send, status, [(b"content-type", b"application/json"),
-                                     (b"content-length", str(len(body)).encode())], body)
+    await send_simple(
+        send,
+        status,
+        [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        body,
+    )

@@ -94,13 +94,15 @@ async def open_bridge(
             config = Config(
                 base_dir=tmp,
                 limits=structure(limits or {}, LimitsConfig, source="limits"),
-                relay=structure({"ping_interval": "5s", **(relay or {})}, RelayConfig,
-                                source="relay"),
+                relay=structure(
+                    {"ping_interval": "5s", **(relay or {})}, RelayConfig, source="relay"
+                ),
             )
             config = attrs.evolve(
                 config,
-                broker=structure({"queue_timeout": "2s", **(broker or {})},
-                                 type(config.broker), source="broker"),
+                broker=structure(
+                    {"queue_timeout": "2s", **(broker or {})}, type(config.broker), source="broker"
+                ),
             )
             tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
             _, token = tokens.add("test-connector")
@@ -119,25 +121,38 @@ async def open_bridge(
             config = attrs.evolve(
                 config,
                 connector=structure(
-                    {"broker_urls": [f"ws://{bhost}:{bport}{config.broker.relay_path}"],
-                     "local_url": upstream_url, "name": "test-connector", **(connector or {})},
-                    ConnectorConfig, source="connector",
+                    {
+                        "broker_urls": [f"ws://{bhost}:{bport}{config.broker.relay_path}"],
+                        "local_url": upstream_url,
+                        "name": "test-connector",
+                        **(connector or {}),
+                    },
+                    ConnectorConfig,
+                    source="connector",
                 ),
             )
             c = Connector(config, keys=keys, token=token)
             connector_scope = trio.CancelScope()
+            connector_done = trio.Event()
 
             async def run_connector() -> None:
-                with connector_scope:
-                    await c.run()
+                try:
+                    with connector_scope:
+                        await c.run()
+                finally:
+                    connector_done.set()
 
             nursery.start_soon(run_connector)
             with trio.fail_after(10):
                 await c.connected.wait()
-                while b.registry.pick("default") is None:
-                    await trio.sleep(0.005)
-            yield Bridge(base_url, api_key, b, c, keys, upstream_url, model,
-                         broker_scope, connector_scope)
+                await b.registry.wait_pick("default", 10)
+            yield Bridge(
+                base_url, api_key, b, c, keys, upstream_url, model, broker_scope, connector_scope
+            )
+            # Connector first, so its relay closes cleanly while the broker still answers.
+            c.stop()
+            with trio.move_on_after(5):
+                await connector_done.wait()
             nursery.cancel_scope.cancel()
 
 

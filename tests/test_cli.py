@@ -1,0 +1,209 @@
+"""The command line as users run it: real subprocesses, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+
+
+def run(*args: str, cwd: Path | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "trio_bridge", *args], capture_output=True, text=True, cwd=cwd, timeout=60, **kw
+    )  # type: ignore[call-overload, no-any-return]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 20) -> str:
+    assert proc.stdout is not None
+    out = ""
+    deadline = time.monotonic() + timeout
+    while marker not in out:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"no {marker!r} in output: {out!r}")
+        out += proc.stdout.readline()
+    return out
+
+
+@pytest.fixture
+def demo() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen(
+        [PY, "-m", "trio_bridge", "demo", "--port", "0", "--local-url", "http://127.0.0.1:9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc, read_until(proc, "Press Ctrl-C")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_demo_prints_commands_that_work_as_printed(
+    demo: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, out = demo
+    assert "TEST MODEL" in out
+    curls = [line.strip() for line in out.splitlines() if line.strip().startswith("curl ")]
+    assert len(curls) == 2
+    plain = subprocess.run(["bash", "-c", curls[0]], capture_output=True, text=True, timeout=30)
+    assert plain.returncode == 0, plain.stderr
+    doc = json.loads(plain.stdout)
+    assert "Say hello" in doc["choices"][0]["message"]["content"]
+    streamed = subprocess.run(["bash", "-c", curls[1]], capture_output=True, text=True, timeout=30)
+    events = [line for line in streamed.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) > 20
+    [py] = [line.strip() for line in out.splitlines() if line.strip().startswith("python -c")]
+    sdk = subprocess.run(
+        ["bash", "-c", py.replace("python -c", f"{PY} -c", 1)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sdk.returncode == 0, sdk.stderr
+    assert "You said: Say hello" in sdk.stdout
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+
+
+def test_check_reports_a_config_error_in_one_line_with_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "bridge.toml").write_text('[connector]\nmax_concurrent = "many"\n')
+    r = run("check", "-c", str(tmp_path / "bridge.toml"))
+    assert r.returncode == 2
+    assert "connector.max_concurrent" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_check_says_whether_llm_and_broker_answer(tmp_path: Path) -> None:
+    dead = free_port()
+    (tmp_path / "bridge.toml").write_text(
+        f'[connector]\nlocal_url = "http://127.0.0.1:{dead}"\n'
+        f'broker_urls = ["ws://127.0.0.1:{dead}/_bridge/relay"]\n'
+    )
+    r = run("check", "-c", str(tmp_path / "bridge.toml"))
+    assert r.returncode == 1
+    assert "config: OK" in r.stdout
+    assert "LLM at" in r.stdout and "NOT answering" in r.stdout
+
+
+def test_keys_add_list_revoke_never_show_secrets_again(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('[connector]\napi_keys_file = "keys.toml"\n')
+    add = run("keys", "add", "alice", "-c", str(cfg))
+    assert add.returncode == 0, add.stderr
+    secret = add.stdout.strip()
+    assert secret.startswith("tbk_")
+    listed = run("keys", "list", "-c", str(cfg))
+    assert "alice" in listed.stdout and secret not in listed.stdout
+    assert secret not in (tmp_path / "keys.toml").read_text()
+    assert run("keys", "revoke", "alice", "-c", str(cfg)).returncode == 0
+    assert "alice" not in run("keys", "list", "-c", str(cfg)).stdout
+    again = run("keys", "revoke", "alice", "-c", str(cfg))
+    assert again.returncode == 2 and "no entry" in again.stderr
+
+
+def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> None:
+    """The two-machine setup of the README, on loopback, as separate processes."""
+    import httpx
+
+    from trio_bridge.testing import run_test_model  # noqa: F401  (documents the alternative)
+
+    port = free_port()
+    model_port = free_port()
+    model = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import trio; from trio_bridge import TestModel; "
+            f"trio.run(lambda: TestModel(token_delay=0.01).serve('127.0.0.1:{model_port}'))",
+        ]
+    )
+    broker_dir, conn_dir = tmp_path / "broker", tmp_path / "connector"
+    broker_dir.mkdir()
+    conn_dir.mkdir()
+    (broker_dir / "bridge.toml").write_text(
+        f'[broker]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\n'
+    )
+    (conn_dir / "bridge.toml").write_text(
+        f'[connector]\nbroker_urls = ["ws://127.0.0.1:{port}/_bridge/relay"]\n'
+        f'local_url = "http://127.0.0.1:{model_port}"\n'
+    )
+    token = run("tokens", "add", "home", "-c", str(broker_dir / "bridge.toml")).stdout.strip()
+    (conn_dir / "connector.token").write_text(token + "\n")
+    key = run("keys", "add", "alice", "-c", str(conn_dir / "bridge.toml")).stdout.strip()
+    procs = []
+    try:
+        for role, d in (("broker", broker_dir), ("connector", conn_dir)):
+            procs.append(
+                subprocess.Popen(
+                    [PY, "-m", "trio_bridge", role, "-c", str(d / "bridge.toml")],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(
+                    f"http://127.0.0.1:{port}/v1/models",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=5,
+                )
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "bridge did not come up"
+            time.sleep(0.1)
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}", "X-Request-ID": "trace-me-1"},
+            json={
+                "model": "m",
+                "stream": True,
+                "messages": [{"role": "user", "content": "count to 5"}],
+            },
+            timeout=10,
+        ) as r:
+            body = r.read().decode()
+        assert r.headers["x-request-id"] == "trace-me-1"
+        assert '"content": " 5"' in body and body.endswith("data: [DONE]\n\n")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=15)[1] for p in procs]
+        model.kill()
+        model.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    # each role logged the request under the same correlation id, as JSON, without secrets
+    for log in logs:
+        lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        mine = [x for x in lines if x.get("request_id") == "trace-me-1"]
+        assert mine and mine[-1]["status"] == 200 and mine[-1]["outcome"] == "ok"
+        assert key not in log and token not in log
+    conn_lines = [json.loads(x) for x in logs[1].splitlines() if '"trace-me-1"' in x]
+    assert conn_lines[-1]["role"] == "connector" and re.fullmatch(
+        "[a-z0-9]{8}", conn_lines[-1]["key_id"]
+    )
+    assert os.path.exists(broker_dir / "tokens.toml")

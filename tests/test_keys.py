@@ -1,0 +1,65 @@
+"""Secret stores: hashes only, 0600, atomic, reload on change, constant-time verify."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from trio_bridge._errors import ConfigError
+from trio_bridge._keys import SecretStore, secret_id
+
+
+def test_add_stores_only_the_hash_with_mode_0600(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    entry, secret = store.add("alice")
+    assert secret.startswith(f"tbk_{entry.id}_") and len(secret) > 40
+    text = (tmp_path / "keys.toml").read_text()
+    assert secret not in text and secret.split("_", 2)[2] not in text
+    assert entry.sha256 in text
+    assert stat.S_IMODE(os.stat(tmp_path / "keys.toml").st_mode) == 0o600
+    assert store.verify(secret) == entry
+    assert [e.name for e in store.entries()] == ["alice"]
+
+
+@pytest.mark.parametrize("bad", ["", "x", "tbk_aaaaaaaa_bbb", "é" * 10, "a" * (1 << 20)])
+def test_wrong_or_absurd_secrets_do_not_verify(tmp_path: Path, bad: str) -> None:
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    store.add("alice")
+    assert store.verify(bad) is None
+
+
+def test_right_id_wrong_secret_does_not_verify(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    _, secret = store.add("alice")
+    assert store.verify(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+
+
+def test_duplicate_names_and_bad_names_are_refused(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    store.add("alice")
+    with pytest.raises(ConfigError, match="exists"):
+        store.add("alice")
+    with pytest.raises(ConfigError, match="invalid name"):
+        store.add("no spaces please")
+
+
+def test_revoke_reaches_a_running_store_without_restart(tmp_path: Path) -> None:
+    running = SecretStore(tmp_path / "keys.toml", "tbk")
+    cli = SecretStore(tmp_path / "keys.toml", "tbk")
+    _, secret = cli.add("bob")
+    time.sleep(0.6)
+    assert running.verify(secret) is not None
+    cli.revoke("bob")
+    time.sleep(0.6)
+    assert running.verify(secret) is None
+    with pytest.raises(ConfigError, match="no entry"):
+        cli.revoke("bob")
+
+
+def test_secret_id() -> None:
+    assert secret_id("tbk_abcdefgh_rest_with_underscores") == "abcdefgh"
+    assert secret_id("sk-something") is None
