@@ -402,3 +402,19 @@ async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
         # The connector has pushed only what the window and socket buffers allow.
         assert stream.bytes_sent < 16 * 1024 * 1024, stream.bytes_sent
         await stalled.aclose()
+
+
+async def test_revoked_connector_token_closes_its_relay_and_refuses_reconnects(
+    bridge: Bridge,
+) -> None:
+    [relay] = bridge.broker.registry.relays()
+    bridge.broker.tokens.revoke("test-connector")
+    with trio.fail_after(5):
+        while bridge.broker.registry.relays():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    assert relay.closed_reason == "connector token revoked"
+    await trio.sleep(1.5)  # the connector re-dials and is refused with 401
+    assert bridge.broker.registry.relays() == []
+    async with httpx.AsyncClient() as client:
+        r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
+    assert r.status_code == 503 and r.headers["retry-after"]

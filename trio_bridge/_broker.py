@@ -115,7 +115,24 @@ class Broker:
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve the public port until cancelled; started value: the bound (host, port)."""
-        await serve_app(self, listen or self.config.broker.listen, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_tokens)
+            addr = await nursery.start(serve_app, self, listen or self.config.broker.listen)
+            task_status.started(addr)
+
+    async def _watch_tokens(self) -> None:
+        """Close relays whose connector token was revoked (checked every second)."""
+        while True:
+            await trio.sleep(1.0)
+            self.tokens.maybe_reload()
+            valid = {e.id for e in self.tokens.entries()}
+            for relay in self.registry.relays():
+                if relay.token_id not in valid:
+                    log.warning(
+                        "closing relay: connector token revoked",
+                        extra={"connector": relay.name, "token_id": relay.token_id},
+                    )
+                    relay.close("connector token revoked")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -154,6 +171,7 @@ class Broker:
                 log.warning("relay handshake failed: %s", exc.reason, extra={"peer": peer})
                 return
             relay.name = hello.name or entry.name
+            relay.token_id = entry.id
             relay.route = hello.route or DEFAULT_ROUTE
             self.registry.add(relay)
             log.info(

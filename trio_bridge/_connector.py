@@ -43,6 +43,10 @@ log = logging.getLogger("trio_bridge.connector")
 
 _DROP_UPSTREAM = KEY_HEADERS | {REQUEST_ID, b"host", b"expect"}
 _DROP_DOWNSTREAM = frozenset({REQUEST_ID})
+_CANCEL_OUTCOME: dict[int, str] = {
+    ResetCode.CANCEL: "client_gone",
+    ResetCode.RELAY_LOST: "relay_lost",
+}
 
 
 def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
@@ -177,7 +181,8 @@ class Connector:
                     delay_policy = slow
                     reason += " (check the connector token)"
             except HandshakeError as exc:
-                reason = f"cannot reach broker: {exc!r}"
+                cause = exc.__cause__ or exc.__context__
+                reason = f"cannot reach broker: {cause or type(exc).__name__}"
             except (OSError, trio.BrokenResourceError) as exc:
                 reason = f"connection failed: {exc!r}"
             if up_since is not None:
@@ -205,7 +210,9 @@ class Connector:
         try:
             fields["outcome"] = await self._forward(stream, fields)
         finally:
-            fields.setdefault("outcome", "cancelled")
+            if "outcome" not in fields:
+                code = stream.reset_error.code if stream.reset_error is not None else -1
+                fields["outcome"] = _CANCEL_OUTCOME.get(code, "cancelled")
             fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
             fields["bytes_out"] = stream.bytes_sent
             if stream.reset_error is not None and stream.reset_error.code != ResetCode.NO_ERROR:

@@ -349,6 +349,7 @@ class Relay:
     ) -> None:
         self.session = session
         self.name = name
+        self.token_id = ""  # broker side: the id of the connector token that opened it
         self.route = route
         self.local_ready = ready
         self.ping_interval = ping_interval
