@@ -105,8 +105,10 @@ class Connector:
             timeout=httpx.Timeout(
                 connect=float(config.limits.connect_timeout), read=None, write=None, pool=None
             ),
+            # httpcore scans every pooled connection on each request: keep the idle pool small.
             limits=httpx.Limits(
-                max_connections=c.max_concurrent * 2, max_keepalive_connections=c.max_concurrent
+                max_connections=c.max_concurrent * 2,
+                max_keepalive_connections=min(c.max_concurrent, 32),
             ),
             trust_env=False,
             follow_redirects=False,

@@ -1,0 +1,473 @@
+"""Benchmark: the bridge vs a direct connection to the same fast fake LLM, measured in one run.
+
+    python bench/run.py [--quick] [--out bench/results]
+
+Starts, on 127.0.0.1, ``bench/fakellm.py`` (trio + h11), a broker and a connector (separate
+processes, default settings, JSON logs at level info), then measures each figure directly and
+through the bridge, interleaved round by round, and prints medians over the rounds with the
+ratio bridge/direct. Writes the table as Markdown and JSON. Every load loop is bounded in count
+and in time. The client is a lean h11 client with one keep-alive connection per task, so its
+own cost is small and the same on both paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection (h11)."""
+
+    def __init__(self, port: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.port = port
+        self.headers = headers
+        self.stream: trio.SocketStream | None = None
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def _ensure(self) -> trio.SocketStream:
+        if self.stream is None or self.conn.our_state is not h11.IDLE:
+            if self.stream is not None:
+                await self.stream.aclose()
+            self.stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            self.stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conn = h11.Connection(h11.CLIENT)
+        return self.stream
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        body: bytes = b"",
+        on_chunk: Callable[[], None] | None = None,
+    ) -> tuple[int, int]:
+        """Send a request, read the whole response; returns (status, body bytes)."""
+        stream = await self._ensure()
+        conn = self.conn
+        hdrs = [(b"host", b"bench"), *self.headers, (b"content-length", str(len(body)).encode())]
+        await stream.send_all(
+            conn.send(h11.Request(method=method, target=target, headers=hdrs))
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+        status, size = 0, 0
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise RuntimeError("connection closed mid-response")
+                conn.receive_data(data)
+            elif isinstance(ev, h11.Response):
+                status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                size += len(ev.data)
+                if on_chunk is not None:
+                    on_chunk()
+            elif isinstance(ev, h11.EndOfMessage):
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                else:  # the server closes this connection (e.g. keep-alive request cap)
+                    await stream.aclose()
+                    self.stream = None
+                return status, size
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+
+
+SMALL_BODY = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM_BODY = json.dumps(
+    {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+
+
+async def latency(port: int, hdrs: list[tuple[bytes, bytes]], c: int, n: int) -> list[float]:
+    out: list[float] = []
+
+    async def worker() -> None:
+        cl = Client(port, hdrs)
+        await cl.request("POST", "/v1/chat/completions", SMALL_BODY)  # warm the connection
+        for _ in range(n // c):
+            t = time.perf_counter()
+            status, _ = await cl.request("POST", "/v1/chat/completions", SMALL_BODY)
+            out.append((time.perf_counter() - t) * 1000)
+            assert status == 200, status
+        await cl.aclose()
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(c):
+                nursery.start_soon(worker)
+    return out
+
+
+async def throughput(port: int, hdrs: list[tuple[bytes, bytes]], c: int, seconds: float) -> float:
+    done = 0
+    deadline = trio.current_time() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        cl = Client(port, hdrs)
+        while trio.current_time() < deadline:
+            status, _ = await cl.request("POST", "/v1/chat/completions", SMALL_BODY)
+            assert status == 200
+            done += 1
+        await cl.aclose()
+
+    t = trio.current_time()
+    with trio.fail_after(seconds + 30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(c):
+                nursery.start_soon(worker)
+    return done / (trio.current_time() - t)
+
+
+async def streams(
+    port: int, hdrs: list[tuple[bytes, bytes]], c: int, chunks: int, delay_ms: float
+) -> dict[str, list[float]]:
+    firsts: list[float] = []
+    lasts: list[float] = []
+    gaps: list[float] = []
+
+    async def one() -> None:
+        cl = Client(port, hdrs)
+        times: list[float] = []
+        t0 = time.perf_counter()
+        await cl.request(
+            "POST",
+            f"/v1/chat/completions?n={chunks}&delay_ms={delay_ms}",
+            STREAM_BODY,
+            on_chunk=lambda: times.append(time.perf_counter()),
+        )
+        firsts.append((times[0] - t0) * 1000)
+        lasts.append((times[-1] - t0) * 1000)
+        gaps.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
+        await cl.aclose()
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(c):
+                nursery.start_soon(one)
+    return {"first": firsts, "last": lasts, "gap": gaps}
+
+
+async def upload(port: int, hdrs: list[tuple[bytes, bytes]], size: int) -> float:
+    body = os.urandom(size)
+    cl = Client(port, hdrs)
+    t = time.perf_counter()
+    status, _ = await cl.request("POST", "/upload", body)
+    dt = (time.perf_counter() - t) * 1000
+    assert status == 200, status
+    await cl.aclose()
+    return dt
+
+
+async def cancel_latency(port: int, hdrs: list[tuple[bytes, bytes]], close_log: Path) -> float:
+    before = close_log.read_text().count("\n") if close_log.exists() else 0
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    head = b"GET /forever HTTP/1.1\r\nhost: b\r\n" + b"".join(
+        k + b": " + v + b"\r\n" for k, v in hdrs
+    )
+    await stream.send_all(head + b"\r\n")
+    got = 0
+    while got < 3000:
+        got += len(await stream.receive_some(65536))
+    t = time.time()
+    await stream.aclose()
+    with trio.fail_after(10):
+        while True:
+            lines = close_log.read_text().splitlines() if close_log.exists() else []
+            if len(lines) > before:
+                return (float(lines[-1]) - t) * 1000
+            await trio.sleep(0.001)
+
+
+async def idle_streams(
+    port: int, hdrs: list[tuple[bytes, bytes]], n: int, pids: list[int]
+) -> tuple[float, int]:
+    """RSS growth (KiB, roles together) per open idle stream; returns (per stream, opened)."""
+    before = sum(rss_kib(p) for p in pids)
+    opened = 0
+    socks: list[trio.SocketStream] = []
+    head = (
+        b"POST /v1/chat/completions?n=2&delay_ms=60000 HTTP/1.1\r\nhost: b\r\n"
+        + b"".join(k + b": " + v + b"\r\n" for k, v in hdrs)
+        + b"content-length: %d\r\n\r\n" % len(STREAM_BODY)
+        + STREAM_BODY
+    )
+    with trio.move_on_after(60):
+        for _ in range(n):
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(head)
+            socks.append(s)
+        for s in socks:  # wait for the first chunk of each: the stream is open end to end
+            await s.receive_some(65536)
+            opened += 1
+    await trio.sleep(0.5)
+    after = sum(rss_kib(p) for p in pids)
+    for s in socks:
+        await s.aclose()
+    return (after - before) / max(1, opened), opened
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def med(rounds: list[float]) -> float:
+    return statistics.median(rounds)
+
+
+async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
+    llm_port, pub_port = free_port(), free_port()
+    close_log = d / "closes.log"
+    (d / "broker.toml").write_text(
+        f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_body = "32MiB"\n'
+    )
+    (d / "connector.toml").write_text(
+        f'[connector]\nbroker_urls = ["ws://127.0.0.1:{pub_port}/_bridge/relay"]\n'
+        f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = 2000\n'
+        '[limits]\nmax_body = "32MiB"\n[relay]\nmax_streams = 2000\n'
+    )
+    run = [PY, "-m", "trio_bridge"]
+    token = subprocess.run(
+        [*run, "tokens", "add", "bench", "-c", str(d / "broker.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (d / "connector.token").write_text(token)
+    key = subprocess.run(
+        [*run, "keys", "add", "bench", "-c", str(d / "connector.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    procs = {
+        "llm": start(
+            [PY, str(HERE / "fakellm.py"), str(llm_port)],
+            d / "llm.log",
+            {"FAKELLM_CLOSE_LOG": str(close_log)},
+        ),
+        "broker": start([*run, "broker", "-c", str(d / "broker.toml")], d / "broker.log"),
+    }
+    wait_port(llm_port)
+    wait_port(pub_port)
+    procs["connector"] = start(
+        [*run, "connector", "-c", str(d / "connector.toml")], d / "connector.log"
+    )
+    try:
+        bridged_hdrs = [(b"authorization", b"Bearer " + key.encode())]
+        direct = (llm_port, [])
+        bridge = (pub_port, bridged_hdrs)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                status, _ = await Client(*bridge).request(
+                    "POST", "/v1/chat/completions", SMALL_BODY
+                )
+                if status == 200:
+                    break
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("bridge did not come up")
+            await trio.sleep(0.1)
+
+        q = args.quick
+        rounds = 3 if q else 7
+        res: dict[str, Any] = {}
+        roles = [procs["broker"].pid, procs["connector"].pid]
+
+        def record(name: str, d_vals: list[float], b_vals: list[float], unit: str) -> None:
+            res[name] = {
+                "direct": med(d_vals),
+                "bridge": med(b_vals),
+                "unit": unit,
+                "rounds_direct": d_vals,
+                "rounds_bridge": b_vals,
+            }
+
+        # 1. small request latency
+        for c, n in ((1, 300 if q else 1000), (10, 1000 if q else 3000)):
+            dv: dict[str, list[float]] = {"p50": [], "p99": []}
+            bv: dict[str, list[float]] = {"p50": [], "p99": []}
+            for _ in range(rounds):
+                for target, acc in ((direct, dv), (bridge, bv)):
+                    lat = await latency(*target, c, n)
+                    acc["p50"].append(pct(lat, 50))
+                    acc["p99"].append(pct(lat, 99))
+            record(f"latency c={c} p50", dv["p50"], bv["p50"], "ms")
+            record(f"latency c={c} p99", dv["p99"], bv["p99"], "ms")
+        # 2. streams
+        for c in (10, 100):
+            acc_d: dict[str, list[float]] = {"f50": [], "f99": [], "last": [], "gap": []}
+            acc_b: dict[str, list[float]] = {"f50": [], "f99": [], "last": [], "gap": []}
+            for _ in range(max(2, rounds // 2)):
+                for target, acc in ((direct, acc_d), (bridge, acc_b)):
+                    r = await streams(*target, c, 50, 20)
+                    acc["f50"].append(pct(r["first"], 50))
+                    acc["f99"].append(pct(r["first"], 99))
+                    acc["last"].append(pct(r["last"], 50))
+                    acc["gap"].append(pct(r["gap"], 99))
+            record(f"stream c={c} first event p50", acc_d["f50"], acc_b["f50"], "ms")
+            record(f"stream c={c} first event p99", acc_d["f99"], acc_b["f99"], "ms")
+            record(f"stream c={c} last byte p50", acc_d["last"], acc_b["last"], "ms")
+            record(f"stream c={c} largest gap p99", acc_d["gap"], acc_b["gap"], "ms")
+        # 3. throughput, with CPU per request of each role
+        for c in (10, 64):
+            dv2: list[float] = []
+            bv2: list[float] = []
+            cpu_b: list[float] = []
+            cpu_c: list[float] = []
+            for _ in range(max(2, rounds // 2)):
+                dv2.append(await throughput(*direct, c, 1.0 if q else 3.0))
+                cb, cc = cpu_seconds(roles[0]), cpu_seconds(roles[1])
+                t = time.perf_counter()
+                rps = await throughput(*bridge, c, 1.0 if q else 3.0)
+                n_req = rps * (time.perf_counter() - t)
+                bv2.append(rps)
+                cpu_b.append((cpu_seconds(roles[0]) - cb) / n_req * 1e6)
+                cpu_c.append((cpu_seconds(roles[1]) - cc) / n_req * 1e6)
+            record(f"throughput c={c}", dv2, bv2, "req/s")
+            res[f"cpu per request c={c}"] = {
+                "broker": med(cpu_b),
+                "connector": med(cpu_c),
+                "unit": "µs",
+            }
+        # 4. upload
+        ud, ub = [], []
+        for _ in range(max(2, rounds // 2)):
+            ud.append(await upload(*direct, 10 * 1024 * 1024))
+            ub.append(await upload(*bridge, 10 * 1024 * 1024))
+        record("10 MB upload", ud, ub, "ms")
+        # 5. cancel latency (bridge only: direct is the baseline of 0)
+        cl = [await cancel_latency(*bridge, close_log) for _ in range(5)]
+        res["cancel: client gone -> upstream closed"] = {
+            "bridge": med(cl),
+            "unit": "ms",
+            "rounds_bridge": cl,
+        }
+        # 6. memory per idle stream
+        per, opened = await idle_streams(*bridge, 200 if q else 1000, roles)
+        res["RSS per idle open stream (both roles)"] = {
+            "bridge": per,
+            "unit": "KiB",
+            "streams": opened,
+        }
+        return res
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = ["| figure | direct | bridge | bridge − direct | ratio |", "|---|---|---|---|---|"]
+    for name, r in res.items():
+        unit = r["unit"]
+        if "direct" in r:
+            d, b = r["direct"], r["bridge"]
+            rows.append(f"| {name} ({unit}) | {d:.3f} | {b:.3f} | {b - d:+.3f} | {b / d:.2f}× |")
+        elif "broker" in r:
+            rows.append(
+                f"| {name} ({unit}) | | broker {r['broker']:.0f} + connector "
+                f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | |"
+            )
+        else:
+            rows.append(f"| {name} ({unit}) | | {r['bridge']:.3f} | | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds: under a minute")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+        t = time.monotonic()
+        res = trio.run(bench, args, Path(tmp))
+    md = table(res)
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "seconds": round(time.monotonic() - t),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(md)
+    print(f"\n{meta}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"bench-{stamp}.md").write_text(md + "\n")
+    (out / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
