@@ -135,7 +135,7 @@ async def test_any_method_path_and_query_are_forwarded_unchanged(up: tuple[Upstr
                 content=b"" if method != "PATCH" else b"p",
             )
             assert r.status_code == 404  # the upstream's own answer
-            seen = app.requests[-1]
+            seen = app.forwarded()[-1]
             assert seen["method"] == method
             assert seen["raw_path"] == b"/v1/x%2Fy/z"
             assert seen["query"] == "a=1&b=%20c&a=2"
@@ -159,7 +159,7 @@ async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
             },
         )
         assert r.status_code == 200
-        seen = {k.lower(): v for k, v in app.requests[-1]["headers"]}
+        seen = {k.lower(): v for k, v in app.forwarded()[-1]["headers"]}
         assert seen["x-custom"] == "kept"
         for gone in (
             "x-api-key",
@@ -170,7 +170,7 @@ async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
             "te",
         ):
             assert gone not in seen
-        assert b.api_key not in json.dumps(app.requests[-1]["headers"])
+        assert b.api_key not in json.dumps(app.forwarded()[-1]["headers"])
         assert seen["x-request-id"] == r.headers["x-request-id"]
         assert len(r.headers["x-request-id"]) >= 16
         # a sane incoming id is kept
@@ -178,7 +178,7 @@ async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
             b.base_url + "/headers", headers={**auth(b), "X-Request-ID": "my-trace-42"}
         )
         assert r.headers["x-request-id"] == "my-trace-42"
-        assert dict(app.requests[-1]["headers"])["x-request-id"] == "my-trace-42"
+        assert dict(app.forwarded()[-1]["headers"])["x-request-id"] == "my-trace-42"
         # an insane one is replaced
         r = await client.get(
             b.base_url + "/headers", headers={**auth(b), "X-Request-ID": "bad id\twith spaces"}
@@ -192,7 +192,7 @@ async def test_upstream_api_key_replaces_the_users_key(up: tuple[Upstream, str])
         b.connector._upstream_auth = (b"authorization", b"Bearer upstream-secret")
         async with httpx.AsyncClient() as client:
             await client.get(b.base_url + "/headers", headers=auth(b))
-    seen = [(k.lower(), v) for k, v in app.requests[-1]["headers"]]
+    seen = [(k.lower(), v) for k, v in app.forwarded()[-1]["headers"]]
     assert ("authorization", "Bearer upstream-secret") in seen
     assert not any(b.api_key in v for _, v in seen)
 
@@ -223,7 +223,7 @@ async def test_missing_or_wrong_key_is_401_and_never_reaches_the_llm(
             b.base_url + "/v1/models", headers={"Authorization": f"Bearer {wrong}"}
         )
         assert r.status_code == 401
-    assert app.requests == []
+    assert app.forwarded() == []
 
 
 async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
@@ -257,7 +257,7 @@ async def test_large_upload_and_download_arrive_intact(up: tuple[Upstream, str])
 
         r = await client.post(b.base_url + "/echo", headers=auth(b), content=chunked())
         assert r.status_code == 200 and r.content == body
-    assert app.requests[-1]["size"] == len(body)
+    assert app.forwarded()[-1]["size"] == len(body)
 
 
 async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, str]) -> None:
@@ -276,18 +276,28 @@ async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, 
 
         r = await client.post(b.base_url + "/echo", headers=auth(b), content=chunked())
         assert r.status_code == 413
-    assert not any(req["path"] == "/echo" and req["size"] > (1 << 20) for req in app.requests)
-    assert all(req["size"] == 0 or req["size"] <= 1 << 20 for req in app.requests)
+    assert not any(req["path"] == "/echo" and req["size"] > (1 << 20) for req in app.forwarded())
+    assert all(req["size"] <= 1 << 20 for req in app.forwarded())
 
 
-async def test_llm_unreachable_is_502() -> None:
+async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: connection refused
         async with open_bridge(f"http://127.0.0.1:{port}") as b, httpx.AsyncClient() as client:
+            # the connector's probe found the LLM down and told the broker: 503 at once
             r = await client.get(b.base_url + "/v1/models", headers=auth(b))
-    assert r.status_code == 502
-    assert r.json()["error"]["code"] == "upstream_unavailable"
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "service_unavailable"
+            assert "not ready" in r.json()["error"]["message"]
+            assert int(r.headers["retry-after"]) > 0
+            # if the LLM dies between two probes, the request that finds out gets a 502
+            b.connector._set_llm(True, "pretend")
+            await trio.sleep(0.1)
+            r = await client.get(b.base_url + "/v1/models", headers=auth(b))
+            assert r.status_code == 502
+            assert r.json()["error"]["code"] == "upstream_unavailable"
+            assert b.connector.llm_ready is False
 
 
 async def test_no_first_byte_in_time_is_504(up: tuple[Upstream, str]) -> None:

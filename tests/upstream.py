@@ -34,6 +34,11 @@ class Upstream:
         self.disconnect_time: float | None = None
         self.forever_started = trio.Event()
 
+    def forwarded(self) -> list[dict[str, Any]]:
+        """Requests that came through the bridge (the connector's health probes do not carry
+        an X-Request-ID)."""
+        return [r for r in self.requests if any(k == "x-request-id" for k, _ in r["headers"])]
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)

@@ -16,7 +16,9 @@ connection is closed without a terminating chunk), so a truncated answer never l
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections import deque
 from typing import Any
 
 import trio
@@ -41,6 +43,9 @@ from ._relay import AsgiWebSocketTransport, Relay, RelayStream
 log = logging.getLogger("trio_bridge.broker")
 
 DEFAULT_ROUTE = "default"
+MAX_ATTEMPTS = 3
+RETRY_AFTER_NOT_READY = 5
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
 DRAIN_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
 DRAIN_SECONDS = 30.0
@@ -54,12 +59,33 @@ _RESET_STATUS = {
 }
 
 
-class Registry:
-    """Relays by route, with a wake-up for requests waiting for a usable relay."""
+class QueueFull(Exception):
+    """More requests are waiting for a connector than ``max_queue`` allows."""
 
-    def __init__(self) -> None:
+
+class _Waiter:
+    __slots__ = ("event", "relay", "route")
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.relay: Relay | None = None
+        self.event = trio.Event()
+
+
+class Registry:
+    """Relays by route, and a FIFO of requests waiting for one with free capacity.
+
+    A request takes a *reservation* on a relay (:meth:`acquire`) and gives it back with
+    :meth:`release` once its stream is open (or it gave up). A relay is eligible while it is
+    ready, not draining, and its streams plus reservations stay below the connector's capacity.
+    Whenever something changes (a relay comes or goes, a stream ends, readiness flips), the
+    waiters are served in arrival order.
+    """
+
+    def __init__(self, max_queue: int = 100) -> None:
+        self.max_queue = max_queue
         self._by_route: dict[str, list[Relay]] = {}
-        self._changed = trio.lowlevel.ParkingLot()
+        self._waiters: deque[_Waiter] = deque()
 
     def add(self, relay: Relay) -> None:
         self._by_route.setdefault(relay.route, []).append(relay)
@@ -69,31 +95,78 @@ class Registry:
         relays = self._by_route.get(relay.route, [])
         if relay in relays:
             relays.remove(relay)
+        if not relays:
+            self._by_route.pop(relay.route, None)
         self.changed(relay)
 
-    def changed(self, _relay: Relay | None = None) -> None:
-        if self._changed:
-            self._changed.unpark_all()
-
-    def relays(self) -> list[Relay]:
+    def relays(self, route: str | None = None) -> list[Relay]:
+        if route is not None:
+            return list(self._by_route.get(route, ()))
         return [r for rs in self._by_route.values() for r in rs]
 
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
     def pick(self, route: str) -> Relay | None:
-        """The usable relay of ``route`` with the fewest streams in flight."""
+        """The eligible relay of ``route`` with the least load, or None."""
         best: Relay | None = None
         for relay in self._by_route.get(route, ()):
-            usable = relay.usable and not relay.peer_draining
-            if usable and (best is None or relay.in_flight < best.in_flight):
+            if relay.usable and (best is None or relay.load < best.load):
                 best = relay
         return best
 
+    def not_ready(self, route: str) -> bool:
+        """True if connectors serve ``route`` but none of them has its LLM up."""
+        relays = self._by_route.get(route, [])
+        live = [r for r in relays if r.closed_reason is None and not r.peer_draining]
+        return bool(live) and not any(r.peer_ready for r in live)
+
+    def changed(self, _relay: Relay | None = None) -> None:
+        for w in list(self._waiters):
+            relay = self.pick(w.route)
+            if relay is not None:
+                relay.reserved += 1
+                w.relay = relay
+                w.event.set()
+                self._waiters.remove(w)
+
+    def release(self, relay: Relay) -> None:
+        relay.reserved -= 1
+        self.changed(relay)
+
+    async def acquire(self, route: str, timeout: float) -> Relay | None:
+        """Reserve a relay for ``route``, waiting up to ``timeout`` in FIFO order.
+
+        Returns None on timeout; raises QueueFull if ``max_queue`` requests already wait.
+        The caller must :meth:`release` the relay it got.
+        """
+        if not any(w.route == route for w in self._waiters):
+            relay = self.pick(route)
+            if relay is not None:
+                relay.reserved += 1
+                return relay
+        if len(self._waiters) >= self.max_queue:
+            raise QueueFull
+        w = _Waiter(route)
+        self._waiters.append(w)
+        try:
+            with trio.move_on_after(timeout):
+                await w.event.wait()
+        except BaseException:
+            if w.relay is not None:
+                self.release(w.relay)
+            raise
+        finally:
+            if w in self._waiters:
+                self._waiters.remove(w)
+        return w.relay
+
     async def wait_pick(self, route: str, timeout: float) -> Relay | None:
-        relay = self.pick(route)
+        """Wait until ``route`` has an eligible relay (no reservation taken)."""
+        relay = await self.acquire(route, timeout)
         if relay is not None:
-            return relay
-        with trio.move_on_after(timeout):
-            while (relay := self.pick(route)) is None:
-                await self._changed.park()
+            self.release(relay)
         return relay
 
 
@@ -103,10 +176,13 @@ class Broker:
     def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
         self.config = config
         self.tokens = tokens or SecretStore(config.path(config.broker.connector_tokens_file), "tbc")
-        self.registry = Registry()
-        self.relay_path = config.broker.relay_path
+        bc = config.broker
+        self.registry = Registry(max_queue=bc.max_queue)
+        self.relay_path = bc.relay_path
         self.max_body = int(config.limits.max_body)
-        self.queue_timeout = float(config.broker.queue_timeout)
+        self.queue_timeout = float(bc.queue_timeout)
+        self.queue_when_not_ready = bc.queue_when_not_ready
+        self.route_domain = bc.route_domain.lower().strip(".")
 
     async def serve(
         self,
@@ -206,15 +282,18 @@ class Broker:
             "method": scope["method"],
             "path": scope["path"],
         }
-        async with trio.open_nursery() as nursery:
-            ex.nursery = nursery
-            fields["outcome"] = await self._forward(scope, ex, fields)
-            nursery.cancel_scope.cancel()
-        if ex.stream is not None and not ex.stream.finished:
-            ex.stream.reset(ResetCode.CANCEL, "client went away")
-        fields["bytes_in"] = ex.body_size
-        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
-        log_request("broker", fields)
+        try:
+            async with trio.open_nursery() as nursery:
+                ex.nursery = nursery
+                fields["outcome"] = await self._forward(scope, ex, fields)
+                nursery.cancel_scope.cancel()
+        finally:
+            if ex.stream is not None and not ex.stream.finished:
+                ex.stream.reset(ResetCode.CANCEL, "client went away")
+            fields.setdefault("outcome", "cancelled")
+            fields["bytes_in"] = ex.body_size
+            fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            log_request("broker", fields)
 
     def _start_reader(self, ex: _Exchange) -> None:
         if not ex.reader_started:
@@ -309,20 +388,8 @@ class Broker:
         if ex.body_size > self.max_body:
             return await self._error(ex, fields, 413, "request body too large")
 
-        relay = await self.registry.wait_pick(DEFAULT_ROUTE, self.queue_timeout)
-        if relay is None:
-            return await self._error(
-                ex,
-                fields,
-                503,
-                "no connector is available for this route; retry later",
-                retry_after=max(1, int(self.queue_timeout)),
-            )
-        fields["connector"] = relay.name
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        target = raw_path.decode("latin-1")
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
+        route, target = self._route(scope)
+        fields["route"] = route
         head = RequestHead(
             scope["method"],
             target,
@@ -330,22 +397,76 @@ class Broker:
             ex.request_id,
         )
         first = b"".join(body_parts)
-        try:
-            stream = relay.open_stream(head, end_stream=ex.body_done and not first)
-        except RelayClosed:
-            return await self._error(ex, fields, 503, "connector went away; retry", retry_after=1)
-        ex.stream = stream
-        if first:
+        # A stream the connector REFUSED was never processed: safe to send elsewhere, as long as
+        # we still hold the whole body.
+        for _attempt in range(MAX_ATTEMPTS):
+            if self.registry.not_ready(route) and not self.queue_when_not_ready:
+                return await self._error(
+                    ex,
+                    fields,
+                    503,
+                    "the LLM behind this route is not ready; retry later",
+                    retry_after=RETRY_AFTER_NOT_READY,
+                )
             try:
-                await stream.send_data(first, end_stream=ex.body_done)
-            except StreamReset:
-                pass  # answered below from the reset
-        self._start_reader(ex)
-        outcome = await self._respond(ex, fields)
-        fields["bytes_out"] = stream.bytes_received
-        return outcome
+                relay = await self.registry.acquire(route, self.queue_timeout)
+            except QueueFull:
+                return await self._error(
+                    ex,
+                    fields,
+                    503,
+                    "too many requests are waiting for this route; retry later",
+                    retry_after=1,
+                )
+            if relay is None:
+                return await self._error(
+                    ex,
+                    fields,
+                    503,
+                    "no connector is available for this route; retry later",
+                    retry_after=max(1, int(self.queue_timeout)),
+                )
+            fields["connector"] = relay.name
+            try:
+                stream = relay.open_stream(head, end_stream=ex.body_done and not first)
+            except RelayClosed:
+                continue
+            finally:
+                self.registry.release(relay)
+            ex.stream = stream
+            if first:
+                try:
+                    await stream.send_data(first, end_stream=ex.body_done)
+                except StreamReset:
+                    pass  # answered below from the reset
+            self._start_reader(ex)
+            outcome = await self._respond(ex, fields, may_retry=ex.body_done)
+            fields["bytes_out"] = stream.bytes_received
+            if outcome != "refused":
+                return outcome
+        return await self._error(ex, fields, 503, "every connector refused; retry", retry_after=1)
 
-    async def _respond(self, ex: _Exchange, fields: dict[str, Any]) -> str:
+    def _route(self, scope: Scope) -> tuple[str, str]:
+        """(route, target to forward): ``/r/<route>/…`` (prefix stripped), else
+        ``<route>.<route_domain>`` by Host, else the default route."""
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        target = raw_path.decode("latin-1")
+        route = DEFAULT_ROUTE
+        if target.startswith("/r/"):
+            name, sep, rest = target[3:].partition("/")
+            if name and _ROUTE_NAME.match(name):
+                route, target = name, "/" + rest if sep else "/"
+        elif self.route_domain:
+            host = (header(scope["headers"], b"host") or b"").decode("latin-1").lower()
+            host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            label, dot, domain = host.partition(".")
+            if dot and domain == self.route_domain and _ROUTE_NAME.match(label):
+                route = label
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        return route, target
+
+    async def _respond(self, ex: _Exchange, fields: dict[str, Any], *, may_retry: bool) -> str:
         stream = ex.stream
         assert stream is not None
         try:
@@ -353,6 +474,8 @@ class Broker:
         except StreamReset as exc:
             if ex.client_gone:
                 return "client_gone"
+            if may_retry and exc.code == ResetCode.REFUSED:
+                return "refused"
             if ex.too_large:
                 return await self._error(ex, fields, 413, "request body too large")
             status, message = _RESET_STATUS.get(

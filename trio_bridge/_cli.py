@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import tempfile
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_run_until_signal, lambda: broker.serve())
         elif args.command == "connector":
             connector = Connector(config)
-            trio.run(_run_until_signal, connector.run, connector.stop)
+            grace = float(config.limits.shutdown_grace)
+            trio.run(_run_until_signal, connector.run, connector.drain, grace)
         elif args.command == "demo":
             trio.run(_run_until_signal, lambda: _demo(config, args))
     except ConfigError as exc:
@@ -102,25 +104,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run_until_signal(
-    fn: Callable[[], Awaitable[Any]], on_signal: Callable[[], None] | None = None
+    fn: Callable[[], Awaitable[Any]],
+    graceful: Callable[[], Awaitable[Any]] | None = None,
+    grace: float = 0.0,
 ) -> None:
     """Run ``fn`` until it returns or SIGINT/SIGTERM arrives.
 
-    The first signal calls ``on_signal`` (a clean stop) if given, else cancels; a second
-    signal, or 10 s after the first, cancels everything.
+    The first signal starts ``graceful`` (a drain that makes ``fn`` return) if given, else
+    cancels at once; a second signal, or ``grace`` + 10 s after the first, cancels everything.
     """
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
-            nonlocal on_signal
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    if on_signal is None:
+                    name = signal.Signals(signum).name
+                    if graceful is None or nursery.cancel_scope.deadline != math.inf:
+                        log.info("received %s; stopping now", name)
                         break
-                    on_signal()
-                    on_signal = None
-                    nursery.cancel_scope.deadline = trio.current_time() + 10
+                    log.info("received %s; draining (again to stop now)", name)
+                    nursery.cancel_scope.deadline = trio.current_time() + grace + 10
+                    nursery.start_soon(graceful)
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)

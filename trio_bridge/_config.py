@@ -148,7 +148,14 @@ class BrokerConfig:
     admin_listen: str = attrs.field(default="127.0.0.1:9180", validator=_check_hostport)
     connector_tokens_file: str = "tokens.toml"
     relay_path: str = "/_bridge/relay"
+    #: how long a request waits for a connector with free capacity, then 503
     queue_timeout: Duration = Duration(10)
+    #: requests waiting at once (all routes); more get 503 at once
+    max_queue: int = attrs.field(default=100, validator=_positive)
+    #: when the route's connectors report their LLM down: wait (true) or 503 at once (false)
+    queue_when_not_ready: bool = False
+    #: with "example.com", a request for Host gpu1.example.com goes to route "gpu1"
+    route_domain: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +173,9 @@ class ConnectorConfig:
     max_concurrent: int = attrs.field(default=10, validator=_positive)
     name: str = ""
     route: str = "default"
+    #: LLM health probe: any HTTP answer below 500 means "up"
+    health_path: str = "/v1/models"
+    health_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

@@ -99,7 +99,12 @@ class Connector:
         self.relays: dict[str, Relay] = {}
         self.connected = trio.Event()  # set once the first relay is up
         self.stopping = False
+        self.draining = False
+        self.llm_ready = False
+        self.llm_state_since = time.time()
+        self.llm_last_error = "not probed yet"
         self._stop = trio.Event()
+        self._probe_now = trio.Event()
         self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -125,17 +130,89 @@ class Connector:
         for relay in list(self.relays.values()):
             relay.close("connector stopping")
 
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful stop: tell every broker we take no new requests (GOAWAY), let in-flight
+        requests finish for up to ``grace`` seconds (``shutdown_grace``), then :meth:`stop`."""
+        if grace is None:
+            grace = float(self.limits.shutdown_grace)
+        self.draining = True
+        log.info("draining: no new requests; waiting for %d in flight", self.in_flight)
+        for relay in list(self.relays.values()):
+            relay.send_goaway("connector draining")
+        with trio.move_on_after(grace):
+            while self.in_flight:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.relays.values())
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one relay per broker URL until :meth:`stop` or cancellation."""
         try:
-            async with trio.open_nursery() as nursery:
-                for url in self.config.connector.broker_urls:
-                    nursery.start_soon(self.keep_relay, url)
-                task_status.started()
+            async with trio.open_nursery() as outer:
+                with trio.move_on_after(float(self.limits.connect_timeout)):
+                    self._set_llm(*await self._probe_llm())
+                outer.start_soon(self._watch_llm)
+                async with trio.open_nursery() as relays:
+                    for url in self.config.connector.broker_urls:
+                        relays.start_soon(self.keep_relay, url)
+                    task_status.started()
+                outer.cancel_scope.cancel()  # every relay ended after stop()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self.client.aclose()
 
+    # -- LLM health --
+    async def _probe_llm(self) -> tuple[bool, str]:
+        """(up, reason): up if the LLM answers ``health_path`` with a status below 500."""
+        headers = [self._upstream_auth] if self._upstream_auth is not None else []
+        url = self.local_url + self.config.connector.health_path
+        try:
+            with trio.fail_after(float(self.limits.connect_timeout) + 5):
+                r = await self.client.get(url, headers=headers)
+        except trio.TooSlowError:
+            return False, "health probe timed out"
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if r.status_code >= 500:
+            return False, f"health probe answered HTTP {r.status_code}"
+        return True, f"answers HTTP {r.status_code}"
+
+    def _set_llm(self, up: bool, reason: str) -> None:
+        if up == self.llm_ready and self.llm_last_error != "not probed yet":
+            return
+        self.llm_ready = up
+        self.llm_state_since = time.time()
+        self.llm_last_error = "" if up else reason
+        if up:
+            log.info("LLM is up: %s", reason, extra={"llm": self.local_url})
+        else:
+            log.warning("LLM is down: %s", reason, extra={"llm": self.local_url})
+        for relay in list(self.relays.values()):
+            relay.send_status(ready=up)
+
+    def llm_failed(self, reason: str) -> None:
+        """A request could not reach the LLM: report not-ready now and probe at once."""
+        self._set_llm(False, reason)
+        self._probe_now.set()
+
+    async def _watch_llm(self) -> None:
+        interval = float(self.config.connector.health_interval)
+        backoff = Backoff(base=0.5, cap=interval)
+        while True:
+            self._set_llm(*await self._probe_llm())
+            if self.llm_ready:
+                backoff.attempt = 0
+                delay = interval
+            else:
+                delay = max(0.25, backoff.next_delay())
+            with trio.move_on_after(delay):
+                await self._probe_now.wait()
+            self._probe_now = trio.Event()
+
+    # -- relays --
     async def keep_relay(self, url: str) -> None:
         """Dial ``url`` and serve on it; re-dial forever with backoff."""
         from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
@@ -160,6 +237,8 @@ class Connector:
                         Session(opener=False, window=int(rc.window), max_streams=rc.max_streams),
                         name=self.name,
                         route=self.config.connector.route,
+                        ready=self.llm_ready,
+                        capacity=self.config.connector.max_concurrent,
                         ping_interval=float(rc.ping_interval),
                         handler=self.handle_stream,
                     )
@@ -173,6 +252,10 @@ class Connector:
                         else:
                             up_since = time.monotonic()
                             self.relays[url] = relay
+                            if relay.local_ready != self.llm_ready:  # changed during the hello
+                                relay.send_status(ready=self.llm_ready)
+                            if self.draining:
+                                relay.send_goaway("connector draining")
                             self.connected.set()
                             log.info("relay connected", extra={"broker": url})
                     self.relays.pop(url, None)
@@ -187,6 +270,9 @@ class Connector:
                 reason = f"cannot reach broker: {cause or type(exc).__name__}"
             except (OSError, trio.BrokenResourceError) as exc:
                 reason = f"connection failed: {exc!r}"
+            except Exception as exc:  # never give up on a broker, whatever went wrong
+                log.exception("relay failed unexpectedly", extra={"broker": url})
+                reason = f"unexpected error: {exc!r}"
             if up_since is not None:
                 backoff.connected_for(time.monotonic() - up_since)
             if self.stopping:
@@ -275,7 +361,8 @@ class Connector:
         except _TooLarge:
             stream.reset(ResetCode.TOO_LARGE, "request body too large")
             return "too_large"
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            self.llm_failed(f"ConnectError: {exc}")
             return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
         except httpx.TimeoutException:
             return await self._reply_error(stream, fields, 502, "connecting to the LLM timed out")

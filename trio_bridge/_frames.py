@@ -28,7 +28,8 @@ type   name        stream  payload
 =====  ==========  ======  ===============================================================
 0x01   HELLO       0       UTF-8 JSON object: ``{"version": 1, "role": "connector"|"broker",
                            "window": <initial per-stream receive window, bytes>,
-                           "max_streams": <n>, "name": str, "route": str, "ready": bool}``.
+                           "max_streams": <n>, "name": str, "route": str, "ready": bool,
+                           "capacity": <requests served at once; 0 = max_streams>}``.
                            The first frame each way. The connector sends first; the broker
                            answers with its own HELLO or a GOAWAY naming the reason
                            (e.g. another major version) and closes.

@@ -79,6 +79,7 @@ class Hello:
     name: str = ""
     route: str = ""
     ready: bool = True
+    capacity: int = 0  # requests the connector serves at once (0: max_streams)
 
 
 @attrs.define(slots=True)
@@ -254,8 +255,11 @@ def _decode_hello(payload: bytes) -> Hello:
         raise RemoteProtocolError("HELLO: role, name and route must be short strings")
     if not isinstance(ready, bool):
         raise RemoteProtocolError("HELLO: ready must be a boolean")
+    capacity = obj.get("capacity", 0)
+    if type(capacity) is not int or not 0 <= capacity <= 1_000_000:
+        raise RemoteProtocolError("HELLO: capacity out of range")
     assert isinstance(role, str) and isinstance(name, str) and isinstance(route, str)
-    return Hello(version, role, window, max_streams, name, route, ready)
+    return Hello(version, role, window, max_streams, name, route, ready, capacity)
 
 
 # ---- the state machine --------------------------------------------------------------------
@@ -333,7 +337,7 @@ class Session:
 
     # -- sending --
     def send_hello(
-        self, *, role: str, name: str = "", route: str = "", ready: bool = True
+        self, *, role: str, name: str = "", route: str = "", ready: bool = True, capacity: int = 0
     ) -> bytes:
         if self.hello_sent:
             raise LocalProtocolError("HELLO already sent")
@@ -346,6 +350,7 @@ class Session:
             "name": name,
             "route": route,
             "ready": ready,
+            "capacity": capacity,
         }
         return encode_frame(FrameType.HELLO, 0, json.dumps(payload).encode())
 

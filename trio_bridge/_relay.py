@@ -342,6 +342,7 @@ class Relay:
         name: str = "",
         route: str = "",
         ready: bool = True,
+        capacity: int = 0,
         ping_interval: float = 10.0,
         handler: StreamHandler | None = None,
         high_water: int = 512 * 1024,
@@ -352,6 +353,8 @@ class Relay:
         self.token_id = ""  # broker side: the id of the connector token that opened it
         self.route = route
         self.local_ready = ready
+        self.capacity = capacity  # ours (connector) until the hello; then the peer's (broker)
+        self.reserved = 0  # broker: requests promised to this relay that have not opened yet
         self.ping_interval = ping_interval
         self.peer: Hello | None = None
         self.peer_ready = True
@@ -373,14 +376,20 @@ class Relay:
         return len(self._streams)
 
     @property
+    def load(self) -> int:
+        """Streams in flight plus requests promised to this relay (broker side)."""
+        return len(self._streams) + self.reserved
+
+    @property
     def usable(self) -> bool:
-        """True if new streams may be opened on this relay now."""
+        """True if a new request may be sent on this relay now (broker side)."""
         return (
             self.closed_reason is None
             and self.session.ready_to_open
             and self.peer_ready
+            and not self.peer_draining
             and self.peer is not None
-            and len(self._streams) < self.peer.max_streams
+            and self.load < min(self.capacity, self.peer.max_streams)
         )
 
     def open_stream(self, head: RequestHead, *, end_stream: bool) -> RelayStream:
@@ -486,7 +495,11 @@ class Relay:
         if not self.session.opener:
             self._put(
                 self.session.send_hello(
-                    role=role, name=self.name, route=self.route, ready=self.local_ready
+                    role=role,
+                    name=self.name,
+                    route=self.route,
+                    ready=self.local_ready,
+                    capacity=self.capacity,
                 )
             )
         while True:
@@ -500,6 +513,8 @@ class Relay:
                 raise RemoteProtocolError("expected HELLO")
         self.peer = event
         self.peer_ready = event.ready
+        if self.session.opener:
+            self.capacity = event.capacity or event.max_streams
         if self.session.opener:
             self._put(self.session.send_hello(role=role))
         self._last_received = trio.current_time()

@@ -145,7 +145,8 @@ async def open_bridge(
             nursery.start_soon(run_connector)
             with trio.fail_after(10):
                 await c.connected.wait()
-                await b.registry.wait_pick("default", 10)
+                while not b.registry.relays():  # noqa: ASYNC110
+                    await trio.sleep(0.005)
             yield Bridge(
                 base_url, api_key, b, c, keys, upstream_url, model, broker_scope, connector_scope
             )
