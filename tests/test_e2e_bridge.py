@@ -233,7 +233,7 @@ async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
         # revoke through a second store object on the same file, like the CLI would
         from trio_bridge._keys import SecretStore
 
-        SecretStore(bridge.keys.path, "tbk").revoke("test-user")
+        SecretStore(bridge.keys.path, "tbk").revoke("lab-user")
         await trio.sleep(0.6)  # the running store re-checks the file at most every 0.5 s
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
         assert r.status_code == 401
@@ -352,7 +352,7 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
         assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
         # nothing left in flight on either side
         with trio.fail_after(2):
-            while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:  # noqa: ASYNC110
+            while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
                 await trio.sleep(0.01)
 
 
@@ -418,9 +418,9 @@ async def test_revoked_connector_token_closes_its_relay_and_refuses_reconnects(
     bridge: Bridge,
 ) -> None:
     [relay] = bridge.broker.registry.relays()
-    bridge.broker.tokens.revoke("test-connector")
+    bridge.broker.tokens.revoke("lab-connector")
     with trio.fail_after(5):
-        while bridge.broker.registry.relays():  # noqa: ASYNC110
+        while bridge.broker.registry.relays():
             await trio.sleep(0.05)
     assert relay.closed_reason == "connector token revoked"
     await trio.sleep(1.5)  # the connector re-dials and is refused with 401

@@ -92,12 +92,15 @@ class Registry:
         self.changed(relay)
 
     def remove(self, relay: Relay) -> None:
+        self._drop(relay)
+        self.changed()
+
+    def _drop(self, relay: Relay) -> None:
         relays = self._by_route.get(relay.route, [])
         if relay in relays:
             relays.remove(relay)
         if not relays:
             self._by_route.pop(relay.route, None)
-        self.changed(relay)
 
     def relays(self, route: str | None = None) -> list[Relay]:
         if route is not None:
@@ -122,7 +125,9 @@ class Registry:
         live = [r for r in relays if r.closed_reason is None and not r.peer_draining]
         return bool(live) and not any(r.peer_ready for r in live)
 
-    def changed(self, _relay: Relay | None = None) -> None:
+    def changed(self, relay: Relay | None = None) -> None:
+        if relay is not None and relay.closed_reason is not None:
+            self._drop(relay)  # a dead relay leaves at once, not after its close handshake
         for w in list(self._waiters):
             relay = self.pick(w.route)
             if relay is not None:

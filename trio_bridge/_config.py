@@ -139,7 +139,7 @@ class RelayConfig:
 
     window: Size = attrs.field(default=Size(256 * 1024), validator=_positive)
     max_streams: int = attrs.field(default=1000, validator=_positive)
-    ping_interval: Duration = attrs.field(default=Duration(10), validator=_positive)
+    ping_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

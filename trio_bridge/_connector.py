@@ -213,6 +213,10 @@ class Connector:
             self._probe_now = trio.Event()
 
     # -- relays --
+    def _relay_changed(self, url: str, relay: Relay) -> None:
+        if relay.closed_reason is not None and self.relays.get(url) is relay:
+            del self.relays[url]  # at once, not after the close handshake
+
     async def keep_relay(self, url: str) -> None:
         """Dial ``url`` and serve on it; re-dial forever with backoff."""
         from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
@@ -241,6 +245,7 @@ class Connector:
                         capacity=self.config.connector.max_concurrent,
                         ping_interval=float(rc.ping_interval),
                         handler=self.handle_stream,
+                        on_change=lambda r, url=url: self._relay_changed(url, r),  # type: ignore[misc]
                     )
                     if self.stopping:
                         return

@@ -451,10 +451,10 @@ class Relay:
             for stream in list(self._streams.values()):
                 stream._fail(ResetCode.RELAY_LOST, f"relay lost: {reason}")
             self._streams.clear()
+            if self._on_change is not None:
+                self._on_change(self)  # before the close handshake, which may take a while
             with trio.CancelScope(shield=True):
                 await self._transport.aclose()
-            if self._on_change is not None:
-                self._on_change(self)
         if not started:
             raise RelayClosed(reason)
         return reason

@@ -4,17 +4,21 @@ Fixtures:
 
 - ``test_model`` → a running :class:`~trio_bridge.TestModel` (``.url``, ``.model``).
 - ``bridge`` → a running in-process broker + connector in front of the test model, as a
-  :class:`Bridge`: ``base_url`` (e.g. ``http://127.0.0.1:PORT/v1`` without ``/v1``),
-  ``api_key``, and handles to the parts.
+  :class:`Bridge`: ``base_url`` (``http://127.0.0.1:PORT``), ``openai_base_url`` (``…/v1``),
+  ``api_key``, and handles to stop and restart each role (to test a client's reconnects).
 
-Or build your own with :func:`open_bridge`::
+Or build your own:
 
-    async def test_my_client():
-        async with open_bridge(upstream_url="http://127.0.0.1:11434") as b:
-            ...  # call b.base_url with b.api_key
+- :func:`open_bridge` — the same as the fixture, in front of any ``upstream_url``::
 
-Everything runs on 127.0.0.1 with port 0 and is torn down structurally when the ``async
-with`` block (or the test) ends.
+      async with open_bridge(upstream_url="http://127.0.0.1:11434") as b:
+          ...  # call b.openai_base_url with b.api_key
+
+- :func:`open_lab` — a :class:`Lab` to start any number of brokers, connectors and test models
+  that share one connector token and one API key (HA and pool set-ups).
+
+Everything runs on 127.0.0.1 with port 0 (unless you pass a port, e.g. to restart a broker on
+the same address) and is torn down structurally when the ``async with`` block ends.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pytest
 import trio
 
 from ._broker import Broker
-from ._config import Config, ConnectorConfig, LimitsConfig, RelayConfig, structure
+from ._config import BrokerConfig, Config, ConnectorConfig, LimitsConfig, RelayConfig, structure
 from ._connector import Connector
 from ._keys import SecretStore
 from ._testmodel import TestModel
@@ -40,33 +44,221 @@ from ._testmodel import TestModel
 class RunningModel:
     model: TestModel
     url: str
+    stop: trio.CancelScope = attrs.field(repr=False, factory=trio.CancelScope)
+
+
+@attrs.define
+class RunningBroker:
+    broker: Broker
+    host: str
+    port: int
+    _scope: trio.CancelScope = attrs.field(repr=False)
+    _done: trio.Event = attrs.field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def relay_url(self) -> str:
+        return f"ws://{self.host}:{self.port}{self.broker.relay_path}"
+
+    async def stop(self) -> None:
+        """Stop the broker abruptly (like a crash: relays and requests are cut)."""
+        self._scope.cancel()
+        await self._done.wait()
+
+
+@attrs.define
+class RunningConnector:
+    connector: Connector
+    _scope: trio.CancelScope = attrs.field(repr=False)
+    _done: trio.Event = attrs.field(repr=False)
+
+    async def stop(self) -> None:
+        """Stop at once: close relays cleanly, abort what is in flight."""
+        self.connector.stop()
+        with trio.move_on_after(5):
+            await self._done.wait()
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def kill(self) -> None:
+        """Stop abruptly (like a crash): relays are cut without a close handshake."""
+        self._scope.cancel()
+        await self._done.wait()
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Graceful stop: goaway, let in-flight requests finish, then stop."""
+        await self.connector.drain(grace)
+        await self._done.wait()
+
+
+def _section(cls: type[Any], values: dict[str, Any] | None, name: str) -> Any:
+    return structure(values or {}, cls, source=name)
+
+
+class Lab:
+    """Start brokers, connectors and test models in one nursery; they share a connector token
+    (``token``) and an API key (``api_key``)."""
+
+    def __init__(self, nursery: trio.Nursery, directory: Path) -> None:
+        self.nursery = nursery
+        self.dir = directory
+        self.tokens = SecretStore(directory / "tokens.toml", "tbc")
+        _, self.token = self.tokens.add("lab-connector")
+        self.keys = SecretStore(directory / "keys.toml", "tbk")
+        _, self.api_key = self.keys.add("lab-user")
+
+    def config(
+        self,
+        *,
+        broker: dict[str, Any] | None = None,
+        connector: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        relay: dict[str, Any] | None = None,
+    ) -> Config:
+        """A config with test-friendly defaults (short pings and queue), then the overrides."""
+        return Config(
+            base_dir=str(self.dir),
+            broker=_section(BrokerConfig, {"queue_timeout": "2s", **(broker or {})}, "broker"),
+            connector=_section(ConnectorConfig, connector, "connector"),
+            limits=_section(LimitsConfig, limits, "limits"),
+            relay=_section(RelayConfig, {"ping_interval": "5s", **(relay or {})}, "relay"),
+        )
+
+    async def start_test_model(
+        self, *, token_delay: float = 0.005, listen: str = "127.0.0.1:0"
+    ) -> RunningModel:
+        model = TestModel(token_delay=token_delay)
+        running = RunningModel(model, "")
+
+        async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+            with running.stop:
+                await model.serve(listen, task_status=task_status)
+
+        host, port = await self.nursery.start(run)
+        running.url = f"http://{host}:{port}"
+        return running
+
+    async def start_broker(
+        self,
+        listen: str = "127.0.0.1:0",
+        *,
+        broker: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        relay: dict[str, Any] | None = None,
+    ) -> RunningBroker:
+        b = Broker(self.config(broker=broker, limits=limits, relay=relay), self.tokens)
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+            try:
+                with scope:
+                    await b.serve(listen, task_status=task_status)
+            finally:
+                done.set()
+
+        host, port = await self.nursery.start(run)
+        return RunningBroker(b, host, port, scope, done)
+
+    async def start_connector(
+        self,
+        brokers: list[RunningBroker] | list[str],
+        upstream_url: str,
+        *,
+        wait: bool = True,
+        connector: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        relay: dict[str, Any] | None = None,
+    ) -> RunningConnector:
+        """Start a connector; with ``wait``, return once every broker registered it."""
+        urls = [b.relay_url if isinstance(b, RunningBroker) else b for b in brokers]
+        config = self.config(
+            connector={
+                "broker_urls": urls,
+                "local_url": upstream_url,
+                "name": "lab-connector",
+                **(connector or {}),
+            },
+            limits=limits,
+            relay=relay,
+        )
+        c = Connector(config, keys=self.keys, token=self.token)
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await c.run()
+            finally:
+                done.set()
+
+        self.nursery.start_soon(run)
+        if wait:
+            with trio.fail_after(10):
+                while len(c.relays) < len(urls):  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+                for b in brokers:
+                    if isinstance(b, RunningBroker):
+                        while not any(r.name == c.name for r in b.broker.registry.relays()):  # noqa: ASYNC110
+                            await trio.sleep(0.005)
+        return RunningConnector(c, scope, done)
+
+
+@asynccontextmanager
+async def open_lab() -> AsyncIterator[Lab]:
+    with tempfile.TemporaryDirectory(prefix="trio-bridge-lab-") as tmp:
+        async with trio.open_nursery() as nursery:
+            yield Lab(nursery, Path(tmp))
+            nursery.cancel_scope.cancel()
 
 
 @attrs.define
 class Bridge:
     base_url: str  # http://127.0.0.1:PORT (the broker's public side)
     api_key: str
-    broker: Broker
-    connector: Connector
-    keys: SecretStore
+    lab: Lab
+    running_broker: RunningBroker
+    running_connector: RunningConnector
     upstream_url: str
     model: TestModel | None
-    broker_scope: trio.CancelScope
-    connector_scope: trio.CancelScope
+    _connector_options: dict[str, Any] = attrs.field(repr=False, factory=dict)
 
     @property
     def openai_base_url(self) -> str:
         return self.base_url + "/v1"
 
+    @property
+    def broker(self) -> Broker:
+        return self.running_broker.broker
 
-@asynccontextmanager
-async def run_test_model(*, token_delay: float = 0.005) -> AsyncIterator[RunningModel]:
-    """Serve a :class:`TestModel` on 127.0.0.1, port 0."""
-    model = TestModel(token_delay=token_delay)
-    async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(model.serve)
-        yield RunningModel(model, f"http://{host}:{port}")
-        nursery.cancel_scope.cancel()
+    @property
+    def connector(self) -> Connector:
+        return self.running_connector.connector
+
+    @property
+    def keys(self) -> SecretStore:
+        return self.lab.keys
+
+    async def restart_broker(self, down_for: float = 0.0) -> None:
+        """Crash the broker, wait ``down_for`` seconds, start it again on the same port; returns
+        once the connector has reconnected."""
+        old = self.running_broker
+        await old.stop()
+        await trio.sleep(down_for)
+        self.running_broker = await self.lab.start_broker(f"{old.host}:{old.port}")
+        with trio.fail_after(30):
+            while not self.running_broker.broker.registry.relays():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+    async def restart_connector(self, down_for: float = 0.0) -> None:
+        """Crash the connector, wait ``down_for`` seconds, start a new one."""
+        await self.running_connector.kill()
+        await trio.sleep(down_for)
+        self.running_connector = await self.lab.start_connector(
+            [self.running_broker], self.upstream_url, **self._connector_options
+        )
 
 
 @asynccontextmanager
@@ -84,77 +276,25 @@ async def open_bridge(
     ``limits``, ``relay``, ``connector`` and ``broker`` override config sections, with the
     same keys and units as ``bridge.toml``.
     """
-    with tempfile.TemporaryDirectory(prefix="trio-bridge-") as tmp:
-        async with trio.open_nursery() as nursery:
-            model: TestModel | None = None
-            if upstream_url is None:
-                model = TestModel(token_delay=token_delay)
-                host, port = await nursery.start(model.serve)
-                upstream_url = f"http://{host}:{port}"
-            config = Config(
-                base_dir=tmp,
-                limits=structure(limits or {}, LimitsConfig, source="limits"),
-                relay=structure(
-                    {"ping_interval": "5s", **(relay or {})}, RelayConfig, source="relay"
-                ),
-            )
-            config = attrs.evolve(
-                config,
-                broker=structure(
-                    {"queue_timeout": "2s", **(broker or {})}, type(config.broker), source="broker"
-                ),
-            )
-            tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
-            _, token = tokens.add("test-connector")
-            keys = SecretStore(Path(tmp) / "keys.toml", "tbk")
-            _, api_key = keys.add("test-user")
+    async with open_lab() as lab:
+        model: TestModel | None = None
+        if upstream_url is None:
+            running_model = await lab.start_test_model(token_delay=token_delay)
+            model, upstream_url = running_model.model, running_model.url
+        rb = await lab.start_broker(broker=broker, limits=limits, relay=relay)
+        options: dict[str, Any] = {"connector": connector, "limits": limits, "relay": relay}
+        rc = await lab.start_connector([rb], upstream_url, **options)
+        bridge = Bridge(rb.url, lab.api_key, lab, rb, rc, upstream_url, model, options)
+        yield bridge
+        # Connector first, so its relay closes cleanly while the broker still answers.
+        await bridge.running_connector.stop()
 
-            b = Broker(config, tokens)
-            broker_scope = trio.CancelScope()
 
-            async def run_broker(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                with broker_scope:
-                    await b.serve("127.0.0.1:0", task_status=task_status)
-
-            bhost, bport = await nursery.start(run_broker)
-            base_url = f"http://{bhost}:{bport}"
-            config = attrs.evolve(
-                config,
-                connector=structure(
-                    {
-                        "broker_urls": [f"ws://{bhost}:{bport}{config.broker.relay_path}"],
-                        "local_url": upstream_url,
-                        "name": "test-connector",
-                        **(connector or {}),
-                    },
-                    ConnectorConfig,
-                    source="connector",
-                ),
-            )
-            c = Connector(config, keys=keys, token=token)
-            connector_scope = trio.CancelScope()
-            connector_done = trio.Event()
-
-            async def run_connector() -> None:
-                try:
-                    with connector_scope:
-                        await c.run()
-                finally:
-                    connector_done.set()
-
-            nursery.start_soon(run_connector)
-            with trio.fail_after(10):
-                await c.connected.wait()
-                while not b.registry.relays():  # noqa: ASYNC110
-                    await trio.sleep(0.005)
-            yield Bridge(
-                base_url, api_key, b, c, keys, upstream_url, model, broker_scope, connector_scope
-            )
-            # Connector first, so its relay closes cleanly while the broker still answers.
-            c.stop()
-            with trio.move_on_after(5):
-                await connector_done.wait()
-            nursery.cancel_scope.cancel()
+@asynccontextmanager
+async def run_test_model(*, token_delay: float = 0.005) -> AsyncIterator[RunningModel]:
+    """Serve a :class:`TestModel` on 127.0.0.1, port 0."""
+    async with open_lab() as lab:
+        yield await lab.start_test_model(token_delay=token_delay)
 
 
 @pytest.fixture

@@ -1,0 +1,426 @@
+"""Connections that heal themselves: backoff, liveness, LLM health, queueing, HA, pools."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+from faultproxy import FaultProxy
+
+from trio_bridge._backoff import Backoff
+from trio_bridge._errors import RelayClosed, StreamReset
+from trio_bridge._frames import ResetCode
+from trio_bridge._protocol import RequestHead, Session
+from trio_bridge._relay import Relay, RelayStream
+from trio_bridge.testing import Lab, open_bridge, open_lab
+
+CHAT = "/v1/chat/completions"
+
+
+def body(prompt: str, stream: bool = True) -> dict[str, object]:
+    return {"model": "m", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with open_lab() as lab:
+        yield lab
+
+
+# -- pure policy ---------------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_capped_and_resets_after_a_stable_connection() -> None:
+    draws = iter([1.0] * 10)
+    b = Backoff(base=0.5, cap=8.0, stable_after=30.0, rand=lambda: next(draws))
+    assert [b.next_delay() for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    b.connected_for(5.0)  # short-lived: keep backing off
+    assert b.next_delay() == 8.0
+    b.connected_for(31.0)
+    assert b.next_delay() == 0.5
+    zero = Backoff(rand=lambda: 0.0)
+    assert zero.next_delay() == 0.0  # full jitter: anywhere in [0, ceiling)
+
+
+# -- liveness, without sockets (autojump clock) --------------------------------------------
+
+
+class MemTransport:
+    def __init__(
+        self,
+        send: trio.MemorySendChannel[bytes],
+        receive: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        self._send, self._receive = send, receive
+        self.blackhole = False
+
+    async def send_message(self, data: bytes) -> None:
+        if self.blackhole:
+            return
+        try:
+            await self._send.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise RelayClosed("peer gone") from None
+
+    async def receive_message(self) -> bytes:
+        while True:
+            try:
+                data = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise RelayClosed("peer closed") from None
+            if not self.blackhole:
+                return data
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
+async def test_silent_peer_is_declared_dead_within_three_intervals(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    a_send, b_receive = trio.open_memory_channel[bytes](100)
+    b_send, a_receive = trio.open_memory_channel[bytes](100)
+    ta, tb = MemTransport(a_send, a_receive), MemTransport(b_send, b_receive)
+    served = trio.Event()
+
+    async def handler(stream: RelayStream) -> None:
+        served.set()
+        await trio.sleep_forever()
+
+    broker = Relay(ta, Session(opener=True), ping_interval=1.0)
+    connector = Relay(tb, Session(opener=False), ping_interval=1.0, handler=handler)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.run)
+        await nursery.start(connector.run)
+        await trio.sleep(20)  # healthy pings for 20 intervals: nobody is declared dead
+        assert broker.closed_reason is None and connector.closed_reason is None
+        stream = broker.open_stream(RequestHead("GET", "/", [], "rid"), end_stream=True)
+        await served.wait()
+        ta.blackhole = tb.blackhole = True
+        t0 = trio.current_time()
+        with pytest.raises(StreamReset) as info:
+            await stream.receive_response_head()
+        assert info.value.code == ResetCode.RELAY_LOST
+        assert 2.0 <= trio.current_time() - t0 <= 3.0
+        assert "ping timeout" in (broker.closed_reason or "")
+        with trio.fail_after(3.5):
+            while connector.closed_reason is None:
+                await trio.sleep(0.1)
+        assert "ping timeout" in connector.closed_reason
+
+
+# -- real sockets --------------------------------------------------------------------------
+
+
+async def get_models(client: httpx.AsyncClient, base: str, key: str) -> int:
+    r = await client.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    return r.status_code
+
+
+async def test_connector_started_before_the_broker_connects_when_it_appears(lab: Lab) -> None:
+    model = await lab.start_test_model()
+    port = free_port()
+    rc = await lab.start_connector([f"ws://127.0.0.1:{port}/_bridge/relay"], model.url, wait=False)
+    await trio.sleep(1.5)  # the connector keeps trying; it never gives up
+    assert not rc.connector.relays
+    t0 = trio.current_time()
+    rb = await lab.start_broker(f"127.0.0.1:{port}")
+    with trio.fail_after(10):
+        while not rb.broker.registry.relays():
+            await trio.sleep(0.01)
+    assert trio.current_time() - t0 < 8.5  # the backoff cap (8 s) bounds the wait
+    async with httpx.AsyncClient() as client:
+        assert await get_models(client, rb.url, lab.api_key) == 200
+
+
+async def test_broker_restart_aborts_streams_then_service_resumes_by_itself() -> None:
+    async with open_bridge(token_delay=0.02) as b, httpx.AsyncClient(timeout=10) as client:
+        got = []
+
+        async def long_stream() -> None:
+            with pytest.raises(httpx.HTTPError):  # aborted: never a "complete" answer
+                async with client.stream(
+                    "POST",
+                    b.base_url + CHAT,
+                    json=body("count to 500"),
+                    headers={"Authorization": f"Bearer {b.api_key}"},
+                ) as r:
+                    async for chunk in r.aiter_raw():
+                        got.append(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_stream)
+            await trio.sleep(0.3)
+            t0 = trio.current_time()
+            await b.restart_broker(down_for=1.0)
+        recovered = trio.current_time() - t0
+        assert got  # it was streaming when the broker died
+        assert recovered < 10
+        assert await get_models(client, b.base_url, b.api_key) == 200
+
+
+async def test_llm_down_gives_503_then_service_resumes_by_itself(lab: Lab) -> None:
+    port = free_port()
+    model = await lab.start_test_model(listen=f"127.0.0.1:{port}")
+    rb = await lab.start_broker()
+    await lab.start_connector([rb], model.url, connector={"health_interval": "1s"})
+    async with httpx.AsyncClient() as client:
+        assert await get_models(client, rb.url, lab.api_key) == 200
+        model.stop.cancel()
+        with trio.fail_after(5):  # noticed by the next probe (or the next failed request)
+            while (status := await get_models(client, rb.url, lab.api_key)) == 200:
+                await trio.sleep(0.1)
+        assert status in (502, 503)
+        assert await get_models(client, rb.url, lab.api_key) == 503
+        await lab.start_test_model(listen=f"127.0.0.1:{port}")
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            while await get_models(client, rb.url, lab.api_key) != 200:
+                await trio.sleep(0.1)
+        assert trio.current_time() - t0 < 3
+
+
+async def test_black_holed_relay_is_detected_by_pings_and_redialled(lab: Lab) -> None:
+    model = await lab.start_test_model(token_delay=0.02)
+    rb = await lab.start_broker(relay={"ping_interval": "500ms"})
+    proxy = FaultProxy(rb.port)
+    await lab.nursery.start(proxy.serve)
+    rc = await lab.start_connector(
+        [f"ws://127.0.0.1:{proxy.port}/_bridge/relay"],
+        model.url,
+        relay={"ping_interval": "500ms"},
+        wait=False,
+    )
+    with trio.fail_after(5):
+        while not rb.broker.registry.relays():
+            await trio.sleep(0.01)
+    async with httpx.AsyncClient(timeout=30) as client:
+        outcome: list[str] = []
+
+        async def in_flight() -> None:
+            try:
+                async with client.stream(
+                    "POST",
+                    rb.url + CHAT,
+                    json=body("count to 1000"),
+                    headers={"Authorization": f"Bearer {lab.api_key}"},
+                ) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+                outcome.append("complete")
+            except httpx.HTTPError:
+                outcome.append("aborted")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_flight)
+            await trio.sleep(0.3)
+            proxy.set_mode("blackhole")
+            t0 = trio.current_time()
+            with trio.fail_after(5):
+                while rb.broker.registry.relays() or rc.connector.relays:
+                    await trio.sleep(0.02)
+            detected = trio.current_time() - t0
+        assert outcome == ["aborted"]  # a clean error, not a hang and not a fake success
+        assert detected < 2.5  # 2.5 ping intervals of 0.5 s, plus scheduling
+        proxy.cut()
+        proxy.set_mode("pass")
+        with trio.fail_after(10):
+            while await get_models(client, rb.url, lab.api_key) != 200:
+                await trio.sleep(0.05)
+
+
+async def test_two_brokers_one_killed_the_other_keeps_serving(lab: Lab) -> None:
+    model = await lab.start_test_model()
+    b1, b2 = await lab.start_broker(), await lab.start_broker()
+    rc = await lab.start_connector([b1, b2], model.url)
+    assert len(rc.connector.relays) == 2
+    async with httpx.AsyncClient() as client:
+        assert await get_models(client, b1.url, lab.api_key) == 200
+        assert await get_models(client, b2.url, lab.api_key) == 200
+        await b1.stop()
+        for _ in range(20):
+            assert await get_models(client, b2.url, lab.api_key) == 200
+    assert list(rc.connector.relays) == [b2.relay_url]
+
+
+async def test_pool_one_connector_killed_mid_load_only_its_streams_fail(lab: Lab) -> None:
+    m1 = await lab.start_test_model(token_delay=0.02)
+    m2 = await lab.start_test_model(token_delay=0.02)
+    rb = await lab.start_broker()
+    c1 = await lab.start_connector([rb], m1.url, connector={"name": "one"})
+    await lab.start_connector([rb], m2.url, connector={"name": "two"})
+    results: list[str] = []
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+
+        async def one(i: int) -> None:
+            text = ""
+            try:
+                async with client.stream(
+                    "POST",
+                    rb.url + CHAT,
+                    json=body("count to 40"),
+                    headers={"Authorization": f"Bearer {lab.api_key}"},
+                ) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                results.append("ok" if text == " ".join(map(str, range(1, 41))) else "corrupt")
+            except httpx.HTTPError:
+                results.append("aborted")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+            await trio.sleep(0.3)
+            assert m1.model.active_streams and m2.model.active_streams  # spread over both
+            on_one = m1.model.active_streams
+            await c1.kill()
+        assert "corrupt" not in results
+        assert results.count("aborted") == on_one
+        assert results.count("ok") == 20 - on_one
+        for _ in range(10):  # later requests all go to the survivor
+            assert await get_models(client, rb.url, lab.api_key) == 200
+
+
+async def test_no_reconnect_storm_after_a_broker_restart(lab: Lab) -> None:
+    model = await lab.start_test_model()
+    rb = await lab.start_broker()
+    n = 12
+    for i in range(n):
+        await lab.start_connector([rb], model.url, connector={"name": f"c{i}"})
+    host, port = rb.host, rb.port
+    await rb.stop()
+    await trio.sleep(0.5)
+    rb = await lab.start_broker(f"{host}:{port}")
+    seen: dict[str, float] = {}
+    t0 = trio.current_time()
+    with trio.fail_after(15):
+        while len(seen) < n:
+            for relay in rb.broker.registry.relays():
+                seen.setdefault(relay.name, trio.current_time() - t0)
+            await trio.sleep(0.005)
+    times = sorted(seen.values())
+    assert times[-1] < 10  # all back well within the 30 s promise
+    assert times[-1] - times[0] > 0.15  # spread out by jitter, not a thundering herd
+
+
+async def test_connector_capacity_is_respected_and_extra_requests_queue(lab: Lab) -> None:
+    model = await lab.start_test_model(token_delay=0.02)
+    rb = await lab.start_broker(broker={"queue_timeout": "20s"})
+    await lab.start_connector([rb], model.url, connector={"max_concurrent": 2})
+    peak = 0
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one() -> None:
+            r = await client.post(
+                rb.url + CHAT,
+                json=body("count to 15", stream=True),
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+            statuses.append(r.status_code)
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, model.model.active_streams)
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as inner:
+                for _ in range(6):
+                    inner.start_soon(one)
+            nursery.cancel_scope.cancel()
+    assert statuses == [200] * 6
+    assert peak == 2
+
+
+async def test_full_queue_answers_503_at_once(lab: Lab) -> None:
+    model = await lab.start_test_model(token_delay=0.05)
+    rb = await lab.start_broker(broker={"queue_timeout": "20s", "max_queue": 2})
+    await lab.start_connector([rb], model.url, connector={"max_concurrent": 1})
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one() -> None:
+            r = await client.post(
+                rb.url + CHAT,
+                json=body("count to 10"),
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert "waiting" in r.json()["error"]["message"]
+                assert r.headers["retry-after"]
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(one)
+                await trio.sleep(0.02)
+    assert sorted(statuses) == [200, 200, 200, 503, 503, 503]
+
+
+async def test_routes_by_path_prefix_and_by_host(lab: Lab) -> None:
+    ma, mb = await lab.start_test_model(), await lab.start_test_model()
+    rb = await lab.start_broker(broker={"route_domain": "example.com", "queue_timeout": "300ms"})
+    await lab.start_connector([rb], ma.url, connector={"route": "a", "name": "ca"})
+    await lab.start_connector([rb], mb.url, connector={"route": "b", "name": "cb"})
+    auth = {"Authorization": f"Bearer {lab.api_key}"}
+    async with httpx.AsyncClient() as client:
+        r = await client.get(rb.url + "/r/a/v1/models?x=1", headers=auth)
+        assert r.status_code == 200
+        seen = [q for q in ma.model.requests if q.header("x-request-id")]
+        assert seen[-1].path == "/v1/models" and seen[-1].query == "x=1"
+        r = await client.get(rb.url + "/r/b/v1/models", headers=auth)
+        assert r.status_code == 200
+        assert [q for q in mb.model.requests if q.header("x-request-id")]
+        n_b = len(mb.model.requests)
+        r = await client.get(rb.url + "/v1/models", headers={**auth, "Host": "b.example.com"})
+        assert r.status_code == 200 and len(mb.model.requests) == n_b + 1
+        r = await client.get(rb.url + "/r/nope/v1/models", headers=auth)
+        assert r.status_code == 503  # nobody serves that route
+        r = await client.get(rb.url + "/v1/models", headers=auth)
+        assert r.status_code == 503  # and nobody serves the default route here
+
+
+async def test_draining_connector_gets_no_new_requests_and_finishes_in_flight(lab: Lab) -> None:
+    m1 = await lab.start_test_model(token_delay=0.02)
+    m2 = await lab.start_test_model(token_delay=0.02)
+    rb = await lab.start_broker()
+    c1 = await lab.start_connector([rb], m1.url, connector={"name": "one"})
+    auth = {"Authorization": f"Bearer {lab.api_key}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        text: list[str] = []
+
+        async def long_stream() -> None:
+            async with client.stream(
+                "POST", rb.url + CHAT, json=body("count to 60"), headers=auth
+            ) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        text.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_stream)
+            await trio.sleep(0.2)
+            await lab.start_connector([rb], m2.url, connector={"name": "two"})
+            nursery.start_soon(c1.drain)
+            await trio.sleep(0.1)
+            before = len(m1.model.requests)
+            for _ in range(5):
+                assert await get_models(client, rb.url, lab.api_key) == 200
+            assert len(m1.model.requests) == before  # nothing new reached the draining one
+        assert "".join(text) == " ".join(map(str, range(1, 61)))  # the stream completed
+    assert c1.connector.relays == {}
