@@ -356,7 +356,7 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
                 await trio.sleep(0.01)
 
 
-async def test_hundred_concurrent_streams_all_complete(bridge: Bridge) -> None:
+async def test_hundred_concurrent_streams_all_complete() -> None:
     results: dict[int, str] = {}
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
@@ -376,7 +376,10 @@ async def test_hundred_concurrent_streams_all_complete(bridge: Bridge) -> None:
         results[i] = text
 
     limits = httpx.Limits(max_connections=200)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    async with (
+        open_bridge(connector={"max_concurrent": 100}) as bridge,
+        httpx.AsyncClient(limits=limits, timeout=60) as client,
+    ):
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for i in range(100):

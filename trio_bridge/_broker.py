@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from ._admin import AdminApp
 from ._asgi import Receive, Scope, Send, lifespan, serve_app
 from ._config import Config
 from ._errors import RelayClosed, StreamReset
@@ -36,9 +37,10 @@ from ._http import (
     strip_hop_by_hop,
 )
 from ._keys import SecretStore
-from ._observe import log_request
+from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
 from ._protocol import RequestHead, Session
 from ._relay import AsgiWebSocketTransport, Relay, RelayStream
+from ._version import __version__
 
 log = logging.getLogger("trio_bridge.broker")
 
@@ -188,6 +190,42 @@ class Broker:
         self.queue_timeout = float(bc.queue_timeout)
         self.queue_when_not_ready = bc.queue_when_not_ready
         self.route_domain = bc.route_domain.lower().strip(".")
+        self.started = time.time()
+        self.draining = False
+        self.admin_address: tuple[str, int] | None = None
+        self.in_flight = 0
+        self.metrics = Metrics("broker")
+        self.stats = RecentStats()
+        self.metrics.in_flight.labels("broker").set_function(lambda: self.in_flight)
+        self.metrics.queued.labels("broker").set_function(lambda: self.registry.queued)
+
+    def ready(self) -> bool:
+        return not self.draining
+
+    def status(self) -> dict[str, Any]:
+        routes: dict[str, list[dict[str, Any]]] = {}
+        for relay in self.registry.relays():
+            routes.setdefault(relay.route, []).append(
+                {
+                    "connector": relay.name,
+                    "token_id": relay.token_id,
+                    "ready": relay.peer_ready,
+                    "draining": relay.peer_draining,
+                    "in_flight": relay.in_flight,
+                    "capacity": relay.capacity,
+                    "connected_since": relay.connected_since,
+                }
+            )
+        return {
+            "role": "broker",
+            "version": __version__,
+            "ready": self.ready(),
+            "started": self.started,
+            "in_flight": self.in_flight,
+            "queued": self.registry.queued,
+            "routes": routes,
+            "recent": self.stats.summary(),
+        }
 
     async def serve(
         self,
@@ -195,9 +233,15 @@ class Broker:
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve the public port until cancelled; started value: the bound (host, port)."""
+        """Serve the public port (and the admin endpoint on ``admin_listen``, if set) until
+        cancelled; started value: the bound public (host, port)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_tokens)
+            if self.config.broker.admin_listen:
+                admin = AdminApp(self.metrics, self.ready, self.status)
+                self.admin_address = await nursery.start(
+                    serve_app, admin, self.config.broker.admin_listen
+                )
             addr = await nursery.start(serve_app, self, listen or self.config.broker.listen)
             task_status.started(addr)
 
@@ -234,6 +278,7 @@ class Broker:
         token = presented_key(scope["headers"])
         entry = self.tokens.verify(token) if token is not None else None
         if entry is None:
+            self.metrics.auth_failures.labels("broker").inc()
             log.warning("relay refused: bad connector token", extra={"peer": peer})
             await _deny(send, 401, "invalid connector token")
             return
@@ -254,7 +299,9 @@ class Broker:
             relay.name = hello.name or entry.name
             relay.token_id = entry.id
             relay.route = hello.route or DEFAULT_ROUTE
+            relay.connected_since = time.time()
             self.registry.add(relay)
+            self._count_relays(relay.route)
             log.info(
                 "relay connected",
                 extra={
@@ -265,6 +312,7 @@ class Broker:
                 },
             )
         self.registry.remove(relay)
+        self._count_relays(relay.route)
         log.info(
             "relay disconnected: %s",
             relay.closed_reason,
@@ -280,13 +328,13 @@ class Broker:
     # body message waits (bounded) until the upload finished, so the client can read our answer.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.monotonic()
         ex = _Exchange(request_id_from(scope["headers"]), receive, send)
         fields: dict[str, Any] = {
             "request_id": ex.request_id,
             "method": scope["method"],
             "path": scope["path"],
         }
+        self.in_flight += 1
         try:
             async with trio.open_nursery() as nursery:
                 ex.nursery = nursery
@@ -295,10 +343,38 @@ class Broker:
         finally:
             if ex.stream is not None and not ex.stream.finished:
                 ex.stream.reset(ResetCode.CANCEL, "client went away")
+            self.in_flight -= 1
             fields.setdefault("outcome", "cancelled")
             fields["bytes_in"] = ex.body_size
-            fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            duration = time.monotonic() - ex.started
+            fields["duration_ms"] = round(duration * 1000, 3)
+            if ex.head_at is not None:
+                fields["ttfb_ms"] = round((ex.head_at - ex.started) * 1000, 3)
+            if ex.stream is not None and ex.stream.reset_error is not None:
+                code = ex.stream.reset_error.code
+                if code != ResetCode.NO_ERROR:
+                    ex.reset_code = code
+            self._account(ex, fields, duration)
             log_request("broker", fields)
+
+    def _count_relays(self, route: str) -> None:
+        self.metrics.relay_connected.labels("broker", route).set(len(self.registry.relays(route)))
+
+    def _account(self, ex: _Exchange, fields: dict[str, Any], duration: float) -> None:
+        m, route = self.metrics, fields.get("route", DEFAULT_ROUTE)
+        status = fields.get("status")
+        outcome = fields["outcome"]
+        m.requests.labels("broker", route, status_class(status), outcome).inc()
+        m.duration.labels("broker", route).observe(duration)
+        if ex.head_at is not None:
+            m.ttfb.labels("broker", route).observe(ex.head_at - ex.started)
+        m.bytes.labels("broker", "in").inc(ex.body_size)
+        m.bytes.labels("broker", "out").inc(fields.get("bytes_out", 0))
+        if ex.reset_code is not None:
+            m.resets.labels("broker", reset_reason(ex.reset_code)).inc()
+        error = outcome not in ("ok", "client_gone") or (status or 0) >= 500
+        ttfb = ex.head_at - ex.started if ex.head_at is not None else None
+        self.stats.add(duration, ttfb, error)
 
     def _start_reader(self, ex: _Exchange) -> None:
         if not ex.reader_started:
@@ -358,6 +434,7 @@ class Broker:
         retry_after: int | None = None,
     ) -> str:
         fields["status"] = status
+        ex.head_at = time.monotonic()
         s, h, body = error_response(status, message, ex.request_id, retry_after=retry_after)
         if not ex.body_done:
             h.append((b"connection", b"close"))
@@ -413,6 +490,7 @@ class Broker:
                     "the LLM behind this route is not ready; retry later",
                     retry_after=RETRY_AFTER_NOT_READY,
                 )
+            waited = time.monotonic()
             try:
                 relay = await self.registry.acquire(route, self.queue_timeout)
             except QueueFull:
@@ -423,6 +501,7 @@ class Broker:
                     "too many requests are waiting for this route; retry later",
                     retry_after=1,
                 )
+            self.metrics.queue_wait.labels("broker", route).observe(time.monotonic() - waited)
             if relay is None:
                 return await self._error(
                     ex,
@@ -491,6 +570,7 @@ class Broker:
                 ex, fields, status, message, retry_after=1 if status == 503 else None
             )
         fields["status"] = head.status
+        ex.head_at = time.monotonic()
         send = ex.send
         await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
         try:
@@ -513,11 +593,14 @@ class _Exchange:
         "body_finished",
         "body_size",
         "client_gone",
+        "head_at",
         "nursery",
         "reader_started",
         "receive",
         "request_id",
+        "reset_code",
         "send",
+        "started",
         "stream",
         "too_large",
     )
@@ -534,6 +617,9 @@ class _Exchange:
         self.reader_started = False
         self.client_gone = False
         self.too_large = False
+        self.started = time.monotonic()
+        self.head_at: float | None = None
+        self.reset_code: int | None = None
 
 
 def _client(scope: Scope) -> str:

@@ -21,7 +21,6 @@ import attrs
 import httpx
 import trio
 
-from . import __version__
 from ._broker import Broker
 from ._config import Config, ConnectorConfig, load_config, parse_hostport
 from ._connector import Connector
@@ -29,6 +28,7 @@ from ._errors import ConfigError
 from ._keys import SecretStore
 from ._observe import setup_logging
 from ._testmodel import MODEL_ID, TestModel
+from ._version import __version__
 
 log = logging.getLogger("trio_bridge.cli")
 
@@ -240,6 +240,7 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
                 broker=attrs.evolve(
                     config.broker,
                     listen=f"127.0.0.1:{args.port}",
+                    admin_listen="127.0.0.1:0",
                     connector_tokens_file="tokens.toml",
                 ),
             )
@@ -256,6 +257,7 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
                     broker_urls=[f"ws://{bhost}:{bport}{config.broker.relay_path}"],
                     local_url=local_url,
                     name="demo-connector",
+                    admin_listen="127.0.0.1:0",
                     api_keys_file="keys.toml",
                 ),
             )
@@ -263,10 +265,13 @@ async def _demo(config: Config, args: argparse.Namespace) -> None:
             nursery.start_soon(connector.run)
             with trio.fail_after(10):
                 await connector.connected.wait()
-            _print_demo(f"http://{bhost}:{bport}", api_key, model_id, label)
+            admins = [broker.admin_address, connector.admin_address]
+            _print_demo(f"http://{bhost}:{bport}", api_key, model_id, label, admins)
 
 
-def _print_demo(base: str, key: str, model: str, label: str) -> None:
+def _print_demo(
+    base: str, key: str, model: str, label: str, admins: list[tuple[str, int] | None]
+) -> None:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
     stream_body = json.dumps(
         {"model": model, "stream": True, "messages": [{"role": "user", "content": "count to 20"}]}
@@ -277,6 +282,11 @@ def _print_demo(base: str, key: str, model: str, label: str) -> None:
         f"'content': 'Say hello'}}]).choices[0].message.content)"
     )
     hdrs = f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json'"
+    admin_text = ", ".join(
+        f"{role} http://{a[0]}:{a[1]}/status"
+        for role, a in zip(("broker", "connector"), admins, strict=True)
+        if a is not None
+    )
     print(
         f"""
 trio-bridge demo is running: broker + connector on loopback, serving {label}.
@@ -292,6 +302,8 @@ Try it (paste into another terminal):
   curl -sSN {base}/v1/chat/completions {hdrs} -d '{stream_body}'
 
   python -c "{py}"
+
+Health and metrics: {admin_text}
 
 Press Ctrl-C to stop.
 """,

@@ -80,6 +80,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def _check_hostport(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "" and attribute.name == "admin_listen":
+        return  # "" turns the admin endpoint off
     try:
         parse_hostport(value)
     except ValueError as exc:

@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import trio
 
+from ._admin import AdminApp
+from ._asgi import serve_app
 from ._backoff import Backoff
 from ._config import Config
 from ._errors import ConfigError, RelayClosed, StreamReset
@@ -35,9 +37,11 @@ from ._http import (
     strip_hop_by_hop,
 )
 from ._keys import SecretStore
-from ._observe import log_request
+from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
 from ._protocol import ResponseHead, Session
 from ._relay import Relay, RelayStream, TrioWebSocketTransport
+from ._usage import UsageSniffer
+from ._version import __version__
 
 log = logging.getLogger("trio_bridge.connector")
 
@@ -105,6 +109,16 @@ class Connector:
         self.llm_last_error = "not probed yet"
         self._stop = trio.Event()
         self._probe_now = trio.Event()
+        self.started = time.time()
+        self.admin_address: tuple[str, int] | None = None
+        self.metrics = Metrics("connector")
+        self.stats = RecentStats()
+        self.usage: dict[str, dict[str, list[int]]] = {}  # key id → model → [prompt, completion]
+        self.relay_states: dict[str, dict[str, Any]] = {
+            url: {"state": "connecting", "since": self.started, "last_error": "", "reconnects": 0}
+            for url in c.broker_urls
+        }
+        self.metrics.in_flight.labels("connector").set_function(lambda: self.in_flight)
         self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -148,10 +162,51 @@ class Connector:
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.relays.values())
 
+    def ready(self) -> bool:
+        """Relay up to at least one broker AND the LLM answers (and not draining)."""
+        return bool(self.relays) and self.llm_ready and not self.draining
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "connector",
+            "version": __version__,
+            "name": self.name,
+            "route": self.config.connector.route,
+            "ready": self.ready(),
+            "draining": self.draining,
+            "started": self.started,
+            "llm": {
+                "url": self.local_url,
+                "up": self.llm_ready,
+                "since": self.llm_state_since,
+                "last_error": self.llm_last_error,
+            },
+            "relays": [
+                {
+                    "broker": url,
+                    **state,
+                    "in_flight": r.in_flight if (r := self.relays.get(url)) else 0,
+                }
+                for url, state in self.relay_states.items()
+            ],
+            "in_flight": self.in_flight,
+            "max_concurrent": self.config.connector.max_concurrent,
+            "recent": self.stats.summary(),
+            "tokens": {
+                key: {model: {"prompt": p, "completion": c} for model, (p, c) in models.items()}
+                for key, models in self.usage.items()
+            },
+        }
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep one relay per broker URL until :meth:`stop` or cancellation."""
         try:
             async with trio.open_nursery() as outer:
+                if self.config.connector.admin_listen:
+                    admin = AdminApp(self.metrics, self.ready, self.status)
+                    self.admin_address = await outer.start(
+                        serve_app, admin, self.config.connector.admin_listen
+                    )
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     self._set_llm(*await self._probe_llm())
                 outer.start_soon(self._watch_llm)
@@ -184,6 +239,7 @@ class Connector:
         if up == self.llm_ready and self.llm_last_error != "not probed yet":
             return
         self.llm_ready = up
+        self.metrics.upstream_up.labels("connector").set(1 if up else 0)
         self.llm_state_since = time.time()
         self.llm_last_error = "" if up else reason
         if up:
@@ -262,6 +318,12 @@ class Connector:
                             if self.draining:
                                 relay.send_goaway("connector draining")
                             self.connected.set()
+                            st = self.relay_states[url]
+                            if st["state"] != "connecting":
+                                st["reconnects"] += 1
+                                self.metrics.reconnects.labels("connector", url).inc()
+                            st.update(state="connected", since=time.time())
+                            self.metrics.relay_connected.labels("connector", url).set(1)
                             log.info("relay connected", extra={"broker": url})
                     self.relays.pop(url, None)
                     reason = reason or relay.closed_reason or "closed"
@@ -284,6 +346,11 @@ class Connector:
                 log.info("relay closed: %s", reason, extra={"broker": url})
                 return
             delay = delay_policy.next_delay()
+            st = self.relay_states[url]
+            if st["state"] == "connected" or not st["last_error"]:
+                st["since"] = time.time()
+            st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
+            self.metrics.relay_connected.labels("connector", url).set(0)
             log.warning(
                 "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
             )
@@ -300,17 +367,75 @@ class Connector:
             "method": head.method,
             "path": head.target.split("?", 1)[0],
         }
+        fields["_t0"] = started
         try:
             fields["outcome"] = await self._forward(stream, fields)
         finally:
             if "outcome" not in fields:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
                 fields["outcome"] = _CANCEL_OUTCOME.get(code, "cancelled")
-            fields["duration_ms"] = round((time.monotonic() - started) * 1000, 3)
+            duration = time.monotonic() - started
+            fields["duration_ms"] = round(duration * 1000, 3)
+            fields["bytes_in"] = stream.bytes_received
             fields["bytes_out"] = stream.bytes_sent
+            reset_code = None
             if stream.reset_error is not None and stream.reset_error.code != ResetCode.NO_ERROR:
                 fields["reset"] = stream.reset_error.reason
+                reset_code = stream.reset_error.code
+            head_at = fields.pop("_head_at", None)
+            if head_at is not None:
+                fields["ttfb_ms"] = round((head_at - started) * 1000, 3)
+            self._account(fields, duration, head_at, reset_code, stream)
             log_request("connector", fields)
+
+    def _account(
+        self,
+        fields: dict[str, Any],
+        duration: float,
+        head_at: float | None,
+        reset_code: int | None,
+        stream: RelayStream,
+    ) -> None:
+        m, route = self.metrics, self.config.connector.route
+        status, outcome = fields.get("status"), fields["outcome"]
+        m.requests.labels("connector", route, status_class(status), outcome).inc()
+        m.duration.labels("connector", route).observe(duration)
+        ttfb = head_at - fields["_t0"] if head_at is not None else None
+        if ttfb is not None:
+            m.ttfb.labels("connector", route).observe(ttfb)
+        m.bytes.labels("connector", "in").inc(stream.bytes_received)
+        m.bytes.labels("connector", "out").inc(stream.bytes_sent)
+        if reset_code is not None:
+            m.resets.labels("connector", reset_reason(reset_code)).inc()
+        if status == 401 and outcome == "bridge_error":
+            m.auth_failures.labels("connector").inc()
+        error = outcome not in ("ok", "client_gone") or (status or 0) >= 500
+        self.stats.add(duration, ttfb, error)
+        del fields["_t0"]
+
+    def _count_usage(
+        self,
+        key_id: str,
+        sniffer: UsageSniffer,
+        t0: float,
+        first_chunk: float | None,
+        last_chunk: float | None,
+        streamed: bool,
+    ) -> None:
+        sniffer.finish()
+        p, c = sniffer.prompt_tokens, sniffer.completion_tokens
+        model = self.metrics.model_label(sniffer.model or "unknown")
+        if p is not None and c is not None:
+            self.metrics.tokens.labels(key_id, model, "prompt").inc(p)
+            self.metrics.tokens.labels(key_id, model, "completion").inc(c)
+            per_key = self.usage.setdefault(key_id, {})
+            counts = per_key.setdefault(model, [0, 0])
+            counts[0] += p
+            counts[1] += c
+        if streamed and first_chunk is not None:
+            self.metrics.ttft.labels(model).observe(first_chunk - t0)
+            if c is not None and c > 1 and last_chunk is not None and last_chunk > first_chunk:
+                self.metrics.tps.labels(model).observe(c / (last_chunk - first_chunk))
 
     async def _reply_error(
         self, stream: RelayStream, fields: dict[str, Any], status: int, message: str
@@ -377,10 +502,16 @@ class Connector:
             )
 
         fields["status"] = response.status_code
+        fields["_head_at"] = time.monotonic()
         try:
-            resp_headers = strip_hop_by_hop(response.headers.raw, also=_DROP_DOWNSTREAM)
+            raw_headers = response.headers.raw
+            resp_headers = strip_hop_by_hop(raw_headers, also=_DROP_DOWNSTREAM)
             resp_headers.append((REQUEST_ID, head.request_id.encode()))
             await stream.send_response(ResponseHead(response.status_code, resp_headers))
+            sniffer = UsageSniffer(
+                header(raw_headers, b"content-type"), header(raw_headers, b"content-encoding")
+            )
+            first_chunk = last_chunk = None
             chunks = response.aiter_raw()
             idle = float(limits.idle_timeout)
             while True:
@@ -389,8 +520,22 @@ class Connector:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
+                last_chunk = time.monotonic()
+                if first_chunk is None:
+                    first_chunk = last_chunk
+                if sniffer.active:
+                    sniffer.feed(chunk)
                 await stream.send_data(chunk)
             await stream.end()
+            if sniffer.active:
+                self._count_usage(
+                    entry.id,
+                    sniffer,
+                    fields["_t0"],
+                    first_chunk,
+                    last_chunk,
+                    streamed=sniffer._kind != "json",
+                )
             return "ok"
         except trio.TooSlowError:
             stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections import deque
 from typing import Any
 
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -73,3 +74,191 @@ def log_request(role: str, fields: dict[str, Any]) -> None:
     if request_log.isEnabledFor(logging.INFO):
         fields["role"] = role
         request_log.info("request", extra=fields)
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+# Buckets that suit LLM traffic: a few ms (errors, cached answers) up to ten minutes (long
+# generations).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFB_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+MAX_LABEL_VALUES = 50  # per free-form label (model names): beyond, "other"
+
+
+def status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+_RESET_REASONS = {
+    0: "none",
+    1: "protocol",
+    2: "internal",
+    3: "client_gone",
+    4: "refused",
+    5: "timeout",
+    6: "upstream_error",
+    7: "protocol",
+    8: "shutdown",
+    9: "too_large",
+    10: "relay_lost",
+}
+
+
+def reset_reason(code: int) -> str:
+    """A bounded metric label for a reset code (see ``_frames.ResetCode``)."""
+    return _RESET_REASONS.get(code, "other")
+
+
+class Metrics:
+    """Prometheus metrics of one role instance (its own registry: several roles can live in one
+    process, as in tests). Label values are bounded: no paths, no secrets, no request ids."""
+
+    def __init__(self, role: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.role = role
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "trio_bridge_requests",
+            "Requests finished, by route, status class and outcome.",
+            ["role", "route", "status_class", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "trio_bridge_request_duration_seconds",
+            "Time from request to last response byte.",
+            ["role", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "trio_bridge_time_to_first_byte_seconds",
+            "Time from request to response head.",
+            ["role", "route"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "trio_bridge_in_flight_requests", "Requests in flight.", ["role"], registry=r
+        )
+        self.bytes = Counter(
+            "trio_bridge_body_bytes",
+            "Body bytes: in = request bodies, out = response bodies.",
+            ["role", "direction"],
+            registry=r,
+        )
+        self.resets = Counter(
+            "trio_bridge_resets",
+            "Streams ended abnormally, by reason.",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "trio_bridge_auth_failures",
+            "Refused API keys (connector) or connector tokens (broker).",
+            ["role"],
+            registry=r,
+        )
+        self.relay_connected = Gauge(
+            "trio_bridge_relay_connected",
+            "1 while the relay to this broker is up (connector); relays held per route (broker).",
+            ["role", "peer"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "trio_bridge_relay_reconnects",
+            "Relays re-established after a loss.",
+            ["role", "peer"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "trio_bridge_queue_wait_seconds",
+            "Time a request waited for a connector (broker).",
+            ["role", "route"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.queued = Gauge(
+            "trio_bridge_queued_requests",
+            "Requests waiting for a connector (broker).",
+            ["role"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "trio_bridge_upstream_up",
+            "1 while the LLM answers its health probe (connector).",
+            ["role"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "trio_bridge_llm_tokens",
+            "Tokens reported by the LLM, per API key id and model.",
+            ["key_id", "model", "kind"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "trio_bridge_time_to_first_token_seconds",
+            "Time to the first streamed chunk, by model (connector).",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.tps = Histogram(
+            "trio_bridge_tokens_per_second",
+            "Completion tokens per second of streamed answers, by model (connector).",
+            ["model"],
+            buckets=TPS_BUCKETS,
+            registry=r,
+        )
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        model = model[:64]
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_LABEL_VALUES:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return bytes(generate_latest(self.registry))
+
+
+class RecentStats:
+    """Requests of the last ``window`` seconds: count, error rate, latency percentiles."""
+
+    def __init__(self, window: float = 300.0, maxlen: int = 20000) -> None:
+        self.window = window
+        self._items: deque[tuple[float, float, float | None, bool]] = deque(maxlen=maxlen)
+
+    def add(self, duration: float, ttfb: float | None, error: bool) -> None:
+        self._items.append((time.monotonic(), duration, ttfb, error))
+
+    def summary(self) -> dict[str, Any]:
+        cutoff = time.monotonic() - self.window
+        items = [i for i in self._items if i[0] >= cutoff]
+        durations = sorted(i[1] for i in items)
+        ttfbs = sorted(i[2] for i in items if i[2] is not None)
+        errors = sum(1 for i in items if i[3])
+
+        def pcts(values: list[float]) -> dict[str, float | None]:
+            def p(q: float) -> float | None:
+                if not values:
+                    return None
+                return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 3)
+
+            return {"p50_ms": p(0.50), "p95_ms": p(0.95), "p99_ms": p(0.99)}
+
+        return {
+            "window_s": self.window,
+            "requests": len(items),
+            "errors": errors,
+            "error_rate": round(errors / len(items), 4) if items else 0.0,
+            "latency": pcts(durations),
+            "time_to_first_byte": pcts(ttfbs),
+        }

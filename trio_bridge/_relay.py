@@ -351,6 +351,7 @@ class Relay:
         self.session = session
         self.name = name
         self.token_id = ""  # broker side: the id of the connector token that opened it
+        self.connected_since: float | None = None
         self.route = route
         self.local_ready = ready
         self.capacity = capacity  # ours (connector) until the hello; then the peer's (broker)

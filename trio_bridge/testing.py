@@ -121,8 +121,14 @@ class Lab:
         """A config with test-friendly defaults (short pings and queue), then the overrides."""
         return Config(
             base_dir=str(self.dir),
-            broker=_section(BrokerConfig, {"queue_timeout": "2s", **(broker or {})}, "broker"),
-            connector=_section(ConnectorConfig, connector, "connector"),
+            broker=_section(
+                BrokerConfig,
+                {"queue_timeout": "2s", "admin_listen": "127.0.0.1:0", **(broker or {})},
+                "broker",
+            ),
+            connector=_section(
+                ConnectorConfig, {"admin_listen": "127.0.0.1:0", **(connector or {})}, "connector"
+            ),
             limits=_section(LimitsConfig, limits, "limits"),
             relay=_section(RelayConfig, {"ping_interval": "5s", **(relay or {})}, "relay"),
         )

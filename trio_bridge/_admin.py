@@ -1,0 +1,58 @@
+"""The admin endpoint of a role (``admin_listen``, loopback by default; never the public port).
+
+``GET /healthz``  200 while the process runs.
+``GET /readyz``   200 when the role can serve (broker: serving, not draining; connector: a relay
+                  to at least one broker is up AND the LLM answers), else 503.
+``GET /status``   JSON: connections with state and since when, in-flight, recent latency.
+``GET /metrics``  Prometheus text (prometheus-client).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ._asgi import Receive, Scope, Send, lifespan, send_simple
+from ._observe import Metrics
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+class AdminApp:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.metrics = metrics
+        self.ready = ready
+        self.status = status
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_simple(send, 405, _JSON, b'{"error": "method not allowed"}')
+        elif path == "/healthz":
+            await send_simple(send, 200, _JSON, b'{"status": "alive"}')
+        elif path == "/readyz":
+            ok = self.ready()
+            body = json.dumps({"ready": ok}).encode()
+            await send_simple(send, 200 if ok else 503, _JSON, body)
+        elif path == "/status":
+            body = json.dumps(self.status(), indent=1).encode()
+            await send_simple(send, 200, _JSON, body)
+        elif path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            await send_simple(
+                send, 200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], self.metrics.render()
+            )
+        else:
+            await send_simple(send, 404, _JSON, b'{"error": "not found"}')
