@@ -13,6 +13,7 @@ import math
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         "--test-model", action="store_true", help="always use the built-in test model"
     )
     cmd("check", "validate the config and probe the LLM and the broker")
+    st = cmd("status", "show a running role's state (from its admin endpoint)")
+    st.add_argument(
+        "--role",
+        choices=("broker", "connector"),
+        help="which role's admin_listen to ask (default: whichever answers)",
+    )
+    st.add_argument("--url", help="admin base URL, e.g. http://127.0.0.1:9181")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
     for store, what in (
         ("keys", "users' API keys (connector side)"),
         ("tokens", "connector tokens (broker side)"),
@@ -86,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "check":
             return trio.run(_check, config)
+        if args.command == "status":
+            return _status(config, args)
         if args.command == "broker":
             broker = Broker(config)
             trio.run(_run_until_signal, lambda: broker.serve())
@@ -130,6 +141,87 @@ async def _run_until_signal(
         nursery.start_soon(watch)
         await fn()
         nursery.cancel_scope.cancel()
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    if args.url:
+        targets = [args.url.rstrip("/")]
+    else:
+        listens = {"broker": config.broker.admin_listen, "connector": config.connector.admin_listen}
+        roles = [args.role] if args.role else ["connector", "broker"]
+        targets = [f"http://{listens[r]}" for r in roles if listens[r]]
+    shown = 0
+    for base in targets:
+        try:
+            r = httpx.get(base + "/status", timeout=3, trust_env=False)
+            doc = r.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            if args.role or args.url:
+                print(f"{base}: not answering ({type(exc).__name__})", file=sys.stderr)
+            continue
+        shown += 1
+        print(json.dumps(doc, indent=1) if args.json else format_status(doc))
+    if not shown:
+        print("no role answered at " + ", ".join(targets), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms"
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0, int(time.time() - ts))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """A compact human view of a role's /status document."""
+    lines = []
+    recent = doc.get("recent", {})
+    lat, ttfb = recent.get("latency", {}), recent.get("time_to_first_byte", {})
+    lines.append(
+        f"{doc.get('role', '?')} {doc.get('name', '')} v{doc.get('version', '?')}  "
+        f"{'READY' if doc.get('ready') else 'NOT READY'}  in flight {doc.get('in_flight', 0)}"
+        + (f"  queued {doc['queued']}" if "queued" in doc else "")
+        + f"  up {_ago(doc.get('started'))}"
+    )
+    lines.append(
+        f"last {int(recent.get('window_s', 0) // 60)} min: {recent.get('requests', 0)} requests, "
+        f"error rate {recent.get('error_rate', 0) * 100:.1f}%, latency p50/p95/p99 "
+        f"{_ms(lat.get('p50_ms'))}/{_ms(lat.get('p95_ms'))}/{_ms(lat.get('p99_ms'))}, "
+        f"first byte p50/p95/p99 {_ms(ttfb.get('p50_ms'))}/{_ms(ttfb.get('p95_ms'))}/"
+        f"{_ms(ttfb.get('p99_ms'))}"
+    )
+    if "llm" in doc:
+        llm = doc["llm"]
+        state = "up" if llm.get("up") else f"DOWN ({llm.get('last_error', '')})"
+        lines.append(f"LLM {llm.get('url')}: {state} for {_ago(llm.get('since'))}")
+    for relay in doc.get("relays", []):
+        err = f"  last error: {relay['last_error']}" if relay.get("last_error") else ""
+        lines.append(
+            f"relay {relay['broker']}: {relay['state']} for {_ago(relay.get('since'))}, "
+            f"reconnects {relay.get('reconnects', 0)}, in flight {relay.get('in_flight', 0)}{err}"
+        )
+    for route, conns in doc.get("routes", {}).items():
+        for c in conns:
+            flags = ("ready" if c.get("ready") else "NOT READY") + (
+                " draining" if c.get("draining") else ""
+            )
+            lines.append(
+                f"route {route}: {c['connector']} ({flags}) in flight {c['in_flight']}/"
+                f"{c['capacity']}, connected {_ago(c.get('connected_since'))}"
+            )
+    for key, models in doc.get("tokens", {}).items():
+        for model, t in models.items():
+            lines.append(
+                f"tokens key {key} model {model}: prompt {t['prompt']}, "
+                f"completion {t['completion']}"
+            )
+    return "\n".join(lines)
 
 
 def _store_command(config: Config, store: str, action: str, name: str | None) -> int:

@@ -37,7 +37,14 @@ from ._http import (
     strip_hop_by_hop,
 )
 from ._keys import SecretStore
-from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
+from ._observe import (
+    Metrics,
+    RecentStats,
+    log_request,
+    quiet_third_party_loggers,
+    reset_reason,
+    status_class,
+)
 from ._protocol import ResponseHead, Session
 from ._relay import Relay, RelayStream, TrioWebSocketTransport
 from ._usage import UsageSniffer
@@ -80,6 +87,7 @@ class Connector:
         upstream_key: str | None = None,
     ) -> None:
         c = config.connector
+        quiet_third_party_loggers()
         self.config = config
         self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
         if token is None:

@@ -64,7 +64,12 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) ->
     root.setLevel(level.upper())
     # hypercorn's own info lines ("Running on ...") are noise next to ours
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, root.level))
-    # httpx logs every request URL (query string included) at INFO: never wanted here
+    quiet_third_party_loggers()
+
+
+def quiet_third_party_loggers() -> None:
+    """httpx logs every request URL (query strings included, where users sometimes put keys)
+    at INFO, and trio-websocket logs handshake details at DEBUG: keep them to warnings."""
     for noisy in ("httpx", "httpcore", "trio-websocket", "trio_websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
