@@ -247,6 +247,16 @@ class Bridge:
     def keys(self) -> SecretStore:
         return self.lab.keys
 
+    @property
+    def broker_admin_url(self) -> str:
+        host, port = self.broker.admin_address or ("", 0)
+        return f"http://{host}:{port}"
+
+    @property
+    def connector_admin_url(self) -> str:
+        host, port = self.connector.admin_address or ("", 0)
+        return f"http://{host}:{port}"
+
     async def restart_broker(self, down_for: float = 0.0) -> None:
         """Crash the broker, wait ``down_for`` seconds, start it again on the same port; returns
         once the connector has reconnected."""
