@@ -40,6 +40,7 @@ from ._keys import SecretStore
 from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
 from ._protocol import RequestHead, Session
 from ._relay import AsgiWebSocketTransport, Relay, RelayStream
+from ._service import Notifier
 from ._version import __version__
 
 log = logging.getLogger("trio_bridge.broker")
@@ -198,6 +199,36 @@ class Broker:
         self.stats = RecentStats()
         self.metrics.in_flight.labels("broker").set_function(lambda: self.in_flight)
         self.metrics.queued.labels("broker").set_function(lambda: self.registry.queued)
+        self.notifier = Notifier()
+        self._stop = trio.Event()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful stop: new requests get 503 (readyz too), in-flight ones run to completion
+        for up to ``grace`` (``shutdown_grace``), the rest are reset with reason "shutdown",
+        then :meth:`serve` returns."""
+        if grace is None:
+            grace = float(self.config.limits.shutdown_grace)
+        self.draining = True
+        self.notifier.stopping(f"draining; {self.in_flight} in flight")
+        log.info("draining: refusing new requests; %d in flight", self.in_flight)
+        with trio.move_on_after(grace):
+            while self.in_flight:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        if self.in_flight:
+            log.warning("grace period over: aborting %d requests", self.in_flight)
+        for relay in self.registry.relays():
+            relay.reset_all(ResetCode.SHUTDOWN, "broker shutting down")
+        await trio.sleep(0.05)  # let the aborts reach their clients
+        self._stop.set()
+
+    def status_line(self) -> str:
+        relays = self.registry.relays()
+        ready = sum(1 for r in relays if r.peer_ready)
+        state = "draining" if self.draining else "serving"
+        return (
+            f"{state}; {len(relays)} connectors ({ready} ready); in flight {self.in_flight}; "
+            f"queued {self.registry.queued}"
+        )
 
     def ready(self) -> bool:
         return not self.draining
@@ -243,7 +274,11 @@ class Broker:
                     serve_app, admin, self.config.broker.admin_listen
                 )
             addr = await nursery.start(serve_app, self, listen or self.config.broker.listen)
+            self.notifier.ready(self.status_line())
+            nursery.start_soon(self.notifier.watchdog_loop, self.status_line)
             task_status.started(addr)
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
 
     async def _watch_tokens(self) -> None:
         """Close relays whose connector token was revoked (checked every second)."""
@@ -329,6 +364,21 @@ class Broker:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = _Exchange(request_id_from(scope["headers"]), receive, send)
+        if self.draining:
+            refused: dict[str, Any] = {
+                "request_id": ex.request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "outcome": "bridge_error",
+            }
+            async with trio.open_nursery() as nursery:
+                ex.nursery = nursery
+                await self._error(
+                    ex, refused, 503, "the broker is shutting down; retry", retry_after=1
+                )
+                nursery.cancel_scope.cancel()
+            log_request("broker", refused)
+            return
         fields: dict[str, Any] = {
             "request_id": ex.request_id,
             "method": scope["method"],

@@ -10,9 +10,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ import attrs
 import httpx
 import trio
 
+from . import _service as service
 from ._broker import Broker
 from ._config import Config, ConnectorConfig, load_config, parse_hostport
 from ._connector import Connector
@@ -58,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         "--test-model", action="store_true", help="always use the built-in test model"
     )
     cmd("check", "validate the config and probe the LLM and the broker")
+    sv = sub.add_parser(
+        "service",
+        help="install, remove or print a systemd unit / launchd plist",
+        description="Install, remove or print the service definition of a role.",
+    )
+    sv.add_argument("action", choices=("install", "uninstall", "print"))
+    sv.add_argument("role", choices=("broker", "connector"))
+    sv.add_argument("-c", "--config", help="the role's bridge.toml (absolute path recommended)")
+    sv.add_argument(
+        "--user", action="store_true", help="a per-user service (systemctl --user / LaunchAgent)"
+    )
+    sv.add_argument(
+        "--root", help="write under this directory and run no service manager (packaging, tests)"
+    )
     st = cmd("status", "show a running role's state (from its admin endpoint)")
     st.add_argument(
         "--role",
@@ -97,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(_check, config)
         if args.command == "status":
             return _status(config, args)
+        grace = float(config.limits.shutdown_grace)
+        if args.command == "service":
+            return _service_command(config, args)
         if args.command == "broker":
             broker = Broker(config)
-            trio.run(_run_until_signal, lambda: broker.serve())
+            trio.run(_run_until_signal, lambda: broker.serve(), broker.drain, grace)
         elif args.command == "connector":
             connector = Connector(config)
-            grace = float(config.limits.shutdown_grace)
             trio.run(_run_until_signal, connector.run, connector.drain, grace)
         elif args.command == "demo":
             trio.run(_run_until_signal, lambda: _demo(config, args))
@@ -134,13 +154,55 @@ async def _run_until_signal(
                         log.info("received %s; stopping now", name)
                         break
                     log.info("received %s; draining (again to stop now)", name)
-                    nursery.cancel_scope.deadline = trio.current_time() + grace + 10
+                    nursery.cancel_scope.deadline = trio.current_time() + grace + 3
+                    _backstop(grace + 6)
                     nursery.start_soon(graceful)
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
         await fn()
         nursery.cancel_scope.cancel()
+
+
+def _backstop(seconds: float) -> None:
+    """End the process after ``seconds`` even if the event loop cannot (a peer that stopped
+    reading can hold hypercorn's shielded send forever)."""
+
+    def hard_stop() -> None:
+        log.error("shutdown did not finish in %.0fs: hard stop", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, hard_stop)
+    timer.daemon = True
+    timer.start()
+
+
+def _service_command(config: Config, args: argparse.Namespace) -> int:
+    if args.config is None and args.action != "uninstall":
+        raise ConfigError("service: -c/--config is required (the unit runs with that file)")
+    root = Path(args.root) if args.root else None
+    grace = float(config.limits.shutdown_grace)
+    if args.action == "print":
+        sys.stdout.write(
+            service.render(
+                args.role, str(Path(args.config).resolve()), user=args.user, shutdown_grace=grace
+            ).decode()
+        )
+        return 0
+    try:
+        if args.action == "install":
+            path = service.install(
+                args.role, args.config, user=args.user, root=root, shutdown_grace=grace
+            )
+            print(f"installed {path}")
+        else:
+            path = service.uninstall(args.role, user=args.user, root=root)
+            print(f"removed {path}")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"trio-bridge: service {args.action} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _status(config: Config, args: argparse.Namespace) -> int:

@@ -178,6 +178,10 @@ class ConnectorConfig:
     #: LLM health probe: any HTTP answer below 500 means "up"
     health_path: str = "/v1/models"
     health_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
+    #: tell systemd READY=1 once the first relay is up ("relay") or at once ("start")
+    notify_ready: str = attrs.field(
+        default="relay", validator=attrs.validators.in_(("relay", "start"))
+    )
 
 
 @attrs.frozen(kw_only=True)

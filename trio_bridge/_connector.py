@@ -47,6 +47,7 @@ from ._observe import (
 )
 from ._protocol import ResponseHead, Session
 from ._relay import Relay, RelayStream, TrioWebSocketTransport
+from ._service import Notifier
 from ._usage import UsageSniffer
 from ._version import __version__
 
@@ -127,6 +128,8 @@ class Connector:
             for url in c.broker_urls
         }
         self.metrics.in_flight.labels("connector").set_function(lambda: self.in_flight)
+        self.notifier = Notifier()
+
         self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -140,6 +143,12 @@ class Connector:
             trust_env=False,
             follow_redirects=False,
         )
+
+    def status_line(self) -> str:
+        n = len(self.config.connector.broker_urls)
+        state = "draining; " if self.draining else ""
+        llm = "up" if self.llm_ready else "DOWN"
+        return f"{state}relays {len(self.relays)}/{n} up; LLM {llm}; in flight {self.in_flight}"
 
     def stop(self) -> None:
         """Close every relay cleanly (WebSocket close handshake) and make ``run`` return.
@@ -161,9 +170,15 @@ class Connector:
         log.info("draining: no new requests; waiting for %d in flight", self.in_flight)
         for relay in list(self.relays.values()):
             relay.send_goaway("connector draining")
+        self.notifier.stopping(f"draining; {self.in_flight} in flight")
         with trio.move_on_after(grace):
             while self.in_flight:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+        if self.in_flight:
+            log.warning("grace period over: aborting %d requests", self.in_flight)
+        for relay in list(self.relays.values()):
+            relay.reset_all(ResetCode.SHUTDOWN, "connector shutting down")
+        await trio.sleep(0.05)  # let the resets reach the brokers
         self.stop()
 
     @property
@@ -218,6 +233,9 @@ class Connector:
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     self._set_llm(*await self._probe_llm())
                 outer.start_soon(self._watch_llm)
+                outer.start_soon(self.notifier.watchdog_loop, self.status_line)
+                if self.config.connector.notify_ready == "start":
+                    self.notifier.ready(self.status_line())
                 async with trio.open_nursery() as relays:
                     for url in self.config.connector.broker_urls:
                         relays.start_soon(self.keep_relay, url)
@@ -325,6 +343,8 @@ class Connector:
                                 relay.send_status(ready=self.llm_ready)
                             if self.draining:
                                 relay.send_goaway("connector draining")
+                            if not self.connected.is_set():
+                                self.notifier.ready(self.status_line())
                             self.connected.set()
                             st = self.relay_states[url]
                             if st["state"] != "connecting":

@@ -67,12 +67,16 @@ def secret_id(secret: str) -> str | None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, mode 0600."""
+    """Replace ``path`` with ``data`` atomically, mode 0600. Run as root, the new file keeps the
+    owner of the file it replaces (or of its directory), so a service user can still read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
+        if os.geteuid() == 0:
+            owner = os.stat(path) if path.exists() else os.stat(path.parent)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         os.write(fd, data)
         os.fsync(fd)
     finally:

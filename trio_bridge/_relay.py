@@ -407,6 +407,11 @@ class Relay:
         self._put(frame)
         return stream
 
+    def reset_all(self, code: int, reason: str) -> None:
+        """Reset every open stream (e.g. SHUTDOWN once the drain deadline passed)."""
+        for stream in list(self._streams.values()):
+            stream.reset(code, reason)
+
     def send_status(self, *, ready: bool) -> None:
         self.local_ready = ready
         if self.closed_reason is None and self.session.hello_sent:
