@@ -19,7 +19,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def hypercorn_config(listen: str, *, graceful_timeout: float = 5.0) -> HypercornConfig:
+def hypercorn_config(
+    listen: str, *, graceful_timeout: float = 5.0, max_head: int = 32 * 1024
+) -> HypercornConfig:
     host, port = parse_hostport(listen)
     cfg = HypercornConfig()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -30,6 +32,9 @@ def hypercorn_config(listen: str, *, graceful_timeout: float = 5.0) -> Hypercorn
     cfg.websocket_max_message_size = MAX_MESSAGE + 1024
     cfg.graceful_timeout = graceful_timeout
     cfg.keep_alive_timeout = 75  # longer than typical client pool idle times
+    cfg.h11_max_incomplete_size = max_head  # a bigger request head gets 431
+    cfg.read_timeout = 120  # a connection that sends nothing for this long is closed
+    cfg.keep_alive_max_requests = 100_000
     return cfg
 
 
@@ -39,10 +44,11 @@ async def serve_app(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 5.0,
+    max_head: int = 32 * 1024,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port)."""
-    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout)
+    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, max_head=max_head)
     kwargs: dict[str, Any] = {}
     if shutdown_trigger is not None:
         kwargs["shutdown_trigger"] = shutdown_trigger

@@ -15,10 +15,12 @@ connection is closed without a terminating chunk), so a truncated answer never l
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from functools import partial
 from typing import Any
 
 import trio
@@ -46,6 +48,9 @@ from ._version import __version__
 log = logging.getLogger("trio_bridge.broker")
 
 DEFAULT_ROUTE = "default"
+_FORWARDING = frozenset(
+    {b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-proto"}
+)
 MAX_ATTEMPTS = 3
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -201,6 +206,23 @@ class Broker:
         self.metrics.queued.labels("broker").set_function(lambda: self.registry.queued)
         self.notifier = Notifier()
         self._stop = trio.Event()
+        self.limits = config.limits
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in bc.trusted_proxies]
+        self._token_failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def _token_failures_exceeded(self, addr: str) -> bool:
+        now = time.monotonic()
+        start, n = self._token_failures.get(addr, (now, 0))
+        return now - start < 60 and n >= self.config.broker.max_token_failures
+
+    def _count_token_failure(self, addr: str) -> None:
+        now = time.monotonic()
+        start, n = self._token_failures.pop(addr, (now, 0))
+        if now - start >= 60:
+            start, n = now, 0
+        self._token_failures[addr] = (start, n + 1)
+        while len(self._token_failures) > 10_000:  # bounded memory
+            self._token_failures.popitem(last=False)
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: new requests get 503 (readyz too), in-flight ones run to completion
@@ -273,7 +295,11 @@ class Broker:
                 self.admin_address = await nursery.start(
                     serve_app, admin, self.config.broker.admin_listen
                 )
-            addr = await nursery.start(serve_app, self, listen or self.config.broker.listen)
+            addr = await nursery.start(
+                partial(serve_app, max_head=int(self.config.limits.max_header_bytes)),
+                self,
+                listen or self.config.broker.listen,
+            )
             self.notifier.ready(self.status_line())
             nursery.start_soon(self.notifier.watchdog_loop, self.status_line)
             task_status.started(addr)
@@ -310,9 +336,14 @@ class Broker:
         if scope["path"] != self.relay_path:
             await _deny(send, 404, "not found")
             return
+        addr = peer.rsplit(":", 1)[0]
+        if self._token_failures_exceeded(addr):
+            await _deny(send, 429, "too many refused connector tokens; retry later")
+            return
         token = presented_key(scope["headers"])
         entry = self.tokens.verify(token) if token is not None else None
         if entry is None:
+            self._count_token_failure(addr)
             self.metrics.auth_failures.labels("broker").inc()
             log.warning("relay refused: bad connector token", extra={"peer": peer})
             await _deny(send, 401, "invalid connector token")
@@ -493,10 +524,58 @@ class Broker:
         await self._finish(ex)
         return "bridge_error"
 
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        """A limit the request head breaks, as (status, message), or None."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        lim = self.limits
+        if len(headers) > lim.max_headers:
+            return 431, f"too many header fields (limit {lim.max_headers})"
+        raw_path = scope.get("raw_path") or b""
+        if len(raw_path) + len(scope.get("query_string", b"")) > lim.max_uri:
+            return 414, "request target too long"
+        names = {k.lower() for k, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            return 400, "Content-Length together with Transfer-Encoding"
+        if self.in_flight > lim.max_requests:
+            return 503, "too many requests in progress; retry later"
+        return None
+
+    def _forwarded_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """Hop-by-hop headers out; client-sent forwarding headers only from trusted proxies;
+        our own X-Forwarded-For (the peer's address) and X-Forwarded-Proto added."""
+        headers = strip_hop_by_hop(scope["headers"], also=frozenset({b"host"}))
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        trusted = False
+        if peer and self.trusted:
+            try:
+                ip = ipaddress.ip_address(peer)
+                trusted = any(ip in net for net in self.trusted)
+            except ValueError:
+                trusted = False
+        prior = b""
+        if trusted:
+            prior = b", ".join(v for k, v in headers if k.lower() == b"x-forwarded-for")
+        else:
+            headers = [(k, v) for k, v in headers if k.lower() not in _FORWARDING]
+        headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+        if peer:
+            headers.append((b"x-forwarded-for", (prior + b", " if prior else b"") + peer.encode()))
+        if not trusted or not any(k.lower() == b"x-forwarded-proto" for k, _ in headers):
+            headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-proto"]
+            headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        return headers
+
     async def _forward(self, scope: Scope, ex: _Exchange, fields: dict[str, Any]) -> str:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if scope["path"] == self.relay_path:
             return await self._error(ex, fields, 400, "the relay endpoint needs a WebSocket")
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            status, message = refusal
+            return await self._error(
+                ex, fields, status, message, retry_after=1 if status == 503 else None
+            )
         declared = header(headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             if declared.isdigit():
@@ -522,12 +601,7 @@ class Broker:
 
         route, target = self._route(scope)
         fields["route"] = route
-        head = RequestHead(
-            scope["method"],
-            target,
-            strip_hop_by_hop(headers, also=frozenset({b"host"})),
-            ex.request_id,
-        )
+        head = RequestHead(scope["method"], target, self._forwarded_headers(scope), ex.request_id)
         first = b"".join(body_parts)
         # A stream the connector REFUSED was never processed: safe to send elsewhere, as long as
         # we still hold the whole body.

@@ -123,6 +123,14 @@ def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> N
 @attrs.frozen(kw_only=True)
 class LimitsConfig:
     max_body: Size = Size(16 * 1024**2)
+    #: request head (request line + headers) in bytes: 431 beyond (broker)
+    max_header_bytes: Size = attrs.field(default=Size(32 * 1024), validator=_positive)
+    max_headers: int = attrs.field(default=100, validator=_positive)  # 431 beyond
+    max_uri: Size = attrs.field(default=Size(8 * 1024), validator=_positive)  # 414 beyond
+    #: public requests in progress at once (broker): 503 beyond
+    max_requests: int = attrs.field(default=1000, validator=_positive)
+    #: a client that reads nothing for this long while its answer waits is cut (connector)
+    stall_timeout: Duration = attrs.field(default=Duration(60), validator=_positive)
     connect_timeout: Duration = Duration(5)
     first_byte_timeout: Duration = Duration(300)
     idle_timeout: Duration = Duration(120)
@@ -158,6 +166,11 @@ class BrokerConfig:
     queue_when_not_ready: bool = False
     #: with "example.com", a request for Host gpu1.example.com goes to route "gpu1"
     route_domain: str = ""
+    #: proxies (IPs or CIDRs, e.g. your Caddy/nginx) whose X-Forwarded-For is believed; from
+    #: anyone else, client-sent X-Forwarded-For / Forwarded / X-Real-IP are dropped
+    trusted_proxies: list[str] = attrs.field(factory=list)
+    #: refused connector tokens per source address and minute, then 429 without checking
+    max_token_failures: int = attrs.field(default=10, validator=_positive)
 
 
 @attrs.frozen(kw_only=True)

@@ -542,6 +542,7 @@ class Connector:
             first_chunk = last_chunk = None
             chunks = response.aiter_raw()
             idle = float(limits.idle_timeout)
+            stall = float(limits.stall_timeout)
             while True:
                 with trio.fail_after(idle):
                     try:
@@ -553,7 +554,11 @@ class Connector:
                     first_chunk = last_chunk
                 if sniffer.active:
                     sniffer.feed(chunk)
-                await stream.send_data(chunk)
+                with trio.move_on_after(stall) as stalled:
+                    await stream.send_data(chunk)
+                if stalled.cancelled_caught:
+                    stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
+                    return "client_stalled"
             await stream.end()
             if sniffer.active:
                 self._count_usage(

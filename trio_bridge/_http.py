@@ -82,6 +82,8 @@ ERRORS: dict[int, tuple[str, str]] = {
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     413: ("invalid_request_error", "request_too_large"),
+    414: ("invalid_request_error", "uri_too_long"),
+    431: ("invalid_request_error", "headers_too_large"),
     429: ("rate_limit_error", "rate_limited"),
     500: ("server_error", "internal_error"),
     502: ("server_error", "upstream_unavailable"),
