@@ -297,6 +297,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         check=True,
     ).stdout.strip()
     (d / "connector.token").write_text(token)
+    (d / "connector.token").chmod(0o600)
     key = subprocess.run(
         [*run, "keys", "add", "bench", "-c", str(d / "connector.toml")],
         capture_output=True,

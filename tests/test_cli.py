@@ -150,6 +150,7 @@ def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> Non
     )
     token = run("tokens", "add", "home", "-c", str(broker_dir / "bridge.toml")).stdout.strip()
     (conn_dir / "connector.token").write_text(token + "\n")
+    (conn_dir / "connector.token").chmod(0o600)
     key = run("keys", "add", "alice", "-c", str(conn_dir / "bridge.toml")).stdout.strip()
     procs = []
     try:

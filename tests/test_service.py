@@ -185,6 +185,7 @@ class Bench:
             check=True,
         ).stdout.strip()
         (tmp / "connector.token").write_text(token)
+        (tmp / "connector.token").chmod(0o600)
         self.key = subprocess.run(
             [*run, "keys", "add", "k", "-c", str(tmp / "connector.toml")],
             capture_output=True,

@@ -347,6 +347,13 @@ async def _check(config: Config) -> int:
         except ConfigError as exc:
             print(f"{what}: {exc}")
             return EXIT_CONFIG
+    host, _ = parse_hostport(config.broker.listen)
+    if host not in ("127.0.0.1", "::1", "localhost") and not config.broker.behind_tls_proxy:
+        print(
+            f"WARNING: the broker listens on {config.broker.listen} without TLS: API keys "
+            "would cross the network in clear. Put Caddy or nginx in front (conf/) and set "
+            "broker.behind_tls_proxy = true, or listen on 127.0.0.1."
+        )
     local = config.connector.local_url.rstrip("/") + "/v1/models"
     err = await _probe(local)
     print(

@@ -169,6 +169,8 @@ class BrokerConfig:
     #: proxies (IPs or CIDRs, e.g. your Caddy/nginx) whose X-Forwarded-For is believed; from
     #: anyone else, client-sent X-Forwarded-For / Forwarded / X-Real-IP are dropped
     trusted_proxies: list[str] = attrs.field(factory=list)
+    #: set when a TLS-terminating proxy (Caddy, nginx) is in front: `check` stops warning
+    behind_tls_proxy: bool = False
     #: refused connector tokens per source address and minute, then 429 without checking
     max_token_failures: int = attrs.field(default=10, validator=_positive)
 

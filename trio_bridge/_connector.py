@@ -36,7 +36,7 @@ from ._http import (
     presented_key,
     strip_hop_by_hop,
 )
-from ._keys import SecretStore
+from ._keys import SecretStore, check_private
 from ._observe import (
     Metrics,
     RecentStats,
@@ -62,6 +62,7 @@ _CANCEL_OUTCOME: dict[int, str] = {
 
 
 def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
+    check_private(path)
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()

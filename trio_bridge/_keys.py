@@ -66,6 +66,16 @@ def secret_id(secret: str) -> str | None:
     return parts[1]
 
 
+def check_private(path: os.PathLike[str] | str) -> None:
+    """Refuse a secrets file that other users may read (or write)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if mode & 0o007:
+        raise ConfigError(f"{path} is accessible to every user: run `chmod 600 {path}`")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically, mode 0600. Run as root, the new file keeps the
     owner of the file it replaces (or of its directory), so a service user can still read it."""
@@ -102,6 +112,7 @@ class SecretStore:
 
     # -- reading --
     def _read(self) -> list[SecretEntry]:
+        check_private(self.path)
         try:
             with self.path.open("rb") as f:
                 data = tomllib.load(f)

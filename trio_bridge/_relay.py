@@ -53,6 +53,7 @@ from ._protocol import (
 log = logging.getLogger("trio_bridge.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
+MAX_PINGS_PER_INTERVAL = 100  # a peer pinging more often than this is flooding
 
 
 class MessageTransport(Protocol):
@@ -370,6 +371,7 @@ class Relay:
         self._nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
         self._ping_counter = 0
+        self._pings = 0  # pings received since our pinger last ran
 
     # -- public --
     @property
@@ -562,14 +564,23 @@ class Relay:
                     if self._on_change is not None:
                         self._on_change(self)
             elif isinstance(ev, StreamError):
-                log.warning(
-                    "stream %d reset: %s", ev.stream_id, ev.reason, extra={"relay": self.name}
+                # refusals are normal under load (and a flood of them must not flood the log)
+                level = logging.DEBUG if ev.code == ResetCode.REFUSED else logging.WARNING
+                log.log(
+                    level,
+                    "stream %d reset: %s",
+                    ev.stream_id,
+                    ev.reason,
+                    extra={"relay": self.name},
                 )
                 self._put(session.send_reset(ev.stream_id, ev.code, ev.reason))
                 stream = self._streams.pop(ev.stream_id, None)
                 if stream is not None:
                     stream._fail(ev.code, ev.reason)
             elif isinstance(ev, Ping):
+                self._pings += 1
+                if self._pings > MAX_PINGS_PER_INTERVAL:
+                    raise RemoteProtocolError("ping flood")
                 self._put(session.send_pong(ev.opaque))
             elif isinstance(ev, Pong):
                 pass  # _last_received already updated
@@ -621,6 +632,7 @@ class Relay:
                 self.close(f"no answer for {silent:.1f}s (ping timeout)")
                 return
             self._ping_counter += 1
+            self._pings = 0
             self._put(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
 

@@ -1,0 +1,430 @@
+"""Hostile input: bad HTTP, malicious relay peers, brute force, slow readers, secret files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    open_websocket_url,
+    serve_websocket,
+)
+from upstream import Upstream, run_upstream
+
+from trio_bridge._errors import ConfigError
+from trio_bridge._frames import FLAG_END_STREAM, FrameDecoder, FrameType, ResetCode, encode_frame
+from trio_bridge._keys import SecretStore
+from trio_bridge._protocol import RequestHead, Session, encode_request_head
+from trio_bridge.testing import Lab, open_bridge, open_lab
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[tuple[Upstream, str]]:
+    async with run_upstream() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with open_lab() as lab:
+        yield lab
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (at most 5 s)."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    out = b""
+    with trio.move_on_after(5):
+        try:
+            await s.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+        while True:
+            try:
+                chunk = await s.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    await s.aclose()
+    return out
+
+
+BAD_REQUESTS = {
+    "content-length and transfer-encoding": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+        b"{auth}\r\n0\r\n\r\n"
+    ),
+    "two content-lengths": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n{auth}\r\n"
+        b"hello"
+    ),
+    "odd transfer-encoding": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n{auth}\r\n0\r\n\r\n"
+    ),
+    "bad chunk terminator": (
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{auth}\r\n"
+        b"5\r\nhelloXX0\r\n\r\n"
+    ),
+    "NUL in a header value": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n{auth}\r\n",
+    "CR in a header value": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n{auth}\r\n",
+    "over-long header": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: "
+    + b"a" * 70000
+    + b"\r\n{auth}\r\n",
+    "huge URI": b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n{auth}\r\n",
+    "URI over max_uri": b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n{auth}\r\n",
+    "too many headers": (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: a\r\n" % i for i in range(300))
+        + b"{auth}\r\n"
+    ),
+    "1 MiB key": b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+    + b"k" * (1 << 20)
+    + b"\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200) + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+async def test_bad_http_gets_a_4xx_or_5xx_and_nothing_is_forwarded(
+    up: tuple[Upstream, str],
+    name: str,
+) -> None:
+    app, url = up
+    async with open_bridge(url) as b:
+        port = int(b.base_url.rsplit(":", 1)[1])
+        raw = BAD_REQUESTS[name].replace(
+            b"{auth}", f"Authorization: Bearer {b.api_key}\r\n".encode()
+        )
+        answer = await raw_exchange(port, raw)
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        assert status in (400, 414, 431, 501) or answer == b"", answer[:100]
+        # and the bridge keeps serving
+        async with httpx.AsyncClient() as client:
+            r = await client.get(
+                b.base_url + "/sse", headers={"Authorization": f"Bearer {b.api_key}"}
+            )
+            assert r.status_code == 200
+    assert [r["path"] for r in app.forwarded()] == ["/sse"]
+
+
+async def test_client_forwarding_headers_are_not_trusted_unless_from_a_trusted_proxy(
+    up: tuple[Upstream, str],
+) -> None:
+    app, url = up
+    spoof = {"X-Forwarded-For": "1.2.3.4", "X-Real-IP": "1.2.3.4", "Forwarded": "for=1.2.3.4"}
+    for trusted, expected in (([], "127.0.0.1"), (["127.0.0.0/8"], "1.2.3.4, 127.0.0.1")):
+        async with (
+            open_bridge(url, broker={"trusted_proxies": trusted}) as b,
+            httpx.AsyncClient() as client,
+        ):
+            await client.get(
+                b.base_url + "/headers", headers={"Authorization": f"Bearer {b.api_key}", **spoof}
+            )
+        seen = dict(app.forwarded()[-1]["headers"])
+        assert seen["x-forwarded-for"] == expected
+        if not trusted:
+            assert "x-real-ip" not in seen and "forwarded" not in seen
+
+
+async def test_refused_tokens_are_rate_limited_per_address(lab: Lab) -> None:
+    rb = await lab.start_broker(broker={"max_token_failures": 3})
+    statuses = []
+    for _ in range(5):
+        try:
+            async with open_websocket_url(
+                rb.relay_url, extra_headers=[(b"authorization", b"Bearer nope")]
+            ):
+                pass
+        except ConnectionRejected as exc:
+            statuses.append(exc.status_code)
+    assert statuses == [401, 401, 401, 429, 429]
+    assert rb.broker.registry.relays() == []
+
+
+# -- a malicious connector against the broker ---------------------------------------------------
+
+
+async def evil_connector(
+    lab: Lab, relay_url: str, *messages: bytes, hello: bool = True, version: int = 1
+) -> list[tuple[FrameType, bytes]]:
+    """Connect with a valid token, send raw messages, return the frames the broker sent."""
+    got: list[tuple[FrameType, bytes]] = []
+    decoder = FrameDecoder()
+    async with open_websocket_url(
+        relay_url, extra_headers=[(b"authorization", b"Bearer " + lab.token.encode())]
+    ) as ws:
+        if hello:
+            doc = {
+                "version": version,
+                "role": "connector",
+                "window": 65536,
+                "max_streams": 10,
+                "route": "evil",
+                "name": "evil",
+            }
+            await ws.send_message(encode_frame(FrameType.HELLO, 0, json.dumps(doc).encode()))
+        for m in messages:
+            await ws.send_message(m)
+        with trio.move_on_after(3):
+            try:
+                while True:
+                    decoder.receive_data(await ws.get_message())
+                    while (f := decoder.next_frame()) is not None:
+                        got.append((f.type, f.payload))
+            except Exception:  # the broker closed the connection
+                pass
+    return got
+
+
+@pytest.mark.parametrize(
+    ("case", "messages", "reason"),
+    [
+        ("other major version", [], "unsupported relay protocol version 2"),
+        ("unknown frame type", [b"\x7f" + bytes(9)], "unknown frame type"),
+        (
+            "absurd length",
+            [bytes([FrameType.DATA, 0]) + (1).to_bytes(4, "big") + (2**32 - 1).to_bytes(4, "big")],
+            "exceeds",
+        ),
+        ("REQUEST from a connector", [encode_frame(FrameType.REQUEST, 1, b"{}")], "REQUEST"),
+        ("DATA on a stream never opened", [encode_frame(FrameType.DATA, 99, b"x")], "never opened"),
+        ("ping flood", [encode_frame(FrameType.PING, 0, b"12345678") * 5000], "ping flood"),
+        ("text message", [], ""),
+    ],
+)
+async def test_a_malicious_connector_loses_its_relay_and_nobody_else_notices(
+    lab: Lab,
+    case: str,
+    messages: list[bytes],
+    reason: str,
+) -> None:
+    model = await lab.start_test_model()
+    rb = await lab.start_broker()
+    await lab.start_connector([rb], model.url)  # an honest connector on the default route
+    if case == "text message":
+        async with open_websocket_url(
+            rb.relay_url, extra_headers=[(b"authorization", b"Bearer " + lab.token.encode())]
+        ) as ws:
+            await ws.send_message("text, not binary")
+            with trio.fail_after(5):
+                while not ws.closed:
+                    with trio.move_on_after(0.1):
+                        try:
+                            await ws.get_message()
+                        except ConnectionClosed:
+                            break
+    else:
+        frames = await evil_connector(
+            lab, rb.relay_url, *messages, version=2 if case == "other major version" else 1
+        )
+        goaways = [p.decode() for t, p in frames if t is FrameType.GOAWAY]
+        assert goaways and reason in goaways[-1], frames[-3:]
+    assert [r.name for r in rb.broker.registry.relays()] == ["lab-connector"]
+    async with httpx.AsyncClient() as client:
+        r = await client.get(
+            rb.url + "/v1/models", headers={"Authorization": f"Bearer {lab.api_key}"}
+        )
+    assert r.status_code == 200
+
+
+async def test_a_connector_overrunning_its_window_loses_that_stream_only(lab: Lab) -> None:
+    rb = await lab.start_broker(relay={"window": "64KiB"})
+    auth = {"Authorization": f"Bearer {lab.api_key}"}
+    async with open_websocket_url(
+        rb.relay_url, extra_headers=[(b"authorization", b"Bearer " + lab.token.encode())]
+    ) as ws:
+        session = Session(opener=False, window=65536)
+        await ws.send_message(session.send_hello(role="connector", route="evil", name="evil"))
+        session.receive_data(await ws.get_message())
+        assert session.next_event() is not None
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+            results: list[int | str] = []
+
+            async def call() -> None:
+                try:
+                    async with client.stream("GET", rb.url + "/r/evil/x", headers=auth) as r:
+                        async for _ in r.aiter_raw():
+                            pass
+                    results.append(r.status_code)
+                except httpx.HTTPError:
+                    results.append("aborted")
+
+            nursery.start_soon(call)
+            session.receive_data(await ws.get_message())
+            req = session.next_event()
+            sid = req.stream_id  # type: ignore[union-attr]
+            from trio_bridge._protocol import ResponseHead
+
+            head = session.send_response(sid, ResponseHead(200, []), end_stream=False)
+            flood = encode_frame(FrameType.DATA, sid, b"z" * 60000) * 3  # 180 KB > 64 KiB window
+            await ws.send_message(head + flood)
+        assert results == ["aborted"]
+        assert [r.name for r in rb.broker.registry.relays()] == ["evil"]  # the relay survived
+        # and it still serves: answer a second request properly
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+            out: list[int] = []
+
+            async def call2() -> None:
+                out.append((await client.get(rb.url + "/r/evil/y", headers=auth)).status_code)
+
+            nursery.start_soon(call2)
+            while True:
+                session.receive_data(await ws.get_message())
+                ev = session.next_event()
+                if ev is not None and type(ev).__name__ == "Request":
+                    break
+            await ws.send_message(
+                session.send_response(
+                    ev.stream_id,
+                    ResponseHead(204, []),  # type: ignore[union-attr]
+                    end_stream=True,
+                )
+            )
+        assert out == [204]
+
+
+# -- a malicious broker against the connector ---------------------------------------------------
+
+
+async def test_a_malicious_broker_cannot_hurt_the_connector(lab: Lab) -> None:
+    model = await lab.start_test_model()
+    connections: list[str] = []
+
+    async def evil_broker(request: object) -> None:
+        try:
+            await evil_session(request)
+        except ConnectionClosed:
+            pass  # the connector hung up on us: that is the point
+
+    async def evil_session(request: object) -> None:
+        ws = await request.accept()  # type: ignore[attr-defined]
+        connections.append("open")
+        session = Session(opener=True, max_streams=100_000)
+        session.receive_data(await ws.get_message())
+        session.next_event()
+        await ws.send_message(session.send_hello(role="broker"))
+        head = RequestHead("GET", "/v1/models", [], "rid")
+        if len(connections) == 1:
+            # 10 000 stream opens at once (beyond the connector's max_streams)
+            batch = []
+            for _ in range(10_000):
+                session.peer_hello.max_streams = 10**6  # type: ignore[union-attr]
+                _, frame = session.open_stream(head, end_stream=True)
+                batch.append(frame)
+            await ws.send_message(b"".join(batch))
+            refused = 0
+            with trio.move_on_after(10):
+                dec = FrameDecoder()
+                while refused < 10_000 - 1000:
+                    dec.receive_data(await ws.get_message())
+                    while (f := dec.next_frame()) is not None:
+                        if f.type is FrameType.RESET and f.payload[
+                            :2
+                        ] == ResetCode.REFUSED.to_bytes(2, "big"):
+                            refused += 1
+            connections.append(f"refused {refused}")
+            # then a reused stream id: the connector must drop this relay
+            await ws.send_message(
+                encode_frame(FrameType.REQUEST, 1, encode_request_head(head), FLAG_END_STREAM)
+            )
+            with trio.move_on_after(5):
+                while True:
+                    await ws.get_message()
+        else:
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(serve_websocket, evil_broker, "127.0.0.1", 0, None)
+        port = listener.port
+        rc = await lab.start_connector(
+            [f"ws://127.0.0.1:{port}/_bridge/relay"], model.url, wait=False
+        )
+        with trio.fail_after(30):
+            while connections.count("open") < 2:  # it survived and came back
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert any(c.startswith("refused") and int(c.split()[1]) >= 9000 for c in connections)
+    assert rc.connector.relay_states  # the connector is alive and still dialling
+
+
+# -- slow readers ---------------------------------------------------------------------------
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_stall_timeout(
+    up: tuple[Upstream, str],
+) -> None:
+    _, url = up
+    async with open_bridge(url, limits={"stall_timeout": "1s"}) as b:
+        port = int(b.base_url.rsplit(":", 1)[1])
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(
+            f"GET /big?n={256 << 20} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {b.api_key}\r\n\r\n".encode()
+        )
+        await trio.sleep(0.3)
+        with trio.fail_after(10):
+            while b.connector.in_flight:  # cut by the stall timeout, then the slot is free
+                await trio.sleep(0.1)
+        sent = b.connector.metrics.bytes.labels("connector", "out")._value.get()
+        assert sent < 32 << 20  # bounded by windows and socket buffers, not 256 MiB
+        await s.aclose()
+        async with httpx.AsyncClient() as client:  # others are unaffected
+            r = await client.get(
+                b.base_url + "/sse", headers={"Authorization": f"Bearer {b.api_key}"}
+            )
+            assert r.status_code == 200
+
+
+# -- secrets at rest --------------------------------------------------------------------------
+
+
+def test_world_readable_secret_files_are_refused(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    store.add("alice")
+    os.chmod(tmp_path / "keys.toml", 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        SecretStore(tmp_path / "keys.toml", "tbk")
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('[connector]\ntoken_file = "t"\n')
+    (tmp_path / "t").write_text("tbc_x")
+    os.chmod(tmp_path / "t", 0o644)
+    r = subprocess.run(
+        [sys.executable, "-m", "trio_bridge", "connector", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and "chmod 600" in r.stderr
+
+
+def test_check_warns_about_a_public_listener_without_tls(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text('[broker]\nlisten = "0.0.0.0:8080"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "trio_bridge", "check", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "without TLS" in r.stdout
+    cfg.write_text('[broker]\nlisten = "0.0.0.0:8080"\nbehind_tls_proxy = true\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "trio_bridge", "check", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "without TLS" not in r.stdout
