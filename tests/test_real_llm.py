@@ -201,6 +201,7 @@ async def test_upstream_key_reaches_the_llm_and_the_users_key_never_does(
 ) -> None:
     keyfile = tmp_path / "upstream.key"
     keyfile.write_text("upstream-only-key\n")
+    keyfile.chmod(0o600)
     async with (
         open_bridge(llama_with_key.url, connector={"upstream_api_key_file": str(keyfile)}) as b,
         httpx.AsyncClient() as client,

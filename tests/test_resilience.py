@@ -284,11 +284,13 @@ async def test_pool_one_connector_killed_mid_load_only_its_streams_fail(lab: Lab
                 nursery.start_soon(one, i)
             await trio.sleep(0.3)
             assert m1.model.active_streams and m2.model.active_streams  # spread over both
-            on_one = m1.model.active_streams
+            on_one, on_two = m1.model.active_streams, m2.model.active_streams
             await c1.kill()
-        assert "corrupt" not in results
-        assert results.count("aborted") == on_one
-        assert results.count("ok") == 20 - on_one
+        assert len(results) == 20 and "corrupt" not in results  # each ended, none truncated
+        # only streams that were on the killed connector failed (a stream its LLM had just
+        # finished may still have been in transit); every stream on the survivor completed
+        assert 1 <= results.count("aborted") <= 20 - on_two
+        assert results.count("ok") >= on_two
         for _ in range(10):  # later requests all go to the survivor
             assert await get_models(client, rb.url, lab.api_key) == 200
 
