@@ -253,7 +253,7 @@ class RelayStream:
     # -- sending --
     async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
         self._check_sendable()
-        await self._relay._writer.wait_space()
+        await self._wait_space()
         self._check_sendable()
         self._relay._put(self._relay.session.send_response(self.id, head, end_stream=end_stream))
         if end_stream:
@@ -269,7 +269,7 @@ class RelayStream:
             if window <= 0 and view:
                 await self._lot.park()
                 continue
-            await self._relay._writer.wait_space()
+            await self._wait_space()
             self._check_sendable()
             window = session.send_window(self.id)
             n = min(len(view), window, MAX_PAYLOAD)
@@ -294,6 +294,14 @@ class RelayStream:
         if self.finished:
             return
         self._relay._reset_stream(self, code, reason)
+
+    async def _wait_space(self) -> None:
+        """Wait for room in the writer; a dead relay is this stream's reset (RELAY_LOST)."""
+        try:
+            await self._relay._writer.wait_space()
+        except RelayClosed as exc:
+            self._fail(ResetCode.RELAY_LOST, f"relay lost: {exc.reason}")
+            raise self.reset_error from None  # type: ignore[misc]
 
     def _check_sendable(self) -> None:
         if self.reset_error is not None:
