@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -428,3 +429,38 @@ def test_check_warns_about_a_public_listener_without_tls(tmp_path: Path) -> None
         timeout=30,
     )
     assert "without TLS" not in r.stdout
+
+
+@pytest.mark.skipif(
+    subprocess.run(["which", "stress-ng"], capture_output=True).returncode != 0,
+    reason="stress-ng missing (apt-get install stress-ng)",
+)
+def test_cpu_starvation_does_not_trip_liveness(tmp_path: Path) -> None:
+    """Roles in their own processes with 1 s pings, all CPUs busy (stress-ng, bounded): no relay
+    is declared dead and requests keep succeeding, only slower."""
+    from test_service import Bench
+
+    # a fresh bench whose configs carry the 1 s ping interval
+    d = tmp_path / "starve"
+    d.mkdir()
+    b = Bench(d, relay='[relay]\nping_interval = "1s"\n')
+    try:
+        b.wait_ready()
+        stress = subprocess.Popen(
+            ["stress-ng", "--cpu", str((os.cpu_count() or 2) * 2), "--timeout", "12s", "--quiet"]
+        )
+        try:
+            ok = 0
+            t_end = time.monotonic() + 11
+            while time.monotonic() < t_end:
+                r = httpx.get(b.url("/v1/models"), headers=b.auth, timeout=10)
+                ok += r.status_code == 200
+                time.sleep(0.5)
+        finally:
+            stress.wait(30)
+        assert ok >= 5
+        for role in ("broker", "connector"):
+            log = (d / f"{role}.log").read_text()
+            assert "ping timeout" not in log and "relay down" not in log, log[-2000:]
+    finally:
+        b.close()

@@ -426,3 +426,72 @@ async def test_draining_connector_gets_no_new_requests_and_finishes_in_flight(la
             assert len(m1.model.requests) == before  # nothing new reached the draining one
         assert "".join(text) == " ".join(map(str, range(1, 61)))  # the stream completed
     assert c1.connector.relays == {}
+
+
+async def test_broker_killed_mid_stream_makes_the_connector_cancel_the_llm_call() -> None:
+    from upstream import run_upstream
+
+    async with run_upstream() as (app, url), open_bridge(url) as b:
+        async with httpx.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+
+            async def stream() -> None:
+                try:
+                    async with client.stream(
+                        "GET",
+                        b.base_url + "/forever",
+                        headers={"Authorization": f"Bearer {b.api_key}"},
+                    ) as r:
+                        async for _ in r.aiter_raw():
+                            pass
+                except httpx.HTTPError:
+                    pass
+
+            nursery.start_soon(stream)
+            await app.forever_started.wait()
+            t0 = trio.current_time()
+            await b.running_broker.stop()
+            with trio.fail_after(5):
+                await app.disconnected.wait()
+            assert app.disconnect_time is not None and app.disconnect_time - t0 < 1.0
+
+
+async def test_a_hung_llm_times_out_and_frees_its_slot() -> None:
+    from upstream import run_upstream
+
+    async with (
+        run_upstream() as (_, url),
+        open_bridge(
+            url, connector={"max_concurrent": 1}, limits={"first_byte_timeout": "300ms"}
+        ) as b,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        auth = {"Authorization": f"Bearer {b.api_key}"}
+        r = await client.get(b.base_url + "/slow-head?s=30", headers=auth)
+        assert r.status_code == 504
+        t0 = trio.current_time()
+        r = await client.get(b.base_url + "/sse", headers=auth)  # the only slot is free again
+        assert r.status_code == 200 and trio.current_time() - t0 < 2
+
+
+async def test_a_reset_relay_connection_is_redialled(lab: Lab) -> None:
+    model = await lab.start_test_model()
+    rb = await lab.start_broker()
+    proxy = FaultProxy(rb.port)
+    await lab.nursery.start(proxy.serve)
+    rc = await lab.start_connector(
+        [f"ws://127.0.0.1:{proxy.port}/_bridge/relay"], model.url, wait=False
+    )
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            while await get_models(client, rb.url, lab.api_key) != 200:
+                await trio.sleep(0.05)
+        proxy.cut()  # both TCP connections closed under the relay, like `ss -K`
+        with trio.fail_after(10):
+            while (
+                rc.connector.relay_states[rc.connector.config.connector.broker_urls[0]][
+                    "reconnects"
+                ]
+                < 1
+            ):
+                await trio.sleep(0.05)
+        assert await get_models(client, rb.url, lab.api_key) == 200

@@ -165,17 +165,17 @@ def test_notifier_is_silent_without_systemd() -> None:
 class Bench:
     """A broker, a connector and a test model as real processes, with sd_notify sockets."""
 
-    def __init__(self, tmp: Path, grace: str = "30s") -> None:
+    def __init__(self, tmp: Path, grace: str = "30s", relay: str = "") -> None:
         self.tmp = tmp
         self.port, self.model_port = free_port(), free_port()
         (tmp / "broker.toml").write_text(
             f'[broker]\nlisten = "127.0.0.1:{self.port}"\nadmin_listen = ""\n'
-            f'[limits]\nshutdown_grace = "{grace}"\n'
+            f'[limits]\nshutdown_grace = "{grace}"\n{relay}'
         )
         (tmp / "connector.toml").write_text(
             f'[connector]\nbroker_urls = ["ws://127.0.0.1:{self.port}/_bridge/relay"]\n'
             f'local_url = "http://127.0.0.1:{self.model_port}"\nadmin_listen = ""\n'
-            f'[limits]\nshutdown_grace = "{grace}"\n'
+            f'[limits]\nshutdown_grace = "{grace}"\n{relay}'
         )
         run = [PY, "-m", "trio_bridge"]
         token = subprocess.run(
