@@ -6,8 +6,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,7 +18,7 @@ import pytest
 import trio
 from upstream import GZIP_BODY, SSE_BYTES, Upstream, run_upstream
 
-from trio_bridge.testing import Bridge, open_bridge
+from trio_bridge.testing import Bridge, open_bridge, open_lab
 
 
 @pytest.fixture
@@ -431,3 +434,57 @@ async def test_revoked_connector_token_closes_its_relay_and_refuses_reconnects(
     async with httpx.AsyncClient() as client:
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
     assert r.status_code == 503 and r.headers["retry-after"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
+async def test_wss_relay_and_https_to_a_broker_with_its_own_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await trio.run_process(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    async with open_lab() as lab:
+        model = await lab.start_test_model()
+        rb = await lab.start_broker(broker={"tls_cert": str(cert), "tls_key": str(key)})
+        wss = f"wss://127.0.0.1:{rb.port}/_bridge/relay"
+        # without the CA the connector refuses the broker's certificate (and keeps trying)
+        untrusting = await lab.start_connector(
+            [wss], model.url, wait=False, connector={"name": "untrusting"}
+        )
+        state = untrusting.connector.relay_states[wss]
+        with trio.fail_after(15):
+            while not state["last_error"]:
+                await trio.sleep(0.1)
+        assert not untrusting.connector.relays
+        assert "certificate" in state["last_error"]
+        await untrusting.stop()
+        rc = await lab.start_connector(
+            [wss], model.url, connector={"broker_ca_file": str(cert), "name": "trusting"}
+        )
+        assert list(rc.connector.relays) == [wss]
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            r = await client.get(
+                f"https://127.0.0.1:{rb.port}/v1/models",
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+        assert r.status_code == 200

@@ -20,7 +20,11 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def hypercorn_config(
-    listen: str, *, graceful_timeout: float = 5.0, max_head: int = 32 * 1024
+    listen: str,
+    *,
+    graceful_timeout: float = 5.0,
+    max_head: int = 32 * 1024,
+    tls: tuple[str, str] | None = None,
 ) -> HypercornConfig:
     host, port = parse_hostport(listen)
     cfg = HypercornConfig()
@@ -35,6 +39,8 @@ def hypercorn_config(
     cfg.h11_max_incomplete_size = max_head  # a bigger request head gets 431
     cfg.read_timeout = 120  # a connection that sends nothing for this long is closed
     cfg.keep_alive_max_requests = 100_000
+    if tls is not None:
+        cfg.certfile, cfg.keyfile = tls
     return cfg
 
 
@@ -45,10 +51,12 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 5.0,
     max_head: int = 32 * 1024,
+    tls: tuple[str, str] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port)."""
-    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, max_head=max_head)
+    """Serve ``app`` on ``listen`` (port 0 allowed), with TLS if ``tls`` = (cert, key) PEM
+    paths; started value: the bound (host, port)."""
+    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, max_head=max_head, tls=tls)
     kwargs: dict[str, Any] = {}
     if shutdown_trigger is not None:
         kwargs["shutdown_trigger"] = shutdown_trigger

@@ -28,7 +28,7 @@ import trio
 from ._admin import AdminApp
 from ._asgi import Receive, Scope, Send, lifespan, serve_app
 from ._config import Config
-from ._errors import RelayClosed, StreamReset
+from ._errors import ConfigError, RelayClosed, StreamReset
 from ._frames import MAX_PAYLOAD, ResetCode
 from ._http import (
     error_body,
@@ -295,8 +295,14 @@ class Broker:
                 self.admin_address = await nursery.start(
                     serve_app, admin, self.config.broker.admin_listen
                 )
+            bc = self.config.broker
+            tls = None
+            if bc.tls_cert or bc.tls_key:
+                if not (bc.tls_cert and bc.tls_key):
+                    raise ConfigError("broker.tls_cert and broker.tls_key go together")
+                tls = (str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key)))
             addr = await nursery.start(
-                partial(serve_app, max_head=int(self.config.limits.max_header_bytes)),
+                partial(serve_app, max_head=int(self.config.limits.max_header_bytes), tls=tls),
                 self,
                 listen or self.config.broker.listen,
             )

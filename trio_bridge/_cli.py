@@ -348,7 +348,8 @@ async def _check(config: Config) -> int:
             print(f"{what}: {exc}")
             return EXIT_CONFIG
     host, _ = parse_hostport(config.broker.listen)
-    if host not in ("127.0.0.1", "::1", "localhost") and not config.broker.behind_tls_proxy:
+    bc = config.broker
+    if host not in ("127.0.0.1", "::1", "localhost") and not (bc.behind_tls_proxy or bc.tls_cert):
         print(
             f"WARNING: the broker listens on {config.broker.listen} without TLS: API keys "
             "would cross the network in clear. Put Caddy or nginx in front (conf/) and set "

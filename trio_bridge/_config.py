@@ -171,6 +171,9 @@ class BrokerConfig:
     trusted_proxies: list[str] = attrs.field(factory=list)
     #: set when a TLS-terminating proxy (Caddy, nginx) is in front: `check` stops warning
     behind_tls_proxy: bool = False
+    #: serve TLS directly (PEM files); the usual set-up is a proxy in front instead
+    tls_cert: str = ""
+    tls_key: str = ""
     #: refused connector tokens per source address and minute, then 429 without checking
     max_token_failures: int = attrs.field(default=10, validator=_positive)
 
@@ -190,6 +193,8 @@ class ConnectorConfig:
     max_concurrent: int = attrs.field(default=10, validator=_positive)
     name: str = ""
     route: str = "default"
+    #: CA bundle (PEM) to verify wss:// brokers with, e.g. a private CA; default: system CAs
+    broker_ca_file: str = ""
     #: LLM health probe: any HTTP answer below 500 means "up"
     health_path: str = "/v1/models"
     health_interval: Duration = attrs.field(default=Duration(5), validator=_positive)

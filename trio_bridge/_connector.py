@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -107,6 +108,9 @@ class Connector:
             (b"authorization", b"Bearer " + upstream_key.encode()) if upstream_key else None
         )
         self.local_url = c.local_url.rstrip("/")
+        self._ssl_context = ssl.create_default_context(
+            cafile=str(config.path(c.broker_ca_file)) if c.broker_ca_file else None
+        )
         self.name = c.name or os.uname().nodename
         self.max_body = int(config.limits.max_body)
         self.limits = config.limits
@@ -314,6 +318,7 @@ class Connector:
             try:
                 async with open_websocket_url(
                     url,
+                    ssl_context=self._ssl_context if url.startswith("wss:") else None,
                     extra_headers=[(b"authorization", b"Bearer " + self._token.encode())],
                     max_message_size=MAX_MESSAGE + 1024,
                     connect_timeout=float(self.limits.connect_timeout),
@@ -363,8 +368,12 @@ class Connector:
                     reason += " (check the connector token)"
             except HandshakeError as exc:
                 cause = exc.__cause__ or exc.__context__
-                reason = f"cannot reach broker: {cause or type(exc).__name__}"
-            except (OSError, trio.BrokenResourceError) as exc:
+                what = (str(cause) or type(cause).__name__) if cause else type(exc).__name__
+                reason = f"cannot reach broker: {what}"
+                if url.startswith("wss:") and (cause is None or "TooSlow" in what):
+                    # trio-websocket reports a refused certificate as a handshake timeout
+                    reason += " (TLS: is the broker's certificate trusted? see broker_ca_file)"
+            except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
                 reason = f"connection failed: {exc!r}"
             except Exception as exc:  # never give up on a broker, whatever went wrong
                 log.exception("relay failed unexpectedly", extra={"broker": url})
