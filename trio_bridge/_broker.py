@@ -175,13 +175,6 @@ class Registry:
                 self._waiters.remove(w)
         return w.relay
 
-    async def wait_pick(self, route: str, timeout: float) -> Relay | None:
-        """Wait until ``route`` has an eligible relay (no reservation taken)."""
-        relay = await self.acquire(route, timeout)
-        if relay is not None:
-            self.release(relay)
-        return relay
-
 
 class Broker:
     """The broker's ASGI application and its state."""

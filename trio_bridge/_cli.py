@@ -27,7 +27,7 @@ import trio
 
 from . import _service as service
 from ._broker import Broker
-from ._config import Config, ConnectorConfig, load_config, parse_hostport
+from ._config import Config, load_config, parse_hostport
 from ._connector import Connector
 from ._errors import ConfigError
 from ._keys import SecretStore
@@ -473,4 +473,4 @@ Press Ctrl-C to stop.
     )
 
 
-__all__ = ["ConnectorConfig", "main"]
+__all__ = ["main"]
