@@ -41,7 +41,10 @@ def task_count(prefix: str = "") -> int:
 async def test_soak_with_faults_loses_and_corrupts_nothing() -> None:
     async with open_lab() as lab:
         model = await lab.start_test_model(token_delay=0.01)
-        rb = await lab.start_broker(broker={"queue_timeout": "10s"})
+        # a short keep-alive: hypercorn releases connections closed by clients only then
+        rb = await lab.start_broker(
+            broker={"queue_timeout": "10s"}, limits={"keep_alive_timeout": "2s"}
+        )
         proxy = FaultProxy(rb.port)
         await lab.nursery.start(proxy.serve)
         # everything runs in this one busy process: 2 s pings, so a slow loop is not a dead peer
@@ -132,7 +135,7 @@ async def test_soak_with_faults_loses_and_corrupts_nothing() -> None:
                 n.start_soon(client_loop, trio.current_time() + 2)
         assert counts["ok"] > before["ok"]
         assert counts["aborted"] == before["aborted"] and counts["corrupt"] == 0
-        await trio.sleep(2)  # let connections close
+        await trio.sleep(4)  # let connections close (keep_alive_timeout 2 s)
         rss1, tasks1, ours1 = rss_mib(), task_count(), task_count("trio_bridge.")
         print(
             f"\nsoak {SECONDS:.0f}s: {counts}; RSS {rss0:.0f} -> {rss1:.0f} MiB; "
@@ -141,7 +144,7 @@ async def test_soak_with_faults_loses_and_corrupts_nothing() -> None:
         assert rss1 < rss0 * 1.5 + 30, (rss0, rss1)
         # Our own tasks (relays, stream handlers, role loops) come back to the baseline.
         assert ours1 <= ours0 + 2, (ours0, ours1)
-        # Known and open: after this fault mix some public connections sit in CLOSE-WAIT in
-        # hypercorn, their handler tasks kept until its keep-alive timeout; plain client
-        # disconnects and aborted streams alone do not reproduce it. Bounded here loosely:
-        assert tasks1 <= tasks0 + 400, (tasks0, tasks1)
+        # Everything else too, except the connectors' upstream keep-alive pools (bounded by
+        # min(max_concurrent, 32) each; each pooled connection is 2 tasks in the test model's
+        # hypercorn) which grow to their cap under this load.
+        assert tasks1 <= tasks0 + 2 * 2 * 32 + 10, (tasks0, tasks1)

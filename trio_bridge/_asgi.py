@@ -25,6 +25,7 @@ def hypercorn_config(
     graceful_timeout: float = 5.0,
     max_head: int = 32 * 1024,
     tls: tuple[str, str] | None = None,
+    keep_alive: float = 15.0,
 ) -> HypercornConfig:
     host, port = parse_hostport(listen)
     cfg = HypercornConfig()
@@ -35,7 +36,8 @@ def hypercorn_config(
     cfg.include_date_header = False
     cfg.websocket_max_message_size = MAX_MESSAGE + 1024
     cfg.graceful_timeout = graceful_timeout
-    cfg.keep_alive_timeout = 75  # longer than typical client pool idle times
+    # also how long hypercorn holds a connection its client closed while idle (CLOSE-WAIT)
+    cfg.keep_alive_timeout = keep_alive
     cfg.h11_max_incomplete_size = max_head  # a bigger request head gets 431
     cfg.read_timeout = 120  # a connection that sends nothing for this long is closed
     cfg.keep_alive_max_requests = 100_000
@@ -52,11 +54,14 @@ async def serve_app(
     graceful_timeout: float = 5.0,
     max_head: int = 32 * 1024,
     tls: tuple[str, str] | None = None,
+    keep_alive: float = 15.0,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (port 0 allowed), with TLS if ``tls`` = (cert, key) PEM
     paths; started value: the bound (host, port)."""
-    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, max_head=max_head, tls=tls)
+    cfg = hypercorn_config(
+        listen, graceful_timeout=graceful_timeout, max_head=max_head, tls=tls, keep_alive=keep_alive
+    )
     kwargs: dict[str, Any] = {}
     if shutdown_trigger is not None:
         kwargs["shutdown_trigger"] = shutdown_trigger

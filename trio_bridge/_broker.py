@@ -295,7 +295,12 @@ class Broker:
                     raise ConfigError("broker.tls_cert and broker.tls_key go together")
                 tls = (str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key)))
             addr = await nursery.start(
-                partial(serve_app, max_head=int(self.config.limits.max_header_bytes), tls=tls),
+                partial(
+                    serve_app,
+                    max_head=int(self.config.limits.max_header_bytes),
+                    tls=tls,
+                    keep_alive=float(self.config.limits.keep_alive_timeout),
+                ),
                 self,
                 listen or self.config.broker.listen,
             )

@@ -129,6 +129,9 @@ class LimitsConfig:
     max_uri: Size = attrs.field(default=Size(8 * 1024), validator=_positive)  # 414 beyond
     #: public requests in progress at once (broker): 503 beyond
     max_requests: int = attrs.field(default=1000, validator=_positive)
+    #: idle keep-alive connections are closed after this; hypercorn also releases a connection
+    #: its client closed only when this fires, so keep it short (broker)
+    keep_alive_timeout: Duration = attrs.field(default=Duration(15), validator=_positive)
     #: a client that reads nothing for this long while its answer waits is cut (connector)
     stall_timeout: Duration = attrs.field(default=Duration(60), validator=_positive)
     connect_timeout: Duration = Duration(5)
