@@ -488,3 +488,22 @@ async def test_wss_relay_and_https_to_a_broker_with_its_own_certificate(tmp_path
                 headers={"Authorization": f"Bearer {lab.api_key}"},
             )
         assert r.status_code == 200
+
+
+async def test_a_long_stream_outlives_the_keep_alive_timeout() -> None:
+    """Regression: a per-read timeout or the keep-alive timer must never cut an answer that is
+    still streaming while the client (rightly) sends nothing."""
+    async with (
+        open_bridge(token_delay=0.05, limits={"keep_alive_timeout": "1s"}) as b,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        body = {
+            "model": "m",
+            "stream": True,
+            "messages": [{"role": "user", "content": "count to 70"}],
+        }  # ~3.5 s
+        async with client.stream(
+            "POST", b.base_url + "/v1/chat/completions", json=body, headers=auth(b)
+        ) as r:
+            raw = b"".join([c async for c in r.aiter_raw()])
+    assert raw.endswith(b"data: [DONE]\n\n") and b'" 70"' in raw

@@ -39,7 +39,9 @@ def hypercorn_config(
     # also how long hypercorn holds a connection its client closed while idle (CLOSE-WAIT)
     cfg.keep_alive_timeout = keep_alive
     cfg.h11_max_incomplete_size = max_head  # a bigger request head gets 431
-    cfg.read_timeout = 120  # a connection that sends nothing for this long is closed
+    # No read_timeout: hypercorn applies it to every read, also while it streams a long answer
+    # to a client that (rightly) sends nothing, which would cut long generations.
+    cfg.read_timeout = None
     cfg.keep_alive_max_requests = 100_000
     if tls is not None:
         cfg.certfile, cfg.keyfile = tls
