@@ -271,7 +271,10 @@ async def test_pool_one_connector_killed_mid_load_only_its_streams_fail(lab: Lab
                     json=body("count to 40"),
                     headers={"Authorization": f"Bearer {lab.api_key}"},
                 ) as r:
-                    assert r.status_code == 200
+                    if r.status_code != 200:
+                        # lost with its connector before the response head: a clean 502
+                        results.append("aborted" if r.status_code == 502 else f"{r.status_code}")
+                        return
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
                             text += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
@@ -286,7 +289,8 @@ async def test_pool_one_connector_killed_mid_load_only_its_streams_fail(lab: Lab
             assert m1.model.active_streams and m2.model.active_streams  # spread over both
             on_two = m2.model.active_streams
             await c1.kill()
-        assert len(results) == 20 and "corrupt" not in results  # each ended, none truncated
+        assert len(results) == 20  # each request ended
+        assert set(results) <= {"ok", "aborted"}, results  # none truncated, no other errors
         # only streams that were on the killed connector failed (a stream its LLM had just
         # finished may still have been in transit); every stream on the survivor completed
         assert 1 <= results.count("aborted") <= 20 - on_two
