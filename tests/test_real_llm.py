@@ -254,6 +254,6 @@ async def test_client_disconnect_leaves_the_server_idle_within_a_second(llama: L
         idle_0 = llama.cpu_seconds()
         await trio.sleep(1.0)
         idle = llama.cpu_seconds() - idle_0
-    assert busy > 0.5, f"the server was not generating? {busy:.2f}s CPU in 1 s"
+    assert busy > 0.3, f"the server was not generating? {busy:.2f}s CPU in 1 s"
     assert idle < 0.1, f"server still used {idle:.2f}s CPU in the second after the disconnect"
     assert "cancel task" in llama.log.read_text()
