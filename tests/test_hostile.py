@@ -461,6 +461,9 @@ def test_cpu_starvation_does_not_trip_liveness(tmp_path: Path) -> None:
         assert ok >= 5
         for role in ("broker", "connector"):
             log = (d / f"{role}.log").read_text()
-            assert "ping timeout" not in log and "relay down" not in log, log[-2000:]
+            assert "ping timeout" not in log, log[-2000:]
+        # connected once and never lost (a first failed dial, before the broker listened, is fine)
+        log = (d / "connector.log").read_text()
+        assert log.count('"msg":"relay connected"') == 1, log[-2000:]
     finally:
         b.close()
