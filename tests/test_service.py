@@ -58,7 +58,7 @@ def test_unit_promises() -> None:
         "Type=notify",
         "Restart=always",
         "RestartSec=1",
-        "WatchdogSec=6",
+        "WatchdogSec=5",
         "KillMode=mixed",
         "RestartPreventExitStatus=2",
         "NoNewPrivileges=yes",

@@ -132,8 +132,8 @@ def render_unit(
         "Restart=always",
         "RestartSec=1",
         f"RestartPreventExitStatus={EXIT_CONFIG}",
-        # a wedged event loop is killed after 6 s and restarted 1 s later: back within 10 s
-        "WatchdogSec=6",
+        # a wedged event loop is killed after 5 s and restarted 1 s later: back within 10 s
+        "WatchdogSec=5",
         f"TimeoutStopSec={stop_timeout}",
         "KillMode=mixed",
         "KillSignal=SIGTERM",
