@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 PY = sys.executable
 
@@ -23,12 +23,6 @@ def run(*args: str, cwd: Path | None = None, **kw: object) -> subprocess.Complet
     return subprocess.run(
         [PY, "-m", "trio_bridge", *args], capture_output=True, text=True, cwd=cwd, timeout=60, **kw
     )  # type: ignore[call-overload, no-any-return]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float = 20) -> str:

@@ -9,7 +9,6 @@ these tests skip and say so.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,17 +18,12 @@ import httpx
 import openai
 import pytest
 import trio
+from netutil import free_port
 
 from trio_bridge.testing import open_bridge
 
 SOURCE_BUILD = "/var/tmp/tb-llama/build/bin/llama-server"
 MSGS = [{"role": "user", "content": "Name three colours."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Llama:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import trio
 from faultproxy import FaultProxy
+from netutil import free_port
 
 from trio_bridge._backoff import Backoff
 from trio_bridge._errors import RelayClosed, StreamReset
@@ -23,12 +23,6 @@ CHAT = "/v1/chat/completions"
 
 def body(prompt: str, stream: bool = True) -> dict[str, object]:
     return {"model": "m", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

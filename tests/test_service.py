@@ -17,18 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from netutil import free_port
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "packaging"))
 
 from trio_bridge._service import Notifier, render_plist, render_unit
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- unit files and plists --------------------------------------------------------------------
