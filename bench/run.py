@@ -198,6 +198,42 @@ async def streams(
     return {"first": firsts, "last": lasts, "gap": gaps}
 
 
+async def many_streams(
+    port: int,
+    hdrs: list[tuple[bytes, bytes]],
+    n: int,
+    chunks: int,
+    delay_ms: float,
+    want: int,
+) -> tuple[int, int, float]:
+    """``n`` streams at once, each read to the end: (complete with ``want`` bytes, errors,
+    seconds)."""
+    ok = errors = 0
+
+    async def one() -> None:
+        nonlocal ok, errors
+        cl = Client(port, hdrs)
+        try:
+            status, size = await cl.request(
+                "POST", f"/v1/chat/completions?n={chunks}&delay_ms={delay_ms}", STREAM_BODY
+            )
+            if status == 200 and size == want:
+                ok += 1
+            else:
+                errors += 1
+        except (OSError, RuntimeError, trio.BrokenResourceError, h11.ProtocolError):
+            errors += 1
+        finally:
+            await cl.aclose()
+
+    t = time.perf_counter()
+    with trio.move_on_after(120):
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+    return ok, errors + (n - ok - errors), time.perf_counter() - t
+
+
 async def upload(port: int, hdrs: list[tuple[bytes, bytes]], size: int) -> float:
     body = os.urandom(size)
     cl = Client(port, hdrs)
@@ -283,6 +319,8 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
     close_log = d / "closes.log"
     (d / "broker.toml").write_text(
         f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_body = "32MiB"\n'
+        # every benchmark client comes from 127.0.0.1
+        "max_connections_per_address = 5000\n"
     )
     (d / "connector.toml").write_text(
         f'[connector]\nbroker_urls = ["ws://127.0.0.1:{pub_port}/_bridge/relay"]\n'
@@ -409,7 +447,25 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
             "unit": "ms",
             "rounds_bridge": cl,
         }
-        # 6. memory per idle stream
+        # 6. many concurrent streams through one connector, all run to the end; CPU per stream
+        n_many = 300 if q else 1000
+        cb, cc = cpu_seconds(roles[0]), cpu_seconds(roles[1])
+        probe = Client(*direct)
+        _, want = await probe.request("POST", "/v1/chat/completions?n=50&delay_ms=0", STREAM_BODY)
+        await probe.aclose()
+        ok, errors, seconds = await many_streams(*bridge, n_many, 50, 20, want)
+        res[f"{n_many} concurrent streams (50 chunks each)"] = {
+            "bridge": ok,
+            "unit": "completed",
+            "errors": errors,
+            "seconds": seconds,
+        }
+        res["cpu per stream of 50 chunks"] = {
+            "broker": (cpu_seconds(roles[0]) - cb) / n_many * 1e6,
+            "connector": (cpu_seconds(roles[1]) - cc) / n_many * 1e6,
+            "unit": "µs",
+        }
+        # 7. memory per idle stream
         per, opened = await idle_streams(*bridge, 200 if q else 1000, roles)
         res["RSS per idle open stream (both roles)"] = {
             "bridge": per,
@@ -438,6 +494,11 @@ def table(res: dict[str, Any]) -> str:
             rows.append(
                 f"| {name} ({unit}) | | broker {r['broker']:.0f} + connector "
                 f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | |"
+            )
+        elif unit == "completed":
+            rows.append(
+                f"| {name} | | {r['bridge']} complete, {r['errors']} errors in "
+                f"{r['seconds']:.1f} s | | |"
             )
         else:
             rows.append(f"| {name} ({unit}) | | {r['bridge']:.3f} | | |")

@@ -25,7 +25,7 @@ from trio_bridge._errors import ConfigError
 from trio_bridge._frames import FLAG_END_STREAM, FrameDecoder, FrameType, ResetCode, encode_frame
 from trio_bridge._keys import SecretStore
 from trio_bridge._protocol import RequestHead, Session, encode_request_head
-from trio_bridge.testing import Lab, open_bridge, open_lab
+from trio_bridge.testing import Bridge, Lab, open_bridge, open_lab
 
 CHAT = "/v1/chat/completions"
 
@@ -94,7 +94,26 @@ BAD_REQUESTS = {
     "1 MiB key": b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
     + b"k" * (1 << 20)
     + b"\r\n\r\n",
+    "bare LF line endings": b"GET /echo HTTP/1.1\nHost: x\n{auth}\n",
+    "bare LF at the end of the head": b"GET /echo HTTP/1.1\r\nHost: x\r\n{auth}\n",
+    "obs-fold": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n{auth}\r\n",
     "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200) + b"\r\n\r\n",
+}
+
+
+EXACT_STATUS = {
+    "content-length and transfer-encoding": 400,
+    "two content-lengths": 400,
+    "odd transfer-encoding": 501,
+    "bad chunk terminator": 400,
+    "bare LF line endings": 400,
+    "bare LF at the end of the head": 400,
+    "obs-fold": 400,
+    "over-long header": 431,
+    "huge URI": 431,
+    "URI over max_uri": 414,
+    "too many headers": 431,
+    "1 MiB key": 431,
 }
 
 
@@ -112,6 +131,9 @@ async def test_bad_http_gets_a_4xx_or_5xx_and_nothing_is_forwarded(
         answer = await raw_exchange(port, raw)
         status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
         assert status in (400, 414, 431, 501) or answer == b"", answer[:100]
+        if name in EXACT_STATUS:
+            assert status == EXACT_STATUS[name], answer[:200]
+            assert b'"error"' in answer  # the OpenAI error shape, not an empty page
         # and the bridge keeps serving
         async with httpx.AsyncClient() as client:
             r = await client.get(
@@ -119,6 +141,105 @@ async def test_bad_http_gets_a_4xx_or_5xx_and_nothing_is_forwarded(
             )
             assert r.status_code == 200
     assert [r["path"] for r in app.forwarded()] == ["/sse"]
+
+
+def port(b: Bridge) -> int:
+    return int(b.base_url.rsplit(":", 1)[1])
+
+
+def limit_hits(b: Bridge, limit: str) -> float:
+    return b.broker.metrics.limit_hits.labels("broker", limit)._value.get()  # type: ignore[no-any-return]
+
+
+async def test_a_request_head_trickled_slowly_is_cut_after_the_head_timeout(
+    up: tuple[Upstream, str],
+) -> None:
+    app, url = up
+    async with open_bridge(url, limits={"head_timeout": "0.5s"}) as b:
+        s = await trio.open_tcp_stream("127.0.0.1", port(b))
+        t0 = trio.current_time()
+        answer = b""
+        with trio.move_on_after(5):
+            try:
+                for c in b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                    await s.send_all(bytes([c]))
+                    answer += await _maybe_receive(s, 0.1)
+                    if answer:
+                        break
+            except trio.BrokenResourceError:
+                pass
+        elapsed = trio.current_time() - t0
+        await s.aclose()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert 0.4 < elapsed < 2.0
+        assert limit_hits(b, "head_timeout") == 1
+        # a connection that sends nothing at all is closed too, without an answer
+        s = await trio.open_tcp_stream("127.0.0.1", port(b))
+        with trio.fail_after(3):
+            assert await s.receive_some(100) == b""
+        await s.aclose()
+    assert app.forwarded() == []
+
+
+async def _maybe_receive(s: trio.SocketStream, seconds: float) -> bytes:
+    with trio.move_on_after(seconds):
+        return bytes(await s.receive_some(65536))
+    return b""
+
+
+async def test_an_upload_slower_than_the_minimum_body_rate_is_cut(
+    up: tuple[Upstream, str],
+) -> None:
+    app, url = up
+    async with open_bridge(url, limits={"head_timeout": "0.5s", "min_body_rate": 1000}) as b:
+        s = await trio.open_tcp_stream("127.0.0.1", port(b))
+        head = (
+            f"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}\r\n"
+            "Content-Length: 200000\r\n\r\n"
+        ).encode()
+        await s.send_all(head)
+        t0 = trio.current_time()
+        closed = False
+        with trio.move_on_after(10):
+            try:
+                while True:  # 100 bytes/s, a tenth of the minimum
+                    await s.send_all(b"x" * 10)
+                    await trio.sleep(0.1)
+            except trio.BrokenResourceError:
+                closed = True
+        elapsed = trio.current_time() - t0
+        await s.aclose()
+        assert closed and elapsed < 5, elapsed
+        assert limit_hits(b, "body_rate") == 1
+        # a fast client is served as usual
+        async with httpx.AsyncClient() as client:
+            r = await client.post(
+                b.base_url + "/echo",
+                content=b"y" * 200_000,
+                headers={"Authorization": f"Bearer {b.api_key}"},
+            )
+        assert r.status_code == 200 and len(r.content) == 200_000
+    assert [r["path"] for r in app.forwarded()] == ["/echo"]
+
+
+async def test_connections_per_client_address_are_capped(up: tuple[Upstream, str]) -> None:
+    _app, url = up
+    async with open_bridge(url, limits={"max_connections_per_address": 4}) as b:
+        # the connector's relay is one connection from 127.0.0.1 too, plus three held here
+        held = [await trio.open_tcp_stream("127.0.0.1", port(b)) for _ in range(3)]
+        await trio.sleep(0.1)
+        answer = await raw_exchange(port(b), b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 429 "), answer
+        assert limit_hits(b, "connections_per_address") == 1
+        await held.pop().aclose()
+        await trio.sleep(0.1)
+        async with httpx.AsyncClient() as client:
+            r = await client.get(
+                b.base_url + "/echo", headers={"Authorization": f"Bearer {b.api_key}"}
+            )
+        assert r.status_code == 200
+        for h in held:
+            await h.aclose()
 
 
 async def test_client_forwarding_headers_are_not_trusted_unless_from_a_trusted_proxy(

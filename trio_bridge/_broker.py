@@ -1,8 +1,8 @@
 """The broker role: the public HTTP port, the relay endpoint, and the connector registry.
 
-One ASGI app (served by hypercorn) handles both: a WebSocket upgrade at ``relay_path`` with a
-valid connector token becomes a relay; every other request is sent through a relay to a
-connector of its route, in its own nursery (the *request scope*):
+One handler on the public server (``_server``, trio + h11) serves both: a WebSocket upgrade at
+``relay_path`` with a valid connector token becomes a relay; every other request is sent
+through a relay to a connector of its route, in its own nursery (the *request scope*):
 
     client ──▶ _http: limits, pick relay (wait ≤ queue_timeout) ──▶ open stream
                  ├─ task: pump request body into the stream, then watch for client disconnect
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import ssl
 import time
 from collections import OrderedDict, deque
 from functools import partial
@@ -26,10 +27,10 @@ from typing import Any
 import trio
 
 from ._admin import AdminApp
-from ._asgi import Receive, Scope, Send, lifespan, serve_app
-from ._config import Config
+from ._asgi import serve_app
+from ._config import Config, parse_hostport
 from ._errors import ConfigError, RelayClosed, StreamReset
-from ._frames import MAX_PAYLOAD, ResetCode
+from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._http import (
     error_body,
     error_response,
@@ -41,7 +42,8 @@ from ._http import (
 from ._keys import SecretStore
 from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
 from ._protocol import RequestHead, Session
-from ._relay import AsgiWebSocketTransport, Relay, RelayStream
+from ._relay import Relay, RelayStream
+from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
 from ._service import Notifier
 from ._version import __version__
 
@@ -55,8 +57,6 @@ MAX_ATTEMPTS = 3
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
-DRAIN_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
-DRAIN_SECONDS = 30.0
 
 _RESET_STATUS = {
     ResetCode.TIMEOUT: (504, "the LLM did not answer in time"),
@@ -202,6 +202,7 @@ class Broker:
         self.limits = config.limits
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in bc.trusted_proxies]
         self._token_failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._limit_log: dict[str, tuple[float, int]] = {}
 
     def _token_failures_exceeded(self, addr: str) -> bool:
         now = time.monotonic()
@@ -273,6 +274,30 @@ class Broker:
             "recent": self.stats.summary(),
         }
 
+    def server_limits(self) -> ServerLimits:
+        lim = self.limits
+        return ServerLimits(
+            max_header_bytes=int(lim.max_header_bytes),
+            head_timeout=float(lim.head_timeout),
+            keep_alive_timeout=float(lim.keep_alive_timeout),
+            min_body_rate=max(1, int(lim.min_body_rate)),
+            max_connections=lim.max_connections,
+            max_connections_per_address=lim.max_connections_per_address,
+            exempt=tuple(self.trusted),
+        )
+
+    def limit_hit(self, name: str) -> None:
+        """Count a hit of a public-side limit; log it, at most once per limit every 10 s."""
+        self.metrics.limit_hits.labels("broker", name).inc()
+        now = time.monotonic()
+        last, suppressed = self._limit_log.get(name, (0.0, 0))
+        if now - last >= 10:
+            more = f" (and {suppressed} more since the last line)" if suppressed else ""
+            log.warning("limit hit: %s%s", name, more, extra={"limit": name})
+            self._limit_log[name] = (now, 0)
+        else:
+            self._limit_log[name] = (last, suppressed + 1)
+
     async def serve(
         self,
         listen: str | None = None,
@@ -289,20 +314,26 @@ class Broker:
                     serve_app, admin, self.config.broker.admin_listen
                 )
             bc = self.config.broker
-            tls = None
+            ssl_context = None
             if bc.tls_cert or bc.tls_key:
                 if not (bc.tls_cert and bc.tls_key):
                     raise ConfigError("broker.tls_cert and broker.tls_key go together")
-                tls = (str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key)))
+                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ssl_context.load_cert_chain(
+                    str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key))
+                )
+                ssl_context.set_alpn_protocols(["http/1.1"])
+            host, port = parse_hostport(listen or bc.listen)
             addr = await nursery.start(
                 partial(
-                    serve_app,
-                    max_head=int(self.config.limits.max_header_bytes),
-                    tls=tls,
-                    keep_alive=float(self.config.limits.keep_alive_timeout),
-                ),
-                self,
-                listen or self.config.broker.listen,
+                    serve_http,
+                    self.handle,
+                    host,
+                    port,
+                    self.server_limits(),
+                    ssl_context=ssl_context,
+                    on_limit=self.limit_hit,
+                )
             )
             self.notifier.ready(self.status_line())
             nursery.start_soon(self.notifier.watchdog_loop, self.status_line)
@@ -324,38 +355,31 @@ class Broker:
                     )
                     relay.close("connector token revoked")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        elif kind == "lifespan":
-            await lifespan(receive, send)
+    async def handle(self, req: Request) -> None:
+        """The public server's handler: the relay endpoint or a request to relay."""
+        if req.is_websocket and req.path == self.relay_path:
+            await self._relay_endpoint(req)
+        else:
+            await self._http(req)
 
     # -- relay endpoint --
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await receive()  # websocket.connect
-        peer = _client(scope)
-        if scope["path"] != self.relay_path:
-            await _deny(send, 404, "not found")
+    async def _relay_endpoint(self, req: Request) -> None:
+        peer = req.client
+        if self._token_failures_exceeded(peer):
+            await _deny(req, 429, "too many refused connector tokens; retry later")
             return
-        addr = peer.rsplit(":", 1)[0]
-        if self._token_failures_exceeded(addr):
-            await _deny(send, 429, "too many refused connector tokens; retry later")
-            return
-        token = presented_key(scope["headers"])
+        token = presented_key(req.headers)
         entry = self.tokens.verify(token) if token is not None else None
         if entry is None:
-            self._count_token_failure(addr)
+            self._count_token_failure(peer)
             self.metrics.auth_failures.labels("broker").inc()
             log.warning("relay refused: bad connector token", extra={"peer": peer})
-            await _deny(send, 401, "invalid connector token")
+            await _deny(req, 401, "invalid connector token")
             return
-        await send({"type": "websocket.accept"})
+        transport = await req.accept_websocket(MAX_MESSAGE + 1024)
         relay_cfg = self.config.relay
         relay = Relay(
-            AsgiWebSocketTransport(receive, send),
+            transport,
             Session(opener=True, window=int(relay_cfg.window), max_streams=relay_cfg.max_streams),
             ping_interval=float(relay_cfg.ping_interval),
             on_change=self.registry.changed,
@@ -390,40 +414,29 @@ class Broker:
         )
 
     # -- public requests --
-    #
-    # hypercorn hazard: once the app sends the final body message, hypercorn puts an
-    # http.disconnect into the app's receive queue; if the app left request-body messages
-    # unread and that queue is full, the app's own send() blocks forever. So one task (the
-    # *reader*) owns receive() for the whole request and never stops reading, and the final
-    # body message waits (bounded) until the upload finished, so the client can read our answer.
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ex = _Exchange(request_id_from(scope["headers"]), receive, send)
-        if self.draining:
-            refused: dict[str, Any] = {
-                "request_id": ex.request_id,
-                "method": scope["method"],
-                "path": scope["path"],
-                "outcome": "bridge_error",
-            }
-            async with trio.open_nursery() as nursery:
-                ex.nursery = nursery
-                await self._error(
-                    ex, refused, 503, "the broker is shutting down; retry", retry_after=1
-                )
-                nursery.cancel_scope.cancel()
-            log_request("broker", refused)
-            return
+    async def _http(self, req: Request) -> None:
+        ex = _Exchange(request_id_from(req.headers), req)
         fields: dict[str, Any] = {
             "request_id": ex.request_id,
-            "method": scope["method"],
-            "path": scope["path"],
+            "method": req.method,
+            "path": req.path,
         }
+        if self.draining:
+            fields["outcome"] = await self._error(
+                ex, fields, 503, "the broker is shutting down; retry", retry_after=1
+            )
+            log_request("broker", fields)
+            return
         self.in_flight += 1
         try:
             async with trio.open_nursery() as nursery:
                 ex.nursery = nursery
-                fields["outcome"] = await self._forward(scope, ex, fields)
+                try:
+                    fields["outcome"] = await self._forward(ex, fields)
+                except BadBody as exc:
+                    fields["outcome"] = await self._error(ex, fields, 400, str(exc))
+                except ClientDisconnected:
+                    fields["outcome"] = "client_gone"
                 nursery.cancel_scope.cancel()
         finally:
             if ex.stream is not None and not ex.stream.finished:
@@ -468,47 +481,39 @@ class Broker:
             ex.nursery.start_soon(self._read_request, ex)
 
     async def _read_request(self, ex: _Exchange) -> None:
-        """Own receive(): feed the body into the stream (or discard it once the stream is
-        gone or the body is over the limit), then watch for the client going away."""
-        receive = ex.receive
-        while not ex.body_done:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                self._client_gone(ex, "client went away during the upload")
-                return
-            chunk = msg.get("body", b"")
-            ex.body_size += len(chunk)
-            done = not msg.get("more_body", False)
-            if ex.body_size > self.max_body:
-                if ex.stream is not None:
-                    ex.stream.reset(ResetCode.TOO_LARGE, "request body too large")
-                ex.too_large = True
-                if ex.body_size > self.max_body + DRAIN_BYTES:
-                    ex.body_finished.set()  # stop waiting for it; keep discarding
-            elif ex.stream is not None and ex.stream.reset_error is None:
-                try:
-                    await ex.stream.send_data(chunk, end_stream=done)
-                except StreamReset:
-                    pass  # the connector answered already or the stream failed: discard
-            ex.body_done = done
-        ex.body_finished.set()
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        """Feed the rest of the body into the stream (or discard it once the stream is gone
+        or the body is over the limit), then watch for the client going away."""
+        req = ex.req
+        try:
+            while not ex.body_done:
+                chunk = await req.receive_body()
+                ex.body_size += len(chunk)
+                done = not chunk
+                if ex.body_size > self.max_body:
+                    if ex.stream is not None:
+                        ex.stream.reset(ResetCode.TOO_LARGE, "request body too large")
+                    ex.too_large = True
+                    return  # the server discards the rest (bounded) once we answered
+                if ex.stream is not None and ex.stream.reset_error is None:
+                    try:
+                        await ex.stream.send_data(chunk, end_stream=done)
+                    except StreamReset:
+                        pass  # the connector answered already or the stream failed: discard
+                ex.body_done = done
+        except BadBody as exc:
+            ex.bad_body = str(exc)
+            self._client_gone(ex, str(exc))
+            return
+        except ClientDisconnected as exc:
+            self._client_gone(ex, str(exc))
+            return
+        await req.wait_disconnect()
         self._client_gone(ex, "client disconnected")
 
     def _client_gone(self, ex: _Exchange, reason: str) -> None:
         ex.client_gone = True
-        ex.body_finished.set()
         if ex.stream is not None:
             ex.stream.reset(ResetCode.CANCEL, reason)
-
-    async def _finish(self, ex: _Exchange) -> None:
-        """Send the final (empty) body message once the upload is over (bounded wait)."""
-        if not ex.body_done and not ex.client_gone:
-            self._start_reader(ex)
-            with trio.move_on_after(DRAIN_SECONDS):
-                await ex.body_finished.wait()
-        await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _error(
         self,
@@ -523,33 +528,28 @@ class Broker:
         s, h, body = error_response(status, message, ex.request_id, retry_after=retry_after)
         if not ex.body_done:
             h.append((b"connection", b"close"))
-        await ex.send({"type": "http.response.start", "status": s, "headers": h})
-        await ex.send({"type": "http.response.body", "body": body, "more_body": True})
-        await self._finish(ex)
+        await ex.req.respond(s, h, body, end=True)
         return "bridge_error"
 
-    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+    def _refusal(self, req: Request) -> tuple[int, str] | None:
         """A limit the request head breaks, as (status, message), or None."""
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
         lim = self.limits
-        if len(headers) > lim.max_headers:
+        if len(req.headers) > lim.max_headers:
+            self.limit_hit("headers")
             return 431, f"too many header fields (limit {lim.max_headers})"
-        raw_path = scope.get("raw_path") or b""
-        if len(raw_path) + len(scope.get("query_string", b"")) > lim.max_uri:
+        if len(req.target) > lim.max_uri:
+            self.limit_hit("uri")
             return 414, "request target too long"
-        names = {k.lower() for k, _ in headers}
-        if b"content-length" in names and b"transfer-encoding" in names:
-            return 400, "Content-Length together with Transfer-Encoding"
         if self.in_flight > lim.max_requests:
+            self.limit_hit("requests")
             return 503, "too many requests in progress; retry later"
         return None
 
-    def _forwarded_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+    def _forwarded_headers(self, req: Request) -> list[tuple[bytes, bytes]]:
         """Hop-by-hop headers out; client-sent forwarding headers only from trusted proxies;
         our own X-Forwarded-For (the peer's address) and X-Forwarded-Proto added."""
-        headers = strip_hop_by_hop(scope["headers"], also=frozenset({b"host"}))
-        client = scope.get("client")
-        peer = client[0] if client else ""
+        headers = strip_hop_by_hop(req.headers, also=frozenset({b"host"}))
+        peer = req.client
         trusted = False
         if peer and self.trusted:
             try:
@@ -559,53 +559,49 @@ class Broker:
                 trusted = False
         prior = b""
         if trusted:
-            prior = b", ".join(v for k, v in headers if k.lower() == b"x-forwarded-for")
+            prior = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
         else:
-            headers = [(k, v) for k, v in headers if k.lower() not in _FORWARDING]
-        headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+            headers = [(k, v) for k, v in headers if k not in _FORWARDING]
+        headers = [(k, v) for k, v in headers if k != b"x-forwarded-for"]
         if peer:
             headers.append((b"x-forwarded-for", (prior + b", " if prior else b"") + peer.encode()))
-        if not trusted or not any(k.lower() == b"x-forwarded-proto" for k, _ in headers):
-            headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-proto"]
-            headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if not trusted or not any(k == b"x-forwarded-proto" for k, _ in headers):
+            headers = [(k, v) for k, v in headers if k != b"x-forwarded-proto"]
+            headers.append((b"x-forwarded-proto", req.scheme.encode()))
         return headers
 
-    async def _forward(self, scope: Scope, ex: _Exchange, fields: dict[str, Any]) -> str:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if scope["path"] == self.relay_path:
+    async def _forward(self, ex: _Exchange, fields: dict[str, Any]) -> str:
+        req = ex.req
+        if req.path == self.relay_path:
             return await self._error(ex, fields, 400, "the relay endpoint needs a WebSocket")
-        refusal = self._refusal(scope)
+        refusal = self._refusal(req)
         if refusal is not None:
             status, message = refusal
             return await self._error(
                 ex, fields, status, message, retry_after=1 if status == 503 else None
             )
-        declared = header(headers, b"content-length")
+        declared = header(req.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             if declared.isdigit():
+                self.limit_hit("body")
                 return await self._error(ex, fields, 413, "request body too large")
             return await self._error(ex, fields, 400, "invalid Content-Length")
         # Read a first part of the body so small requests travel as one relay message.
         body_parts: list[bytes] = []
         while ex.body_size < _INITIAL_BODY:
-            msg = await ex.receive()
-            if msg["type"] != "http.request":
-                ex.client_gone = True
-                return "client_gone"
-            chunk = msg.get("body", b"")
-            if chunk:
-                body_parts.append(chunk)
-                ex.body_size += len(chunk)
-            if not msg.get("more_body", False):
+            chunk = await req.receive_body()
+            if not chunk:
                 ex.body_done = True
-                ex.body_finished.set()
                 break
+            body_parts.append(chunk)
+            ex.body_size += len(chunk)
         if ex.body_size > self.max_body:
+            self.limit_hit("body")
             return await self._error(ex, fields, 413, "request body too large")
 
-        route, target = self._route(scope)
+        route, target = self._route(req)
         fields["route"] = route
-        head = RequestHead(scope["method"], target, self._forwarded_headers(scope), ex.request_id)
+        head = RequestHead(req.method, target, self._forwarded_headers(req), ex.request_id)
         first = b"".join(body_parts)
         # A stream the connector REFUSED was never processed: safe to send elsewhere, as long as
         # we still hold the whole body.
@@ -622,6 +618,7 @@ class Broker:
             try:
                 relay = await self.registry.acquire(route, self.queue_timeout)
             except QueueFull:
+                self.limit_hit("queue")
                 return await self._error(
                     ex,
                     fields,
@@ -647,6 +644,7 @@ class Broker:
                 self.registry.release(relay)
             ex.stream = stream
             if first:
+                # queued behind the head without a checkpoint: one relay message for both
                 try:
                     await stream.send_data(first, end_stream=ex.body_done)
                 except StreamReset:
@@ -658,25 +656,22 @@ class Broker:
                 return outcome
         return await self._error(ex, fields, 503, "every connector refused; retry", retry_after=1)
 
-    def _route(self, scope: Scope) -> tuple[str, str]:
+    def _route(self, req: Request) -> tuple[str, str]:
         """(route, target to forward): ``/r/<route>/…`` (prefix stripped), else
         ``<route>.<route_domain>`` by Host, else the default route."""
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        target = raw_path.decode("latin-1")
+        path, qsep, query = req.target.decode("latin-1").partition("?")
         route = DEFAULT_ROUTE
-        if target.startswith("/r/"):
-            name, sep, rest = target[3:].partition("/")
+        if path.startswith("/r/"):
+            name, sep, rest = path[3:].partition("/")
             if name and _ROUTE_NAME.match(name):
-                route, target = name, "/" + rest if sep else "/"
+                route, path = name, "/" + rest if sep else "/"
         elif self.route_domain:
-            host = (header(scope["headers"], b"host") or b"").decode("latin-1").lower()
+            host = (header(req.headers, b"host") or b"").decode("latin-1").lower()
             host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             label, dot, domain = host.partition(".")
             if dot and domain == self.route_domain and _ROUTE_NAME.match(label):
                 route = label
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
-        return route, target
+        return route, path + qsep + query
 
     async def _respond(self, ex: _Exchange, fields: dict[str, Any], *, may_retry: bool) -> str:
         stream = ex.stream
@@ -684,6 +679,8 @@ class Broker:
         try:
             head = await stream.receive_response_head()
         except StreamReset as exc:
+            if ex.bad_body:
+                return await self._error(ex, fields, 400, ex.bad_body)
             if ex.client_gone:
                 return "client_gone"
             if may_retry and exc.code == ResetCode.REFUSED:
@@ -699,17 +696,24 @@ class Broker:
             )
         fields["status"] = head.status
         ex.head_at = time.monotonic()
-        send = ex.send
-        await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
+        req = ex.req
         try:
+            # What already arrived goes out with the head, in one write.
+            first, done = stream.take_ready()
+            await req.respond(head.status, head.headers, first, end=done)
+            if done:
+                return "ok"
             while chunk := await stream.receive_data():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                more, done = stream.take_ready()
+                await req.send(chunk + more if more else chunk, end=done)
+                if done:
+                    return "ok"
         except StreamReset as exc:
-            # Abort: returning without the final body message makes hypercorn close the
-            # connection, so the client sees an incomplete response, never a complete one.
+            # Abort: returning without the end makes the server close the connection, so the
+            # client sees an incomplete response, never a complete one.
             fields["reset"] = exc.reason
             return "client_gone" if ex.client_gone else "aborted"
-        await self._finish(ex)
+        await req.end()
         return "ok"
 
 
@@ -717,54 +721,42 @@ class _Exchange:
     """What the tasks of one public request share."""
 
     __slots__ = (
+        "bad_body",
         "body_done",
-        "body_finished",
         "body_size",
         "client_gone",
         "head_at",
         "nursery",
         "reader_started",
-        "receive",
+        "req",
         "request_id",
         "reset_code",
-        "send",
         "started",
         "stream",
         "too_large",
     )
 
-    def __init__(self, request_id: str, receive: Receive, send: Send) -> None:
+    def __init__(self, request_id: str, req: Request) -> None:
         self.request_id = request_id
-        self.receive = receive
-        self.send = send
+        self.req = req
         self.nursery: trio.Nursery | None = None
         self.stream: RelayStream | None = None
         self.body_size = 0
-        self.body_done = False
-        self.body_finished = trio.Event()  # body complete, client gone, or over the drain cap
+        self.body_done = req.body_done
         self.reader_started = False
         self.client_gone = False
+        self.bad_body = ""
         self.too_large = False
         self.started = time.monotonic()
         self.head_at: float | None = None
         self.reset_code: int | None = None
 
 
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "-"
-
-
-async def _deny(send: Send, status: int, message: str) -> None:
+async def _deny(req: Request, status: int, message: str) -> None:
     body = error_body(message, "invalid_request_error", "relay_refused")
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    await req.respond(status, headers, body, end=True)

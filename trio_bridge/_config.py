@@ -129,9 +129,18 @@ class LimitsConfig:
     max_uri: Size = attrs.field(default=Size(8 * 1024), validator=_positive)  # 414 beyond
     #: public requests in progress at once (broker): 503 beyond
     max_requests: int = attrs.field(default=1000, validator=_positive)
-    #: idle keep-alive connections are closed after this; hypercorn also releases a connection
-    #: its client closed only when this fires, so keep it short (broker)
+    #: idle keep-alive connections are closed after this (broker)
     keep_alive_timeout: Duration = attrs.field(default=Duration(15), validator=_positive)
+    #: a request head (or a TLS handshake) must arrive within this: 408 beyond (slowloris)
+    head_timeout: Duration = attrs.field(default=Duration(10), validator=_positive)
+    #: a request body must arrive at least this fast (bytes per second, on average, after
+    #: head_timeout of grace); slower uploads are cut (broker)
+    min_body_rate: Size = attrs.field(default=Size(1024), validator=_positive)
+    #: open public connections (broker): 503 beyond
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    #: open public connections from one client address (broker; trusted_proxies are exempt):
+    #: 429 beyond
+    max_connections_per_address: int = attrs.field(default=256, validator=_positive)
     #: a client that reads nothing for this long while its answer waits is cut (connector)
     stall_timeout: Duration = attrs.field(default=Duration(60), validator=_positive)
     connect_timeout: Duration = Duration(5)

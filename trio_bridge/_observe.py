@@ -166,6 +166,13 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        self.limit_hits = Counter(
+            "trio_bridge_limit_hits",
+            "Requests or connections refused or cut by a limit (head_timeout, body_rate, "
+            "connections_per_address, header_bytes, uri, body, ...).",
+            ["role", "limit"],
+            registry=r,
+        )
         self.relay_connected = Gauge(
             "trio_bridge_relay_connected",
             "1 while the relay to this broker is up (connector); relays held per route (broker).",

@@ -27,7 +27,7 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -66,80 +66,6 @@ class MessageTransport(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-class TrioWebSocketTransport:
-    """Adapter for a trio-websocket ``WebSocketConnection`` (the connector's side)."""
-
-    def __init__(self, ws: Any) -> None:
-        self._ws = ws
-
-    async def send_message(self, data: bytes) -> None:
-        from trio_websocket import ConnectionClosed
-
-        try:
-            await self._ws.send_message(data)
-        except ConnectionClosed as exc:
-            raise RelayClosed(f"websocket closed: {exc.reason}") from None
-        except (trio.BrokenResourceError, OSError) as exc:
-            raise RelayClosed(f"websocket broken: {exc!r}") from None
-
-    async def receive_message(self) -> bytes:
-        from trio_websocket import ConnectionClosed
-
-        try:
-            msg = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            raise RelayClosed(f"websocket closed: {exc.reason}") from None
-        if isinstance(msg, str):
-            raise RemoteProtocolError("text message on the relay")
-        return bytes(msg)
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(2) as cs:
-            cs.shield = True
-            await self._ws.aclose()
-
-
-class AsgiWebSocketTransport:
-    """Adapter for an ASGI websocket connection (the broker's side, under hypercorn)."""
-
-    def __init__(
-        self, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
-    ):
-        self._receive = receive
-        self._send = send
-        self._closed = False
-
-    async def send_message(self, data: bytes) -> None:
-        if self._closed:
-            raise RelayClosed("websocket closed")
-        try:
-            await self._send({"type": "websocket.send", "bytes": data})
-        except Exception as exc:  # hypercorn raises various errors once the peer is gone
-            self._closed = True
-            raise RelayClosed(f"websocket broken: {exc!r}") from None
-
-    async def receive_message(self) -> bytes:
-        msg = await self._receive()
-        kind = msg["type"]
-        if kind == "websocket.receive":
-            data = msg.get("bytes")
-            if data is None:
-                raise RemoteProtocolError("text message on the relay")
-            return bytes(data)
-        self._closed = True
-        raise RelayClosed(f"websocket closed ({msg.get('code', 'no code')})")
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with trio.move_on_after(2) as cs:
-                cs.shield = True
-                try:
-                    await self._send({"type": "websocket.close", "code": 1000})
-                except Exception:
-                    pass
 
 
 class _Writer:
@@ -235,20 +161,35 @@ class RelayStream:
         return self.response_head
 
     async def receive_data(self) -> bytes:
-        """The next body chunk; b"" once the peer ended the stream."""
+        """The next body chunk; b"" once the peer ended the stream (a reset that arrives
+        after the peer's END does not take back what was complete)."""
         while not self._chunks:
-            if self.reset_error is not None:
-                raise self.reset_error
             if self.recv_done:
                 return b""
+            if self.reset_error is not None:
+                raise self.reset_error
             await self._lot.park()
         chunk = self._chunks.popleft()
+        self._consumed(len(chunk))
+        return chunk
+
+    def take_ready(self) -> tuple[bytes, bool]:
+        """Everything buffered now, without waiting, and whether that is the end of the
+        body (so a writer can send it in one piece)."""
+        chunks = self._chunks
+        if not chunks:
+            return b"", self.recv_done
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._consumed(len(data))
+        return data, self.recv_done
+
+    def _consumed(self, n: int) -> None:
         if not self.recv_done:
-            self._unacked += len(chunk)
+            self._unacked += n
             if self._unacked >= self._relay.grant_threshold:
                 increment, self._unacked = self._unacked, 0
                 self._relay._put(self._relay.session.send_window_update(self.id, increment))
-        return chunk
 
     # -- sending --
     async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
@@ -649,9 +590,7 @@ def _rid(stream: RelayStream) -> str:
 
 
 __all__ = [
-    "AsgiWebSocketTransport",
     "MessageTransport",
     "Relay",
     "RelayStream",
-    "TrioWebSocketTransport",
 ]

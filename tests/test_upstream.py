@@ -1,0 +1,127 @@
+"""The connector's httpx transport on h11: keep-alive, stale connections, cancellation, errors."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import h11
+import httpx
+import pytest
+import trio
+from netutil import free_port
+
+from trio_bridge._upstream import H11Transport
+
+
+class Server:
+    """A raw h11 server that numbers its connections. Paths: /id (answers the connection
+    number), /id-then-close (answers, then closes the socket without saying so), /echo (sha256
+    of the body), /forever (a chunk every 10 ms until the client goes away)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.eof = trio.Event()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        number = self.connections
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            assert isinstance(event, h11.Request)
+            body = b""
+            while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+            path = event.target
+            if path == b"/forever":
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[])))
+                try:
+                    while True:
+                        await stream.send_all(conn.send(h11.Data(data=b"tick\n")))
+                        await trio.sleep(0.01)
+                except trio.BrokenResourceError:
+                    self.eof.set()
+                    return
+            answer = (
+                hashlib.sha256(body).hexdigest().encode() if path == b"/echo" else b"%d" % number
+            )
+            headers = [(b"content-length", b"%d" % len(answer))]
+            await stream.send_all(
+                conn.send(h11.Response(status_code=200, headers=headers))
+                + conn.send(h11.Data(data=answer))
+                + conn.send(h11.EndOfMessage())
+            )
+            if path == b"/id-then-close":
+                await stream.aclose()
+                return
+            conn.start_next_cycle()
+
+
+@asynccontextmanager
+async def serve() -> AsyncIterator[tuple[Server, str, httpx.AsyncClient]]:
+    server = Server()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = httpx.AsyncClient(transport=H11Transport(connect_timeout=2))
+        async with client:
+            yield server, f"http://127.0.0.1:{port}", client
+        nursery.cancel_scope.cancel()
+
+
+async def test_sequential_requests_reuse_one_connection() -> None:
+    async with serve() as (server, url, client):
+        answers = [(await client.get(url + "/id")).text for _ in range(5)]
+    assert answers == ["1"] * 5
+    assert server.connections == 1
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    async with serve() as (_server, url, client):
+        assert (await client.get(url + "/id-then-close")).text == "1"
+        await trio.sleep(0.05)  # the server's FIN arrives
+        assert (await client.post(url + "/id", content=b"x")).text == "2"
+
+
+async def test_cancelling_a_streamed_response_closes_the_connection() -> None:
+    async with serve() as (server, url, client):
+        with trio.move_on_after(5):
+            async with client.stream("GET", url + "/forever") as r:
+                async for _chunk in r.aiter_raw():
+                    break
+        with trio.fail_after(2):
+            await server.eof.wait()
+        assert (await client.get(url + "/id")).text == "2"  # not the broken connection
+
+
+async def test_a_streamed_upload_arrives_byte_exact() -> None:
+    parts = [bytes([i]) * (1000 * i + 1) for i in range(50)]
+
+    async def body() -> AsyncIterator[bytes]:
+        for p in parts:
+            yield p
+            await trio.lowlevel.checkpoint()
+
+    async with serve() as (_server, url, client):
+        r = await client.post(url + "/echo", content=body())
+    assert r.text == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+async def test_connect_failures_are_httpx_connect_errors() -> None:
+    async with httpx.AsyncClient(transport=H11Transport(connect_timeout=2)) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://127.0.0.1:{free_port()}/")

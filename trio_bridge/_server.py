@@ -1,0 +1,502 @@
+"""The broker's public HTTP/1.1 server: trio + h11, with the limits a port on the internet needs.
+
+Why not hypercorn here: hypercorn costs ~0.4 ms of CPU per request (PERF.md), has one read
+timeout for both "send me your head" and "I am streaming you a long answer", and no hook to cap
+connections per client address. This module is small because h11 does the parsing and framing.
+
+One connection = one task (``serve_http`` spawns it). Per request cycle:
+
+    read head (keep-alive timeout before its first byte, ``head_timeout`` for the whole head,
+    ``max_header_bytes``; bare-LF line ends and obs-fold refused) ─▶ h11 parses it
+    ─▶ handler(request)  in the connection's task; the handler pulls the body
+       (``receive_body``, bounded by ``min_body_rate``) and writes the answer
+       (``respond`` / ``send`` / ``end``); returning without ``end`` aborts the connection
+    ─▶ keep-alive (a fresh h11 state for the next head) or lingering close
+
+Limits: over ``max_connections_per_address`` or ``max_connections`` a new connection gets 429 /
+503 and is closed; each refusal is counted in ``on_limit(name)`` and logged at debug (a flood
+must not flood the log).
+
+WebSocket upgrades (the relay endpoint) are handed to wsproto via :meth:`Request.accept_websocket`.
+
+Cancellation: cancelling ``serve_http`` closes every connection at once (graceful shutdown is
+the broker's drain, which waits for in-flight requests before it cancels). A handler that is
+cancelled mid-answer leaves the connection aborted (closed without the terminating chunk), so a
+client never mistakes a truncated answer for a complete one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import attrs
+import h11
+import trio
+
+from ._errors import RelayClosed, RemoteProtocolError
+from ._http import error_body
+from ._ws import WebSocket, accept_websocket
+
+log = logging.getLogger("trio_bridge.server")
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    503: b"Service Unavailable",
+}
+_READ = 65536
+LINGER_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
+LINGER_SECONDS = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class ServerLimits:
+    max_header_bytes: int = 32 * 1024
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 15.0
+    min_body_rate: int = 1024  # bytes per second, averaged, after a first head_timeout of grace
+    max_connections: int = 10_000
+    max_connections_per_address: int = 256
+    exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # trusted proxies
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection (or broke the protocol) before its body was read."""
+
+
+class BodyTooSlow(ClientDisconnected):
+    """The client sent its body slower than ``min_body_rate``."""
+
+
+class BadBody(ClientDisconnected):
+    """The request body breaks HTTP framing (e.g. a bad chunk); the server answers 400."""
+
+
+class _HeadError(Exception):
+    def __init__(self, status: int, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.limit = limit
+
+
+Handler = Callable[["Request"], Awaitable[None]]
+
+
+class Request:
+    """One HTTP request on a connection, handed to the handler.
+
+    ``headers`` keep the client's order and case of values; names are lower-case (h11).
+    Only one task may call :meth:`receive_body` / :meth:`wait_disconnect`, and one other task
+    may write the answer at the same time.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_ended",
+        "_h11",
+        "_started",
+        "client",
+        "headers",
+        "method",
+        "scheme",
+        "target",
+    )
+
+    def __init__(
+        self, conn: _Connection, h: h11.Connection, event: h11.Request, client: str
+    ) -> None:
+        self._conn = conn
+        self._h11 = h
+        self.method: str = event.method.decode("ascii")
+        self.target: bytes = event.target
+        self.headers: list[tuple[bytes, bytes]] = list(event.headers)
+        self.client = client  # the peer's IP address
+        self.scheme = conn.scheme
+        self._started = False
+        self._ended = False
+
+    @property
+    def path(self) -> str:
+        return self.target.split(b"?", 1)[0].decode("latin-1")
+
+    @property
+    def body_done(self) -> bool:
+        return self._h11.their_state is not h11.SEND_BODY
+
+    @property
+    def response_started(self) -> bool:
+        return self._started
+
+    async def receive_body(self) -> bytes:
+        """The next part of the request body; ``b""`` once it is complete.
+
+        Raises :class:`ClientDisconnected` if the client goes away or breaks the framing
+        before the end, :class:`BodyTooSlow` below ``min_body_rate``.
+        """
+        h = self._h11
+        if h.they_are_waiting_for_100_continue and not self._started:
+            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            await self._conn.send_all(h.send(go_on))  # type: ignore[arg-type]
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadBody(f"bad request body: {exc}") from None
+            if isinstance(event, h11.Data):
+                self._conn.body_received += len(event.data)
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                return b""
+            if event is h11.NEED_DATA:
+                data = await self._conn.receive_body_bytes()
+                h.receive_data(data)
+                if not data:
+                    raise ClientDisconnected("client closed the connection during the upload")
+                continue
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                raise ClientDisconnected("client closed the connection during the upload")
+
+    async def wait_disconnect(self) -> None:
+        """Return once the client has closed its connection (after the body was read).
+
+        Bytes that arrive meanwhile (a pipelined next request) are kept for the next cycle.
+        """
+        await self._conn.wait_disconnect()
+
+    async def respond(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        *,
+        end: bool = False,
+    ) -> None:
+        """Send the response head (and ``body``, and the end, in the same write)."""
+        h = self._h11
+        try:
+            out = h.send(h11.Response(status_code=status, headers=headers))
+            if body:
+                out += h.send(h11.Data(data=body))  # type: ignore[operator]
+            if end:
+                out += h.send(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError as exc:
+            raise ClientDisconnected(f"cannot send that response: {exc}") from None
+        self._started = True
+        self._ended = end
+        await self._conn.send_all(out)  # type: ignore[arg-type]
+
+    async def send(self, data: bytes, *, end: bool = False) -> None:
+        h = self._h11
+        try:
+            out = h.send(h11.Data(data=data)) if data else b""
+            if end:
+                out += h.send(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError as exc:
+            raise ClientDisconnected(f"response framing: {exc}") from None
+        self._ended = end
+        if out:
+            await self._conn.send_all(out)  # type: ignore[arg-type]
+
+    async def end(self) -> None:
+        await self.send(b"", end=True)
+
+    async def accept_websocket(self, max_message: int) -> WebSocket:
+        """Complete a WebSocket upgrade (wsproto) and hand over the connection."""
+        return await self._conn.accept_websocket(self, max_message)
+
+    @property
+    def is_websocket(self) -> bool:
+        return any(k == b"upgrade" and v.lower() == b"websocket" for k, v in self.headers)
+
+
+class _Connection:
+    __slots__ = (
+        "body_received",
+        "body_started",
+        "buf",
+        "head",
+        "limits",
+        "on_limit",
+        "scheme",
+        "stream",
+        "websocket",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        limits: ServerLimits,
+        scheme: str,
+        on_limit: Callable[[str], None],
+    ) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.on_limit = on_limit
+        self.scheme = scheme
+        self.buf = bytearray()  # bytes received and not yet given to h11
+        self.head = b""  # the raw head of the current request
+        self.body_received = 0
+        self.body_started = 0.0
+        self.websocket: WebSocket | None = None
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientDisconnected(f"client connection broken: {exc!r}") from None
+
+    async def _receive(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(_READ))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return b""
+
+    async def read_head(self, first: bool) -> bytes | None:
+        """The next request head (up to and including its blank line), or None if the client
+        closed (or stayed idle for the keep-alive timeout) before sending one."""
+        lim = self.limits
+        buf = self.buf
+        while buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
+            del buf[:2]
+        if not buf:
+            with trio.move_on_after(lim.head_timeout if first else lim.keep_alive_timeout):
+                data = await self._receive()
+                if not data:
+                    return None
+                buf += data
+            if not buf:
+                return None  # idle too long
+        with trio.move_on_after(lim.head_timeout) as cs:
+            searched = 0
+            while True:
+                end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+                if end >= 0:
+                    end += 4
+                    break
+                if b"\n\n" in buf or b"\n\r\n" in buf:
+                    raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
+                if len(buf) > lim.max_header_bytes:
+                    raise _HeadError(431, "request head too large", "header_bytes")
+                searched = len(buf)
+                data = await self._receive()
+                if not data:
+                    return None
+                buf += data
+        if cs.cancelled_caught:
+            raise _HeadError(408, "request head not received in time", "head_timeout")
+        if end > lim.max_header_bytes:
+            raise _HeadError(431, "request head too large", "header_bytes")
+        head = bytes(buf[:end])
+        del buf[:end]
+        if head.count(b"\n") != head.count(b"\r\n"):
+            raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
+        if b"\r\n " in head or b"\r\n\t" in head:
+            raise _HeadError(400, "obsolete line folding in the request head", "bad_head")
+        return head
+
+    async def receive_body_bytes(self) -> bytes:
+        """Body bytes for h11, at no less than ``min_body_rate`` on average."""
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            return data
+        lim = self.limits
+        now = trio.current_time()
+        if not self.body_started:
+            self.body_started = now
+        # on average at least min_body_rate, after head_timeout of grace
+        deadline = self.body_started + lim.head_timeout + self.body_received / lim.min_body_rate
+        with trio.move_on_at(deadline):
+            return await self._receive()
+        self.on_limit("body_rate")
+        raise BodyTooSlow(f"request body slower than {lim.min_body_rate} bytes/s")
+
+    async def wait_disconnect(self) -> None:
+        while len(self.buf) <= self.limits.max_header_bytes:
+            data = await self._receive()
+            if not data:
+                return
+            self.buf += data
+        await trio.sleep_forever()  # a pipelining client far ahead of us: stop reading
+
+    async def accept_websocket(self, request: Request, max_message: int) -> WebSocket:
+        trailing = request._h11.trailing_data[0] + bytes(self.buf)
+        self.buf.clear()
+        try:
+            socket = await accept_websocket(self.stream, self.head, trailing, max_message)
+        except RemoteProtocolError as exc:
+            raise ClientDisconnected(str(exc)) from None
+        except RelayClosed as exc:
+            raise ClientDisconnected(exc.reason) from None
+        request._started = request._ended = True
+        self.websocket = socket
+        return socket
+
+    async def serve(self, handler: Handler, client: str) -> None:
+        first = True
+        while True:
+            try:
+                head = await self.read_head(first)
+            except _HeadError as exc:
+                await self.refuse(exc.status, exc.message, exc.limit)
+                return
+            if head is None:
+                return
+            first = False
+            self.head = head
+            h = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
+            h.receive_data(head)
+            try:
+                event = h.next_event()
+                # Content-Length + Transfer-Encoding together is how requests get smuggled
+                if isinstance(event, h11.Request):
+                    names = [k for k, _ in event.headers]
+                    if b"content-length" in names and b"transfer-encoding" in names:
+                        raise _HeadError(400, "Content-Length together with Transfer-Encoding")
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                await self.refuse(status, f"bad request: {exc}", "bad_head")
+                return
+            except _HeadError as exc:
+                await self.refuse(exc.status, exc.message, "bad_head")
+                return
+            if not isinstance(event, h11.Request):  # pragma: no cover - a head is complete
+                await self.refuse(400, "bad request", "bad_head")
+                return
+            self.body_received = 0
+            self.body_started = 0.0
+            request = Request(self, h, event, client)
+            try:
+                await handler(request)
+            except BadBody as exc:
+                if not request._started:
+                    await self.refuse(400, str(exc), "bad_body")
+                return
+            except ClientDisconnected:
+                return
+            if self.websocket is not None:
+                return
+            if not request._ended:
+                return  # aborted: close without the end, the client sees a truncated answer
+            if h.their_state is h11.SEND_BODY:
+                await self.linger(request)
+            if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+                return  # Connection: close, or the client broke the protocol
+            trailing, closed = h.trailing_data
+            if closed:
+                return
+            if trailing:
+                self.buf[:0] = trailing
+
+    async def linger(self, request: Request) -> None:
+        """The answer went out before the upload ended: read (and drop) the rest of the body,
+        bounded, so the client gets to read our answer before we close."""
+        with trio.move_on_after(LINGER_SECONDS):
+            while self.body_received < LINGER_BYTES:
+                try:
+                    if not await request.receive_body():
+                        return
+                except ClientDisconnected:
+                    return
+
+    async def refuse(self, status: int, message: str, limit: str = "") -> None:
+        """Answer ``status`` with an OpenAI-shaped error and close (no request was parsed)."""
+        body = error_body(message, "invalid_request_error", "bad_request")
+        reason = _REASONS.get(status, b"Error")
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, reason, len(body))
+        )
+        if limit:
+            self.on_limit(limit)
+        log.debug("refused with %d: %s", status, message)
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(head + body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+
+async def serve_http(
+    handler: Handler,
+    host: str,
+    port: int,
+    limits: ServerLimits,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    on_limit: Callable[[str], None] = lambda _name: None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on host:port (port 0 allowed) until cancelled; started value: the
+    bound (host, port). ``ssl_context``: serve TLS (handshake bounded by ``head_timeout``)."""
+    listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=1024)
+    per_address: dict[str, int] = {}
+    total = 0
+    scheme = "https" if ssl_context is not None else "http"
+
+    async def connection(stream: trio.SocketStream) -> None:
+        nonlocal total
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            await stream.aclose()
+            return
+        conn = _Connection(stream, limits, scheme, on_limit)
+        exempt = False
+        if limits.exempt:
+            try:
+                ip = ipaddress.ip_address(peer)
+                exempt = any(ip in net for net in limits.exempt)
+            except ValueError:
+                pass
+        count = per_address.get(peer, 0)
+        total += 1
+        per_address[peer] = count + 1
+        try:
+            if total > limits.max_connections:
+                await conn.refuse(503, "too many connections; retry later", "connections")
+                return
+            if not exempt and count >= limits.max_connections_per_address:
+                await conn.refuse(
+                    429, "too many connections from your address", "connections_per_address"
+                )
+                return
+            if ssl_context is not None:
+                tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
+                with trio.move_on_after(limits.head_timeout) as cs:
+                    try:
+                        await tls.do_handshake()
+                    except (trio.BrokenResourceError, OSError):
+                        return
+                if cs.cancelled_caught:
+                    on_limit("head_timeout")
+                    return
+                conn.stream = tls
+            await conn.serve(handler, peer)
+        finally:
+            total -= 1
+            left = per_address[peer] - 1
+            if left:
+                per_address[peer] = left
+            else:
+                del per_address[peer]
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                try:
+                    await conn.stream.aclose()
+                except (trio.BrokenResourceError, OSError):
+                    pass
+
+    async with trio.open_nursery() as nursery:
+        sockname = listeners[0].socket.getsockname()
+        nursery.start_soon(trio.serve_listeners, connection, listeners)
+        task_status.started((sockname[0], sockname[1]))

@@ -1,0 +1,247 @@
+"""A lean httpx transport on h11 for the connector's calls to the local LLM.
+
+httpx keeps its API (``httpx.Request``, ``client.send(stream=True)``, ``aiter_raw``, its
+exception tree); only the connection handling is replaced. httpcore's pool costs ~0.5 ms of
+CPU per request and grows with concurrency (PERF.md); this transport keeps a short LIFO list
+of idle keep-alive connections per origin and gives each request a connection of its own.
+
+Error handling: every failure is raised as the httpx exception httpcore would raise
+(``ConnectError``, ``ConnectTimeout``, ``ReadError``, ``WriteError``, ``RemoteProtocolError``),
+so callers map one exception tree.
+
+Cancellation: a request cancelled before its response completes closes its connection (it is
+never put back in the pool), so the LLM sees the disconnect and stops generating.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h11
+import httpx
+import trio
+
+_READ = 65536
+
+
+class _Conn:
+    __slots__ = ("h11", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def is_stale(self) -> bool:
+        """True if the server closed the idle connection (or sent something unasked)."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:  # TLS: look at the socket underneath
+            sock = getattr(getattr(self.stream, "transport_stream", None), "socket", None)
+        if sock is None:
+            return False
+        # an idle keep-alive connection is never readable, unless it was closed (EOF)
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, OSError):
+                pass
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, transport: H11Transport, key: tuple[str, str, int], conn: _Conn) -> None:
+        self._transport = transport
+        self._key = key
+        self._conn = conn
+        self._complete = False
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            event = await _next_event(conn)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._complete = True
+                return
+            else:
+                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the LLM")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        h = conn.h11
+        if self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            self._transport._release(self._key, conn)
+        else:
+            await conn.aclose()
+
+
+async def _next_event(conn: _Conn) -> Any:
+    h = conn.h11
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from None
+        if event is not h11.NEED_DATA:
+            if isinstance(event, h11.ConnectionClosed):
+                raise httpx.RemoteProtocolError("the LLM server closed the connection early")
+            return event
+        try:
+            data = await conn.stream.receive_some(_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise httpx.ReadError(f"reading from the LLM server: {exc!r}") from None
+        h.receive_data(bytes(data))
+
+
+class H11Transport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncClient(transport=H11Transport(...))``: HTTP/1.1 with keep-alive.
+
+    ``connect_timeout`` bounds TCP connect (and TLS handshake); there are no read timeouts
+    here: the connector bounds the first byte and the gaps between chunks itself.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        max_idle: int = 32,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._ssl_context = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._closed = False
+
+    def _release(self, key: tuple[str, str, int], conn: _Conn) -> None:
+        idle = self._idle.setdefault(key, [])
+        if self._closed or len(idle) >= self._max_idle:
+            trio.lowlevel.spawn_system_task(conn.aclose)
+            return
+        idle.append(conn)
+
+    async def _connect(self, key: tuple[str, str, int]) -> _Conn:
+        scheme, host, port = key
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                if scheme == "https":
+                    ctx = self._ssl_context or ssl.create_default_context()
+                    tls = trio.SSLStream(stream, ctx, server_hostname=host)
+                    await tls.do_handshake()
+                    stream = tls
+        except trio.TooSlowError:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+        return _Conn(stream)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        scheme = url.scheme
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.host, port)
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.is_stale():
+                await conn.aclose()
+                continue
+            try:
+                return await self._exchange(key, conn, request)
+            except _NothingReceived:
+                if not replayable:
+                    raise httpx.RemoteProtocolError(
+                        "the LLM server closed a kept-alive connection"
+                    ) from None
+                # the server closed the idle connection as we used it: try a fresh one
+            break
+        conn = await self._connect(key)
+        try:
+            return await self._exchange(key, conn, request)
+        except _NothingReceived:
+            raise httpx.RemoteProtocolError(
+                "the LLM server closed the connection without answering"
+            ) from None
+
+    async def _exchange(
+        self, key: tuple[str, str, int], conn: _Conn, request: httpx.Request
+    ) -> httpx.Response:
+        h = conn.h11
+        ok = False
+        try:
+            target = request.url.raw_path
+            out = h.send(
+                h11.Request(method=request.method, target=target, headers=request.headers.raw)
+            )
+            assert out is not None
+            body = request.stream
+            if isinstance(body, httpx.ByteStream):
+                data = b"".join([c async for c in body])
+                if data:
+                    out += h.send(h11.Data(data=data))  # type: ignore[operator]
+                out += h.send(h11.EndOfMessage())  # type: ignore[operator]
+                await _send(conn, out, first=True)
+            else:
+                await _send(conn, out, first=True)
+                async for chunk in body:  # type: ignore[union-attr]
+                    if chunk:
+                        await _send(conn, h.send(h11.Data(data=chunk)))  # type: ignore[arg-type]
+                await _send(conn, h.send(h11.EndOfMessage()))  # type: ignore[arg-type]
+            while True:
+                try:
+                    event = await _next_event(conn)
+                except (httpx.RemoteProtocolError, httpx.ReadError):
+                    if h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]:
+                        raise _NothingReceived from None
+                    raise
+                if isinstance(event, h11.Response):
+                    break
+                # 1xx informational responses: keep reading
+            ok = True
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from None
+        finally:
+            if not ok:
+                await conn.aclose()
+        return httpx.Response(
+            status_code=event.status_code,
+            headers=event.headers.raw_items(),
+            stream=_ResponseStream(self, key, conn),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": event.reason},
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.aclose()
+
+
+class _NothingReceived(Exception):
+    pass
+
+
+async def _send(conn: _Conn, data: bytes, *, first: bool = False) -> None:
+    try:
+        await conn.stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        if first:
+            raise _NothingReceived from None
+        raise httpx.WriteError(f"writing to the LLM server: {exc!r}") from None

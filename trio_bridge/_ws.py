@@ -1,0 +1,213 @@
+"""The relay's WebSocket on both ends: wsproto over a trio stream, whole binary messages.
+
+The broker accepts (``_server.Request.accept_websocket``); the connector dials
+(:func:`connect_websocket`). Both then hold a :class:`WebSocket`, which is what
+``_relay.MessageTransport`` asks for. Why not trio-websocket: its reader task hands every
+message through a channel to the caller (one more task switch per message, ~0.1 ms of CPU
+each way, PERF.md), it reports an untrusted TLS certificate as a handshake *timeout*, and a
+ping answered after a local close takes down its server (issue #184).
+
+Error handling: a broken or closed connection is :class:`RelayClosed`; a peer breaking the
+WebSocket protocol or the relay's limits (message size, fragments, text messages) is
+:class:`RemoteProtocolError`; a refused handshake is :class:`WebSocketRejected` with the
+HTTP status.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import RemoteProtocolError as WsError
+
+from ._errors import RelayClosed, RemoteProtocolError
+
+_READ = 65536
+
+
+class WebSocketRejected(Exception):
+    """The server answered the upgrade with an HTTP status instead of 101."""
+
+    def __init__(self, status: int, body: bytes = b"") -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+class WebSocket:
+    """A WebSocket over wsproto (either side): whole binary messages, for the relay.
+
+    One task receives; senders are serialised by a lock (the relay's writer, and the reader
+    answering WebSocket pings). Messages over ``max_message`` bytes or in more than
+    ``MAX_FRAGMENTS`` pieces are a protocol error.
+    """
+
+    MAX_FRAGMENTS = 1024
+
+    def __init__(self, stream: trio.abc.Stream, ws: Any, max_message: int) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max = max_message
+        self._lock = trio.Lock()
+        self._closed: str | None = None
+
+    async def _send(self, event: Any) -> None:
+        if self._closed is not None:
+            raise RelayClosed(self._closed)
+        data = self._ws.send(event)
+        async with self._lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._closed = "websocket broken"
+                raise RelayClosed(f"websocket broken: {exc!r}") from None
+
+    async def send_message(self, data: bytes) -> None:
+        await self._send(BytesMessage(data=data))
+
+    async def receive_message(self) -> bytes:
+        parts: list[bytes] = []
+        size = fragments = 0
+        while True:
+            try:
+                for event in self._ws.events():
+                    if isinstance(event, BytesMessage):
+                        parts.append(bytes(event.data))
+                        size += len(event.data)
+                        if size > self._max:
+                            raise RemoteProtocolError(f"relay message over {self._max} bytes")
+                        fragments += event.frame_finished
+                        if fragments > self.MAX_FRAGMENTS:
+                            raise RemoteProtocolError("relay message in too many fragments")
+                        if event.message_finished:
+                            return b"".join(parts) if len(parts) > 1 else parts[0]
+                    elif isinstance(event, TextMessage):
+                        raise RemoteProtocolError("text message on the relay")
+                    elif isinstance(event, Ping):
+                        await self._send(event.response())
+                    elif isinstance(event, CloseConnection):
+                        reason = f"websocket closed ({event.code})"
+                        if self._closed is None:
+                            try:
+                                await self._send(event.response())
+                            except RelayClosed:
+                                pass
+                        self._closed = reason
+                        raise RelayClosed(reason)
+            except WsError as exc:
+                raise RemoteProtocolError(f"websocket: {exc}") from None
+            if self._closed is not None:
+                raise RelayClosed(self._closed)
+            try:
+                data = await self._stream.receive_some(_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self._closed = "connection lost"
+                raise RelayClosed("websocket connection lost")
+            self._ws.receive_data(bytes(data))
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2) as cs:
+            cs.shield = True
+            if self._closed is None:
+                try:
+                    await self._send(CloseConnection(code=1000))
+                except (RelayClosed, Exception):
+                    pass
+                self._closed = "closed"
+            await self._stream.aclose()
+
+
+async def accept_websocket(
+    stream: trio.abc.Stream, head: bytes, trailing: bytes, max_message: int
+) -> WebSocket:
+    """Complete the server side of an upgrade whose raw request ``head`` was read already
+    (``trailing``: bytes that came after it)."""
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.receive_data(head)
+        event = next(ws.events(), None)
+    except WsError as exc:
+        raise RemoteProtocolError(f"bad WebSocket upgrade: {exc}") from None
+    if not isinstance(event, WsRequest):
+        raise RemoteProtocolError("not a valid WebSocket upgrade")
+    try:
+        await stream.send_all(ws.send(AcceptConnection()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise RelayClosed(f"websocket broken: {exc!r}") from None
+    if trailing:
+        ws.receive_data(trailing)
+    return WebSocket(stream, ws, max_message)
+
+
+async def connect_websocket(
+    url: str,
+    *,
+    headers: list[tuple[bytes, bytes]],
+    max_message: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocket:
+    """Dial ``url`` (ws:// or wss://) and complete the upgrade; no timeout of its own (wrap
+    it in ``trio.fail_after``). Raises :class:`WebSocketRejected` for a non-101 answer,
+    ``OSError`` / ``trio.BrokenResourceError`` (an ``ssl.SSLError`` as its cause for TLS
+    failures) when the connection fails, :class:`RemoteProtocolError` for a broken answer."""
+
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    try:
+        if secure:
+            tls = trio.SSLStream(
+                stream, ssl_context or ssl.create_default_context(), server_hostname=host
+            )
+            await tls.do_handshake()
+            stream = tls
+        ws = WSConnection(ConnectionType.CLIENT)
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        await stream.send_all(
+            ws.send(WsRequest(host=host_header, target=target, extra_headers=headers))
+        )
+        status = 0
+        body = b""
+        while True:
+            data = await stream.receive_some(_READ)
+            if not data:
+                if status:
+                    raise WebSocketRejected(status, body)
+                raise RelayClosed("the server closed the connection during the upgrade")
+            try:
+                ws.receive_data(bytes(data))
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        return WebSocket(stream, ws, max_message)
+                    if isinstance(event, RejectConnection):
+                        status = event.status_code
+                        if not event.has_body:
+                            raise WebSocketRejected(status)
+                    elif isinstance(event, RejectData):
+                        body += event.data
+                        if event.body_finished:
+                            raise WebSocketRejected(status, body)
+            except WsError as exc:
+                raise RemoteProtocolError(f"bad WebSocket upgrade answer: {exc}") from None
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
