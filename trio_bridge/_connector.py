@@ -553,22 +553,33 @@ class Connector:
             chunks = response.aiter_raw()
             idle = float(limits.idle_timeout)
             stall = float(limits.stall_timeout)
-            while True:
-                with trio.fail_after(idle):
+            sniff = sniffer.feed if sniffer.active else None
+            # One scope for the whole answer, its deadline moved per phase (cheaper than two
+            # new scopes per chunk): reading from the LLM is bounded by idle_timeout, handing a
+            # chunk to the relay (credit from a slow client) by stall_timeout.
+            reading = True
+            with trio.CancelScope() as deadline:
+                while True:
+                    deadline.deadline = trio.current_time() + idle
+                    reading = True
                     try:
                         chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
-                last_chunk = time.monotonic()
-                if first_chunk is None:
-                    first_chunk = last_chunk
-                if sniffer.active:
-                    sniffer.feed(chunk)
-                with trio.move_on_after(stall) as stalled:
+                    last_chunk = time.monotonic()
+                    if first_chunk is None:
+                        first_chunk = last_chunk
+                    if sniff is not None:
+                        sniff(chunk)
+                    deadline.deadline = trio.current_time() + stall
+                    reading = False
                     await stream.send_data(chunk)
-                if stalled.cancelled_caught:
-                    stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
-                    return "client_stalled"
+            if deadline.cancelled_caught:
+                if reading:
+                    stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
+                    return "idle_timeout"
+                stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
+                return "client_stalled"
             await stream.end()
             if sniffer.active:
                 self._count_usage(
@@ -580,9 +591,6 @@ class Connector:
                     streamed=sniffer._kind != "json",
                 )
             return "ok"
-        except trio.TooSlowError:
-            stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
-            return "idle_timeout"
         except httpx.HTTPError as exc:
             stream.reset(
                 ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}"

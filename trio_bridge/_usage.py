@@ -26,7 +26,15 @@ _DONE = re.compile(rb'"done"\s*:\s*true')
 
 
 class UsageSniffer:
-    __slots__ = ("_buf", "_kind", "_skip", "completion_tokens", "model", "prompt_tokens")
+    __slots__ = (
+        "_buf",
+        "_first",
+        "_kind",
+        "_skip",
+        "completion_tokens",
+        "model",
+        "prompt_tokens",
+    )
 
     def __init__(self, content_type: bytes | None, content_encoding: bytes | None = None) -> None:
         ct = (content_type or b"").split(b";", 1)[0].strip().lower()
@@ -41,6 +49,7 @@ class UsageSniffer:
         self._kind = kind
         self._buf = bytearray()
         self._skip = False
+        self._first = True  # the first event is parsed for the model name, even without usage
         self.model: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -89,9 +98,11 @@ class UsageSniffer:
             )
             if not data or data == b"[DONE]":
                 return
-            if self.model is None or _USAGE.search(data):
+            if self._first or _USAGE.search(data):
+                self._first = False
                 self._take(_loads(data))
-        elif _DONE.search(raw) or self.model is None:
+        elif self._first or _DONE.search(raw):
+            self._first = False
             self._take(_loads(raw))
 
     def _take(self, doc: Any) -> None:
