@@ -57,6 +57,7 @@ MAX_ATTEMPTS = 3
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
+WATCH_AFTER = 0.002  # watch for client disconnects once an answer takes longer than this
 
 _RESET_STATUS = {
     ResetCode.TIMEOUT: (504, "the LLM did not answer in time"),
@@ -649,7 +650,8 @@ class Broker:
                     await stream.send_data(first, end_stream=ex.body_done)
                 except StreamReset:
                     pass  # answered below from the reset
-            self._start_reader(ex)
+            if not ex.body_done:
+                self._start_reader(ex)  # the rest of the upload goes into the stream
             outcome = await self._respond(ex, fields, may_retry=ex.body_done)
             fields["bytes_out"] = stream.bytes_received
             if outcome != "refused":
@@ -677,6 +679,14 @@ class Broker:
         stream = ex.stream
         assert stream is not None
         try:
+            # Most small answers are back within a couple of milliseconds: only then start
+            # the task that watches for the client going away (it costs a task and a poll
+            # registration per request). Cancel latency grows by at most this wait.
+            if stream.response_head is None and not ex.reader_started:
+                with trio.move_on_after(WATCH_AFTER):
+                    await stream.receive_response_head()
+                if stream.response_head is None:
+                    self._start_reader(ex)
             head = await stream.receive_response_head()
         except StreamReset as exc:
             if ex.bad_body:
@@ -703,6 +713,7 @@ class Broker:
             await req.respond(head.status, head.headers, first, end=done)
             if done:
                 return "ok"
+            self._start_reader(ex)  # a streamed answer: watch for the client going away
             while chunk := await stream.receive_data():
                 more, done = stream.take_ready()
                 await req.send(chunk + more if more else chunk, end=done)

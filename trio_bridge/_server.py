@@ -52,7 +52,7 @@ _REASONS = {
     501: b"Not Implemented",
     503: b"Service Unavailable",
 }
-_READ = 65536
+_READ = 256 * 1024
 LINGER_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
 LINGER_SECONDS = 30.0
 

@@ -24,7 +24,7 @@ import h11
 import httpx
 import trio
 
-_READ = 65536
+_READ = 256 * 1024
 
 
 class _Conn:

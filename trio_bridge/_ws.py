@@ -35,7 +35,7 @@ from wsproto.utilities import RemoteProtocolError as WsError
 
 from ._errors import RelayClosed, RemoteProtocolError
 
-_READ = 65536
+_READ = 256 * 1024
 
 
 class WebSocketRejected(Exception):
