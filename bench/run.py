@@ -387,6 +387,14 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "rounds_bridge": b_vals,
             }
 
+        # 0. memory per idle open stream, first: later phases (the 10 MB upload) leave freed
+        # heap behind that new streams would reuse, hiding their cost
+        per, opened = await idle_streams(*bridge, 200 if q else 1000, roles)
+        res["RSS per idle open stream (both roles)"] = {
+            "bridge": per,
+            "unit": "KiB",
+            "streams": opened,
+        }
         # 1. small request latency
         for c, n in ((1, 300 if q else 1000), (10, 1000 if q else 3000)):
             dv: dict[str, list[float]] = {"p50": [], "p99": []}
@@ -447,7 +455,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
             "unit": "ms",
             "rounds_bridge": cl,
         }
-        # 6. many concurrent streams through one connector, all run to the end; CPU per stream
+        # 7. many concurrent streams through one connector, all run to the end; CPU per stream
         n_many = 300 if q else 1000
         cb, cc = cpu_seconds(roles[0]), cpu_seconds(roles[1])
         probe = Client(*direct)
@@ -464,13 +472,6 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
             "broker": (cpu_seconds(roles[0]) - cb) / n_many * 1e6,
             "connector": (cpu_seconds(roles[1]) - cc) / n_many * 1e6,
             "unit": "µs",
-        }
-        # 7. memory per idle stream
-        per, opened = await idle_streams(*bridge, 200 if q else 1000, roles)
-        res["RSS per idle open stream (both roles)"] = {
-            "bridge": per,
-            "unit": "KiB",
-            "streams": opened,
         }
         return res
     finally:
