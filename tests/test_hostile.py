@@ -588,3 +588,18 @@ def test_cpu_starvation_does_not_trip_liveness(tmp_path: Path) -> None:
         assert log.count('"msg":"relay connected"') == 1, log[-2000:]
     finally:
         b.close()
+
+
+async def test_answers_carry_a_standard_status_line(up: tuple[Upstream, str]) -> None:
+    _app, url = up
+    async with open_bridge(url) as b:
+        raw = (
+            f"GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        answer = await raw_exchange(port(b), raw)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:80]
+        answer = await raw_exchange(
+            port(b), b"GET /sse HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), answer[:80]

@@ -369,10 +369,7 @@ class Connector:
             except trio.TooSlowError:
                 reason = f"cannot reach broker: no answer within {self.limits.connect_timeout}s"
             except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
-                cause = exc.__cause__ or exc
-                reason = f"cannot reach broker: {cause!r}"
-                if isinstance(cause, ssl.SSLCertVerificationError):
-                    reason += " (TLS: is the broker's certificate trusted? see broker_ca_file)"
+                reason = f"cannot reach broker: {_connect_failure(exc)}"
             except (RelayClosed, RemoteProtocolError) as exc:
                 reason = f"relay handshake failed: {exc}"
             except Exception as exc:  # never give up on a broker, whatever went wrong
@@ -616,3 +613,19 @@ async def _drain_buffered(stream: RelayStream) -> list[bytes]:
     while chunk := await stream.receive_data():
         parts.append(chunk)
     return parts
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """A one-line reason for a failed dial (trio wraps the per-address errors in a group and
+    TLS errors in BrokenResourceError)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        return str(cause.exceptions[0])
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate refused: {cause.verify_message} (is the broker's certificate "
+            "trusted? see broker_ca_file)"
+        )
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc) or type(exc).__name__

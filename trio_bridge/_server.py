@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import attrs
 import h11
@@ -42,16 +43,7 @@ from ._ws import WebSocket, accept_websocket
 
 log = logging.getLogger("trio_bridge.server")
 
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Payload Too Large",
-    414: b"URI Too Long",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    503: b"Service Unavailable",
-}
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _READ = 256 * 1024
 LINGER_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
 LINGER_SECONDS = 30.0
@@ -183,7 +175,8 @@ class Request:
         """Send the response head (and ``body``, and the end, in the same write)."""
         h = self._h11
         try:
-            out = h.send(h11.Response(status_code=status, headers=headers))
+            reason = _REASONS.get(status, b"")
+            out = h.send(h11.Response(status_code=status, headers=headers, reason=reason))
             if body:
                 out += h.send(h11.Data(data=body))  # type: ignore[operator]
             if end:
