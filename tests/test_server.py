@@ -1,0 +1,168 @@
+"""The broker's public HTTP/1.1 server (``_server``) over in-memory streams: properties.
+
+Any bytes a client sends end in one of two ways: the handler gets a well-formed request, or the
+client gets a 4xx/5xx answer in the OpenAI error shape and the connection closes. Never an
+exception, never a hang. A request is parsed the same however it is split across reads, and
+pipelined requests are answered in order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h11
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_bridge._server import Request, ServerLimits, _Connection
+
+LIMITS = ServerLimits(head_timeout=2.0, keep_alive_timeout=2.0, max_header_bytes=4096)
+
+
+async def _exchange(chunks: list[bytes]) -> tuple[list[tuple[str, bytes, list, bytes]], bytes]:
+    """Feed ``chunks`` to one server connection, then close; returns (requests the handler
+    saw as (method, target, headers, body), everything the server wrote)."""
+    client, server = trio.testing.memory_stream_pair()
+    seen: list[tuple[str, bytes, list, bytes]] = []
+    limits_hit: list[str] = []
+
+    async def handler(req: Request) -> None:
+        body = b""
+        while chunk := await req.receive_body():
+            body += chunk
+        seen.append((req.method, req.target, req.headers, body))
+        answer = json.dumps({"n": len(seen), "size": len(body)}).encode()
+        await req.respond(200, [(b"content-length", b"%d" % len(answer))], answer, end=True)
+
+    out = bytearray()
+    conn = _Connection(server, LIMITS, "http", limits_hit.append)
+
+    async def serve() -> None:
+        try:
+            await conn.serve(handler, "127.0.0.1")
+        finally:
+            await server.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            try:  # the server may answer and close before it has everything
+                for c in chunks:
+                    await client.send_all(c)
+                await client.send_eof()
+            except trio.BrokenResourceError:
+                pass
+            while data := await client.receive_some(65536):
+                out += data
+    return seen, bytes(out)
+
+
+def run(chunks: list[bytes]) -> tuple[list[tuple[str, bytes, list, bytes]], bytes]:
+    return trio.run(_exchange, chunks)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    parts, last = [], 0
+    for p in [*points, len(data)]:
+        parts.append(data[last:p])
+        last = p
+    return [p for p in parts if p]
+
+
+def responses(out: bytes) -> list[tuple[int, bytes]]:
+    conn = h11.Connection(h11.CLIENT)
+    result: list[tuple[int, bytes]] = []
+    conn.receive_data(out)
+    status, body = 0, b""
+    while True:
+        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, h11.Response):
+                status = ev.status_code
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                result.append((status, body))
+                status, body = 0, b""
+                break
+            else:
+                return result
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return result
+        conn.start_next_cycle()
+
+
+LINE_ENDS = st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\n "])
+TOKENS = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"/v1/x",
+        b" ",
+        b"HTTP/1.1",
+        b"Host: x",
+        b"Content-Length: 3",
+        b"abc",
+        b"Transfer-Encoding: chunked",
+        b"3\r\nabc\r\n0\r\n\r\n",
+        b":",
+        b"\x00",
+        b"\xff",
+        b"X-A: b",
+    ]
+)
+HEADS = st.lists(st.one_of(TOKENS, LINE_ENDS, st.binary(max_size=8)), max_size=30).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=HEADS, cuts=st.lists(st.integers(0, 1000), max_size=5))
+def test_any_bytes_give_a_request_or_an_error_answer_never_a_crash(
+    data: bytes, cuts: list[int]
+) -> None:
+    seen, out = run(split(data, cuts))
+    if out:
+        status_line = out.split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.1 "), out[:60]
+        status = int(status_line.split(b" ")[1])
+        assert status == 200 or 400 <= status < 600
+        if status >= 400:
+            assert b'"error"' in out
+    for method, target, _headers, _body in seen:
+        assert method in ("GET", "POST") and target
+
+
+VALID = (
+    b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: b\r\nX-Key: v\r\nContent-Length: 11\r\n\r\nhello world"
+    b"POST /v1/chat HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    b"GET /v1/models HTTP/1.1\r\nHost: b\r\n\r\n"
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(VALID)), max_size=12))
+def test_pipelined_requests_parse_the_same_however_they_are_split(cuts: list[int]) -> None:
+    seen, out = run(split(VALID, cuts))
+    assert [(m, t, b) for m, t, _h, b in seen] == [
+        ("POST", b"/v1/chat?x=1", b"hello world"),
+        ("POST", b"/v1/chat", b"hello world"),
+        ("GET", b"/v1/models", b""),
+    ]
+    assert (b"x-key", b"v") in seen[0][2]
+    answers = responses(out)
+    assert [json.loads(b)["n"] for s, b in answers if s == 200] == [1, 2, 3]
+
+
+def test_bare_lf_and_obs_fold_are_refused_before_the_handler() -> None:
+    for head in (
+        b"GET / HTTP/1.1\nHost: x\n\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    ):
+        seen, out = run([head])
+        assert seen == []
+        assert out.startswith(b"HTTP/1.1 400 "), out
