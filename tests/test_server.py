@@ -11,12 +11,19 @@ from __future__ import annotations
 import json
 
 import h11
+import httpx
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection
+from wsproto.events import Request as WsRequest
 
-from trio_bridge._server import Request, ServerLimits, _Connection
+from trio_bridge._errors import RelayClosed
+from trio_bridge._server import Request, ServerLimits, _Connection, serve_http
+from trio_bridge._ws import accept_websocket
 
 LIMITS = ServerLimits(head_timeout=2.0, keep_alive_timeout=2.0, max_header_bytes=4096)
 
@@ -166,3 +173,50 @@ def test_bare_lf_and_obs_fold_are_refused_before_the_handler() -> None:
         seen, out = run([head])
         assert seen == []
         assert out.startswith(b"HTTP/1.1 400 "), out
+
+
+async def test_a_failing_handler_costs_one_connection_and_its_text_is_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(req: Request) -> None:
+        if req.target == b"/boom":
+            raise ValueError("Bearer tbk_secret_in_exception_text")
+        await req.respond(200, [(b"content-length", b"2")], b"ok", end=True)
+
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(serve_http, handler, "127.0.0.1", 0, LIMITS)
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get(f"http://{host}:{port}/boom")
+            assert (await client.get(f"http://{host}:{port}/fine")).text == "ok"
+        nursery.cancel_scope.cancel()
+    assert "ValueError" in caplog.text
+    assert "tbk_secret" not in caplog.text
+
+
+async def test_a_websocket_closed_by_the_peer_refuses_sends_without_quoting_them() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    head = peer.send(WsRequest(host="x", target="/relay"))
+    ws = await accept_websocket(server_stream, head, b"", 1 << 20)
+    peer.receive_data(await client_stream.receive_some(65536))
+    assert isinstance(next(peer.events()), AcceptConnection)
+    await client_stream.send_all(peer.send(CloseConnection(code=1000)))
+    with pytest.raises(RelayClosed):
+        await ws.receive_message()
+    with pytest.raises(RelayClosed) as caught:
+        await ws.send_message(b"Bearer tbk_secret")
+    assert "tbk_secret" not in str(caught.value)
+    await ws.aclose()
+
+
+async def test_a_send_racing_the_close_handshake_is_relay_closed_not_a_crash() -> None:
+    _client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    ws = await accept_websocket(
+        server_stream, peer.send(WsRequest(host="x", target="/relay")), b"", 1 << 20
+    )
+    ws._ws.send(CloseConnection(code=1000))  # wsproto leaves OPEN while a send is on its way
+    with pytest.raises(RelayClosed) as caught:
+        await ws.send_message(b"Bearer tbk_secret")
+    assert "tbk_secret" not in str(caught.value)

@@ -475,6 +475,17 @@ async def serve_http(
                     return
                 conn.stream = tls
             await conn.serve(handler, peer)
+        except Exception as exc:
+            # A bug must cost one connection, not the server. Only the type and place are
+            # logged: exception texts can quote request bytes (keys).
+            leaf: BaseException = exc
+            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                leaf = leaf.exceptions[0]
+            tb = leaf.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            log.error("connection handler failed: %s at %s", type(leaf).__name__, where)
         finally:
             total -= 1
             left = per_address[peer] - 1

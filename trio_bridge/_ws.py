@@ -31,6 +31,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.events import Request as WsRequest
+from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
 from ._errors import RelayClosed, RemoteProtocolError
@@ -64,10 +65,16 @@ class WebSocket:
         self._lock = trio.Lock()
         self._closed: str | None = None
 
-    async def _send(self, event: Any) -> None:
-        if self._closed is not None:
+    async def _send(self, event: Any, *, closing: bool = False) -> None:
+        if self._closed is not None and not closing:
             raise RelayClosed(self._closed)
-        data = self._ws.send(event)
+        try:
+            data = self._ws.send(event)
+        except WsLocalError:
+            # the peer's close arrived (or ours went out) first; never let wsproto's message
+            # out: it quotes the event, i.e. the frames with their headers and keys
+            self._closed = "websocket closing"
+            raise RelayClosed("websocket closing") from None
         async with self._lock:
             try:
                 await self._stream.send_all(data)
@@ -100,12 +107,13 @@ class WebSocket:
                         await self._send(event.response())
                     elif isinstance(event, CloseConnection):
                         reason = f"websocket closed ({event.code})"
-                        if self._closed is None:
+                        was_open = self._closed is None
+                        self._closed = reason  # before the await: the writer must stop now
+                        if was_open:
                             try:
-                                await self._send(event.response())
+                                await self._send(event.response(), closing=True)
                             except RelayClosed:
                                 pass
-                        self._closed = reason
                         raise RelayClosed(reason)
             except WsError as exc:
                 raise RemoteProtocolError(f"websocket: {exc}") from None
