@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -603,3 +604,21 @@ async def test_answers_carry_a_standard_status_line(up: tuple[Upstream, str]) ->
             port(b), b"GET /sse HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), answer[:80]
+
+
+async def test_a_malformed_head_is_neither_echoed_nor_logged_even_at_debug(
+    up: tuple[Upstream, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    _app, url = up
+    caplog.set_level(logging.DEBUG)
+    async with open_bridge(url) as b:
+        secret = b.api_key.encode()
+        for raw in (
+            b"GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + secret + b"\x00\r\n\r\n",
+            b"POST /sse HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer " + secret + b"\r\n\r\n" + secret + b"\r\n",
+        ):
+            answer = await raw_exchange(port(b), raw)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+            assert secret not in answer
+    assert b.api_key not in caplog.text

@@ -45,6 +45,10 @@ log = logging.getLogger("trio_bridge.server")
 
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _READ = 256 * 1024
+_HEAD_ERRORS = {
+    431: "request head too large",
+    501: "unsupported Transfer-Encoding",
+}
 LINGER_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
 LINGER_SECONDS = 30.0
 
@@ -141,8 +145,8 @@ class Request:
         while True:
             try:
                 event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise BadBody(f"bad request body: {exc}") from None
+            except h11.RemoteProtocolError:
+                raise BadBody("malformed request body (framing)") from None
             if isinstance(event, h11.Data):
                 self._conn.body_received += len(event.data)
                 return bytes(event.data)
@@ -181,8 +185,8 @@ class Request:
                 out += h.send(h11.Data(data=body))  # type: ignore[operator]
             if end:
                 out += h.send(h11.EndOfMessage())  # type: ignore[operator]
-        except h11.LocalProtocolError as exc:
-            raise ClientDisconnected(f"cannot send that response: {exc}") from None
+        except h11.LocalProtocolError:
+            raise ClientDisconnected("invalid response head from the connector") from None
         self._started = True
         self._ended = end
         await self._conn.send_all(out)  # type: ignore[arg-type]
@@ -193,8 +197,8 @@ class Request:
             out = h.send(h11.Data(data=data)) if data else b""
             if end:
                 out += h.send(h11.EndOfMessage())  # type: ignore[operator]
-        except h11.LocalProtocolError as exc:
-            raise ClientDisconnected(f"response framing: {exc}") from None
+        except h11.LocalProtocolError:
+            raise ClientDisconnected("response body does not match its framing") from None
         self._ended = end
         if out:
             await self._conn.send_all(out)  # type: ignore[arg-type]
@@ -357,7 +361,9 @@ class _Connection:
                         raise _HeadError(400, "Content-Length together with Transfer-Encoding")
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                await self.refuse(status, f"bad request: {exc}", "bad_head")
+                # h11's text quotes the offending bytes (maybe a key): never echo or log it
+                message = _HEAD_ERRORS.get(status, "malformed request head")
+                await self.refuse(status, message, "bad_head")
                 return
             except _HeadError as exc:
                 await self.refuse(exc.status, exc.message, "bad_head")
@@ -411,7 +417,7 @@ class _Connection:
         )
         if limit:
             self.on_limit(limit)
-        log.debug("refused with %d: %s", status, message)
+        log.debug("refused with %d (%s)", status, limit or "bad request")
         with trio.move_on_after(1):
             try:
                 await self.stream.send_all(head + body)
