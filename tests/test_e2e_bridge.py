@@ -1,4 +1,5 @@
-"""End to end over real loopback sockets: hypercorn broker, trio-websocket relay, real upstream."""
+"""End to end over real loopback sockets: the broker's h11 server, the wsproto relay, and a real
+upstream."""
 
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Ping
 from wsproto.events import Request as WsRequest
 
-from trio_bridge._errors import RelayClosed
+from trio_bridge._errors import RelayClosed, RemoteProtocolError
 from trio_bridge._server import Request, ServerLimits, _Connection, serve_http
 from trio_bridge._ws import accept_websocket
 
@@ -220,3 +220,18 @@ async def test_a_send_racing_the_close_handshake_is_relay_closed_not_a_crash() -
     with pytest.raises(RelayClosed) as caught:
         await ws.send_message(b"Bearer tbk_secret")
     assert "tbk_secret" not in str(caught.value)
+
+
+async def test_a_websocket_ping_flood_is_a_protocol_error() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    ws = await accept_websocket(
+        server_stream, peer.send(WsRequest(host="x", target="/relay")), b"", 1 << 20
+    )
+    peer.receive_data(await client_stream.receive_some(65536))
+    await client_stream.send_all(b"".join(peer.send(Ping(b"x")) for _ in range(50)))
+    await client_stream.send_all(peer.send(Message(b"hello")))
+    assert await ws.receive_message() == b"hello"  # a few pings are answered, not an error
+    await client_stream.send_all(b"".join(peer.send(Ping(b"x")) for _ in range(500)))
+    with pytest.raises(RemoteProtocolError, match="ping flood"):
+        await ws.receive_message()

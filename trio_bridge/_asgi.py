@@ -1,4 +1,5 @@
-"""Thin hypercorn glue shared by the broker, the admin endpoints and the test model."""
+"""Thin hypercorn glue for the ASGI apps off the hot path: admin endpoints and the test model
+(the broker's public port has its own server, ``_server``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ._config import parse_hostport
-from ._frames import MAX_MESSAGE
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -20,31 +20,20 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def hypercorn_config(
-    listen: str,
-    *,
-    graceful_timeout: float = 5.0,
-    max_head: int = 32 * 1024,
-    tls: tuple[str, str] | None = None,
-    keep_alive: float = 15.0,
+    listen: str, *, graceful_timeout: float = 5.0, keep_alive: float = 15.0
 ) -> HypercornConfig:
     host, port = parse_hostport(listen)
     cfg = HypercornConfig()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    cfg.accesslog = None  # the bridge writes its own end-of-request line
+    cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hypercorn.error")
-    cfg.include_server_header = False  # responses carry the LLM's own headers
+    cfg.include_server_header = False
     cfg.include_date_header = False
-    cfg.websocket_max_message_size = MAX_MESSAGE + 1024
     cfg.graceful_timeout = graceful_timeout
-    # also how long hypercorn holds a connection its client closed while idle (CLOSE-WAIT)
     cfg.keep_alive_timeout = keep_alive
-    cfg.h11_max_incomplete_size = max_head  # a bigger request head gets 431
     # No read_timeout: hypercorn applies it to every read, also while it streams a long answer
     # to a client that (rightly) sends nothing, which would cut long generations.
     cfg.read_timeout = None
-    cfg.keep_alive_max_requests = 100_000
-    if tls is not None:
-        cfg.certfile, cfg.keyfile = tls
     return cfg
 
 
@@ -54,16 +43,11 @@ async def serve_app(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 5.0,
-    max_head: int = 32 * 1024,
-    tls: tuple[str, str] | None = None,
     keep_alive: float = 15.0,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (port 0 allowed), with TLS if ``tls`` = (cert, key) PEM
-    paths; started value: the bound (host, port)."""
-    cfg = hypercorn_config(
-        listen, graceful_timeout=graceful_timeout, max_head=max_head, tls=tls, keep_alive=keep_alive
-    )
+    """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port)."""
+    cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, keep_alive=keep_alive)
     kwargs: dict[str, Any] = {}
     if shutdown_trigger is not None:
         kwargs["shutdown_trigger"] = shutdown_trigger

@@ -10,8 +10,9 @@
     ├── RelayClosed                  the relay is gone; .reason says why
     └── StreamReset                  a stream was reset; .code and .reason from the reset frame
 
-Foreign exceptions (trio-websocket, wsproto, httpx, hypercorn) are translated into these at
-one boundary each: ``_relay.py`` for the transports, ``_connector.py`` for httpx.
+Foreign exceptions are translated into these at one boundary each: ``_ws.py`` for wsproto,
+``_server.py`` for h11 on the public side, ``_upstream.py`` (to httpx's tree) and
+``_connector.py`` for the LLM connection.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class WebSocket:
     """
 
     MAX_FRAGMENTS = 1024
+    MAX_PINGS = 100  # WebSocket pings between two messages: more is a flood
 
     def __init__(self, stream: trio.abc.Stream, ws: Any, max_message: int) -> None:
         self._stream = stream
@@ -64,6 +65,7 @@ class WebSocket:
         self._max = max_message
         self._lock = trio.Lock()
         self._closed: str | None = None
+        self._pings = 0
 
     async def _send(self, event: Any, *, closing: bool = False) -> None:
         if self._closed is not None and not closing:
@@ -100,10 +102,14 @@ class WebSocket:
                         if fragments > self.MAX_FRAGMENTS:
                             raise RemoteProtocolError("relay message in too many fragments")
                         if event.message_finished:
+                            self._pings = 0
                             return b"".join(parts) if len(parts) > 1 else parts[0]
                     elif isinstance(event, TextMessage):
                         raise RemoteProtocolError("text message on the relay")
                     elif isinstance(event, Ping):
+                        self._pings += 1
+                        if self._pings > self.MAX_PINGS:
+                            raise RemoteProtocolError("websocket ping flood")
                         await self._send(event.response())
                     elif isinstance(event, CloseConnection):
                         reason = f"websocket closed ({event.code})"
