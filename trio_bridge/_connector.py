@@ -547,20 +547,21 @@ class Connector:
                 header(raw_headers, b"content-type"), header(raw_headers, b"content-encoding")
             )
             first_chunk = last_chunk = None
-            chunks = response.aiter_raw()
+            # raw bytes as the LLM sent them (what aiter_raw gives, minus its per-chunk wrapper)
+            chunks = aiter(response.stream)  # type: ignore[arg-type]
             idle = float(limits.idle_timeout)
             stall = float(limits.stall_timeout)
             sniff = sniffer.feed if sniffer.active else None
             # One scope for the whole answer, its deadline moved per phase (cheaper than two
-            # new scopes per chunk): reading from the LLM is bounded by idle_timeout, handing a
-            # chunk to the relay (credit from a slow client) by stall_timeout.
+            # new scopes per chunk): reading from the LLM is bounded by idle_timeout, waiting
+            # for the relay to take a chunk (credit from a slow client) by stall_timeout.
             reading = True
             with trio.CancelScope() as deadline:
                 while True:
                     deadline.deadline = trio.current_time() + idle
                     reading = True
                     try:
-                        chunk = await chunks.__anext__()
+                        chunk = await anext(chunks)
                     except StopAsyncIteration:
                         break
                     last_chunk = time.monotonic()
@@ -568,8 +569,11 @@ class Connector:
                         first_chunk = last_chunk
                     if sniff is not None:
                         sniff(chunk)
-                    deadline.deadline = trio.current_time() + stall
-                    reading = False
+                    if not chunk:
+                        continue
+                    if not stream.can_send(len(chunk)):
+                        deadline.deadline = trio.current_time() + stall
+                        reading = False
                     await stream.send_data(chunk)
             if deadline.cancelled_caught:
                 if reading:

@@ -90,6 +90,10 @@ class _Writer:
         if self._has_data:
             self._has_data.unpark()
 
+    @property
+    def has_space(self) -> bool:
+        return self.closed is None and self._queued < self._high_water
+
     async def wait_space(self) -> None:
         while self._queued >= self._high_water:
             if self.closed is not None:
@@ -200,8 +204,26 @@ class RelayStream:
         if end_stream:
             self._sent_end()
 
+    def can_send(self, n: int) -> bool:
+        """True if ``send_data`` of ``n`` bytes (≤ MAX_PAYLOAD) will not wait."""
+        relay = self._relay
+        return (
+            self.reset_error is None
+            and not self.send_done
+            and n <= MAX_PAYLOAD
+            and relay._writer.has_space
+            and relay.session.send_window(self.id) >= n
+        )
+
     async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
         """Send ``data`` (any size), waiting for credit as needed."""
+        if data and self.can_send(len(data)):  # the common case: one frame, no wait
+            relay = self._relay
+            relay._put(relay.session.send_data(self.id, data, end_stream=end_stream))
+            self.bytes_sent += len(data)
+            if end_stream:
+                self._sent_end()
+            return
         session = self._relay.session
         view = memoryview(data)
         while True:
