@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -358,6 +359,26 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
         with trio.fail_after(2):
             while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
                 await trio.sleep(0.01)
+
+
+async def test_client_disconnect_before_the_answer_starts_closes_the_upstream_connection(
+    up: tuple[Upstream, str],
+) -> None:
+    """The LLM is still processing the prompt (no response head yet) when the client leaves."""
+    app, url = up
+    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+        with trio.move_on_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(client.get, b.base_url + "/hang", headers=auth(b)))
+                await app.forever_started.wait()
+                await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()  # the client gives up and closes its connection
+        closed_at = trio.current_time()
+        with trio.fail_after(5):
+            await app.disconnected.wait()
+        assert app.disconnect_time is not None
+        delay = app.disconnect_time - closed_at
+        assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
 
 
 async def test_hundred_concurrent_streams_all_complete() -> None:

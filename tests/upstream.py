@@ -24,7 +24,8 @@ GZIP_BODY = gzip.compress(b'{"hello": "compressed world"}' * 10, mtime=0)
 
 class Upstream:
     """Paths: /echo (body back + sha256 header), /headers (request headers as JSON),
-    /sse (fixed SSE bytes), /gzip (gzip-encoded body), /slow-head?s=N, /stall (head, one chunk,
+    /sse (fixed SSE bytes), /gzip (gzip-encoded body), /slow-head?s=N, /hang (no answer until the
+    client goes away), /stall (head, one chunk,
     then silence), /die (head, one chunk, then the connection is cut), /forever (a chunk every
     10 ms until the client goes away), /big?n=N (N bytes, streamed in 64 KiB chunks)."""
 
@@ -95,6 +96,12 @@ class Upstream:
                 ],
                 GZIP_BODY,
             )
+        elif path == "/hang":  # no head at all, until the client goes away
+            self.forever_started.set()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnect_time = trio.current_time()
+            self.disconnected.set()
         elif path == "/slow-head":
             await trio.sleep(float(query.split("=")[1]))
             await send_simple(send, 200, [], b"late")

@@ -57,7 +57,7 @@ MAX_ATTEMPTS = 3
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
-WATCH_AFTER = 0.002  # watch for client disconnects once an answer takes longer than this
+WATCH_AFTER = 0.02  # watch for client disconnects once an answer takes longer than this
 
 _RESET_STATUS = {
     ResetCode.TIMEOUT: (504, "the LLM did not answer in time"),
