@@ -235,3 +235,25 @@ async def test_a_websocket_ping_flood_is_a_protocol_error() -> None:
     await client_stream.send_all(b"".join(peer.send(Ping(b"x")) for _ in range(500)))
     with pytest.raises(RemoteProtocolError, match="ping flood"):
         await ws.receive_message()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 1 << 20])
+async def test_server_frames_decode_in_a_standard_client(size: int) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WSConnection(ConnectionType.CLIENT)
+    ws = await accept_websocket(
+        server_stream, peer.send(WsRequest(host="x", target="/relay")), b"", 2 << 20
+    )
+    peer.receive_data(await client_stream.receive_some(65536))
+    assert isinstance(next(peer.events()), AcceptConnection)
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    got, done = b"", False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.send_message, payload)
+        while not done:
+            peer.receive_data(await client_stream.receive_some(1 << 21))
+            for event in peer.events():
+                assert isinstance(event, Message)
+                got += bytes(event.data)
+                done = event.message_finished
+    assert got == payload

@@ -159,7 +159,13 @@ class LogConfig:
 class RelayConfig:
     """Relay tuning shared by both roles (defaults suit nearly everyone)."""
 
+    #: per-stream receive window the broker advertises: how much of an answer may be in flight
+    #: toward (and buffered for) one client
     window: Size = attrs.field(default=Size(256 * 1024), validator=_positive)
+    #: per-stream receive window the connector advertises: how much of a request body may be in
+    #: flight toward it (bigger: uploads are not held up by credit round trips; at most
+    #: max_concurrent streams receive bodies at once)
+    request_window: Size = attrs.field(default=Size(1024 * 1024), validator=_positive)
     max_streams: int = attrs.field(default=1000, validator=_positive)
     ping_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
 

@@ -324,7 +324,11 @@ class Connector:
                 try:
                     relay = Relay(
                         ws,
-                        Session(opener=False, window=int(rc.window), max_streams=rc.max_streams),
+                        Session(
+                            opener=False,
+                            window=int(rc.request_window),
+                            max_streams=rc.max_streams,
+                        ),
                         name=self.name,
                         route=self.config.connector.route,
                         ready=self.llm_ready,
