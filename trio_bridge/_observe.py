@@ -17,6 +17,8 @@ from typing import Any
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 request_log = logging.getLogger("trio_bridge.request")
+# one encoder for every line (json.dumps with arguments builds a new one per call)
+_ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +34,7 @@ class JsonFormatter(logging.Formatter):
                 out[k] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return _ENCODE(out)
 
 
 class TextFormatter(logging.Formatter):
