@@ -622,3 +622,48 @@ async def test_a_malformed_head_is_neither_echoed_nor_logged_even_at_debug(
             assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
             assert secret not in answer
     assert b.api_key not in caplog.text
+
+
+async def test_relay_buffers_over_their_cap_shed_the_slowest_reader_only(
+    up: tuple[Upstream, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two clients stop reading big answers; once the broker's relay holds more than
+    max_buffered for them, the one holding the most is reset; the other still completes."""
+    _app, url = up
+    size = 40 * 1024 * 1024
+    async with (
+        open_bridge(url, relay={"max_buffered": "400KiB"}) as b,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        relay = b.broker.registry.relays()[0]
+        outcomes: list[str] = []
+
+        async def reader(started: trio.Event, go: trio.Event) -> None:
+            got = 0
+            try:
+                async with client.stream(
+                    "GET",
+                    b.base_url + f"/big?n={size}",
+                    headers={"Authorization": f"Bearer {b.api_key}"},
+                ) as r:
+                    started.set()
+                    await go.wait()  # not reading: socket buffers, then relay buffers fill
+                    async for chunk in r.aiter_raw():
+                        got += len(chunk)
+            except httpx.HTTPError:
+                pass
+            outcomes.append("complete" if got == size else "cut")
+
+        go = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                started = trio.Event()
+                nursery.start_soon(reader, started, go)
+                await started.wait()
+            with trio.fail_after(20):
+                while "slowest reader" not in caplog.text:
+                    await trio.sleep(0.05)
+            assert relay.buffered <= 400 * 1024
+            go.set()
+        assert sorted(outcomes) == ["complete", "cut"]
+        assert relay.buffered == 0 and relay.closed_reason is None

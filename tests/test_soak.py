@@ -148,3 +148,7 @@ async def test_soak_with_faults_loses_and_corrupts_nothing() -> None:
         # min(max_concurrent, 32) each; each pooled connection is 2 tasks in the test model's
         # hypercorn) which grow to their cap under this load.
         assert tasks1 <= tasks0 + 2 * 2 * 32 + 10, (tasks0, tasks1)
+        # Nothing is left counted in the relays' buffers (no accounting leak).
+        assert [r.buffered for r in rb.broker.registry.relays()] == [0] * len(
+            rb.broker.registry.relays()
+        )

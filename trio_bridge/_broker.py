@@ -383,6 +383,7 @@ class Broker:
             transport,
             Session(opener=True, window=int(relay_cfg.window), max_streams=relay_cfg.max_streams),
             ping_interval=float(relay_cfg.ping_interval),
+            max_buffered=int(relay_cfg.max_buffered),
             on_change=self.registry.changed,
         )
         async with trio.open_nursery() as nursery:

@@ -166,6 +166,9 @@ class RelayConfig:
     #: flight toward it (bigger: uploads are not held up by credit round trips; at most
     #: max_concurrent streams receive bodies at once)
     request_window: Size = attrs.field(default=Size(1024 * 1024), validator=_positive)
+    #: body bytes one relay may hold for readers that are slower than their senders; beyond
+    #: it, the stream holding the most (the slowest reader) is reset
+    max_buffered: Size = attrs.field(default=Size(64 * 1024 * 1024), validator=_positive)
     max_streams: int = attrs.field(default=1000, validator=_positive)
     ping_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
 

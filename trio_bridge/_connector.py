@@ -334,6 +334,7 @@ class Connector:
                         ready=self.llm_ready,
                         capacity=self.config.connector.max_concurrent,
                         ping_interval=float(rc.ping_interval),
+                        max_buffered=int(rc.max_buffered),
                         handler=self.handle_stream,
                         on_change=lambda r, url=url: self._relay_changed(url, r),  # type: ignore[misc]
                     )

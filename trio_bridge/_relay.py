@@ -149,6 +149,8 @@ class RelayStream:
         self.bytes_sent = 0
         self._relay = relay
         self._chunks: deque[bytes] = deque()
+        self._held = 0  # bytes in _chunks counted in the relay's `buffered`
+        self._counted = True
         self._unacked = 0
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -189,6 +191,9 @@ class RelayStream:
         return data, self.recv_done
 
     def _consumed(self, n: int) -> None:
+        if self._counted:
+            self._held -= n
+            self._relay.buffered -= n
         if not self.recv_done:
             self._unacked += n
             if self._unacked >= self._relay.grant_threshold:
@@ -282,6 +287,9 @@ class RelayStream:
         if data:
             self._chunks.append(data)
             self.bytes_received += len(data)
+            if self._counted:
+                self._held += len(data)
+                self._relay._hold(len(data))
         if end:
             self.recv_done = True
             if self.send_done:
@@ -291,9 +299,19 @@ class RelayStream:
     def _fail(self, code: int, reason: str) -> None:
         if self.reset_error is None:
             self.reset_error = StreamReset(code, reason)
+        self._release()
+        if not self.recv_done:
+            self._chunks.clear()  # an incomplete body: nobody will use it
         self._lot.unpark_all()
         if self.scope is not None:
             self.scope.cancel()
+
+    def _release(self) -> None:
+        """The stream leaves its relay: its buffered bytes stop counting there."""
+        if self._counted:
+            self._relay.buffered -= self._held
+            self._held = 0
+            self._counted = False
 
 
 StreamHandler = Callable[[RelayStream], Awaitable[None]]
@@ -318,9 +336,14 @@ class Relay:
         ping_interval: float = 10.0,
         handler: StreamHandler | None = None,
         high_water: int = 512 * 1024,
+        max_buffered: int = 64 * 1024 * 1024,
         on_change: Callable[[Relay], None] | None = None,
     ) -> None:
         self.session = session
+        #: received body bytes waiting in this relay's streams; above ``max_buffered`` the
+        #: stream holding the most (the slowest reader) is reset
+        self.buffered = 0
+        self.max_buffered = max_buffered
         self.name = name
         self.token_id = ""  # broker side: the id of the connector token that opened it
         self.connected_since: float | None = None
@@ -443,9 +466,25 @@ class Relay:
         self._writer.put_nowait(frame)
 
     def _forget(self, stream: RelayStream) -> None:
+        stream._release()
         self._streams.pop(stream.id, None)
         if self._on_change is not None:
             self._on_change(self)
+
+    def _hold(self, n: int) -> None:
+        self.buffered += n
+        if self.buffered > self.max_buffered:
+            victim = max(self._streams.values(), key=lambda st: st._held, default=None)
+            if victim is not None and victim._held:
+                log.warning(
+                    "relay buffers over %d bytes: resetting stream %d, the slowest reader "
+                    "(%d bytes waiting)",
+                    self.max_buffered,
+                    victim.id,
+                    victim._held,
+                    extra={"relay": self.name, "request_id": _rid(victim)},
+                )
+                victim.reset(ResetCode.FLOW_CONTROL, "relay buffers full: slowest reader shed")
 
     def _reset_stream(self, stream: RelayStream, code: int, reason: str) -> None:
         stream._fail(code, reason)
