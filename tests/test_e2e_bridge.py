@@ -340,6 +340,14 @@ async def test_llm_failing_mid_stream_aborts_the_client_response(
         assert r2.content == b"".join(SSE_BYTES)
 
 
+async def upstream_closed_soon(app: Upstream, client_left_at: float) -> None:
+    with trio.fail_after(5):
+        await app.disconnected.wait()
+    assert app.disconnect_time is not None
+    delay = app.disconnect_time - client_left_at
+    assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
+
+
 async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstream, str]) -> None:
     app, url = up
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
@@ -349,12 +357,7 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
                 n += 1
                 if n == 3:
                     break
-        closed_at = trio.current_time()
-        with trio.fail_after(5):
-            await app.disconnected.wait()
-        assert app.disconnect_time is not None
-        delay = app.disconnect_time - closed_at
-        assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
+        await upstream_closed_soon(app, trio.current_time())
         # nothing left in flight on either side
         with trio.fail_after(2):
             while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
@@ -373,12 +376,7 @@ async def test_client_disconnect_before_the_answer_starts_closes_the_upstream_co
                 await app.forever_started.wait()
                 await trio.sleep(0.1)
                 nursery.cancel_scope.cancel()  # the client gives up and closes its connection
-        closed_at = trio.current_time()
-        with trio.fail_after(5):
-            await app.disconnected.wait()
-        assert app.disconnect_time is not None
-        delay = app.disconnect_time - closed_at
-        assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
+        await upstream_closed_soon(app, trio.current_time())
 
 
 async def test_hundred_concurrent_streams_all_complete() -> None:
