@@ -503,6 +503,16 @@ async def test_a_client_that_stops_reading_is_cut_after_the_stall_timeout(
                 await trio.sleep(0.1)
         sent = b.connector.metrics.bytes.labels("connector", "out")._value.get()
         assert sent < 32 << 20  # bounded by windows and socket buffers, not 256 MiB
+        # the broker lets go of the client too: its request ends, the connection closes
+        with trio.fail_after(5):
+            while b.broker.in_flight:
+                await trio.sleep(0.05)
+        with trio.fail_after(10):
+            try:
+                while await s.receive_some(1 << 20):
+                    pass  # what was already in the socket buffers, then EOF
+            except trio.BrokenResourceError:
+                pass  # or a reset: either way the connection is gone
         await s.aclose()
         async with httpx.AsyncClient() as client:  # others are unaffected
             r = await client.get(

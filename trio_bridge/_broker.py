@@ -715,11 +715,19 @@ class Broker:
             if done:
                 return "ok"
             self._start_reader(ex)  # a streamed answer: watch for the client going away
-            while chunk := await stream.receive_data():
-                more, done = stream.take_ready()
-                await req.send(chunk + more if more else chunk, end=done)
-                if done:
-                    return "ok"
+            # A reset of an unfinished answer must also stop a write that is blocked on a
+            # client who stopped reading (the connector resets after its stall_timeout):
+            # otherwise this request and its connection would stay forever.
+            with trio.CancelScope() as writing:
+                stream.on_reset = lambda: None if stream.recv_done else writing.cancel()
+                while chunk := await stream.receive_data():
+                    more, done = stream.take_ready()
+                    await req.send(chunk + more if more else chunk, end=done)
+                    if done:
+                        return "ok"
+            if writing.cancelled_caught:
+                assert stream.reset_error is not None
+                raise stream.reset_error
         except StreamReset as exc:
             # Abort: returning without the end makes the server close the connection, so the
             # client sees an incomplete response, never a complete one.

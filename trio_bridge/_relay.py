@@ -142,6 +142,8 @@ class RelayStream:
         self.request_head = request_head
         self.response_head: ResponseHead | None = None
         self.scope: trio.CancelScope | None = None
+        #: called once when the stream is reset (by either side or with its relay)
+        self.on_reset: Callable[[], None] | None = None
         self.reset_error: StreamReset | None = None
         self.send_done = False  # our END went out
         self.recv_done = False  # the peer's END arrived
@@ -305,6 +307,9 @@ class RelayStream:
         self._lot.unpark_all()
         if self.scope is not None:
             self.scope.cancel()
+        if self.on_reset is not None:
+            on_reset, self.on_reset = self.on_reset, None
+            on_reset()
 
     def _release(self) -> None:
         """The stream leaves its relay: its buffered bytes stop counting there."""
