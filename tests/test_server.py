@@ -9,7 +9,9 @@ pipelined requests are answered in order.
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import attrs
 import h11
 import httpx
 import pytest
@@ -22,7 +24,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, Ping
 from wsproto.events import Request as WsRequest
 
 from trio_bridge._errors import RelayClosed, RemoteProtocolError
-from trio_bridge._server import Request, ServerLimits, _Connection, serve_http
+from trio_bridge._server import ClientDisconnected, Request, ServerLimits, _Connection, serve_http
 from trio_bridge._ws import accept_websocket
 
 LIMITS = ServerLimits(head_timeout=2.0, keep_alive_timeout=2.0, max_header_bytes=4096)
@@ -257,3 +259,40 @@ async def test_server_frames_decode_in_a_standard_client(size: int) -> None:
                 got += bytes(event.data)
                 done = event.message_finished
     assert got == payload
+
+
+async def test_a_client_that_takes_no_write_for_the_send_timeout_is_cut() -> None:
+    hits: list[str] = []
+    outcome: list[str] = []
+
+    async def handler(req: Request) -> None:
+        body = b"x" * (32 << 20)  # far more than the socket buffers hold
+        headers = [(b"content-length", b"%d" % len(body))]
+        try:
+            await req.respond(200, headers, body, end=True)
+            outcome.append("sent")
+        except ClientDisconnected:
+            outcome.append("cut")
+            raise
+
+    limits = attrs.evolve(LIMITS, send_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            partial(serve_http, handler, "127.0.0.1", 0, limits, on_limit=hits.append)
+        )
+        s = await trio.open_tcp_stream(host, port)
+        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(5):
+            while not outcome:  # the client reads nothing meanwhile
+                await trio.sleep(0.05)
+        assert outcome == ["cut"] and hits == ["send_timeout"]
+        received = 0
+        with trio.fail_after(5):
+            try:
+                while data := await s.receive_some(1 << 20):
+                    received += len(data)
+            except trio.BrokenResourceError:
+                pass
+        assert received < 32 << 20  # the connection was closed, not finished
+        await s.aclose()
+        nursery.cancel_scope.cancel()

@@ -284,6 +284,7 @@ class Broker:
             min_body_rate=max(1, int(lim.min_body_rate)),
             max_connections=lim.max_connections,
             max_connections_per_address=lim.max_connections_per_address,
+            send_timeout=float(lim.stall_timeout),
             exempt=tuple(self.trusted),
         )
 

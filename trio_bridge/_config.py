@@ -141,7 +141,8 @@ class LimitsConfig:
     #: open public connections from one client address (broker; trusted_proxies are exempt):
     #: 429 beyond
     max_connections_per_address: int = attrs.field(default=256, validator=_positive)
-    #: a client that reads nothing for this long while its answer waits is cut (connector)
+    #: a client that reads nothing for this long while its answer waits is cut (connector:
+    #: the LLM call ends; broker: one write not taken for this long closes the connection)
     stall_timeout: Duration = attrs.field(default=Duration(60), validator=_positive)
     connect_timeout: Duration = Duration(5)
     first_byte_timeout: Duration = Duration(300)

@@ -61,6 +61,8 @@ class ServerLimits:
     min_body_rate: int = 1024  # bytes per second, averaged, after a first head_timeout of grace
     max_connections: int = 10_000
     max_connections_per_address: int = 256
+    #: a client that takes longer than this to take one write (reads nothing) is cut
+    send_timeout: float = 60.0
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # trusted proxies
 
 
@@ -247,9 +249,13 @@ class _Connection:
 
     async def send_all(self, data: bytes) -> None:
         try:
-            await self.stream.send_all(data)
+            with trio.move_on_after(self.limits.send_timeout) as cs:
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client connection broken: {exc!r}") from None
+        if cs.cancelled_caught:
+            self.on_limit("send_timeout")
+            raise ClientDisconnected("the client stopped reading (send timeout)")
 
     async def _receive(self) -> bytes:
         try:
