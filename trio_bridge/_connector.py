@@ -279,6 +279,7 @@ class Connector:
             log.warning("LLM is down: %s", reason, extra={"llm": self.local_url})
         for relay in list(self.relays.values()):
             relay.send_status(ready=up)
+        self.notifier.status(self.status_line())  # systemctl status shows it at once
 
     def llm_failed(self, reason: str) -> None:
         """A request could not reach the LLM: report not-ready now and probe at once."""
@@ -360,6 +361,7 @@ class Connector:
                                 st["reconnects"] += 1
                                 self.metrics.reconnects.labels("connector", url).inc()
                             st.update(state="connected", since=time.time())
+                            self.notifier.status(self.status_line())
                             self.metrics.relay_connected.labels("connector", url).set(1)
                             log.info("relay connected", extra={"broker": url})
                     self.relays.pop(url, None)
@@ -391,6 +393,7 @@ class Connector:
                 st["since"] = time.time()
             st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
             self.metrics.relay_connected.labels("connector", url).set(0)
+            self.notifier.status(self.status_line())
             log.warning(
                 "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
             )
