@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
+import h11
 import httpx
 import openai
 import pytest
@@ -527,3 +528,35 @@ async def test_a_long_stream_outlives_the_keep_alive_timeout() -> None:
         ) as r:
             raw = b"".join([c async for c in r.aiter_raw()])
     assert raw.endswith(b"data: [DONE]\n\n") and b'" 70"' in raw
+
+
+async def test_expect_100_continue_gets_a_continue_before_the_body_is_sent(
+    up: tuple[Upstream, str],
+) -> None:
+    _app, url = up
+    body = b"b" * 300_000
+    async with open_bridge(url) as b:
+        s = await trio.open_tcp_stream("127.0.0.1", int(b.base_url.rsplit(":", 1)[1]))
+        await s.send_all(
+            f"POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {b.api_key}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        with trio.fail_after(5):
+            interim = await s.receive_some(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await s.send_all(body)
+        answer = b""
+        with trio.fail_after(10):
+            while data := await s.receive_some(1 << 20):
+                answer += data
+        await s.aclose()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+    conn.receive_data(answer)
+    echoed = b""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if isinstance(event, h11.Data):
+            echoed += event.data
+    assert echoed == body

@@ -142,7 +142,7 @@ class Request:
         """
         h = self._h11
         if h.they_are_waiting_for_100_continue and not self._started:
-            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await self._conn.send_all(h.send(go_on))  # type: ignore[arg-type]
         while True:
             try:
