@@ -328,20 +328,14 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         '[limits]\nmax_body = "32MiB"\n[relay]\nmax_streams = 2000\n'
     )
     run = [PY, "-m", "trio_bridge"]
-    token = subprocess.run(
-        [*run, "tokens", "add", "bench", "-c", str(d / "broker.toml")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (d / "connector.token").write_text(token)
+
+    def new_secret(store: str, config: str) -> str:
+        cmd = [*run, store, "add", "bench", "-c", str(d / config)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    (d / "connector.token").write_text(new_secret("tokens", "broker.toml"))
     (d / "connector.token").chmod(0o600)
-    key = subprocess.run(
-        [*run, "keys", "add", "bench", "-c", str(d / "connector.toml")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    key = new_secret("keys", "connector.toml")
     procs = {
         "llm": start(
             [PY, str(HERE / "fakellm.py"), str(llm_port)],

@@ -545,22 +545,16 @@ def test_world_readable_secret_files_are_refused(tmp_path: Path) -> None:
 
 def test_check_warns_about_a_public_listener_without_tls(tmp_path: Path) -> None:
     cfg = tmp_path / "bridge.toml"
-    cfg.write_text('[broker]\nlisten = "0.0.0.0:8080"\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "trio_bridge", "check", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
+
+    def check(toml: str) -> str:
+        cfg.write_text(toml)
+        cmd = [sys.executable, "-m", "trio_bridge", "check", "-c", str(cfg)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+
+    assert "without TLS" in check('[broker]\nlisten = "0.0.0.0:8080"\n')
+    assert "without TLS" not in check(
+        '[broker]\nlisten = "0.0.0.0:8080"\nbehind_tls_proxy = true\n'
     )
-    assert "without TLS" in r.stdout
-    cfg.write_text('[broker]\nlisten = "0.0.0.0:8080"\nbehind_tls_proxy = true\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "trio_bridge", "check", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert "without TLS" not in r.stdout
 
 
 @pytest.mark.skipif(

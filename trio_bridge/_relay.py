@@ -12,10 +12,10 @@ Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
 - the **pinger**: sends PING every ``ping_interval``; if nothing at all has been received for
   ``2.5 × ping_interval`` the relay is declared dead.
 - on the connector, one **handler** task per incoming stream, each in its own cancel scope
-  (``RelayStream.scope``), cancelled when the stream is reset or the relay is lost.
+  (hooked to ``RelayStream.on_reset``), cancelled when the stream is reset or the relay is lost.
 
 Cancellation: cancelling ``run`` (or :meth:`Relay.close`) tears the relay down; every open
-stream then fails with :class:`StreamReset` (code RELAY_LOST) and its scope is cancelled.
+stream then fails with :class:`StreamReset` (code RELAY_LOST) and its ``on_reset`` hook runs.
 
 Error handling: transport errors become :class:`RelayClosed`; a protocol violation by the peer
 sends GOAWAY with the reason and closes the relay. Per-stream violations reset that stream only.
@@ -133,15 +133,15 @@ class RelayStream:
     """One request/response exchange on a relay, as seen by one side.
 
     Receiving methods raise :class:`StreamReset` once the stream was reset (by either side or
-    because the relay was lost). ``scope``, when set by the owner of the stream, is cancelled
-    on such a reset, so work that is not waiting on the stream (an upstream HTTP call) stops.
+    because the relay was lost). ``on_reset``, when set by the owner of the stream, runs once
+    on such a reset, so work that is not waiting on the stream (an upstream HTTP call, a write
+    to a client) can be cancelled.
     """
 
     def __init__(self, relay: Relay, stream_id: int, request_head: RequestHead | None = None):
         self.id = stream_id
         self.request_head = request_head
         self.response_head: ResponseHead | None = None
-        self.scope: trio.CancelScope | None = None
         #: called once when the stream is reset (by either side or with its relay)
         self.on_reset: Callable[[], None] | None = None
         self.reset_error: StreamReset | None = None
@@ -305,8 +305,6 @@ class RelayStream:
         if not self.recv_done:
             self._chunks.clear()  # an incomplete body: nobody will use it
         self._lot.unpark_all()
-        if self.scope is not None:
-            self.scope.cancel()
         if self.on_reset is not None:
             on_reset, self.on_reset = self.on_reset, None
             on_reset()
@@ -622,14 +620,14 @@ class Relay:
         assert self._handler is not None
         try:
             with trio.CancelScope() as scope:
-                stream.scope = scope
+                stream.on_reset = scope.cancel
                 if stream.reset_error is None:
                     await self._handler(stream)
         except Exception:
             log.exception("stream handler failed", extra={"request_id": _rid(stream)})
             stream.reset(ResetCode.INTERNAL_ERROR, "internal error")
         finally:
-            stream.scope = None
+            stream.on_reset = None
             if not stream.finished:
                 if stream.send_done:
                     # Response complete; tell the peer to stop sending the request body.

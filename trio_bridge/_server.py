@@ -130,10 +130,6 @@ class Request:
     def body_done(self) -> bool:
         return self._h11.their_state is not h11.SEND_BODY
 
-    @property
-    def response_started(self) -> bool:
-        return self._started
-
     async def receive_body(self) -> bytes:
         """The next part of the request body; ``b""`` once it is complete.
 

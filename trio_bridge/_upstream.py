@@ -155,22 +155,17 @@ class H11Transport(httpx.AsyncBaseTransport):
         scheme = url.scheme
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.host, port)
-        replayable = isinstance(request.stream, httpx.ByteStream)
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.is_stale():
-                await conn.aclose()
-                continue
+        conn = await self._idle_conn(key)
+        if conn is not None:
             try:
                 return await self._exchange(key, conn, request)
             except _NothingReceived:
-                if not replayable:
+                # the server closed the idle connection as we used it: a fresh one, if the
+                # body can be sent again
+                if not isinstance(request.stream, httpx.ByteStream):
                     raise httpx.RemoteProtocolError(
                         "the LLM server closed a kept-alive connection"
                     ) from None
-                # the server closed the idle connection as we used it: try a fresh one
-            break
         conn = await self._connect(key)
         try:
             return await self._exchange(key, conn, request)
@@ -178,6 +173,16 @@ class H11Transport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(
                 "the LLM server closed the connection without answering"
             ) from None
+
+    async def _idle_conn(self, key: tuple[str, str, int]) -> _Conn | None:
+        """The most recently used idle connection to ``key`` the server has not closed."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.is_stale():
+                return conn
+            await conn.aclose()
+        return None
 
     async def _exchange(
         self, key: tuple[str, str, int], conn: _Conn, request: httpx.Request

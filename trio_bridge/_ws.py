@@ -91,17 +91,14 @@ class WebSocket:
                 raise RelayClosed(f"websocket broken: {exc!r}") from None
 
     async def send_message(self, data: bytes) -> None:
-        if self._server:
+        if not self._server or self._closed or self._ws.state is not ConnectionState.OPEN:
+            # a client masks its frames; and wsproto is the one who knows when a connection
+            # is closing (its refusal becomes RelayClosed in _send)
+            await self._send(BytesMessage(data=data))
+        else:
             # An unmasked binary frame is a 2-10 byte header; wsproto copies a payload three
             # times to build one (a quarter of the broker's CPU during big uploads).
-            if self._closed is not None:
-                raise RelayClosed(self._closed)
-            if self._ws.state is not ConnectionState.OPEN:
-                self._closed = "websocket closing"
-                raise RelayClosed("websocket closing")
             await self._send_bytes(_binary_frame_header(len(data)) + data)
-            return
-        await self._send(BytesMessage(data=data))
 
     async def receive_message(self) -> bytes:
         parts: list[bytes] = []
