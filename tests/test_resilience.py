@@ -9,6 +9,7 @@ import httpx
 import pytest
 import trio
 from faultproxy import FaultProxy
+from memtransport import transport_pair
 from netutil import free_port
 
 from trio_bridge._backoff import Backoff
@@ -49,42 +50,10 @@ def test_backoff_is_full_jitter_capped_and_resets_after_a_stable_connection() ->
 # -- liveness, without sockets (autojump clock) --------------------------------------------
 
 
-class MemTransport:
-    def __init__(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        receive: trio.MemoryReceiveChannel[bytes],
-    ) -> None:
-        self._send, self._receive = send, receive
-        self.blackhole = False
-
-    async def send_message(self, data: bytes) -> None:
-        if self.blackhole:
-            return
-        try:
-            await self._send.send(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise RelayClosed("peer gone") from None
-
-    async def receive_message(self) -> bytes:
-        while True:
-            try:
-                data = await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise RelayClosed("peer closed") from None
-            if not self.blackhole:
-                return data
-
-    async def aclose(self) -> None:
-        await self._send.aclose()
-
-
 async def test_silent_peer_is_declared_dead_within_three_intervals(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    a_send, b_receive = trio.open_memory_channel[bytes](100)
-    b_send, a_receive = trio.open_memory_channel[bytes](100)
-    ta, tb = MemTransport(a_send, a_receive), MemTransport(b_send, b_receive)
+    ta, tb = transport_pair()
     served = trio.Event()
 
     async def handler(stream: RelayStream) -> None:

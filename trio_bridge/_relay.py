@@ -200,7 +200,7 @@ class RelayStream:
             self._unacked += n
             if self._unacked >= self._relay.grant_threshold:
                 increment, self._unacked = self._unacked, 0
-                self._relay._put(self._relay.session.send_window_update(self.id, increment))
+                self._relay._grant(self.id, increment)
 
     # -- sending --
     async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
@@ -467,6 +467,13 @@ class Relay:
     # -- internals --
     def _put(self, frame: bytes) -> None:
         self._writer.put_nowait(frame)
+
+    def _grant(self, stream_id: int, increment: int) -> None:
+        """Credit the peer with ``increment`` more bytes on a stream. A closed relay grants
+        nothing: its streams are failing with RELAY_LOST, and a reader that consumes what
+        was buffered before the loss must not see RelayClosed from here."""
+        if self.closed_reason is None:
+            self._put(self.session.send_window_update(stream_id, increment))
 
     def _forget(self, stream: RelayStream) -> None:
         stream._release()
