@@ -13,7 +13,7 @@ from memtransport import transport_pair
 from netutil import free_port
 
 from trio_bridge._backoff import Backoff
-from trio_bridge._errors import RelayClosed, StreamReset
+from trio_bridge._errors import StreamReset
 from trio_bridge._frames import ResetCode
 from trio_bridge._protocol import RequestHead, Session
 from trio_bridge._relay import Relay, RelayStream
