@@ -41,7 +41,7 @@ from ._http import (
 )
 from ._keys import SecretStore
 from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
-from ._protocol import RequestHead, Session
+from ._protocol import Hello, RequestHead, Session
 from ._relay import Relay, RelayStream
 from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
 from ._service import Notifier
@@ -50,9 +50,11 @@ from ._version import __version__
 log = logging.getLogger("trio_bridge.broker")
 
 DEFAULT_ROUTE = "default"
-_FORWARDING = frozenset(
-    {b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-host", b"x-forwarded-proto"}
-)
+#: headers a connector or LLM might believe; from clients only through trusted_proxies
+_FORWARDING = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip"})
+_FORWARDING_PREFIX = b"x-forwarded-"
+#: the bridge's own header namespace: only the bridge sets these, never a client or a proxy
+BRIDGE_NAMESPACE = b"x-trio-bridge-"
 MAX_ATTEMPTS = 3
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -344,18 +346,28 @@ class Broker:
             nursery.cancel_scope.cancel()
 
     async def _watch_tokens(self) -> None:
-        """Close relays whose connector token was revoked (checked every second)."""
+        """Close relays whose connector token was revoked, expired (after a rotation) or no
+        longer allows their route (checked every second)."""
         while True:
             await trio.sleep(1.0)
             self.tokens.maybe_reload()
-            valid = {e.id for e in self.tokens.entries()}
+            valid = self.tokens.active_ids()
             for relay in self.registry.relays():
-                if relay.token_id not in valid:
-                    log.warning(
-                        "closing relay: connector token revoked",
-                        extra={"connector": relay.name, "token_id": relay.token_id},
-                    )
-                    relay.close("connector token revoked")
+                entry = self.tokens.get(relay.token_id)
+                if entry is None:
+                    why = "connector token revoked"
+                elif relay.token_id not in valid:
+                    why = "connector token expired (rotated)"
+                elif not entry.allows_route(relay.route):
+                    why = f"connector token no longer allows route {relay.route!r}"
+                else:
+                    continue
+                log.warning(
+                    "closing relay: %s",
+                    why,
+                    extra={"connector": relay.name, "token_id": relay.token_id},
+                )
+                relay.close(why)
 
     async def handle(self, req: Request) -> None:
         """The public server's handler: the relay endpoint or a request to relay."""
@@ -368,6 +380,7 @@ class Broker:
     async def _relay_endpoint(self, req: Request) -> None:
         peer = req.client
         if self._token_failures_exceeded(peer):
+            self.metrics.relays_refused.labels("broker", "rate_limited").inc()
             await _deny(req, 429, "too many refused connector tokens; retry later")
             return
         token = presented_key(req.headers)
@@ -375,9 +388,29 @@ class Broker:
         if entry is None:
             self._count_token_failure(peer)
             self.metrics.auth_failures.labels("broker").inc()
+            self.metrics.relays_refused.labels("broker", "bad_token").inc()
             log.warning("relay refused: bad connector token", extra={"peer": peer})
             await _deny(req, 401, "invalid connector token")
             return
+        refused: list[str] = []
+
+        def accept(hello: Hello) -> str | None:
+            """The route a connector asks for must be one its token may serve."""
+            route = hello.route or DEFAULT_ROUTE
+            if not _ROUTE_NAME.match(route):
+                why, label = f"invalid route name {route[:64]!r}", "bad_route"
+            elif not entry.allows_route(route):
+                why = (
+                    f"route {route!r} is not allowed for connector token {entry.name!r} "
+                    f"(id {entry.id}; it may serve: {entry.route_text}); on the broker: "
+                    f"trio-bridge tokens set {entry.name} --route {route}"
+                )
+                label = "route_not_allowed"
+            else:
+                return None
+            refused.append(label)
+            return why
+
         transport = await req.accept_websocket(MAX_MESSAGE + 1024)
         relay_cfg = self.config.relay
         relay = Relay(
@@ -386,12 +419,19 @@ class Broker:
             ping_interval=float(relay_cfg.ping_interval),
             max_buffered=int(relay_cfg.max_buffered),
             on_change=self.registry.changed,
+            accept=accept,
         )
         async with trio.open_nursery() as nursery:
             try:
                 hello = await nursery.start(relay.run)
             except RelayClosed as exc:
-                log.warning("relay handshake failed: %s", exc.reason, extra={"peer": peer})
+                label = refused[0] if refused else "handshake"
+                self.metrics.relays_refused.labels("broker", label).inc()
+                log.warning(
+                    "relay refused: %s" if refused else "relay handshake failed: %s",
+                    exc.reason,
+                    extra={"peer": peer, "token_id": entry.id},
+                )
                 return
             relay.name = hello.name or entry.name
             relay.token_id = entry.id
@@ -534,6 +574,28 @@ class Broker:
         await ex.req.respond(s, h, body, end=True)
         return "bridge_error"
 
+    def _not_for_connectors(self, req: Request) -> tuple[int, str] | None:
+        """A request that must never reach a connector, as (status, message), or None:
+        anything at the relay path (a connector dialing a wrong URL would send its token),
+        WebSocket upgrades (no pass-through yet), and connector tokens presented as keys."""
+        relay = self.relay_path
+        if req.path == relay or req.path.startswith(relay.rstrip("/") + "/"):
+            if req.is_websocket:
+                return 404, f"no relay endpoint at this path; the relay endpoint is {relay}"
+            return 400, f"the relay endpoint {relay} needs a WebSocket upgrade"
+        if req.is_websocket:
+            return 404, (
+                f"no WebSocket endpoint at this path (the relay endpoint is {relay}); "
+                "WebSocket pass-through to the LLM is not supported"
+            )
+        key = presented_key(req.headers)
+        if key is not None and key.startswith(f"{self.tokens.prefix}_"):
+            return 401, (
+                "a connector token was presented as an API key; it is not forwarded. "
+                "Connector tokens belong in the connector's token_file"
+            )
+        return None
+
     def _refusal(self, req: Request) -> tuple[int, str] | None:
         """A limit the request head breaks, as (status, message), or None."""
         lim = self.limits
@@ -549,9 +611,15 @@ class Broker:
         return None
 
     def _forwarded_headers(self, req: Request) -> list[tuple[bytes, bytes]]:
-        """Hop-by-hop headers out; client-sent forwarding headers only from trusted proxies;
-        our own X-Forwarded-For (the peer's address) and X-Forwarded-Proto added."""
-        headers = strip_hop_by_hop(req.headers, also=frozenset({b"host"}))
+        """Hop-by-hop headers out; client-sent forwarding headers (``Forwarded``,
+        ``X-Forwarded-*``, ``X-Real-IP``…) only from trusted proxies, the bridge's own
+        ``X-Trio-Bridge-*`` namespace from nobody; our own X-Forwarded-For (the peer's address)
+        and X-Forwarded-Proto added."""
+        headers = [
+            (k, v)
+            for k, v in strip_hop_by_hop(req.headers, also=frozenset({b"host"}))
+            if not k.startswith(BRIDGE_NAMESPACE)
+        ]
         peer = req.client
         trusted = False
         if peer and self.trusted:
@@ -564,7 +632,11 @@ class Broker:
         if trusted:
             prior = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
         else:
-            headers = [(k, v) for k, v in headers if k not in _FORWARDING]
+            headers = [
+                (k, v)
+                for k, v in headers
+                if k not in _FORWARDING and not k.startswith(_FORWARDING_PREFIX)
+            ]
         headers = [(k, v) for k, v in headers if k != b"x-forwarded-for"]
         if peer:
             headers.append((b"x-forwarded-for", (prior + b", " if prior else b"") + peer.encode()))
@@ -575,8 +647,9 @@ class Broker:
 
     async def _forward(self, ex: _Exchange, fields: dict[str, Any]) -> str:
         req = ex.req
-        if req.path == self.relay_path:
-            return await self._error(ex, fields, 400, "the relay endpoint needs a WebSocket")
+        refusal = self._not_for_connectors(req)
+        if refusal is not None:
+            return await self._error(ex, fields, *refusal)
         refusal = self._refusal(req)
         if refusal is not None:
             status, message = refusal

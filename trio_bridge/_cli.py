@@ -27,10 +27,10 @@ import trio
 
 from . import _service as service
 from ._broker import Broker
-from ._config import Config, load_config, parse_hostport
+from ._config import Config, load_config, parse_duration, parse_hostport
 from ._connector import Connector
 from ._errors import ConfigError
-from ._keys import SecretStore
+from ._keys import SecretStore, check_route_patterns
 from ._observe import setup_logging
 from ._testmodel import MODEL_ID, TestModel
 from ._version import __version__
@@ -90,15 +90,35 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(store, help=f"manage {what}", description=f"Manage {what}.")
         ssub = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
-        for action, help in (
+        actions = [
             ("add", "create one and print it once"),
             ("list", "show names, ids and creation times"),
             ("revoke", "remove one (by name or id)"),
-        ):
-            a = ssub.add_parser(action, help=help)
+            ("rotate", "print a new secret; the old one stays valid for --grace"),
+        ]
+        if store == "tokens":
+            actions.append(("set", "change which routes a token may serve"))
+        for action, help in actions:
+            a = ssub.add_parser(action, help=help, description=help)
             if action != "list":
                 a.add_argument("name")
             a.add_argument("-c", "--config", help="path to bridge.toml")
+            if store == "tokens" and action in ("add", "set"):
+                a.add_argument(
+                    "--route",
+                    action="append",
+                    dest="routes",
+                    metavar="ROUTE",
+                    required=action == "set",
+                    help="a route this connector token may serve (repeat for more; globs "
+                    "such as 'team-*'; '*' for every route). Default: the default route only",
+                )
+            if action == "rotate":
+                a.add_argument(
+                    "--grace",
+                    default="24h",
+                    help="how long the old secret stays valid (default 24h; 0 ends it now)",
+                )
     return p
 
 
@@ -107,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         if args.command in ("keys", "tokens"):
-            return _store_command(config, args.command, args.action, getattr(args, "name", None))
+            return _store_command(config, args)
         setup_logging(
             config.log.level, "text" if args.command in ("demo", "check") else config.log.format
         )
@@ -286,20 +306,22 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _store_command(config: Config, store: str, action: str, name: str | None) -> int:
+def _store_command(config: Config, args: argparse.Namespace) -> int:
+    store, action, name = args.command, args.action, str(getattr(args, "name", ""))
     if store == "keys":
         path, prefix = config.path(config.connector.api_keys_file), "tbk"
     else:
         path, prefix = config.path(config.broker.connector_tokens_file), "tbc"
     s = SecretStore(path, prefix)
+    what = "API key" if store == "keys" else "connector token"
+    routes = check_route_patterns(getattr(args, "routes", None) or [])
     if action == "add":
-        assert name is not None
-        entry, secret = s.add(name)
+        entry, secret = s.add(name, routes=routes)
         print(secret)
-        what = "API key" if store == "keys" else "connector token"
+        scope = f"; it may serve: {entry.route_text}" if store == "tokens" else ""
         print(
-            f"# {what} {entry.name!r} (id {entry.id}) added to {path}. It is shown only "
-            "once: only its hash is stored.",
+            f"# {what} {entry.name!r} (id {entry.id}) added to {path}{scope}. It is shown "
+            "only once: only its hash is stored.",
             file=sys.stderr,
         )
         if store == "tokens":
@@ -309,19 +331,54 @@ def _store_command(config: Config, store: str, action: str, name: str | None) ->
                 file=sys.stderr,
             )
     elif action == "list":
-        entries = s.entries()
-        if not entries:
-            print(f"(no entries in {path})")
-        for e in entries:
-            print(f"{e.name:<24} {e.id:<10} {e.created}")
+        _list_entries(s, store)
+    elif action == "set":
+        entries = s.set_routes(name, routes)
+        print(
+            f"{entries[0].name!r} may now serve: {entries[0].route_text}; relays on other "
+            "routes are closed within a second"
+        )
+    elif action == "rotate":
+        try:
+            grace = parse_duration(args.grace)
+        except ValueError as exc:
+            raise ConfigError(f"--grace: {exc}") from None
+        entry, secret, until = s.rotate(name, float(grace))
+        print(secret)
+        print(
+            f"# new {what} for {entry.name!r} (id {entry.id}) in {path}; the previous one "
+            f"stays valid until {until}. Shown only once.",
+            file=sys.stderr,
+        )
+        if store == "tokens":
+            print(
+                "# Write it to the connector's token_file: the connector re-reads that file and "
+                "re-dials with the new token as soon as its relay is idle (no restart).",
+                file=sys.stderr,
+            )
     else:
-        assert name is not None
         entry = s.revoke(name)
         print(
             f"revoked {entry.name!r} (id {entry.id}); running processes stop accepting it "
             "within a second"
         )
     return 0
+
+
+def _list_entries(s: SecretStore, store: str) -> None:
+    entries = s.entries()
+    if not entries:
+        print(f"(no entries in {s.path})")
+        return
+    extra = "ROUTES" if store == "tokens" else ""
+    print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<21} {extra}".rstrip())
+    now = time.time()
+    for e in entries:
+        expires = e.expires or "-"
+        if e.expired(now):
+            expires += " (expired)"
+        routes = e.route_text if store == "tokens" else ""
+        print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<21} {routes}".rstrip())
 
 
 async def _probe(url: str) -> str | None:

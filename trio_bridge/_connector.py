@@ -13,8 +13,11 @@ RESET (UPSTREAM_ERROR or TIMEOUT) that makes the broker abort the client's respo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +30,7 @@ from ._admin import AdminApp
 from ._asgi import serve_app
 from ._backoff import Backoff
 from ._config import Config
-from ._errors import ConfigError, RelayClosed, RemoteProtocolError, StreamReset
+from ._errors import ConfigError, RelayClosed, RelayRefused, RemoteProtocolError, StreamReset
 from ._frames import MAX_MESSAGE, ResetCode
 from ._http import (
     KEY_HEADERS,
@@ -58,6 +61,7 @@ log = logging.getLogger("trio_bridge.connector")
 
 _DROP_UPSTREAM = KEY_HEADERS | {REQUEST_ID, b"host", b"expect"}
 _DROP_DOWNSTREAM = frozenset({REQUEST_ID})
+TOKEN_CHECK_INTERVAL = 2.0  # how often an up relay looks for a rotated token_file
 _CANCEL_OUTCOME: dict[int, str] = {
     ResetCode.CANCEL: "client_gone",
     ResetCode.RELAY_LOST: "relay_lost",
@@ -95,11 +99,8 @@ class Connector:
         quiet_third_party_loggers()
         self.config = config
         self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
-        if token is None:
-            token = os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(
-                config.path(c.token_file), "connector.token_file"
-            )
-        self._token = token
+        self._fixed_token = token
+        self._token = self.read_token()  # a missing or unreadable token fails at start
         if upstream_key is None:
             upstream_key = os.environ.get("TRIO_BRIDGE_UPSTREAM_KEY") or (
                 read_secret_file(config.path(c.upstream_api_key_file), "upstream_api_key_file")
@@ -144,6 +145,15 @@ class Connector:
         self.transport = H11Transport(
             connect_timeout=float(config.limits.connect_timeout),
             max_idle=min(c.max_concurrent, 32),
+        )
+
+    def read_token(self) -> str:
+        """The connector token as it is now: ``TRIO_BRIDGE_TOKEN``, else ``token_file``
+        (re-read before every dial, so a rotated token is used without a restart)."""
+        if self._fixed_token is not None:
+            return self._fixed_token
+        return os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(
+            self.config.path(self.config.connector.token_file), "connector.token_file"
         )
 
     def status_line(self) -> str:
@@ -311,17 +321,19 @@ class Connector:
     async def keep_relay(self, url: str) -> None:
         """Dial ``url`` and serve on it; re-dial forever with backoff."""
         backoff = Backoff()
-        slow = Backoff(base=5.0, cap=60.0)
+        # refusals (token, route, path) need a human: retry every 5-60 s, not in a loop
+        slow = Backoff(base=5.0, cap=60.0, floor=5.0)
         rc = self.config.relay
         while not self.stopping:
             up_since: float | None = None
             reason = ""
             delay_policy = backoff
             try:
+                token = self.read_token()
                 with trio.fail_after(float(self.limits.connect_timeout)):
                     ws = await connect_websocket(
                         url,
-                        headers=[(b"authorization", b"Bearer " + self._token.encode())],
+                        headers=[(b"authorization", b"Bearer " + token.encode())],
                         max_message=MAX_MESSAGE + 1024,
                         ssl_context=self._ssl_context,
                     )
@@ -347,9 +359,13 @@ class Connector:
                     async with trio.open_nursery() as nursery:
                         try:
                             await nursery.start(relay.run)
+                        except RelayRefused as exc:
+                            reason = f"broker refused the relay: {exc.reason}"
+                            delay_policy = slow
                         except RelayClosed as exc:
                             reason = exc.reason
                         else:
+                            nursery.start_soon(self._follow_token, relay, token)
                             up_since = time.monotonic()
                             self.relays[url] = relay
                             if relay.local_ready != self.llm_ready:  # changed during the hello
@@ -372,10 +388,9 @@ class Connector:
                 finally:
                     await ws.aclose()
             except WebSocketRejected as exc:
-                reason = f"broker refused the relay: HTTP {exc.status}"
-                if exc.status in (401, 403):
-                    delay_policy = slow
-                    reason += " (check the connector token)"
+                reason, delay_policy = _rejection(url, exc), slow
+            except ConfigError as exc:  # the token file went missing, empty or readable
+                reason, delay_policy = f"connector token: {exc}", slow
             except trio.TooSlowError:
                 reason = f"cannot reach broker: no answer within {self.limits.connect_timeout}s"
             except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
@@ -387,6 +402,8 @@ class Connector:
                 reason = f"unexpected error: {exc!r}"
             if up_since is not None:
                 backoff.connected_for(time.monotonic() - up_since)
+            if reason == "connector token rotated":
+                continue  # at once, with the new token
             if self.stopping:
                 log.info("relay closed: %s", reason, extra={"broker": url})
                 return
@@ -402,6 +419,22 @@ class Connector:
             )
             with trio.move_on_after(delay):
                 await self._stop.wait()
+
+    async def _follow_token(self, relay: Relay, token: str) -> None:
+        """After a rotation (a new token in ``token_file``), re-dial with it at the first
+        moment this relay has nothing in flight; the old token keeps it up until then."""
+        while True:
+            with trio.move_on_after(TOKEN_CHECK_INTERVAL):
+                await relay.wait_closed()
+                return
+            try:
+                current = self.read_token()
+            except ConfigError:
+                continue  # keep the relay; the next dial reports the problem
+            if current != token and relay.in_flight == 0:
+                log.info("connector token changed: re-dialling with the new one")
+                relay.close("connector token rotated")
+                return
 
     # -- one request --
     async def handle_stream(self, stream: RelayStream) -> None:
@@ -628,6 +661,22 @@ async def _drain_buffered(stream: RelayStream) -> list[bytes]:
     while chunk := await stream.receive_data():
         parts.append(chunk)
     return parts
+
+
+def _rejection(url: str, exc: WebSocketRejected) -> str:
+    """One line for a dial the broker answered with an HTTP status instead of a relay."""
+    if exc.status == 404:
+        expected = "/_bridge/relay"
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            message = json.loads(exc.body)["error"]["message"]
+            if m := re.search(r"relay endpoint is (/\S*)", message):
+                expected = m.group(1).rstrip(";,.")
+        return f"no relay endpoint at this URL ({url}; expected a path like …{expected})"
+    if exc.status in (401, 403):
+        return f"broker refused the relay: HTTP {exc.status} (check the connector token)"
+    if exc.status == 429:
+        return "broker refused the relay: HTTP 429 (too many refused tokens from this address)"
+    return f"broker refused the relay: HTTP {exc.status}"
 
 
 def _connect_failure(exc: BaseException) -> str:

@@ -8,6 +8,7 @@
     │   ├── LocalProtocolError       we tried something illegal (a bug on our side)
     │   └── RemoteProtocolError      the peer did (close the relay, log the reason)
     ├── RelayClosed                  the relay is gone; .reason says why
+    │   └── RelayRefused             the peer refused the hello (GOAWAY before HELLO)
     └── StreamReset                  a stream was reset; .code and .reason from the reset frame
 
 Foreign exceptions are translated into these at one boundary each: ``_ws.py`` for wsproto,
@@ -47,6 +48,11 @@ class RelayClosed(BridgeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class RelayRefused(RelayClosed):
+    """The peer refused the relay in the handshake (e.g. a route the token may not serve);
+    ``reason`` is the peer's text. Retrying at once will not help."""
 
 
 class StreamReset(BridgeError):

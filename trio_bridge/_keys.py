@@ -10,6 +10,12 @@ module alone (tomli-w, write to a temporary file, fsync, rename; mode 0600)::
     id = "q3k9x2mf"
     sha256 = "…64 hex digits…"
     created = "2026-11-27T07:00:00Z"
+    routes = ["team-*"]                 # connector tokens: routes it may serve (globs)
+    expires = "2026-11-28T07:00:00Z"    # optional: no longer valid from then (rotation)
+
+A connector token written without ``routes`` (by a release before route binding) may serve
+the ``default`` route only. ``rotate`` adds a new secret under the same name and lets the old
+one expire after a grace period, so the connector can pick up the new one without downtime.
 
 :meth:`SecretStore.verify` compares digests with :func:`hmac.compare_digest`, and re-reads the
 file when it changed (checked at most every ``RELOAD_INTERVAL`` seconds), so ``revoke`` takes
@@ -19,9 +25,11 @@ effect on a running process without a restart.
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import string
 import time
@@ -38,6 +46,21 @@ RELOAD_INTERVAL = 0.5
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LEN = 8
 MAX_PRESENTED = 256  # longer presented keys are rejected before hashing
+DEFAULT_ROUTE = "default"
+#: route patterns: route-name characters plus the glob characters ``*`` and ``?``
+_ROUTE_PATTERN = re.compile(r"^[A-Za-z0-9_*?-][A-Za-z0-9_*?-]{0,62}$")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 @attrs.frozen
@@ -46,6 +69,34 @@ class SecretEntry:
     id: str
     sha256: str
     created: str
+    #: routes a connector token may serve (glob patterns); () = the default route only
+    routes: tuple[str, ...] = ()
+    #: ISO time from which the secret is no longer valid ("" = never)
+    expires: str = ""
+
+    def expired(self, now: float | None = None) -> bool:
+        if not self.expires:
+            return False
+        return (time.time() if now is None else now) >= _parse_iso(self.expires)
+
+    def allows_route(self, route: str) -> bool:
+        """True if this (connector token) entry may serve ``route``."""
+        patterns = self.routes or (DEFAULT_ROUTE,)
+        return any(fnmatch.fnmatchcase(route, p) for p in patterns)
+
+    @property
+    def route_text(self) -> str:
+        return ", ".join(self.routes or (DEFAULT_ROUTE,))
+
+
+def check_route_patterns(routes: list[str]) -> tuple[str, ...]:
+    """Validate ``--route`` patterns (route names, ``*`` and ``?`` globs)."""
+    for r in routes:
+        if not _ROUTE_PATTERN.match(r):
+            raise ConfigError(
+                f"invalid route {r!r} (letters, digits, '-', '_', and the globs '*' '?')"
+            )
+    return tuple(dict.fromkeys(routes))
 
 
 def _digest(secret: str) -> str:
@@ -123,9 +174,19 @@ class SecretStore:
         entries = []
         for i, item in enumerate(data.get("keys", [])):
             try:
-                entries.append(SecretEntry(**{k: str(item[k]) for k in _FIELDS}))
-            except (KeyError, TypeError):
-                raise ConfigError(f"{self.path}: keys.{i}: needs {', '.join(_FIELDS)}") from None
+                fields = {k: str(item[k]) for k in _FIELDS}
+                routes = item.get("routes", [])
+                if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+                    raise TypeError
+                expires = str(item.get("expires", ""))
+                if expires:
+                    _parse_iso(expires)
+                entries.append(SecretEntry(**fields, routes=tuple(routes), expires=expires))
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(
+                    f"{self.path}: keys.{i}: needs {', '.join(_FIELDS)} "
+                    "(routes: a list of strings; expires: an ISO time)"
+                ) from None
         return entries
 
     def reload(self) -> None:
@@ -156,7 +217,16 @@ class SecretStore:
                 pass  # keep serving with the last good set; `check` reports the problem
 
     def entries(self) -> list[SecretEntry]:
+        """Every entry in the file, expired ones included, oldest first."""
         return sorted(self._by_id.values(), key=lambda e: e.created)
+
+    def get(self, ident: str) -> SecretEntry | None:
+        return self._by_id.get(ident)
+
+    def active_ids(self) -> set[str]:
+        """Ids of the entries that are valid now (not expired)."""
+        now = time.time()
+        return {e.id for e in self._by_id.values() if not e.expired(now)}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -170,27 +240,66 @@ class SecretStore:
         entry = self._by_id.get(ident) if ident is not None else None
         expected = entry.sha256 if entry is not None else "0" * 64
         ok = hmac.compare_digest(_digest(presented), expected)
-        return entry if ok and entry is not None else None
+        if not ok or entry is None or entry.expired():
+            return None
+        return entry
 
     # -- writing (CLI) --
     def _write(self, entries: list[SecretEntry]) -> None:
-        doc: dict[str, Any] = {"keys": [attrs.asdict(e) for e in entries]}
+        now = time.time()
+        keep = [e for e in entries if not e.expired(now)]  # expired entries are dropped
+        doc: dict[str, Any] = {"keys": [_as_toml(e) for e in keep]}
         header = b"# Managed by trio-bridge: SHA-256 hashes only. Edit with the CLI.\n"
         atomic_write(self.path, header + tomli_w.dumps(doc).encode())
         self.reload()
 
-    def add(self, name: str) -> tuple[SecretEntry, str]:
-        """Create a secret named ``name``; returns (entry, the secret to show once)."""
+    def add(self, name: str, *, routes: tuple[str, ...] = ()) -> tuple[SecretEntry, str]:
+        """Create a secret named ``name``; returns (entry, the secret to show once).
+        ``routes``: what a connector token may serve (default: the default route)."""
         if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(f"invalid name {name!r} (letters, digits, '-', '_', '.')")
         self.reload()
-        if any(e.name == name for e in self._by_id.values()):
-            raise ConfigError(f"{self.path}: {name!r} exists already (revoke it first)")
+        if any(e.name == name and not e.expired() for e in self._by_id.values()):
+            raise ConfigError(
+                f"{self.path}: {name!r} exists already (revoke it first, or rotate it)"
+            )
+        return self._new(name, routes, self.entries())
+
+    def _new(
+        self, name: str, routes: tuple[str, ...], keep: list[SecretEntry]
+    ) -> tuple[SecretEntry, str]:
         ident, secret = new_secret(self.prefix)
-        now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-        entry = SecretEntry(name=name, id=ident, sha256=_digest(secret), created=now)
-        self._write([*self.entries(), entry])
+        entry = SecretEntry(
+            name=name, id=ident, sha256=_digest(secret), created=_iso(_now()), routes=routes
+        )
+        self._write([*keep, entry])
         return entry, secret
+
+    def set_routes(self, name: str, routes: tuple[str, ...]) -> list[SecretEntry]:
+        """Bind the entries named ``name`` to ``routes`` (connector tokens)."""
+        self.reload()
+        if not any(e.name == name for e in self._by_id.values()):
+            raise ConfigError(f"{self.path}: no entry named {name!r}")
+        self._write(
+            [attrs.evolve(e, routes=routes) if e.name == name else e for e in self.entries()]
+        )
+        return [e for e in self.entries() if e.name == name]
+
+    def rotate(self, name: str, grace: float) -> tuple[SecretEntry, str, str]:
+        """A new secret for ``name`` (same routes); the current one stays valid for ``grace``
+        seconds. Returns (new entry, the secret to show once, when the old one expires)."""
+        self.reload()
+        current = [e for e in self.entries() if e.name == name and not e.expired()]
+        if not current:
+            raise ConfigError(f"{self.path}: no entry named {name!r}")
+        until = _iso(_now() + dt.timedelta(seconds=grace))
+        others = [e for e in self.entries() if e.name != name]
+        old = [
+            e if e.expires and e.expires <= until else attrs.evolve(e, expires=until)
+            for e in current
+        ]
+        entry, secret = self._new(name, current[-1].routes, [*others, *old])
+        return entry, secret, until
 
     def revoke(self, name: str) -> SecretEntry:
         self.reload()
@@ -202,3 +311,12 @@ class SecretStore:
 
 
 _FIELDS = ("name", "id", "sha256", "created")
+
+
+def _as_toml(e: SecretEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {k: getattr(e, k) for k in _FIELDS}
+    if e.routes:
+        doc["routes"] = list(e.routes)
+    if e.expires:
+        doc["expires"] = e.expires
+    return doc

@@ -168,6 +168,13 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        self.relays_refused = Counter(
+            "trio_bridge_relays_refused",
+            "Relay connections the broker refused, by reason (bad_token, rate_limited, "
+            "route_not_allowed, bad_route, handshake).",
+            ["role", "reason"],
+            registry=r,
+        )
         self.limit_hits = Counter(
             "trio_bridge_limit_hits",
             "Requests or connections refused or cut by a limit (head_timeout, body_rate, "

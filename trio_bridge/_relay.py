@@ -31,7 +31,13 @@ from typing import Protocol
 
 import trio
 
-from ._errors import LocalProtocolError, RelayClosed, RemoteProtocolError, StreamReset
+from ._errors import (
+    LocalProtocolError,
+    RelayClosed,
+    RelayRefused,
+    RemoteProtocolError,
+    StreamReset,
+)
 from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._protocol import (
     Data,
@@ -341,6 +347,7 @@ class Relay:
         high_water: int = 512 * 1024,
         max_buffered: int = 64 * 1024 * 1024,
         on_change: Callable[[Relay], None] | None = None,
+        accept: Callable[[Hello], str | None] | None = None,
     ) -> None:
         self.session = session
         #: received body bytes waiting in this relay's streams; above ``max_buffered`` the
@@ -364,7 +371,10 @@ class Relay:
         self._writer = _Writer(transport, high_water)
         self._handler = handler
         self._on_change = on_change
+        #: opener side: judges the peer's hello; a string refuses it (sent as GOAWAY)
+        self._accept = accept
         self._streams: dict[int, RelayStream] = {}
+        self._ended = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
         self._ping_counter = 0
@@ -420,6 +430,10 @@ class Relay:
         if self.closed_reason is None and not self.session.goaway_sent:
             self._put(self.session.send_goaway(reason))
 
+    async def wait_closed(self) -> None:
+        """Return once ``run`` has finished (its streams failed, the transport closed)."""
+        await self._ended.wait()
+
     def close(self, reason: str) -> None:
         """Tear the relay down (idempotent; does not wait)."""
         if self.closed_reason is None:
@@ -429,7 +443,7 @@ class Relay:
             self._nursery.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[Hello] = trio.TASK_STATUS_IGNORED) -> str:
-        started = False
+        started = refused = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -445,6 +459,7 @@ class Relay:
                     self.close("handshake timeout")
                 except RelayClosed as exc:
                     self.close(exc.reason)
+                    refused = isinstance(exc, RelayRefused)
                 except RemoteProtocolError as exc:
                     log.warning("relay protocol error: %s", exc, extra={"relay": self.name})
                     self.close(f"protocol error: {exc}")
@@ -460,8 +475,9 @@ class Relay:
                 self._on_change(self)  # before the close handshake, which may take a while
             with trio.CancelScope(shield=True):
                 await self._transport.aclose()
+            self._ended.set()
         if not started:
-            raise RelayClosed(reason)
+            raise RelayRefused(reason) if refused else RelayClosed(reason)
         return reason
 
     # -- internals --
@@ -534,11 +550,15 @@ class Relay:
             self.session.receive_data(await self._transport.receive_message())
             event = self.session.next_event()
             if isinstance(event, GoAway):
-                raise RelayClosed(f"refused by peer: {event.reason}")
+                raise RelayRefused(event.reason)
             if isinstance(event, Hello):
                 break
             if event is not None:  # pragma: no cover - session enforces HELLO first
                 raise RemoteProtocolError("expected HELLO")
+        if self._accept is not None and (refusal := self._accept(event)) is not None:
+            # Nothing else was sent yet: the GOAWAY goes straight out, before the close.
+            await self._transport.send_message(self.session.send_goaway(refusal))
+            raise RelayRefused(refusal)
         self.peer = event
         self.peer_ready = event.ready
         if self.session.opener:
@@ -630,6 +650,8 @@ class Relay:
                 stream.on_reset = scope.cancel
                 if stream.reset_error is None:
                     await self._handler(stream)
+        except StreamReset:
+            pass  # the stream ended under the handler (peer reset, relay lost): not a failure
         except Exception:
             log.exception("stream handler failed", extra={"request_id": _rid(stream)})
             stream.reset(ResetCode.INTERNAL_ERROR, "internal error")

@@ -100,13 +100,14 @@ def _section(cls: type[Any], values: dict[str, Any] | None, name: str) -> Any:
 
 class Lab:
     """Start brokers, connectors and test models in one nursery; they share a connector token
-    (``token``) and an API key (``api_key``)."""
+    (``token``, allowed on every route) and an API key (``api_key``)."""
 
     def __init__(self, nursery: trio.Nursery, directory: Path) -> None:
         self.nursery = nursery
         self.dir = directory
         self.tokens = SecretStore(directory / "tokens.toml", "tbc")
-        _, self.token = self.tokens.add("lab-connector")
+        # a lab's connectors may serve any route; tests of route binding add their own tokens
+        _, self.token = self.tokens.add("lab-connector", routes=("*",))
         self.keys = SecretStore(directory / "keys.toml", "tbk")
         _, self.api_key = self.keys.add("lab-user")
 
@@ -177,8 +178,10 @@ class Lab:
         connector: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         relay: dict[str, Any] | None = None,
+        token: str | None = None,
     ) -> RunningConnector:
-        """Start a connector; with ``wait``, return once every broker registered it."""
+        """Start a connector; with ``wait``, return once every broker registered it.
+        ``token``: another connector token than the lab's (e.g. one bound to a route)."""
         urls = [b.relay_url if isinstance(b, RunningBroker) else b for b in brokers]
         config = self.config(
             connector={
@@ -190,7 +193,7 @@ class Lab:
             limits=limits,
             relay=relay,
         )
-        c = Connector(config, keys=self.keys, token=self.token)
+        c = Connector(config, keys=self.keys, token=token or self.token)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run() -> None:
