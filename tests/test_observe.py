@@ -108,7 +108,7 @@ async def test_metrics_move_by_the_right_amounts(up: tuple[Upstream, str]) -> No
     assert value(bm, "trio_bridge_time_to_first_byte_seconds_count", role="broker") == 5
     assert value(cm, "trio_bridge_upstream_up") == 1
     assert value(cm, "trio_bridge_relay_connected") == 1
-    assert value(bm, "trio_bridge_relay_connected", role="broker", peer="default") == 1
+    assert value(bm, "trio_bridge_relays", role="broker", route="default") == 1
     assert value(bm, "trio_bridge_in_flight_requests") == 0
     assert value(bm, "trio_bridge_body_bytes_total", direction="out") > 0
     for (_name, labels), _ in {**bm, **cm}.items():  # no unbounded or secret label values

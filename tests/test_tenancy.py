@@ -171,7 +171,7 @@ async def test_a_connector_token_sent_as_an_api_key_is_never_forwarded(
     assert app.forwarded() == []
     requests = rc.connector.metrics.registry.get_sample_value(
         "trio_bridge_requests_total",
-        {"role": "connector", "route": "default", "status_class": "4xx", "outcome": "bridge_error"},
+        {"role": "connector", "route": "default", "status_class": "4xx", "outcome": "refused"},
     )
     assert not requests  # it never reached the connector either
 

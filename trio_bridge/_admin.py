@@ -34,6 +34,19 @@ class AdminApp:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
+        if scope["type"] == "websocket":
+            # e.g. a connector dialing the admin port instead of the relay: say so (404)
+            await receive()  # websocket.connect
+            await send({"type": "websocket.http.response.start", "status": 404, "headers": _JSON})
+            await send(
+                {
+                    "type": "websocket.http.response.body",
+                    "body": b'{"error": {"message": "this is an admin endpoint; the relay '
+                    b'endpoint is on the public port", "type": "invalid_request_error", '
+                    b'"code": "not_found"}}',
+                }
+            )
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]

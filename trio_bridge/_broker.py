@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import re
 import ssl
 import time
@@ -29,7 +30,7 @@ import trio
 from ._admin import AdminApp
 from ._asgi import serve_app
 from ._config import Config, parse_hostport
-from ._errors import ConfigError, RelayClosed, StreamReset
+from ._errors import ConfigError, RelayClosed, StreamReset, listening
 from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._http import (
     error_body,
@@ -40,9 +41,17 @@ from ._http import (
     strip_hop_by_hop,
 )
 from ._keys import SecretStore
-from ._observe import Metrics, RecentStats, log_request, reset_reason, status_class
+from ._observe import (
+    Metrics,
+    RecentStats,
+    bridge_outcome,
+    is_error,
+    log_request,
+    reset_reason,
+    status_class,
+)
 from ._protocol import Hello, RequestHead, Session
-from ._relay import Relay, RelayStream
+from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
 from ._service import Notifier
 from ._version import __version__
@@ -56,6 +65,9 @@ _FORWARDING_PREFIX = b"x-forwarded-"
 #: the bridge's own header namespace: only the bridge sets these, never a client or a proxy
 BRIDGE_NAMESPACE = b"x-trio-bridge-"
 MAX_ATTEMPTS = 3
+#: a route with no connector for this long (or never, since the broker started this long ago)
+#: gets 503 at once instead of waiting queue_timeout for one
+ROUTE_MEMORY = 60.0
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
@@ -97,10 +109,26 @@ class Registry:
         self.max_queue = max_queue
         self._by_route: dict[str, list[Relay]] = {}
         self._waiters: deque[_Waiter] = deque()
+        self._last_seen: dict[str, float] = {}  # route → when a relay of it was last here
+        #: when the broker started serving (set by Broker.serve; else the first question)
+        self.born: float | None = None
 
     def add(self, relay: Relay) -> None:
         self._by_route.setdefault(relay.route, []).append(relay)
+        self._last_seen[relay.route] = trio.current_time()
         self.changed(relay)
+
+    def seen_within(self, route: str, seconds: float) -> bool:
+        """True if ``route`` has a relay, had one in the last ``seconds``, or the registry is
+        younger than that (connectors re-dial a restarted broker within seconds)."""
+        if self._by_route.get(route):
+            return True
+        now = trio.current_time()
+        if self.born is None:
+            self.born = now
+        if now - self.born < seconds:
+            return True
+        return now - self._last_seen.get(route, -math.inf) < seconds
 
     def remove(self, relay: Relay) -> None:
         self._drop(relay)
@@ -110,6 +138,7 @@ class Registry:
         relays = self._by_route.get(relay.route, [])
         if relay in relays:
             relays.remove(relay)
+            self._last_seen[relay.route] = trio.current_time()
         if not relays:
             self._by_route.pop(relay.route, None)
 
@@ -310,13 +339,15 @@ class Broker:
     ) -> None:
         """Serve the public port (and the admin endpoint on ``admin_listen``, if set) until
         cancelled; started value: the bound public (host, port)."""
+        self.registry.born = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_tokens)
             if self.config.broker.admin_listen:
                 admin = AdminApp(self.metrics, self.ready, self.status)
-                self.admin_address = await nursery.start(
-                    serve_app, admin, self.config.broker.admin_listen
-                )
+                with listening("broker.admin_listen", self.config.broker.admin_listen):
+                    self.admin_address = await nursery.start(
+                        serve_app, admin, self.config.broker.admin_listen
+                    )
             bc = self.config.broker
             ssl_context = None
             if bc.tls_cert or bc.tls_key:
@@ -328,16 +359,27 @@ class Broker:
                 )
                 ssl_context.set_alpn_protocols(["http/1.1"])
             host, port = parse_hostport(listen or bc.listen)
-            addr = await nursery.start(
-                partial(
-                    serve_http,
-                    self.handle,
-                    host,
-                    port,
-                    self.server_limits(),
-                    ssl_context=ssl_context,
-                    on_limit=self.limit_hit,
+            with listening("broker.listen", listen or bc.listen):
+                addr = await nursery.start(
+                    partial(
+                        serve_http,
+                        self.handle,
+                        host,
+                        port,
+                        self.server_limits(),
+                        ssl_context=ssl_context,
+                        on_limit=self.limit_hit,
+                    )
                 )
+            scheme = "https" if ssl_context is not None else "http"
+            log.info(
+                "listening on %s://%s:%d (public API; relay at %s)%s",
+                scheme,
+                *addr[:2],
+                self.relay_path,
+                f"; admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+                if self.admin_address
+                else "",
             )
             self.notifier.ready(self.status_line())
             nursery.start_soon(self.notifier.watchdog_loop, self.status_line)
@@ -433,6 +475,15 @@ class Broker:
                     extra={"peer": peer, "token_id": entry.id},
                 )
                 return
+            if hello.probe:  # `trio-bridge check`: the token and route are fine; serve nothing
+                log.info(
+                    "relay check passed",
+                    extra={"peer": peer, "token_id": entry.id, "route": hello.route},
+                )
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    await relay.wait_closed()  # the checker hangs up once it has our HELLO
+                relay.close("check done")
+                return
             relay.name = hello.name or entry.name
             relay.token_id = entry.id
             relay.route = hello.route or DEFAULT_ROUTE
@@ -499,7 +550,7 @@ class Broker:
             log_request("broker", fields)
 
     def _count_relays(self, route: str) -> None:
-        self.metrics.relay_connected.labels("broker", route).set(len(self.registry.relays(route)))
+        self.metrics.relays.labels("broker", route).set(len(self.registry.relays(route)))
 
     def _account(self, ex: _Exchange, fields: dict[str, Any], duration: float) -> None:
         m, route = self.metrics, fields.get("route", DEFAULT_ROUTE)
@@ -513,7 +564,7 @@ class Broker:
         m.bytes.labels("broker", "out").inc(fields.get("bytes_out", 0))
         if ex.reset_code is not None:
             m.resets.labels("broker", reset_reason(ex.reset_code)).inc()
-        error = outcome not in ("ok", "client_gone") or (status or 0) >= 500
+        error = is_error(outcome, status)
         ttfb = ex.head_at - ex.started if ex.head_at is not None else None
         self.stats.add(duration, ttfb, error)
 
@@ -572,7 +623,7 @@ class Broker:
         if not ex.body_done:
             h.append((b"connection", b"close"))
         await ex.req.respond(s, h, body, end=True)
-        return "bridge_error"
+        return bridge_outcome(status)
 
     def _not_for_connectors(self, req: Request) -> tuple[int, str] | None:
         """A request that must never reach a connector, as (status, message), or None:
@@ -681,6 +732,15 @@ class Broker:
         first = b"".join(body_parts)
         # A stream the connector REFUSED was never processed: safe to send elsewhere, as long as
         # we still hold the whole body.
+        if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
+            # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
+            return await self._error(
+                ex,
+                fields,
+                503,
+                f"no connector serves route {route!r} (none connected recently); retry later",
+                retry_after=RETRY_AFTER_NOT_READY,
+            )
         for _attempt in range(MAX_ATTEMPTS):
             if self.registry.not_ready(route) and not self.queue_when_not_ready:
                 return await self._error(

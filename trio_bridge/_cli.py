@@ -7,11 +7,15 @@ Exit codes: 0 success; 1 a runtime failure (an endpoint did not answer in ``chec
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.util
 import json
 import logging
 import math
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,8 +32,8 @@ import trio
 from . import _service as service
 from ._broker import Broker
 from ._config import Config, load_config, parse_duration, parse_hostport
-from ._connector import Connector
-from ._errors import ConfigError
+from ._connector import Connector, probe_relay, read_secret_file
+from ._errors import ConfigError, leaves, listening
 from ._keys import SecretStore, check_route_patterns
 from ._observe import setup_logging
 from ._testmodel import MODEL_ID, TestModel
@@ -38,6 +42,8 @@ from ._version import __version__
 log = logging.getLogger("trio_bridge.cli")
 
 EXIT_CONFIG = 2
+#: the demo's public port (llama.cpp and Open WebUI use 8080, vLLM 8000, Ollama 11434)
+DEMO_PORT = 8421
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,12 +62,35 @@ def _parser() -> argparse.ArgumentParser:
     cmd("broker", "run the public broker (public port + relay endpoint)")
     cmd("connector", "run the connector beside the LLM")
     demo = cmd("demo", "broker + connector on loopback, with the test model if no LLM answers")
-    demo.add_argument("--port", type=int, default=8080, help="public port (0: any free port)")
+    demo.add_argument(
+        "--port", type=int, default=DEMO_PORT, help=f"public port (default {DEMO_PORT}; 0: any)"
+    )
     demo.add_argument("--local-url", help="LLM to use (default: connector.local_url)")
     demo.add_argument(
         "--test-model", action="store_true", help="always use the built-in test model"
     )
-    cmd("check", "validate the config and probe the LLM and the broker")
+    ck = cmd(
+        "check",
+        "validate a role's config and probe what it needs: the broker its ports and tokens; "
+        "the connector its token (a real relay handshake with each broker) and its LLM",
+    )
+    ck.add_argument(
+        "role",
+        nargs="?",
+        choices=("broker", "connector"),
+        help="the role to check (default: the roles whose [section] the config file has)",
+    )
+    tm = sub.add_parser(
+        "test-model",
+        help="run only the built-in OpenAI-compatible test model (not a real LLM)",
+        description="Serve the built-in test model: /v1/models, /v1/chat/completions (JSON and "
+        "SSE), /v1/completions, /v1/embeddings, Ollama's /api/chat. Deterministic: it echoes the "
+        "last user message, or answers 'count to N' with 1 2 ... N.",
+    )
+    tm.add_argument("--listen", default="127.0.0.1:8099", help="host:port (default %(default)s)")
+    tm.add_argument(
+        "--token-delay", type=float, default=0.05, help="seconds between streamed tokens"
+    )
     sv = sub.add_parser(
         "service",
         help="install, remove or print a systemd unit / launchd plist",
@@ -125,14 +154,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(getattr(args, "config", None))
         if args.command in ("keys", "tokens"):
             return _store_command(config, args)
-        setup_logging(
-            config.log.level, "text" if args.command in ("demo", "check") else config.log.format
-        )
+        setup_logging(config.log.level, config.log.format)
         if args.command == "check":
-            return trio.run(_check, config)
+            return trio.run(_check, config, args.role)
         if args.command == "status":
             return _status(config, args)
         grace = float(config.limits.shutdown_grace)
@@ -145,13 +172,37 @@ def main(argv: list[str] | None = None) -> int:
             connector = Connector(config)
             trio.run(_run_until_signal, connector.run, connector.drain, grace)
         elif args.command == "demo":
-            trio.run(_run_until_signal, lambda: _demo(config, args))
+            demo = _Demo(config, args)
+            trio.run(_run_until_signal, demo.run, demo.drain, grace)
+        elif args.command == "test-model":
+            trio.run(_run_until_signal, lambda: _test_model(args))
     except ConfigError as exc:
         print(f"trio-bridge: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BaseExceptionGroup as group:
+        # a ConfigError raised in a task (e.g. a port in use) arrives inside nursery groups
+        errors = leaves(group)
+        if not all(isinstance(e, ConfigError | KeyboardInterrupt) for e in errors):
+            raise
+        for e in errors:
+            if isinstance(e, ConfigError):
+                print(f"trio-bridge: config error: {e}", file=sys.stderr)
+                return EXIT_CONFIG
     except KeyboardInterrupt:
         pass
     return 0
+
+
+async def _test_model(args: argparse.Namespace) -> None:
+    model = TestModel(token_delay=args.token_delay)
+    with listening("--listen", args.listen):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(model.serve, args.listen)
+            print(
+                f"built-in TEST MODEL (not a real LLM) serving at http://{host}:{port}/v1 "
+                f"(model {MODEL_ID!r}); Ctrl-C to stop",
+                flush=True,
+            )
 
 
 async def _run_until_signal(
@@ -308,10 +359,19 @@ def format_status(doc: dict[str, Any]) -> str:
 
 def _store_command(config: Config, args: argparse.Namespace) -> int:
     store, action, name = args.command, args.action, str(getattr(args, "name", ""))
+    role = "connector" if store == "keys" else "broker"
+    if config.sections and role not in config.sections:
+        other = "connector tokens" if store == "keys" else "API keys"
+        raise ConfigError(
+            f"{config.source} has no [{role}] section: {store} live on the {role} "
+            f"({other} on the other side); pass the {role}'s config file with -c"
+        )
     if store == "keys":
         path, prefix = config.path(config.connector.api_keys_file), "tbk"
     else:
         path, prefix = config.path(config.broker.connector_tokens_file), "tbc"
+    if args.config is None:
+        print(f"# no -c given: using {path.resolve()} (the built-in default)", file=sys.stderr)
     s = SecretStore(path, prefix)
     what = "API key" if store == "keys" else "connector token"
     routes = check_route_patterns(getattr(args, "routes", None) or [])
@@ -381,50 +441,199 @@ def _list_entries(s: SecretStore, store: str) -> None:
         print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<21} {routes}".rstrip())
 
 
-async def _probe(url: str) -> str | None:
-    """None if an HTTP server answers at ``url``, else the reason."""
-    try:
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            await client.get(url)
-        return None
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+class _Report:
+    """Lines of a `check`: OK / WARN / FAIL, one line each; exit 1 on any FAIL."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def ok(self, what: str, text: str) -> None:
+        print(f"OK    {what}: {text}")
+
+    def warn(self, what: str, text: str) -> None:
+        print(f"WARN  {what}: {text}")
+
+    def fail(self, what: str, text: str) -> None:
+        print(f"FAIL  {what}: {text}")
+        self.failed = True
 
 
-async def _check(config: Config) -> int:
-    ok = True
-    print("config: OK")
-    for what, path in (
-        ("broker.connector_tokens_file", config.path(config.broker.connector_tokens_file)),
-        ("connector.api_keys_file", config.path(config.connector.api_keys_file)),
-    ):
-        try:
-            n = len(SecretStore(path, "tbk"))
-            print(f"{what}: {path}: {n} entr{'y' if n == 1 else 'ies'}")
-        except ConfigError as exc:
-            print(f"{what}: {exc}")
-            return EXIT_CONFIG
-    host, _ = parse_hostport(config.broker.listen)
-    bc = config.broker
-    if host not in ("127.0.0.1", "::1", "localhost") and not (bc.behind_tls_proxy or bc.tls_cert):
-        print(
-            f"WARNING: the broker listens on {config.broker.listen} without TLS: API keys "
-            "would cross the network in clear. Put Caddy or nginx in front (conf/) and set "
-            "broker.behind_tls_proxy = true, or listen on 127.0.0.1."
+def _roles_to_check(config: Config, role: str | None) -> list[str]:
+    if role is not None:
+        if config.sections and role not in config.sections:
+            raise ConfigError(
+                f"{config.source} has no [{role}] section: pass the {role}'s config file"
+            )
+        return [role]
+    roles: list[str] = [r for r in ("broker", "connector") if r in config.sections]
+    if not roles:
+        raise ConfigError(
+            f"{config.source} has neither a [broker] nor a [connector] section: say which "
+            "role to check (trio-bridge check broker|connector -c FILE)"
         )
-    local = config.connector.local_url.rstrip("/") + "/v1/models"
-    err = await _probe(local)
-    print(
-        f"LLM at {config.connector.local_url}: "
-        + ("answers" if err is None else f"NOT answering ({err})")
-    )
-    ok &= err is None
-    for url in config.connector.broker_urls:
-        http_url = "http" + url[2:] if url.startswith("ws") else url
-        err = await _probe(http_url)
-        print(f"broker at {url}: " + ("answers" if err is None else f"NOT answering ({err})"))
-        ok &= err is None
-    return 0 if ok else 1
+    return roles
+
+
+async def _check(config: Config, role: str | None) -> int:
+    roles = _roles_to_check(config, role)
+    report = _Report()
+    report.ok("config", f"{config.source} is valid")
+    for r in roles:
+        if r == "broker":
+            _check_broker(config, report)
+        else:
+            await _check_connector(config, report)
+    return 1 if report.failed else 0
+
+
+def _check_listen(report: _Report, option: str, value: str) -> None:
+    host, port = parse_hostport(value)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = "address already in use (is it already running? or change it)"
+        report.fail(option, f"cannot listen on {value}: {why}")
+    else:
+        report.ok(option, f"{value} is free to listen on")
+
+
+def _check_broker(config: Config, report: _Report) -> None:
+    bc = config.broker
+    path = config.path(bc.connector_tokens_file)
+    try:
+        tokens = SecretStore(path, "tbc")
+    except ConfigError as exc:
+        report.fail("broker.connector_tokens_file", str(exc))
+    else:
+        active = tokens.active_ids()
+        if not active:
+            report.warn(
+                "broker.connector_tokens_file",
+                f"{path}: no connector tokens yet: trio-bridge tokens add NAME "
+                f"--route ROUTE -c {config.source}",
+            )
+        for e in tokens.entries():
+            if e.id in active:
+                report.ok("connector token", f"{e.name} (id {e.id}) may serve: {e.route_text}")
+    _check_listen(report, "broker.listen", bc.listen)
+    if bc.admin_listen:
+        _check_listen(report, "broker.admin_listen", bc.admin_listen)
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(bc, name)
+        if value and not config.path(value).is_file():
+            report.fail(f"broker.{name}", f"{config.path(value)}: no such file")
+    host, _ = parse_hostport(bc.listen)
+    if host not in ("127.0.0.1", "::1", "localhost") and not (bc.behind_tls_proxy or bc.tls_cert):
+        report.warn(
+            "broker.listen",
+            f"{bc.listen} without TLS: API keys would cross the network in clear. Put "
+            "Caddy or nginx in front (conf/) and set broker.behind_tls_proxy = true, or "
+            "listen on 127.0.0.1.",
+        )
+
+
+async def _check_connector(config: Config, report: _Report) -> None:
+    cc = config.connector
+    path = config.path(cc.api_keys_file)
+    try:
+        n = len(SecretStore(path, "tbk").active_ids())
+    except ConfigError as exc:
+        report.fail("connector.api_keys_file", str(exc))
+    else:
+        if n:
+            report.ok("connector.api_keys_file", f"{path}: {n} API key{'s' * (n != 1)}")
+        else:
+            report.warn(
+                "connector.api_keys_file",
+                f"{path}: no API keys yet (every request will get 401): trio-bridge keys add "
+                f"NAME -c {config.source}",
+            )
+    token: str | None = None
+    try:
+        token = os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(
+            config.path(cc.token_file), "connector.token_file"
+        )
+    except ConfigError as exc:
+        report.fail("connector token", str(exc))
+    else:
+        source = "TRIO_BRIDGE_TOKEN" if os.environ.get("TRIO_BRIDGE_TOKEN") else "token_file"
+        report.ok("connector token", f"read from {source}")
+    await _check_llm(config, report)
+    ca = config.path(cc.broker_ca_file) if cc.broker_ca_file else None
+    if ca is not None and not ca.is_file():
+        report.fail("connector.broker_ca_file", f"{ca}: no such file")
+        return
+    ssl_context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    for url in cc.broker_urls:
+        if token is None:
+            report.fail(f"broker {url}", "not tried: no connector token")
+            continue
+        ok, text = await probe_relay(
+            url,
+            token,
+            route=cc.route,
+            ssl_context=ssl_context,
+            timeout=float(config.limits.connect_timeout),
+        )
+        (report.ok if ok else report.fail)(f"broker {url}", text)
+
+
+async def _check_llm(config: Config, report: _Report) -> None:
+    """The LLM answers its health probe, and looks like an LLM API (it lists models)."""
+    cc = config.connector
+    base = cc.local_url.rstrip("/")
+    headers = {}
+    try:
+        key = os.environ.get("TRIO_BRIDGE_UPSTREAM_KEY") or (
+            read_secret_file(config.path(cc.upstream_api_key_file), "upstream_api_key_file")
+            if cc.upstream_api_key_file
+            else None
+        )
+    except ConfigError as exc:
+        report.fail("connector.upstream_api_key_file", str(exc))
+        key = None
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    async with httpx.AsyncClient(
+        timeout=float(config.limits.connect_timeout), trust_env=False, headers=headers
+    ) as client:
+        try:
+            health = await client.get(base + cc.health_path)
+        except httpx.HTTPError as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            report.fail(f"LLM {base}", f"not answering ({why})")
+            return
+        if health.status_code >= 500:
+            report.fail(f"LLM {base}", f"{cc.health_path} answered HTTP {health.status_code}")
+            return
+        models = await _list_models(client, base)
+    if models is None:
+        report.fail(
+            f"LLM {base}",
+            f"an HTTP server answers ({cc.health_path}: HTTP {health.status_code}) but it does "
+            "not look like an LLM API: neither /v1/models nor /api/tags lists models "
+            "(wrong port? an API key it wants: upstream_api_key_file?)",
+        )
+    else:
+        shown = ", ".join(models[:5]) + (f" (+{len(models) - 5} more)" if len(models) > 5 else "")
+        report.ok(f"LLM {base}", f"answers; models: {shown or '(none listed)'}")
+
+
+async def _list_models(client: httpx.AsyncClient, base: str) -> list[str] | None:
+    """Model ids from OpenAI's /v1/models or Ollama's /api/tags; None if neither answers."""
+    for path, field, key in (("/v1/models", "data", "id"), ("/api/tags", "models", "name")):
+        try:
+            r = await client.get(base + path)
+            items = r.json()[field] if r.status_code == 200 else None
+            if isinstance(items, list):
+                return [str(m[key]) for m in items if isinstance(m, dict) and key in m]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 async def _first_model(url: str) -> str | None:
@@ -437,55 +646,75 @@ async def _first_model(url: str) -> str | None:
         return None
 
 
-async def _demo(config: Config, args: argparse.Namespace) -> None:
-    local_url = args.local_url or config.connector.local_url
-    model_id = None if args.test_model else await _first_model(local_url)
-    with tempfile.TemporaryDirectory(prefix="trio-bridge-demo-") as tmp:
-        async with trio.open_nursery() as nursery:
-            if model_id is None:
-                model = TestModel(token_delay=0.05)
-                host, port = await nursery.start(model.serve)
-                local_url, model_id = f"http://{host}:{port}", MODEL_ID
-                label = (
-                    f"built-in TEST MODEL (not a real LLM; no LLM answered at "
-                    f"{args.local_url or config.connector.local_url})"
+class _Demo:
+    """Broker + connector (+ the test model when no LLM answers) in one process on loopback.
+    Ctrl-C drains like the roles do: in-flight answers finish, then everything stops."""
+
+    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+        self.config = config
+        self.args = args
+        self.broker: Broker | None = None
+        self.connector: Connector | None = None
+        self._done = trio.Event()
+
+    async def drain(self) -> None:
+        grace = float(self.config.limits.shutdown_grace)
+        if self.connector is not None:
+            await self.connector.drain(grace)
+        self._done.set()
+
+    async def run(self) -> None:
+        config, args = self.config, self.args
+        local_url = args.local_url or config.connector.local_url
+        model_id = None if args.test_model else await _first_model(local_url)
+        with tempfile.TemporaryDirectory(prefix="trio-bridge-demo-") as tmp:
+            async with trio.open_nursery() as nursery:
+                if model_id is None:
+                    model = TestModel(token_delay=0.05)
+                    host, port = await nursery.start(model.serve)
+                    local_url, model_id = f"http://{host}:{port}", MODEL_ID
+                    label = (
+                        f"built-in TEST MODEL (not a real LLM; no LLM answered at "
+                        f"{args.local_url or config.connector.local_url})"
+                    )
+                else:
+                    label = f"the LLM at {local_url}"
+                config = attrs.evolve(
+                    config,
+                    base_dir=tmp,
+                    broker=attrs.evolve(
+                        config.broker,
+                        listen=f"127.0.0.1:{args.port}",
+                        admin_listen="127.0.0.1:0",
+                        connector_tokens_file="tokens.toml",
+                    ),
                 )
-            else:
-                label = f"the LLM at {local_url}"
-            host, _ = parse_hostport(config.broker.listen)
-            config = attrs.evolve(
-                config,
-                base_dir=tmp,
-                broker=attrs.evolve(
-                    config.broker,
-                    listen=f"127.0.0.1:{args.port}",
-                    admin_listen="127.0.0.1:0",
-                    connector_tokens_file="tokens.toml",
-                ),
-            )
-            tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
-            _, token = tokens.add("demo-connector")
-            keys = SecretStore(Path(tmp) / "keys.toml", "tbk")
-            _, api_key = keys.add("demo-user")
-            broker = Broker(config, tokens)
-            bhost, bport = await nursery.start(broker.serve)
-            config = attrs.evolve(
-                config,
-                connector=attrs.evolve(
-                    config.connector,
-                    broker_urls=[f"ws://{bhost}:{bport}{config.broker.relay_path}"],
-                    local_url=local_url,
-                    name="demo-connector",
-                    admin_listen="127.0.0.1:0",
-                    api_keys_file="keys.toml",
-                ),
-            )
-            connector = Connector(config, keys=keys, token=token)
-            nursery.start_soon(connector.run)
-            with trio.fail_after(10):
-                await connector.connected.wait()
-            admins = [broker.admin_address, connector.admin_address]
-            _print_demo(f"http://{bhost}:{bport}", api_key, model_id, label, admins)
+                tokens = SecretStore(Path(tmp) / "tokens.toml", "tbc")
+                _, token = tokens.add("demo-connector")
+                keys = SecretStore(Path(tmp) / "keys.toml", "tbk")
+                _, api_key = keys.add("demo-user")
+                self.broker = broker = Broker(config, tokens)
+                with listening("--port", f"127.0.0.1:{args.port}"):
+                    bhost, bport = await nursery.start(broker.serve)
+                config = attrs.evolve(
+                    config,
+                    connector=attrs.evolve(
+                        config.connector,
+                        broker_urls=[f"ws://{bhost}:{bport}{config.broker.relay_path}"],
+                        local_url=local_url,
+                        name="demo-connector",
+                        admin_listen="127.0.0.1:0",
+                        api_keys_file="keys.toml",
+                    ),
+                )
+                self.connector = connector = Connector(config, keys=keys, token=token)
+                nursery.start_soon(connector.run)
+                with trio.fail_after(10):
+                    await connector.connected.wait()
+                admins = [broker.admin_address, connector.admin_address]
+                _print_demo(f"http://{bhost}:{bport}", api_key, model_id, label, admins)
+                await self._done.wait()
+                nursery.cancel_scope.cancel()
 
 
 def _print_demo(
@@ -500,9 +729,14 @@ def _print_demo(
         f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', "
         f"'content': 'Say hello'}}]).choices[0].message.content)"
     )
+    if importlib.util.find_spec("openai") is not None:
+        sdk = f'  {sys.executable} -c "{py}"'
+    else:
+        sdk = f'  # with the openai SDK (pip install openai):\n  python3 -c "{py}"'
     hdrs = f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json'"
-    admin_text = ", ".join(
-        f"{role} http://{a[0]}:{a[1]}/status"
+    admin_lines = "\n".join(
+        f"  trio-bridge status --url http://{a[0]}:{a[1]}     # {role}: state, latency, errors"
+        f"\n  curl -s http://{a[0]}:{a[1]}/metrics | grep ^trio_bridge_requests"
         for role, a in zip(("broker", "connector"), admins, strict=True)
         if a is not None
     )
@@ -520,11 +754,12 @@ Try it (paste into another terminal):
 
   curl -sSN {base}/v1/chat/completions {hdrs} -d '{stream_body}'
 
-  python -c "{py}"
+{sdk}
 
-Health and metrics: {admin_text}
+Health and metrics:
+{admin_lines}
 
-Press Ctrl-C to stop.
+Press Ctrl-C to stop (in-flight answers finish first; twice to stop at once).
 """,
         flush=True,
     )

@@ -9,6 +9,7 @@ Relative file paths are resolved against the directory of the config file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -96,8 +97,8 @@ def _check_level(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
 
 
 def _check_format(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if value not in {"json", "text"}:
-        raise ValueError(f"{attribute.name}: invalid format {value!r} (json or text)")
+    if value not in {"auto", "json", "text"}:
+        raise ValueError(f"{attribute.name}: invalid format {value!r} (auto, json or text)")
 
 
 def _check_url(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -144,16 +145,18 @@ class LimitsConfig:
     #: a client that reads nothing for this long while its answer waits is cut (connector:
     #: the LLM call ends; broker: one write not taken for this long closes the connection)
     stall_timeout: Duration = attrs.field(default=Duration(60), validator=_positive)
-    connect_timeout: Duration = Duration(5)
-    first_byte_timeout: Duration = Duration(300)
-    idle_timeout: Duration = Duration(120)
-    shutdown_grace: Duration = Duration(60)
+    connect_timeout: Duration = attrs.field(default=Duration(5), validator=_positive)
+    first_byte_timeout: Duration = attrs.field(default=Duration(300), validator=_positive)
+    idle_timeout: Duration = attrs.field(default=Duration(120), validator=_positive)
+    shutdown_grace: Duration = Duration(60)  # 0: abort in-flight requests at once
 
 
 @attrs.frozen(kw_only=True)
 class LogConfig:
     level: str = attrs.field(default="info", validator=_check_level)
-    format: str = attrs.field(default="json", validator=_check_format)
+    #: "auto": readable text on a terminal, one JSON object per line otherwise (journald,
+    #: files, pipes); or force "json" / "text"
+    format: str = attrs.field(default="auto", validator=_check_format)
 
 
 @attrs.frozen(kw_only=True)
@@ -235,6 +238,18 @@ class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     #: directory relative paths are resolved against (not a TOML key)
     base_dir: str = attrs.field(default=".", metadata={"internal": True})
+    #: the sections the file had (not a TOML key): which roles it configures
+    sections: tuple[str, ...] = attrs.field(default=(), metadata={"internal": True})
+
+    @property
+    def source(self) -> str:
+        return self._source or "built-in defaults"
+
+    _source: str = attrs.field(default="", metadata={"internal": True}, alias="source_path")
+
+    def configures(self, role: str) -> bool:
+        """True if the file has a ``[role]`` section (built-in defaults configure both)."""
+        return not self.sections or role in self.sections
 
     def path(self, name: str) -> Path:
         """Resolve a file name from the config against the config file's directory."""
@@ -251,10 +266,22 @@ def _strict(kind: type[T]) -> Any:
     return hook
 
 
+def _string_list(value: object, _type: object) -> list[str]:
+    if isinstance(value, str):
+        raise ValueError(f'expected a list of strings, e.g. ["{value}"], got a string')
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+    for v in value:
+        if not isinstance(v, str):
+            raise ValueError(f"expected a list of strings, got {type(v).__name__} {v!r} in it")
+    return list(value)
+
+
 def make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for kind in (str, int, float, bool):
         conv.register_structure_hook(kind, _strict(kind))
+    conv.register_structure_hook_func(lambda t: t == list[str], _string_list)
     conv.register_structure_hook(Duration, lambda v, _t: parse_duration(v))
     conv.register_structure_hook(Size, lambda v, _t: parse_size(v))
     return conv
@@ -276,7 +303,13 @@ def _one_line(exc: BaseException, source: str) -> str:
     path, leaf = walk(exc, [])
     if isinstance(leaf, ForbiddenExtraKeysError):
         keys = ", ".join(".".join([*path, k]) for k in sorted(leaf.extra_fields))
-        return f"{source}: unknown key {keys}"
+        hint = ""
+        known = [f.name for f in attrs.fields(leaf.cl)] if attrs.has(leaf.cl) else []
+        for k in sorted(leaf.extra_fields):
+            if close := difflib.get_close_matches(k, known, n=1):
+                hint = f" (did you mean {'.'.join([*path, close[0]])}?)"
+                break
+        return f"{source}: unknown key {keys}{hint}"
     if isinstance(leaf, KeyError):
         return f"{source}: {'.'.join(path) or 'config'}: missing required key"
     msg = str(leaf)
@@ -307,7 +340,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(f"{p}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    if "base_dir" in data:
-        raise ConfigError(f"{p}: unknown key base_dir")
-    data["base_dir"] = str(p.resolve().parent)
-    return structure(data, Config, source=str(p))
+    for internal in ("base_dir", "sections", "source_path"):
+        if internal in data:
+            raise ConfigError(f"{p}: unknown key {internal}")
+    sections = tuple(k for k in ("broker", "connector") if isinstance(data.get(k), dict))
+    config = structure(data, Config, source=str(p))
+    return attrs.evolve(
+        config, base_dir=str(p.resolve().parent), sections=sections, source_path=str(p)
+    )

@@ -30,7 +30,14 @@ from ._admin import AdminApp
 from ._asgi import serve_app
 from ._backoff import Backoff
 from ._config import Config
-from ._errors import ConfigError, RelayClosed, RelayRefused, RemoteProtocolError, StreamReset
+from ._errors import (
+    ConfigError,
+    RelayClosed,
+    RelayRefused,
+    RemoteProtocolError,
+    StreamReset,
+    listening,
+)
 from ._frames import MAX_MESSAGE, ResetCode
 from ._http import (
     KEY_HEADERS,
@@ -44,12 +51,14 @@ from ._keys import SecretStore, check_private
 from ._observe import (
     Metrics,
     RecentStats,
+    bridge_outcome,
+    is_error,
     log_request,
     quiet_third_party_loggers,
     reset_reason,
     status_class,
 )
-from ._protocol import ResponseHead, Session
+from ._protocol import GoAway, Hello, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
 from ._upstream import H11Transport
@@ -239,9 +248,10 @@ class Connector:
             async with trio.open_nursery() as outer:
                 if self.config.connector.admin_listen:
                     admin = AdminApp(self.metrics, self.ready, self.status)
-                    self.admin_address = await outer.start(
-                        serve_app, admin, self.config.connector.admin_listen
-                    )
+                    listen = self.config.connector.admin_listen
+                    with listening("connector.admin_listen", listen):
+                        self.admin_address = await outer.start(serve_app, admin, listen)
+                    log.info("admin endpoint on http://%s:%d", *self.admin_address)
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     self._set_llm(*await self._probe_llm())
                 outer.start_soon(self._watch_llm)
@@ -486,9 +496,9 @@ class Connector:
         m.bytes.labels("connector", "out").inc(stream.bytes_sent)
         if reset_code is not None:
             m.resets.labels("connector", reset_reason(reset_code)).inc()
-        if status == 401 and outcome == "bridge_error":
+        if status == 401 and outcome == "refused":
             m.auth_failures.labels("connector").inc()
-        error = outcome not in ("ok", "client_gone") or (status or 0) >= 500
+        error = is_error(outcome, status)
         self.stats.add(duration, ttfb, error)
         del fields["_t0"]
 
@@ -523,7 +533,7 @@ class Connector:
         _, headers, body = error_response(status, message, fields["request_id"])
         await stream.send_response(ResponseHead(status, headers))
         await stream.send_data(body, end_stream=True)
-        return "bridge_error"
+        return bridge_outcome(status)
 
     async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:
         head = stream.request_head
@@ -663,6 +673,50 @@ async def _drain_buffered(stream: RelayStream) -> list[bytes]:
     return parts
 
 
+async def probe_relay(
+    url: str,
+    token: str,
+    *,
+    route: str,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> tuple[bool, str]:
+    """Dial ``url`` and do a real relay handshake with ``token`` and ``route`` (a HELLO marked
+    as a probe, which the broker judges and answers but never registers or sends requests
+    on). Returns (ok, a one-line diagnosis); never raises for a network or broker problem."""
+    ws = None
+    try:
+        with trio.fail_after(timeout):
+            ws = await connect_websocket(
+                url,
+                headers=[(b"authorization", b"Bearer " + token.encode())],
+                max_message=MAX_MESSAGE + 1024,
+                ssl_context=ssl_context,
+            )
+            session = Session(opener=False)
+            await ws.send_message(session.send_hello(role="connector", route=route, probe=True))
+            while (event := session.next_event()) is None:
+                session.receive_data(await ws.receive_message())
+    except WebSocketRejected as exc:
+        return False, _rejection(url, exc)
+    except trio.TooSlowError:
+        return False, f"no relay answer within {timeout:g}s (is this the broker's address?)"
+    except (OSError, trio.BrokenResourceError) as exc:
+        return False, f"cannot reach broker: {_connect_failure(exc)}"
+    except RelayClosed as exc:
+        return False, f"the broker closed the connection during the handshake ({exc.reason})"
+    except RemoteProtocolError as exc:
+        return False, f"not a trio-bridge relay endpoint ({exc})"
+    finally:
+        if ws is not None:
+            await ws.aclose()
+    if isinstance(event, GoAway):
+        return False, f"broker refused the relay: {event.reason}"
+    if isinstance(event, Hello):
+        return True, f"relay handshake OK (token accepted for route {route!r})"
+    return False, f"unexpected first frame from the broker: {type(event).__name__}"
+
+
 def _rejection(url: str, exc: WebSocketRejected) -> str:
     """One line for a dial the broker answered with an HTTP status instead of a relay."""
     if exc.status == 404:
@@ -676,7 +730,10 @@ def _rejection(url: str, exc: WebSocketRejected) -> str:
         return f"broker refused the relay: HTTP {exc.status} (check the connector token)"
     if exc.status == 429:
         return "broker refused the relay: HTTP 429 (too many refused tokens from this address)"
-    return f"broker refused the relay: HTTP {exc.status}"
+    return (
+        f"broker refused the relay: HTTP {exc.status} (is {url} the broker's relay URL, "
+        "ws(s)://HOST/_bridge/relay on its public port?)"
+    )
 
 
 def _connect_failure(exc: BaseException) -> str:

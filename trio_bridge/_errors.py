@@ -18,6 +18,10 @@ Foreign exceptions are translated into these at one boundary each: ``_ws.py`` fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
+
 
 class BridgeError(Exception):
     """Base class of every error trio_bridge raises on purpose."""
@@ -62,3 +66,32 @@ class StreamReset(BridgeError):
         super().__init__(f"stream reset ({code}): {reason}")
         self.code = code
         self.reason = reason
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[exc]``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "address already in use (another process listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+}
+
+
+@contextlib.contextmanager
+def listening(option: str, value: str) -> Iterator[None]:
+    """Turn a failure to listen on ``value`` into a one-line ConfigError naming ``option``
+    (trio and hypercorn report it as an OSError, possibly inside exception groups)."""
+    try:
+        yield
+    except BaseException as exc:
+        found = [e for e in leaves(exc) if isinstance(e, OSError)]
+        if not found or len(found) != len(leaves(exc)):
+            raise
+        err = found[0]
+        why = _BIND_ERRORS.get(err.errno or 0, err.strerror or str(err))
+        raise ConfigError(f"cannot listen on {value}: {why}; change {option}") from None

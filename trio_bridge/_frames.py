@@ -29,7 +29,10 @@ type   name        stream  payload
 0x01   HELLO       0       UTF-8 JSON object: ``{"version": 1, "role": "connector"|"broker",
                            "window": <initial per-stream receive window, bytes>,
                            "max_streams": <n>, "name": str, "route": str, "ready": bool,
-                           "capacity": <requests served at once; 0 = max_streams>}``.
+                           "capacity": <requests served at once; 0 = max_streams>,
+                           "probe": true (optional: a `check`; the broker answers HELLO
+                           or GOAWAY, then serves nothing on it)}``. Unknown keys
+                           are ignored (new optional keys stay compatible).
                            The first frame each way. The connector sends first; the broker
                            answers with its own HELLO or a GOAWAY naming the reason
                            (e.g. another major version) and closes.

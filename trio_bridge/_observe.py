@@ -21,10 +21,19 @@ request_log = logging.getLogger("trio_bridge.request")
 _ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
+def _utc(created: float) -> str:
+    """``2026-12-02T00:37:36.123Z``: readable, sortable, and in UTC on every machine."""
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": _utc(record.created),
+            "t": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -53,9 +62,14 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    """Configure the root logger once for a role process (idempotent)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+def setup_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure the root logger once for a role process (idempotent). ``fmt`` "auto":
+    readable text on a terminal, JSON lines otherwise (journald, files, pipes)."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        isatty = getattr(stream, "isatty", None)
+        fmt = "text" if isatty is not None and isatty() else "json"
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -93,6 +107,18 @@ TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 MAX_LABEL_VALUES = 50  # per free-form label (model names): beyond, "other"
 
 
+def bridge_outcome(status: int) -> str:
+    """The outcome of an answer the bridge made itself: ``refused`` for the client's own
+    errors (4xx: a bad key, a limit, a bad request), ``bridge_error`` for ours (5xx)."""
+    return "refused" if status < 500 else "bridge_error"
+
+
+def is_error(outcome: str, status: int | None) -> bool:
+    """Counted in error rates (the same rule in both roles): a 5xx, or an answer that broke
+    off; a refusal (4xx) or a client that left is not the bridge failing."""
+    return outcome not in ("ok", "client_gone", "refused") or (status or 0) >= 500
+
+
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
@@ -122,7 +148,15 @@ class Metrics:
     process, as in tests). Label values are bounded: no paths, no secrets, no request ids."""
 
     def __init__(self, role: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series
 
         self.role = role
         self.registry = CollectorRegistry()
@@ -184,14 +218,20 @@ class Metrics:
         )
         self.relay_connected = Gauge(
             "trio_bridge_relay_connected",
-            "1 while the relay to this broker is up (connector); relays held per route (broker).",
-            ["role", "peer"],
+            "1 while the relay to this broker is up (connector).",
+            ["role", "broker"],
+            registry=r,
+        )
+        self.relays = Gauge(
+            "trio_bridge_relays",
+            "Connector relays held, per route (broker).",
+            ["role", "route"],
             registry=r,
         )
         self.reconnects = Counter(
             "trio_bridge_relay_reconnects",
-            "Relays re-established after a loss.",
-            ["role", "peer"],
+            "Relays re-established after a loss (connector), per broker URL.",
+            ["role", "broker"],
             registry=r,
         )
         self.queue_wait = Histogram(

@@ -80,6 +80,7 @@ class Hello:
     route: str = ""
     ready: bool = True
     capacity: int = 0  # requests the connector serves at once (0: max_streams)
+    probe: bool = False  # `trio-bridge check`: judge this hello, then close; serve nothing
 
 
 @attrs.define(slots=True)
@@ -258,8 +259,11 @@ def _decode_hello(payload: bytes) -> Hello:
     capacity = obj.get("capacity", 0)
     if type(capacity) is not int or not 0 <= capacity <= 1_000_000:
         raise RemoteProtocolError("HELLO: capacity out of range")
+    probe = obj.get("probe", False)
+    if not isinstance(probe, bool):
+        raise RemoteProtocolError("HELLO: probe must be a boolean")
     assert isinstance(role, str) and isinstance(name, str) and isinstance(route, str)
-    return Hello(version, role, window, max_streams, name, route, ready, capacity)
+    return Hello(version, role, window, max_streams, name, route, ready, capacity, probe)
 
 
 # ---- the state machine --------------------------------------------------------------------
@@ -337,7 +341,14 @@ class Session:
 
     # -- sending --
     def send_hello(
-        self, *, role: str, name: str = "", route: str = "", ready: bool = True, capacity: int = 0
+        self,
+        *,
+        role: str,
+        name: str = "",
+        route: str = "",
+        ready: bool = True,
+        capacity: int = 0,
+        probe: bool = False,
     ) -> bytes:
         if self.hello_sent:
             raise LocalProtocolError("HELLO already sent")
@@ -352,6 +363,8 @@ class Session:
             "ready": ready,
             "capacity": capacity,
         }
+        if probe:
+            payload["probe"] = True
         return encode_frame(FrameType.HELLO, 0, json.dumps(payload).encode())
 
     def open_stream(self, head: RequestHead, *, end_stream: bool) -> tuple[int, bytes]:
