@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -195,10 +196,10 @@ async def test_the_broker_says_where_it_listens(tmp_path: Path) -> None:
     )
     async with trio.open_nursery() as nursery:
         proc = await nursery.start(
-            lambda task_status: trio.run_process(
+            partial(
+                trio.run_process,
                 [PY, "-m", "trio_bridge", "broker", "-c", str(tmp_path / "broker.toml")],
                 stderr=subprocess.PIPE,
-                task_status=task_status,
                 check=False,
             )
         )
@@ -235,10 +236,10 @@ async def test_test_model_runs_alone(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     async with trio.open_nursery() as nursery:
         proc = await nursery.start(
-            lambda task_status: trio.run_process(
+            partial(
+                trio.run_process,
                 [PY, "-m", "trio_bridge", "test-model", "--listen", f"127.0.0.1:{port}"],
                 stdout=subprocess.PIPE,
-                task_status=task_status,
                 check=False,
             )
         )
