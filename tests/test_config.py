@@ -88,3 +88,112 @@ def test_example_configs_in_conf_are_valid() -> None:
     assert len(files) >= 3
     for f in files:
         load_config(f)
+
+
+# -- the example files in conf/ list every key (they cannot drift from the schema) ----------
+
+CONF = Path(__file__).parent.parent / "conf"
+#: the [limits] and [relay] keys each role reads (the rest of a section belongs to one role)
+ROLE_KEYS = {
+    "broker": {
+        "limits": {
+            "max_body", "max_header_bytes", "max_headers", "max_uri", "max_requests",
+            "keep_alive_timeout", "head_timeout", "min_body_rate", "max_connections",
+            "max_connections_per_address", "stall_timeout", "shutdown_grace",
+        },
+        "relay": {"ping_interval", "window", "max_buffered", "max_streams"},
+    },
+    "connector": {
+        "limits": {
+            "max_body", "connect_timeout", "first_byte_timeout", "idle_timeout",
+            "stall_timeout", "shutdown_grace",
+        },
+        "relay": {"ping_interval", "request_window", "max_buffered", "max_streams"},
+    },
+}  # fmt: skip
+
+
+def listed_keys(path: Path) -> dict[str, set[str]]:
+    """Keys per [section] of an example file, commented-out ones included."""
+    import re
+
+    out: dict[str, set[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]", line):
+            section = m.group(1)
+            out.setdefault(section, set())
+        elif section and (m := re.match(r"^#?\s*(\w+)\s*=", line)):
+            out[section].add(m.group(1))
+    return out
+
+
+def fields(cls: type) -> set[str]:
+    import attrs
+
+    return {f.name for f in attrs.fields(cls) if not f.metadata.get("internal")}
+
+
+@pytest.mark.parametrize("role", ["broker", "connector"])
+def test_each_example_file_lists_every_key_its_role_reads(role: str) -> None:
+    from trio_bridge._config import BrokerConfig, ConnectorConfig, LogConfig
+
+    path = CONF / f"{role}.toml"
+    config = load_config(path)  # valid as it is
+    assert config.sections == (role,)
+    listed = listed_keys(path)
+    own = BrokerConfig if role == "broker" else ConnectorConfig
+    assert listed[role] == fields(own)
+    assert listed["limits"] == ROLE_KEYS[role]["limits"]
+    assert listed["relay"] == ROLE_KEYS[role]["relay"]
+    assert listed["log"] == fields(LogConfig)
+
+
+def test_every_schema_key_is_in_an_example_file() -> None:
+    from trio_bridge._config import Config, LimitsConfig, RelayConfig
+
+    assert set(listed_keys(CONF / "broker.toml")) | set(listed_keys(CONF / "connector.toml")) == (
+        fields(Config)
+    )
+    for section, cls in (("limits", LimitsConfig), ("relay", RelayConfig)):
+        both = ROLE_KEYS["broker"][section] | ROLE_KEYS["connector"][section]
+        assert both == fields(cls), f"[{section}]: a new key must be listed for its role"
+
+
+def test_the_example_values_are_the_defaults_except_the_addresses() -> None:
+    """A key set in conf/ to something else than its default would surprise a reader who
+    deletes the line; only the addresses differ on purpose."""
+    import attrs
+
+    from trio_bridge._config import Config
+
+    default = Config()
+    for role, differs in (("broker", {"listen"}), ("connector", {"broker_urls"})):
+        config = load_config(CONF / f"{role}.toml")
+        for section in ("broker", "connector", "limits", "relay", "log"):
+            got, want = (
+                attrs.asdict(getattr(config, section)),
+                attrs.asdict(getattr(default, section)),
+            )
+            for key in listed_keys(CONF / f"{role}.toml").get(section, ()):
+                if key not in differs:
+                    assert got[key] == want[key], f"{role}.toml [{section}] {key}"
+
+
+def test_a_string_where_a_list_is_expected_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, '[connector]\nbroker_urls = "ws://h:1/_bridge/relay"\n'))
+    assert "connector.broker_urls: expected a list of strings" in str(info.value)
+    assert '["ws://h:1/_bridge/relay"]' in str(info.value)
+
+
+def test_an_unknown_key_suggests_the_known_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key limits.idle_timout \(did you mean "
+                       r"limits.idle_timeout\?\)"):  # fmt: skip
+        load_config(write(tmp_path, '[limits]\nidle_timout = "1s"\n'))
+
+
+@pytest.mark.parametrize("key", ["connect_timeout", "first_byte_timeout", "idle_timeout"])
+def test_zero_timeouts_are_refused(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"limits.{key}: must be positive"):
+        load_config(write(tmp_path, f'[limits]\n{key} = "0s"\n'))

@@ -271,9 +271,9 @@ def _string_list(value: object, _type: object) -> list[str]:
         raise ValueError(f'expected a list of strings, e.g. ["{value}"], got a string')
     if not isinstance(value, list):
         raise ValueError(f"expected a list of strings, got {type(value).__name__}")
-    for v in value:
+    for i, v in enumerate(value):
         if not isinstance(v, str):
-            raise ValueError(f"expected a list of strings, got {type(v).__name__} {v!r} in it")
+            raise ValueError(f"{i}: expected str, got {type(v).__name__} {v!r}")
     return list(value)
 
 
