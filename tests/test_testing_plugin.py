@@ -38,3 +38,46 @@ async def test_bridge_fixture_with_admin_urls_and_restart_handles(bridge: Bridge
         model="m", messages=[{"role": "user", "content": "count to 4"}]
     )
     assert r.choices[0].message.content == "1 2 3 4"
+
+
+USES_BRIDGE = """
+async def test_uses_bridge(bridge):
+    assert bridge.api_key
+"""
+
+
+def test_fixtures_are_documented_in_pytest_fixtures(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--fixtures")  # the plugin comes by entry point
+    out = result.stdout.str()
+    assert "bridge -- " in out or "bridge [" in out, out[-2000:]
+    assert "A broker and a connector in this test's event loop" in out
+    assert "The built-in OpenAI-compatible test model" in out
+
+
+def test_without_pytest_trio_the_error_says_what_to_install(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(USES_BRIDGE)
+    result = pytester.runpytest_subprocess("-p", "no:trio")
+    assert "need pytest-trio" in result.stdout.str() + result.stderr.str()
+    assert result.ret != 0
+
+
+def test_without_trio_mode_the_error_says_how_to_enable_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(USES_BRIDGE)
+    result = pytester.runpytest_subprocess()  # pytest-trio installed, trio_mode not set
+    assert "does not run under trio" in result.stdout.str() + result.stderr.str()
+    assert result.ret != 0
+
+
+def test_the_readme_example_runs_as_written(pytester: pytest.Pytester) -> None:
+    """The plugin section of the README, verbatim, in a project of its own."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Testing your client against the bridge", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    pytester.makepyfile(test_my_client=code.group(1))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=len(re.findall(r"^async def test_", code.group(1), re.M)))

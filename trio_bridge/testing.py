@@ -1,5 +1,8 @@
 """pytest-trio helpers for integrators (registered as a pytest plugin via ``pytest11``).
 
+Import path: ``trio_bridge.testing`` (the fixtures need no import: installing trio-bridge
+registers them; they need ``pytest-trio`` with ``trio_mode = true``, or ``@pytest.mark.trio``).
+
 Fixtures:
 
 - ``test_model`` → a running :class:`~trio_bridge.TestModel` (``.url``, ``.model``).
@@ -19,6 +22,13 @@ Or build your own:
 
 Everything runs on 127.0.0.1 with port 0 (unless you pass a port, e.g. to restart a broker on
 the same address) and is torn down structurally when the ``async with`` block ends.
+
+**Use an async client inside these tests** (``openai.AsyncOpenAI``, ``httpx.AsyncClient``):
+the bridge runs in the test's own event loop, so a synchronous client (``openai.OpenAI``,
+``requests``, ``httpx.get``) blocks the loop and the bridge can never answer it; the test
+hangs until the client's timeout. If you must test sync code, run it in a thread::
+
+      text = await trio.to_thread.run_sync(my_sync_function, bridge.openai_base_url)
 """
 
 from __future__ import annotations
@@ -316,13 +326,42 @@ async def run_test_model(*, token_delay: float = 0.005) -> AsyncIterator[Running
         yield await lab.start_test_model(token_delay=token_delay)
 
 
+_OUR_FIXTURES = frozenset({"bridge", "test_model"})
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A clear error, instead of pytest's generic one about async fixtures, when a test uses
+    our fixtures without pytest-trio running it."""
+    if not _OUR_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return
+    if not item.config.pluginmanager.has_plugin("trio"):
+        raise pytest.UsageError(
+            "trio_bridge.testing: the `bridge` and `test_model` fixtures need pytest-trio "
+            "(pip install pytest-trio, then set `trio_mode = true` under [pytest] in "
+            "pytest.ini, or mark the test with @pytest.mark.trio)"
+        )
+    if item.get_closest_marker("trio") is None:
+        raise pytest.UsageError(
+            f"trio_bridge.testing: {item.name} uses `bridge`/`test_model` but does not run "
+            "under trio: set `trio_mode = true` under [pytest] in pytest.ini, or mark it "
+            "with @pytest.mark.trio (and make it `async def`)"
+        )
+
+
 @pytest.fixture
 async def test_model() -> AsyncIterator[RunningModel]:
+    """The built-in OpenAI-compatible test model on 127.0.0.1 (a free port): ``.url``,
+    ``.model``. Deterministic: echoes the last user message; "count to N" → ``1 2 … N``."""
     async with run_test_model() as running:
         yield running
 
 
 @pytest.fixture
 async def bridge() -> AsyncIterator[Bridge]:
+    """A broker and a connector in this test's event loop, in front of the test model:
+    ``.openai_base_url`` and ``.api_key`` for your client, ``.restart_broker()`` /
+    ``.restart_connector()`` to test reconnects, ``.broker`` / ``.connector`` for their state.
+    Use an async client (``openai.AsyncOpenAI``): a sync one blocks the loop the bridge runs
+    in."""
     async with open_bridge() as b:
         yield b
