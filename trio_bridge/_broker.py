@@ -65,6 +65,8 @@ _FORWARDING_PREFIX = b"x-forwarded-"
 #: the bridge's own header namespace: only the bridge sets these, never a client or a proxy
 BRIDGE_NAMESPACE = b"x-trio-bridge-"
 MAX_ATTEMPTS = 3
+#: what _respond returns when the connector REFUSED the stream (never processed: try another)
+_RETRY = "retry elsewhere"
 #: a route with no connector for this long (or never, since the broker started this long ago)
 #: gets 503 at once instead of waiting queue_timeout for one
 ROUTE_MEMORY = 60.0
@@ -789,7 +791,7 @@ class Broker:
                 self._start_reader(ex)  # the rest of the upload goes into the stream
             outcome = await self._respond(ex, fields, may_retry=ex.body_done)
             fields["bytes_out"] = stream.bytes_received
-            if outcome != "refused":
+            if outcome != _RETRY:
                 return outcome
         return await self._error(ex, fields, 503, "every connector refused; retry", retry_after=1)
 
@@ -829,7 +831,7 @@ class Broker:
             if ex.client_gone:
                 return "client_gone"
             if may_retry and exc.code == ResetCode.REFUSED:
-                return "refused"
+                return _RETRY
             if ex.too_large:
                 return await self._error(ex, fields, 413, "request body too large")
             status, message = _RESET_STATUS.get(
