@@ -73,3 +73,11 @@ def test_memory_stays_bounded_with_an_endless_event() -> None:
     s.feed(b"\n\n" + SSE)
     s.finish()
     assert s.completion_tokens == 2
+
+
+@given(st.lists(st.integers(0, len(SSE)), max_size=8))
+def test_streamed_events_are_counted_in_any_chunking(cuts: list[int]) -> None:
+    s = sniff(b"text/event-stream", SSE, cuts)
+    assert s.events == 3  # [DONE] is not an event with a token
+    n = sniff(b"application/x-ndjson", NDJSON, [])
+    assert n.events == 2

@@ -523,8 +523,10 @@ class Connector:
             counts[1] += c
         if streamed and first_chunk is not None:
             self.metrics.ttft.labels(model).observe(first_chunk - t0)
-            if c is not None and c > 1 and last_chunk is not None and last_chunk > first_chunk:
-                self.metrics.tps.labels(model).observe(c / (last_chunk - first_chunk))
+            # without usage in the stream, its events stand for tokens (one per event)
+            n = c if c is not None else sniffer.events
+            if n > 1 and last_chunk is not None and last_chunk > first_chunk:
+                self.metrics.tps.labels(model).observe(n / (last_chunk - first_chunk))
 
     async def _reply_error(
         self, stream: RelayStream, fields: dict[str, Any], status: int, message: str

@@ -9,6 +9,10 @@
   model name.
 - ``application/x-ndjson`` (Ollama streaming): the line with ``"done": true`` is parsed.
 
+``events`` counts the data events / lines of a streamed answer ([DONE] excluded): servers send
+one token per event (llama.cpp, vLLM, Ollama), so it estimates the completion tokens of a stream
+that carries no usage (to within the one or two events that carry only a role or the end).
+
 Anything that does not parse is simply not counted. Memory is bounded: at most one partial
 event / line (64 KiB) or one JSON body (1 MiB) is kept.
 """
@@ -32,6 +36,7 @@ class UsageSniffer:
         "_kind",
         "_skip",
         "completion_tokens",
+        "events",
         "model",
         "prompt_tokens",
     )
@@ -53,6 +58,7 @@ class UsageSniffer:
         self.model: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.events = 0
 
     @property
     def active(self) -> bool:
@@ -98,12 +104,16 @@ class UsageSniffer:
             )
             if not data or data == b"[DONE]":
                 return
+            self.events += 1
             if self._first or _USAGE.search(data):
                 self._first = False
                 self._take(_loads(data))
-        elif self._first or _DONE.search(raw):
-            self._first = False
-            self._take(_loads(raw))
+        else:
+            if raw.strip():
+                self.events += 1
+            if self._first or _DONE.search(raw):
+                self._first = False
+                self._take(_loads(raw))
 
     def _take(self, doc: Any) -> None:
         if not isinstance(doc, dict):
