@@ -360,3 +360,16 @@ def test_a_stalled_reader_does_not_keep_the_broker_alive(tmp_path: Path) -> None
         stalled.close()
     finally:
         b.close()
+
+
+def test_the_units_documentation_points_at_a_file_that_exists() -> None:
+    from urllib.parse import unquote, urlsplit
+
+    unit = render_unit("broker", "/etc/trio-bridge/broker.toml")
+    [doc] = [
+        line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("Documentation=")
+    ]
+    url = urlsplit(doc)
+    assert url.scheme == "file"
+    readme = Path(unquote(url.path))
+    assert readme.is_file() and "trio-bridge" in readme.read_text()

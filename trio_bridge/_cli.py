@@ -113,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--url", help="admin base URL, e.g. http://127.0.0.1:9181")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.add_argument(
+        "--ready",
+        action="store_true",
+        help="only ask /readyz: exit 0 if the role is ready to serve, else 1 (health checks)",
+    )
     for store, what in (
         ("keys", "users' API keys (connector side)"),
         ("tokens", "connector tokens (broker side)"),
@@ -281,8 +286,14 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         targets = [args.url.rstrip("/")]
     else:
         listens = {"broker": config.broker.admin_listen, "connector": config.connector.admin_listen}
-        roles = [args.role] if args.role else ["connector", "broker"]
+        roles = (
+            [args.role]
+            if args.role
+            else [r for r in ("connector", "broker") if config.configures(r)]
+        )
         targets = [f"http://{listens[r]}" for r in roles if listens[r]]
+    if args.ready:
+        return _ready(targets)
     shown = 0
     for base in targets:
         try:
@@ -298,6 +309,19 @@ def _status(config: Config, args: argparse.Namespace) -> int:
         print("no role answered at " + ", ".join(targets), file=sys.stderr)
         return 1
     return 0
+
+
+def _ready(targets: list[str]) -> int:
+    """Exit 0 if a role answers /readyz with 200 (a container HEALTHCHECK), else 1."""
+    for base in targets:
+        try:
+            if httpx.get(base + "/readyz", timeout=3, trust_env=False).status_code == 200:
+                print(f"{base}: ready")
+                return 0
+            print(f"{base}: not ready", file=sys.stderr)
+        except httpx.HTTPError as exc:
+            print(f"{base}: not answering ({type(exc).__name__})", file=sys.stderr)
+    return 1
 
 
 def _ms(v: float | None) -> str:
