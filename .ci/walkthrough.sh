@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Runs the README's two-machine walk-through as written, on one machine: the blocks marked
+# <!-- walkthrough:NAME --> are executed line by line. The only changes: /etc/trio-bridge and ~
+# point into a scratch directory, https://llm.example.com at the loopback broker, the token and
+# key that `tokens add` / `keys add` print are kept for the lines that need them, the two roles
+# run in the background, and "edit broker_urls and local_url" is done with sed.
+# Needs: python3, curl; the project's .venv with the openai SDK (the test extra) for the
+# Python client block. Ports: 8080 (broker), 9180/9181 (admin), 8099 (test model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+T=$(mktemp -d /tmp/tb-walk.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+for port in 8080 9180 9181 8099; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "walkthrough: port $port is in use here; cannot run" >&2
+        exit 1
+    fi
+done
+
+export HOME=$T/home PIPX_HOME=$T/pipx PIPX_BIN_DIR=$T/bin PATH=$T/bin:$PATH
+mkdir -p "$HOME" "$T/bin"
+python3 -m venv "$T/pipx-venv" && "$T/pipx-venv/bin/pip" install -q pipx
+ln -s "$T/pipx-venv/bin/pipx" "$T/bin/pipx"
+
+block() {  # the lines of the README block marked <!-- walkthrough:$1 -->
+    awk -v tag="<!-- walkthrough:$1 -->" '
+        $0 == tag {found = 1; next}
+        found && /^```/ {if (inside) exit; inside = 1; next}
+        inside {print}' README.md
+}
+
+run_line() {  # one command line of a block, as a user would type it
+    local line=$1
+    line=${line//\/etc\/trio-bridge/$T/etc/trio-bridge}
+    line=${line//https:\/\/llm.example.com/http:\/\/127.0.0.1:8080}
+    line=${line//\'tbc_…\'/\"\$TOKEN\"}
+    echo "\$ $line"
+    case "$line" in
+        *"tokens add"*) TOKEN=$(eval "$line"); export TOKEN ;;
+        *"keys add"*) KEY=$(eval "$line"); export KEY ;;
+        "trio-bridge broker "* | "trio-bridge connector "*)
+            eval "${line%%#*} &> $T/$(echo "$line" | cut -d' ' -f2).log &"
+            PIDS+=($!)
+            ;;
+        *) eval "$line" ;;
+    esac
+}
+
+run_block() {
+    local joined=""
+    while IFS= read -r raw; do
+        if [[ $raw == *'\' ]]; then joined+="${raw%\\} "; continue; fi
+        local line="$joined$raw"
+        joined=""
+        [[ -z ${line// /} ]] && continue
+        if [[ $line == \#* ]]; then
+            if [[ $line == *"edit broker_urls and local_url"* ]]; then
+                echo "\$ (edit broker_urls and local_url)"
+                sed -i -e 's|^broker_urls = .*|broker_urls = ["ws://127.0.0.1:8080/_bridge/relay"]|' \
+                    -e 's|^local_url = .*|local_url = "http://127.0.0.1:8099"|' \
+                    "$HOME/.config/trio-bridge/connector.toml"
+            fi
+            continue
+        fi
+        run_line "$line"
+    done < <(block "$1")
+}
+
+wait_ready() {  # $1: admin port
+    for _ in $(seq 200); do
+        trio-bridge status --ready --url "http://127.0.0.1:$1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "walkthrough: nothing ready on admin port $1" >&2
+    cat "$T"/*.log >&2
+    return 1
+}
+
+echo "== broker machine"
+run_block broker
+wait_ready 9180
+
+echo "== an LLM (the built-in test model stands in for it)"
+trio-bridge test-model --listen 127.0.0.1:8099 > "$T/model.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q "serving at" "$T/model.log" && break; sleep 0.1; done
+
+echo "== connector machine"
+run_block connector
+wait_ready 9181
+
+echo "== a user: curl, streaming"
+out=$(run_block client)
+echo "$out" | tail -3
+grep -q '^data: \[DONE\]' <<< "$out"
+grep -q 'You said' <<< "$out"
+
+echo "== a user: the openai SDK, streaming"
+{ echo 'import os; KEY = os.environ["KEY"]'; block client-python; } \
+    | sed 's|https://llm.example.com|http://127.0.0.1:8080|' > "$T/client.py"
+sdk=$("$REPO/.venv/bin/python" "$T/client.py")
+echo "$sdk"
+grep -q 'You said: Hi' <<< "$sdk"
+
+echo "== stop both roles (SIGTERM: drain, exit 0)"
+for p in "${PIDS[@]}"; do kill -TERM "$p"; done
+for p in "${PIDS[@]}"; do wait "$p"; done
+PIDS=()
+echo "walkthrough: README commands OK (two roles, a request and a stream through)"
