@@ -123,3 +123,14 @@ def test_compose_examples_use_the_image_commands() -> None:
             assert args[1:] == ["-c", "/etc/trio-bridge/bridge.toml"], name
             # the example config is valid for that role (loaded, not run: it names a real host)
             assert load_config(role_config).sections == (args[0],)
+
+
+def test_every_file_the_readme_names_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#:]+)\)", readme)  # relative Markdown links
+    named = re.findall(
+        r"`((?:conf|tests|bench|packaging|trio_bridge|\.ci)/[\w./-]+?)`", readme
+    )  # paths in backticks
+    assert links and named
+    missing = sorted({p for p in [*links, *named] if not (ROOT / p).exists()})
+    assert not missing, f"README names files that are not in the repository: {missing}"

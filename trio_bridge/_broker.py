@@ -211,7 +211,8 @@ class Registry:
 
 
 class Broker:
-    """The broker's ASGI application and its state."""
+    """The broker role: the public HTTP server's handler (relay endpoint and relayed requests),
+    the connector registry, and its state."""
 
     def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
         self.config = config
