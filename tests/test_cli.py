@@ -82,7 +82,7 @@ def test_demo_prints_commands_that_work_as_printed(
     [status] = [line.split("#")[0].strip() for line in out.splitlines() if "status --url" in line][
         :1
     ]
-    st = run(*status.split()[1:])
+    st = subprocess.run(["bash", "-c", status], capture_output=True, text=True, timeout=30)
     assert st.returncode == 0 and "READY" in st.stdout, st.stderr
     # Ctrl-C drains: a stream in progress finishes, then the demo exits 0
     long = subprocess.Popen(

@@ -214,13 +214,16 @@ async def test_readyz_follows_the_llm_and_the_relay(lab: Lab) -> None:
 async def test_broker_status_lists_connectors_per_route(lab: Lab) -> None:
     model = await lab.start_test_model()
     rb = await lab.start_broker()
-    await lab.start_connector([rb], model.url, connector={"name": "gpu-a", "max_concurrent": 3})
+    await lab.start_connector(
+        [rb], model.url, connector={"name": "gpu-a", "max_concurrent": 3, "max_queue": 5}
+    )
     await lab.start_connector([rb], model.url, connector={"name": "gpu-b", "route": "big"})
     async with httpx.AsyncClient() as client:
         doc = (await client.get(admin(rb.broker.admin_address) + "/status")).json()
     assert doc["ready"] is True
     assert [c["connector"] for c in doc["routes"]["default"]] == ["gpu-a"]
-    assert doc["routes"]["default"][0]["capacity"] == 3
+    # what the connector takes: its LLM slots plus its (fair) queue
+    assert doc["routes"]["default"][0]["capacity"] == 3 + 5
     assert doc["routes"]["big"][0]["connector"] == "gpu-b"
     assert doc["routes"]["big"][0]["ready"] is True
 

@@ -758,8 +758,14 @@ def _print_demo(
     else:
         sdk = f'  # with the openai SDK (pip install openai):\n  python3 -c "{py}"'
     hdrs = f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json'"
+    # the same program the user started, so the line works as printed
+    me = (
+        "trio-bridge"
+        if Path(sys.argv[0]).name == "trio-bridge"
+        else f"{sys.executable} -m trio_bridge"
+    )
     admin_lines = "\n".join(
-        f"  trio-bridge status --url http://{a[0]}:{a[1]}     # {role}: state, latency, errors"
+        f"  {me} status --url http://{a[0]}:{a[1]}     # {role}: state, latency, errors"
         f"\n  curl -s http://{a[0]}:{a[1]}/metrics | grep ^trio_bridge_requests"
         for role, a in zip(("broker", "connector"), admins, strict=True)
         if a is not None

@@ -216,6 +216,13 @@ class ConnectorConfig:
     #: from the environment variable TRIO_BRIDGE_UPSTREAM_KEY.
     upstream_api_key_file: str = ""
     max_concurrent: int = attrs.field(default=10, validator=_positive)
+    #: requests waiting for one of the LLM's max_concurrent slots, served round-robin across
+    #: API keys (weighted by their priority); beyond, 429
+    max_queue: int = attrs.field(default=100, validator=_positive)
+    #: usage per key, model and day (SQLite), relative to this file; "" keeps none
+    usage_file: str = "usage.sqlite3"
+    #: counts are written this often: a crash loses at most this much of them
+    usage_flush_interval: Duration = attrs.field(default=Duration(2), validator=_positive)
     name: str = ""
     route: str = "default"
     #: CA bundle (PEM) to verify wss:// brokers with, e.g. a private CA; default: system CAs

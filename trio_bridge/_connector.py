@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
@@ -47,7 +48,8 @@ from ._http import (
     presented_key,
     strip_hop_by_hop,
 )
-from ._keys import SecretStore, check_private
+from ._keys import SecretEntry, SecretStore, check_private
+from ._limits import KeyLimits, Limiter
 from ._observe import (
     Metrics,
     RecentStats,
@@ -61,8 +63,10 @@ from ._observe import (
 from ._protocol import GoAway, Hello, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
+from ._slots import FairSlots, QueueFull
 from ._upstream import H11Transport
 from ._usage import UsageSniffer
+from ._usagestore import UsageStore, utc_day
 from ._version import __version__
 from ._ws import WebSocketRejected, connect_websocket
 
@@ -91,6 +95,51 @@ def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
 
 class _TooLarge(Exception):
     pass
+
+
+USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
+
+
+def _totals(rows: Any) -> dict[str, int]:
+    out = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+    for r in rows:
+        for k in out:
+            out[k] += r[k]
+    return out
+
+
+def request_model(body: bytes) -> str | None:
+    """The ``"model"`` of a JSON request body, or None."""
+    if not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+@attrs.define
+class _Call:
+    """What one admitted request of a key uses, for its counters when it ends."""
+
+    key_id: str
+    limits: KeyLimits
+    fields: dict[str, Any]
+    model: str | None = None
+    sniffer: UsageSniffer | None = None
+    first_chunk: float | None = None
+    last_chunk: float | None = None
+
+    def tokens(self, request_bytes: int) -> tuple[int, int, bool]:
+        """(prompt, completion, estimated): as the LLM reported them; else estimated: one
+        completion token per streamed event, prompt = request bytes / 4."""
+        s = self.sniffer
+        if s is not None and s.prompt_tokens is not None and s.completion_tokens is not None:
+            return s.prompt_tokens, s.completion_tokens, False
+        if s is None:
+            return 0, 0, False  # no answer from the LLM: nothing generated
+        return request_bytes // 4, s.events, True
 
 
 class Connector:
@@ -147,7 +196,18 @@ class Connector:
         self.metrics.in_flight.labels("connector").set_function(lambda: self.in_flight)
         self.notifier = Notifier()
 
-        self._upstream_slots = trio.CapacityLimiter(c.max_concurrent)
+        self.limiter = Limiter()
+        self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self._waited)
+        self.metrics.queued.labels("connector").set_function(lambda: self.slots.queued)
+        self.usage_store = (
+            UsageStore(config.path(c.usage_file), float(c.usage_flush_interval))
+            if c.usage_file
+            else None
+        )
+        if self.usage_store is not None:  # daily budgets go on where they were
+            now = time.time()
+            for key_id, tokens in self.usage_store.tokens_on(utc_day(now)).items():
+                self.limiter.seed_today(key_id, tokens, now)
         # httpx's models on a lean h11 transport (httpcore's pool costs ~0.5 ms per request),
         # called directly: no cookies, redirects or auth to apply, and an AsyncClient's
         # per-request bookkeeping was a third of what httpx cost.
@@ -255,6 +315,8 @@ class Connector:
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     self._set_llm(*await self._probe_llm())
                 outer.start_soon(self._watch_llm)
+                if self.usage_store is not None:
+                    outer.start_soon(self.usage_store.run)
                 outer.start_soon(self.notifier.watchdog_loop, self.status_line)
                 if self.config.connector.notify_ready == "start":
                     self.notifier.ready(self.status_line())
@@ -266,6 +328,8 @@ class Connector:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self.transport.aclose()
+                if self.usage_store is not None:
+                    await self.usage_store.flush()  # what ended after the last flush
 
     # -- LLM health --
     async def _probe_llm(self) -> tuple[bool, str]:
@@ -358,7 +422,10 @@ class Connector:
                         name=self.name,
                         route=self.config.connector.route,
                         ready=self.llm_ready,
-                        capacity=self.config.connector.max_concurrent,
+                        # requests beyond the LLM's slots wait here, in the fair queue (keys
+                        # are known here, not at the broker)
+                        capacity=self.config.connector.max_concurrent
+                        + self.config.connector.max_queue,
                         ping_interval=float(rc.ping_interval),
                         max_buffered=int(rc.max_buffered),
                         handler=self.handle_stream,
@@ -502,18 +569,57 @@ class Connector:
         self.stats.add(duration, ttfb, error)
         del fields["_t0"]
 
-    def _count_usage(
-        self,
-        key_id: str,
-        sniffer: UsageSniffer,
-        t0: float,
-        first_chunk: float | None,
-        last_chunk: float | None,
-        streamed: bool,
-    ) -> None:
+    def _waited(self, key_id: str, seconds: float) -> None:
+        self.metrics.queue_wait.labels("connector", key_id).observe(seconds)
+
+    async def _self_service(
+        self, stream: RelayStream, fields: dict[str, Any], entry: SecretEntry, limits: KeyLimits
+    ) -> str:
+        """``GET /_bridge/usage``: the presented key's limits, what is left now, and its
+        usage today and over the last 30 days (JSON), answered here, not by the LLM."""
+        now = time.time()
+        rows = (
+            self.usage_store.rows(since_day=utc_day(now - 29 * 86400), key_ids=[entry.id])
+            if self.usage_store is not None
+            else []
+        )
+        today = utc_day(now)
+        doc = {
+            "key": {"name": entry.name, "id": entry.id, "expires": entry.expires or None},
+            "limits": {
+                "concurrency": limits.concurrency,
+                "requests_per_minute": limits.rpm,
+                "tokens_per_minute": limits.tokens_per_minute,
+                "tokens_per_day": limits.tokens_per_day,
+                "models": list(limits.models) or None,
+                "priority": limits.priority,
+            },
+            "now": self.limiter.snapshot(entry.id, limits, now),
+            "today": _totals(r for r in rows if r["day"] == today),
+            "last_30_days": _totals(rows),
+            "by_day": [{k: v for k, v in r.items() if k != "key_id"} for r in rows],
+            "stored": self.usage_store is not None,
+        }
+        body = json.dumps(doc, indent=1).encode()
+        fields["status"] = 200
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (REQUEST_ID, fields["request_id"].encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await stream.send_response(ResponseHead(200, headers))
+        await stream.send_data(body, end_stream=True)
+        return "ok"
+
+    def _count_usage(self, call: _Call, t0: float, *, streamed: bool) -> None:
+        sniffer = call.sniffer
+        assert sniffer is not None
         sniffer.finish()
+        key_id = call.key_id
         p, c = sniffer.prompt_tokens, sniffer.completion_tokens
-        model = self.metrics.model_label(sniffer.model or "unknown")
+        call.model = call.model or sniffer.model
+        model = self.metrics.model_label(sniffer.model or call.model or "unknown")
         if p is not None and c is not None:
             self.metrics.tokens.labels(key_id, model, "prompt").inc(p)
             self.metrics.tokens.labels(key_id, model, "completion").inc(c)
@@ -521,6 +627,7 @@ class Connector:
             counts = per_key.setdefault(model, [0, 0])
             counts[0] += p
             counts[1] += c
+        first_chunk, last_chunk = call.first_chunk, call.last_chunk
         if streamed and first_chunk is not None:
             self.metrics.ttft.labels(model).observe(first_chunk - t0)
             # without usage in the stream, its events stand for tokens (one per event)
@@ -529,15 +636,27 @@ class Connector:
                 self.metrics.tps.labels(model).observe(n / (last_chunk - first_chunk))
 
     async def _reply_error(
-        self, stream: RelayStream, fields: dict[str, Any], status: int, message: str
+        self,
+        stream: RelayStream,
+        fields: dict[str, Any],
+        status: int,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        code: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
     ) -> str:
         fields["status"] = status
-        _, headers, body = error_response(status, message, fields["request_id"])
-        await stream.send_response(ResponseHead(status, headers))
+        _, headers, body = error_response(
+            status, message, fields["request_id"], retry_after=retry_after, code=code
+        )
+        await stream.send_response(ResponseHead(status, headers + (extra or [])))
         await stream.send_data(body, end_stream=True)
         return bridge_outcome(status)
 
     async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:
+        """Check the key and its limits, then relay the request to the LLM (or answer
+        ``/_bridge/usage``); the key's counters are released when the answer ends."""
         head = stream.request_head
         assert head is not None
         presented = presented_key(head.headers)
@@ -550,103 +669,146 @@ class Connector:
                 "missing API key" if presented is None else "invalid API key",
             )
         fields["key_id"] = entry.id
+        limits = self.keys.limits_for(entry)
+        if head.target.split("?", 1)[0] == USAGE_PATH:
+            return await self._self_service(stream, fields, entry, limits)
         declared = header(head.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._reply_error(stream, fields, 413, "request body too large")
+        content: bytes | AsyncIterator[bytes]
+        model: str | None = None
+        if stream.recv_done or limits.models:
+            # the whole body (a model allowlist needs the "model" before anything is sent)
+            content = await self._read_body(stream)
+            if limits.models:
+                model = request_model(content)
+            if not limits.allows_model(model):
+                return await self._reply_error(
+                    stream,
+                    fields,
+                    403,
+                    f"this API key may not use model {str(model)[:128]!r} (allowed: "
+                    f"{', '.join(limits.models)})",
+                    code="model_not_allowed",
+                )
+        else:
+            content = self._body(stream)
+        now = time.time()
+        refusal = self.limiter.admit(entry.id, limits, now)
+        if refusal is not None:
+            fields["limit"] = refusal.limit
+            self.metrics.limit_hits.labels("connector", refusal.limit).inc()
+            return await self._reply_error(
+                stream,
+                fields,
+                429,
+                refusal.message,
+                retry_after=refusal.retry_after,
+                extra=self.limiter.headers(entry.id, limits, now),
+            )
+        call = _Call(entry.id, limits, fields, model)
+        try:
+            return await self._to_llm(stream, fields, call, content)
+        finally:
+            self._finish_call(call, stream)
 
+    def _finish_call(self, call: _Call, stream: RelayStream) -> None:
+        """Count what a request used: the key's tokens and the usage store."""
+        now = time.time()
+        prompt, completion, estimated = call.tokens(stream.bytes_received)
+        self.limiter.finish(call.key_id, prompt + completion, now)
+        if self.usage_store is not None:
+            status = call.fields.get("status") or 0
+            error = status >= 500 or call.fields.get("outcome", "ok") not in ("ok", "client_gone")
+            self.usage_store.record(
+                call.key_id,
+                call.model or "unknown",
+                prompt=prompt,
+                completion=completion,
+                estimated=estimated,
+                error=error,
+                now=now,
+            )
+
+    async def _to_llm(
+        self,
+        stream: RelayStream,
+        fields: dict[str, Any],
+        call: _Call,
+        content: bytes | AsyncIterator[bytes],
+    ) -> str:
+        head = stream.request_head
+        assert head is not None
         headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
         headers.append((REQUEST_ID, head.request_id.encode()))
         if self._upstream_auth is not None:
             headers.append(self._upstream_auth)
-        content: bytes | AsyncIterator[bytes]
-        if stream.recv_done:
-            content = b"".join(await _drain_buffered(stream))
-        else:
-            content = self._body(stream)
         try:
             request = httpx.Request(
                 head.method, self.local_url + head.target, headers=headers, content=content
             )
         except (httpx.InvalidURL, ValueError):
             return await self._reply_error(stream, fields, 400, "invalid request target")
-
-        limits = self.limits
-        try:
-            with trio.fail_after(float(limits.first_byte_timeout)):
-                async with self._upstream_slots:
+        async with contextlib.AsyncExitStack() as slot:
+            try:
+                with trio.fail_after(float(self.limits.first_byte_timeout)):
+                    await slot.enter_async_context(
+                        self.slots.slot(call.key_id, call.limits.priority)
+                    )
                     response = await self.transport.handle_async_request(request)
-        except trio.TooSlowError:
-            return await self._reply_error(
-                stream, fields, 504, "the LLM did not start answering in time"
-            )
-        except _TooLarge:
-            stream.reset(ResetCode.TOO_LARGE, "request body too large")
-            return "too_large"
-        except httpx.ConnectError as exc:
-            self.llm_failed(f"ConnectError: {exc}")
-            return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
-        except httpx.TimeoutException:
-            return await self._reply_error(stream, fields, 502, "connecting to the LLM timed out")
-        except httpx.HTTPError as exc:
-            return await self._reply_error(
-                stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
-            )
+            except QueueFull:
+                self.metrics.limit_hits.labels("connector", "queue").inc()
+                return await self._reply_error(
+                    stream,
+                    fields,
+                    429,
+                    "the LLM is busy and its queue is full; retry shortly",
+                    retry_after=1,
+                )
+            except trio.TooSlowError:
+                return await self._reply_error(
+                    stream, fields, 504, "the LLM did not start answering in time"
+                )
+            except _TooLarge:
+                stream.reset(ResetCode.TOO_LARGE, "request body too large")
+                return "too_large"
+            except httpx.ConnectError as exc:
+                self.llm_failed(f"ConnectError: {exc}")
+                return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
+            except httpx.TimeoutException:
+                return await self._reply_error(
+                    stream, fields, 502, "connecting to the LLM timed out"
+                )
+            except httpx.HTTPError as exc:
+                return await self._reply_error(
+                    stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
+                )
+            return await self._answer(stream, fields, call, response)
 
+    async def _answer(
+        self, stream: RelayStream, fields: dict[str, Any], call: _Call, response: httpx.Response
+    ) -> str:
+        """Stream the LLM's answer back (the LLM slot is held until it ends)."""
+        head = stream.request_head
+        assert head is not None
         fields["status"] = response.status_code
         fields["_head_at"] = time.monotonic()
         try:
             raw_headers = response.headers.raw
             resp_headers = strip_hop_by_hop(raw_headers, also=_DROP_DOWNSTREAM)
             resp_headers.append((REQUEST_ID, head.request_id.encode()))
+            if call.limits.rpm is not None or call.limits.tokens_per_minute is not None:
+                resp_headers += self.limiter.headers(call.key_id, call.limits, time.time())
             await stream.send_response(ResponseHead(response.status_code, resp_headers))
-            sniffer = UsageSniffer(
+            call.sniffer = sniffer = UsageSniffer(
                 header(raw_headers, b"content-type"), header(raw_headers, b"content-encoding")
             )
-            first_chunk = last_chunk = None
-            # raw bytes as the LLM sent them (what aiter_raw gives, minus its per-chunk wrapper)
-            chunks = aiter(response.stream)  # type: ignore[arg-type]
-            idle = float(limits.idle_timeout)
-            stall = float(limits.stall_timeout)
-            sniff = sniffer.feed if sniffer.active else None
-            # One scope for the whole answer, its deadline moved per phase (cheaper than two
-            # new scopes per chunk): reading from the LLM is bounded by idle_timeout, waiting
-            # for the relay to take a chunk (credit from a slow client) by stall_timeout.
-            reading = True
-            with trio.CancelScope() as deadline:
-                while True:
-                    deadline.deadline = trio.current_time() + idle
-                    reading = True
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
-                    last_chunk = time.monotonic()
-                    if first_chunk is None:
-                        first_chunk = last_chunk
-                    if sniff is not None:
-                        sniff(chunk)
-                    if not chunk:
-                        continue
-                    if not stream.can_send(len(chunk)):
-                        deadline.deadline = trio.current_time() + stall
-                        reading = False
-                    await stream.send_data(chunk)
-            if deadline.cancelled_caught:
-                if reading:
-                    stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
-                    return "idle_timeout"
-                stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
-                return "client_stalled"
+            outcome = await self._pump(stream, response, call)
+            if outcome != "ok":
+                return outcome
             await stream.end()
             if sniffer.active:
-                self._count_usage(
-                    entry.id,
-                    sniffer,
-                    fields["_t0"],
-                    first_chunk,
-                    last_chunk,
-                    streamed=sniffer._kind != "json",
-                )
+                self._count_usage(call, fields["_t0"], streamed=sniffer._kind != "json")
             return "ok"
         except httpx.HTTPError as exc:
             stream.reset(
@@ -658,6 +820,49 @@ class Connector:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await response.aclose()
+
+    async def _pump(self, stream: RelayStream, response: httpx.Response, call: _Call) -> str:
+        """The answer's chunks from the LLM into the stream, as they come ("ok" at its end)."""
+        # raw bytes as the LLM sent them (what aiter_raw gives, minus its per-chunk wrapper)
+        chunks = aiter(response.stream)  # type: ignore[arg-type]
+        idle = float(self.limits.idle_timeout)
+        stall = float(self.limits.stall_timeout)
+        assert call.sniffer is not None
+        sniff = call.sniffer.feed if call.sniffer.active else None
+        # One scope for the whole answer, its deadline moved per phase (cheaper than two new
+        # scopes per chunk): reading from the LLM is bounded by idle_timeout, waiting for the
+        # relay to take a chunk (credit from a slow client) by stall_timeout.
+        reading = True
+        with trio.CancelScope() as deadline:
+            while True:
+                deadline.deadline = trio.current_time() + idle
+                reading = True
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                call.last_chunk = time.monotonic()
+                if call.first_chunk is None:
+                    call.first_chunk = call.last_chunk
+                if sniff is not None:
+                    sniff(chunk)
+                if not chunk:
+                    continue
+                if not stream.can_send(len(chunk)):
+                    deadline.deadline = trio.current_time() + stall
+                    reading = False
+                await stream.send_data(chunk)
+        if deadline.cancelled_caught:
+            if reading:
+                stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
+                return "idle_timeout"
+            stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
+            return "client_stalled"
+        return "ok"
+
+    async def _read_body(self, stream: RelayStream) -> bytes:
+        """The whole request body (at most max_body; beyond, 413 via _TooLarge)."""
+        return b"".join([chunk async for chunk in self._body(stream)])
 
     async def _body(self, stream: RelayStream) -> AsyncIterator[bytes]:
         size = 0

@@ -80,11 +80,12 @@ def error_body(message: str, type_: str, code: str) -> bytes:
 ERRORS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "bad_request"),
     401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     413: ("invalid_request_error", "request_too_large"),
     414: ("invalid_request_error", "uri_too_long"),
     431: ("invalid_request_error", "headers_too_large"),
-    429: ("rate_limit_error", "rate_limited"),
+    429: ("requests", "rate_limit_exceeded"),  # what OpenAI sends for rate limits
     500: ("server_error", "internal_error"),
     502: ("server_error", "upstream_unavailable"),
     503: ("server_error", "service_unavailable"),
@@ -93,10 +94,17 @@ ERRORS: dict[int, tuple[str, str]] = {
 
 
 def error_response(
-    status: int, message: str, request_id: str, *, retry_after: int | None = None
+    status: int,
+    message: str,
+    request_id: str,
+    *,
+    retry_after: int | None = None,
+    code: str | None = None,
 ) -> tuple[int, Headers, bytes]:
-    """(status, headers, body) of a bridge-made error in the OpenAI shape."""
-    type_, code = ERRORS.get(status, ("server_error", "error"))
+    """(status, headers, body) of a bridge-made error in the OpenAI shape (``code``: another
+    than the status's usual one)."""
+    type_, usual = ERRORS.get(status, ("server_error", "error"))
+    code = code or usual
     body = error_body(message, type_, code)
     headers: Headers = [
         (b"content-type", b"application/json"),

@@ -41,6 +41,7 @@ import attrs
 import tomli_w
 
 from ._errors import ConfigError
+from ._limits import KeyLimits
 
 RELOAD_INTERVAL = 0.5
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -73,6 +74,8 @@ class SecretEntry:
     routes: tuple[str, ...] = ()
     #: ISO time from which the secret is no longer valid ("" = never)
     expires: str = ""
+    #: API keys: this key's own limits (unset ones come from the file's [defaults])
+    limits: KeyLimits = KeyLimits()
 
     def expired(self, now: float | None = None) -> bool:
         if not self.expires:
@@ -157,6 +160,7 @@ class SecretStore:
         self.path = path
         self.prefix = prefix
         self._by_id: dict[str, SecretEntry] = {}
+        self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = 0.0
         self.reload()
@@ -181,12 +185,16 @@ class SecretStore:
                 expires = str(item.get("expires", ""))
                 if expires:
                     _parse_iso(expires)
-                entries.append(SecretEntry(**fields, routes=tuple(routes), expires=expires))
+                limits = limits_from(item, f"{self.path}: keys.{i}")
+                entries.append(
+                    SecretEntry(**fields, routes=tuple(routes), expires=expires, limits=limits)
+                )
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(
                     f"{self.path}: keys.{i}: needs {', '.join(_FIELDS)} "
                     "(routes: a list of strings; expires: an ISO time)"
                 ) from None
+        self._defaults = limits_from(data.get("defaults", {}), f"{self.path}: defaults")
         return entries
 
     def reload(self) -> None:
@@ -223,6 +231,14 @@ class SecretStore:
     def get(self, ident: str) -> SecretEntry | None:
         return self._by_id.get(ident)
 
+    @property
+    def defaults(self) -> KeyLimits:
+        """The file's ``[defaults]`` limits (for every key that does not set its own)."""
+        return self._defaults
+
+    def limits_for(self, entry: SecretEntry) -> KeyLimits:
+        return entry.limits.merged_over(self._defaults)
+
     def active_ids(self) -> set[str]:
         """Ids of the entries that are valid now (not expired)."""
         now = time.time()
@@ -245,15 +261,26 @@ class SecretStore:
         return entry
 
     # -- writing (CLI) --
-    def _write(self, entries: list[SecretEntry]) -> None:
+    def _write(self, entries: list[SecretEntry], defaults: KeyLimits | None = None) -> None:
         now = time.time()
         keep = [e for e in entries if not e.expired(now)]  # expired entries are dropped
-        doc: dict[str, Any] = {"keys": [_as_toml(e) for e in keep]}
+        doc: dict[str, Any] = {}
+        defaults_doc = _limits_toml(self._defaults if defaults is None else defaults)
+        if defaults_doc:
+            doc["defaults"] = defaults_doc
+        doc["keys"] = [_as_toml(e) for e in keep]
         header = b"# Managed by trio-bridge: SHA-256 hashes only. Edit with the CLI.\n"
         atomic_write(self.path, header + tomli_w.dumps(doc).encode())
         self.reload()
 
-    def add(self, name: str, *, routes: tuple[str, ...] = ()) -> tuple[SecretEntry, str]:
+    def add(
+        self,
+        name: str,
+        *,
+        routes: tuple[str, ...] = (),
+        limits: KeyLimits | None = None,
+        expires: str = "",
+    ) -> tuple[SecretEntry, str]:
         """Create a secret named ``name``; returns (entry, the secret to show once).
         ``routes``: what a connector token may serve (default: the default route)."""
         if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
@@ -263,17 +290,51 @@ class SecretStore:
             raise ConfigError(
                 f"{self.path}: {name!r} exists already (revoke it first, or rotate it)"
             )
-        return self._new(name, routes, self.entries())
+        return self._new(name, routes, self.entries(), limits or KeyLimits(), expires)
 
     def _new(
-        self, name: str, routes: tuple[str, ...], keep: list[SecretEntry]
+        self,
+        name: str,
+        routes: tuple[str, ...],
+        keep: list[SecretEntry],
+        limits: KeyLimits | None = None,
+        expires: str = "",
     ) -> tuple[SecretEntry, str]:
         ident, secret = new_secret(self.prefix)
         entry = SecretEntry(
-            name=name, id=ident, sha256=_digest(secret), created=_iso(_now()), routes=routes
+            name=name,
+            id=ident,
+            sha256=_digest(secret),
+            created=_iso(_now()),
+            routes=routes,
+            limits=limits or KeyLimits(),
+            expires=expires,
         )
         self._write([*keep, entry])
         return entry, secret
+
+    def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
+        """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
+        self.reload()
+        matches = [e for e in self.entries() if name in (e.name, e.id) and not e.expired()]
+        if not matches:
+            raise ConfigError(f"{self.path}: no entry named {name!r}")
+        expires = changes.pop("expires", None)
+        updated = []
+        for e in self.entries():
+            if e in matches:
+                e = attrs.evolve(e, limits=attrs.evolve(e.limits, **changes))
+                if expires is not None:
+                    e = attrs.evolve(e, expires=expires)
+            updated.append(e)
+        self._write(updated)
+        return next(e for e in self.entries() if e.id == matches[-1].id)
+
+    def set_defaults(self, changes: dict[str, Any]) -> KeyLimits:
+        self.reload()
+        defaults = attrs.evolve(self._defaults, **changes)
+        self._write(self.entries(), defaults)
+        return self._defaults
 
     def set_routes(self, name: str, routes: tuple[str, ...]) -> list[SecretEntry]:
         """Bind the entries named ``name`` to ``routes`` (connector tokens)."""
@@ -298,7 +359,7 @@ class SecretStore:
             e if e.expires and e.expires <= until else attrs.evolve(e, expires=until)
             for e in current
         ]
-        entry, secret = self._new(name, current[-1].routes, [*others, *old])
+        entry, secret = self._new(name, current[-1].routes, [*others, *old], current[-1].limits)
         return entry, secret, until
 
     def revoke(self, name: str) -> SecretEntry:
@@ -319,4 +380,35 @@ def _as_toml(e: SecretEntry) -> dict[str, Any]:
         doc["routes"] = list(e.routes)
     if e.expires:
         doc["expires"] = e.expires
+    doc.update(_limits_toml(e.limits))
     return doc
+
+
+_COUNTS = ("concurrency", "rpm", "tokens_per_minute", "tokens_per_day")
+
+
+def _limits_toml(limits: KeyLimits) -> dict[str, Any]:
+    doc: dict[str, Any] = {k: getattr(limits, k) for k in _COUNTS if getattr(limits, k) is not None}
+    if limits.models:
+        doc["models"] = list(limits.models)
+    if limits.priority != 1:
+        doc["priority"] = limits.priority
+    return doc
+
+
+def limits_from(item: dict[str, Any], where: str) -> KeyLimits:
+    """Limits from a keys-file table (an entry or ``[defaults]``); ConfigError naming the key."""
+    values: dict[str, Any] = {}
+    for k in _COUNTS:
+        v = item.get(k)
+        if v is not None:
+            if type(v) is not int or v < 1:
+                raise ConfigError(f"{where}.{k}: expected a positive integer, got {v!r}")
+            values[k] = v
+    models = item.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{where}.models: expected a list of model names (globs)")
+    priority = item.get("priority", 1)
+    if type(priority) is not int or not 1 <= priority <= 100:
+        raise ConfigError(f"{where}.priority: expected an integer from 1 to 100, got {priority!r}")
+    return KeyLimits(models=tuple(models), priority=priority, **values)

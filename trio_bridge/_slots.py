@@ -1,0 +1,80 @@
+"""The connector's LLM slots: at most ``max_concurrent`` requests at the LLM, the others waiting
+in a bounded :class:`~trio_bridge._limits.FairQueue` (weighted round-robin over API keys).
+
+Cancellation: a waiter that is cancelled (client gone, deadline) leaves the queue; a slot handed
+to a waiter that was cancelled at the same moment is passed on, never lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from ._errors import BridgeError
+from ._limits import FairQueue
+
+
+class QueueFull(BridgeError):
+    """Every slot is busy and ``max_queue`` requests wait already."""
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.granted = False
+
+
+class FairSlots:
+    def __init__(
+        self,
+        slots: int,
+        max_queue: int,
+        *,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.slots = slots
+        self.busy = 0
+        self.queue: FairQueue[_Waiter] = FairQueue(max_queue)
+        self._on_wait = on_wait
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    @asynccontextmanager
+    async def slot(self, key: str, weight: int = 1) -> AsyncIterator[None]:
+        """Hold one LLM slot for the block; wait in the fair queue while none is free.
+        Raises QueueFull at once when the queue is full."""
+        t0 = trio.current_time()
+        if self.busy < self.slots and not len(self.queue):
+            self.busy += 1
+            await trio.lowlevel.checkpoint()
+        else:
+            if self.queue.full:
+                raise QueueFull
+            waiter = _Waiter()
+            self.queue.push(key, waiter, weight)
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                if not self.queue.remove(key, waiter) and waiter.granted:
+                    self._release()  # granted as we were cancelled: pass it on
+                raise
+        if self._on_wait is not None:
+            self._on_wait(key, trio.current_time() - t0)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        waiter = self.queue.pop()
+        if waiter is None:
+            self.busy -= 1
+        else:  # the slot goes straight to the next waiter: busy stays the same
+            waiter.granted = True
+            waiter.event.set()
