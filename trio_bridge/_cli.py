@@ -7,12 +7,15 @@ Exit codes: 0 success; 1 a runtime failure (an endpoint did not answer in ``chec
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import errno
 import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -35,8 +38,10 @@ from ._config import Config, load_config, parse_duration, parse_hostport
 from ._connector import Connector, probe_relay, read_secret_file
 from ._errors import ConfigError, leaves, listening
 from ._keys import SecretStore, check_route_patterns
+from ._limits import KeyLimits
 from ._observe import setup_logging
 from ._testmodel import MODEL_ID, TestModel
+from ._usagestore import read_rows, utc_day
 from ._version import __version__
 
 log = logging.getLogger("trio_bridge.cli")
@@ -80,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=("broker", "connector"),
         help="the role to check (default: the roles whose [section] the config file has)",
     )
+    us = cmd("usage", "usage per key, model and day, from the connector's usage store")
+    us.add_argument("--key", action="append", help="only this key (name or id; repeat for more)")
+    us.add_argument("--since", default="7d", help="how far back (e.g. 7d, 30d, 0d = today)")
+    us.add_argument("--format", choices=("table", "csv", "json"), default="table")
     tm = sub.add_parser(
         "test-model",
         help="run only the built-in OpenAI-compatible test model (not a real LLM)",
@@ -132,11 +141,16 @@ def _parser() -> argparse.ArgumentParser:
         ]
         if store == "tokens":
             actions.append(("set", "change which routes a token may serve"))
+        else:
+            actions.append(("set", "change a key's limits or expiry ('none' clears a limit)"))
+            actions.append(("defaults", "limits for every key that does not set its own"))
         for action, help in actions:
             a = ssub.add_parser(action, help=help, description=help)
-            if action != "list":
+            if action not in ("list", "defaults"):
                 a.add_argument("name")
             a.add_argument("-c", "--config", help="path to bridge.toml")
+            if store == "keys" and action in ("add", "set", "defaults"):
+                _limit_options(a, expires=action != "defaults")
             if store == "tokens" and action in ("add", "set"):
                 a.add_argument(
                     "--route",
@@ -156,6 +170,72 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _limit_options(a: argparse.ArgumentParser, *, expires: bool) -> None:
+    g = a.add_argument_group("limits (a number, e.g. 60, 20k, 1.5M; 'none' clears it)")
+    g.add_argument("--concurrency", metavar="N", help="requests in progress at once")
+    g.add_argument("--rpm", metavar="N", help="requests per minute")
+    g.add_argument("--tokens-per-minute", "--tpm", metavar="N", help="tokens per minute")
+    g.add_argument("--tokens-per-day", "--tpd", metavar="N", help="tokens per UTC day")
+    g.add_argument(
+        "--models",
+        metavar="GLOB",
+        action="append",
+        help="an allowed model (globs such as 'qwen2.5-coder*'; repeat for more; 'none': any)",
+    )
+    g.add_argument("--priority", metavar="N", help="weight in the fair queue (1-100; default 1)")
+    if expires:
+        g.add_argument("--expires", metavar="IN", help="valid for this long (30d, 12h; 'none')")
+
+
+_COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_count(value: str, option: str) -> int | None:
+    """``60``, ``20k``, ``1.5M`` → an int; ``none`` → None."""
+    if value.strip().lower() == "none":
+        return None
+    m = _COUNT_RE.match(value)
+    if not m or float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()] < 1:
+        raise ConfigError(f"{option}: expected a positive number such as 60, 20k or 1.5M, "
+                          f"or 'none'; got {value!r}")  # fmt: skip
+    return int(float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()])
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit options given on the command line, as SecretStore changes."""
+    changes: dict[str, Any] = {}
+    for attr, option in (
+        ("concurrency", "--concurrency"),
+        ("rpm", "--rpm"),
+        ("tokens_per_minute", "--tokens-per-minute"),
+        ("tokens_per_day", "--tokens-per-day"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            changes[attr] = parse_count(value, option)
+    if getattr(args, "models", None):
+        changes["models"] = () if args.models == ["none"] else tuple(args.models)
+    if getattr(args, "priority", None) is not None:
+        priority = parse_count(args.priority, "--priority") or 1
+        if priority > 100:
+            raise ConfigError("--priority: from 1 to 100")
+        changes["priority"] = priority
+    if getattr(args, "expires", None) is not None:
+        if args.expires.strip().lower() == "none":
+            changes["expires"] = ""
+        else:
+            try:
+                seconds = float(parse_duration(args.expires.replace("d", "") + "h"
+                                if args.expires.endswith("d") else args.expires))  # fmt: skip
+            except ValueError as exc:
+                raise ConfigError(f"--expires: {exc} (or days: 30d)") from None
+            if args.expires.endswith("d"):
+                seconds *= 24
+            until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds)
+            changes["expires"] = until.isoformat().replace("+00:00", "Z")
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -167,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(_check, config, args.role)
         if args.command == "status":
             return _status(config, args)
+        if args.command == "usage":
+            return _usage(config, args)
         grace = float(config.limits.shutdown_grace)
         if args.command == "service":
             return _service_command(config, args)
@@ -399,8 +481,12 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     s = SecretStore(path, prefix)
     what = "API key" if store == "keys" else "connector token"
     routes = check_route_patterns(getattr(args, "routes", None) or [])
+    changes = _limit_changes(args) if store == "keys" else {}
     if action == "add":
-        entry, secret = s.add(name, routes=routes)
+        expires = changes.pop("expires", "")
+        entry, secret = s.add(
+            name, routes=routes, limits=attrs.evolve(KeyLimits(), **changes), expires=expires
+        )
         print(secret)
         scope = f"; it may serve: {entry.route_text}" if store == "tokens" else ""
         print(
@@ -415,7 +501,23 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     elif action == "list":
-        _list_entries(s, store)
+        if store == "keys":
+            _list_keys(s, config)
+        else:
+            _list_entries(s, store)
+    elif action == "defaults":
+        if changes:
+            s.set_defaults(changes)
+        print(f"defaults for every key in {path}: {_limits_text(s.defaults) or 'no limits'}")
+    elif action == "set" and store == "keys":
+        if not changes:
+            raise ConfigError("keys set: give at least one limit option (see --help)")
+        entry = s.set_limits(name, changes)
+        print(
+            f"{entry.name!r} (id {entry.id}): {_limits_text(s.limits_for(entry)) or 'no limits'}"
+            f"{'; expires ' + entry.expires if entry.expires else ''}. A running connector "
+            "applies it within a second."
+        )
     elif action == "set":
         entries = s.set_routes(name, routes)
         print(
@@ -446,6 +548,91 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             f"revoked {entry.name!r} (id {entry.id}); running processes stop accepting it "
             "within a second"
         )
+    return 0
+
+
+def _limits_text(limits: KeyLimits) -> str:
+    parts = []
+    for attr, label in (
+        ("concurrency", "concurrency"),
+        ("rpm", "rpm"),
+        ("tokens_per_minute", "tokens/min"),
+        ("tokens_per_day", "tokens/day"),
+    ):
+        if (v := getattr(limits, attr)) is not None:
+            parts.append(f"{label} {v}")
+    if limits.models:
+        parts.append("models " + ",".join(limits.models))
+    if limits.priority != 1:
+        parts.append(f"priority {limits.priority}")
+    return ", ".join(parts)
+
+
+def _list_keys(s: SecretStore, config: Config) -> None:
+    """Keys with their limits (defaults applied) and today's usage from the usage store."""
+    entries = [e for e in s.entries() if not e.expired()]
+    if not entries:
+        print(f"(no keys in {s.path})")
+        return
+    today = utc_day(time.time())
+    used: dict[str, list[int]] = {}
+    if config.connector.usage_file:
+        for r in read_rows(config.path(config.connector.usage_file), since_day=today):
+            u = used.setdefault(r["key_id"], [0, 0])
+            u[0] += r["requests"]
+            u[1] += r["prompt_tokens"] + r["completion_tokens"]
+    print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<21} {'TODAY':<22} LIMITS")
+    for e in entries:
+        req, tok = used.get(e.id, [0, 0])
+        print(
+            f"{e.name:<20} {e.id:<9} {e.expires or '-':<21} "
+            f"{f'{req} req, {tok} tokens':<22} {_limits_text(s.limits_for(e)) or '-'}"
+        )
+    if s.defaults.limited or s.defaults.models:
+        print(f"(defaults: {_limits_text(s.defaults)})")
+
+
+def _usage(config: Config, args: argparse.Namespace) -> int:
+    if config.sections and "connector" not in config.sections:
+        raise ConfigError(f"{config.source} has no [connector] section: usage lives there")
+    if not config.connector.usage_file:
+        raise ConfigError("connector.usage_file is empty: this connector keeps no usage")
+    m = re.fullmatch(r"\s*(\d+)\s*d?\s*", args.since)
+    if not m:
+        raise ConfigError(f"--since: expected days such as 7d, got {args.since!r}")
+    since = utc_day(time.time() - int(m.group(1)) * 86400)
+    keys = SecretStore(config.path(config.connector.api_keys_file), "tbk")
+    names = {e.id: e.name for e in keys.entries()}
+    wanted = None
+    if args.key:
+        wanted = {e.id for e in keys.entries() if e.name in args.key or e.id in args.key}
+        wanted |= {k for k in args.key if k not in names.values()}  # ids of deleted keys
+    rows = [
+        {"day": r["day"], "key": names.get(r["key_id"], "(revoked)"), **r}
+        for r in read_rows(config.path(config.connector.usage_file), since_day=since)
+        if wanted is None or r["key_id"] in wanted
+    ]
+    columns = ["day", "key", "key_id", "model", "requests", "prompt_tokens",
+               "completion_tokens", "estimated", "errors"]  # fmt: skip
+    if args.format == "json":
+        print(json.dumps([{c: r[c] for c in columns} for r in rows], indent=1))
+    elif args.format == "csv":
+        out = csv.writer(sys.stdout)
+        out.writerow(columns)
+        out.writerows([[r[c] for c in columns] for r in rows])
+    else:
+        print(f"{'DAY':<11} {'KEY':<20} {'MODEL':<28} {'REQUESTS':>8} {'PROMPT':>10} "
+              f"{'COMPLETION':>10} {'ERRORS':>6}")  # fmt: skip
+        for r in rows:
+            est = "*" if r["estimated"] else " "
+            print(
+                f"{r['day']:<11} {r['key'][:20]:<20} {r['model'][:28]:<28} {r['requests']:>8} "
+                f"{r['prompt_tokens']:>10} {r['completion_tokens']:>10}{est}{r['errors']:>6}"
+            )
+        if not rows:
+            print(f"(no usage since {since})")
+        elif any(r["estimated"] for r in rows):
+            print("* some answers carried no token counts: estimated (see README)")
     return 0
 
 

@@ -137,8 +137,8 @@ class _Call:
         s = self.sniffer
         if s is not None and s.prompt_tokens is not None and s.completion_tokens is not None:
             return s.prompt_tokens, s.completion_tokens, False
-        if s is None:
-            return 0, 0, False  # no answer from the LLM: nothing generated
+        if s is None or not s.streamed:
+            return 0, 0, False  # no answer, or one that is not a generation (e.g. /v1/models)
         return request_bytes // 4, s.events, True
 
 
@@ -808,7 +808,7 @@ class Connector:
                 return outcome
             await stream.end()
             if sniffer.active:
-                self._count_usage(call, fields["_t0"], streamed=sniffer._kind != "json")
+                self._count_usage(call, fields["_t0"], streamed=sniffer.streamed)
             return "ok"
         except httpx.HTTPError as exc:
             stream.reset(

@@ -64,6 +64,11 @@ class UsageSniffer:
     def active(self) -> bool:
         return self._kind is not None
 
+    @property
+    def streamed(self) -> bool:
+        """An SSE or NDJSON answer (a generation streamed event by event)."""
+        return self._kind in ("sse", "ndjson")
+
     def feed(self, chunk: bytes) -> None:
         kind = self._kind
         if kind is None:
@@ -123,8 +128,8 @@ class UsageSniffer:
             self.model = model
         usage = doc.get("usage")
         if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if type(p) is int and type(c) is int:
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+            if type(p) is int and type(c) is int:  # embeddings report no completion tokens
                 self.prompt_tokens, self.completion_tokens = p, c
         elif doc.get("done") is True:
             p, c = doc.get("prompt_eval_count"), doc.get("eval_count")

@@ -1,0 +1,442 @@
+"""The operator controls the GPU: per-key limits, token budgets, the fair queue, usage that
+survives restarts, and self-service usage for key holders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import trio
+import trio.lowlevel
+from upstream import run_upstream
+
+from trio_bridge._limits import DAY, FairQueue, KeyLimits, Limiter, duration_text
+from trio_bridge._slots import FairSlots, QueueFull
+from trio_bridge._usagestore import UsageStore, read_rows, utc_day
+from trio_bridge.testing import Lab, open_lab
+
+CHAT = "/v1/chat/completions"
+PY = sys.executable
+
+
+def chat(prompt: str = "count to 3", model: str = "m", stream: bool = False) -> dict[str, object]:
+    return {"model": model, "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+
+
+# -- limits, pure (time passed in) -----------------------------------------------------------
+
+
+def test_concurrency_limit_counts_requests_in_progress() -> None:
+    lim, key = Limiter(), KeyLimits(concurrency=2)
+    assert lim.admit("k", key, 0) is None
+    assert lim.admit("k", key, 0) is None
+    refusal = lim.admit("k", key, 0)
+    assert refusal is not None and refusal.limit == "concurrency" and refusal.retry_after == 1
+    lim.finish("k", 0, 1)
+    assert lim.admit("k", key, 1) is None
+    assert lim.admit("other", key, 1) is None  # per key
+
+
+def test_requests_per_minute_slide_and_say_when_to_retry() -> None:
+    lim, key = Limiter(), KeyLimits(rpm=3)
+    for t in (0.0, 10.0, 20.0):
+        assert lim.admit("k", key, t) is None
+        lim.finish("k", 0, t)
+    refusal = lim.admit("k", key, 30.0)
+    assert refusal is not None and refusal.limit == "requests"
+    assert refusal.retry_after == 30  # the request at t=0 leaves the window at t=60
+    assert lim.admit("k", key, 60.5) is None  # it left
+
+
+def test_tokens_per_minute_are_counted_when_answers_end() -> None:
+    lim, key = Limiter(), KeyLimits(tokens_per_minute=100)
+    assert lim.admit("k", key, 0) is None
+    assert lim.admit("k", key, 0) is None  # nothing counted yet: both may start
+    lim.finish("k", 80, 1)
+    lim.finish("k", 50, 2)  # an overshoot of at most what was in flight
+    refusal = lim.admit("k", key, 3)
+    assert refusal is not None and refusal.limit == "tokens"
+    assert refusal.retry_after == 58  # the 80 at t=1 leave at t=61 (58 s from now): under
+    assert lim.admit("k", key, 61.5) is None
+
+
+def test_tokens_per_day_reset_at_midnight_utc_and_are_seeded_after_a_restart() -> None:
+    lim, key = Limiter(), KeyLimits(tokens_per_day=1000)
+    noon = 10 * DAY + DAY / 2
+    lim.seed_today("k", 990, noon)  # what the usage store says was used today
+    assert lim.admit("k", key, noon) is None
+    lim.finish("k", 20, noon)
+    refusal = lim.admit("k", key, noon + 1)
+    assert refusal is not None and refusal.limit == "tokens_per_day"
+    assert refusal.retry_after == int(DAY / 2) - 1
+    assert lim.admit("k", key, 11 * DAY + 1) is None  # a new day
+
+
+def test_model_allowlist_with_globs() -> None:
+    key = KeyLimits(models=("qwen2.5-coder*", "llama3"))
+    assert key.allows_model("qwen2.5-coder:7b") and key.allows_model("llama3")
+    assert not key.allows_model("llama3:70b") and not key.allows_model("gpt-4")
+    assert key.allows_model(None)  # a request without a model (e.g. GET /v1/models)
+    assert KeyLimits().allows_model("anything")
+
+
+def test_rate_limit_headers_in_openais_format() -> None:
+    lim, key = Limiter(), KeyLimits(rpm=60, tokens_per_minute=1000)
+    lim.admit("k", key, 0)
+    lim.finish("k", 150, 0)
+    headers = dict(lim.headers("k", key, 6.0))
+    assert headers[b"x-ratelimit-limit-requests"] == b"60"
+    assert headers[b"x-ratelimit-remaining-requests"] == b"59"
+    assert headers[b"x-ratelimit-reset-requests"] == b"54s"
+    assert headers[b"x-ratelimit-remaining-tokens"] == b"850"
+    assert [duration_text(x) for x in (0.25, 1, 75)] == ["250ms", "1s", "1m15s"]
+
+
+def test_defaults_fill_in_what_a_key_does_not_set() -> None:
+    own = KeyLimits(rpm=10)
+    merged = own.merged_over(KeyLimits(rpm=99, tokens_per_day=5, models=("a*",), priority=4))
+    assert merged == KeyLimits(rpm=10, tokens_per_day=5, models=("a*",), priority=4)
+
+
+# -- the fair queue ----------------------------------------------------------------------------
+
+
+def test_fair_queue_round_robin_with_weights() -> None:
+    q: FairQueue[str] = FairQueue(100)
+    for i in range(5):
+        q.push("greedy", f"g{i}")
+    q.push("modest", "m0")
+    q.push("vip", "v0", weight=2)
+    q.push("vip", "v1", weight=2)
+    q.push("vip", "v2", weight=2)
+    order = [q.pop() for _ in range(len(q))]
+    assert order[:6] == ["g0", "m0", "v0", "v1", "g1", "v2"]
+    assert q.pop() is None
+
+
+def test_fair_queue_is_bounded() -> None:
+    q: FairQueue[int] = FairQueue(2)
+    q.push("a", 1)
+    q.push("b", 2)
+    with pytest.raises(OverflowError):
+        q.push("a", 3)
+    assert q.remove("a", 1) and not q.remove("a", 1)
+    assert q.pop() == 2 and len(q) == 0
+
+
+async def test_a_greedy_key_delays_a_modest_one_by_at_most_one_turn(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One LLM slot; a key queues 30 requests of 1 s each; another key's single request,
+    arriving later, waits for the request in progress and at most one greedy turn."""
+    slots = FairSlots(1, 100)
+    done: list[tuple[str, float]] = []
+
+    async def request(key: str, seconds: float = 1.0) -> None:
+        async with slots.slot(key):
+            await trio.sleep(seconds)
+        done.append((key, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(30):
+            nursery.start_soon(request, "greedy")
+        await trio.sleep(2.5)  # greedy's queue is long now
+        t0 = trio.current_time()
+        nursery.start_soon(request, "modest")
+        await trio.lowlevel.checkpoint()
+    modest_done = next(t for k, t in done if k == "modest")
+    # waited: the rest of the request in progress (0.5 s) + at most one greedy turn (1 s),
+    # then its own second; first-come would have been ~28 s
+    assert modest_done - t0 <= 0.5 + 1.0 + 1.0 + 1e-6
+    assert [k for k, _ in done].count("greedy") == 30
+
+
+async def test_a_full_queue_refuses_at_once_and_a_cancelled_waiter_frees_its_place(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    slots = FairSlots(1, 1)
+    async with trio.open_nursery() as nursery:
+
+        async def hold() -> None:
+            async with slots.slot("a"):
+                await trio.sleep(10)
+
+        nursery.start_soon(hold)
+        await trio.sleep(0.1)
+        with trio.move_on_after(1):  # waits in the queue, then gives up
+            async with slots.slot("b"):
+                pytest.fail("no slot was free")
+        assert slots.queued == 0
+        nursery.start_soon(hold)  # takes the queue's only place
+        await trio.sleep(0.1)
+        with pytest.raises(QueueFull):
+            async with slots.slot("c"):
+                pass
+    assert slots.busy == 0 and slots.queued == 0
+
+
+# -- through the bridge ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with open_lab() as lab:
+        yield lab
+
+
+async def start(lab: Lab, **connector: object) -> tuple[str, httpx.AsyncClient]:
+    model = await lab.start_test_model(token_delay=0.001)
+    rb = await lab.start_broker()
+    await lab.start_connector([rb], model.url, connector=dict(connector))
+    return rb.url, httpx.AsyncClient(timeout=30)
+
+
+async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_understands(
+    lab: Lab,
+) -> None:
+    _, key = lab.keys.add("limited", limits=KeyLimits(rpm=2, tokens_per_minute=10_000))
+    url, client = await start(lab)
+    async with client:
+        auth = {"Authorization": f"Bearer {key}"}
+        r = await client.post(url + CHAT, json=chat(), headers=auth)
+        assert r.status_code == 200
+        assert r.headers["x-ratelimit-limit-requests"] == "2"
+        assert r.headers["x-ratelimit-remaining-requests"] == "1"
+        assert r.headers["x-ratelimit-limit-tokens"] == "10000"
+        await client.post(url + CHAT, json=chat(), headers=auth)
+        r = await client.post(url + CHAT, json=chat(), headers=auth)
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        error = r.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        assert "2 requests per minute" in error["message"]
+        # another key is not affected
+        r = await client.post(
+            url + CHAT, json=chat(), headers={"Authorization": f"Bearer {lab.api_key}"}
+        )
+        assert r.status_code == 200
+    sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 429
+
+
+async def test_a_model_outside_the_allowlist_is_403_and_never_reaches_the_llm(lab: Lab) -> None:
+    _, key = lab.keys.add("coder", limits=KeyLimits(models=("qwen2.5-coder*",)))
+    async with run_upstream() as (app, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            auth = {"Authorization": f"Bearer {key}"}
+            r = await client.post(rb.url + "/echo", json=chat(model="llama3:70b"), headers=auth)
+            assert r.status_code == 403
+            assert r.json()["error"]["code"] == "model_not_allowed"
+            assert app.forwarded() == []
+            r = await client.post(
+                rb.url + "/echo", json=chat(model="qwen2.5-coder:7b"), headers=auth
+            )
+            assert r.status_code == 200
+            assert len(app.forwarded()) == 1
+
+
+async def test_an_expired_key_is_refused_like_a_revoked_one(lab: Lab) -> None:
+    _, key = lab.keys.add("temp", expires="2020-01-01T00:00:00Z")
+    url, client = await start(lab)
+    async with client:
+        r = await client.post(url + CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+
+
+async def test_a_daily_token_budget_is_enforced_from_real_usage(lab: Lab) -> None:
+    _, key = lab.keys.add("budget", limits=KeyLimits(tokens_per_day=20))
+    url, client = await start(lab)
+    async with client:
+        auth = {"Authorization": f"Bearer {key}"}
+        statuses = []
+        for _ in range(5):  # each answer reports its usage (prompt + completion > 5 tokens)
+            r = await client.post(url + CHAT, json=chat("count to 8"), headers=auth)
+            statuses.append(r.status_code)
+        assert statuses[0] == 200 and 429 in statuses
+        assert "daily token budget" in r.json()["error"]["message"]
+        usage = (await client.get(url + "/_bridge/usage", headers=auth)).json()
+    assert usage["now"]["tokens_today"] >= 20 and usage["now"]["tokens_left_today"] == 0
+
+
+async def test_self_service_usage_shows_the_keys_own_limits_and_usage(lab: Lab) -> None:
+    entry, key = lab.keys.add("alice", limits=KeyLimits(rpm=100, concurrency=3))
+    url, client = await start(lab, usage_flush_interval="100ms")
+    async with client:
+        auth = {"Authorization": f"Bearer {key}"}
+        for stream in (False, True):
+            r = await client.post(url + CHAT, json=chat(stream=stream), headers=auth)
+            assert r.status_code == 200
+        # other keys' usage is never shown
+        await client.post(
+            url + CHAT, json=chat(), headers={"Authorization": f"Bearer {lab.api_key}"}
+        )
+        r = await client.get(url + "/_bridge/usage", headers=auth)
+        assert r.status_code == 200
+        doc = r.json()
+        unauthenticated = await client.get(url + "/_bridge/usage")
+        assert unauthenticated.status_code == 401
+        routed = await client.get(url + "/r/default/_bridge/usage", headers=auth)
+        assert routed.status_code == 200
+    assert doc["key"] == {"name": "alice", "id": entry.id, "expires": None}
+    assert doc["limits"]["requests_per_minute"] == 100 and doc["limits"]["concurrency"] == 3
+    assert doc["now"]["requests_this_minute"] == 2  # asking for usage costs nothing
+    assert doc["today"]["requests"] == 2 and doc["today"]["completion_tokens"] > 0
+    assert doc["last_30_days"]["requests"] == 2
+    assert key not in r.text and lab.api_key not in r.text
+
+
+async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(lab: Lab) -> None:
+    """Through the real bridge: one LLM slot, a greedy key with 8 streams queued, then a modest
+    key's request: it is served after at most one greedy turn, not after all 8."""
+    _, greedy = lab.keys.add("greedy")
+    _, modest = lab.keys.add("modest")
+    model = await lab.start_test_model(token_delay=0.02)  # "count to 10": ~0.2 s per answer
+    rb = await lab.start_broker()
+    await lab.start_connector([rb], model.url, connector={"max_concurrent": 1})
+    order: list[str] = []
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one(name: str, key: str) -> None:
+            r = await client.post(
+                rb.url + CHAT,
+                json=chat("count to 10", stream=True),  # streamed: ~0.2 s at the LLM
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert r.status_code == 200
+            order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one, "greedy", greedy)
+            await trio.sleep(0.3)  # greedy's requests are queued at the connector now
+            nursery.start_soon(one, "modest", modest)
+    assert order.index("modest") <= 3, order  # FIFO would make it last (index 8)
+
+
+# -- usage that survives: real processes -------------------------------------------------------
+
+
+def test_usage_store_rows_merge_pending_and_flushed(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path / "usage.sqlite3")
+    now = time.time()
+    store.record("k1", "m", prompt=3, completion=4, estimated=False, error=False, now=now)
+    trio.run(store.flush)
+    store.record("k1", "m", prompt=1, completion=1, estimated=True, error=True, now=now)
+    [row] = store.rows()
+    assert row["requests"] == 2 and row["prompt_tokens"] == 4 and row["estimated"] == 1
+    assert row["errors"] == 1
+    assert read_rows(tmp_path / "usage.sqlite3")[0]["requests"] == 1  # only what was flushed
+    assert store.tokens_on(utc_day(now)) == {"k1": 9}
+    assert (tmp_path / "usage.sqlite3").stat().st_mode & 0o077 == 0
+    store.close()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+    """A test model, a broker and a connector as separate processes (like a deployment)."""
+    import socket
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    public, model_port = port(), port()
+    (tmp_path / "b.toml").write_text(
+        f'[broker]\nlisten = "127.0.0.1:{public}"\nadmin_listen = ""\n'
+    )
+    (tmp_path / "c.toml").write_text(
+        f'[connector]\nbroker_urls = ["ws://127.0.0.1:{public}/_bridge/relay"]\n'
+        f'local_url = "http://127.0.0.1:{model_port}"\nadmin_listen = ""\n'
+        'usage_flush_interval = "500ms"\n'
+    )
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [PY, "-m", "trio_bridge", *args], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+
+    token = cli("tokens", "add", "home", "-c", str(tmp_path / "b.toml")).strip()
+    (tmp_path / "connector.token").write_text(token)
+    os.chmod(tmp_path / "connector.token", 0o600)
+    key = cli("keys", "add", "alice", "-c", str(tmp_path / "c.toml")).strip()
+    procs = [
+        subprocess.Popen([PY, "-m", "trio_bridge", "test-model", "--listen",
+                          f"127.0.0.1:{model_port}", "--token-delay", "0"],
+                         stdout=subprocess.DEVNULL),
+        subprocess.Popen([PY, "-m", "trio_bridge", "broker", "-c", str(tmp_path / "b.toml")],
+                         stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    connector = subprocess.Popen(
+        [PY, "-m", "trio_bridge", "connector", "-c", str(tmp_path / "c.toml")],
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{public}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            r = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the bridge did not come up"
+        time.sleep(0.1)
+    try:
+        yield {"base": base, "key": key, "cli": cli, "connector": connector, "dir": tmp_path}
+    finally:
+        for p in [*procs, connector]:
+            p.kill()
+            p.wait()
+
+
+def test_a_limit_change_reaches_a_running_connector_within_a_second(
+    processes: dict[str, object],
+) -> None:
+    base, key, cli = processes["base"], processes["key"], processes["cli"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for _ in range(3):
+        assert httpx.post(f"{base}{CHAT}", json=chat(), headers=auth).status_code == 200
+    cli("keys", "set", "alice", "--rpm", "3", "-c", str(processes["dir"] / "c.toml"))  # type: ignore[operator]
+    time.sleep(1.0)
+    r = httpx.post(f"{base}{CHAT}", json=chat(), headers=auth)
+    assert r.status_code == 429, r.text  # three this minute already: the new limit applies
+    cli("keys", "set", "alice", "--rpm", "none", "-c", str(processes["dir"] / "c.toml"))  # type: ignore[operator]
+    time.sleep(1.0)
+    assert httpx.post(f"{base}{CHAT}", json=chat(), headers=auth).status_code == 200
+
+
+def test_usage_survives_kill_9_losing_at_most_the_flush_interval(
+    processes: dict[str, object],
+) -> None:
+    base, key, cli = processes["base"], processes["key"], processes["cli"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for _ in range(10):
+        assert httpx.post(f"{base}{CHAT}", json=chat(), headers=auth).status_code == 200
+    time.sleep(1.2)  # more than the flush interval (500 ms) since the last answer
+    connector = processes["connector"]
+    connector.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+    connector.wait()  # type: ignore[attr-defined]
+    rows = json.loads(
+        cli("usage", "--format", "json", "--since", "0d", "-c", str(processes["dir"] / "c.toml"))  # type: ignore[operator]
+    )
+    # ours, plus the fixture's GET /v1/models that waited for the bridge to come up
+    assert sum(r["requests"] for r in rows if r["key"] == "alice") == 10 + 1
+    assert sum(r["completion_tokens"] for r in rows) > 0
+    table = cli("usage", "--key", "alice", "-c", str(processes["dir"] / "c.toml"))  # type: ignore[operator]
+    lines = [line for line in table.splitlines() if line.split()[1:2] == ["alice"]]
+    assert sum(int(line.split()[3]) for line in lines) == 11  # REQUESTS column
