@@ -310,6 +310,33 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
+async def limits_cost(
+    res: dict[str, Any],
+    roles: list[int],
+    plain: tuple[int, list[tuple[bytes, bytes]]],
+    limited: tuple[int, list[tuple[bytes, bytes]]],
+    rounds: int,
+    quick: bool,
+) -> None:
+    """Connector CPU per request (c=10) for a key without limits and one with every limit
+    set (checked on each request, never reached; a model allowlist makes the connector read
+    the body first), alternating so that machine noise hits both alike."""
+    acc: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(max(3, rounds)):
+        for name, target in (("off", plain), ("on", limited)):
+            cc = cpu_seconds(roles[1])
+            t = time.perf_counter()
+            rps = await throughput(*target, 10, 1.0 if quick else 2.0)
+            acc[name].append((cpu_seconds(roles[1]) - cc) / (rps * (time.perf_counter() - t)) * 1e6)
+    res["connector cpu per request c=10, key limits off / on"] = {
+        "off": med(acc["off"]),
+        "on": med(acc["on"]),
+        "unit": "µs",
+        "rounds_off": acc["off"],
+        "rounds_on": acc["on"],
+    }
+
+
 def med(rounds: list[float]) -> float:
     return statistics.median(rounds)
 
@@ -336,6 +363,13 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
     (d / "connector.token").write_text(new_secret("tokens", "broker.toml"))
     (d / "connector.token").chmod(0o600)
     key = new_secret("keys", "connector.toml")
+    # a key whose limits are all checked on every request but never reached
+    limited_key = subprocess.run(
+        [*run, "keys", "add", "bench-limited", "-c", str(d / "connector.toml"),
+         "--concurrency", "100k", "--rpm", "100M", "--tpm", "1000M", "--tpd", "1000M",
+         "--models", "*"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
     procs = {
         "llm": start(
             [PY, str(HERE / "fakellm.py"), str(llm_port)],
@@ -381,6 +415,16 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "rounds_bridge": b_vals,
             }
 
+        if args.limits_only:
+            await limits_cost(
+                res,
+                roles,
+                bridge,
+                (pub_port, [(b"authorization", b"Bearer " + limited_key.encode())]),
+                rounds,
+                q,
+            )
+            return res
         # 0. memory per idle open stream, first: later phases (the 10 MB upload) leave freed
         # heap behind that new streams would reuse, hiding their cost
         per, opened = await idle_streams(*bridge, 200 if q else 1000, roles)
@@ -436,6 +480,14 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "connector": med(cpu_c),
                 "unit": "µs",
             }
+        await limits_cost(
+            res,
+            roles,
+            bridge,
+            (pub_port, [(b"authorization", b"Bearer " + limited_key.encode())]),
+            rounds,
+            q,
+        )
         # 4. upload
         ud, ub = [], []
         for _ in range(max(2, rounds // 2)):
@@ -490,6 +542,11 @@ def table(res: dict[str, Any]) -> str:
                 f"| {name} ({unit}) | | broker {r['broker']:.0f} + connector "
                 f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | |"
             )
+        elif "on" in r:
+            rows.append(
+                f"| {name} ({unit}) | | off {r['off']:.0f}, on {r['on']:.0f} "
+                f"({r['on'] - r['off']:+.0f}) | | |"
+            )
         elif unit == "completed":
             rows.append(
                 f"| {name} | | {r['bridge']} complete, {r['errors']} errors in "
@@ -504,6 +561,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds: under a minute")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument(
+        "--limits-only", action="store_true", help="only the cost of per-key limits (on vs off)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
         t = time.monotonic()

@@ -303,10 +303,10 @@ async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(lab: 
     """Through the real bridge: one LLM slot, a greedy key with 8 streams queued, then a modest
     key's request: it is served after at most one greedy turn, not after all 8."""
     _, greedy = lab.keys.add("greedy")
-    _, modest = lab.keys.add("modest")
+    modest_entry, modest = lab.keys.add("modest")
     model = await lab.start_test_model(token_delay=0.02)  # "count to 10": ~0.2 s per answer
     rb = await lab.start_broker()
-    await lab.start_connector([rb], model.url, connector={"max_concurrent": 1})
+    rc = await lab.start_connector([rb], model.url, connector={"max_concurrent": 1})
     order: list[str] = []
     async with httpx.AsyncClient(timeout=60) as client:
 
@@ -325,6 +325,10 @@ async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(lab: 
             await trio.sleep(0.3)  # greedy's requests are queued at the connector now
             nursery.start_soon(one, "modest", modest)
     assert order.index("modest") <= 3, order  # FIFO would make it last (index 8)
+    waited = rc.connector.metrics.registry.get_sample_value(
+        "trio_bridge_key_queue_wait_seconds_count", {"key_id": modest_entry.id}
+    )
+    assert waited == 1
 
 
 # -- usage that survives: real processes -------------------------------------------------------

@@ -570,7 +570,7 @@ class Connector:
         del fields["_t0"]
 
     def _waited(self, key_id: str, seconds: float) -> None:
-        self.metrics.queue_wait.labels("connector", key_id).observe(seconds)
+        self.metrics.key_queue_wait.labels(key_id).observe(seconds)
 
     async def _self_service(
         self, stream: RelayStream, fields: dict[str, Any], entry: SecretEntry, limits: KeyLimits

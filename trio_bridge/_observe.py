@@ -241,6 +241,13 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.key_queue_wait = Histogram(
+            "trio_bridge_key_queue_wait_seconds",
+            "Time a request waited for an LLM slot in the connector's fair queue, per API key id.",
+            ["key_id"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self.queued = Gauge(
             "trio_bridge_queued_requests",
             "Requests waiting for a connector (broker).",
