@@ -749,22 +749,28 @@ class Connector:
             )
         except (httpx.InvalidURL, ValueError):
             return await self._reply_error(stream, fields, 400, "invalid request target")
-        async with contextlib.AsyncExitStack() as slot:
+        # one deadline for the wait in the queue and the LLM's first byte together
+        first_byte_by = trio.current_time() + float(self.limits.first_byte_timeout)
+        try:
+            with trio.fail_at(first_byte_by):
+                await self.slots.acquire(call.key_id, call.limits.priority)
+        except QueueFull:
+            self.metrics.limit_hits.labels("connector", "queue").inc()
+            return await self._reply_error(
+                stream,
+                fields,
+                429,
+                "the LLM is busy and its queue is full; retry shortly",
+                retry_after=1,
+            )
+        except trio.TooSlowError:
+            return await self._reply_error(
+                stream, fields, 504, "the LLM did not start answering in time (queued)"
+            )
+        try:  # the LLM slot is held until the answer ends
             try:
-                with trio.fail_after(float(self.limits.first_byte_timeout)):
-                    await slot.enter_async_context(
-                        self.slots.slot(call.key_id, call.limits.priority)
-                    )
+                with trio.fail_at(first_byte_by):
                     response = await self.transport.handle_async_request(request)
-            except QueueFull:
-                self.metrics.limit_hits.labels("connector", "queue").inc()
-                return await self._reply_error(
-                    stream,
-                    fields,
-                    429,
-                    "the LLM is busy and its queue is full; retry shortly",
-                    retry_after=1,
-                )
             except trio.TooSlowError:
                 return await self._reply_error(
                     stream, fields, 504, "the LLM did not start answering in time"
@@ -784,6 +790,8 @@ class Connector:
                     stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
                 )
             return await self._answer(stream, fields, call, response)
+        finally:
+            self.slots.release()
 
     async def _answer(
         self, stream: RelayStream, fields: dict[str, Any], call: _Call, response: httpx.Response

@@ -237,6 +237,8 @@ class SecretStore:
         return self._defaults
 
     def limits_for(self, entry: SecretEntry) -> KeyLimits:
+        if self._defaults == _NO_LIMITS:  # the common case: nothing to merge
+            return entry.limits
         return entry.limits.merged_over(self._defaults)
 
     def active_ids(self) -> set[str]:
@@ -384,6 +386,7 @@ def _as_toml(e: SecretEntry) -> dict[str, Any]:
     return doc
 
 
+_NO_LIMITS = KeyLimits()
 _COUNTS = ("concurrency", "rpm", "tokens_per_minute", "tokens_per_day")
 
 

@@ -45,31 +45,40 @@ class FairSlots:
     def queued(self) -> int:
         return len(self.queue)
 
-    @asynccontextmanager
-    async def slot(self, key: str, weight: int = 1) -> AsyncIterator[None]:
-        """Hold one LLM slot for the block; wait in the fair queue while none is free.
-        Raises QueueFull at once when the queue is full."""
-        t0 = trio.current_time()
+    async def acquire(self, key: str, weight: int = 1) -> None:
+        """Take one LLM slot, waiting in the fair queue while none is free (a checkpoint
+        either way). Raises QueueFull at once when the queue is full. Pair with
+        :meth:`release`."""
         if self.busy < self.slots and not len(self.queue):
             self.busy += 1
             await trio.lowlevel.checkpoint()
-        else:
-            if self.queue.full:
-                raise QueueFull
-            waiter = _Waiter()
-            self.queue.push(key, waiter, weight)
-            try:
-                await waiter.event.wait()
-            except BaseException:
-                if not self.queue.remove(key, waiter) and waiter.granted:
-                    self._release()  # granted as we were cancelled: pass it on
-                raise
+            return
+        if self.queue.full:
+            raise QueueFull
+        t0 = trio.current_time()
+        waiter = _Waiter()
+        self.queue.push(key, waiter, weight)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if not self.queue.remove(key, waiter) and waiter.granted:
+                self.release()  # granted as we were cancelled: pass it on
+            raise
         if self._on_wait is not None:
             self._on_wait(key, trio.current_time() - t0)
+
+    def release(self) -> None:
+        """Give a slot back: to the next waiter in fair order, or free."""
+        self._release()
+
+    @asynccontextmanager
+    async def slot(self, key: str, weight: int = 1) -> AsyncIterator[None]:
+        """:meth:`acquire` … :meth:`release` around the block."""
+        await self.acquire(key, weight)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
     def _release(self) -> None:
         waiter = self.queue.pop()

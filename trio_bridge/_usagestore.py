@@ -14,6 +14,7 @@ without a usage chunk: one completion token per event; prompt tokens: request by
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import sqlite3
 import threading
 from collections import defaultdict
@@ -50,8 +51,14 @@ COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "estimated", "error
 MAX_MODEL = 128
 
 
+@functools.lru_cache(maxsize=4)
+def _day_text(day: int) -> str:
+    return dt.datetime.fromtimestamp(day * 86400, dt.UTC).strftime("%Y-%m-%d")
+
+
 def utc_day(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+    """``YYYY-MM-DD`` of a Unix time, in UTC (cached per day: it is on the hot path)."""
+    return _day_text(int(ts // 86400))
 
 
 def connect(path: Path) -> sqlite3.Connection:
