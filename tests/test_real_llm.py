@@ -251,3 +251,29 @@ async def test_client_disconnect_leaves_the_server_idle_within_a_second(llama: L
     assert busy > 0.3, f"the server was not generating? {busy:.2f}s CPU in 1 s"
     assert idle < 0.1, f"server still used {idle:.2f}s CPU in the second after the disconnect"
     assert "cancel task" in llama.log.read_text()
+
+
+async def test_the_real_server_is_one_box_among_others_routed_by_model(llama: Llama) -> None:
+    """llama.cpp (model "smollm2") and a test model ("other-model") behind one route: each
+    request reaches the box that serves its model; the merged list names both."""
+    from trio_bridge.testing import open_lab
+
+    async with open_lab() as lab:
+        other = await lab.start_test_model(models=("other-model",))
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llama.url, connector={"name": "llama"})
+        await lab.start_connector([rb], other.url, connector={"name": "test"})
+        with trio.fail_after(10):
+            while any(r.peer_models is None for r in rb.broker.registry.relays()):
+                await trio.sleep(0.01)
+        via = openai.AsyncOpenAI(base_url=rb.url + "/v1", api_key=lab.api_key, max_retries=0)
+        listed = {m.id for m in (await via.models.list()).data}
+        assert {"smollm2", "other-model"} <= listed
+        real = await via.chat.completions.create(
+            model="smollm2", messages=MSGS, max_tokens=5, temperature=0
+        )
+        assert real.system_fingerprint  # llama.cpp's own field: the real server answered
+        fake = await via.chat.completions.create(model="other-model", messages=MSGS)
+        assert "test model" in (fake.choices[0].message.content or "")
+        with pytest.raises(openai.NotFoundError):
+            await via.chat.completions.create(model="gpt-4", messages=MSGS)

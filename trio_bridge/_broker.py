@@ -16,6 +16,7 @@ connection is closed without a terminating chunk), so a truncated answer never l
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import math
 import re
@@ -38,7 +39,9 @@ from ._http import (
     header,
     presented_key,
     request_id_from,
+    request_model,
     strip_hop_by_hop,
+    with_model,
 )
 from ._keys import SecretStore
 from ._observe import (
@@ -50,7 +53,7 @@ from ._observe import (
     reset_reason,
     status_class,
 )
-from ._protocol import Hello, RequestHead, Session
+from ._protocol import Hello, RequestHead, ResponseHead, Session
 from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
 from ._service import Notifier
@@ -67,6 +70,9 @@ BRIDGE_NAMESPACE = b"x-trio-bridge-"
 MAX_ATTEMPTS = 3
 #: what _respond returns when the connector REFUSED the stream (never processed: try another)
 _RETRY = "retry elsewhere"
+#: what _respond returns when a fallback model may be tried (nothing reached the client)
+_FALLBACK = "fall back"
+_MODEL_LISTS = frozenset({"/v1/models", "/api/tags"})
 #: a route with no connector for this long (or never, since the broker started this long ago)
 #: gets 503 at once instead of waiting queue_timeout for one
 ROUTE_MEMORY = 60.0
@@ -89,12 +95,18 @@ class QueueFull(Exception):
 
 
 class _Waiter:
-    __slots__ = ("event", "relay", "route")
+    __slots__ = ("event", "model", "relay", "route")
 
-    def __init__(self, route: str) -> None:
+    def __init__(self, route: str, model: str | None) -> None:
         self.route = route
+        self.model = model
         self.relay: Relay | None = None
         self.event = trio.Event()
+
+
+def serves(relay: Relay, model: str | None) -> bool:
+    """True if ``relay``'s connector serves ``model`` (one that never said serves anything)."""
+    return model is None or relay.peer_models is None or model in relay.peer_models
 
 
 class Registry:
@@ -153,13 +165,36 @@ class Registry:
     def queued(self) -> int:
         return len(self._waiters)
 
-    def pick(self, route: str) -> Relay | None:
-        """The eligible relay of ``route`` with the least load, or None."""
+    def pick(self, route: str, model: str | None = None) -> Relay | None:
+        """The eligible relay of ``route`` that serves ``model``: the highest priority first
+        (a preferred box takes requests while it is up and has room), then the least load."""
         best: Relay | None = None
         for relay in self._by_route.get(route, ()):
-            if relay.usable and (best is None or relay.load < best.load):
+            if not relay.usable or not serves(relay, model):
+                continue
+            if best is None or (-relay.peer_priority, relay.load) < (
+                -best.peer_priority,
+                best.load,
+            ):
                 best = relay
         return best
+
+    def one_model_set(self, route: str) -> bool:
+        """True if every live connector of ``route`` said the same models."""
+        sets = {r.peer_models for r in self._by_route.get(route, ()) if r.closed_reason is None}
+        return len(sets) <= 1
+
+    def models(self, route: str) -> dict[str, list[str]] | None:
+        """Model → names of the live connectors of ``route`` that serve it; None if one of
+        them serves anything (it never said what) or the route has no connector."""
+        live = [r for r in self._by_route.get(route, ()) if r.closed_reason is None]
+        if not live or any(r.peer_models is None for r in live):
+            return None
+        out: dict[str, list[str]] = {}
+        for r in live:
+            for m in r.peer_models or ():
+                out.setdefault(m, []).append(r.name)
+        return out
 
     def not_ready(self, route: str) -> bool:
         """True if connectors serve ``route`` but none of them has its LLM up."""
@@ -171,7 +206,7 @@ class Registry:
         if relay is not None and relay.closed_reason is not None:
             self._drop(relay)  # a dead relay leaves at once, not after its close handshake
         for w in list(self._waiters):
-            relay = self.pick(w.route)
+            relay = self.pick(w.route, w.model)
             if relay is not None:
                 relay.reserved += 1
                 w.relay = relay
@@ -182,20 +217,21 @@ class Registry:
         relay.reserved -= 1
         self.changed(relay)
 
-    async def acquire(self, route: str, timeout: float) -> Relay | None:
-        """Reserve a relay for ``route``, waiting up to ``timeout`` in FIFO order.
+    async def acquire(self, route: str, timeout: float, model: str | None = None) -> Relay | None:
+        """Reserve a relay for ``route`` that serves ``model``, waiting up to ``timeout`` in
+        FIFO order.
 
         Returns None on timeout; raises QueueFull if ``max_queue`` requests already wait.
         The caller must :meth:`release` the relay it got.
         """
         if not any(w.route == route for w in self._waiters):
-            relay = self.pick(route)
+            relay = self.pick(route, model)
             if relay is not None:
                 relay.reserved += 1
                 return relay
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
-        w = _Waiter(route)
+        w = _Waiter(route, model)
         self._waiters.append(w)
         try:
             with trio.move_on_after(timeout):
@@ -224,6 +260,8 @@ class Broker:
         self.queue_timeout = float(bc.queue_timeout)
         self.queue_when_not_ready = bc.queue_when_not_ready
         self.route_domain = bc.route_domain.lower().strip(".")
+        #: model aliases and fallback chains: a request for the key tries each in turn
+        self.aliases: dict[str, list[str]] = dict(bc.aliases)
         self.started = time.time()
         self.draining = False
         self.admin_address: tuple[str, int] | None = None
@@ -570,6 +608,7 @@ class Broker:
         error = is_error(outcome, status)
         ttfb = ex.head_at - ex.started if ex.head_at is not None else None
         self.stats.add(duration, ttfb, error)
+        m.count_model(fields.get("model"), outcome, ttfb)
 
     def _start_reader(self, ex: _Exchange) -> None:
         if not ex.reader_started:
@@ -619,10 +658,13 @@ class Broker:
         status: int,
         message: str,
         retry_after: int | None = None,
+        code: str | None = None,
     ) -> str:
         fields["status"] = status
         ex.head_at = time.monotonic()
-        s, h, body = error_response(status, message, ex.request_id, retry_after=retry_after)
+        s, h, body = error_response(
+            status, message, ex.request_id, retry_after=retry_after, code=code
+        )
         if not ex.body_done:
             h.append((b"connection", b"close"))
         await ex.req.respond(s, h, body, end=True)
@@ -731,10 +773,8 @@ class Broker:
 
         route, target = self._route(req)
         fields["route"] = route
-        head = RequestHead(req.method, target, self._forwarded_headers(req), ex.request_id)
+        headers = self._forwarded_headers(req)
         first = b"".join(body_parts)
-        # A stream the connector REFUSED was never processed: safe to send elsewhere, as long as
-        # we still hold the whole body.
         if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
             # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
             return await self._error(
@@ -744,6 +784,60 @@ class Broker:
                 f"no connector serves route {route!r} (none connected recently); retry later",
                 retry_after=RETRY_AFTER_NOT_READY,
             )
+        # One box (or a pool of identical ones): the LLM decides about names it does not list
+        # (llama.cpp answers any name). Routing by model starts with a second set of models.
+        by_model = not self.registry.one_model_set(route)
+        served = self.registry.models(route) if by_model else None  # None: no 404s
+        model = request_model(first) if ex.body_done and (by_model or self.aliases) else None
+        candidates: list[str | None] = list(self.aliases.get(model, [model])) if model else [None]
+        if served is not None and model is not None:
+            candidates = [c for c in candidates if c in served]
+            if not candidates:
+                fields["model"] = model
+                return await self._error(
+                    ex,
+                    fields,
+                    404,
+                    f"the model {model[:128]!r} does not exist on this route; available: "
+                    + ", ".join(sorted(served)[:50]),
+                    code="model_not_found",
+                )
+        ex.merge_models = (
+            req.method == "GET" and target.split("?", 1)[0] in _MODEL_LISTS and served is not None
+            and len({n for names in served.values() for n in names}) > 1
+        )  # fmt: skip
+        for n, candidate in enumerate(candidates):
+            body = first if candidate == model else with_model(first, candidate)
+            fields["model"] = candidate or model
+            head = RequestHead(
+                req.method, target, _with_length(headers, body, first), ex.request_id
+            )
+            outcome = await self._to_route(
+                ex, fields, route, head, body, candidate, last=n == len(candidates) - 1
+            )
+            if outcome != _FALLBACK:
+                return outcome
+            log.info(
+                "model %s failed before answering; trying %s",
+                candidate,
+                candidates[n + 1],
+                extra={"request_id": ex.request_id, "route": route},
+            )
+        raise AssertionError("the last candidate never falls back")  # pragma: no cover
+
+    async def _to_route(
+        self,
+        ex: _Exchange,
+        fields: dict[str, Any],
+        route: str,
+        head: RequestHead,
+        first: bytes,
+        model: str | None,
+        *,
+        last: bool,
+    ) -> str:
+        """Send the request to a connector of ``route`` that serves ``model``; a stream the
+        connector REFUSED was never processed, so it goes to another one (we hold the body)."""
         for _attempt in range(MAX_ATTEMPTS):
             if self.registry.not_ready(route) and not self.queue_when_not_ready:
                 return await self._error(
@@ -755,7 +849,7 @@ class Broker:
                 )
             waited = time.monotonic()
             try:
-                relay = await self.registry.acquire(route, self.queue_timeout)
+                relay = await self.registry.acquire(route, self.queue_timeout, model)
             except QueueFull:
                 self.limit_hit("queue")
                 return await self._error(
@@ -790,11 +884,52 @@ class Broker:
                     pass  # answered below from the reset
             if not ex.body_done:
                 self._start_reader(ex)  # the rest of the upload goes into the stream
-            outcome = await self._respond(ex, fields, may_retry=ex.body_done)
+            outcome = await self._respond(
+                ex, fields, may_retry=ex.body_done, may_fall_back=ex.body_done and not last
+            )
             fields["bytes_out"] = stream.bytes_received
             if outcome != _RETRY:
                 return outcome
         return await self._error(ex, fields, 503, "every connector refused; retry", retry_after=1)
+
+    async def _merged_models(
+        self, ex: _Exchange, fields: dict[str, Any], head: ResponseHead
+    ) -> str:
+        """A connector accepted the key for ``/v1/models`` (``/api/tags``): answer with the
+        models of every connector of the route instead of that one's list."""
+        stream = ex.stream
+        assert stream is not None
+        size = 0
+        while chunk := await stream.receive_data():  # read and dropped (bounded by the window)
+            size += len(chunk)
+        served = self.registry.models(fields.get("route", DEFAULT_ROUTE)) or {}
+        path = ex.req.path.removeprefix(f"/r/{fields.get('route', '')}")
+        if path.startswith("/api/tags"):
+            doc: dict[str, Any] = {
+                "models": [{"name": m, "model": m, "connectors": sorted(c)}
+                           for m, c in sorted(served.items())]
+            }  # fmt: skip
+        else:
+            doc = {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "trio-bridge",
+                     "connectors": sorted(c)}
+                    for m, c in sorted(served.items())
+                ],
+            }  # fmt: skip
+        body = json.dumps(doc).encode()
+        headers = [
+            (k, v) for k, v in head.headers if k.lower() not in (b"content-length", b"content-type")
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        fields["status"] = 200
+        ex.head_at = time.monotonic()
+        await ex.req.respond(200, headers, body, end=True)
+        return "ok"
 
     def _route(self, req: Request) -> tuple[str, str]:
         """(route, target to forward): ``/r/<route>/…`` (prefix stripped), else
@@ -813,7 +948,9 @@ class Broker:
                 route = label
         return route, path + qsep + query
 
-    async def _respond(self, ex: _Exchange, fields: dict[str, Any], *, may_retry: bool) -> str:
+    async def _respond(
+        self, ex: _Exchange, fields: dict[str, Any], *, may_retry: bool, may_fall_back: bool
+    ) -> str:
         stream = ex.stream
         assert stream is not None
         try:
@@ -835,6 +972,8 @@ class Broker:
                 return _RETRY
             if ex.too_large:
                 return await self._error(ex, fields, 413, "request body too large")
+            if may_fall_back:
+                return _FALLBACK  # nothing reached the client: the next candidate model
             status, message = _RESET_STATUS.get(
                 exc.code,
                 (502, "the connector failed to answer"),  # type: ignore[call-overload]
@@ -842,6 +981,11 @@ class Broker:
             return await self._error(
                 ex, fields, status, message, retry_after=1 if status == 503 else None
             )
+        if may_fall_back and head.status in (502, 503, 504):
+            stream.reset(ResetCode.CANCEL, "falling back to another model")
+            return _FALLBACK
+        if ex.merge_models and head.status == 200:
+            return await self._merged_models(ex, fields, head)
         fields["status"] = head.status
         ex.head_at = time.monotonic()
         req = ex.req
@@ -883,6 +1027,7 @@ class _Exchange:
         "body_size",
         "client_gone",
         "head_at",
+        "merge_models",
         "nursery",
         "reader_started",
         "req",
@@ -904,9 +1049,21 @@ class _Exchange:
         self.client_gone = False
         self.bad_body = ""
         self.too_large = False
+        self.merge_models = False
         self.started = time.monotonic()
         self.head_at: float | None = None
         self.reset_code: int | None = None
+
+
+def _with_length(
+    headers: list[tuple[bytes, bytes]], body: bytes, original: bytes
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` for ``body`` where it replaced ``original`` (a rewritten model)."""
+    if body is original:
+        return headers
+    out = [(k, v) for k, v in headers if k != b"content-length"]
+    out.append((b"content-length", str(len(body)).encode()))
+    return out
 
 
 async def _deny(req: Request, status: int, message: str) -> None:

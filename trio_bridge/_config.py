@@ -116,6 +116,14 @@ def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[s
             )
 
 
+def _check_aliases(
+    _inst: object, attribute: attrs.Attribute[Any], value: dict[str, list[str]]
+) -> None:
+    for name, chain in value.items():
+        if not chain:
+            raise ValueError(f"{attribute.name}: {name!r} needs at least one model")
+
+
 def _positive(_inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name}: must be positive, got {value!r}")
@@ -201,6 +209,10 @@ class BrokerConfig:
     tls_key: str = ""
     #: refused connector tokens per source address and minute, then 429 without checking
     max_token_failures: int = attrs.field(default=10, validator=_positive)
+    #: model aliases and fallback chains, e.g. coder = ["qwen2.5-coder:32b", "qwen2.5-coder:7b"]:
+    #: a request for "coder" goes to the first that a connector serves, and to the next if that
+    #: fails before answering
+    aliases: dict[str, list[str]] = attrs.field(factory=dict, validator=_check_aliases)
 
 
 @attrs.frozen(kw_only=True)
@@ -225,6 +237,12 @@ class ConnectorConfig:
     usage_flush_interval: Duration = attrs.field(default=Duration(2), validator=_positive)
     name: str = ""
     route: str = "default"
+    #: the models the LLM serves, told to the broker (it routes by the request's "model");
+    #: empty: asked from the LLM (/v1/models, else /api/tags) at start and on every probe
+    models: list[str] = attrs.field(factory=list)
+    #: among the route's connectors that serve a model, the broker prefers a higher priority
+    #: while it is up and has room ("prefer the big box")
+    priority: int = 0
     #: CA bundle (PEM) to verify wss:// brokers with, e.g. a private CA; default: system CAs
     broker_ca_file: str = ""
     #: LLM health probe: any HTTP answer below 500 means "up"

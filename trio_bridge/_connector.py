@@ -46,6 +46,7 @@ from ._http import (
     error_response,
     header,
     presented_key,
+    request_model,
     strip_hop_by_hop,
 )
 from ._keys import SecretEntry, SecretStore, check_private
@@ -106,17 +107,6 @@ def _totals(rows: Any) -> dict[str, int]:
         for k in out:
             out[k] += r[k]
     return out
-
-
-def request_model(body: bytes) -> str | None:
-    """The ``"model"`` of a JSON request body, or None."""
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        model = json.loads(body).get("model")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    return model if isinstance(model, str) else None
 
 
 @attrs.define
@@ -182,6 +172,8 @@ class Connector:
         self.llm_ready = False
         self.llm_state_since = time.time()
         self.llm_last_error = "not probed yet"
+        #: the LLM's models as last learned (None: not known; brokers send anything)
+        self.models: tuple[str, ...] | None = tuple(c.models) if c.models else None
         self._stop = trio.Event()
         self._probe_now = trio.Event()
         self.started = time.time()
@@ -314,6 +306,8 @@ class Connector:
                     log.info("admin endpoint on http://%s:%d", *self.admin_address)
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     self._set_llm(*await self._probe_llm())
+                    if self.llm_ready:
+                        await self._learn_models()
                 outer.start_soon(self._watch_llm)
                 if self.usage_store is not None:
                     outer.start_soon(self.usage_store.run)
@@ -373,12 +367,47 @@ class Connector:
         self._set_llm(False, reason)
         self._probe_now.set()
 
+    async def _learn_models(self) -> None:
+        """What the LLM serves (``models`` in the config, else asked), told to the brokers
+        when it changes; unknown (None) leaves the brokers sending it anything."""
+        configured = self.config.connector.models
+        models = tuple(configured) if configured else await self._discover_models()
+        if models is None or models == self.models:
+            return
+        self.models = models
+        log.info("LLM models: %s", ", ".join(models) or "(none)", extra={"llm": self.local_url})
+        for relay in list(self.relays.values()):
+            relay.send_status(ready=self.llm_ready, models=models)
+
+    async def _discover_models(self) -> tuple[str, ...] | None:
+        """Model ids from OpenAI's ``/v1/models``, else Ollama's ``/api/tags``; None if
+        neither answers with a list."""
+        headers = [self._upstream_auth] if self._upstream_auth is not None else []
+        for path, field, key in (("/v1/models", "data", "id"), ("/api/tags", "models", "name")):
+            try:
+                with trio.fail_after(float(self.limits.connect_timeout) + 5):
+                    r = await self.transport.handle_async_request(
+                        httpx.Request("GET", self.local_url + path, headers=headers)
+                    )
+                    try:
+                        body = await r.aread()
+                    finally:
+                        await r.aclose()
+                items = json.loads(body)[field] if r.status_code == 200 else None
+            except (trio.TooSlowError, httpx.HTTPError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(items, list):
+                names = [str(m[key]) for m in items if isinstance(m, dict) and key in m]
+                return tuple(dict.fromkeys(n for n in names if 0 < len(n) <= 256))[:1000]
+        return None
+
     async def _watch_llm(self) -> None:
         interval = float(self.config.connector.health_interval)
         backoff = Backoff(base=0.5, cap=interval)
         while True:
             self._set_llm(*await self._probe_llm())
             if self.llm_ready:
+                await self._learn_models()
                 backoff.attempt = 0
                 delay = interval
             else:
@@ -426,6 +455,8 @@ class Connector:
                         # are known here, not at the broker)
                         capacity=self.config.connector.max_concurrent
                         + self.config.connector.max_queue,
+                        models=self.models,
+                        priority=self.config.connector.priority,
                         ping_interval=float(rc.ping_interval),
                         max_buffered=int(rc.max_buffered),
                         handler=self.handle_stream,
@@ -445,8 +476,11 @@ class Connector:
                             nursery.start_soon(self._follow_token, relay, token)
                             up_since = time.monotonic()
                             self.relays[url] = relay
-                            if relay.local_ready != self.llm_ready:  # changed during the hello
-                                relay.send_status(ready=self.llm_ready)
+                            if (relay.local_ready, relay.local_models) != (
+                                self.llm_ready,
+                                self.models,
+                            ):  # changed during the hello
+                                relay.send_status(ready=self.llm_ready, models=self.models)
                             if self.draining:
                                 relay.send_goaway("connector draining")
                             if not self.connected.is_set():
@@ -567,6 +601,7 @@ class Connector:
             m.auth_failures.labels("connector").inc()
         error = is_error(outcome, status)
         self.stats.add(duration, ttfb, error)
+        m.count_model(fields.get("model"), outcome, ttfb)
         del fields["_t0"]
 
     def _waited(self, key_id: str, seconds: float) -> None:
@@ -619,6 +654,8 @@ class Connector:
         key_id = call.key_id
         p, c = sniffer.prompt_tokens, sniffer.completion_tokens
         call.model = call.model or sniffer.model
+        if call.model:
+            call.fields["model"] = call.model
         model = self.metrics.model_label(sniffer.model or call.model or "unknown")
         if p is not None and c is not None:
             self.metrics.tokens.labels(key_id, model, "prompt").inc(p)

@@ -31,8 +31,10 @@ type   name        stream  payload
                            "max_streams": <n>, "name": str, "route": str, "ready": bool,
                            "capacity": <requests served at once; 0 = max_streams>,
                            "probe": true (optional: a `check`; the broker answers HELLO
-                           or GOAWAY, then serves nothing on it)}``. Unknown keys
-                           are ignored (new optional keys stay compatible).
+                           or GOAWAY, then serves nothing on it), "models": [names]
+                           (optional: what the LLM serves; absent = anything),
+                           "priority": int (optional, default 0: preferred while up)}``.
+                           Unknown keys are ignored (new optional keys stay compatible).
                            The first frame each way. The connector sends first; the broker
                            answers with its own HELLO or a GOAWAY naming the reason
                            (e.g. another major version) and closes.
@@ -52,7 +54,8 @@ type   name        stream  payload
                            or broker refusing the hello); streams already open continue.
 0x08   PING        0       8 opaque bytes; answer with PONG carrying the same bytes.
 0x09   PONG        0       8 opaque bytes.
-0x0A   STATUS      0       UTF-8 JSON ``{"ready": bool}``: connector readiness changed.
+0x0A   STATUS      0       UTF-8 JSON ``{"ready": bool, "models": [names] (optional)}``:
+                           the connector's readiness or its LLM's models changed.
 =====  ==========  ======  ===============================================================
 
 Flow control works like HTTP/2's per-stream windows: a side may send DATA on a stream only

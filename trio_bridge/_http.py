@@ -116,3 +116,29 @@ def error_response(
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="trio-bridge"'))
     return status, headers, body
+
+
+def request_model(body: bytes) -> str | None:
+    """The top-level ``"model"`` of a JSON request body, or None."""
+    if body.lstrip()[:1] != b"{":
+        return None
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def with_model(body: bytes, model: str | None) -> bytes:
+    """A JSON request body with its top-level ``"model"`` replaced (an alias resolved). The
+    body is re-serialised; unchanged if it is not a JSON object or ``model`` is None."""
+    if model is None:
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body
+    if not isinstance(doc, dict):
+        return body
+    doc["model"] = model
+    return json.dumps(doc, ensure_ascii=False).encode()

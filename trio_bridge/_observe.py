@@ -241,6 +241,19 @@ class Metrics:
             buckets=TTFB_BUCKETS,
             registry=r,
         )
+        self.model_requests = Counter(
+            "trio_bridge_model_requests",
+            "Finished requests that named a model, by model and outcome.",
+            ["role", "model", "outcome"],
+            registry=r,
+        )
+        self.model_ttfb = Histogram(
+            "trio_bridge_model_time_to_first_byte_seconds",
+            "Time from request to response head, by model.",
+            ["role", "model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
         self.key_queue_wait = Histogram(
             "trio_bridge_key_queue_wait_seconds",
             "Time a request waited for an LLM slot in the connector's fair queue, per API key id.",
@@ -281,6 +294,15 @@ class Metrics:
             registry=r,
         )
         self._models: set[str] = set()
+
+    def count_model(self, model: str | None, outcome: str, ttfb: float | None) -> None:
+        """Per-model request count and time to first byte (model names capped: 50)."""
+        if not model:
+            return
+        label = self.model_label(model)
+        self.model_requests.labels(self.role, label, outcome).inc()
+        if ttfb is not None:
+            self.model_ttfb.labels(self.role, label).observe(ttfb)
 
     def model_label(self, model: str) -> str:
         model = model[:64]

@@ -81,6 +81,9 @@ class Hello:
     ready: bool = True
     capacity: int = 0  # requests the connector serves at once (0: max_streams)
     probe: bool = False  # `trio-bridge check`: judge this hello, then close; serve nothing
+    #: models the connector's LLM serves; None: not said (an older connector: serves anything)
+    models: tuple[str, ...] | None = None
+    priority: int = 0  # the broker prefers connectors with a higher priority while they are up
 
 
 @attrs.define(slots=True)
@@ -144,6 +147,7 @@ class Pong:
 @attrs.define(slots=True)
 class Status:
     ready: bool
+    models: tuple[str, ...] | None = None  # None: unchanged / not said
 
 
 Event = (
@@ -262,8 +266,29 @@ def _decode_hello(payload: bytes) -> Hello:
     probe = obj.get("probe", False)
     if not isinstance(probe, bool):
         raise RemoteProtocolError("HELLO: probe must be a boolean")
+    priority = obj.get("priority", 0)
+    if type(priority) is not int or not -1000 <= priority <= 1000:
+        raise RemoteProtocolError("HELLO: priority out of range")
+    models = _decode_models(obj.get("models"), "HELLO")
     assert isinstance(role, str) and isinstance(name, str) and isinstance(route, str)
-    return Hello(version, role, window, max_streams, name, route, ready, capacity, probe)
+    return Hello(
+        version, role, window, max_streams, name, route, ready, capacity, probe, models, priority
+    )
+
+
+MAX_MODELS = 1000
+
+
+def _decode_models(value: Any, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_MODELS
+        or not all(isinstance(m, str) and 0 < len(m) <= 256 for m in value)
+    ):
+        raise RemoteProtocolError(f"{what}: models must be a list of at most {MAX_MODELS} names")
+    return tuple(value)
 
 
 # ---- the state machine --------------------------------------------------------------------
@@ -349,6 +374,8 @@ class Session:
         ready: bool = True,
         capacity: int = 0,
         probe: bool = False,
+        models: tuple[str, ...] | None = None,
+        priority: int = 0,
     ) -> bytes:
         if self.hello_sent:
             raise LocalProtocolError("HELLO already sent")
@@ -365,6 +392,10 @@ class Session:
         }
         if probe:
             payload["probe"] = True
+        if models is not None:
+            payload["models"] = list(models)
+        if priority:
+            payload["priority"] = priority
         return encode_frame(FrameType.HELLO, 0, json.dumps(payload).encode())
 
     def open_stream(self, head: RequestHead, *, end_stream: bool) -> tuple[int, bytes]:
@@ -446,10 +477,13 @@ class Session:
     def send_pong(self, opaque: bytes) -> bytes:
         return encode_frame(FrameType.PONG, 0, opaque)
 
-    def send_status(self, *, ready: bool) -> bytes:
+    def send_status(self, *, ready: bool, models: tuple[str, ...] | None = None) -> bytes:
         if self.opener:
             raise LocalProtocolError("only the connector sends STATUS")
-        return encode_frame(FrameType.STATUS, 0, json.dumps({"ready": ready}).encode())
+        doc: dict[str, Any] = {"ready": ready}
+        if models is not None:
+            doc["models"] = list(models)
+        return encode_frame(FrameType.STATUS, 0, json.dumps(doc).encode())
 
     def _local_stream(self, stream_id: int) -> _Stream:
         s = self._streams.get(stream_id)
@@ -535,7 +569,7 @@ class Session:
             ready = obj.get("ready")
             if not isinstance(ready, bool):
                 raise RemoteProtocolError("STATUS: ready must be a boolean")
-            return Status(ready)
+            return Status(ready, _decode_models(obj.get("models"), "STATUS"))
         assert t is FrameType.HELLO
         raise RemoteProtocolError("second HELLO")
 

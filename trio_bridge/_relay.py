@@ -348,6 +348,8 @@ class Relay:
         max_buffered: int = 64 * 1024 * 1024,
         on_change: Callable[[Relay], None] | None = None,
         accept: Callable[[Hello], str | None] | None = None,
+        models: tuple[str, ...] | None = None,
+        priority: int = 0,
     ) -> None:
         self.session = session
         #: received body bytes waiting in this relay's streams; above ``max_buffered`` the
@@ -365,6 +367,12 @@ class Relay:
         self.peer: Hello | None = None
         self.peer_ready = True
         self.peer_draining = False
+        #: what this side's LLM serves (connector; sent in the hello and STATUS)
+        self.local_models = models
+        self.priority = priority
+        #: what the peer's LLM serves, kept current by its STATUS frames (None: anything)
+        self.peer_models: tuple[str, ...] | None = None
+        self.peer_priority = 0
         self.closed_reason: str | None = None
         self.grant_threshold = max(1, session.window // 4)
         self._transport = transport
@@ -421,10 +429,13 @@ class Relay:
         for stream in list(self._streams.values()):
             stream.reset(code, reason)
 
-    def send_status(self, *, ready: bool) -> None:
+    def send_status(self, *, ready: bool, models: tuple[str, ...] | None = None) -> None:
+        """Tell the peer our readiness (and our LLM's models, when they changed)."""
         self.local_ready = ready
+        if models is not None:
+            self.local_models = models
         if self.closed_reason is None and self.session.hello_sent:
-            self._put(self.session.send_status(ready=ready))
+            self._put(self.session.send_status(ready=ready, models=models))
 
     def send_goaway(self, reason: str) -> None:
         if self.closed_reason is None and not self.session.goaway_sent:
@@ -544,6 +555,8 @@ class Relay:
                     route=self.route,
                     ready=self.local_ready,
                     capacity=self.capacity,
+                    models=self.local_models,
+                    priority=self.priority,
                 )
             )
         while True:
@@ -561,6 +574,8 @@ class Relay:
             raise RelayRefused(refusal)
         self.peer = event
         self.peer_ready = event.ready
+        self.peer_models = event.models
+        self.peer_priority = event.priority
         if self.session.opener:
             self.capacity = event.capacity or event.max_streams
         if self.session.opener:
@@ -631,6 +646,8 @@ class Relay:
                     self._on_change(self)
             elif isinstance(ev, Status):
                 self.peer_ready = ev.ready
+                if ev.models is not None:
+                    self.peer_models = ev.models
                 if self._on_change is not None:
                     self._on_change(self)
 

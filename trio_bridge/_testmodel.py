@@ -69,8 +69,11 @@ class TestModel:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, *, token_delay: float = 0.02) -> None:
+    def __init__(self, *, token_delay: float = 0.02, models: tuple[str, ...] | None = None) -> None:
+        """``models``: the model ids it lists and accepts (others: 404 like vLLM); default:
+        it lists its own id and answers for any model name (like llama.cpp)."""
         self.token_delay = token_delay
+        self.models = models
         self.requests: deque[SeenRequest] = deque(maxlen=1000)
         self.disconnects = 0
         self.completed_streams = 0
@@ -104,12 +107,13 @@ class TestModel:
             )
         )
         method = scope["method"]
+        ids = self.models or (MODEL_ID,)
         if method == "GET" and path in ("/v1/models", "/models"):
-            await _json(send, 200, {"object": "list", "data": [_model_card()]})
-        elif method == "GET" and path == f"/v1/models/{MODEL_ID}":
-            await _json(send, 200, _model_card())
+            await _json(send, 200, {"object": "list", "data": [_model_card(m) for m in ids]})
+        elif method == "GET" and path.startswith("/v1/models/") and path[11:] in ids:
+            await _json(send, 200, _model_card(path[11:]))
         elif method == "GET" and path == "/api/tags":
-            await _json(send, 200, {"models": [{"name": MODEL_ID, "model": MODEL_ID}]})
+            await _json(send, 200, {"models": [{"name": m, "model": m} for m in ids]})
         elif method == "GET" and path in ("/health", "/"):
             await _json(send, 200, {"status": "ok", "model": MODEL_ID})
         elif method == "POST" and path in (
@@ -125,6 +129,14 @@ class TestModel:
                     raise ValueError
             except ValueError:
                 await _error(send, 400, "could not parse the JSON body")
+                return
+            if self.models is not None and req.get("model") not in self.models:
+                await _error(
+                    send,
+                    404,
+                    f"the model {req.get('model')!r} does not exist",
+                    code="model_not_found",
+                )
                 return
             if path == "/v1/embeddings":
                 await self._embeddings(send, req)
@@ -314,8 +326,8 @@ class TestModel:
             self.active_streams -= 1
 
 
-def _model_card() -> dict[str, Any]:
-    return {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "trio-bridge"}
+def _model_card(model: str = MODEL_ID) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "trio-bridge"}
 
 
 async def _json(send: Send, status: int, doc: Any) -> None:

@@ -145,9 +145,14 @@ class Lab:
         )
 
     async def start_test_model(
-        self, *, token_delay: float = 0.005, listen: str = "127.0.0.1:0"
+        self,
+        *,
+        token_delay: float = 0.005,
+        listen: str = "127.0.0.1:0",
+        models: tuple[str, ...] | None = None,
     ) -> RunningModel:
-        model = TestModel(token_delay=token_delay)
+        """A test model; ``models``: the ids it serves (others get 404), default any."""
+        model = TestModel(token_delay=token_delay, models=models)
         running = RunningModel(model, "")
 
         async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
