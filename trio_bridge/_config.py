@@ -255,12 +255,28 @@ class ConnectorConfig:
 
 
 @attrs.frozen(kw_only=True)
+class InspectorConfig:
+    """The connector's request inspector (its admin page). Bodies only when opted in: in
+    memory, bounded, never written to disk or sent to the broker."""
+
+    capture_bodies: bool = False
+    #: requests kept for the page (newest first)
+    max_requests: int = attrs.field(default=500, validator=_positive)
+    #: of each request and answer body, at most this much is kept (the rest: truncated)
+    max_body_bytes: Size = attrs.field(default=Size(64 * 1024), validator=_positive)
+    #: requests whose bodies are kept, and their bytes in all (the oldest are dropped)
+    max_captured: int = attrs.field(default=100, validator=_positive)
+    max_captured_bytes: Size = attrs.field(default=Size(16 * 1024 * 1024), validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     broker: BrokerConfig = attrs.field(factory=BrokerConfig)
     connector: ConnectorConfig = attrs.field(factory=ConnectorConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     relay: RelayConfig = attrs.field(factory=RelayConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
+    inspector: InspectorConfig = attrs.field(factory=InspectorConfig)
     #: directory relative paths are resolved against (not a TOML key)
     base_dir: str = attrs.field(default=".", metadata={"internal": True})
     #: the sections the file had (not a TOML key): which roles it configures

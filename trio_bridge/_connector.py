@@ -49,6 +49,7 @@ from ._http import (
     request_model,
     strip_hop_by_hop,
 )
+from ._inspect import Inspector, RequestRecord, redact
 from ._keys import SecretEntry, SecretStore, check_private
 from ._limits import KeyLimits, Limiter
 from ._observe import (
@@ -117,6 +118,7 @@ class _Call:
     limits: KeyLimits
     fields: dict[str, Any]
     model: str | None = None
+    rec: RequestRecord | None = None
     sniffer: UsageSniffer | None = None
     first_chunk: float | None = None
     last_chunk: float | None = None
@@ -188,6 +190,14 @@ class Connector:
         self.metrics.in_flight.labels("connector").set_function(lambda: self.in_flight)
         self.notifier = Notifier()
 
+        ic = config.inspector
+        self.inspector = Inspector(
+            capture_bodies=ic.capture_bodies,
+            max_records=ic.max_requests,
+            max_body_bytes=int(ic.max_body_bytes),
+            max_captured=ic.max_captured,
+            max_captured_bytes=int(ic.max_captured_bytes),
+        )
         self.limiter = Limiter()
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self._waited)
         self.metrics.queued.labels("connector").set_function(lambda: self.slots.queued)
@@ -358,6 +368,7 @@ class Connector:
             log.info("LLM is up: %s", reason, extra={"llm": self.local_url})
         else:
             log.warning("LLM is down: %s", reason, extra={"llm": self.local_url})
+        self.inspector.state("llm", "up" if up else "down")
         for relay in list(self.relays.values()):
             relay.send_status(ready=up)
         self.notifier.status(self.status_line())  # systemctl status shows it at once
@@ -494,6 +505,7 @@ class Connector:
                             self.notifier.status(self.status_line())
                             self.metrics.relay_connected.labels("connector", url).set(1)
                             log.info("relay connected", extra={"broker": url})
+                            self.inspector.state(url, "up")
                     self.relays.pop(url, None)
                     reason = reason or relay.closed_reason or "closed"
                 finally:
@@ -524,6 +536,7 @@ class Connector:
                 st["since"] = time.time()
             st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
             self.metrics.relay_connected.labels("connector", url).set(0)
+            self.inspector.state(url, "down")
             self.notifier.status(self.status_line())
             log.warning(
                 "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
@@ -558,8 +571,9 @@ class Connector:
             "path": head.target.split("?", 1)[0],
         }
         fields["_t0"] = started
+        rec = self.inspector.start(head.request_id, head.method, fields["path"])
         try:
-            fields["outcome"] = await self._forward(stream, fields)
+            fields["outcome"] = await self._forward(stream, fields, rec)
         finally:
             if "outcome" not in fields:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
@@ -576,7 +590,19 @@ class Connector:
             if head_at is not None:
                 fields["ttfb_ms"] = round((head_at - started) * 1000, 3)
             self._account(fields, duration, head_at, reset_code, stream)
+            self._inspected(rec, fields)
             log_request("connector", fields)
+
+    def _inspected(self, rec: RequestRecord, fields: dict[str, Any]) -> None:
+        """The end of a request, for the inspector (cheap: a few attribute copies)."""
+        rec.status = fields.get("status")
+        rec.outcome = fields["outcome"]
+        rec.reset = fields.get("reset", "")
+        rec.model = rec.model or fields.get("model") or ""
+        rec.duration_ms = fields["duration_ms"]
+        rec.ttfb_ms = fields.get("ttfb_ms")
+        rec.bytes_in, rec.bytes_out = fields["bytes_in"], fields["bytes_out"]
+        self.inspector.finish(rec)
 
     def _account(
         self,
@@ -691,7 +717,9 @@ class Connector:
         await stream.send_data(body, end_stream=True)
         return bridge_outcome(status)
 
-    async def _forward(self, stream: RelayStream, fields: dict[str, Any]) -> str:
+    async def _forward(
+        self, stream: RelayStream, fields: dict[str, Any], rec: RequestRecord
+    ) -> str:
         """Check the key and its limits, then relay the request to the LLM (or answer
         ``/_bridge/usage``); the key's counters are released when the answer ends."""
         head = stream.request_head
@@ -706,6 +734,8 @@ class Connector:
                 "missing API key" if presented is None else "invalid API key",
             )
         fields["key_id"] = entry.id
+        rec.key_id, rec.key_name = entry.id, entry.name
+        rec.request_headers = redact(head.headers)
         limits = self.keys.limits_for(entry)
         if head.target.split("?", 1)[0] == USAGE_PATH:
             return await self._self_service(stream, fields, entry, limits)
@@ -743,7 +773,9 @@ class Connector:
                 retry_after=refusal.retry_after,
                 extra=self.limiter.headers(entry.id, limits, now),
             )
-        call = _Call(entry.id, limits, fields, model)
+        call = _Call(entry.id, limits, fields, model, rec)
+        if self.inspector.capture_bodies:
+            content = self._capture_request(rec, content)
         try:
             return await self._to_llm(stream, fields, call, content)
         finally:
@@ -754,6 +786,17 @@ class Connector:
         now = time.time()
         prompt, completion, estimated = call.tokens(stream.bytes_received)
         self.limiter.finish(call.key_id, prompt + completion, now)
+        if call.rec is not None and (prompt or completion):
+            rec = call.rec
+            rec.prompt_tokens, rec.completion_tokens = prompt, completion
+            rec.tokens_estimated = estimated
+            rec.model = call.model or rec.model
+            if call.first_chunk is not None and call.last_chunk is not None:
+                rec.first_chunk_ms = round((call.first_chunk - call.fields["_t0"]) * 1000, 3)
+                if completion > 1 and call.last_chunk > call.first_chunk:
+                    rec.tokens_per_second = round(
+                        completion / (call.last_chunk - call.first_chunk), 1
+                    )
         if self.usage_store is not None:
             status = call.fields.get("status") or 0
             error = status >= 500 or call.fields.get("outcome", "ok") not in ("ok", "client_gone")
@@ -788,6 +831,10 @@ class Connector:
             return await self._reply_error(stream, fields, 400, "invalid request target")
         # one deadline for the wait in the queue and the LLM's first byte together
         first_byte_by = trio.current_time() + float(self.limits.first_byte_timeout)
+        if call.rec is not None:
+            call.rec.target = head.target
+            call.rec.forward_headers = [h for h in headers if h is not self._upstream_auth]
+        queued_at = trio.current_time()
         try:
             with trio.fail_at(first_byte_by):
                 await self.slots.acquire(call.key_id, call.limits.priority)
@@ -804,6 +851,8 @@ class Connector:
             return await self._reply_error(
                 stream, fields, 504, "the LLM did not start answering in time (queued)"
             )
+        if call.rec is not None:
+            call.rec.queue_wait_ms = round((trio.current_time() - queued_at) * 1000, 3)
         try:  # the LLM slot is held until the answer ends
             try:
                 with trio.fail_at(first_byte_by):
@@ -845,6 +894,8 @@ class Connector:
             if call.limits.rpm is not None or call.limits.tokens_per_minute is not None:
                 resp_headers += self.limiter.headers(call.key_id, call.limits, time.time())
             await stream.send_response(ResponseHead(response.status_code, resp_headers))
+            if call.rec is not None:
+                call.rec.response_headers = redact(resp_headers)
             call.sniffer = sniffer = UsageSniffer(
                 header(raw_headers, b"content-type"), header(raw_headers, b"content-encoding")
             )
@@ -874,6 +925,7 @@ class Connector:
         stall = float(self.limits.stall_timeout)
         assert call.sniffer is not None
         sniff = call.sniffer.feed if call.sniffer.active else None
+        capture = call.rec if self.inspector.capture_bodies else None
         # One scope for the whole answer, its deadline moved per phase (cheaper than two new
         # scopes per chunk): reading from the LLM is bounded by idle_timeout, waiting for the
         # relay to take a chunk (credit from a slow client) by stall_timeout.
@@ -893,6 +945,10 @@ class Connector:
                     sniff(chunk)
                 if not chunk:
                     continue
+                if capture is not None and not capture.response_truncated:
+                    capture.response_body, capture.response_truncated = self.inspector.capture(
+                        chunk, capture.response_body
+                    )
                 if not stream.can_send(len(chunk)):
                     deadline.deadline = trio.current_time() + stall
                     reading = False
@@ -904,6 +960,25 @@ class Connector:
             stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
             return "client_stalled"
         return "ok"
+
+    def _capture_request(
+        self, rec: RequestRecord, content: bytes | AsyncIterator[bytes]
+    ) -> bytes | AsyncIterator[bytes]:
+        """Keep (the start of) the request body for the inspector; the body sent is unchanged."""
+        if isinstance(content, bytes):
+            rec.request_body, rec.request_truncated = self.inspector.capture(content, None)
+            return content
+
+        async def tee(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                if not rec.request_truncated:
+                    rec.request_body, rec.request_truncated = self.inspector.capture(
+                        chunk, rec.request_body
+                    )
+                yield chunk
+
+        rec.request_body = b""
+        return tee(content)
 
     async def _read_body(self, stream: RelayStream) -> bytes:
         """The whole request body (at most max_body; beyond, 413 via _TooLarge)."""
