@@ -147,6 +147,10 @@ def test_each_example_file_lists_every_key_its_role_reads(role: str) -> None:
     assert listed["limits"] == ROLE_KEYS[role]["limits"]
     assert listed["relay"] == ROLE_KEYS[role]["relay"]
     assert listed["log"] == fields(LogConfig)
+    if role == "connector":
+        from trio_bridge._config import InspectorConfig
+
+        assert listed["inspector"] == fields(InspectorConfig)
 
 
 def test_every_schema_key_is_in_an_example_file() -> None:
@@ -170,7 +174,7 @@ def test_the_example_values_are_the_defaults_except_the_addresses() -> None:
     default = Config()
     for role, differs in (("broker", {"listen"}), ("connector", {"broker_urls"})):
         config = load_config(CONF / f"{role}.toml")
-        for section in ("broker", "connector", "limits", "relay", "log"):
+        for section in ("broker", "connector", "limits", "relay", "log", "inspector"):
             got, want = (
                 attrs.asdict(getattr(config, section)),
                 attrs.asdict(getattr(default, section)),

@@ -134,3 +134,19 @@ def test_every_file_the_readme_names_exists() -> None:
     assert links and named
     missing = sorted({p for p in [*links, *named] if not (ROOT / p).exists()})
     assert not missing, f"README names files that are not in the repository: {missing}"
+
+
+def test_the_grafana_dashboard_queries_metrics_the_bridge_exports() -> None:
+    from trio_bridge._observe import Metrics
+
+    dash = json.loads((ROOT / "conf" / "grafana-dashboard.json").read_text())
+    assert dash["__inputs"][0]["pluginId"] == "prometheus" and dash["panels"]
+    exported: set[str] = set()
+    for role in ("broker", "connector"):
+        for metric in Metrics(role).registry.collect():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+            exported.update(metric.name + x for x in suffixes.get(metric.type, [""]))
+    for p in dash["panels"]:
+        for target in p["targets"]:
+            names = set(re.findall(r"\b(trio_bridge_\w+)", target["expr"]))
+            assert names and names <= exported, (p["title"], names - exported)

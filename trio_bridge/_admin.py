@@ -5,6 +5,8 @@
                   to at least one broker is up AND the LLM answers), else 503.
 ``GET /status``   JSON: connections with state and since when, in-flight, recent latency.
 ``GET /metrics``  Prometheus text (prometheus-client).
+``GET /``         the web page (connector: live request inspector; broker: routes and
+                  connectors), with its JSON under ``/api/``; see ``_ui``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 from ._asgi import Receive, Scope, Send, lifespan, send_simple
 from ._observe import Metrics
+from ._ui import Pages
 
 _JSON = [(b"content-type", b"application/json")]
+_OWN = frozenset({"/healthz", "/readyz", "/status", "/metrics"})
 
 
 class AdminApp:
@@ -25,12 +29,25 @@ class AdminApp:
         metrics: Metrics,
         ready: Callable[[], bool],
         status: Callable[[], dict[str, Any]],
+        pages: Pages | None = None,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
         self.status = status
+        self.pages = pages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.pages is not None and not self.pages.allowed(scope):
+            await send_simple(
+                send,
+                401,
+                [*_JSON, (b"www-authenticate", b'Bearer realm="trio-bridge admin"')],
+                b'{"error": "this admin endpoint needs its admin token"}',
+            )
+            return
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
@@ -50,6 +67,12 @@ class AdminApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
+        if (
+            self.pages is not None
+            and path not in _OWN
+            and await self.pages.handle(scope, receive, send)
+        ):
+            return
         if scope["method"] not in ("GET", "HEAD"):
             await send_simple(send, 405, _JSON, b'{"error": "method not allowed"}')
         elif path == "/healthz":

@@ -43,7 +43,7 @@ from ._http import (
     strip_hop_by_hop,
     with_model,
 )
-from ._keys import SecretStore
+from ._keys import SecretStore, admin_token
 from ._observe import (
     Metrics,
     RecentStats,
@@ -57,6 +57,7 @@ from ._protocol import Hello, RequestHead, ResponseHead, Session
 from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
 from ._service import Notifier
+from ._ui import Pages
 from ._version import __version__
 
 log = logging.getLogger("trio_bridge.broker")
@@ -76,6 +77,7 @@ _MODEL_LISTS = frozenset({"/v1/models", "/api/tags"})
 #: a route with no connector for this long (or never, since the broker started this long ago)
 #: gets 503 at once instead of waiting queue_timeout for one
 ROUTE_MEMORY = 60.0
+MAX_ROUTE_STATS = 100  # routes with recent figures on the admin page
 RETRY_AFTER_NOT_READY = 5
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
@@ -268,6 +270,7 @@ class Broker:
         self.in_flight = 0
         self.metrics = Metrics("broker")
         self.stats = RecentStats()
+        self.route_stats: dict[str, RecentStats] = {}  # per route, for the admin page
         self.metrics.in_flight.labels("broker").set_function(lambda: self.in_flight)
         self.metrics.queued.labels("broker").set_function(lambda: self.registry.queued)
         self.notifier = Notifier()
@@ -309,6 +312,41 @@ class Broker:
             relay.reset_all(ResetCode.SHUTDOWN, "broker shutting down")
         await trio.sleep(0.05)  # let the aborts reach their clients
         self._stop.set()
+
+    def _pages(self) -> Pages:
+        return Pages(
+            "broker",
+            token=admin_token(self.config, self.config.broker.admin_token_file),
+            apis={"/api/routes": lambda q: self.routes_overview()},
+        )
+
+    def routes_overview(self) -> dict[str, Any]:
+        """Routes with their connectors and the last five minutes' figures (admin page)."""
+        routes: dict[str, Any] = {}
+        for relay in self.registry.relays():
+            r = routes.setdefault(relay.route, {"connectors": []})
+            r["connectors"].append(
+                {
+                    "name": relay.name,
+                    "models": list(relay.peer_models) if relay.peer_models is not None else None,
+                    "priority": relay.peer_priority,
+                    "ready": relay.peer_ready,
+                    "draining": relay.peer_draining,
+                    "in_flight": relay.in_flight,
+                    "capacity": relay.capacity,
+                    "connected_since": relay.connected_since,
+                }
+            )
+        for route, stats in self.route_stats.items():
+            routes.setdefault(route, {"connectors": []})["recent"] = stats.summary()
+        return {
+            "now": time.time(),
+            "draining": self.draining,
+            "in_flight": self.in_flight,
+            "queued": self.registry.queued,
+            "aliases": self.aliases,
+            "routes": dict(sorted(routes.items())),
+        }
 
     def status_line(self) -> str:
         relays = self.registry.relays()
@@ -384,7 +422,7 @@ class Broker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_tokens)
             if self.config.broker.admin_listen:
-                admin = AdminApp(self.metrics, self.ready, self.status)
+                admin = AdminApp(self.metrics, self.ready, self.status, self._pages())
                 with listening("broker.admin_listen", self.config.broker.admin_listen):
                     self.admin_address = await nursery.start(
                         serve_app, admin, self.config.broker.admin_listen
@@ -608,6 +646,8 @@ class Broker:
         error = is_error(outcome, status)
         ttfb = ex.head_at - ex.started if ex.head_at is not None else None
         self.stats.add(duration, ttfb, error)
+        if route in self.route_stats or len(self.route_stats) < MAX_ROUTE_STATS:
+            self.route_stats.setdefault(route, RecentStats()).add(duration, ttfb, error)
         m.count_model(fields.get("model"), outcome, ttfb)
 
     def _start_reader(self, ex: _Exchange) -> None:

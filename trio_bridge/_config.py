@@ -209,6 +209,9 @@ class BrokerConfig:
     tls_key: str = ""
     #: refused connector tokens per source address and minute, then 429 without checking
     max_token_failures: int = attrs.field(default=10, validator=_positive)
+    #: a file holding a token the admin endpoint then requires (except /healthz, /readyz);
+    #: for operators who expose admin_listen beyond loopback
+    admin_token_file: str = ""
     #: model aliases and fallback chains, e.g. coder = ["qwen2.5-coder:32b", "qwen2.5-coder:7b"]:
     #: a request for "coder" goes to the first that a connector serves, and to the next if that
     #: fails before answering
@@ -224,6 +227,8 @@ class ConnectorConfig:
     local_url: str = attrs.field(default="http://127.0.0.1:11434", validator=_check_url)
     admin_listen: str = attrs.field(default="127.0.0.1:9181", validator=_check_hostport)
     api_keys_file: str = "keys.toml"
+    #: a file holding a token the admin endpoint then requires (except /healthz, /readyz)
+    admin_token_file: str = ""
     #: a key the LLM server itself wants (llama.cpp / vLLM --api-key); read from this file or
     #: from the environment variable TRIO_BRIDGE_UPSTREAM_KEY.
     upstream_api_key_file: str = ""

@@ -45,12 +45,13 @@ from ._http import (
     REQUEST_ID,
     error_response,
     header,
+    new_request_id,
     presented_key,
     request_model,
     strip_hop_by_hop,
 )
 from ._inspect import Inspector, RequestRecord, redact
-from ._keys import SecretEntry, SecretStore, check_private
+from ._keys import SecretEntry, SecretStore, admin_token, check_private
 from ._limits import KeyLimits, Limiter
 from ._observe import (
     Metrics,
@@ -66,6 +67,7 @@ from ._protocol import GoAway, Hello, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
 from ._slots import FairSlots, QueueFull
+from ._ui import Pages
 from ._upstream import H11Transport
 from ._usage import UsageSniffer
 from ._usagestore import UsageStore, utc_day
@@ -100,6 +102,17 @@ class _TooLarge(Exception):
 
 
 USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
+
+
+def _int(query: dict[str, list[str]], name: str, default: int) -> int:
+    try:
+        return max(1, min(1000, int(query.get(name, [str(default)])[0])))
+    except ValueError:
+        return default
+
+
+def _seq(text: str) -> int:
+    return int(text) if text.isdigit() else -1
 
 
 def _totals(rows: Any) -> dict[str, int]:
@@ -227,6 +240,114 @@ class Connector:
             self.config.path(self.config.connector.token_file), "connector.token_file"
         )
 
+    # -- the admin page (inspector) --
+    def _pages(self) -> Pages:
+        ins = self.inspector
+        return Pages(
+            "connector",
+            token=admin_token(self.config, self.config.connector.admin_token_file),
+            apis={
+                "/api/requests": lambda q: {
+                    "requests": ins.recent(_int(q, "limit", 200)),
+                    "capture_bodies": ins.capture_bodies,
+                },
+                "/api/usage": lambda q: self.usage_summary(),
+                "/api/timeline": lambda q: {
+                    "now": time.time(),
+                    "since": self.started,
+                    "events": [{"time": t, "what": w, "state": st} for t, w, st in ins.timeline],
+                    "queue": {"waiting": self.slots.queued, "at_llm": self.slots.busy},
+                    "llm": "up" if self.llm_ready else "down",
+                    "relays": {url: st["state"] for url, st in self.relay_states.items()},
+                },
+            },
+            details=lambda seq: r.detail() if (r := ins.get(_seq(seq))) else None,
+            events=ins.subscription,
+            actions={"/api/replay/": self.replay},
+        )
+
+    def usage_summary(self) -> dict[str, Any]:
+        """Tokens and requests per key and per model: today, 7 and 30 days (usage store), or
+        since the start (in-memory counters) when there is no store."""
+        names = {e.id: e.name for e in self.keys.entries()}
+        if self.usage_store is None:
+            per_key = {
+                names.get(k, k): {"tokens": sum(p + c for p, c in models.values())}
+                for k, models in self.usage.items()
+            }
+            return {"stored": False, "periods": {"since start": {"keys": per_key, "models": {}}}}
+        now = time.time()
+        rows = self.usage_store.rows(since_day=utc_day(now - 29 * 86400))
+        periods: dict[str, Any] = {}
+        for label, days in (("today", 0), ("7 days", 6), ("30 days", 29)):
+            since = utc_day(now - days * 86400)
+            keys: dict[str, dict[str, int]] = {}
+            models: dict[str, dict[str, int]] = {}
+            for r in rows:
+                if r["day"] < since:
+                    continue
+                for table, name in (
+                    (keys, names.get(r["key_id"], r["key_id"])),
+                    (models, r["model"]),
+                ):
+                    t = table.setdefault(name, {"requests": 0, "tokens": 0, "errors": 0})
+                    t["requests"] += r["requests"]
+                    t["tokens"] += r["prompt_tokens"] + r["completion_tokens"]
+                    t["errors"] += r["errors"]
+            periods[label] = {"keys": keys, "models": models}
+        return {"stored": True, "periods": periods}
+
+    async def replay(self, seq_text: str) -> tuple[int, dict[str, Any]]:
+        """Send a captured request to the LLM again (from the admin page; not through a
+        broker); the answer becomes a new inspector entry."""
+        old = self.inspector.get(_seq(seq_text.strip("/")))
+        if old is None:
+            return 404, {"error": "no such request (or no longer kept)"}
+        if old.request_body is None or old.request_truncated or not old.target:
+            return 409, {
+                "error": "its body was not captured in full: set [inspector] capture_bodies"
+            }
+        rec = self.inspector.start(new_request_id(), old.method, old.path)
+        rec.key_id, rec.key_name, rec.model, rec.replay_of = (
+            old.key_id,
+            "replay",
+            old.model,
+            old.request_id,
+        )
+        rec.request_headers = redact(old.forward_headers)
+        rec.request_body = old.request_body
+        headers = [(k, v) for k, v in old.forward_headers if k != REQUEST_ID]
+        headers.append((REQUEST_ID, rec.request_id.encode()))
+        if self._upstream_auth is not None:
+            headers.append(self._upstream_auth)
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(float(self.limits.first_byte_timeout)):
+                async with self.slots.slot("replay"):
+                    r = await self.transport.handle_async_request(
+                        httpx.Request(old.method, self.local_url + old.target, headers=headers,
+                                      content=old.request_body)
+                    )  # fmt: skip
+                    rec.ttfb_ms = round((trio.current_time() - t0) * 1000, 3)
+                    try:
+                        async for chunk in r.stream:  # type: ignore[union-attr]
+                            rec.response_body, rec.response_truncated = self.inspector.capture(
+                                chunk, rec.response_body
+                            )
+                            rec.bytes_out += len(chunk)
+                    finally:
+                        await r.aclose()
+        except (trio.TooSlowError, httpx.HTTPError) as exc:
+            rec.outcome = "upstream_error"
+            rec.reset = type(exc).__name__
+            self.inspector.finish(rec)
+            return 502, {"error": f"the LLM did not answer: {type(exc).__name__}", "seq": rec.seq}
+        rec.status, rec.outcome = r.status_code, "ok"
+        rec.response_headers = redact(r.headers.raw)
+        rec.duration_ms = round((trio.current_time() - t0) * 1000, 3)
+        self.inspector.finish(rec)
+        return 200, {"status": r.status_code, "seq": rec.seq}
+
     def status_line(self) -> str:
         n = len(self.config.connector.broker_urls)
         state = "draining; " if self.draining else ""
@@ -309,7 +430,7 @@ class Connector:
         try:
             async with trio.open_nursery() as outer:
                 if self.config.connector.admin_listen:
-                    admin = AdminApp(self.metrics, self.ready, self.status)
+                    admin = AdminApp(self.metrics, self.ready, self.status, self._pages())
                     listen = self.config.connector.admin_listen
                     with listening("connector.admin_listen", listen):
                         self.admin_address = await outer.start(serve_app, admin, listen)

@@ -50,6 +50,10 @@ def header(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 def request_id_from(headers: Headers) -> str:
     """A sane incoming X-Request-ID is kept; anything else gets a fresh one."""
     v = header(headers, REQUEST_ID)

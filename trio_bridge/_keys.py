@@ -415,3 +415,22 @@ def limits_from(item: dict[str, Any], where: str) -> KeyLimits:
     if type(priority) is not int or not 1 <= priority <= 100:
         raise ConfigError(f"{where}.priority: expected an integer from 1 to 100, got {priority!r}")
     return KeyLimits(models=tuple(models), priority=priority, **values)
+
+
+def admin_token(config: Any, token_file: str) -> str | None:
+    """The admin pages' token: ``TRIO_BRIDGE_ADMIN_TOKEN``, else ``token_file`` (mode 0600),
+    else None (no token: the admin endpoint relies on listening on loopback)."""
+    token = os.environ.get("TRIO_BRIDGE_ADMIN_TOKEN")
+    if token:
+        return token
+    if not token_file:
+        return None
+    path: Path = config.path(token_file)
+    check_private(path)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"admin_token_file: {path}: no such file") from None
+    if not token:
+        raise ConfigError(f"admin_token_file: {path} is empty")
+    return token

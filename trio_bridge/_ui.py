@@ -54,6 +54,8 @@ class Pages:
     def allowed(self, scope: Scope) -> bool:
         if self.token is None or scope["path"] in OPEN_PATHS:
             return True
+        if scope["path"] == "/" and b"token=" in scope.get("query_string", b""):
+            return True  # the login link: handle() checks the token and sets the cookie
         for k, v in scope["headers"]:
             if k == b"authorization" and v.startswith(b"Bearer "):
                 return hmac.compare_digest(v[7:].strip(), self.token.encode())
@@ -99,9 +101,7 @@ class Pages:
             await _json(send, 401, {"error": "wrong admin token"})
             return True
         cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
-        await send_simple(
-            send, 303, [(b"location", b"/"), (b"set-cookie", cookie.encode())], b""
-        )
+        await send_simple(send, 303, [(b"location", b"/"), (b"set-cookie", cookie.encode())], b"")
         return True
 
     async def _stream_events(self, receive: Receive, send: Send) -> None:
@@ -134,7 +134,9 @@ class Pages:
                         chunk = f"event: {event['type']}\ndata: {data}\n\n".encode()
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         continue
-                    await send({"type": "http.response.body", "body": b": -\n\n", "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": b": -\n\n", "more_body": True}
+                    )
 
 
 async def _json(send: Send, status: int, doc: Any) -> None:

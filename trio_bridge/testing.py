@@ -44,7 +44,15 @@ import pytest
 import trio
 
 from ._broker import Broker
-from ._config import BrokerConfig, Config, ConnectorConfig, LimitsConfig, RelayConfig, structure
+from ._config import (
+    BrokerConfig,
+    Config,
+    ConnectorConfig,
+    InspectorConfig,
+    LimitsConfig,
+    RelayConfig,
+    structure,
+)
 from ._connector import Connector
 from ._keys import SecretStore
 from ._testmodel import TestModel
@@ -128,9 +136,11 @@ class Lab:
         connector: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         relay: dict[str, Any] | None = None,
+        inspector: dict[str, Any] | None = None,
     ) -> Config:
         """A config with test-friendly defaults (short pings and queue), then the overrides."""
         return Config(
+            inspector=_section(InspectorConfig, inspector, "inspector"),
             base_dir=str(self.dir),
             broker=_section(
                 BrokerConfig,
@@ -194,6 +204,7 @@ class Lab:
         limits: dict[str, Any] | None = None,
         relay: dict[str, Any] | None = None,
         token: str | None = None,
+        inspector: dict[str, Any] | None = None,
     ) -> RunningConnector:
         """Start a connector; with ``wait``, return once every broker registered it.
         ``token``: another connector token than the lab's (e.g. one bound to a route)."""
@@ -207,6 +218,7 @@ class Lab:
             },
             limits=limits,
             relay=relay,
+            inspector=inspector,
         )
         c = Connector(config, keys=self.keys, token=token or self.token)
         scope, done = trio.CancelScope(), trio.Event()
