@@ -201,3 +201,24 @@ def test_an_unknown_key_suggests_the_known_one(tmp_path: Path) -> None:
 def test_zero_timeouts_are_refused(tmp_path: Path, key: str) -> None:
     with pytest.raises(ConfigError, match=f"limits.{key}: must be positive"):
         load_config(write(tmp_path, f'[limits]\n{key} = "0s"\n'))
+
+
+def test_every_exception_the_package_defines_is_a_bridge_error() -> None:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import trio_bridge
+    from trio_bridge._errors import BadBody, BridgeError, ClientDisconnected
+
+    found = []
+    for mod in pkgutil.iter_modules(trio_bridge.__path__):
+        if mod.name == "__main__":
+            continue
+        module = importlib.import_module(f"trio_bridge.{mod.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__.startswith("trio_bridge"):
+                found.append(cls)
+    assert len(found) > 10
+    assert [c.__name__ for c in found if not issubclass(c, BridgeError)] == []
+    assert not issubclass(BadBody, ClientDisconnected)  # a broken body is not a departure

@@ -11,11 +11,18 @@ from ._broker import Broker, Registry
 from ._config import Config, load_config
 from ._connector import Connector
 from ._errors import (
+    BadBody,
+    BodyTooSlow,
     BridgeError,
+    ClientDisconnected,
+    ClientError,
     ConfigError,
     LocalProtocolError,
     ProtocolError,
+    QueueFull,
     RelayClosed,
+    RelayRefused,
+    RelayRejected,
     RemoteProtocolError,
     StreamReset,
 )
@@ -24,15 +31,22 @@ from ._testmodel import TestModel
 from ._version import __version__
 
 __all__ = [
+    "BadBody",
+    "BodyTooSlow",
     "BridgeError",
     "Broker",
+    "ClientDisconnected",
+    "ClientError",
     "Config",
     "ConfigError",
     "Connector",
     "LocalProtocolError",
     "ProtocolError",
+    "QueueFull",
     "Registry",
     "RelayClosed",
+    "RelayRefused",
+    "RelayRejected",
     "RemoteProtocolError",
     "SecretStore",
     "StreamReset",

@@ -31,7 +31,15 @@ import trio
 from ._admin import AdminApp
 from ._asgi import serve_app
 from ._config import Config, parse_hostport
-from ._errors import ConfigError, RelayClosed, StreamReset, listening
+from ._errors import (
+    BadBody,
+    ClientDisconnected,
+    ConfigError,
+    QueueFull,
+    RelayClosed,
+    StreamReset,
+    listening,
+)
 from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._http import (
     error_body,
@@ -55,7 +63,7 @@ from ._observe import (
 )
 from ._protocol import Hello, RequestHead, ResponseHead, Session
 from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
-from ._server import BadBody, ClientDisconnected, Request, ServerLimits, serve_http
+from ._server import Request, ServerLimits, serve_http
 from ._service import Notifier
 from ._ui import Pages
 from ._version import __version__
@@ -90,10 +98,6 @@ _RESET_STATUS = {
     ResetCode.SHUTDOWN: (503, "the connector is shutting down; retry"),
     ResetCode.RELAY_LOST: (502, "the connection to the LLM's connector was lost"),
 }
-
-
-class QueueFull(Exception):
-    """More requests are waiting for a connector than ``max_queue`` allows."""
 
 
 class _Waiter:
@@ -219,12 +223,13 @@ class Registry:
         relay.reserved -= 1
         self.changed(relay)
 
-    async def acquire(self, route: str, timeout: float, model: str | None = None) -> Relay | None:
-        """Reserve a relay for ``route`` that serves ``model``, waiting up to ``timeout`` in
-        FIFO order.
+    async def acquire(self, route: str, model: str | None = None) -> Relay:
+        """Reserve a relay for ``route`` that serves ``model``, waiting in FIFO order (bound
+        the wait with a cancel scope: ``trio.move_on_after(queue_timeout)``).
 
-        Returns None on timeout; raises QueueFull if ``max_queue`` requests already wait.
-        The caller must :meth:`release` the relay it got.
+        Raises QueueFull if ``max_queue`` requests already wait. The caller must
+        :meth:`release` the relay it got. Cancellation: a relay reserved for us at that very
+        moment is given back.
         """
         if not any(w.route == route for w in self._waiters):
             relay = self.pick(route, model)
@@ -236,8 +241,7 @@ class Registry:
         w = _Waiter(route, model)
         self._waiters.append(w)
         try:
-            with trio.move_on_after(timeout):
-                await w.event.wait()
+            await w.event.wait()
         except BaseException:
             if w.relay is not None:
                 self.release(w.relay)
@@ -245,6 +249,7 @@ class Registry:
         finally:
             if w in self._waiters:
                 self._waiters.remove(w)
+        assert w.relay is not None  # the event is set only with a relay
         return w.relay
 
 
@@ -275,6 +280,7 @@ class Broker:
         self.metrics.queued.labels("broker").set_function(lambda: self.registry.queued)
         self.notifier = Notifier()
         self._stop = trio.Event()
+        self._drained = trio.Event()  # draining, and the last request ended
         self.limits = config.limits
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in bc.trusted_proxies]
         self._token_failures: OrderedDict[str, tuple[float, int]] = OrderedDict()
@@ -304,8 +310,8 @@ class Broker:
         self.notifier.stopping(f"draining; {self.in_flight} in flight")
         log.info("draining: refusing new requests; %d in flight", self.in_flight)
         with trio.move_on_after(grace):
-            while self.in_flight:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            if self.in_flight:
+                await self._drained.wait()  # set by the last request to end
         if self.in_flight:
             log.warning("grace period over: aborting %d requests", self.in_flight)
         for relay in self.registry.relays():
@@ -615,6 +621,8 @@ class Broker:
             if ex.stream is not None and not ex.stream.finished:
                 ex.stream.reset(ResetCode.CANCEL, "client went away")
             self.in_flight -= 1
+            if self.draining and not self.in_flight:
+                self._drained.set()
             fields.setdefault("outcome", "cancelled")
             fields["bytes_in"] = ex.body_size
             duration = time.monotonic() - ex.started
@@ -889,7 +897,9 @@ class Broker:
                 )
             waited = time.monotonic()
             try:
-                relay = await self.registry.acquire(route, self.queue_timeout, model)
+                relay = None
+                with trio.move_on_after(self.queue_timeout):
+                    relay = await self.registry.acquire(route, model)
             except QueueFull:
                 self.limit_hit("queue")
                 return await self._error(

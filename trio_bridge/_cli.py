@@ -783,13 +783,10 @@ async def _check_connector(config: Config, report: _Report) -> None:
         if token is None:
             report.fail(f"broker {url}", "not tried: no connector token")
             continue
-        ok, text = await probe_relay(
-            url,
-            token,
-            route=cc.route,
-            ssl_context=ssl_context,
-            timeout=float(config.limits.connect_timeout),
-        )
+        timeout = float(config.limits.connect_timeout)
+        ok, text = False, f"no relay answer within {timeout:g}s (is this the broker's address?)"
+        with trio.move_on_after(timeout):
+            ok, text = await probe_relay(url, token, route=cc.route, ssl_context=ssl_context)
         (report.ok if ok else report.fail)(f"broker {url}", text)
 
 

@@ -32,9 +32,12 @@ from ._asgi import serve_app
 from ._backoff import Backoff
 from ._config import Config
 from ._errors import (
+    BridgeError,
     ConfigError,
+    QueueFull,
     RelayClosed,
     RelayRefused,
+    RelayRejected,
     RemoteProtocolError,
     StreamReset,
     listening,
@@ -66,13 +69,13 @@ from ._observe import (
 from ._protocol import GoAway, Hello, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
-from ._slots import FairSlots, QueueFull
+from ._slots import FairSlots
 from ._ui import Pages
 from ._upstream import H11Transport
 from ._usage import UsageSniffer
 from ._usagestore import UsageStore, utc_day
 from ._version import __version__
-from ._ws import WebSocketRejected, connect_websocket
+from ._ws import connect_websocket
 
 log = logging.getLogger("trio_bridge.connector")
 
@@ -97,7 +100,7 @@ def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
     return value
 
 
-class _TooLarge(Exception):
+class _TooLarge(BridgeError):
     pass
 
 
@@ -190,6 +193,7 @@ class Connector:
         #: the LLM's models as last learned (None: not known; brokers send anything)
         self.models: tuple[str, ...] | None = tuple(c.models) if c.models else None
         self._stop = trio.Event()
+        self._drained = trio.Event()  # draining, and the last request ended
         self._probe_now = trio.Event()
         self.started = time.time()
         self.admin_address: tuple[str, int] | None = None
@@ -376,8 +380,8 @@ class Connector:
             relay.send_goaway("connector draining")
         self.notifier.stopping(f"draining; {self.in_flight} in flight")
         with trio.move_on_after(grace):
-            while self.in_flight:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            if self.in_flight:
+                await self._drained.wait()  # set when the last stream leaves its relay
         if self.in_flight:
             log.warning("grace period over: aborting %d requests", self.in_flight)
         for relay in list(self.relays.values()):
@@ -552,6 +556,8 @@ class Connector:
     def _relay_changed(self, url: str, relay: Relay) -> None:
         if relay.closed_reason is not None and self.relays.get(url) is relay:
             del self.relays[url]  # at once, not after the close handshake
+        if self.draining and not self.in_flight:
+            self._drained.set()
 
     async def keep_relay(self, url: str) -> None:
         """Dial ``url`` and serve on it; re-dial forever with backoff."""
@@ -631,7 +637,7 @@ class Connector:
                     reason = reason or relay.closed_reason or "closed"
                 finally:
                     await ws.aclose()
-            except WebSocketRejected as exc:
+            except RelayRejected as exc:
                 reason, delay_policy = _rejection(url, exc), slow
             except ConfigError as exc:  # the token file went missing, empty or readable
                 reason, delay_policy = f"connector token: {exc}", slow
@@ -1127,28 +1133,25 @@ async def probe_relay(
     *,
     route: str,
     ssl_context: ssl.SSLContext | None = None,
-    timeout: float = 5.0,
 ) -> tuple[bool, str]:
     """Dial ``url`` and do a real relay handshake with ``token`` and ``route`` (a HELLO marked
     as a probe, which the broker judges and answers but never registers or sends requests
-    on). Returns (ok, a one-line diagnosis); never raises for a network or broker problem."""
+    on). Returns (ok, a one-line diagnosis); never raises for a network or broker problem.
+    No timeout of its own: bound it with a cancel scope (``trio.move_on_after``)."""
     ws = None
     try:
-        with trio.fail_after(timeout):
-            ws = await connect_websocket(
-                url,
-                headers=[(b"authorization", b"Bearer " + token.encode())],
-                max_message=MAX_MESSAGE + 1024,
-                ssl_context=ssl_context,
-            )
-            session = Session(opener=False)
-            await ws.send_message(session.send_hello(role="connector", route=route, probe=True))
-            while (event := session.next_event()) is None:
-                session.receive_data(await ws.receive_message())
-    except WebSocketRejected as exc:
+        ws = await connect_websocket(
+            url,
+            headers=[(b"authorization", b"Bearer " + token.encode())],
+            max_message=MAX_MESSAGE + 1024,
+            ssl_context=ssl_context,
+        )
+        session = Session(opener=False)
+        await ws.send_message(session.send_hello(role="connector", route=route, probe=True))
+        while (event := session.next_event()) is None:
+            session.receive_data(await ws.receive_message())
+    except RelayRejected as exc:
         return False, _rejection(url, exc)
-    except trio.TooSlowError:
-        return False, f"no relay answer within {timeout:g}s (is this the broker's address?)"
     except (OSError, trio.BrokenResourceError) as exc:
         return False, f"cannot reach broker: {_connect_failure(exc)}"
     except RelayClosed as exc:
@@ -1165,7 +1168,7 @@ async def probe_relay(
     return False, f"unexpected first frame from the broker: {type(event).__name__}"
 
 
-def _rejection(url: str, exc: WebSocketRejected) -> str:
+def _rejection(url: str, exc: RelayRejected) -> str:
     """One line for a dial the broker answered with an HTTP status instead of a relay."""
     if exc.status == 404:
         expected = "/_bridge/relay"

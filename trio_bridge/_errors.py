@@ -2,14 +2,23 @@
 
 ::
 
-    BridgeError                      base of everything we raise on purpose
-    ├── ConfigError                  bad bridge.toml / key file; .key names the offending key
+    BridgeError                      base of everything the package raises
+    ├── ConfigError                  bad bridge.toml / key file, a port in use: one line
     ├── ProtocolError                relay protocol violation (sans-IO layer)
     │   ├── LocalProtocolError       we tried something illegal (a bug on our side)
     │   └── RemoteProtocolError      the peer did (close the relay, log the reason)
     ├── RelayClosed                  the relay is gone; .reason says why
     │   └── RelayRefused             the peer refused the hello (GOAWAY before HELLO)
-    └── StreamReset                  a stream was reset; .code and .reason from the reset frame
+    ├── RelayRejected                a dial answered with an HTTP status, not a WebSocket
+    ├── StreamReset                  a stream was reset; .code and .reason from the reset frame
+    ├── ClientError                  the public client's side of a request (broker)
+    │   ├── ClientDisconnected       it went away before its body was read
+    │   │   └── BodyTooSlow          its body came slower than min_body_rate
+    │   └── BadBody                  its body breaks HTTP framing (answered 400)
+    └── QueueFull                    a bounded queue is full (broker: 503; connector: 429)
+
+Private control flow inside one module (``_TooLarge``, ``_HeadError``, ``_NothingReceived``)
+subclasses BridgeError too, and never leaves its module.
 
 Foreign exceptions are translated into these at one boundary each: ``_ws.py`` for wsproto,
 ``_server.py`` for h11 on the public side, ``_upstream.py`` (to httpx's tree) and
@@ -95,3 +104,33 @@ def listening(option: str, value: str) -> Iterator[None]:
         err = found[0]
         why = _BIND_ERRORS.get(err.errno or 0, err.strerror or str(err))
         raise ConfigError(f"cannot listen on {value}: {why}; change {option}") from None
+
+
+class RelayRejected(BridgeError):
+    """A relay dial got an HTTP answer instead of the WebSocket upgrade (``status``,
+    ``body``: a 401 for a bad token, a 404 at a wrong path, ...)."""
+
+    def __init__(self, status: int, body: bytes = b"") -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.body = body
+
+
+class ClientError(BridgeError):
+    """About the public client of a request (the broker's side)."""
+
+
+class ClientDisconnected(ClientError):
+    """The client closed its connection (or broke the protocol) before its body was read."""
+
+
+class BodyTooSlow(ClientDisconnected):
+    """The client sent its body slower than ``min_body_rate``."""
+
+
+class BadBody(ClientError):
+    """The request body breaks HTTP framing (e.g. a bad chunk); the server answers 400."""
+
+
+class QueueFull(BridgeError):
+    """More requests wait than the queue's bound allows."""

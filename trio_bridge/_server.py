@@ -37,7 +37,15 @@ import attrs
 import h11
 import trio
 
-from ._errors import RelayClosed, RemoteProtocolError
+from ._errors import (
+    BadBody,
+    BodyTooSlow,
+    BridgeError,
+    ClientDisconnected,
+    ClientError,
+    RelayClosed,
+    RemoteProtocolError,
+)
 from ._http import error_body
 from ._ws import WebSocket, accept_websocket
 
@@ -66,19 +74,7 @@ class ServerLimits:
     exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # trusted proxies
 
 
-class ClientDisconnected(Exception):
-    """The client closed its connection (or broke the protocol) before its body was read."""
-
-
-class BodyTooSlow(ClientDisconnected):
-    """The client sent its body slower than ``min_body_rate``."""
-
-
-class BadBody(ClientDisconnected):
-    """The request body breaks HTTP framing (e.g. a bad chunk); the server answers 400."""
-
-
-class _HeadError(Exception):
+class _HeadError(BridgeError):
     def __init__(self, status: int, message: str, limit: str = "") -> None:
         super().__init__(message)
         self.status = status
@@ -133,8 +129,9 @@ class Request:
     async def receive_body(self) -> bytes:
         """The next part of the request body; ``b""`` once it is complete.
 
-        Raises :class:`ClientDisconnected` if the client goes away or breaks the framing
-        before the end, :class:`BodyTooSlow` below ``min_body_rate``.
+        Raises :class:`ClientDisconnected` if the client goes away before the end,
+        :class:`BadBody` if it breaks the framing, :class:`BodyTooSlow` below
+        ``min_body_rate``.
         """
         h = self._h11
         if h.they_are_waiting_for_100_continue and not self._started:
@@ -406,7 +403,7 @@ class _Connection:
                 try:
                     if not await request.receive_body():
                         return
-                except ClientDisconnected:
+                except ClientError:  # gone, or a broken body: stop reading either way
                     return
 
     async def refuse(self, status: int, message: str, limit: str = "") -> None:

@@ -12,12 +12,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._errors import BridgeError
+from ._errors import QueueFull
 from ._limits import FairQueue
-
-
-class QueueFull(BridgeError):
-    """Every slot is busy and ``max_queue`` requests wait already."""
 
 
 class _Waiter:

@@ -24,6 +24,8 @@ import h11
 import httpx
 import trio
 
+from ._errors import BridgeError
+
 _READ = 256 * 1024
 
 
@@ -239,7 +241,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                 await conn.aclose()
 
 
-class _NothingReceived(Exception):
+class _NothingReceived(BridgeError):
     pass
 
 

@@ -9,7 +9,7 @@ ping answered after a local close takes down its server (issue #184).
 
 Error handling: a broken or closed connection is :class:`RelayClosed`; a peer breaking the
 WebSocket protocol or the relay's limits (message size, fragments, text messages) is
-:class:`RemoteProtocolError`; a refused handshake is :class:`WebSocketRejected` with the
+:class:`RemoteProtocolError`; a refused handshake is :class:`RelayRejected` with the
 HTTP status.
 """
 
@@ -36,18 +36,9 @@ from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
-from ._errors import RelayClosed, RemoteProtocolError
+from ._errors import RelayClosed, RelayRejected, RemoteProtocolError
 
 _READ = 256 * 1024
-
-
-class WebSocketRejected(Exception):
-    """The server answered the upgrade with an HTTP status instead of 101."""
-
-    def __init__(self, status: int, body: bytes = b"") -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
-        self.body = body
 
 
 class WebSocket:
@@ -198,7 +189,7 @@ async def connect_websocket(
     ssl_context: ssl.SSLContext | None = None,
 ) -> WebSocket:
     """Dial ``url`` (ws:// or wss://) and complete the upgrade; no timeout of its own (wrap
-    it in ``trio.fail_after``). Raises :class:`WebSocketRejected` for a non-101 answer,
+    it in ``trio.fail_after``). Raises :class:`RelayRejected` for a non-101 answer,
     ``OSError`` / ``trio.BrokenResourceError`` (an ``ssl.SSLError`` as its cause for TLS
     failures) when the connection fails, :class:`RemoteProtocolError` for a broken answer."""
 
@@ -226,7 +217,7 @@ async def connect_websocket(
             data = await stream.receive_some(_READ)
             if not data:
                 if status:
-                    raise WebSocketRejected(status, body)
+                    raise RelayRejected(status, body)
                 raise RelayClosed("the server closed the connection during the upgrade")
             try:
                 ws.receive_data(bytes(data))
@@ -236,11 +227,11 @@ async def connect_websocket(
                     if isinstance(event, RejectConnection):
                         status = event.status_code
                         if not event.has_body:
-                            raise WebSocketRejected(status)
+                            raise RelayRejected(status)
                     elif isinstance(event, RejectData):
                         body += event.data
                         if event.body_finished:
-                            raise WebSocketRejected(status, body)
+                            raise RelayRejected(status, body)
             except WsError as exc:
                 raise RemoteProtocolError(f"bad WebSocket upgrade answer: {exc}") from None
     except BaseException:
