@@ -222,7 +222,8 @@ async def test_an_admin_token_protects_the_pages_but_not_health(lab: Lab) -> Non
         assert (await client.get(base + "/api/routes", headers=bearer)).status_code == 200
         login = await client.get(base + "/?token=s3cret-admin")
         assert login.status_code == 303 and "HttpOnly" in login.headers["set-cookie"]
-        page = await client.get(base + "/", cookies=login.cookies)
+        client.cookies = login.cookies
+        page = await client.get(base + "/")
         assert page.status_code == 200 and "trio-bridge" in page.text
         assert (await client.get(base + "/?token=wrong")).status_code == 401
     del model
