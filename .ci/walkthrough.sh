@@ -110,6 +110,11 @@ sdk=$("$REPO/.venv/bin/python" "$T/client.py")
 echo "$sdk"
 grep -q 'You said: Hi' <<< "$sdk"
 
+echo "== the admin pages, from the installed package"
+curl -sf http://127.0.0.1:9181/ | grep -q '<title>trio-bridge connector</title>'
+curl -sf http://127.0.0.1:9181/ui/connector.js | grep -q 'EventSource'
+curl -sf http://127.0.0.1:9180/api/routes | grep -q '"default"'
+
 echo "== stop both roles (SIGTERM: drain, exit 0)"
 for p in "${PIDS[@]}"; do kill -TERM "$p"; done
 for p in "${PIDS[@]}"; do wait "$p"; done
