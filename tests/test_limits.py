@@ -445,3 +445,12 @@ def test_usage_survives_kill_9_losing_at_most_the_flush_interval(
     table = cli("usage", "--key", "alice", "-c", str(processes["dir"] / "c.toml"))  # type: ignore[operator]
     lines = [line for line in table.splitlines() if line.split()[1:2] == ["alice"]]
     assert sum(int(line.split()[3]) for line in lines) == 11  # REQUESTS column
+
+
+def test_a_usage_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    from trio_bridge import ConfigError, Connector
+    from trio_bridge._config import load_config
+
+    (tmp_path / "c.toml").write_text('[connector]\nusage_file = "/proc/nope/usage.sqlite3"\n')
+    with pytest.raises(ConfigError, match=r"connector.usage_file: cannot open /proc/nope"):
+        Connector(load_config(tmp_path / "c.toml"), token="tbc_aaaaaaaa_x")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -105,6 +106,18 @@ class _TooLarge(BridgeError):
 
 
 USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
+
+
+def open_usage_store(config: Config) -> UsageStore:
+    """The connector's usage store; a file it cannot open is a one-line ConfigError."""
+    path = config.path(config.connector.usage_file)
+    try:
+        return UsageStore(path, float(config.connector.usage_flush_interval))
+    except (sqlite3.Error, OSError) as exc:
+        raise ConfigError(
+            f'connector.usage_file: cannot open {path}: {exc} (a writable place, or "" to '
+            "keep no usage)"
+        ) from None
 
 
 def _int(query: dict[str, list[str]], name: str, default: int) -> int:
@@ -218,11 +231,7 @@ class Connector:
         self.limiter = Limiter()
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self._waited)
         self.metrics.queued.labels("connector").set_function(lambda: self.slots.queued)
-        self.usage_store = (
-            UsageStore(config.path(c.usage_file), float(c.usage_flush_interval))
-            if c.usage_file
-            else None
-        )
+        self.usage_store = open_usage_store(config) if c.usage_file else None
         if self.usage_store is not None:  # daily budgets go on where they were
             now = time.time()
             for key_id, tokens in self.usage_store.tokens_on(utc_day(now)).items():
