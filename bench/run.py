@@ -415,15 +415,9 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "rounds_bridge": b_vals,
             }
 
+        limited = (pub_port, [(b"authorization", b"Bearer " + limited_key.encode())])
         if args.limits_only:
-            await limits_cost(
-                res,
-                roles,
-                bridge,
-                (pub_port, [(b"authorization", b"Bearer " + limited_key.encode())]),
-                rounds,
-                q,
-            )
+            await limits_cost(res, roles, bridge, limited, rounds, q)
             return res
         # 0. memory per idle open stream, first: later phases (the 10 MB upload) leave freed
         # heap behind that new streams would reuse, hiding their cost
@@ -480,14 +474,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "connector": med(cpu_c),
                 "unit": "µs",
             }
-        await limits_cost(
-            res,
-            roles,
-            bridge,
-            (pub_port, [(b"authorization", b"Bearer " + limited_key.encode())]),
-            rounds,
-            q,
-        )
+        await limits_cost(res, roles, bridge, limited, rounds, q)
         # 4. upload
         ud, ub = [], []
         for _ in range(max(2, rounds // 2)):

@@ -3,12 +3,13 @@ the commands say which file they use, and an unknown route does not make users w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -146,7 +147,9 @@ async def test_check_connector_gives_one_diagnosis_per_broken_setup(
     assert recent["errors"] == 0 and recent["requests"] == 1
 
 
-async def test_check_broker_checks_the_broker_only(lab: Lab, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def broker_on_a_busy_port(tmp_path: Path) -> Iterator[int]:
+    """A broker config whose public port another socket holds (for the duration)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -154,6 +157,11 @@ async def test_check_broker_checks_the_broker_only(lab: Lab, tmp_path: Path) -> 
         (tmp_path / "broker.toml").write_text(
             f'[broker]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:0"\n'
         )
+        yield port
+
+
+async def test_check_broker_checks_the_broker_only(lab: Lab, tmp_path: Path) -> None:
+    with broker_on_a_busy_port(tmp_path) as port:
         r = await cli("check", "-c", str(tmp_path / "broker.toml"))
     out = r.stdout.decode()
     assert r.returncode == 1
@@ -166,13 +174,7 @@ async def test_check_broker_checks_the_broker_only(lab: Lab, tmp_path: Path) -> 
 
 
 async def test_a_port_in_use_is_one_line_naming_the_option(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        (tmp_path / "broker.toml").write_text(
-            f'[broker]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:0"\n'
-        )
+    with broker_on_a_busy_port(tmp_path) as port:
         r = await cli("broker", "-c", str(tmp_path / "broker.toml"))
         (tmp_path / "c.toml").write_text(
             f'[connector]\nadmin_listen = "127.0.0.1:{port}"\n'
