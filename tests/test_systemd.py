@@ -191,6 +191,16 @@ def test_real_systemd_runs_both_roles_as_services(box: Box) -> None:
     box.wait_active("trio-bridge-connector")
     out = box.sh(chat + """'{"model":"m","messages":[{"role":"user","content":"count to 3"}]}'""")
     assert '"1 2 3"' in out
+    # the sandboxed connector keeps its usage store beside its config (written every 2 s)
+    deadline = time.monotonic() + 10
+    while True:
+        usage = box.sh(
+            "/opt/trio-bridge/bin/trio-bridge usage --format csv -c /etc/trio-bridge/connector.toml"
+        )
+        if usage.count("\n") >= 2 or time.monotonic() > deadline:  # a header and a row
+            break
+        time.sleep(0.3)
+    assert usage.count("\n") >= 2, usage
 
     # both units come up at boot, without a manual start
     box.poweroff()

@@ -165,9 +165,6 @@ def render_unit(
             "ConfigurationDirectoryMode=0750",
             "StateDirectory=trio-bridge",
             "ProtectSystem=strict",
-            # the connector keeps its usage store (usage.sqlite3) beside its config; the rest
-            # of the file system stays read-only
-            *([f"ReadWritePaths={os.path.dirname(config) or '.'}"] if role == "connector" else []),
             "ProtectHome=yes",
             "PrivateTmp=yes",
             "PrivateDevices=yes",
