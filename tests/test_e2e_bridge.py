@@ -444,7 +444,7 @@ async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
 async def test_revoked_connector_token_closes_its_relay_and_refuses_reconnects(
     bridge: Bridge,
 ) -> None:
-    [relay] = bridge.broker.registry.relays()
+    [relay] = [h.relay for h in bridge.broker.registry.connectors()]
     bridge.broker.tokens.revoke("lab-connector")
     with trio.fail_after(5):
         while bridge.broker.registry.relays():

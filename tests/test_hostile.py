@@ -639,7 +639,7 @@ async def test_relay_buffers_over_their_cap_shed_the_slowest_reader_only(
         open_bridge(url, relay={"max_buffered": "400KiB"}) as b,
         httpx.AsyncClient(timeout=30) as client,
     ):
-        relay = b.broker.registry.relays()[0]
+        relay = b.broker.registry.connectors()[0].relay
         outcomes: list[str] = []
 
         async def reader(started: trio.Event, go: trio.Event) -> None:

@@ -36,7 +36,7 @@ async def boxes(
         out[name] = model = await lab.start_test_model(models=models, token_delay=0.01)
         await lab.start_connector([rb], model.url, connector={"name": name, "priority": priority})
     with trio.fail_after(10):  # each has told the broker its models
-        while any(r.peer_models is None for r in rb.broker.registry.relays()):
+        while any(r.models is None for r in rb.broker.registry.connectors()):
             await trio.sleep(0.01)
     return out
 
@@ -163,7 +163,7 @@ async def test_an_old_connector_that_names_no_models_serves_anything(lab: Lab) -
     async with run_upstream() as (old_llm, old_url):  # answers neither /v1/models nor /api/tags
         await lab.start_connector([rb], old_url, connector={"name": "old"})
         relays = {r.name: r for r in rb.broker.registry.relays()}
-        assert relays["old"].peer_models is None and relays["new"].peer_models == ("m1",)
+        assert relays["old"].models is None and relays["new"].models == ("m1",)
         async with httpx.AsyncClient() as client:
             auth = {"Authorization": f"Bearer {lab.api_key}"}
             r = await client.post(rb.url + "/echo", json=chat("legacy-model"), headers=auth)

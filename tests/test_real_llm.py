@@ -264,7 +264,7 @@ async def test_the_real_server_is_one_box_among_others_routed_by_model(llama: Ll
         await lab.start_connector([rb], llama.url, connector={"name": "llama"})
         await lab.start_connector([rb], other.url, connector={"name": "test"})
         with trio.fail_after(10):
-            while any(r.peer_models is None for r in rb.broker.registry.relays()):
+            while any(r.models is None for r in rb.broker.registry.connectors()):
                 await trio.sleep(0.01)
         via = openai.AsyncOpenAI(base_url=rb.url + "/v1", api_key=lab.api_key, max_retries=0)
         listed = {m.id for m in (await via.models.list()).data}

@@ -149,6 +149,6 @@ async def test_soak_with_faults_loses_and_corrupts_nothing() -> None:
         # hypercorn) which grow to their cap under this load.
         assert tasks1 <= tasks0 + 2 * 2 * 32 + 10, (tasks0, tasks1)
         # Nothing is left counted in the relays' buffers (no accounting leak).
-        assert [r.buffered for r in rb.broker.registry.relays()] == [0] * len(
+        assert [h.relay.buffered for h in rb.broker.registry.connectors()] == [0] * len(
             rb.broker.registry.relays()
         )

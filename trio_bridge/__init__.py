@@ -7,7 +7,7 @@ forwards the request byte-exact to the LLM, streaming the answer back as it is g
 
 from __future__ import annotations
 
-from ._broker import Broker, Registry
+from ._broker import Broker
 from ._config import Config, load_config
 from ._connector import Connector
 from ._errors import (
@@ -27,6 +27,7 @@ from ._errors import (
     StreamReset,
 )
 from ._keys import SecretStore
+from ._registry import ConnectorHandle, Registry
 from ._testmodel import TestModel
 from ._version import __version__
 
@@ -40,6 +41,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Connector",
+    "ConnectorHandle",
     "LocalProtocolError",
     "ProtocolError",
     "QueueFull",

@@ -18,11 +18,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import math
 import re
 import ssl
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
@@ -62,6 +61,7 @@ from ._observe import (
     status_class,
 )
 from ._protocol import Hello, RequestHead, ResponseHead, Session
+from ._registry import DEFAULT_ROUTE, ConnectorHandle, Registry
 from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 from ._server import Request, ServerLimits, serve_http
 from ._service import Notifier
@@ -70,7 +70,6 @@ from ._version import __version__
 
 log = logging.getLogger("trio_bridge.broker")
 
-DEFAULT_ROUTE = "default"
 #: headers a connector or LLM might believe; from clients only through trusted_proxies
 _FORWARDING = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip"})
 _FORWARDING_PREFIX = b"x-forwarded-"
@@ -98,159 +97,6 @@ _RESET_STATUS = {
     ResetCode.SHUTDOWN: (503, "the connector is shutting down; retry"),
     ResetCode.RELAY_LOST: (502, "the connection to the LLM's connector was lost"),
 }
-
-
-class _Waiter:
-    __slots__ = ("event", "model", "relay", "route")
-
-    def __init__(self, route: str, model: str | None) -> None:
-        self.route = route
-        self.model = model
-        self.relay: Relay | None = None
-        self.event = trio.Event()
-
-
-def serves(relay: Relay, model: str | None) -> bool:
-    """True if ``relay``'s connector serves ``model`` (one that never said serves anything)."""
-    return model is None or relay.peer_models is None or model in relay.peer_models
-
-
-class Registry:
-    """Relays by route, and a FIFO of requests waiting for one with free capacity.
-
-    A request takes a *reservation* on a relay (:meth:`acquire`) and gives it back with
-    :meth:`release` once its stream is open (or it gave up). A relay is eligible while it is
-    ready, not draining, and its streams plus reservations stay below the connector's capacity.
-    Whenever something changes (a relay comes or goes, a stream ends, readiness flips), the
-    waiters are served in arrival order.
-    """
-
-    def __init__(self, max_queue: int = 100) -> None:
-        self.max_queue = max_queue
-        self._by_route: dict[str, list[Relay]] = {}
-        self._waiters: deque[_Waiter] = deque()
-        self._last_seen: dict[str, float] = {}  # route → when a relay of it was last here
-        #: when the broker started serving (set by Broker.serve; else the first question)
-        self.born: float | None = None
-
-    def add(self, relay: Relay) -> None:
-        self._by_route.setdefault(relay.route, []).append(relay)
-        self._last_seen[relay.route] = trio.current_time()
-        self.changed(relay)
-
-    def seen_within(self, route: str, seconds: float) -> bool:
-        """True if ``route`` has a relay, had one in the last ``seconds``, or the registry is
-        younger than that (connectors re-dial a restarted broker within seconds)."""
-        if self._by_route.get(route):
-            return True
-        now = trio.current_time()
-        if self.born is None:
-            self.born = now
-        if now - self.born < seconds:
-            return True
-        return now - self._last_seen.get(route, -math.inf) < seconds
-
-    def remove(self, relay: Relay) -> None:
-        self._drop(relay)
-        self.changed()
-
-    def _drop(self, relay: Relay) -> None:
-        relays = self._by_route.get(relay.route, [])
-        if relay in relays:
-            relays.remove(relay)
-            self._last_seen[relay.route] = trio.current_time()
-        if not relays:
-            self._by_route.pop(relay.route, None)
-
-    def relays(self, route: str | None = None) -> list[Relay]:
-        if route is not None:
-            return list(self._by_route.get(route, ()))
-        return [r for rs in self._by_route.values() for r in rs]
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    def pick(self, route: str, model: str | None = None) -> Relay | None:
-        """The eligible relay of ``route`` that serves ``model``: the highest priority first
-        (a preferred box takes requests while it is up and has room), then the least load."""
-        best: Relay | None = None
-        for relay in self._by_route.get(route, ()):
-            if not relay.usable or not serves(relay, model):
-                continue
-            if best is None or (-relay.peer_priority, relay.load) < (
-                -best.peer_priority,
-                best.load,
-            ):
-                best = relay
-        return best
-
-    def one_model_set(self, route: str) -> bool:
-        """True if every live connector of ``route`` said the same models."""
-        sets = {r.peer_models for r in self._by_route.get(route, ()) if r.closed_reason is None}
-        return len(sets) <= 1
-
-    def models(self, route: str) -> dict[str, list[str]] | None:
-        """Model → names of the live connectors of ``route`` that serve it; None if one of
-        them serves anything (it never said what) or the route has no connector."""
-        live = [r for r in self._by_route.get(route, ()) if r.closed_reason is None]
-        if not live or any(r.peer_models is None for r in live):
-            return None
-        out: dict[str, list[str]] = {}
-        for r in live:
-            for m in r.peer_models or ():
-                out.setdefault(m, []).append(r.name)
-        return out
-
-    def not_ready(self, route: str) -> bool:
-        """True if connectors serve ``route`` but none of them has its LLM up."""
-        relays = self._by_route.get(route, [])
-        live = [r for r in relays if r.closed_reason is None and not r.peer_draining]
-        return bool(live) and not any(r.peer_ready for r in live)
-
-    def changed(self, relay: Relay | None = None) -> None:
-        if relay is not None and relay.closed_reason is not None:
-            self._drop(relay)  # a dead relay leaves at once, not after its close handshake
-        for w in list(self._waiters):
-            relay = self.pick(w.route, w.model)
-            if relay is not None:
-                relay.reserved += 1
-                w.relay = relay
-                w.event.set()
-                self._waiters.remove(w)
-
-    def release(self, relay: Relay) -> None:
-        relay.reserved -= 1
-        self.changed(relay)
-
-    async def acquire(self, route: str, model: str | None = None) -> Relay:
-        """Reserve a relay for ``route`` that serves ``model``, waiting in FIFO order (bound
-        the wait with a cancel scope: ``trio.move_on_after(queue_timeout)``).
-
-        Raises QueueFull if ``max_queue`` requests already wait. The caller must
-        :meth:`release` the relay it got. Cancellation: a relay reserved for us at that very
-        moment is given back.
-        """
-        if not any(w.route == route for w in self._waiters):
-            relay = self.pick(route, model)
-            if relay is not None:
-                relay.reserved += 1
-                return relay
-        if len(self._waiters) >= self.max_queue:
-            raise QueueFull
-        w = _Waiter(route, model)
-        self._waiters.append(w)
-        try:
-            await w.event.wait()
-        except BaseException:
-            if w.relay is not None:
-                self.release(w.relay)
-            raise
-        finally:
-            if w in self._waiters:
-                self._waiters.remove(w)
-        assert w.relay is not None  # the event is set only with a relay
-        return w.relay
 
 
 class Broker:
@@ -314,8 +160,8 @@ class Broker:
                 await self._drained.wait()  # set by the last request to end
         if self.in_flight:
             log.warning("grace period over: aborting %d requests", self.in_flight)
-        for relay in self.registry.relays():
-            relay.reset_all(ResetCode.SHUTDOWN, "broker shutting down")
+        for handle in self.registry.connectors():
+            handle.relay.reset_all(ResetCode.SHUTDOWN, "broker shutting down")
         await trio.sleep(0.05)  # let the aborts reach their clients
         self._stop.set()
 
@@ -329,18 +175,18 @@ class Broker:
     def routes_overview(self) -> dict[str, Any]:
         """Routes with their connectors and the last five minutes' figures (admin page)."""
         routes: dict[str, Any] = {}
-        for relay in self.registry.relays():
-            r = routes.setdefault(relay.route, {"connectors": []})
+        for h in self.registry.connectors():
+            r = routes.setdefault(h.route, {"connectors": []})
             r["connectors"].append(
                 {
-                    "name": relay.name,
-                    "models": list(relay.peer_models) if relay.peer_models is not None else None,
-                    "priority": relay.peer_priority,
-                    "ready": relay.peer_ready,
-                    "draining": relay.peer_draining,
-                    "in_flight": relay.in_flight,
-                    "capacity": relay.capacity,
-                    "connected_since": relay.connected_since,
+                    "name": h.name,
+                    "models": list(h.models) if h.models is not None else None,
+                    "priority": h.priority,
+                    "ready": h.ready,
+                    "draining": h.draining,
+                    "in_flight": h.in_flight,
+                    "capacity": h.capacity,
+                    "connected_since": h.connected_since,
                 }
             )
         for route, stats in self.route_stats.items():
@@ -355,8 +201,8 @@ class Broker:
         }
 
     def status_line(self) -> str:
-        relays = self.registry.relays()
-        ready = sum(1 for r in relays if r.peer_ready)
+        relays = self.registry.connectors()
+        ready = sum(1 for h in relays if h.ready)
         state = "draining" if self.draining else "serving"
         return (
             f"{state}; {len(relays)} connectors ({ready} ready); in flight {self.in_flight}; "
@@ -368,16 +214,16 @@ class Broker:
 
     def status(self) -> dict[str, Any]:
         routes: dict[str, list[dict[str, Any]]] = {}
-        for relay in self.registry.relays():
-            routes.setdefault(relay.route, []).append(
+        for h in self.registry.connectors():
+            routes.setdefault(h.route, []).append(
                 {
-                    "connector": relay.name,
-                    "token_id": relay.token_id,
-                    "ready": relay.peer_ready,
-                    "draining": relay.peer_draining,
-                    "in_flight": relay.in_flight,
-                    "capacity": relay.capacity,
-                    "connected_since": relay.connected_since,
+                    "connector": h.name,
+                    "token_id": h.token_id,
+                    "ready": h.ready,
+                    "draining": h.draining,
+                    "in_flight": h.in_flight,
+                    "capacity": h.capacity,
+                    "connected_since": h.connected_since,
                 }
             )
         return {
@@ -479,22 +325,22 @@ class Broker:
             await trio.sleep(1.0)
             self.tokens.maybe_reload()
             valid = self.tokens.active_ids()
-            for relay in self.registry.relays():
-                entry = self.tokens.get(relay.token_id)
+            for h in self.registry.connectors():
+                entry = self.tokens.get(h.token_id)
                 if entry is None:
                     why = "connector token revoked"
-                elif relay.token_id not in valid:
+                elif h.token_id not in valid:
                     why = "connector token expired (rotated)"
-                elif not entry.allows_route(relay.route):
-                    why = f"connector token no longer allows route {relay.route!r}"
+                elif not entry.allows_route(h.route):
+                    why = f"connector token no longer allows route {h.route!r}"
                 else:
                     continue
                 log.warning(
                     "closing relay: %s",
                     why,
-                    extra={"connector": relay.name, "token_id": relay.token_id},
+                    extra={"connector": h.name, "token_id": h.token_id},
                 )
-                relay.close(why)
+                h.relay.close(why)
 
     async def handle(self, req: Request) -> None:
         """The public server's handler: the relay endpoint or a request to relay."""
@@ -545,7 +391,6 @@ class Broker:
             Session(opener=True, window=int(relay_cfg.window), max_streams=relay_cfg.max_streams),
             ping_interval=float(relay_cfg.ping_interval),
             max_buffered=int(relay_cfg.max_buffered),
-            on_change=self.registry.changed,
             accept=accept,
         )
         async with trio.open_nursery() as nursery:
@@ -569,27 +414,33 @@ class Broker:
                     await relay.wait_closed()  # the checker hangs up once it has our HELLO
                 relay.close("check done")
                 return
-            relay.name = hello.name or entry.name
-            relay.token_id = entry.id
-            relay.route = hello.route or DEFAULT_ROUTE
-            relay.connected_since = time.time()
-            self.registry.add(relay)
-            self._count_relays(relay.route)
+            relay.name = hello.name or entry.name  # for the relay's own log lines
+            handle = ConnectorHandle(
+                relay,
+                name=relay.name,
+                route=hello.route or DEFAULT_ROUTE,
+                token_id=entry.id,
+                capacity=hello.capacity or hello.max_streams,
+                connected_since=time.time(),
+            )
+            relay.on_change = lambda _relay: self.registry.changed(handle)
+            self.registry.add(handle)
+            self._count_relays(handle.route)
             log.info(
                 "relay connected",
                 extra={
-                    "connector": relay.name,
-                    "route": relay.route,
+                    "connector": handle.name,
+                    "route": handle.route,
                     "peer": peer,
                     "token_id": entry.id,
                 },
             )
-        self.registry.remove(relay)
-        self._count_relays(relay.route)
+        self.registry.remove(handle)
+        self._count_relays(handle.route)
         log.info(
             "relay disconnected: %s",
             relay.closed_reason,
-            extra={"connector": relay.name, "route": relay.route},
+            extra={"connector": handle.name, "route": handle.route},
         )
 
     # -- public requests --
@@ -637,7 +488,7 @@ class Broker:
             log_request("broker", fields)
 
     def _count_relays(self, route: str) -> None:
-        self.metrics.relays.labels("broker", route).set(len(self.registry.relays(route)))
+        self.metrics.relays.labels("broker", route).set(len(self.registry.connectors(route)))
 
     def _account(self, ex: _Exchange, fields: dict[str, Any], duration: float) -> None:
         m, route = self.metrics, fields.get("route", DEFAULT_ROUTE)
@@ -896,10 +747,10 @@ class Broker:
                     retry_after=RETRY_AFTER_NOT_READY,
                 )
             waited = time.monotonic()
+            handle: ConnectorHandle | None = None
             try:
-                relay = None
                 with trio.move_on_after(self.queue_timeout):
-                    relay = await self.registry.acquire(route, model)
+                    handle = await self.registry.acquire(route, model)
             except QueueFull:
                 self.limit_hit("queue")
                 return await self._error(
@@ -910,7 +761,7 @@ class Broker:
                     retry_after=1,
                 )
             self.metrics.queue_wait.labels("broker", route).observe(time.monotonic() - waited)
-            if relay is None:
+            if handle is None:
                 return await self._error(
                     ex,
                     fields,
@@ -918,13 +769,13 @@ class Broker:
                     "no connector is available for this route; retry later",
                     retry_after=max(1, int(self.queue_timeout)),
                 )
-            fields["connector"] = relay.name
+            fields["connector"] = handle.name
             try:
-                stream = relay.open_stream(head, end_stream=ex.body_done and not first)
+                stream = handle.relay.open_stream(head, end_stream=ex.body_done and not first)
             except RelayClosed:
                 continue
             finally:
-                self.registry.release(relay)
+                self.registry.release(handle)
             ex.stream = stream
             if first:
                 # queued behind the head without a checkpoint: one relay message for both

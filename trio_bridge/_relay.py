@@ -356,13 +356,12 @@ class Relay:
         #: stream holding the most (the slowest reader) is reset
         self.buffered = 0
         self.max_buffered = max_buffered
-        self.name = name
-        self.token_id = ""  # broker side: the id of the connector token that opened it
-        self.connected_since: float | None = None
+        self.name = name  # for log lines
+        #: what the acceptor (connector) says in its hello: its route and how many requests
+        #: it serves at once (0: max_streams)
         self.route = route
+        self.capacity = capacity
         self.local_ready = ready
-        self.capacity = capacity  # ours (connector) until the hello; then the peer's (broker)
-        self.reserved = 0  # broker: requests promised to this relay that have not opened yet
         self.ping_interval = ping_interval
         self.peer: Hello | None = None
         self.peer_ready = True
@@ -378,7 +377,9 @@ class Relay:
         self._transport = transport
         self._writer = _Writer(transport, high_water)
         self._handler = handler
-        self._on_change = on_change
+        #: called (synchronously) when streams end, readiness or draining change, or the
+        #: relay closes: an owner's hook, e.g. the broker's registry
+        self.on_change = on_change
         #: opener side: judges the peer's hello; a string refuses it (sent as GOAWAY)
         self._accept = accept
         self._streams: dict[int, RelayStream] = {}
@@ -392,23 +393,6 @@ class Relay:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
-
-    @property
-    def load(self) -> int:
-        """Streams in flight plus requests promised to this relay (broker side)."""
-        return len(self._streams) + self.reserved
-
-    @property
-    def usable(self) -> bool:
-        """True if a new request may be sent on this relay now (broker side)."""
-        return (
-            self.closed_reason is None
-            and self.session.ready_to_open
-            and self.peer_ready
-            and not self.peer_draining
-            and self.peer is not None
-            and self.load < min(self.capacity, self.peer.max_streams)
-        )
 
     def open_stream(self, head: RequestHead, *, end_stream: bool) -> RelayStream:
         """Open a stream with ``head`` (opener side). Raises RelayClosed if not possible."""
@@ -482,8 +466,8 @@ class Relay:
             for stream in list(self._streams.values()):
                 stream._fail(ResetCode.RELAY_LOST, f"relay lost: {reason}")
             self._streams.clear()
-            if self._on_change is not None:
-                self._on_change(self)  # before the close handshake, which may take a while
+            if self.on_change is not None:
+                self.on_change(self)  # before the close handshake, which may take a while
             with trio.CancelScope(shield=True):
                 await self._transport.aclose()
             self._ended.set()
@@ -505,8 +489,8 @@ class Relay:
     def _forget(self, stream: RelayStream) -> None:
         stream._release()
         self._streams.pop(stream.id, None)
-        if self._on_change is not None:
-            self._on_change(self)
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _hold(self, n: int) -> None:
         self.buffered += n
@@ -528,8 +512,8 @@ class Relay:
         self._streams.pop(stream.id, None)
         if self.closed_reason is None:
             self._put(self.session.send_reset(stream.id, code, reason))
-        if self._on_change is not None:
-            self._on_change(self)
+        if self.on_change is not None:
+            self.on_change(self)
 
     async def _write_loop(self) -> None:
         try:
@@ -577,8 +561,6 @@ class Relay:
         self.peer_models = event.models
         self.peer_priority = event.priority
         if self.session.opener:
-            self.capacity = event.capacity or event.max_streams
-        if self.session.opener:
             self._put(self.session.send_hello(role=role))
         self._last_received = trio.current_time()
         # Frames that arrived in the same message as the hello:
@@ -616,8 +598,8 @@ class Relay:
                 stream = self._streams.pop(ev.stream_id, None)
                 if stream is not None:
                     stream._fail(ev.code, ev.reason or "reset by peer")
-                    if self._on_change is not None:
-                        self._on_change(self)
+                    if self.on_change is not None:
+                        self.on_change(self)
             elif isinstance(ev, StreamError):
                 # refusals are normal under load (and a flood of them must not flood the log)
                 level = logging.DEBUG if ev.code == ResetCode.REFUSED else logging.WARNING
@@ -642,14 +624,14 @@ class Relay:
             elif isinstance(ev, GoAway):
                 self.peer_draining = True
                 log.info("peer going away: %s", ev.reason, extra={"relay": self.name})
-                if self._on_change is not None:
-                    self._on_change(self)
+                if self.on_change is not None:
+                    self.on_change(self)
             elif isinstance(ev, Status):
                 self.peer_ready = ev.ready
                 if ev.models is not None:
                     self.peer_models = ev.models
-                if self._on_change is not None:
-                    self._on_change(self)
+                if self.on_change is not None:
+                    self.on_change(self)
 
     def _on_request(self, ev: Request) -> None:
         stream = RelayStream(self, ev.stream_id, ev.head)
