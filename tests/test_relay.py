@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import pytest
 import trio
 from memtransport import transport_pair
 
-from trio_bridge._errors import StreamReset
+from trio_bridge._errors import QueueFull, StreamReset
 from trio_bridge._frames import ResetCode
-from trio_bridge._protocol import RequestHead, Session
+from trio_bridge._protocol import RequestHead, ResponseHead, Session
 from trio_bridge._relay import Relay, RelayStream
 
 
@@ -92,3 +95,196 @@ async def test_take_ready_after_close_returns_what_was_buffered(
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert len(taken[0][0]) == window // 2 and taken[0][1] is False
+
+
+# -- credit, back-pressure, shedding, loss: two relays over memory transports ---------------
+
+
+class Pair:
+    """A broker-side and a connector-side relay joined by memory transports."""
+
+    def __init__(
+        self, handler: Callable[[RelayStream], Awaitable[None]], **broker_opts: Any
+    ) -> None:
+        ta, tb = transport_pair(1000)
+        self.broker = Relay(ta, Session(opener=True, window=4096), ping_interval=1.0, **broker_opts)
+        self.connector = Relay(
+            tb, Session(opener=False, window=4096), ping_interval=1.0, handler=handler
+        )
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.broker.run)
+        await nursery.start(self.connector.run)
+        while self.broker.peer is None:
+            await trio.sleep(0.01)
+
+
+def head(rid: str = "rid") -> RequestHead:
+    return RequestHead("POST", "/", [], rid)
+
+
+async def test_a_sender_waits_for_credit_and_goes_on_when_the_reader_takes_data(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    reading = trio.Event()
+    got: list[int] = []
+
+    async def handler(stream: RelayStream) -> None:
+        await reading.wait()
+        while chunk := await stream.receive_data():
+            got.append(len(chunk))
+
+    pair = Pair(handler)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        stream = pair.broker.open_stream(head(), end_stream=False)
+        sent = trio.Event()
+
+        async def send() -> None:
+            await stream.send_data(b"x" * 10_000, end_stream=True)  # > the 4096 window
+            sent.set()
+
+        nursery.start_soon(send)
+        await trio.sleep(5)
+        assert not sent.is_set()  # blocked on credit: nobody reads
+        assert pair.broker.session.send_window(stream.id) == 0
+        reading.set()
+        with trio.fail_after(5):
+            await sent.wait()
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert sum(got) == 10_000
+
+
+async def test_the_slowest_reader_is_shed_when_relay_buffers_are_full(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The connector side holds bodies for handlers that do not read; beyond max_buffered the
+    stream holding the most is reset (FLOW_CONTROL), the others go on."""
+    outcomes: dict[str, str] = {}
+
+    async def handler(stream: RelayStream) -> None:
+        rid = stream.request_head.request_id if stream.request_head else ""
+        if rid == "slow":
+            await trio.sleep_forever()  # never reads
+        total = 0
+        while chunk := await stream.receive_data():
+            total += len(chunk)
+        outcomes[rid] = f"read {total}"
+
+    ta, tb = transport_pair(1000)
+    broker = Relay(ta, Session(opener=True, window=64 * 1024), ping_interval=1.0)
+    connector = Relay(
+        tb,
+        Session(opener=False, window=64 * 1024),
+        ping_interval=1.0,
+        handler=handler,
+        max_buffered=16 * 1024,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.run)
+        await nursery.start(connector.run)
+        while broker.peer is None:
+            await trio.sleep(0.01)
+        slow = broker.open_stream(head("slow"), end_stream=False)
+        fast = broker.open_stream(head("fast"), end_stream=False)
+        await slow.send_data(b"s" * 20_000)
+        await fast.send_data(b"f" * 1000, end_stream=True)
+        with trio.fail_after(5):
+            while "fast" not in outcomes or slow.reset_error is None:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert outcomes["fast"] == "read 1000"
+    assert slow.reset_error is not None and slow.reset_error.code == ResetCode.FLOW_CONTROL
+    assert connector.buffered == 0  # the shed stream's bytes were released
+
+
+async def test_losing_the_transport_fails_every_stream_with_relay_lost(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def handler(stream: RelayStream) -> None:
+        await trio.sleep_forever()
+
+    pair = Pair(handler)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        streams = [pair.broker.open_stream(head(f"r{i}"), end_stream=True) for i in range(3)]
+        await trio.sleep(0.1)
+        await pair.connector._transport.aclose()  # the connection goes away
+        for s in streams:
+            with pytest.raises(StreamReset) as info:
+                await s.receive_response_head()
+            assert info.value.code == ResetCode.RELAY_LOST
+        nursery.cancel_scope.cancel()
+    assert pair.broker.in_flight == 0
+
+
+# -- the registry: FIFO, capacity, models, priority -----------------------------------------
+
+
+async def test_registry_serves_waiters_in_order_within_capacity(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from trio_bridge._registry import ConnectorHandle, Registry
+
+    async def handler(stream: RelayStream) -> None:
+        await stream.send_response(ResponseHead(200, []), end_stream=True)
+
+    pair = Pair(handler)
+    registry = Registry(max_queue=3)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        h = ConnectorHandle(pair.broker, "c", "default", "tok", capacity=1, connected_since=0.0)
+        pair.broker.on_change = lambda _r: registry.changed(h)
+        registry.add(h)
+        first = await registry.acquire("default")
+        assert first is h and h.load == 1 and not h.usable  # capacity 1: full
+        order: list[int] = []
+
+        async def wait(i: int) -> None:
+            got = await registry.acquire("default")
+            order.append(i)
+            await trio.sleep(1)
+            registry.release(got)
+
+        for i in range(3):
+            nursery.start_soon(wait, i)
+            await trio.sleep(0.01)
+        assert registry.queued == 3
+        with pytest.raises(QueueFull):
+            await registry.acquire("default")
+        await trio.sleep(2)
+        assert order == []  # still held by the first reservation
+        registry.release(first)
+        await trio.sleep(10)
+        assert order == [0, 1, 2] and registry.queued == 0 and h.reserved == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_registry_prefers_priority_then_load_and_skips_models_it_lacks(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from trio_bridge._registry import ConnectorHandle, Registry
+
+    async def handler(stream: RelayStream) -> None:
+        await trio.sleep_forever()
+
+    pairs = [Pair(handler) for _ in range(3)]
+    registry = Registry()
+    async with trio.open_nursery() as nursery:
+        handles = []
+        for i, pair in enumerate(pairs):
+            await pair.start(nursery)
+            h = ConnectorHandle(pair.broker, f"c{i}", "r", "t", capacity=2, connected_since=0.0)
+            handles.append(h)
+            registry.add(h)
+        pairs[0].broker.peer_priority = 5  # the big box
+        pairs[2].broker.peer_models = ("embed",)
+        assert registry.pick("r", "chat") is handles[0]
+        handles[0].reserved = 2  # full
+        assert registry.pick("r", "chat") is handles[1]  # c2 does not serve "chat"
+        assert registry.pick("r", "embed") is handles[1]  # c1 says nothing: serves anything
+        handles[1].reserved = 2
+        assert registry.pick("r", "embed") is handles[2]
+        assert registry.pick("r", "chat") is None
+        nursery.cancel_scope.cancel()
