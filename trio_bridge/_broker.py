@@ -50,7 +50,7 @@ from ._http import (
     strip_hop_by_hop,
     with_model,
 )
-from ._keys import SecretStore, admin_token
+from ._keys import SecretEntry, SecretStore, admin_token
 from ._observe import (
     Metrics,
     RecentStats,
@@ -351,11 +351,54 @@ class Broker:
 
     # -- relay endpoint --
     async def _relay_endpoint(self, req: Request) -> None:
+        """A connector's WebSocket upgrade: its token, then the hello, then the relay serves
+        until it ends (its connector registered meanwhile)."""
+        entry = await self._connector_token(req)
+        if entry is None:
+            return
+        judge = _HelloJudge(entry)
+        transport = await req.accept_websocket(MAX_MESSAGE + 1024)
+        rc = self.config.relay
+        relay = Relay(
+            transport,
+            Session(opener=True, window=int(rc.window), max_streams=rc.max_streams),
+            ping_interval=float(rc.ping_interval),
+            max_buffered=int(rc.max_buffered),
+            accept=judge,
+        )
+        extra = {"peer": req.client, "token_id": entry.id}
+        async with trio.open_nursery() as nursery:
+            try:
+                hello = await nursery.start(relay.run)
+            except RelayClosed as exc:
+                self.metrics.relays_refused.labels("broker", judge.refused or "handshake").inc()
+                why = "relay refused: %s" if judge.refused else "relay handshake failed: %s"
+                log.warning(why, exc.reason, extra=extra)
+                return
+            if hello.probe:  # `trio-bridge check`: the token and route are fine; serve nothing
+                log.info("relay check passed", extra={**extra, "route": hello.route})
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    await relay.wait_closed()  # the checker hangs up once it has our HELLO
+                relay.close("check done")
+                return
+            handle = self._register(relay, hello, entry)
+            log.info("relay connected", extra={**extra, "connector": handle.name,
+                                               "route": handle.route})  # fmt: skip
+        self.registry.remove(handle)
+        self._count_relays(handle.route)
+        log.info(
+            "relay disconnected: %s",
+            relay.closed_reason,
+            extra={"connector": handle.name, "route": handle.route},
+        )
+
+    async def _connector_token(self, req: Request) -> SecretEntry | None:
+        """The token entry of a relay upgrade, or None once it was refused (401 / 429)."""
         peer = req.client
         if self._token_failures_exceeded(peer):
             self.metrics.relays_refused.labels("broker", "rate_limited").inc()
             await _deny(req, 429, "too many refused connector tokens; retry later")
-            return
+            return None
         token = presented_key(req.headers)
         entry = self.tokens.verify(token) if token is not None else None
         if entry is None:
@@ -364,84 +407,22 @@ class Broker:
             self.metrics.relays_refused.labels("broker", "bad_token").inc()
             log.warning("relay refused: bad connector token", extra={"peer": peer})
             await _deny(req, 401, "invalid connector token")
-            return
-        refused: list[str] = []
+        return entry
 
-        def accept(hello: Hello) -> str | None:
-            """The route a connector asks for must be one its token may serve."""
-            route = hello.route or DEFAULT_ROUTE
-            if not _ROUTE_NAME.match(route):
-                why, label = f"invalid route name {route[:64]!r}", "bad_route"
-            elif not entry.allows_route(route):
-                why = (
-                    f"route {route!r} is not allowed for connector token {entry.name!r} "
-                    f"(id {entry.id}; it may serve: {entry.route_text}); on the broker: "
-                    f"trio-bridge tokens set {entry.name} --route {route}"
-                )
-                label = "route_not_allowed"
-            else:
-                return None
-            refused.append(label)
-            return why
-
-        transport = await req.accept_websocket(MAX_MESSAGE + 1024)
-        relay_cfg = self.config.relay
-        relay = Relay(
-            transport,
-            Session(opener=True, window=int(relay_cfg.window), max_streams=relay_cfg.max_streams),
-            ping_interval=float(relay_cfg.ping_interval),
-            max_buffered=int(relay_cfg.max_buffered),
-            accept=accept,
+    def _register(self, relay: Relay, hello: Hello, entry: SecretEntry) -> ConnectorHandle:
+        relay.name = hello.name or entry.name  # for the relay's own log lines
+        handle = ConnectorHandle(
+            relay,
+            name=relay.name,
+            route=hello.route or DEFAULT_ROUTE,
+            token_id=entry.id,
+            capacity=hello.capacity or hello.max_streams,
+            connected_since=time.time(),
         )
-        async with trio.open_nursery() as nursery:
-            try:
-                hello = await nursery.start(relay.run)
-            except RelayClosed as exc:
-                label = refused[0] if refused else "handshake"
-                self.metrics.relays_refused.labels("broker", label).inc()
-                log.warning(
-                    "relay refused: %s" if refused else "relay handshake failed: %s",
-                    exc.reason,
-                    extra={"peer": peer, "token_id": entry.id},
-                )
-                return
-            if hello.probe:  # `trio-bridge check`: the token and route are fine; serve nothing
-                log.info(
-                    "relay check passed",
-                    extra={"peer": peer, "token_id": entry.id, "route": hello.route},
-                )
-                with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                    await relay.wait_closed()  # the checker hangs up once it has our HELLO
-                relay.close("check done")
-                return
-            relay.name = hello.name or entry.name  # for the relay's own log lines
-            handle = ConnectorHandle(
-                relay,
-                name=relay.name,
-                route=hello.route or DEFAULT_ROUTE,
-                token_id=entry.id,
-                capacity=hello.capacity or hello.max_streams,
-                connected_since=time.time(),
-            )
-            relay.on_change = lambda _relay: self.registry.changed(handle)
-            self.registry.add(handle)
-            self._count_relays(handle.route)
-            log.info(
-                "relay connected",
-                extra={
-                    "connector": handle.name,
-                    "route": handle.route,
-                    "peer": peer,
-                    "token_id": entry.id,
-                },
-            )
-        self.registry.remove(handle)
+        relay.on_change = lambda _relay: self.registry.changed(handle)
+        self.registry.add(handle)
         self._count_relays(handle.route)
-        log.info(
-            "relay disconnected: %s",
-            relay.closed_reason,
-            extra={"connector": handle.name, "route": handle.route},
-        )
+        return handle
 
     # -- public requests --
     async def _http(self, req: Request) -> None:
@@ -641,39 +622,18 @@ class Broker:
         return headers
 
     async def _forward(self, ex: _Exchange, fields: dict[str, Any]) -> str:
-        req = ex.req
-        refusal = self._not_for_connectors(req)
-        if refusal is not None:
-            return await self._error(ex, fields, *refusal)
-        refusal = self._refusal(req)
-        if refusal is not None:
-            status, message = refusal
-            return await self._error(
-                ex, fields, status, message, retry_after=1 if status == 503 else None
-            )
-        declared = header(req.headers, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            if declared.isdigit():
-                self.limit_hit("body")
-                return await self._error(ex, fields, 413, "request body too large")
-            return await self._error(ex, fields, 400, "invalid Content-Length")
-        # Read a first part of the body so small requests travel as one relay message.
-        body_parts: list[bytes] = []
-        while ex.body_size < _INITIAL_BODY:
-            chunk = await req.receive_body()
-            if not chunk:
-                ex.body_done = True
-                break
-            body_parts.append(chunk)
-            ex.body_size += len(chunk)
+        """Check the request's head, read the first part of its body, pick the model
+        candidates, and send it to a connector of its route."""
+        refused = await self._check_head(ex, fields)
+        if refused is not None:
+            return refused
+        first = await self._first_body_part(ex)
         if ex.body_size > self.max_body:
             self.limit_hit("body")
             return await self._error(ex, fields, 413, "request body too large")
-
+        req = ex.req
         route, target = self._route(req)
         fields["route"] = route
-        headers = self._forwarded_headers(req)
-        first = b"".join(body_parts)
         if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
             # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
             return await self._error(
@@ -683,28 +643,22 @@ class Broker:
                 f"no connector serves route {route!r} (none connected recently); retry later",
                 retry_after=RETRY_AFTER_NOT_READY,
             )
-        # One box (or a pool of identical ones): the LLM decides about names it does not list
-        # (llama.cpp answers any name). Routing by model starts with a second set of models.
-        by_model = not self.registry.one_model_set(route)
-        served = self.registry.models(route) if by_model else None  # None: no 404s
-        model = request_model(first) if ex.body_done and (by_model or self.aliases) else None
-        candidates: list[str | None] = list(self.aliases.get(model, [model])) if model else [None]
-        if served is not None and model is not None:
-            candidates = [c for c in candidates if c in served]
-            if not candidates:
-                fields["model"] = model
-                return await self._error(
-                    ex,
-                    fields,
-                    404,
-                    f"the model {model[:128]!r} does not exist on this route; available: "
-                    + ", ".join(sorted(served)[:50]),
-                    code="model_not_found",
-                )
+        model, candidates, served = self._candidates(ex, route, first)
+        if not candidates:
+            fields["model"] = model
+            return await self._error(
+                ex,
+                fields,
+                404,
+                f"the model {str(model)[:128]!r} does not exist on this route; available: "
+                + ", ".join(sorted(served or ())[:50]),
+                code="model_not_found",
+            )
         ex.merge_models = (
             req.method == "GET" and target.split("?", 1)[0] in _MODEL_LISTS and served is not None
             and len({n for names in served.values() for n in names}) > 1
         )  # fmt: skip
+        headers = self._forwarded_headers(req)
         for n, candidate in enumerate(candidates):
             body = first if candidate == model else with_model(first, candidate)
             fields["model"] = candidate or model
@@ -723,6 +677,53 @@ class Broker:
                 extra={"request_id": ex.request_id, "route": route},
             )
         raise AssertionError("the last candidate never falls back")  # pragma: no cover
+
+    async def _check_head(self, ex: _Exchange, fields: dict[str, Any]) -> str | None:
+        """Answer (and return the outcome of) a request its head already rules out."""
+        req = ex.req
+        refusal = self._not_for_connectors(req)
+        if refusal is not None:
+            return await self._error(ex, fields, *refusal)
+        refusal = self._refusal(req)
+        if refusal is not None:
+            status, message = refusal
+            return await self._error(
+                ex, fields, status, message, retry_after=1 if status == 503 else None
+            )
+        declared = header(req.headers, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            if declared.isdigit():
+                self.limit_hit("body")
+                return await self._error(ex, fields, 413, "request body too large")
+            return await self._error(ex, fields, 400, "invalid Content-Length")
+        return None
+
+    async def _first_body_part(self, ex: _Exchange) -> bytes:
+        """Up to 64 KiB of the body, so a small request travels as one relay message."""
+        parts: list[bytes] = []
+        while ex.body_size < _INITIAL_BODY:
+            chunk = await ex.req.receive_body()
+            if not chunk:
+                ex.body_done = True
+                break
+            parts.append(chunk)
+            ex.body_size += len(chunk)
+        return b"".join(parts)
+
+    def _candidates(
+        self, ex: _Exchange, route: str, first: bytes
+    ) -> tuple[str | None, list[str | None], dict[str, list[str]] | None]:
+        """(the requested model, the models to try in order, what the route serves). An empty
+        list: no connector serves it (404). One box, or a pool of identical ones, is not
+        routed by model: its LLM decides about names it does not list (llama.cpp answers
+        any); routing by model starts with a second set of models."""
+        by_model = not self.registry.one_model_set(route)
+        served = self.registry.models(route) if by_model else None  # None: no 404s
+        model = request_model(first) if ex.body_done and (by_model or self.aliases) else None
+        candidates: list[str | None] = list(self.aliases.get(model, [model])) if model else [None]
+        if served is not None and model is not None:
+            candidates = [c for c in candidates if c in served]
+        return model, candidates, served
 
     async def _to_route(
         self,
@@ -954,6 +955,29 @@ class _Exchange:
         self.started = time.monotonic()
         self.head_at: float | None = None
         self.reset_code: int | None = None
+
+
+class _HelloJudge:
+    """The broker's verdict on a connector's hello: the route it asks for must be a valid
+    name its token may serve. ``refused`` keeps the metric label of a refusal."""
+
+    def __init__(self, entry: SecretEntry) -> None:
+        self.entry = entry
+        self.refused = ""
+
+    def __call__(self, hello: Hello) -> str | None:
+        entry, route = self.entry, hello.route or DEFAULT_ROUTE
+        if not _ROUTE_NAME.match(route):
+            self.refused = "bad_route"
+            return f"invalid route name {route[:64]!r}"
+        if not entry.allows_route(route):
+            self.refused = "route_not_allowed"
+            return (
+                f"route {route!r} is not allowed for connector token {entry.name!r} (id "
+                f"{entry.id}; it may serve: {entry.route_text}); on the broker: "
+                f"trio-bridge tokens set {entry.name} --route {route}"
+            )
+        return None
 
 
 def _with_length(

@@ -67,7 +67,7 @@ from ._observe import (
     reset_reason,
     status_class,
 )
-from ._protocol import GoAway, Hello, ResponseHead, Session
+from ._protocol import GoAway, Hello, RequestHead, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
 from ._slots import FairSlots
@@ -76,13 +76,14 @@ from ._upstream import H11Transport
 from ._usage import UsageSniffer
 from ._usagestore import UsageStore, utc_day
 from ._version import __version__
-from ._ws import connect_websocket
+from ._ws import WebSocket, connect_websocket
 
 log = logging.getLogger("trio_bridge.connector")
 
 _DROP_UPSTREAM = KEY_HEADERS | {REQUEST_ID, b"host", b"expect"}
 _DROP_DOWNSTREAM = frozenset({REQUEST_ID})
 TOKEN_CHECK_INTERVAL = 2.0  # how often an up relay looks for a rotated token_file
+ROTATED = "connector token rotated"
 _CANCEL_OUTCOME: dict[int, str] = {
     ResetCode.CANCEL: "client_gone",
     ResetCode.RELAY_LOST: "relay_lost",
@@ -137,6 +138,16 @@ def _totals(rows: Any) -> dict[str, int]:
         for k in out:
             out[k] += r[k]
     return out
+
+
+@attrs.frozen
+class _RelayEnd:
+    """How one relay (or one dial) ended: the reason to log, whether the broker refused us
+    (retry slowly), and how long it was up."""
+
+    reason: str
+    refused: bool = False
+    up_for: float | None = None
 
 
 @attrs.define
@@ -569,116 +580,121 @@ class Connector:
             self._drained.set()
 
     async def keep_relay(self, url: str) -> None:
-        """Dial ``url`` and serve on it; re-dial forever with backoff."""
+        """Dial ``url`` and serve on it; re-dial forever with backoff (refusals slowly)."""
         backoff = Backoff()
         # refusals (token, route, path) need a human: retry every 5-60 s, not in a loop
         slow = Backoff(base=5.0, cap=60.0, floor=5.0)
-        rc = self.config.relay
         while not self.stopping:
-            up_since: float | None = None
-            reason = ""
-            delay_policy = backoff
-            try:
-                token = self.read_token()
-                with trio.fail_after(float(self.limits.connect_timeout)):
-                    ws = await connect_websocket(
-                        url,
-                        headers=[(b"authorization", b"Bearer " + token.encode())],
-                        max_message=MAX_MESSAGE + 1024,
-                        ssl_context=self._ssl_context,
-                    )
-                try:
-                    relay = Relay(
-                        ws,
-                        Session(
-                            opener=False,
-                            window=int(rc.request_window),
-                            max_streams=rc.max_streams,
-                        ),
-                        name=self.name,
-                        route=self.config.connector.route,
-                        ready=self.llm_ready,
-                        # requests beyond the LLM's slots wait here, in the fair queue (keys
-                        # are known here, not at the broker)
-                        capacity=self.config.connector.max_concurrent
-                        + self.config.connector.max_queue,
-                        models=self.models,
-                        priority=self.config.connector.priority,
-                        ping_interval=float(rc.ping_interval),
-                        max_buffered=int(rc.max_buffered),
-                        handler=self.handle_stream,
-                        on_change=lambda r, url=url: self._relay_changed(url, r),  # type: ignore[misc]
-                    )
-                    if self.stopping:
-                        return
-                    async with trio.open_nursery() as nursery:
-                        try:
-                            await nursery.start(relay.run)
-                        except RelayRefused as exc:
-                            reason = f"broker refused the relay: {exc.reason}"
-                            delay_policy = slow
-                        except RelayClosed as exc:
-                            reason = exc.reason
-                        else:
-                            nursery.start_soon(self._follow_token, relay, token)
-                            up_since = time.monotonic()
-                            self.relays[url] = relay
-                            if (relay.local_ready, relay.local_models) != (
-                                self.llm_ready,
-                                self.models,
-                            ):  # changed during the hello
-                                relay.send_status(ready=self.llm_ready, models=self.models)
-                            if self.draining:
-                                relay.send_goaway("connector draining")
-                            if not self.connected.is_set():
-                                self.notifier.ready(self.status_line())
-                            self.connected.set()
-                            st = self.relay_states[url]
-                            if st["state"] != "connecting":
-                                st["reconnects"] += 1
-                                self.metrics.reconnects.labels("connector", url).inc()
-                            st.update(state="connected", since=time.time())
-                            self.notifier.status(self.status_line())
-                            self.metrics.relay_connected.labels("connector", url).set(1)
-                            log.info("relay connected", extra={"broker": url})
-                            self.inspector.state(url, "up")
-                    self.relays.pop(url, None)
-                    reason = reason or relay.closed_reason or "closed"
-                finally:
-                    await ws.aclose()
-            except RelayRejected as exc:
-                reason, delay_policy = _rejection(url, exc), slow
-            except ConfigError as exc:  # the token file went missing, empty or readable
-                reason, delay_policy = f"connector token: {exc}", slow
-            except trio.TooSlowError:
-                reason = f"cannot reach broker: no answer within {self.limits.connect_timeout}s"
-            except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
-                reason = f"cannot reach broker: {_connect_failure(exc)}"
-            except (RelayClosed, RemoteProtocolError) as exc:
-                reason = f"relay handshake failed: {exc}"
-            except Exception as exc:  # never give up on a broker, whatever went wrong
-                log.exception("relay failed unexpectedly", extra={"broker": url})
-                reason = f"unexpected error: {exc!r}"
-            if up_since is not None:
-                backoff.connected_for(time.monotonic() - up_since)
-            if reason == "connector token rotated":
+            end = await self._one_relay(url)
+            if end.up_for is not None:
+                backoff.connected_for(end.up_for)
+            if end.reason == ROTATED:
                 continue  # at once, with the new token
             if self.stopping:
-                log.info("relay closed: %s", reason, extra={"broker": url})
+                log.info("relay closed: %s", end.reason, extra={"broker": url})
                 return
-            delay = delay_policy.next_delay()
-            st = self.relay_states[url]
-            if st["state"] == "connected" or not st["last_error"]:
-                st["since"] = time.time()
-            st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
-            self.metrics.relay_connected.labels("connector", url).set(0)
-            self.inspector.state(url, "down")
-            self.notifier.status(self.status_line())
-            log.warning(
-                "relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url}
-            )
+            delay = (slow if end.refused else backoff).next_delay()
+            self._relay_down(url, end.reason, delay)
             with trio.move_on_after(delay):
                 await self._stop.wait()
+
+    async def _one_relay(self, url: str) -> _RelayEnd:
+        """One dial and, if it worked, the relay's whole life; how it ended (never raises but
+        for cancellation: the connector never gives up on a broker)."""
+        try:
+            token = self.read_token()
+            with trio.fail_after(float(self.limits.connect_timeout)):
+                ws = await connect_websocket(
+                    url,
+                    headers=[(b"authorization", b"Bearer " + token.encode())],
+                    max_message=MAX_MESSAGE + 1024,
+                    ssl_context=self._ssl_context,
+                )
+            try:
+                return await self._serve_relay(url, ws, token)
+            finally:
+                await ws.aclose()
+        except RelayRejected as exc:
+            return _RelayEnd(_rejection(url, exc), refused=True)
+        except ConfigError as exc:  # the token file went missing, empty or readable
+            return _RelayEnd(f"connector token: {exc}", refused=True)
+        except trio.TooSlowError:
+            return _RelayEnd(
+                f"cannot reach broker: no answer within {self.limits.connect_timeout}s"
+            )
+        except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
+            return _RelayEnd(f"cannot reach broker: {_connect_failure(exc)}")
+        except (RelayClosed, RemoteProtocolError) as exc:
+            return _RelayEnd(f"relay handshake failed: {exc}")
+        except Exception as exc:
+            log.exception("relay failed unexpectedly", extra={"broker": url})
+            return _RelayEnd(f"unexpected error: {exc!r}")
+
+    def _new_relay(self, url: str, ws: WebSocket) -> Relay:
+        c, rc = self.config.connector, self.config.relay
+        return Relay(
+            ws,
+            Session(opener=False, window=int(rc.request_window), max_streams=rc.max_streams),
+            name=self.name,
+            route=c.route,
+            ready=self.llm_ready,
+            # requests beyond the LLM's slots wait here, in the fair queue (keys are known
+            # here, not at the broker)
+            capacity=c.max_concurrent + c.max_queue,
+            models=self.models,
+            priority=c.priority,
+            ping_interval=float(rc.ping_interval),
+            max_buffered=int(rc.max_buffered),
+            handler=self.handle_stream,
+            on_change=lambda r: self._relay_changed(url, r),
+        )
+
+    async def _serve_relay(self, url: str, ws: WebSocket, token: str) -> _RelayEnd:
+        """The hello, then serve until the relay ends."""
+        relay = self._new_relay(url, ws)
+        if self.stopping:
+            return _RelayEnd("connector stopping")
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(relay.run)
+            except RelayRefused as exc:
+                return _RelayEnd(f"broker refused the relay: {exc.reason}", refused=True)
+            except RelayClosed as exc:
+                return _RelayEnd(exc.reason)
+            nursery.start_soon(self._follow_token, relay, token)
+            up_since = time.monotonic()
+            self._relay_up(url, relay)
+        self.relays.pop(url, None)
+        return _RelayEnd(relay.closed_reason or "closed", up_for=time.monotonic() - up_since)
+
+    def _relay_up(self, url: str, relay: Relay) -> None:
+        self.relays[url] = relay
+        if (relay.local_ready, relay.local_models) != (self.llm_ready, self.models):
+            relay.send_status(ready=self.llm_ready, models=self.models)  # changed meanwhile
+        if self.draining:
+            relay.send_goaway("connector draining")
+        if not self.connected.is_set():
+            self.notifier.ready(self.status_line())
+        self.connected.set()
+        st = self.relay_states[url]
+        if st["state"] != "connecting":
+            st["reconnects"] += 1
+            self.metrics.reconnects.labels("connector", url).inc()
+        st.update(state="connected", since=time.time())
+        self.notifier.status(self.status_line())
+        self.metrics.relay_connected.labels("connector", url).set(1)
+        log.info("relay connected", extra={"broker": url})
+        self.inspector.state(url, "up")
+
+    def _relay_down(self, url: str, reason: str, delay: float) -> None:
+        st = self.relay_states[url]
+        if st["state"] == "connected" or not st["last_error"]:
+            st["since"] = time.time()
+        st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
+        self.metrics.relay_connected.labels("connector", url).set(0)
+        self.inspector.state(url, "down")
+        self.notifier.status(self.status_line())
+        log.warning("relay down: %s; reconnecting in %.2fs", reason, delay, extra={"broker": url})
 
     async def _follow_token(self, relay: Relay, token: str) -> None:
         """After a rotation (a new token in ``token_file``), re-dial with it at the first
@@ -693,7 +709,7 @@ class Connector:
                 continue  # keep the relay; the next dial reports the problem
             if current != token and relay.in_flight == 0:
                 log.info("connector token changed: re-dialling with the new one")
-                relay.close("connector token rotated")
+                relay.close(ROTATED)
                 return
 
     # -- one request --
@@ -953,26 +969,51 @@ class Connector:
         call: _Call,
         content: bytes | AsyncIterator[bytes],
     ) -> str:
+        """Wait for an LLM slot (fairly), send the request, stream the answer back."""
         head = stream.request_head
         assert head is not None
-        headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
-        headers.append((REQUEST_ID, head.request_id.encode()))
-        if self._upstream_auth is not None:
-            headers.append(self._upstream_auth)
         try:
-            request = httpx.Request(
-                head.method, self.local_url + head.target, headers=headers, content=content
-            )
+            request = self._llm_request(head, content, call)
         except (httpx.InvalidURL, ValueError):
             return await self._reply_error(stream, fields, 400, "invalid request target")
         # one deadline for the wait in the queue and the LLM's first byte together
         first_byte_by = trio.current_time() + float(self.limits.first_byte_timeout)
-        if call.rec is not None:
+        refused = await self._take_slot(stream, fields, call, first_byte_by)
+        if refused is not None:
+            return refused
+        try:  # the LLM slot is held until the answer ends
+            try:
+                with trio.fail_at(first_byte_by):
+                    response = await self.transport.handle_async_request(request)
+            except (trio.TooSlowError, _TooLarge, httpx.HTTPError) as exc:
+                return await self._no_answer(stream, fields, exc)
+            return await self._answer(stream, fields, call, response)
+        finally:
+            self.slots.release()
+
+    def _llm_request(
+        self, head: RequestHead, content: bytes | AsyncIterator[bytes], call: _Call
+    ) -> httpx.Request:
+        """The request for the LLM: the user's key and hop-by-hop headers out, the correlation
+        id (and an upstream key) in. Raises httpx.InvalidURL / ValueError for a bad target."""
+        headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
+        headers.append((REQUEST_ID, head.request_id.encode()))
+        if call.rec is not None:  # what a replay sends again (never the upstream key)
             call.rec.target = head.target
-            call.rec.forward_headers = [h for h in headers if h is not self._upstream_auth]
+            call.rec.forward_headers = list(headers)
+        if self._upstream_auth is not None:
+            headers.append(self._upstream_auth)
+        return httpx.Request(
+            head.method, self.local_url + head.target, headers=headers, content=content
+        )
+
+    async def _take_slot(
+        self, stream: RelayStream, fields: dict[str, Any], call: _Call, deadline: float
+    ) -> str | None:
+        """An LLM slot for ``call`` (None), or the outcome of the answer that refused it."""
         queued_at = trio.current_time()
         try:
-            with trio.fail_at(first_byte_by):
+            with trio.fail_at(deadline):
                 await self.slots.acquire(call.key_id, call.limits.priority)
         except QueueFull:
             self.metrics.limit_hits.labels("connector", "queue").inc()
@@ -989,31 +1030,28 @@ class Connector:
             )
         if call.rec is not None:
             call.rec.queue_wait_ms = round((trio.current_time() - queued_at) * 1000, 3)
-        try:  # the LLM slot is held until the answer ends
-            try:
-                with trio.fail_at(first_byte_by):
-                    response = await self.transport.handle_async_request(request)
-            except trio.TooSlowError:
-                return await self._reply_error(
-                    stream, fields, 504, "the LLM did not start answering in time"
-                )
-            except _TooLarge:
-                stream.reset(ResetCode.TOO_LARGE, "request body too large")
-                return "too_large"
-            except httpx.ConnectError as exc:
-                self.llm_failed(f"ConnectError: {exc}")
-                return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
-            except httpx.TimeoutException:
-                return await self._reply_error(
-                    stream, fields, 502, "connecting to the LLM timed out"
-                )
-            except httpx.HTTPError as exc:
-                return await self._reply_error(
-                    stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
-                )
-            return await self._answer(stream, fields, call, response)
-        finally:
-            self.slots.release()
+        return None
+
+    async def _no_answer(
+        self, stream: RelayStream, fields: dict[str, Any], exc: BaseException
+    ) -> str:
+        """The LLM gave no response head: say why in an OpenAI-shaped error (httpx's errors
+        are mapped here, once)."""
+        if isinstance(exc, trio.TooSlowError):
+            return await self._reply_error(
+                stream, fields, 504, "the LLM did not start answering in time"
+            )
+        if isinstance(exc, _TooLarge):
+            stream.reset(ResetCode.TOO_LARGE, "request body too large")
+            return "too_large"
+        if isinstance(exc, httpx.ConnectError):
+            self.llm_failed(f"ConnectError: {exc}")
+            return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
+        if isinstance(exc, httpx.TimeoutException):
+            return await self._reply_error(stream, fields, 502, "connecting to the LLM timed out")
+        return await self._reply_error(
+            stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
+        )
 
     async def _answer(
         self, stream: RelayStream, fields: dict[str, Any], call: _Call, response: httpx.Response
