@@ -463,3 +463,34 @@ async def test_a_reset_relay_connection_is_redialled(lab: Lab) -> None:
             ):
                 await trio.sleep(0.05)
         assert await get_models(client, rb.url, lab.api_key) == 200
+
+
+async def test_connector_run_reports_started_once_a_relay_is_up(lab: Lab) -> None:
+    from trio_bridge import Connector
+
+    model = await lab.start_test_model()
+    rb = await lab.start_broker()
+    config = lab.config(connector={"broker_urls": [rb.relay_url], "local_url": model.url})
+    connector = Connector(config, keys=lab.keys, token=lab.token)
+    with trio.fail_after(10):
+        await lab.nursery.start(connector.run)
+    assert connector.relays and rb.broker.registry.connectors()
+    # and a connector stopped before any relay came up still reports started (and returns)
+    lonely = Connector(
+        lab.config(
+            connector={"broker_urls": ["ws://127.0.0.1:9/_bridge/relay"], "local_url": model.url}
+        ),
+        keys=lab.keys,
+        token=lab.token,
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            nursery.start_soon(_stop_soon, lonely)
+            await nursery.start(lonely.run)
+    assert not lonely.relays
+    connector.stop()
+
+
+async def _stop_soon(connector: object) -> None:
+    await trio.sleep(0.3)
+    connector.stop()  # type: ignore[attr-defined]

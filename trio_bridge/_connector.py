@@ -218,6 +218,7 @@ class Connector:
         self.models: tuple[str, ...] | None = tuple(c.models) if c.models else None
         self._stop = trio.Event()
         self._drained = trio.Event()  # draining, and the last request ended
+        self._up_or_stopping = trio.Event()  # a first relay is up, or stop() came first
         self._probe_now = trio.Event()
         self.started = time.time()
         self.admin_address: tuple[str, int] | None = None
@@ -386,6 +387,7 @@ class Connector:
         """
         self.stopping = True
         self._stop.set()
+        self._up_or_stopping.set()
         for relay in list(self.relays.values()):
             relay.close("connector stopping")
 
@@ -450,7 +452,8 @@ class Connector:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep one relay per broker URL until :meth:`stop` or cancellation."""
+        """Keep one relay per broker URL until :meth:`stop` or cancellation. Started (for
+        ``nursery.start``) once the first relay is up, or at a stop before that."""
         try:
             async with trio.open_nursery() as outer:
                 if self.config.connector.admin_listen:
@@ -472,6 +475,7 @@ class Connector:
                 async with trio.open_nursery() as relays:
                     for url in self.config.connector.broker_urls:
                         relays.start_soon(self.keep_relay, url)
+                    await self._up_or_stopping.wait()
                     task_status.started()
                 outer.cancel_scope.cancel()  # every relay ended after stop()
         finally:
@@ -676,6 +680,7 @@ class Connector:
         if not self.connected.is_set():
             self.notifier.ready(self.status_line())
         self.connected.set()
+        self._up_or_stopping.set()
         st = self.relay_states[url]
         if st["state"] != "connecting":
             st["reconnects"] += 1
