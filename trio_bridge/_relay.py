@@ -84,6 +84,8 @@ class _Writer:
         self._queued = 0
         self._has_data = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
+        self._flushed = trio.lowlevel.ParkingLot()
+        self._sending = False
         self.closed: str | None = None
 
     def put_nowait(self, frame: bytes) -> None:
@@ -113,10 +115,16 @@ class _Writer:
             self.closed = reason
         self._space.unpark_all()
 
+    async def flush(self) -> None:
+        """Wait until everything queued so far was written."""
+        while (self._frames or self._sending) and self.closed is None:
+            await self._flushed.park()
+
     async def run(self) -> None:
         frames = self._frames
         while True:
             while not frames:
+                self._flushed.unpark_all()
                 await self._has_data.park()
             if self._queued <= MAX_MESSAGE:
                 batch = b"".join(frames) if len(frames) > 1 else frames[0]
@@ -132,7 +140,9 @@ class _Writer:
             self._queued -= len(batch)
             if self._space:
                 self._space.unpark_all()
+            self._sending = True
             await self._transport.send_message(batch)
+            self._sending = False
 
 
 class RelayStream:
@@ -457,8 +467,8 @@ class Relay:
                     refused = isinstance(exc, RelayRefused)
                 except RemoteProtocolError as exc:
                     log.warning("relay protocol error: %s", exc, extra={"relay": self.name})
+                    await self._goaway(str(exc))
                     self.close(f"protocol error: {exc}")
-                    await self._goaway_and_close(str(exc))
         finally:
             reason = self.closed_reason or "closed"
             self.closed_reason = reason
@@ -521,13 +531,12 @@ class Relay:
         except RelayClosed as exc:
             self.close(exc.reason)
 
-    async def _goaway_and_close(self, reason: str) -> None:
-        with trio.move_on_after(1) as cs:
-            cs.shield = True
-            try:
-                await self._transport.send_message(self.session.send_goaway(reason))
-            except (RelayClosed, RemoteProtocolError):
-                pass
+    async def _goaway(self, reason: str) -> None:
+        """Tell the peer why, through the single writer (never beside it: a write of its cut
+        midway would leave half a message on the transport); at most a second."""
+        with trio.move_on_after(1):
+            self._put(self.session.send_goaway(reason))
+            await self._writer.flush()
 
     async def _handshake(self) -> Hello:
         role = "broker" if self.session.opener else "connector"

@@ -86,7 +86,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         h = conn.h11
         if self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
             h.start_next_cycle()
-            self._transport._release(self._key, conn)
+            await self._transport._release(self._key, conn)
         else:
             await conn.aclose()
 
@@ -129,10 +129,12 @@ class H11Transport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._closed = False
 
-    def _release(self, key: tuple[str, str, int], conn: _Conn) -> None:
+    async def _release(self, key: tuple[str, str, int], conn: _Conn) -> None:
+        """A connection whose exchange ended cleanly: kept for the next request, or closed
+        here (by the task that used it) when the transport is closed or enough are idle."""
         idle = self._idle.setdefault(key, [])
         if self._closed or len(idle) >= self._max_idle:
-            trio.lowlevel.spawn_system_task(conn.aclose)
+            await conn.aclose()
             return
         idle.append(conn)
 

@@ -77,6 +77,11 @@ class WebSocket:
         async with self._lock:
             try:
                 await self._stream.send_all(data)
+            except trio.Cancelled:
+                # the stream may hold part of a message now: nothing more may be written on it
+                # (not even the close frame)
+                self._closed = "a write was cancelled midway"
+                raise
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._closed = "websocket broken"
                 raise RelayClosed(f"websocket broken: {exc!r}") from None
