@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -133,12 +134,12 @@ class Broker:
         self._limit_log: dict[str, tuple[float, int]] = {}
 
     def _token_failures_exceeded(self, addr: str) -> bool:
-        now = time.monotonic()
+        now = trio.current_time()
         start, n = self._token_failures.get(addr, (now, 0))
         return now - start < 60 and n >= self.config.broker.max_token_failures
 
     def _count_token_failure(self, addr: str) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         start, n = self._token_failures.pop(addr, (now, 0))
         if now - start >= 60:
             start, n = now, 0
@@ -253,8 +254,8 @@ class Broker:
     def limit_hit(self, name: str) -> None:
         """Count a hit of a public-side limit; log it, at most once per limit every 10 s."""
         self.metrics.limit_hits.labels("broker", name).inc()
-        now = time.monotonic()
-        last, suppressed = self._limit_log.get(name, (0.0, 0))
+        now = trio.current_time()
+        last, suppressed = self._limit_log.get(name, (-math.inf, 0))
         if now - last >= 10:
             more = f" (and {suppressed} more since the last line)" if suppressed else ""
             log.warning("limit hit: %s%s", name, more, extra={"limit": name})
