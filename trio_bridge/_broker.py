@@ -662,7 +662,8 @@ class Broker:
         headers = self._forwarded_headers(req)
         for n, candidate in enumerate(candidates):
             body = first if candidate == model else with_model(first, candidate)
-            fields["model"] = candidate or model
+            if candidate or model:
+                fields["model"] = candidate or model
             head = RequestHead(
                 req.method, target, _with_length(headers, body, first), ex.request_id
             )
