@@ -26,6 +26,7 @@ from collections import OrderedDict
 from functools import partial
 from typing import Any
 
+import attrs
 import trio
 
 from ._admin import AdminApp
@@ -53,6 +54,7 @@ from ._http import (
 )
 from ._keys import SecretEntry, SecretStore, admin_token
 from ._observe import (
+    Facts,
     Metrics,
     RecentStats,
     bridge_outcome,
@@ -428,27 +430,23 @@ class Broker:
     # -- public requests --
     async def _http(self, req: Request) -> None:
         ex = _Exchange(request_id_from(req.headers), req)
-        fields: dict[str, Any] = {
-            "request_id": ex.request_id,
-            "method": req.method,
-            "path": req.path,
-        }
+        facts = ex.facts
         if self.draining:
-            fields["outcome"] = await self._error(
-                ex, fields, 503, "the broker is shutting down; retry", retry_after=1
+            facts.outcome = await self._error(
+                ex, facts, 503, "the broker is shutting down; retry", retry_after=1
             )
-            log_request("broker", fields)
+            log_request("broker", facts)
             return
         self.in_flight += 1
         try:
             async with trio.open_nursery() as nursery:
                 ex.nursery = nursery
                 try:
-                    fields["outcome"] = await self._forward(ex, fields)
+                    facts.outcome = await self._forward(ex, facts)
                 except BadBody as exc:
-                    fields["outcome"] = await self._error(ex, fields, 400, str(exc))
+                    facts.outcome = await self._error(ex, facts, 400, str(exc))
                 except ClientDisconnected:
-                    fields["outcome"] = "client_gone"
+                    facts.outcome = "client_gone"
                 nursery.cancel_scope.cancel()
         finally:
             if ex.stream is not None and not ex.stream.finished:
@@ -456,40 +454,37 @@ class Broker:
             self.in_flight -= 1
             if self.draining and not self.in_flight:
                 self._drained.set()
-            fields.setdefault("outcome", "cancelled")
-            fields["bytes_in"] = ex.body_size
-            duration = time.monotonic() - ex.started
-            fields["duration_ms"] = round(duration * 1000, 3)
-            if ex.head_at is not None:
-                fields["ttfb_ms"] = round((ex.head_at - ex.started) * 1000, 3)
+            if facts.outcome is None:
+                facts.outcome = "cancelled"
+            facts.bytes_in = ex.body_size
+            facts.ended = time.monotonic()
             if ex.stream is not None and ex.stream.reset_error is not None:
                 code = ex.stream.reset_error.code
                 if code != ResetCode.NO_ERROR:
                     ex.reset_code = code
-            self._account(ex, fields, duration)
-            log_request("broker", fields)
+            self._account(ex, facts)
+            log_request("broker", facts)
 
     def _count_relays(self, route: str) -> None:
         self.metrics.relays.labels("broker", route).set(len(self.registry.connectors(route)))
 
-    def _account(self, ex: _Exchange, fields: dict[str, Any], duration: float) -> None:
-        m, route = self.metrics, fields.get("route", DEFAULT_ROUTE)
-        status = fields.get("status")
-        outcome = fields["outcome"]
+    def _account(self, ex: _Exchange, facts: Facts) -> None:
+        m, route = self.metrics, facts.route or DEFAULT_ROUTE
+        status, outcome = facts.status, facts.outcome or "cancelled"
+        duration, ttfb = facts.duration, facts.ttfb
         m.requests.labels("broker", route, status_class(status), outcome).inc()
         m.duration.labels("broker", route).observe(duration)
-        if ex.head_at is not None:
-            m.ttfb.labels("broker", route).observe(ex.head_at - ex.started)
+        if ttfb is not None:
+            m.ttfb.labels("broker", route).observe(ttfb)
         m.bytes.labels("broker", "in").inc(ex.body_size)
-        m.bytes.labels("broker", "out").inc(fields.get("bytes_out", 0))
+        m.bytes.labels("broker", "out").inc(facts.bytes_out)
         if ex.reset_code is not None:
             m.resets.labels("broker", reset_reason(ex.reset_code)).inc()
         error = is_error(outcome, status)
-        ttfb = ex.head_at - ex.started if ex.head_at is not None else None
         self.stats.add(duration, ttfb, error)
         if route in self.route_stats or len(self.route_stats) < MAX_ROUTE_STATS:
             self.route_stats.setdefault(route, RecentStats()).add(duration, ttfb, error)
-        m.count_model(fields.get("model"), outcome, ttfb)
+        m.count_model(facts.model, outcome, ttfb)
 
     def _start_reader(self, ex: _Exchange) -> None:
         if not ex.reader_started:
@@ -535,14 +530,14 @@ class Broker:
     async def _error(
         self,
         ex: _Exchange,
-        fields: dict[str, Any],
+        facts: Facts,
         status: int,
         message: str,
         retry_after: int | None = None,
         code: str | None = None,
     ) -> str:
-        fields["status"] = status
-        ex.head_at = time.monotonic()
+        facts.status = status
+        ex.facts.head_at = time.monotonic()
         s, h, body = error_response(
             status, message, ex.request_id, retry_after=retry_after, code=code
         )
@@ -578,7 +573,7 @@ class Broker:
         lim = self.limits
         if len(req.headers) > lim.max_headers:
             self.limit_hit("headers")
-            return 431, f"too many header fields (limit {lim.max_headers})"
+            return 431, f"too many header facts (limit {lim.max_headers})"
         if len(req.target) > lim.max_uri:
             self.limit_hit("uri")
             return 414, "request target too long"
@@ -622,34 +617,34 @@ class Broker:
             headers.append((b"x-forwarded-proto", req.scheme.encode()))
         return headers
 
-    async def _forward(self, ex: _Exchange, fields: dict[str, Any]) -> str:
+    async def _forward(self, ex: _Exchange, facts: Facts) -> str:
         """Check the request's head, read the first part of its body, pick the model
         candidates, and send it to a connector of its route."""
-        refused = await self._check_head(ex, fields)
+        refused = await self._check_head(ex, facts)
         if refused is not None:
             return refused
         first = await self._first_body_part(ex)
         if ex.body_size > self.max_body:
             self.limit_hit("body")
-            return await self._error(ex, fields, 413, "request body too large")
+            return await self._error(ex, facts, 413, "request body too large")
         req = ex.req
         route, target = self._route(req)
-        fields["route"] = route
+        facts.route = route
         if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
             # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
             return await self._error(
                 ex,
-                fields,
+                facts,
                 503,
                 f"no connector serves route {route!r} (none connected recently); retry later",
                 retry_after=RETRY_AFTER_NOT_READY,
             )
         model, candidates, served = self._candidates(ex, route, first)
         if not candidates:
-            fields["model"] = model
+            facts.model = model
             return await self._error(
                 ex,
-                fields,
+                facts,
                 404,
                 f"the model {str(model)[:128]!r} does not exist on this route; available: "
                 + ", ".join(sorted(served or ())[:50]),
@@ -663,12 +658,12 @@ class Broker:
         for n, candidate in enumerate(candidates):
             body = first if candidate == model else with_model(first, candidate)
             if candidate or model:
-                fields["model"] = candidate or model
+                facts.model = candidate or model
             head = RequestHead(
                 req.method, target, _with_length(headers, body, first), ex.request_id
             )
             outcome = await self._to_route(
-                ex, fields, route, head, body, candidate, last=n == len(candidates) - 1
+                ex, facts, route, head, body, candidate, last=n == len(candidates) - 1
             )
             if outcome != _FALLBACK:
                 return outcome
@@ -680,24 +675,24 @@ class Broker:
             )
         raise AssertionError("the last candidate never falls back")  # pragma: no cover
 
-    async def _check_head(self, ex: _Exchange, fields: dict[str, Any]) -> str | None:
+    async def _check_head(self, ex: _Exchange, facts: Facts) -> str | None:
         """Answer (and return the outcome of) a request its head already rules out."""
         req = ex.req
         refusal = self._not_for_connectors(req)
         if refusal is not None:
-            return await self._error(ex, fields, *refusal)
+            return await self._error(ex, facts, *refusal)
         refusal = self._refusal(req)
         if refusal is not None:
             status, message = refusal
             return await self._error(
-                ex, fields, status, message, retry_after=1 if status == 503 else None
+                ex, facts, status, message, retry_after=1 if status == 503 else None
             )
         declared = header(req.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             if declared.isdigit():
                 self.limit_hit("body")
-                return await self._error(ex, fields, 413, "request body too large")
-            return await self._error(ex, fields, 400, "invalid Content-Length")
+                return await self._error(ex, facts, 413, "request body too large")
+            return await self._error(ex, facts, 400, "invalid Content-Length")
         return None
 
     async def _first_body_part(self, ex: _Exchange) -> bytes:
@@ -730,7 +725,7 @@ class Broker:
     async def _to_route(
         self,
         ex: _Exchange,
-        fields: dict[str, Any],
+        facts: Facts,
         route: str,
         head: RequestHead,
         first: bytes,
@@ -744,7 +739,7 @@ class Broker:
             if self.registry.not_ready(route) and not self.queue_when_not_ready:
                 return await self._error(
                     ex,
-                    fields,
+                    facts,
                     503,
                     "the LLM behind this route is not ready; retry later",
                     retry_after=RETRY_AFTER_NOT_READY,
@@ -758,7 +753,7 @@ class Broker:
                 self.limit_hit("queue")
                 return await self._error(
                     ex,
-                    fields,
+                    facts,
                     503,
                     "too many requests are waiting for this route; retry later",
                     retry_after=1,
@@ -767,12 +762,12 @@ class Broker:
             if handle is None:
                 return await self._error(
                     ex,
-                    fields,
+                    facts,
                     503,
                     "no connector is available for this route; retry later",
                     retry_after=max(1, int(self.queue_timeout)),
                 )
-            fields["connector"] = handle.name
+            facts.connector = handle.name
             try:
                 stream = handle.relay.open_stream(head, end_stream=ex.body_done and not first)
             except RelayClosed:
@@ -789,16 +784,14 @@ class Broker:
             if not ex.body_done:
                 self._start_reader(ex)  # the rest of the upload goes into the stream
             outcome = await self._respond(
-                ex, fields, may_retry=ex.body_done, may_fall_back=ex.body_done and not last
+                ex, facts, may_retry=ex.body_done, may_fall_back=ex.body_done and not last
             )
-            fields["bytes_out"] = stream.bytes_received
+            facts.bytes_out = stream.bytes_received
             if outcome != _RETRY:
                 return outcome
-        return await self._error(ex, fields, 503, "every connector refused; retry", retry_after=1)
+        return await self._error(ex, facts, 503, "every connector refused; retry", retry_after=1)
 
-    async def _merged_models(
-        self, ex: _Exchange, fields: dict[str, Any], head: ResponseHead
-    ) -> str:
+    async def _merged_models(self, ex: _Exchange, facts: Facts, head: ResponseHead) -> str:
         """A connector accepted the key for ``/v1/models`` (``/api/tags``): answer with the
         models of every connector of the route instead of that one's list."""
         stream = ex.stream
@@ -806,8 +799,8 @@ class Broker:
         size = 0
         while chunk := await stream.receive_data():  # read and dropped (bounded by the window)
             size += len(chunk)
-        served = self.registry.models(fields.get("route", DEFAULT_ROUTE)) or {}
-        path = ex.req.path.removeprefix(f"/r/{fields.get('route', '')}")
+        served = self.registry.models(facts.route or DEFAULT_ROUTE) or {}
+        path = ex.req.path.removeprefix(f"/r/{(facts.route or '')}")
         if path.startswith("/api/tags"):
             doc: dict[str, Any] = {
                 "models": [{"name": m, "model": m, "connectors": sorted(c)}
@@ -830,8 +823,8 @@ class Broker:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
-        fields["status"] = 200
-        ex.head_at = time.monotonic()
+        facts.status = 200
+        ex.facts.head_at = time.monotonic()
         await ex.req.respond(200, headers, body, end=True)
         return "ok"
 
@@ -853,7 +846,7 @@ class Broker:
         return route, path + qsep + query
 
     async def _respond(
-        self, ex: _Exchange, fields: dict[str, Any], *, may_retry: bool, may_fall_back: bool
+        self, ex: _Exchange, facts: Facts, *, may_retry: bool, may_fall_back: bool
     ) -> str:
         stream = ex.stream
         assert stream is not None
@@ -869,13 +862,13 @@ class Broker:
             head = await stream.receive_response_head()
         except StreamReset as exc:
             if ex.bad_body:
-                return await self._error(ex, fields, 400, ex.bad_body)
+                return await self._error(ex, facts, 400, ex.bad_body)
             if ex.client_gone:
                 return "client_gone"
             if may_retry and exc.code == ResetCode.REFUSED:
                 return _RETRY
             if ex.too_large:
-                return await self._error(ex, fields, 413, "request body too large")
+                return await self._error(ex, facts, 413, "request body too large")
             if may_fall_back:
                 return _FALLBACK  # nothing reached the client: the next candidate model
             status, message = _RESET_STATUS.get(
@@ -883,15 +876,15 @@ class Broker:
                 (502, "the connector failed to answer"),  # type: ignore[call-overload]
             )
             return await self._error(
-                ex, fields, status, message, retry_after=1 if status == 503 else None
+                ex, facts, status, message, retry_after=1 if status == 503 else None
             )
         if may_fall_back and head.status in (502, 503, 504):
             stream.reset(ResetCode.CANCEL, "falling back to another model")
             return _FALLBACK
         if ex.merge_models and head.status == 200:
-            return await self._merged_models(ex, fields, head)
-        fields["status"] = head.status
-        ex.head_at = time.monotonic()
+            return await self._merged_models(ex, facts, head)
+        facts.status = head.status
+        ex.facts.head_at = time.monotonic()
         req = ex.req
         try:
             # What already arrived goes out with the head, in one write.
@@ -916,47 +909,34 @@ class Broker:
         except StreamReset as exc:
             # Abort: returning without the end makes the server close the connection, so the
             # client sees an incomplete response, never a complete one.
-            fields["reset"] = exc.reason
+            facts.reset = exc.reason
             return "client_gone" if ex.client_gone else "aborted"
         await req.end()
         return "ok"
 
 
+@attrs.define(slots=True, eq=False)
 class _Exchange:
-    """What the tasks of one public request share."""
+    """What the tasks of one public request share: its facts (logged and counted at the end)
+    and the state of its body and stream."""
 
-    __slots__ = (
-        "bad_body",
-        "body_done",
-        "body_size",
-        "client_gone",
-        "head_at",
-        "merge_models",
-        "nursery",
-        "reader_started",
-        "req",
-        "request_id",
-        "reset_code",
-        "started",
-        "stream",
-        "too_large",
-    )
+    request_id: str
+    req: Request
+    facts: Facts = attrs.field(init=False)
+    nursery: trio.Nursery | None = None
+    stream: RelayStream | None = None
+    body_size: int = 0
+    body_done: bool = attrs.field(init=False)
+    reader_started: bool = False  # the task reading the rest of the body / watching the client
+    client_gone: bool = False
+    bad_body: str = ""
+    too_large: bool = False
+    merge_models: bool = False  # answer /v1/models with the route's merged list
+    reset_code: int | None = None
 
-    def __init__(self, request_id: str, req: Request) -> None:
-        self.request_id = request_id
-        self.req = req
-        self.nursery: trio.Nursery | None = None
-        self.stream: RelayStream | None = None
-        self.body_size = 0
-        self.body_done = req.body_done
-        self.reader_started = False
-        self.client_gone = False
-        self.bad_body = ""
-        self.too_large = False
-        self.merge_models = False
-        self.started = time.monotonic()
-        self.head_at: float | None = None
-        self.reset_code: int | None = None
+    def __attrs_post_init__(self) -> None:
+        self.facts = Facts(self.request_id, self.req.method, self.req.path)
+        self.body_done = self.req.body_done
 
 
 class _HelloJudge:

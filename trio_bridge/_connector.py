@@ -58,6 +58,7 @@ from ._inspect import Inspector, RequestRecord, redact
 from ._keys import SecretEntry, SecretStore, admin_token, check_private
 from ._limits import KeyLimits, Limiter
 from ._observe import (
+    Facts,
     Metrics,
     RecentStats,
     bridge_outcome,
@@ -156,7 +157,7 @@ class _Call:
 
     key_id: str
     limits: KeyLimits
-    fields: dict[str, Any]
+    facts: Facts
     model: str | None = None
     rec: RequestRecord | None = None
     sniffer: UsageSniffer | None = None
@@ -721,77 +722,60 @@ class Connector:
     async def handle_stream(self, stream: RelayStream) -> None:
         head = stream.request_head
         assert head is not None
-        started = time.monotonic()
-        fields: dict[str, Any] = {
-            "request_id": head.request_id,
-            "method": head.method,
-            "path": head.target.split("?", 1)[0],
-        }
-        fields["_t0"] = started
-        rec = self.inspector.start(head.request_id, head.method, fields["path"])
+        facts = Facts(head.request_id, head.method, head.target.split("?", 1)[0])
+        facts.route = self.config.connector.route
+        rec = self.inspector.start(head.request_id, head.method, facts.path)
         try:
-            fields["outcome"] = await self._forward(stream, fields, rec)
+            facts.outcome = await self._forward(stream, facts, rec)
         finally:
-            if "outcome" not in fields:
+            if facts.outcome is None:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
-                fields["outcome"] = _CANCEL_OUTCOME.get(code, "cancelled")
-            duration = time.monotonic() - started
-            fields["duration_ms"] = round(duration * 1000, 3)
-            fields["bytes_in"] = stream.bytes_received
-            fields["bytes_out"] = stream.bytes_sent
+                facts.outcome = _CANCEL_OUTCOME.get(code, "cancelled")
+            facts.ended = time.monotonic()
+            facts.bytes_in, facts.bytes_out = stream.bytes_received, stream.bytes_sent
             reset_code = None
             if stream.reset_error is not None and stream.reset_error.code != ResetCode.NO_ERROR:
-                fields["reset"] = stream.reset_error.reason
+                facts.reset = stream.reset_error.reason
                 reset_code = stream.reset_error.code
-            head_at = fields.pop("_head_at", None)
-            if head_at is not None:
-                fields["ttfb_ms"] = round((head_at - started) * 1000, 3)
-            self._account(fields, duration, head_at, reset_code, stream)
-            self._inspected(rec, fields)
-            log_request("connector", fields)
+            self._account(facts, reset_code)
+            self._inspected(rec, facts)
+            log_request("connector", facts)
 
-    def _inspected(self, rec: RequestRecord, fields: dict[str, Any]) -> None:
+    def _inspected(self, rec: RequestRecord, facts: Facts) -> None:
         """The end of a request, for the inspector (cheap: a few attribute copies)."""
-        rec.status = fields.get("status")
-        rec.outcome = fields["outcome"]
-        rec.reset = fields.get("reset", "")
-        rec.model = rec.model or fields.get("model") or ""
-        rec.duration_ms = fields["duration_ms"]
-        rec.ttfb_ms = fields.get("ttfb_ms")
-        rec.bytes_in, rec.bytes_out = fields["bytes_in"], fields["bytes_out"]
+        rec.status = facts.status
+        rec.outcome = facts.outcome or ""
+        rec.reset = facts.reset or ""
+        rec.model = rec.model or facts.model or ""
+        rec.duration_ms = round(facts.duration * 1000, 3)
+        ttfb = facts.ttfb
+        rec.ttfb_ms = None if ttfb is None else round(ttfb * 1000, 3)
+        rec.bytes_in, rec.bytes_out = facts.bytes_in, facts.bytes_out
         self.inspector.finish(rec)
 
-    def _account(
-        self,
-        fields: dict[str, Any],
-        duration: float,
-        head_at: float | None,
-        reset_code: int | None,
-        stream: RelayStream,
-    ) -> None:
+    def _account(self, facts: Facts, reset_code: int | None) -> None:
         m, route = self.metrics, self.config.connector.route
-        status, outcome = fields.get("status"), fields["outcome"]
+        status, outcome = facts.status, facts.outcome or "cancelled"
+        duration, ttfb = facts.duration, facts.ttfb
         m.requests.labels("connector", route, status_class(status), outcome).inc()
         m.duration.labels("connector", route).observe(duration)
-        ttfb = head_at - fields["_t0"] if head_at is not None else None
         if ttfb is not None:
             m.ttfb.labels("connector", route).observe(ttfb)
-        m.bytes.labels("connector", "in").inc(stream.bytes_received)
-        m.bytes.labels("connector", "out").inc(stream.bytes_sent)
+        m.bytes.labels("connector", "in").inc(facts.bytes_in)
+        m.bytes.labels("connector", "out").inc(facts.bytes_out)
         if reset_code is not None:
             m.resets.labels("connector", reset_reason(reset_code)).inc()
         if status == 401 and outcome == "refused":
             m.auth_failures.labels("connector").inc()
         error = is_error(outcome, status)
         self.stats.add(duration, ttfb, error)
-        m.count_model(fields.get("model"), outcome, ttfb)
-        del fields["_t0"]
+        m.count_model(facts.model, outcome, ttfb)
 
     def _waited(self, key_id: str, seconds: float) -> None:
         self.metrics.key_queue_wait.labels(key_id).observe(seconds)
 
     async def _self_service(
-        self, stream: RelayStream, fields: dict[str, Any], entry: SecretEntry, limits: KeyLimits
+        self, stream: RelayStream, facts: Facts, entry: SecretEntry, limits: KeyLimits
     ) -> str:
         """``GET /_bridge/usage``: the presented key's limits, what is left now, and its
         usage today and over the last 30 days (JSON), answered here, not by the LLM."""
@@ -819,11 +803,11 @@ class Connector:
             "stored": self.usage_store is not None,
         }
         body = json.dumps(doc, indent=1).encode()
-        fields["status"] = 200
+        facts.status = 200
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (REQUEST_ID, fields["request_id"].encode()),
+            (REQUEST_ID, facts.request_id.encode()),
             (b"cache-control", b"no-store"),
         ]
         await stream.send_response(ResponseHead(200, headers))
@@ -838,7 +822,7 @@ class Connector:
         p, c = sniffer.prompt_tokens, sniffer.completion_tokens
         call.model = call.model or sniffer.model
         if call.model:
-            call.fields["model"] = call.model
+            call.facts.model = call.model
         model = self.metrics.model_label(sniffer.model or call.model or "unknown")
         if p is not None and c is not None:
             self.metrics.tokens.labels(key_id, model, "prompt").inc(p)
@@ -858,7 +842,7 @@ class Connector:
     async def _reply_error(
         self,
         stream: RelayStream,
-        fields: dict[str, Any],
+        facts: Facts,
         status: int,
         message: str,
         *,
@@ -866,17 +850,15 @@ class Connector:
         code: str | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> str:
-        fields["status"] = status
+        facts.status = status
         _, headers, body = error_response(
-            status, message, fields["request_id"], retry_after=retry_after, code=code
+            status, message, facts.request_id, retry_after=retry_after, code=code
         )
         await stream.send_response(ResponseHead(status, headers + (extra or [])))
         await stream.send_data(body, end_stream=True)
         return bridge_outcome(status)
 
-    async def _forward(
-        self, stream: RelayStream, fields: dict[str, Any], rec: RequestRecord
-    ) -> str:
+    async def _forward(self, stream: RelayStream, facts: Facts, rec: RequestRecord) -> str:
         """Check the key and its limits, then relay the request to the LLM (or answer
         ``/_bridge/usage``); the key's counters are released when the answer ends."""
         head = stream.request_head
@@ -886,19 +868,19 @@ class Connector:
         if entry is None:
             return await self._reply_error(
                 stream,
-                fields,
+                facts,
                 401,
                 "missing API key" if presented is None else "invalid API key",
             )
-        fields["key_id"] = entry.id
+        facts.key_id = entry.id
         rec.key_id, rec.key_name = entry.id, entry.name
         rec.request_headers = redact(head.headers)
         limits = self.keys.limits_for(entry)
         if head.target.split("?", 1)[0] == USAGE_PATH:
-            return await self._self_service(stream, fields, entry, limits)
+            return await self._self_service(stream, facts, entry, limits)
         declared = header(head.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-            return await self._reply_error(stream, fields, 413, "request body too large")
+            return await self._reply_error(stream, facts, 413, "request body too large")
         content: bytes | AsyncIterator[bytes]
         model: str | None = None
         if stream.recv_done or limits.models:
@@ -909,7 +891,7 @@ class Connector:
             if not limits.allows_model(model):
                 return await self._reply_error(
                     stream,
-                    fields,
+                    facts,
                     403,
                     f"this API key may not use model {str(model)[:128]!r} (allowed: "
                     f"{', '.join(limits.models)})",
@@ -920,21 +902,21 @@ class Connector:
         now = time.time()
         refusal = self.limiter.admit(entry.id, limits, now)
         if refusal is not None:
-            fields["limit"] = refusal.limit
+            facts.limit = refusal.limit
             self.metrics.limit_hits.labels("connector", refusal.limit).inc()
             return await self._reply_error(
                 stream,
-                fields,
+                facts,
                 429,
                 refusal.message,
                 retry_after=refusal.retry_after,
                 extra=self.limiter.headers(entry.id, limits, now),
             )
-        call = _Call(entry.id, limits, fields, model, rec)
+        call = _Call(entry.id, limits, facts, model, rec)
         if self.inspector.capture_bodies:
             content = self._capture_request(rec, content)
         try:
-            return await self._to_llm(stream, fields, call, content)
+            return await self._to_llm(stream, facts, call, content)
         finally:
             self._finish_call(call, stream)
 
@@ -949,14 +931,14 @@ class Connector:
             rec.tokens_estimated = estimated
             rec.model = call.model or rec.model
             if call.first_chunk is not None and call.last_chunk is not None:
-                rec.first_chunk_ms = round((call.first_chunk - call.fields["_t0"]) * 1000, 3)
+                rec.first_chunk_ms = round((call.first_chunk - call.facts.started) * 1000, 3)
                 if completion > 1 and call.last_chunk > call.first_chunk:
                     rec.tokens_per_second = round(
                         completion / (call.last_chunk - call.first_chunk), 1
                     )
         if self.usage_store is not None:
-            status = call.fields.get("status") or 0
-            error = status >= 500 or call.fields.get("outcome", "ok") not in ("ok", "client_gone")
+            status = call.facts.status or 0
+            error = status >= 500 or (call.facts.outcome or "ok") not in ("ok", "client_gone")
             self.usage_store.record(
                 call.key_id,
                 call.model or "unknown",
@@ -970,7 +952,7 @@ class Connector:
     async def _to_llm(
         self,
         stream: RelayStream,
-        fields: dict[str, Any],
+        facts: Facts,
         call: _Call,
         content: bytes | AsyncIterator[bytes],
     ) -> str:
@@ -980,10 +962,10 @@ class Connector:
         try:
             request = self._llm_request(head, content, call)
         except (httpx.InvalidURL, ValueError):
-            return await self._reply_error(stream, fields, 400, "invalid request target")
+            return await self._reply_error(stream, facts, 400, "invalid request target")
         # one deadline for the wait in the queue and the LLM's first byte together
         first_byte_by = trio.current_time() + float(self.limits.first_byte_timeout)
-        refused = await self._take_slot(stream, fields, call, first_byte_by)
+        refused = await self._take_slot(stream, facts, call, first_byte_by)
         if refused is not None:
             return refused
         try:  # the LLM slot is held until the answer ends
@@ -991,8 +973,8 @@ class Connector:
                 with trio.fail_at(first_byte_by):
                     response = await self.transport.handle_async_request(request)
             except (trio.TooSlowError, _TooLarge, httpx.HTTPError) as exc:
-                return await self._no_answer(stream, fields, exc)
-            return await self._answer(stream, fields, call, response)
+                return await self._no_answer(stream, facts, exc)
+            return await self._answer(stream, facts, call, response)
         finally:
             self.slots.release()
 
@@ -1013,7 +995,7 @@ class Connector:
         )
 
     async def _take_slot(
-        self, stream: RelayStream, fields: dict[str, Any], call: _Call, deadline: float
+        self, stream: RelayStream, facts: Facts, call: _Call, deadline: float
     ) -> str | None:
         """An LLM slot for ``call`` (None), or the outcome of the answer that refused it."""
         queued_at = trio.current_time()
@@ -1024,48 +1006,46 @@ class Connector:
             self.metrics.limit_hits.labels("connector", "queue").inc()
             return await self._reply_error(
                 stream,
-                fields,
+                facts,
                 429,
                 "the LLM is busy and its queue is full; retry shortly",
                 retry_after=1,
             )
         except trio.TooSlowError:
             return await self._reply_error(
-                stream, fields, 504, "the LLM did not start answering in time (queued)"
+                stream, facts, 504, "the LLM did not start answering in time (queued)"
             )
         if call.rec is not None:
             call.rec.queue_wait_ms = round((trio.current_time() - queued_at) * 1000, 3)
         return None
 
-    async def _no_answer(
-        self, stream: RelayStream, fields: dict[str, Any], exc: BaseException
-    ) -> str:
+    async def _no_answer(self, stream: RelayStream, facts: Facts, exc: BaseException) -> str:
         """The LLM gave no response head: say why in an OpenAI-shaped error (httpx's errors
         are mapped here, once)."""
         if isinstance(exc, trio.TooSlowError):
             return await self._reply_error(
-                stream, fields, 504, "the LLM did not start answering in time"
+                stream, facts, 504, "the LLM did not start answering in time"
             )
         if isinstance(exc, _TooLarge):
             stream.reset(ResetCode.TOO_LARGE, "request body too large")
             return "too_large"
         if isinstance(exc, httpx.ConnectError):
             self.llm_failed(f"ConnectError: {exc}")
-            return await self._reply_error(stream, fields, 502, "the LLM server is unreachable")
+            return await self._reply_error(stream, facts, 502, "the LLM server is unreachable")
         if isinstance(exc, httpx.TimeoutException):
-            return await self._reply_error(stream, fields, 502, "connecting to the LLM timed out")
+            return await self._reply_error(stream, facts, 502, "connecting to the LLM timed out")
         return await self._reply_error(
-            stream, fields, 502, f"the LLM server failed: {type(exc).__name__}"
+            stream, facts, 502, f"the LLM server failed: {type(exc).__name__}"
         )
 
     async def _answer(
-        self, stream: RelayStream, fields: dict[str, Any], call: _Call, response: httpx.Response
+        self, stream: RelayStream, facts: Facts, call: _Call, response: httpx.Response
     ) -> str:
         """Stream the LLM's answer back (the LLM slot is held until it ends)."""
         head = stream.request_head
         assert head is not None
-        fields["status"] = response.status_code
-        fields["_head_at"] = time.monotonic()
+        facts.status = response.status_code
+        facts.head_at = time.monotonic()
         try:
             raw_headers = response.headers.raw
             resp_headers = strip_hop_by_hop(raw_headers, also=_DROP_DOWNSTREAM)
@@ -1083,7 +1063,7 @@ class Connector:
                 return outcome
             await stream.end()
             if sniffer.active:
-                self._count_usage(call, fields["_t0"], streamed=sniffer.streamed)
+                self._count_usage(call, facts.started, streamed=sniffer.streamed)
             return "ok"
         except httpx.HTTPError as exc:
             stream.reset(

@@ -14,6 +14,8 @@ import time
 from collections import deque
 from typing import Any
 
+import attrs
+
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 request_log = logging.getLogger("trio_bridge.request")
@@ -90,11 +92,58 @@ def quiet_third_party_loggers() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def log_request(role: str, fields: dict[str, Any]) -> None:
+@attrs.define(slots=True)
+class Facts:
+    """What one role knows about one request, for its end-of-request log line, its metrics
+    and (connector) its inspector entry: the same record in both roles. Times are
+    ``time.monotonic()``; the log line gets ``duration_ms`` and ``ttfb_ms`` from them."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = attrs.field(factory=time.monotonic)
+    route: str | None = None
+    connector: str | None = None
+    key_id: str | None = None
+    model: str | None = None
+    status: int | None = None
+    outcome: str | None = None
+    reset: str | None = None
+    limit: str | None = None  # the key limit that refused it (connector)
+    head_at: float | None = None  # when the response head went out
+    ended: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def ttfb(self) -> float | None:
+        return None if self.head_at is None else self.head_at - self.started
+
+    def line(self, role: str) -> dict[str, Any]:
+        """The log line's fields (unset ones left out)."""
+        out: dict[str, Any] = {"request_id": self.request_id, "method": self.method,
+                               "path": self.path}  # fmt: skip
+        for name in ("route", "connector", "key_id", "model", "status", "outcome", "reset",
+                     "limit"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        out["bytes_in"], out["bytes_out"] = self.bytes_in, self.bytes_out
+        out["duration_ms"] = round(self.duration * 1000, 3)
+        if (ttfb := self.ttfb) is not None:
+            out["ttfb_ms"] = round(ttfb * 1000, 3)
+        out["role"] = role
+        return out
+
+
+def log_request(role: str, facts: Facts) -> None:
     """The end-of-request line of one role (cheap when the level filters it out)."""
     if request_log.isEnabledFor(logging.INFO):
-        fields["role"] = role
-        request_log.info("request", extra=fields)
+        request_log.info("request", extra=facts.line(role))
 
 
 # ---- metrics ---------------------------------------------------------------------------------
