@@ -188,3 +188,21 @@ def test_a_hello_without_models_means_anything_and_with_them_round_trips() -> No
     assert new_hello.models == ("a", "b") and new_hello.priority == 3
     assert old_hello.models is None and old_hello.priority == 0
     assert b"models" not in old  # the wire format of older releases, byte for byte
+
+
+async def test_no_fallback_once_the_first_byte_went_out(lab: Lab) -> None:
+    """The first candidate's LLM answers a head and a chunk, then dies: the client gets an
+    aborted answer; the next candidate is never tried (the client already has bytes)."""
+    rb = await lab.start_broker(broker={"aliases": {"coder": ["big", "small"]}})
+    async with run_upstream() as (big_llm, big_url), run_upstream() as (small_llm, small_url):
+        await lab.start_connector([rb], big_url, connector={"name": "a", "models": ["big"]})
+        await lab.start_connector([rb], small_url, connector={"name": "b", "models": ["small"]})
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.RemoteProtocolError):  # the response is cut, not complete
+                await client.post(
+                    rb.url + "/die",  # the upstream's path: a head, one chunk, then it dies
+                    json=chat("coder"),
+                    headers={"Authorization": f"Bearer {lab.api_key}"},
+                )
+        assert [r["path"] for r in big_llm.forwarded()] == ["/die"]
+        assert small_llm.forwarded() == []
