@@ -250,7 +250,8 @@ async def test_registry_serves_waiters_in_order_within_capacity(
         for i in range(3):
             nursery.start_soon(wait, i)
             await trio.sleep(0.01)
-        assert registry.queued == 3
+        assert registry.queued == 3 == registry.queued_for("default")
+        assert registry.queued_for("other") == 0
         with pytest.raises(QueueFull):
             await registry.acquire("default")
         await trio.sleep(2)

@@ -194,6 +194,8 @@ class Broker:
             )
         for route, stats in self.route_stats.items():
             routes.setdefault(route, {"connectors": []})["recent"] = stats.summary()
+        for route, r in routes.items():
+            r["queued"] = self.registry.queued_for(route)
         return {
             "now": time.time(),
             "draining": self.draining,

@@ -139,6 +139,10 @@ class Registry:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def queued_for(self, route: str) -> int:
+        """Requests waiting for a connector of ``route``."""
+        return sum(1 for w in self._waiters if w.route == route)
+
     def seen_within(self, route: str, seconds: float) -> bool:
         """True if ``route`` has a connector, had one in the last ``seconds``, or the registry
         is younger than that (connectors re-dial a restarted broker within seconds)."""

@@ -11,7 +11,8 @@ async function refresh() {
   const routes = Object.entries(doc.routes);
   document.querySelector("#routes tbody").replaceChildren(...routes.map(([name, r]) => {
     const s = r.recent || {requests: 0, error_rate: null, time_to_first_byte: {}};
-    return el("tr", {"data-route": name}, el("td", {}, name), el("td", {class: "num"}, s.requests),
+    return el("tr", {"data-route": name}, el("td", {}, name), el("td", {class: "num", "data-queued": ""}, r.queued),
+      el("td", {class: "num"}, s.requests),
       el("td", {class: "num"}, pct(s.error_rate)), el("td", {class: "num"}, ms(s.time_to_first_byte.p50_ms)),
       el("td", {class: "num"}, ms(s.time_to_first_byte.p95_ms)), el("td", {class: "num"}, ms(s.time_to_first_byte.p99_ms)));
   }));
