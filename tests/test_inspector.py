@@ -47,6 +47,13 @@ def test_secret_headers_are_redacted() -> None:
     ]
 
 
+def test_secrets_are_scrubbed_before_a_record_keeps_headers() -> None:
+    from trio_bridge._inspect import scrub
+
+    kept = scrub([(b"authorization", b"Bearer tbk_x_y"), (b"accept", b"*/*")])
+    assert kept == [(b"authorization", b"[redacted]"), (b"accept", b"*/*")]
+
+
 def test_captured_bodies_are_bounded_in_size_count_and_bytes() -> None:
     ins = Inspector(capture_bodies=True, max_body_bytes=10, max_captured=2, max_captured_bytes=15)
     body, truncated = ins.capture(b"0123456789abc", None)

@@ -54,7 +54,7 @@ from ._http import (
     request_model,
     strip_hop_by_hop,
 )
-from ._inspect import Inspector, RequestRecord, redact
+from ._inspect import Inspector, RequestRecord, scrub
 from ._keys import SecretEntry, SecretStore, admin_token, check_private
 from ._limits import KeyLimits, Limiter
 from ._observe import (
@@ -340,7 +340,7 @@ class Connector:
             old.model,
             old.request_id,
         )
-        rec.request_headers = redact(old.forward_headers)
+        rec.request_headers = list(old.forward_headers)
         rec.request_body = old.request_body
         headers = [(k, v) for k, v in old.forward_headers if k != REQUEST_ID]
         headers.append((REQUEST_ID, rec.request_id.encode()))
@@ -369,7 +369,7 @@ class Connector:
             self.inspector.finish(rec)
             return 502, {"error": f"the LLM did not answer: {type(exc).__name__}", "seq": rec.seq}
         rec.status, rec.outcome = r.status_code, "ok"
-        rec.response_headers = redact(r.headers.raw)
+        rec.response_headers = scrub(r.headers.raw)
         rec.duration_ms = round((trio.current_time() - t0) * 1000, 3)
         self.inspector.finish(rec)
         return 200, {"status": r.status_code, "seq": rec.seq}
@@ -874,7 +874,7 @@ class Connector:
             )
         facts.key_id = entry.id
         rec.key_id, rec.key_name = entry.id, entry.name
-        rec.request_headers = redact(head.headers)
+        rec.request_headers = scrub(head.headers)
         limits = self.keys.limits_for(entry)
         if head.target.split("?", 1)[0] == USAGE_PATH:
             return await self._self_service(stream, facts, entry, limits)
@@ -1054,7 +1054,7 @@ class Connector:
                 resp_headers += self.limiter.headers(call.key_id, call.limits, time.time())
             await stream.send_response(ResponseHead(response.status_code, resp_headers))
             if call.rec is not None:
-                call.rec.response_headers = redact(resp_headers)
+                call.rec.response_headers = scrub(resp_headers)
             call.sniffer = sniffer = UsageSniffer(
                 header(raw_headers, b"content-type"), header(raw_headers, b"content-encoding")
             )

@@ -35,6 +35,15 @@ SECRET_HEADERS = KEY_HEADERS | {
 }
 
 
+def scrub(headers: Headers) -> Headers:
+    """Secret values replaced, names and the rest kept as bytes (cheap: no decoding; for the
+    request path). Header names from h11 are lower-case already."""
+    return [(k, _REDACTED_B if k in SECRET_HEADERS else v) for k, v in headers]
+
+
+_REDACTED_B = REDACTED.encode()
+
+
 def redact(headers: Headers) -> list[tuple[str, str]]:
     """Headers as text, with every secret-bearing value replaced."""
     return [
@@ -66,8 +75,9 @@ class RequestRecord:
     tokens_per_second: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
-    request_headers: list[tuple[str, str]] = attrs.field(factory=list)
-    response_headers: list[tuple[str, str]] = attrs.field(factory=list)
+    #: as received / sent, secrets already scrubbed; decoded only when shown
+    request_headers: Headers = attrs.field(factory=list, repr=False)
+    response_headers: Headers = attrs.field(factory=list, repr=False)
     replay_of: str = ""
     #: captured bodies (only with capture_bodies; bounded and truncated)
     request_body: bytes | None = None
@@ -106,8 +116,8 @@ class RequestRecord:
     def detail(self) -> dict[str, Any]:
         doc = self.summary()
         doc.update(
-            request_headers=self.request_headers,
-            response_headers=self.response_headers,
+            request_headers=redact(self.request_headers),
+            response_headers=redact(self.response_headers),
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             bytes_in=self.bytes_in,
