@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
@@ -15,6 +14,29 @@ from trio_bridge._protocol import RequestHead, ResponseHead, Session
 from trio_bridge._relay import Relay, RelayStream
 
 
+class Pair:
+    """A broker-side and a connector-side relay joined by memory transports."""
+
+    def __init__(
+        self, handler: Callable[[RelayStream], Awaitable[None]], window: int = 4096
+    ) -> None:
+        ta, tb = transport_pair(1000)
+        self.broker = Relay(ta, Session(opener=True, window=window), ping_interval=1.0)
+        self.connector = Relay(
+            tb, Session(opener=False, window=window), ping_interval=1.0, handler=handler
+        )
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.broker.run)
+        await nursery.start(self.connector.run)
+        while self.broker.peer is None:
+            await trio.sleep(0.01)
+
+
+def head(rid: str = "rid") -> RequestHead:
+    return RequestHead("POST", "/", [], rid)
+
+
 async def test_a_relay_closed_under_a_reader_gives_buffered_data_then_stream_reset(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -22,19 +44,17 @@ async def test_a_relay_closed_under_a_reader_gives_buffered_data_then_stream_res
     frame on the closed writer and raised RelayClosed out of ``receive_data`` (the handler
     then failed as an internal error). The promise is: data already buffered, then
     StreamReset (RELAY_LOST), never RelayClosed."""
-    ta, tb = transport_pair()
     window = 64 * 1024
     received: list[bytes] = []
     outcome: list[BaseException] = []
     body_arrived = trio.Event()
-    connector: Relay
 
     async def handler(stream: RelayStream) -> None:
         with trio.fail_after(5):
             while stream.bytes_received < window // 2:
                 await trio.sleep(0.01)
         body_arrived.set()
-        connector.close("ping timeout (test)")
+        pair.connector.close("ping timeout (test)")
         # No checkpoint since close(): the buffered chunks are still here, and taking them
         # crosses the grant threshold (a quarter of the window).
         try:
@@ -45,12 +65,10 @@ async def test_a_relay_closed_under_a_reader_gives_buffered_data_then_stream_res
             outcome.append(exc)
             raise
 
-    broker = Relay(ta, Session(opener=True, window=window), ping_interval=1.0)
-    connector = Relay(tb, Session(opener=False, window=window), ping_interval=1.0, handler=handler)
+    pair = Pair(handler, window)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(broker.run)
-        await nursery.start(connector.run)
-        stream = broker.open_stream(RequestHead("POST", "/", [], "rid"), end_stream=False)
+        await pair.start(nursery)
+        stream = pair.broker.open_stream(head(), end_stream=False)
         await stream.send_data(b"x" * (window // 2))
         await body_arrived.wait()
         with trio.fail_after(5):
@@ -69,26 +87,22 @@ async def test_a_relay_closed_under_a_reader_gives_buffered_data_then_stream_res
 async def test_take_ready_after_close_returns_what_was_buffered(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    ta, tb = transport_pair()
     window = 64 * 1024
     taken: list[tuple[bytes, bool]] = []
-    connector: Relay
 
     async def handler(stream: RelayStream) -> None:
         with trio.fail_after(5):
             while stream.bytes_received < window // 2:
                 await trio.sleep(0.01)
-        connector.close("test")
+        pair.connector.close("test")
         taken.append(stream.take_ready())  # must not raise
         with pytest.raises(StreamReset):
             await stream.receive_data()
 
-    broker = Relay(ta, Session(opener=True, window=window), ping_interval=1.0)
-    connector = Relay(tb, Session(opener=False, window=window), ping_interval=1.0, handler=handler)
+    pair = Pair(handler, window)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(broker.run)
-        await nursery.start(connector.run)
-        stream = broker.open_stream(RequestHead("POST", "/", [], "rid"), end_stream=False)
+        await pair.start(nursery)
+        stream = pair.broker.open_stream(head(), end_stream=False)
         await stream.send_data(b"y" * (window // 2))
         with trio.fail_after(5):
             while not taken:
@@ -98,29 +112,6 @@ async def test_take_ready_after_close_returns_what_was_buffered(
 
 
 # -- credit, back-pressure, shedding, loss: two relays over memory transports ---------------
-
-
-class Pair:
-    """A broker-side and a connector-side relay joined by memory transports."""
-
-    def __init__(
-        self, handler: Callable[[RelayStream], Awaitable[None]], **broker_opts: Any
-    ) -> None:
-        ta, tb = transport_pair(1000)
-        self.broker = Relay(ta, Session(opener=True, window=4096), ping_interval=1.0, **broker_opts)
-        self.connector = Relay(
-            tb, Session(opener=False, window=4096), ping_interval=1.0, handler=handler
-        )
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        nursery.start_soon(self.broker.run)
-        await nursery.start(self.connector.run)
-        while self.broker.peer is None:
-            await trio.sleep(0.01)
-
-
-def head(rid: str = "rid") -> RequestHead:
-    return RequestHead("POST", "/", [], rid)
 
 
 async def test_a_sender_waits_for_credit_and_goes_on_when_the_reader_takes_data(

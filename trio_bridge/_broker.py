@@ -43,6 +43,7 @@ from ._errors import (
 )
 from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._http import (
+    MODEL_LISTS,
     error_body,
     error_response,
     header,
@@ -83,7 +84,6 @@ MAX_ATTEMPTS = 3
 _RETRY = "retry elsewhere"
 #: what _respond returns when a fallback model may be tried (nothing reached the client)
 _FALLBACK = "fall back"
-_MODEL_LISTS = frozenset({"/v1/models", "/api/tags"})
 #: a route with no connector for this long (or never, since the broker started this long ago)
 #: gets 503 at once instead of waiting queue_timeout for one
 ROUTE_MEMORY = 60.0
@@ -653,7 +653,7 @@ class Broker:
                 code="model_not_found",
             )
         ex.merge_models = (
-            req.method == "GET" and target.split("?", 1)[0] in _MODEL_LISTS and served is not None
+            req.method == "GET" and target.split("?", 1)[0] in MODEL_LISTS and served is not None
             and len({n for names in served.values() for n in names}) > 1
         )  # fmt: skip
         headers = self._forwarded_headers(req)

@@ -37,6 +37,7 @@ from ._broker import Broker
 from ._config import Config, load_config, parse_duration, parse_hostport
 from ._connector import Connector, probe_relay, read_secret_file
 from ._errors import ConfigError, leaves, listening
+from ._http import MODEL_LISTS, model_ids
 from ._keys import SecretStore, check_route_patterns
 from ._limits import KeyLimits
 from ._observe import setup_logging
@@ -840,25 +841,20 @@ async def _check_llm(config: Config, report: _Report) -> None:
 
 async def _list_models(client: httpx.AsyncClient, base: str) -> list[str] | None:
     """Model ids from OpenAI's /v1/models or Ollama's /api/tags; None if neither answers."""
-    for path, field, key in (("/v1/models", "data", "id"), ("/api/tags", "models", "name")):
+    for path in MODEL_LISTS:
         try:
             r = await client.get(base + path)
-            items = r.json()[field] if r.status_code == 200 else None
-            if isinstance(items, list):
-                return [str(m[key]) for m in items if isinstance(m, dict) and key in m]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        except httpx.HTTPError:
             continue
+        if (ids := model_ids(path, r.status_code, r.content)) is not None:
+            return ids
     return None
 
 
 async def _first_model(url: str) -> str | None:
-    try:
-        async with httpx.AsyncClient(timeout=1.5, trust_env=False) as client:
-            r = await client.get(url.rstrip("/") + "/v1/models")
-            data = r.json().get("data") or []
-            return str(data[0]["id"]) if r.status_code == 200 and data else None
-    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    async with httpx.AsyncClient(timeout=1.5, trust_env=False) as client:
+        ids = await _list_models(client, url.rstrip("/"))
+    return ids[0] if ids else None
 
 
 class _Demo:

@@ -46,9 +46,11 @@ from ._errors import (
 from ._frames import MAX_MESSAGE, ResetCode
 from ._http import (
     KEY_HEADERS,
+    MODEL_LISTS,
     REQUEST_ID,
     error_response,
     header,
+    model_ids,
     new_request_id,
     presented_key,
     request_model,
@@ -544,7 +546,7 @@ class Connector:
         """Model ids from OpenAI's ``/v1/models``, else Ollama's ``/api/tags``; None if
         neither answers with a list."""
         headers = [self._upstream_auth] if self._upstream_auth is not None else []
-        for path, field, key in (("/v1/models", "data", "id"), ("/api/tags", "models", "name")):
+        for path in MODEL_LISTS:
             try:
                 with trio.fail_after(float(self.limits.connect_timeout) + 5):
                     r = await self.transport.handle_async_request(
@@ -554,12 +556,10 @@ class Connector:
                         body = await r.aread()
                     finally:
                         await r.aclose()
-                items = json.loads(body)[field] if r.status_code == 200 else None
-            except (trio.TooSlowError, httpx.HTTPError, ValueError, KeyError, TypeError):
+            except (trio.TooSlowError, httpx.HTTPError):
                 continue
-            if isinstance(items, list):
-                names = [str(m[key]) for m in items if isinstance(m, dict) and key in m]
-                return tuple(dict.fromkeys(n for n in names if 0 < len(n) <= 256))[:1000]
+            if (ids := model_ids(path, r.status_code, body)) is not None:
+                return tuple(dict.fromkeys(n for n in ids if 0 < len(n) <= 256))[:1000]
         return None
 
     async def _watch_llm(self) -> None:

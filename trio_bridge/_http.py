@@ -146,3 +146,21 @@ def with_model(body: bytes, model: str | None) -> bytes:
         return body
     doc["model"] = model
     return json.dumps(doc, ensure_ascii=False).encode()
+
+
+#: where an LLM server lists its models: OpenAI's shape first, then Ollama's
+MODEL_LISTS = {"/v1/models": ("data", "id"), "/api/tags": ("models", "name")}
+
+
+def model_ids(path: str, status: int, body: bytes) -> list[str] | None:
+    """The model ids in an answer to one of :data:`MODEL_LISTS`, or None if it is not one."""
+    field, key = MODEL_LISTS[path]
+    if status != 200:
+        return None
+    try:
+        items = json.loads(body)[field]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(items, list):
+        return None
+    return [str(m[key]) for m in items if isinstance(m, dict) and key in m]

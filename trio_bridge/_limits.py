@@ -188,21 +188,20 @@ class Limiter:
         """OpenAI's rate-limit headers for a key with per-minute limits (after admission)."""
         st = self._state(key_id, now)
         out: list[tuple[bytes, bytes]] = []
-        if limits.rpm is not None:
-            remaining = max(0, limits.rpm - st.requests.total)
-            reset = st.requests.reset_in(now, 1) if st.requests.total else 0.0
+        for kind, limit, window in (
+            ("requests", limits.rpm, st.requests),
+            ("tokens", limits.tokens_per_minute, st.tokens),
+        ):
+            if limit is None:
+                continue
+            reset = window.reset_in(now, 1) if window.total else 0.0
             out += [
-                (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(remaining).encode()),
-                (b"x-ratelimit-reset-requests", duration_text(reset).encode()),
-            ]
-        if limits.tokens_per_minute is not None:
-            remaining = max(0, limits.tokens_per_minute - st.tokens.total)
-            reset = st.tokens.reset_in(now, 1) if st.tokens.total else 0.0
-            out += [
-                (b"x-ratelimit-limit-tokens", str(limits.tokens_per_minute).encode()),
-                (b"x-ratelimit-remaining-tokens", str(remaining).encode()),
-                (b"x-ratelimit-reset-tokens", duration_text(reset).encode()),
+                (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
+                (
+                    f"x-ratelimit-remaining-{kind}".encode(),
+                    str(max(0, limit - window.total)).encode(),
+                ),
+                (f"x-ratelimit-reset-{kind}".encode(), duration_text(reset).encode()),
             ]
         return out
 
