@@ -561,6 +561,7 @@ def test_check_warns_about_a_public_listener_without_tls(tmp_path: Path) -> None
     subprocess.run(["which", "stress-ng"], capture_output=True).returncode != 0,
     reason="stress-ng missing (apt-get install stress-ng)",
 )
+@pytest.mark.slow
 def test_cpu_starvation_does_not_trip_liveness(tmp_path: Path) -> None:
     """Roles in their own processes with 1 s pings, all CPUs busy (stress-ng, bounded): no relay
     is declared dead and requests keep succeeding, only slower."""

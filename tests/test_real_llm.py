@@ -2,7 +2,7 @@
 
 The server comes from PyPI wheels installed by ``.ci/llm.sh`` (which CI runs), named by the
 environment variables TRIO_BRIDGE_LLAMA_SERVER and TRIO_BRIDGE_LLAMA_MODEL, or from a source
-build at /var/tmp/tb-llama/build/bin/llama-server (see ../shared/REAL-LLM.md). Without either,
+build at /var/tmp/tb-llama/build/bin/llama-server (see .ci/llm.sh). Without either,
 these tests skip and say so.
 """
 
@@ -24,6 +24,8 @@ from trio_bridge.testing import open_bridge
 
 SOURCE_BUILD = "/var/tmp/tb-llama/build/bin/llama-server"
 MSGS = [{"role": "user", "content": "Name three colours."}]
+
+pytestmark = pytest.mark.slow
 
 
 class Llama:
@@ -104,7 +106,7 @@ def start_llama(tmp: Path, *extra: str) -> Llama:
     pytest.skip(
         "no working llama-server ("
         + "; ".join(reasons or ["none installed"])
-        + "); build one from source as ../shared/REAL-LLM.md says"
+        + "); `bash .ci/llm.sh` installs one from PyPI wheels"
     )
 
 

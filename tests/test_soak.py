@@ -12,6 +12,7 @@ import resource
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from faultproxy import FaultProxy
 
@@ -19,6 +20,8 @@ from trio_bridge.testing import open_lab
 
 SECONDS = float(os.environ.get("TB_SOAK_SECONDS", "20"))
 EXPECTED = " ".join(str(i) for i in range(1, 31))
+
+pytestmark = pytest.mark.slow
 
 
 def rss_mib() -> float:

@@ -23,6 +23,7 @@ ROOTFS = Path(os.environ.get("TB_ROOTFS", "/var/tmp/tb-rootfs"))
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (systemd-nspawn)"),
     pytest.mark.skipif(
         shutil.which("systemd-nspawn") is None,

@@ -738,37 +738,9 @@ class Broker:
         """Send the request to a connector of ``route`` that serves ``model``; a stream the
         connector REFUSED was never processed, so it goes to another one (we hold the body)."""
         for _attempt in range(MAX_ATTEMPTS):
-            if self.registry.not_ready(route) and not self.queue_when_not_ready:
-                return await self._error(
-                    ex,
-                    facts,
-                    503,
-                    "the LLM behind this route is not ready; retry later",
-                    retry_after=RETRY_AFTER_NOT_READY,
-                )
-            waited = time.monotonic()
-            handle: ConnectorHandle | None = None
-            try:
-                with trio.move_on_after(self.queue_timeout):
-                    handle = await self.registry.acquire(route, model)
-            except QueueFull:
-                self.limit_hit("queue")
-                return await self._error(
-                    ex,
-                    facts,
-                    503,
-                    "too many requests are waiting for this route; retry later",
-                    retry_after=1,
-                )
-            self.metrics.queue_wait.labels("broker", route).observe(time.monotonic() - waited)
-            if handle is None:
-                return await self._error(
-                    ex,
-                    facts,
-                    503,
-                    "no connector is available for this route; retry later",
-                    retry_after=max(1, int(self.queue_timeout)),
-                )
+            handle = await self._acquire(ex, facts, route, model)
+            if isinstance(handle, str):
+                return handle  # answered with an error
             facts.connector = handle.name
             try:
                 stream = handle.relay.open_stream(head, end_stream=ex.body_done and not first)
@@ -792,6 +764,44 @@ class Broker:
             if outcome != _RETRY:
                 return outcome
         return await self._error(ex, facts, 503, "every connector refused; retry", retry_after=1)
+
+    async def _acquire(
+        self, ex: _Exchange, facts: Facts, route: str, model: str | None
+    ) -> ConnectorHandle | str:
+        """A connector of ``route`` with a free slot (waiting in the route's queue up to
+        ``queue_timeout``), or the outcome of the error answered instead."""
+        if self.registry.not_ready(route) and not self.queue_when_not_ready:
+            return await self._error(
+                ex,
+                facts,
+                503,
+                "the LLM behind this route is not ready; retry later",
+                retry_after=RETRY_AFTER_NOT_READY,
+            )
+        waited = time.monotonic()
+        handle: ConnectorHandle | None = None
+        try:
+            with trio.move_on_after(self.queue_timeout):
+                handle = await self.registry.acquire(route, model)
+        except QueueFull:
+            self.limit_hit("queue")
+            return await self._error(
+                ex,
+                facts,
+                503,
+                "too many requests are waiting for this route; retry later",
+                retry_after=1,
+            )
+        self.metrics.queue_wait.labels("broker", route).observe(time.monotonic() - waited)
+        if handle is None:
+            return await self._error(
+                ex,
+                facts,
+                503,
+                "no connector is available for this route; retry later",
+                retry_after=max(1, int(self.queue_timeout)),
+            )
+        return handle
 
     async def _merged_models(self, ex: _Exchange, facts: Facts, head: ResponseHead) -> str:
         """A connector accepted the key for ``/v1/models`` (``/api/tags``): answer with the
@@ -850,71 +860,94 @@ class Broker:
     async def _respond(
         self, ex: _Exchange, facts: Facts, *, may_retry: bool, may_fall_back: bool
     ) -> str:
+        """Answer the client from the stream; the outcome (or _RETRY / _FALLBACK: nothing
+        reached the client, try another connector / the next candidate model)."""
         stream = ex.stream
         assert stream is not None
         try:
-            # Most small answers are back within a couple of milliseconds: only then start
-            # the task that watches for the client going away (it costs a task and a poll
-            # registration per request). Cancel latency grows by at most this wait.
-            if stream.response_head is None and not ex.reader_started:
-                with trio.move_on_after(WATCH_AFTER):
-                    await stream.receive_response_head()
-                if stream.response_head is None:
-                    self._start_reader(ex)
-            head = await stream.receive_response_head()
+            head = await self._response_head(ex)
         except StreamReset as exc:
-            if ex.bad_body:
-                return await self._error(ex, facts, 400, ex.bad_body)
-            if ex.client_gone:
-                return "client_gone"
-            if may_retry and exc.code == ResetCode.REFUSED:
-                return _RETRY
-            if ex.too_large:
-                return await self._error(ex, facts, 413, "request body too large")
-            if may_fall_back:
-                return _FALLBACK  # nothing reached the client: the next candidate model
-            status, message = _RESET_STATUS.get(
-                exc.code,
-                (502, "the connector failed to answer"),  # type: ignore[call-overload]
-            )
-            return await self._error(
-                ex, facts, status, message, retry_after=1 if status == 503 else None
-            )
+            return await self._answer_reset(ex, facts, exc, may_retry, may_fall_back)
         if may_fall_back and head.status in (502, 503, 504):
             stream.reset(ResetCode.CANCEL, "falling back to another model")
             return _FALLBACK
         if ex.merge_models and head.status == 200:
             return await self._merged_models(ex, facts, head)
         facts.status = head.status
-        ex.facts.head_at = time.monotonic()
-        req = ex.req
+        facts.head_at = time.monotonic()
         try:
-            # What already arrived goes out with the head, in one write.
-            first, done = stream.take_ready()
-            await req.respond(head.status, head.headers, first, end=done)
-            if done:
-                return "ok"
-            self._start_reader(ex)  # a streamed answer: watch for the client going away
-            # A reset of an unfinished answer must also stop a write that is blocked on a
-            # client who stopped reading (the connector resets after its stall_timeout):
-            # otherwise this request and its connection would stay forever.
-            with trio.CancelScope() as writing:
-                stream.on_reset = lambda: None if stream.recv_done else writing.cancel()
-                while chunk := await stream.receive_data():
-                    more, done = stream.take_ready()
-                    await req.send(chunk + more if more else chunk, end=done)
-                    if done:
-                        return "ok"
-            if writing.cancelled_caught:
-                assert stream.reset_error is not None
-                raise stream.reset_error
+            await self._relay_answer(ex, stream, head)
         except StreamReset as exc:
             # Abort: returning without the end makes the server close the connection, so the
             # client sees an incomplete response, never a complete one.
             facts.reset = exc.reason
             return "client_gone" if ex.client_gone else "aborted"
-        await req.end()
         return "ok"
+
+    async def _response_head(self, ex: _Exchange) -> ResponseHead:
+        stream = ex.stream
+        assert stream is not None
+        # Most small answers are back within a couple of milliseconds: only then start
+        # the task that watches for the client going away (it costs a task and a poll
+        # registration per request). Cancel latency grows by at most this wait.
+        if stream.response_head is None and not ex.reader_started:
+            with trio.move_on_after(WATCH_AFTER):
+                await stream.receive_response_head()
+            if stream.response_head is None:
+                self._start_reader(ex)
+        return await stream.receive_response_head()
+
+    async def _answer_reset(
+        self,
+        ex: _Exchange,
+        facts: Facts,
+        exc: StreamReset,
+        may_retry: bool,
+        may_fall_back: bool,
+    ) -> str:
+        """The stream was reset before its answer began: say why, or try elsewhere."""
+        if ex.bad_body:
+            return await self._error(ex, facts, 400, ex.bad_body)
+        if ex.client_gone:
+            return "client_gone"
+        if may_retry and exc.code == ResetCode.REFUSED:
+            return _RETRY
+        if ex.too_large:
+            return await self._error(ex, facts, 413, "request body too large")
+        if may_fall_back:
+            return _FALLBACK  # nothing reached the client: the next candidate model
+        status, message = _RESET_STATUS.get(
+            exc.code,
+            (502, "the connector failed to answer"),  # type: ignore[call-overload]
+        )
+        return await self._error(
+            ex, facts, status, message, retry_after=1 if status == 503 else None
+        )
+
+    async def _relay_answer(self, ex: _Exchange, stream: RelayStream, head: ResponseHead) -> None:
+        """Write the head and the body to the client as they arrive; StreamReset if the
+        stream is reset before its end."""
+        req = ex.req
+        # What already arrived goes out with the head, in one write.
+        first, done = stream.take_ready()
+        await req.respond(head.status, head.headers, first, end=done)
+        if done:
+            return
+        self._start_reader(ex)  # a streamed answer: watch for the client going away
+        # A reset of an unfinished answer must also stop a write that is blocked on a
+        # client who stopped reading (the connector resets after its stall_timeout):
+        # otherwise this request and its connection would stay forever.
+        with trio.CancelScope() as writing:
+            stream.on_reset = lambda: None if stream.recv_done else writing.cancel()
+            while chunk := await stream.receive_data():
+                more, done = stream.take_ready()
+                await req.send(chunk + more if more else chunk, end=done)
+                if done:
+                    return
+        if writing.cancelled_caught:
+            assert stream.reset_error is not None
+            raise stream.reset_error
+        await req.end()
 
 
 @attrs.define(slots=True, eq=False)

@@ -465,42 +465,13 @@ def format_status(doc: dict[str, Any]) -> str:
 
 
 def _store_command(config: Config, args: argparse.Namespace) -> int:
+    """``keys …`` (API keys, on the connector) and ``tokens …`` (connector tokens, broker)."""
     store, action, name = args.command, args.action, str(getattr(args, "name", ""))
-    role = "connector" if store == "keys" else "broker"
-    if config.sections and role not in config.sections:
-        other = "connector tokens" if store == "keys" else "API keys"
-        raise ConfigError(
-            f"{config.source} has no [{role}] section: {store} live on the {role} "
-            f"({other} on the other side); pass the {role}'s config file with -c"
-        )
-    if store == "keys":
-        path, prefix = config.path(config.connector.api_keys_file), "tbk"
-    else:
-        path, prefix = config.path(config.broker.connector_tokens_file), "tbc"
-    if args.config is None:
-        print(f"# no -c given: using {path.resolve()} (the built-in default)", file=sys.stderr)
-    s = SecretStore(path, prefix)
-    what = "API key" if store == "keys" else "connector token"
+    s = _open_store(config, args)
     routes = check_route_patterns(getattr(args, "routes", None) or [])
     changes = _limit_changes(args) if store == "keys" else {}
     if action == "add":
-        expires = changes.pop("expires", "")
-        entry, secret = s.add(
-            name, routes=routes, limits=attrs.evolve(KeyLimits(), **changes), expires=expires
-        )
-        print(secret)
-        scope = f"; it may serve: {entry.route_text}" if store == "tokens" else ""
-        print(
-            f"# {what} {entry.name!r} (id {entry.id}) added to {path}{scope}. It is shown "
-            "only once: only its hash is stored.",
-            file=sys.stderr,
-        )
-        if store == "tokens":
-            print(
-                "# On the connector machine, put it in the file named by connector.token_file "
-                "(mode 0600) or in the TRIO_BRIDGE_TOKEN environment variable.",
-                file=sys.stderr,
-            )
+        _store_add(s, store, name, routes, changes)
     elif action == "list":
         if store == "keys":
             _list_keys(s, config)
@@ -509,7 +480,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     elif action == "defaults":
         if changes:
             s.set_defaults(changes)
-        print(f"defaults for every key in {path}: {_limits_text(s.defaults) or 'no limits'}")
+        print(f"defaults for every key in {s.path}: {_limits_text(s.defaults) or 'no limits'}")
     elif action == "set" and store == "keys":
         if not changes:
             raise ConfigError("keys set: give at least one limit option (see --help)")
@@ -526,23 +497,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             "routes are closed within a second"
         )
     elif action == "rotate":
-        try:
-            grace = parse_duration(args.grace)
-        except ValueError as exc:
-            raise ConfigError(f"--grace: {exc}") from None
-        entry, secret, until = s.rotate(name, float(grace))
-        print(secret)
-        print(
-            f"# new {what} for {entry.name!r} (id {entry.id}) in {path}; the previous one "
-            f"stays valid until {until}. Shown only once.",
-            file=sys.stderr,
-        )
-        if store == "tokens":
-            print(
-                "# Write it to the connector's token_file: the connector re-reads that file and "
-                "re-dials with the new token as soon as its relay is idle (no restart).",
-                file=sys.stderr,
-            )
+        _store_rotate(s, store, name, args.grace)
     else:
         entry = s.revoke(name)
         print(
@@ -550,6 +505,69 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             "within a second"
         )
     return 0
+
+
+def _open_store(config: Config, args: argparse.Namespace) -> SecretStore:
+    """The secret store the command is about, from the config of the role it lives on."""
+    store = args.command
+    role = "connector" if store == "keys" else "broker"
+    if config.sections and role not in config.sections:
+        other = "connector tokens" if store == "keys" else "API keys"
+        raise ConfigError(
+            f"{config.source} has no [{role}] section: {store} live on the {role} "
+            f"({other} on the other side); pass the {role}'s config file with -c"
+        )
+    if store == "keys":
+        path, prefix = config.path(config.connector.api_keys_file), "tbk"
+    else:
+        path, prefix = config.path(config.broker.connector_tokens_file), "tbc"
+    if args.config is None:
+        print(f"# no -c given: using {path.resolve()} (the built-in default)", file=sys.stderr)
+    return SecretStore(path, prefix)
+
+
+def _store_add(
+    s: SecretStore, store: str, name: str, routes: tuple[str, ...], changes: dict[str, Any]
+) -> None:
+    what = "API key" if store == "keys" else "connector token"
+    expires = changes.pop("expires", "")
+    entry, secret = s.add(
+        name, routes=routes, limits=attrs.evolve(KeyLimits(), **changes), expires=expires
+    )
+    print(secret)
+    scope = f"; it may serve: {entry.route_text}" if store == "tokens" else ""
+    print(
+        f"# {what} {entry.name!r} (id {entry.id}) added to {s.path}{scope}. It is shown "
+        "only once: only its hash is stored.",
+        file=sys.stderr,
+    )
+    if store == "tokens":
+        print(
+            "# On the connector machine, put it in the file named by connector.token_file "
+            "(mode 0600) or in the TRIO_BRIDGE_TOKEN environment variable.",
+            file=sys.stderr,
+        )
+
+
+def _store_rotate(s: SecretStore, store: str, name: str, grace_text: str) -> None:
+    what = "API key" if store == "keys" else "connector token"
+    try:
+        grace = parse_duration(grace_text)
+    except ValueError as exc:
+        raise ConfigError(f"--grace: {exc}") from None
+    entry, secret, until = s.rotate(name, float(grace))
+    print(secret)
+    print(
+        f"# new {what} for {entry.name!r} (id {entry.id}) in {s.path}; the previous one "
+        f"stays valid until {until}. Shown only once.",
+        file=sys.stderr,
+    )
+    if store == "tokens":
+        print(
+            "# Write it to the connector's token_file: the connector re-reads that file and "
+            "re-dials with the new token as soon as its relay is idle (no restart).",
+            file=sys.stderr,
+        )
 
 
 def _limits_text(limits: KeyLimits) -> str:

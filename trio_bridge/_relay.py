@@ -211,19 +211,21 @@ class RelayStream:
     def _consumed(self, n: int) -> None:
         if self._counted:
             self._held -= n
-            self._relay.buffered -= n
+            self._relay.unhold(n)
         if not self.recv_done:
             self._unacked += n
             if self._unacked >= self._relay.grant_threshold:
                 increment, self._unacked = self._unacked, 0
-                self._relay._grant(self.id, increment)
+                self._relay.grant(self.id, increment)
 
     # -- sending --
     async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
         self._check_sendable()
         await self._wait_space()
         self._check_sendable()
-        self._relay._put(self._relay.session.send_response(self.id, head, end_stream=end_stream))
+        self._relay.send_frame(
+            self._relay.session.send_response(self.id, head, end_stream=end_stream)
+        )
         if end_stream:
             self._sent_end()
 
@@ -234,7 +236,7 @@ class RelayStream:
             self.reset_error is None
             and not self.send_done
             and n <= MAX_PAYLOAD
-            and relay._writer.has_space
+            and relay.writer_has_space
             and relay.session.send_window(self.id) >= n
         )
 
@@ -242,7 +244,7 @@ class RelayStream:
         """Send ``data`` (any size), waiting for credit as needed."""
         if data and self.can_send(len(data)):  # the common case: one frame, no wait
             relay = self._relay
-            relay._put(relay.session.send_data(self.id, data, end_stream=end_stream))
+            relay.send_frame(relay.session.send_data(self.id, data, end_stream=end_stream))
             self.bytes_sent += len(data)
             if end_stream:
                 self._sent_end()
@@ -262,7 +264,7 @@ class RelayStream:
             last = n == len(view)
             if n == 0 and not (last and end_stream):
                 return
-            self._relay._put(
+            self._relay.send_frame(
                 session.send_data(self.id, bytes(view[:n]), end_stream=end_stream and last)
             )
             self.bytes_sent += n
@@ -279,14 +281,14 @@ class RelayStream:
         """Reset the stream (no-op if it already finished). Never blocks."""
         if self.finished:
             return
-        self._relay._reset_stream(self, code, reason)
+        self._relay.reset_stream(self, code, reason)
 
     async def _wait_space(self) -> None:
         """Wait for room in the writer; a dead relay is this stream's reset (RELAY_LOST)."""
         try:
-            await self._relay._writer.wait_space()
+            await self._relay.wait_writer_space()
         except RelayClosed as exc:
-            self._fail(ResetCode.RELAY_LOST, f"relay lost: {exc.reason}")
+            self.fail(ResetCode.RELAY_LOST, f"relay lost: {exc.reason}")
             raise self.reset_error from None  # type: ignore[misc]
 
     def _check_sendable(self) -> None:
@@ -298,26 +300,35 @@ class RelayStream:
     def _sent_end(self) -> None:
         self.send_done = True
         if self.recv_done:
-            self._relay._forget(self)
+            self._relay.stream_ended(self)
 
-    # -- called by the relay's reader --
-    def _deliver(self, data: bytes, end: bool) -> None:
+    # -- called by the relay (its reader, its teardown, flow control) --
+    @property
+    def held(self) -> int:
+        """Received bytes waiting here that count in the relay's ``buffered``."""
+        return self._held
+
+    def wake(self) -> None:
+        """Wake the tasks waiting on this stream (new credit arrived)."""
+        self._lot.unpark_all()
+
+    def deliver(self, data: bytes, end: bool) -> None:
         if data:
             self._chunks.append(data)
             self.bytes_received += len(data)
             if self._counted:
                 self._held += len(data)
-                self._relay._hold(len(data))
+                self._relay.hold(len(data))
         if end:
             self.recv_done = True
             if self.send_done:
-                self._relay._forget(self)
+                self._relay.stream_ended(self)
         self._lot.unpark_all()
 
-    def _fail(self, code: int, reason: str) -> None:
+    def fail(self, code: int, reason: str) -> None:
         if self.reset_error is None:
             self.reset_error = StreamReset(code, reason)
-        self._release()
+        self.detach()
         if not self.recv_done:
             self._chunks.clear()  # an incomplete body: nobody will use it
         self._lot.unpark_all()
@@ -325,10 +336,10 @@ class RelayStream:
             on_reset, self.on_reset = self.on_reset, None
             on_reset()
 
-    def _release(self) -> None:
+    def detach(self) -> None:
         """The stream leaves its relay: its buffered bytes stop counting there."""
         if self._counted:
-            self._relay.buffered -= self._held
+            self._relay.unhold(self._held)
             self._held = 0
             self._counted = False
 
@@ -415,7 +426,7 @@ class Relay:
         stream = RelayStream(self, stream_id, head)
         stream.send_done = end_stream
         self._streams[stream_id] = stream
-        self._put(frame)
+        self.send_frame(frame)
         return stream
 
     def reset_all(self, code: int, reason: str) -> None:
@@ -429,11 +440,11 @@ class Relay:
         if models is not None:
             self.local_models = models
         if self.closed_reason is None and self.session.hello_sent:
-            self._put(self.session.send_status(ready=ready, models=models))
+            self.send_frame(self.session.send_status(ready=ready, models=models))
 
     def send_goaway(self, reason: str) -> None:
         if self.closed_reason is None and not self.session.goaway_sent:
-            self._put(self.session.send_goaway(reason))
+            self.send_frame(self.session.send_goaway(reason))
 
     async def wait_closed(self) -> None:
         """Return once ``run`` has finished (its streams failed, the transport closed)."""
@@ -474,7 +485,7 @@ class Relay:
             self.closed_reason = reason
             self._writer.close(reason)
             for stream in list(self._streams.values()):
-                stream._fail(ResetCode.RELAY_LOST, f"relay lost: {reason}")
+                stream.fail(ResetCode.RELAY_LOST, f"relay lost: {reason}")
             self._streams.clear()
             if self.on_change is not None:
                 self.on_change(self)  # before the close handshake, which may take a while
@@ -485,46 +496,64 @@ class Relay:
             raise RelayRefused(reason) if refused else RelayClosed(reason)
         return reason
 
-    # -- internals --
-    def _put(self, frame: bytes) -> None:
+    # -- for its streams: the only part of the relay a RelayStream uses --
+    def send_frame(self, frame: bytes) -> None:
+        """Queue an encoded frame for the single writer (never blocks)."""
         self._writer.put_nowait(frame)
 
-    def _grant(self, stream_id: int, increment: int) -> None:
+    @property
+    def writer_has_space(self) -> bool:
+        return self._writer.has_space
+
+    async def wait_writer_space(self) -> None:
+        """Wait until the writer is below its high-water mark; RelayClosed once closed."""
+        await self._writer.wait_space()
+
+    def unhold(self, n: int) -> None:
+        """``n`` buffered bytes were consumed (or dropped) by a stream."""
+        self.buffered -= n
+
+    def grant(self, stream_id: int, increment: int) -> None:
         """Credit the peer with ``increment`` more bytes on a stream. A closed relay grants
         nothing: its streams are failing with RELAY_LOST, and a reader that consumes what
         was buffered before the loss must not see RelayClosed from here."""
         if self.closed_reason is None:
-            self._put(self.session.send_window_update(stream_id, increment))
+            self.send_frame(self.session.send_window_update(stream_id, increment))
 
-    def _forget(self, stream: RelayStream) -> None:
-        stream._release()
+    def stream_ended(self, stream: RelayStream) -> None:
+        """A stream finished both ways: it leaves the relay."""
+        stream.detach()
         self._streams.pop(stream.id, None)
         if self.on_change is not None:
             self.on_change(self)
 
-    def _hold(self, n: int) -> None:
+    def hold(self, n: int) -> None:
+        """A stream buffered ``n`` received bytes; past ``max_buffered`` the stream holding
+        the most (the slowest reader) is reset."""
         self.buffered += n
         if self.buffered > self.max_buffered:
-            victim = max(self._streams.values(), key=lambda st: st._held, default=None)
-            if victim is not None and victim._held:
+            victim = max(self._streams.values(), key=lambda st: st.held, default=None)
+            if victim is not None and victim.held:
                 log.warning(
                     "relay buffers over %d bytes: resetting stream %d, the slowest reader "
                     "(%d bytes waiting)",
                     self.max_buffered,
                     victim.id,
-                    victim._held,
+                    victim.held,
                     extra={"relay": self.name, "request_id": _rid(victim)},
                 )
                 victim.reset(ResetCode.FLOW_CONTROL, "relay buffers full: slowest reader shed")
 
-    def _reset_stream(self, stream: RelayStream, code: int, reason: str) -> None:
-        stream._fail(code, reason)
+    def reset_stream(self, stream: RelayStream, code: int, reason: str) -> None:
+        """Fail ``stream`` here and tell the peer (RESET), unless the relay is gone."""
+        stream.fail(code, reason)
         self._streams.pop(stream.id, None)
         if self.closed_reason is None:
-            self._put(self.session.send_reset(stream.id, code, reason))
+            self.send_frame(self.session.send_reset(stream.id, code, reason))
         if self.on_change is not None:
             self.on_change(self)
 
+    # -- internals --
     async def _write_loop(self) -> None:
         try:
             await self._writer.run()
@@ -535,13 +564,13 @@ class Relay:
         """Tell the peer why, through the single writer (never beside it: a write of its cut
         midway would leave half a message on the transport); at most a second."""
         with trio.move_on_after(1):
-            self._put(self.session.send_goaway(reason))
+            self.send_frame(self.session.send_goaway(reason))
             await self._writer.flush()
 
     async def _handshake(self) -> Hello:
         role = "broker" if self.session.opener else "connector"
         if not self.session.opener:
-            self._put(
+            self.send_frame(
                 self.session.send_hello(
                     role=role,
                     name=self.name,
@@ -570,7 +599,7 @@ class Relay:
         self.peer_models = event.models
         self.peer_priority = event.priority
         if self.session.opener:
-            self._put(self.session.send_hello(role=role))
+            self.send_frame(self.session.send_hello(role=role))
         self._last_received = trio.current_time()
         # Frames that arrived in the same message as the hello:
         self._dispatch_pending()
@@ -591,22 +620,22 @@ class Relay:
             if isinstance(ev, Data):
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
-                    stream._deliver(ev.data, ev.end_stream)
+                    stream.deliver(ev.data, ev.end_stream)
             elif isinstance(ev, Response):
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
                     stream.response_head = ev.head
-                    stream._deliver(b"", ev.end_stream)
+                    stream.deliver(b"", ev.end_stream)
             elif isinstance(ev, WindowUpdate):
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
-                    stream._lot.unpark_all()
+                    stream.wake()
             elif isinstance(ev, Request):
                 self._on_request(ev)
             elif isinstance(ev, Reset):
                 stream = self._streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    stream._fail(ev.code, ev.reason or "reset by peer")
+                    stream.fail(ev.code, ev.reason or "reset by peer")
                     if self.on_change is not None:
                         self.on_change(self)
             elif isinstance(ev, StreamError):
@@ -619,15 +648,15 @@ class Relay:
                     ev.reason,
                     extra={"relay": self.name},
                 )
-                self._put(session.send_reset(ev.stream_id, ev.code, ev.reason))
+                self.send_frame(session.send_reset(ev.stream_id, ev.code, ev.reason))
                 stream = self._streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    stream._fail(ev.code, ev.reason)
+                    stream.fail(ev.code, ev.reason)
             elif isinstance(ev, Ping):
                 self._pings += 1
                 if self._pings > MAX_PINGS_PER_INTERVAL:
                     raise RemoteProtocolError("ping flood")
-                self._put(session.send_pong(ev.opaque))
+                self.send_frame(session.send_pong(ev.opaque))
             elif isinstance(ev, Pong):
                 pass  # _last_received already updated
             elif isinstance(ev, GoAway):
@@ -647,7 +676,7 @@ class Relay:
         stream.recv_done = ev.end_stream
         self._streams[ev.stream_id] = stream
         if self._handler is None or self._nursery is None:
-            self._reset_stream(stream, ResetCode.REFUSED, "no handler")
+            self.reset_stream(stream, ResetCode.REFUSED, "no handler")
             return
         self._nursery.start_soon(self._run_handler, stream)
 
@@ -683,7 +712,7 @@ class Relay:
                 return
             self._ping_counter += 1
             self._pings = 0
-            self._put(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
+            self.send_frame(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
 
 def _rid(stream: RelayStream) -> str:

@@ -1,8 +1,9 @@
 """The broker's public HTTP/1.1 server: trio + h11, with the limits a port on the internet needs.
 
-Why not hypercorn here: hypercorn costs ~0.4 ms of CPU per request (PERF.md), has one read
-timeout for both "send me your head" and "I am streaming you a long answer", and no hook to cap
-connections per client address. This module is small because h11 does the parsing and framing.
+Why not hypercorn here: hypercorn costs ~0.4 ms of CPU per request (measured with a no-op ASGI
+app), has one read timeout for both "send me your head" and "I am streaming you a long answer",
+and no hook to cap connections per client address.
+This module is small because h11 does the parsing and framing.
 
 One connection = one task (``serve_http`` spawns it). Per request cycle:
 
@@ -203,7 +204,19 @@ class Request:
 
     async def accept_websocket(self, max_message: int) -> WebSocket:
         """Complete a WebSocket upgrade (wsproto) and hand over the connection."""
-        return await self._conn.accept_websocket(self, max_message)
+        socket = await self._conn.accept_websocket(self._h11.trailing_data[0], max_message)
+        self._started = self._ended = True
+        return socket
+
+    @property
+    def answer_started(self) -> bool:
+        """The response head went out."""
+        return self._started
+
+    @property
+    def answer_complete(self) -> bool:
+        """The whole response went out (its end included)."""
+        return self._ended
 
     @property
     def is_websocket(self) -> bool:
@@ -324,8 +337,8 @@ class _Connection:
             self.buf += data
         await trio.sleep_forever()  # a pipelining client far ahead of us: stop reading
 
-    async def accept_websocket(self, request: Request, max_message: int) -> WebSocket:
-        trailing = request._h11.trailing_data[0] + bytes(self.buf)
+    async def accept_websocket(self, received: bytes, max_message: int) -> WebSocket:
+        trailing = received + bytes(self.buf)
         self.buf.clear()
         try:
             socket = await accept_websocket(self.stream, self.head, trailing, max_message)
@@ -333,7 +346,6 @@ class _Connection:
             raise ClientDisconnected(str(exc)) from None
         except RelayClosed as exc:
             raise ClientDisconnected(exc.reason) from None
-        request._started = request._ended = True
         self.websocket = socket
         return socket
 
@@ -349,26 +361,10 @@ class _Connection:
                 return
             first = False
             self.head = head
-            h = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
-            h.receive_data(head)
             try:
-                event = h.next_event()
-                # Content-Length + Transfer-Encoding together is how requests get smuggled
-                if isinstance(event, h11.Request):
-                    names = [k for k, _ in event.headers]
-                    if b"content-length" in names and b"transfer-encoding" in names:
-                        raise _HeadError(400, "Content-Length together with Transfer-Encoding")
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                # h11's text quotes the offending bytes (maybe a key): never echo or log it
-                message = _HEAD_ERRORS.get(status, "malformed request head")
-                await self.refuse(status, message, "bad_head")
-                return
+                h, event = _parse_head(head)
             except _HeadError as exc:
                 await self.refuse(exc.status, exc.message, "bad_head")
-                return
-            if not isinstance(event, h11.Request):  # pragma: no cover - a head is complete
-                await self.refuse(400, "bad request", "bad_head")
                 return
             self.body_received = 0
             self.body_started = 0.0
@@ -376,14 +372,14 @@ class _Connection:
             try:
                 await handler(request)
             except BadBody as exc:
-                if not request._started:
+                if not request.answer_started:
                     await self.refuse(400, str(exc), "bad_body")
                 return
             except ClientDisconnected:
                 return
             if self.websocket is not None:
                 return
-            if not request._ended:
+            if not request.answer_complete:
                 return  # aborted: close without the end, the client sees a truncated answer
             if h.their_state is h11.SEND_BODY:
                 await self.linger(request)
@@ -424,6 +420,92 @@ class _Connection:
                 pass
 
 
+def _parse_head(head: bytes) -> tuple[h11.Connection, h11.Request]:
+    """A fresh h11 state fed with one complete head; _HeadError for a bad one."""
+    h = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
+    h.receive_data(head)
+    try:
+        event = h.next_event()
+    except h11.RemoteProtocolError as exc:
+        # h11's text quotes the offending bytes (maybe a key): never echo or log it
+        status = exc.error_status_hint
+        raise _HeadError(status, _HEAD_ERRORS.get(status, "malformed request head")) from None
+    if not isinstance(event, h11.Request):  # pragma: no cover - a head is complete
+        raise _HeadError(400, "bad request")
+    # Content-Length + Transfer-Encoding together is how requests get smuggled
+    names = [k for k, _ in event.headers]
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise _HeadError(400, "Content-Length together with Transfer-Encoding")
+    return h, event
+
+
+class _Admission:
+    """The connection caps: ``max_connections`` in all and ``max_connections_per_address``
+    (addresses in ``exempt``, e.g. a trusted reverse proxy, skip the latter)."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.per_address: dict[str, int] = {}
+
+    def enter(self, peer: str) -> tuple[int, str, str] | None:
+        """Count a new connection; the refusal (status, message, limit) if over a cap."""
+        count = self.per_address.get(peer, 0)
+        self.total += 1
+        self.per_address[peer] = count + 1
+        limits = self.limits
+        if self.total > limits.max_connections:
+            return 503, "too many connections; retry later", "connections"
+        if count >= limits.max_connections_per_address and not self._exempt(peer):
+            return 429, "too many connections from your address", "connections_per_address"
+        return None
+
+    def leave(self, peer: str) -> None:
+        self.total -= 1
+        left = self.per_address[peer] - 1
+        if left:
+            self.per_address[peer] = left
+        else:
+            del self.per_address[peer]
+
+    def _exempt(self, peer: str) -> bool:
+        if not self.limits.exempt:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.limits.exempt)
+
+
+def _log_crash(exc: Exception) -> None:
+    """A bug must cost one connection, not the server. Only the type and place are logged:
+    exception texts can quote request bytes (keys)."""
+    leaf: BaseException = exc
+    while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+        leaf = leaf.exceptions[0]
+    tb = leaf.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    log.error("connection handler failed: %s at %s", type(leaf).__name__, where)
+
+
+async def _start_tls(conn: _Connection, ssl_context: ssl.SSLContext) -> bool:
+    """The TLS handshake, bounded by ``head_timeout``; False if it did not complete."""
+    tls = trio.SSLStream(conn.stream, ssl_context, server_side=True, https_compatible=True)
+    with trio.move_on_after(conn.limits.head_timeout) as cs:
+        try:
+            await tls.do_handshake()
+        except (trio.BrokenResourceError, OSError):
+            return False
+    if cs.cancelled_caught:
+        conn.on_limit("head_timeout")
+        return False
+    conn.stream = tls
+    return True
+
+
 async def serve_http(
     handler: Handler,
     host: str,
@@ -437,67 +519,26 @@ async def serve_http(
     """Serve ``handler`` on host:port (port 0 allowed) until cancelled; started value: the
     bound (host, port). ``ssl_context``: serve TLS (handshake bounded by ``head_timeout``)."""
     listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=1024)
-    per_address: dict[str, int] = {}
-    total = 0
+    admission = _Admission(limits)
     scheme = "https" if ssl_context is not None else "http"
 
     async def connection(stream: trio.SocketStream) -> None:
-        nonlocal total
         try:
             peer = stream.socket.getpeername()[0]
         except OSError:
             await stream.aclose()
             return
         conn = _Connection(stream, limits, scheme, on_limit)
-        exempt = False
-        if limits.exempt:
-            try:
-                ip = ipaddress.ip_address(peer)
-                exempt = any(ip in net for net in limits.exempt)
-            except ValueError:
-                pass
-        count = per_address.get(peer, 0)
-        total += 1
-        per_address[peer] = count + 1
+        refusal = admission.enter(peer)
         try:
-            if total > limits.max_connections:
-                await conn.refuse(503, "too many connections; retry later", "connections")
-                return
-            if not exempt and count >= limits.max_connections_per_address:
-                await conn.refuse(
-                    429, "too many connections from your address", "connections_per_address"
-                )
-                return
-            if ssl_context is not None:
-                tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
-                with trio.move_on_after(limits.head_timeout) as cs:
-                    try:
-                        await tls.do_handshake()
-                    except (trio.BrokenResourceError, OSError):
-                        return
-                if cs.cancelled_caught:
-                    on_limit("head_timeout")
-                    return
-                conn.stream = tls
-            await conn.serve(handler, peer)
+            if refusal is not None:
+                await conn.refuse(*refusal)
+            elif ssl_context is None or await _start_tls(conn, ssl_context):
+                await conn.serve(handler, peer)
         except Exception as exc:
-            # A bug must cost one connection, not the server. Only the type and place are
-            # logged: exception texts can quote request bytes (keys).
-            leaf: BaseException = exc
-            while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-                leaf = leaf.exceptions[0]
-            tb = leaf.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-            log.error("connection handler failed: %s at %s", type(leaf).__name__, where)
+            _log_crash(exc)
         finally:
-            total -= 1
-            left = per_address[peer] - 1
-            if left:
-                per_address[peer] = left
-            else:
-                del per_address[peer]
+            admission.leave(peer)
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 try:

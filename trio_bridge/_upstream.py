@@ -2,7 +2,7 @@
 
 httpx keeps its API (``httpx.Request``, ``client.send(stream=True)``, ``aiter_raw``, its
 exception tree); only the connection handling is replaced. httpcore's pool costs ~0.5 ms of
-CPU per request and grows with concurrency (PERF.md); this transport keeps a short LIFO list
+CPU per request and grows with concurrency (measured); this transport keeps a short LIFO list
 of idle keep-alive connections per origin and gives each request a connection of its own.
 
 Error handling: every failure is raised as the httpx exception httpcore would raise
@@ -86,7 +86,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         h = conn.h11
         if self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
             h.start_next_cycle()
-            await self._transport._release(self._key, conn)
+            await self._transport.check_in(self._key, conn)
         else:
             await conn.aclose()
 
@@ -129,7 +129,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._closed = False
 
-    async def _release(self, key: tuple[str, str, int], conn: _Conn) -> None:
+    async def check_in(self, key: tuple[str, str, int], conn: _Conn) -> None:
         """A connection whose exchange ended cleanly: kept for the next request, or closed
         here (by the task that used it) when the transport is closed or enough are idle."""
         idle = self._idle.setdefault(key, [])

@@ -4,7 +4,7 @@ The broker accepts (``_server.Request.accept_websocket``); the connector dials
 (:func:`connect_websocket`). Both then hold a :class:`WebSocket`, which is what
 ``_relay.MessageTransport`` asks for. Why not trio-websocket: its reader task hands every
 message through a channel to the caller (one more task switch per message, ~0.1 ms of CPU
-each way, PERF.md), it reports an untrusted TLS certificate as a handshake *timeout*, and a
+each way, measured), it reports an untrusted TLS certificate as a handshake *timeout*, and a
 ping answered after a local close takes down its server (issue #184).
 
 Error handling: a broken or closed connection is :class:`RelayClosed`; a peer breaking the
