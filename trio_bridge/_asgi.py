@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ._config import parse_hostport
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HypercornConfig
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -22,6 +23,8 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 def hypercorn_config(
     listen: str, *, graceful_timeout: float = 5.0, keep_alive: float = 15.0
 ) -> HypercornConfig:
+    from hypercorn.config import Config as HypercornConfig
+
     host, port = parse_hostport(listen)
     cfg = HypercornConfig()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -47,6 +50,10 @@ async def serve_app(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port)."""
+    # imported here: hypercorn takes ~0.1 s to import, which the CLI's other commands
+    # (keys, tokens, usage, check) need not pay
+    from hypercorn.trio import serve
+
     cfg = hypercorn_config(listen, graceful_timeout=graceful_timeout, keep_alive=keep_alive)
     kwargs: dict[str, Any] = {}
     if shutdown_trigger is not None:

@@ -632,26 +632,10 @@ class Broker:
         req = ex.req
         route, target = self._route(req)
         facts.route = route
-        if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
-            # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
-            return await self._error(
-                ex,
-                facts,
-                503,
-                f"no connector serves route {route!r} (none connected recently); retry later",
-                retry_after=RETRY_AFTER_NOT_READY,
-            )
-        model, candidates, served = self._candidates(ex, route, first)
-        if not candidates:
-            facts.model = model
-            return await self._error(
-                ex,
-                facts,
-                404,
-                f"the model {str(model)[:128]!r} does not exist on this route; available: "
-                + ", ".join(sorted(served or ())[:50]),
-                code="model_not_found",
-            )
+        picked = await self._pick_candidates(ex, facts, route, first)
+        if isinstance(picked, str):
+            return picked  # answered with an error
+        model, candidates, served = picked
         ex.merge_models = (
             req.method == "GET" and target.split("?", 1)[0] in MODEL_LISTS and served is not None
             and len({n for names in served.values() for n in names}) > 1
@@ -676,6 +660,33 @@ class Broker:
                 extra={"request_id": ex.request_id, "route": route},
             )
         raise AssertionError("the last candidate never falls back")  # pragma: no cover
+
+    async def _pick_candidates(
+        self, ex: _Exchange, facts: Facts, route: str, first: bytes
+    ) -> tuple[str | None, list[str | None], dict[str, list[str]] | None] | str:
+        """The route's model candidates (see ``_candidates``), or the outcome of the 503
+        (route unknown) or 404 (model not served there) answered instead."""
+        if not self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
+            # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
+            return await self._error(
+                ex,
+                facts,
+                503,
+                f"no connector serves route {route!r} (none connected recently); retry later",
+                retry_after=RETRY_AFTER_NOT_READY,
+            )
+        model, candidates, served = self._candidates(ex, route, first)
+        if candidates:
+            return model, candidates, served
+        facts.model = model
+        return await self._error(
+            ex,
+            facts,
+            404,
+            f"the model {str(model)[:128]!r} does not exist on this route; available: "
+            + ", ".join(sorted(served or ())[:50]),
+            code="model_not_found",
+        )
 
     async def _check_head(self, ex: _Exchange, facts: Facts) -> str | None:
         """Answer (and return the outcome of) a request its head already rules out."""

@@ -881,24 +881,10 @@ class Connector:
         declared = header(head.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._reply_error(stream, facts, 413, "request body too large")
-        content: bytes | AsyncIterator[bytes]
-        model: str | None = None
-        if stream.recv_done or limits.models:
-            # the whole body (a model allowlist needs the "model" before anything is sent)
-            content = await self._read_body(stream)
-            if limits.models:
-                model = request_model(content)
-            if not limits.allows_model(model):
-                return await self._reply_error(
-                    stream,
-                    facts,
-                    403,
-                    f"this API key may not use model {str(model)[:128]!r} (allowed: "
-                    f"{', '.join(limits.models)})",
-                    code="model_not_allowed",
-                )
-        else:
-            content = self._body(stream)
+        body = await self._request_body(stream, facts, limits)
+        if isinstance(body, str):
+            return body  # refused
+        content, model = body
         now = time.time()
         refusal = self.limiter.admit(entry.id, limits, now)
         if refusal is not None:
@@ -919,6 +905,27 @@ class Connector:
             return await self._to_llm(stream, facts, call, content)
         finally:
             self._finish_call(call, stream)
+
+    async def _request_body(
+        self, stream: RelayStream, facts: Facts, limits: KeyLimits
+    ) -> tuple[bytes | AsyncIterator[bytes], str | None] | str:
+        """The body to send on (read whole when it is complete or the key has a model
+        allowlist, which needs the "model" before anything is sent) and its model; or the
+        outcome of the 403 answered for a model the key may not use."""
+        if not (stream.recv_done or limits.models):
+            return self._body(stream), None
+        content = await self._read_body(stream)
+        model = request_model(content) if limits.models else None
+        if limits.allows_model(model):
+            return content, model
+        return await self._reply_error(
+            stream,
+            facts,
+            403,
+            f"this API key may not use model {str(model)[:128]!r} (allowed: "
+            f"{', '.join(limits.models)})",
+            code="model_not_allowed",
+        )
 
     def _finish_call(self, call: _Call, stream: RelayStream) -> None:
         """Count what a request used: the key's tokens and the usage store."""

@@ -216,30 +216,36 @@ async def connect_websocket(
         await stream.send_all(
             ws.send(WsRequest(host=host_header, target=target, extra_headers=headers))
         )
-        status = 0
-        body = b""
-        while True:
-            data = await stream.receive_some(_READ)
-            if not data:
-                if status:
-                    raise RelayRejected(status, body)
-                raise RelayClosed("the server closed the connection during the upgrade")
-            try:
-                ws.receive_data(bytes(data))
-                for event in ws.events():
-                    if isinstance(event, AcceptConnection):
-                        return WebSocket(stream, ws, max_message)
-                    if isinstance(event, RejectConnection):
-                        status = event.status_code
-                        if not event.has_body:
-                            raise RelayRejected(status)
-                    elif isinstance(event, RejectData):
-                        body += event.data
-                        if event.body_finished:
-                            raise RelayRejected(status, body)
-            except WsError as exc:
-                raise RemoteProtocolError(f"bad WebSocket upgrade answer: {exc}") from None
+        await _upgrade_answer(stream, ws)
+        return WebSocket(stream, ws, max_message)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.aclose()
         raise
+
+
+async def _upgrade_answer(stream: trio.abc.Stream, ws: WSConnection) -> None:
+    """Read the server's answer to our upgrade request: return on 101, else raise."""
+    status = 0
+    body = b""
+    while True:
+        data = await stream.receive_some(_READ)
+        if not data:
+            if status:
+                raise RelayRejected(status, body)
+            raise RelayClosed("the server closed the connection during the upgrade")
+        try:
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, RejectConnection):
+                    status = event.status_code
+                    if not event.has_body:
+                        raise RelayRejected(status)
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        raise RelayRejected(status, body)
+        except WsError as exc:
+            raise RemoteProtocolError(f"bad WebSocket upgrade answer: {exc}") from None
