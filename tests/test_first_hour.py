@@ -299,3 +299,8 @@ async def test_a_route_never_seen_gets_503_at_once_a_short_gap_waits(lab: Lab) -
             rb.url + "/r/gpu1/v1/models", headers={"Authorization": f"Bearer {lab.api_key}"}
         )
         assert r.status_code == 200
+        # route labels in the metrics: only routes a connector served (any client can name
+        # any route in a path: one label value per name would grow without bound)
+        text = rb.broker.metrics.render().decode()
+        assert 'route="gpu1"' in text and 'route="unknown"' in text
+        assert "never" not in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -14,7 +15,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from upstream import Upstream, run_upstream
 
-from trio_bridge._observe import JsonFormatter, TextFormatter
+from trio_bridge._observe import Facts, JsonFormatter, TextFormatter, log_request, setup_logging
 from trio_bridge.testing import Lab, open_bridge, open_lab
 
 CHAT = "/v1/chat/completions"
@@ -308,3 +309,45 @@ def test_status_command_prints_a_table_and_json(tmp_path: object) -> None:
     assert "connector" in table and "READY" in table and "LLM http://" in table
     assert "relay ws://" in table and "completion 4" in table
     assert json.loads(raw)["role"] == "connector"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_direct_request_line_equals_the_formatters_line(fmt: str) -> None:
+    """The end-of-request line skips the logging machinery while the role's own handler is
+    its only destination; it must be the line the formatter writes, and any other handler
+    (an application's, a test's caplog) must still get records."""
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging("info", fmt, stream=out)
+        facts = Facts("rid-1", "POST", "/v1/chat/completions", route="default", status=200)
+        facts.ended = facts.started + 0.012
+        log_request("connector", facts)
+        direct = out.getvalue()
+        assert direct.endswith("\n") and direct.count("\n") == 1
+        record = logging.LogRecord("trio_bridge.request", logging.INFO, "", 0, "request", (), None)
+        record.__dict__.update(facts.line("connector"))
+        record.created = 0.0  # the time differs; everything else must not
+        formatted = root.handlers[-1].format(record)
+        if fmt == "json":
+            a, b = json.loads(direct), json.loads(formatted)
+            for doc in (a, b):
+                del doc["ts"], doc["t"]
+            assert a == b and a["duration_ms"] == 12.0 and a["role"] == "connector"
+        else:
+            assert direct.split(" ", 1)[1] == formatted.split(" ", 1)[1] + "\n"
+        seen: list[logging.LogRecord] = []
+        other = logging.Handler()
+        other.emit = seen.append  # type: ignore[method-assign]
+        root.addHandler(other)
+        log_request("broker", facts)
+        assert [r.__dict__["role"] for r in seen] == ["broker"]  # the record path again
+        assert out.getvalue().count("\n") == 2  # and our handler still wrote its line
+        logging.getLogger("trio_bridge.request").setLevel(logging.WARNING)
+        log_request("broker", facts)  # filtered out: nothing anywhere
+        assert len(seen) == 1 and out.getvalue().count("\n") == 2
+    finally:
+        logging.getLogger("trio_bridge.request").setLevel(logging.NOTSET)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

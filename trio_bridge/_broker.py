@@ -472,16 +472,18 @@ class Broker:
 
     def _account(self, ex: _Exchange, facts: Facts) -> None:
         m, route = self.metrics, facts.route or DEFAULT_ROUTE
+        # a label per route a connector ever served: any client can name any route
+        label = route if self.registry.known(route) else "unknown"
         status, outcome = facts.status, facts.outcome or "cancelled"
         duration, ttfb = facts.duration, facts.ttfb
-        m.requests.labels("broker", route, status_class(status), outcome).inc()
-        m.duration.labels("broker", route).observe(duration)
+        m.child(m.requests, "broker", label, status_class(status), outcome).inc()
+        m.child(m.duration, "broker", label).observe(duration)
         if ttfb is not None:
-            m.ttfb.labels("broker", route).observe(ttfb)
-        m.bytes.labels("broker", "in").inc(ex.body_size)
-        m.bytes.labels("broker", "out").inc(facts.bytes_out)
+            m.child(m.ttfb, "broker", label).observe(ttfb)
+        m.child(m.bytes, "broker", "in").inc(ex.body_size)
+        m.child(m.bytes, "broker", "out").inc(facts.bytes_out)
         if ex.reset_code is not None:
-            m.resets.labels("broker", reset_reason(ex.reset_code)).inc()
+            m.child(m.resets, "broker", reset_reason(ex.reset_code)).inc()
         error = is_error(outcome, status)
         self.stats.add(duration, ttfb, error)
         if route in self.route_stats or len(self.route_stats) < MAX_ROUTE_STATS:

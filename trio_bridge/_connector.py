@@ -757,16 +757,16 @@ class Connector:
         m, route = self.metrics, self.config.connector.route
         status, outcome = facts.status, facts.outcome or "cancelled"
         duration, ttfb = facts.duration, facts.ttfb
-        m.requests.labels("connector", route, status_class(status), outcome).inc()
-        m.duration.labels("connector", route).observe(duration)
+        m.child(m.requests, "connector", route, status_class(status), outcome).inc()
+        m.child(m.duration, "connector", route).observe(duration)
         if ttfb is not None:
-            m.ttfb.labels("connector", route).observe(ttfb)
-        m.bytes.labels("connector", "in").inc(facts.bytes_in)
-        m.bytes.labels("connector", "out").inc(facts.bytes_out)
+            m.child(m.ttfb, "connector", route).observe(ttfb)
+        m.child(m.bytes, "connector", "in").inc(facts.bytes_in)
+        m.child(m.bytes, "connector", "out").inc(facts.bytes_out)
         if reset_code is not None:
-            m.resets.labels("connector", reset_reason(reset_code)).inc()
+            m.child(m.resets, "connector", reset_reason(reset_code)).inc()
         if status == 401 and outcome == "refused":
-            m.auth_failures.labels("connector").inc()
+            m.child(m.auth_failures, "connector").inc()
         error = is_error(outcome, status)
         self.stats.add(duration, ttfb, error)
         m.count_model(facts.model, outcome, ttfb)

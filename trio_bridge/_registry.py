@@ -143,6 +143,10 @@ class Registry:
         """Requests waiting for a connector of ``route``."""
         return sum(1 for w in self._waiters if w.route == route)
 
+    def known(self, route: str) -> bool:
+        """True if a connector of ``route`` was ever here (routes are bounded by tokens)."""
+        return route in self._last_seen
+
     def seen_within(self, route: str, seconds: float) -> bool:
         """True if ``route`` has a connector, had one in the last ``seconds``, or the registry
         is younger than that (connectors re-dial a restarted broker within seconds)."""

@@ -42,12 +42,13 @@ class FairSlots:
         return len(self.queue)
 
     async def acquire(self, key: str, weight: int = 1) -> None:
-        """Take one LLM slot, waiting in the fair queue while none is free (a checkpoint
-        either way). Raises QueueFull at once when the queue is full. Pair with
-        :meth:`release`."""
+        """Take one LLM slot, waiting in the fair queue while none is free. A free slot is
+        taken without a schedule point (the request's task is about to write to the LLM,
+        which has one), but a cancelled caller gets Cancelled either way. Raises QueueFull at
+        once when the queue is full. Pair with :meth:`release`."""
         if self.busy < self.slots and not len(self.queue):
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.busy += 1
-            await trio.lowlevel.checkpoint()
             return
         if self.queue.full:
             raise QueueFull
