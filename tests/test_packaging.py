@@ -150,3 +150,18 @@ def test_the_grafana_dashboard_queries_metrics_the_bridge_exports() -> None:
         for target in p["targets"]:
             names = set(re.findall(r"\b(trio_bridge_\w+)", target["expr"]))
             assert names and names <= exported, (p["title"], names - exported)
+
+
+@pytest.mark.parametrize(("pure", "expected"), [("", "h11_mypyc"), ("1", "h11")])
+async def test_the_hot_http_paths_use_compiled_h11_unless_told_not_to(
+    pure: str, expected: str
+) -> None:
+    env = {**os.environ, "TRIO_BRIDGE_PURE_H11": pure}
+    code = (
+        "from trio_bridge import _server, _upstream\n"
+        "print(_server.h11.__name__, _upstream.h11.__name__)"
+    )
+    proc = await trio.run_process(
+        [sys.executable, "-c", code], env=env, capture_stdout=True, check=True
+    )
+    assert proc.stdout.decode().split() == [expected, expected]

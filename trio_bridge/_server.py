@@ -35,7 +35,6 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import attrs
-import h11
 import trio
 
 from ._errors import (
@@ -47,6 +46,7 @@ from ._errors import (
     RelayClosed,
     RemoteProtocolError,
 )
+from ._h11 import h11
 from ._http import error_body
 from ._ws import WebSocket, accept_websocket
 

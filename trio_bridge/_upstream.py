@@ -20,11 +20,11 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
-import h11
 import httpx
 import trio
 
 from ._errors import BridgeError
+from ._h11 import h11
 
 _READ = 256 * 1024
 

@@ -1,0 +1,173 @@
+"""Instructions per request of each role, counted by callgrind: a repeatable figure for A/B work.
+
+    python bench/instructions.py [--c 10] [--n 300] [--stream] [--ref PATH]
+
+Wall-clock CPU figures on a shared 2-core machine move by ±25 % from run to run; callgrind
+counts executed instructions, which stay within ~1 % for the same code and load whatever else
+the machine is doing. Starts ``bench/fakellm.py`` natively and a broker and a connector under
+``valgrind --tool=callgrind`` with instrumentation off, warms them up, switches counting on for
+exactly ``n`` requests at concurrency ``c`` (or ``n`` streams of 50 chunks with ``--stream``),
+and prints millions of instructions per request for each role and both together.
+
+``--ref PATH`` runs the same measurement a second time with another checkout of the package
+first on ``PYTHONPATH`` (e.g. ``git worktree add /tmp/base main~3``), alternating, and prints
+the change. Needs valgrind (``apt-get install valgrind``); under it the roles run ~50× slower,
+so keep ``n`` in the hundreds. Every load loop is bounded, as in ``run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from run import HERE, PY, SMALL_BODY, Client, free_port, latency, start, streams, wait_port
+
+
+def _total(path: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[str, float]:
+    """Millions of instructions per request of each role (one fresh pair of processes)."""
+    d = Path(tempfile.mkdtemp(prefix="tb-instr-"))
+    env = {"PYTHONPATH": pythonpath} if pythonpath else {}
+    llm_port, pub_port = free_port(), free_port()
+    (d / "broker.toml").write_text(
+        f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_connections_per_address = 5000\n'
+    )
+    (d / "connector.toml").write_text(
+        f'[connector]\nbroker_urls = ["ws://127.0.0.1:{pub_port}/_bridge/relay"]\n'
+        f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = 2000\n'
+        "[relay]\nmax_streams = 2000\n"
+    )
+    run = [PY, "-m", "trio_bridge"]
+
+    def secret(store: str, config: str) -> str:
+        cmd = [*run, store, "add", "bench", "-c", str(d / config)]
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}
+        )
+        return out.stdout.strip()
+
+    (d / "connector.token").write_text(secret("tokens", "broker.toml"))
+    (d / "connector.token").chmod(0o600)
+    key = secret("keys", "connector.toml")
+    vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q"]
+    procs = {
+        "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
+        "broker": start(
+            [*vg, f"--callgrind-out-file={d}/cg.broker.%p", *run, "broker", "-c",
+             str(d / "broker.toml")],
+            d / "broker.log", env,
+        ),
+    }  # fmt: skip
+    try:
+        wait_port(llm_port)
+        wait_port(pub_port, 120)
+        procs["connector"] = start(
+            [*vg, f"--callgrind-out-file={d}/cg.connector.%p", *run, "connector", "-c",
+             str(d / "connector.toml")],
+            d / "connector.log", env,
+        )  # fmt: skip
+        hdrs = [(b"authorization", b"Bearer " + key.encode())]
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, _ = await Client(pub_port, hdrs).request(
+                    "POST", "/v1/chat/completions", SMALL_BODY
+                )
+                if status == 200:
+                    break
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bridge did not come up (see the logs in " + str(d) + ")")
+            await trio.sleep(0.2)
+        await latency(pub_port, hdrs, c, 100)  # warm: connections, caches, first-use imports
+        roles = ("broker", "connector")
+        for role in roles:
+            subprocess.run(["callgrind_control", "-i", "on", str(procs[role].pid)], check=True,
+                           capture_output=True)  # fmt: skip
+        if stream:
+            rounds = max(1, n // c)
+            for _ in range(rounds):
+                await streams(pub_port, hdrs, c, 50, 0)
+            done = rounds * c
+        else:
+            done = len(await latency(pub_port, hdrs, c, n))
+        for role in roles:
+            pid = str(procs[role].pid)
+            subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+        out: dict[str, float] = {}
+        for role in roles:
+            files = []
+            for _ in range(300):  # the dump is written by the role's process: up to 30 s
+                if files := glob.glob(f"{d}/cg.{role}.*"):
+                    break
+                await trio.sleep(0.1)
+            newest = max(files, key=os.path.getmtime)
+            out[role] = _total(newest) / done / 1e6
+        return out
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _line(label: str, r: dict[str, float]) -> str:
+    total = r["broker"] + r["connector"]
+    return (
+        f"{label:>5}: broker {r['broker']:.3f} M  connector {r['connector']:.3f} M  "
+        f"both {total:.3f} M"
+    )
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--c", type=int, default=10, help="concurrent requests (default 10)")
+    ap.add_argument("--n", type=int, default=300, help="requests counted (default 300)")
+    ap.add_argument("--stream", action="store_true", help="streams of 50 chunks instead")
+    ap.add_argument("--ref", help="another checkout to compare with (its package dir's parent)")
+    ap.add_argument("--pairs", type=int, default=2, help="alternating rounds with --ref")
+    args = ap.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("needs valgrind: apt-get install valgrind")
+    what = f"{'streams of 50 chunks' if args.stream else 'small requests'}, c={args.c}, n={args.n}"
+    print(f"millions of instructions per request ({what})")
+    if not args.ref:
+        print(_line("this", await measure(args.c, args.n, args.stream, None)))
+        return
+    mine: list[float] = []
+    ref: list[float] = []
+    for _ in range(args.pairs):
+        r = await measure(args.c, args.n, args.stream, str(Path(args.ref).resolve()))
+        print(_line("ref", r))
+        ref.append(r["broker"] + r["connector"])
+        m = await measure(args.c, args.n, args.stream, None)
+        print(_line("this", m))
+        mine.append(m["broker"] + m["connector"])
+    a, b = sorted(ref)[len(ref) // 2], sorted(mine)[len(mine) // 2]
+    print(f"both roles: ref {a:.3f} M → this {b:.3f} M ({(b - a) / a * 100:+.1f} %)")
+
+
+if __name__ == "__main__":
+    trio.run(main)
