@@ -188,7 +188,7 @@ async def streams(
         )
         firsts.append((times[0] - t0) * 1000)
         lasts.append((times[-1] - t0) * 1000)
-        gaps.append(max(b - a for a, b in itertools.pairwise(times)) * 1000)
+        gaps.append(max((b - a for a, b in itertools.pairwise(times)), default=0.0) * 1000)
         await cl.aclose()
 
     with trio.fail_after(120):

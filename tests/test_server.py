@@ -296,3 +296,31 @@ async def test_a_client_that_takes_no_write_for_the_send_timeout_is_cut() -> Non
         assert received < 32 << 20  # the connection was closed, not finished
         await s.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_write_loop_sharing_one_scope_is_cut_by_the_send_timeout_too() -> None:
+    """A streamed answer bounds each write through the caller's scope (``within``)."""
+    hits: list[str] = []
+    outcome: list[tuple[bool, bool]] = []
+
+    async def handler(req: Request) -> None:
+        await req.respond(200, [(b"content-type", b"text/event-stream")])
+        with trio.CancelScope() as loop:
+            for _ in range(4096):  # 1 GiB at most: far more than the socket buffers hold
+                await req.send(b"x" * (256 << 10), within=loop)
+                await trio.lowlevel.checkpoint()
+        outcome.append((loop.cancelled_caught, req.send_timed_out))
+
+    limits = attrs.evolve(LIMITS, send_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(
+            partial(serve_http, handler, "127.0.0.1", 0, limits, on_limit=hits.append)
+        )
+        s = await trio.open_tcp_stream(host, port)
+        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            while not outcome:  # the client reads nothing meanwhile
+                await trio.sleep(0.05)
+        assert outcome == [(True, True)] and hits == ["send_timeout"]
+        await s.aclose()
+        nursery.cancel_scope.cancel()

@@ -950,16 +950,20 @@ class Broker:
         # A reset of an unfinished answer must also stop a write that is blocked on a
         # client who stopped reading (the connector resets after its stall_timeout):
         # otherwise this request and its connection would stay forever.
+        # The same scope bounds each write by the send timeout (one scope per answer, not
+        # one per chunk).
         with trio.CancelScope() as writing:
             stream.on_reset = lambda: None if stream.recv_done else writing.cancel()
             while chunk := await stream.receive_data():
                 more, done = stream.take_ready()
-                await req.send(chunk + more if more else chunk, end=done)
+                await req.send(chunk + more if more else chunk, end=done, within=writing)
                 if done:
                     return
         if writing.cancelled_caught:
-            assert stream.reset_error is not None
-            raise stream.reset_error
+            if stream.reset_error is not None:
+                raise stream.reset_error
+            assert req.send_timed_out
+            raise ClientDisconnected("the client stopped reading (send timeout)")
         await req.end()
 
 

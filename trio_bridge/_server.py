@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -187,7 +188,14 @@ class Request:
         self._ended = end
         await self._conn.send_all(out)  # type: ignore[arg-type]
 
-    async def send(self, data: bytes, *, end: bool = False) -> None:
+    async def send(
+        self, data: bytes, *, end: bool = False, within: trio.CancelScope | None = None
+    ) -> None:
+        """Send part of the body (and the end). ``within``: a cancel scope the caller holds
+        around its whole write loop; the send timeout then moves that scope's deadline for
+        the write instead of opening a scope per write (a streamed answer writes once per
+        chunk), and when it passes the scope is cancelled: the caller tells a timeout from
+        its own cancel by :attr:`send_timed_out`."""
         h = self._h11
         try:
             out = h.send(h11.Data(data=data)) if data else b""
@@ -196,8 +204,17 @@ class Request:
         except h11.LocalProtocolError:
             raise ClientDisconnected("response body does not match its framing") from None
         self._ended = end
-        if out:
+        if not out:
+            return
+        if within is None:
             await self._conn.send_all(out)  # type: ignore[arg-type]
+        else:
+            await self._conn.send_all_within(out, within)  # type: ignore[arg-type]
+
+    @property
+    def send_timed_out(self) -> bool:
+        """A write of this connection took longer than ``send_timeout``."""
+        return self._conn.send_timed_out
 
     async def end(self) -> None:
         await self.send(b"", end=True)
@@ -232,6 +249,7 @@ class _Connection:
         "limits",
         "on_limit",
         "scheme",
+        "send_timed_out",
         "stream",
         "websocket",
     )
@@ -252,6 +270,7 @@ class _Connection:
         self.body_received = 0
         self.body_started = 0.0
         self.websocket: WebSocket | None = None
+        self.send_timed_out = False
 
     async def send_all(self, data: bytes) -> None:
         try:
@@ -260,8 +279,22 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client connection broken: {exc!r}") from None
         if cs.cancelled_caught:
+            self.send_timed_out = True
             self.on_limit("send_timeout")
             raise ClientDisconnected("the client stopped reading (send timeout)")
+
+    async def send_all_within(self, data: bytes, scope: trio.CancelScope) -> None:
+        """``send_all`` bounded by the caller's ``scope`` (its deadline set for the write)."""
+        scope.deadline = trio.current_time() + self.limits.send_timeout
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientDisconnected(f"client connection broken: {exc!r}") from None
+        finally:
+            if scope.cancel_called and trio.current_time() >= scope.deadline:
+                self.send_timed_out = True
+                self.on_limit("send_timeout")
+            scope.deadline = math.inf
 
     async def _receive(self) -> bytes:
         try:
