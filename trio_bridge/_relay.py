@@ -44,7 +44,6 @@ from ._protocol import (
     GoAway,
     Hello,
     Ping,
-    Pong,
     Request,
     RequestHead,
     Reset,
@@ -615,61 +614,56 @@ class Relay:
             self._dispatch_pending()
 
     def _dispatch_pending(self) -> None:
-        session = self.session
-        while (ev := session.next_event()) is not None:
-            if isinstance(ev, Data):
-                stream = self._streams.get(ev.stream_id)
-                if stream is not None:
+        """Hand every complete event the session parsed to its stream (or act on it)."""
+        streams = self._streams
+        while (ev := self.session.next_event()) is not None:
+            if isinstance(ev, Data):  # the hot path first
+                if (stream := streams.get(ev.stream_id)) is not None:
                     stream.deliver(ev.data, ev.end_stream)
             elif isinstance(ev, Response):
-                stream = self._streams.get(ev.stream_id)
-                if stream is not None:
+                if (stream := streams.get(ev.stream_id)) is not None:
                     stream.response_head = ev.head
                     stream.deliver(b"", ev.end_stream)
             elif isinstance(ev, WindowUpdate):
-                stream = self._streams.get(ev.stream_id)
-                if stream is not None:
+                if (stream := streams.get(ev.stream_id)) is not None:
                     stream.wake()
             elif isinstance(ev, Request):
                 self._on_request(ev)
-            elif isinstance(ev, Reset):
-                stream = self._streams.pop(ev.stream_id, None)
-                if stream is not None:
-                    stream.fail(ev.code, ev.reason or "reset by peer")
-                    if self.on_change is not None:
-                        self.on_change(self)
-            elif isinstance(ev, StreamError):
-                # refusals are normal under load (and a flood of them must not flood the log)
-                level = logging.DEBUG if ev.code == ResetCode.REFUSED else logging.WARNING
-                log.log(
-                    level,
-                    "stream %d reset: %s",
-                    ev.stream_id,
-                    ev.reason,
-                    extra={"relay": self.name},
-                )
-                self.send_frame(session.send_reset(ev.stream_id, ev.code, ev.reason))
-                stream = self._streams.pop(ev.stream_id, None)
-                if stream is not None:
-                    stream.fail(ev.code, ev.reason)
+            elif isinstance(ev, Reset | StreamError):
+                self._on_reset(ev)
             elif isinstance(ev, Ping):
                 self._pings += 1
                 if self._pings > MAX_PINGS_PER_INTERVAL:
                     raise RemoteProtocolError("ping flood")
-                self.send_frame(session.send_pong(ev.opaque))
-            elif isinstance(ev, Pong):
-                pass  # _last_received already updated
-            elif isinstance(ev, GoAway):
-                self.peer_draining = True
-                log.info("peer going away: %s", ev.reason, extra={"relay": self.name})
-                if self.on_change is not None:
-                    self.on_change(self)
-            elif isinstance(ev, Status):
-                self.peer_ready = ev.ready
-                if ev.models is not None:
-                    self.peer_models = ev.models
-                if self.on_change is not None:
-                    self.on_change(self)
+                self.send_frame(self.session.send_pong(ev.opaque))
+            elif isinstance(ev, GoAway | Status):
+                self._on_peer_state(ev)
+            # Pong: nothing to do, _last_received is already updated
+
+    def _on_reset(self, ev: Reset | StreamError) -> None:
+        if isinstance(ev, StreamError):  # the peer broke a stream's rules: we reset it
+            # refusals are normal under load (and a flood of them must not flood the log)
+            level = logging.DEBUG if ev.code == ResetCode.REFUSED else logging.WARNING
+            log.log(level, "stream %d reset: %s", ev.stream_id, ev.reason,
+                    extra={"relay": self.name})  # fmt: skip
+            self.send_frame(self.session.send_reset(ev.stream_id, ev.code, ev.reason))
+        stream = self._streams.pop(ev.stream_id, None)
+        if stream is None:
+            return
+        stream.fail(ev.code, ev.reason or "reset by peer")
+        if self.on_change is not None:  # its slot is free
+            self.on_change(self)
+
+    def _on_peer_state(self, ev: GoAway | Status) -> None:
+        if isinstance(ev, GoAway):
+            self.peer_draining = True
+            log.info("peer going away: %s", ev.reason, extra={"relay": self.name})
+        else:
+            self.peer_ready = ev.ready
+            if ev.models is not None:
+                self.peer_models = ev.models
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _on_request(self, ev: Request) -> None:
         stream = RelayStream(self, ev.stream_id, ev.head)

@@ -204,32 +204,9 @@ class TestModel:
             )
             return
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            doc = {
-                "id": cid,
-                "object": chunk_obj,
-                "created": created,
-                "model": model,
-                "choices": choices,
-                **extra,
-            }
-            return b"data: " + json.dumps(doc).encode() + b"\n\n"
-
-        def piece(i: int, tok: str | None, fin: str | None) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {} if tok is None else {"content": tok}
-                if i == 0 and tok is not None:
-                    delta = {"role": "assistant", "content": tok}
-                return {"index": 0, "delta": delta, "finish_reason": fin}
-            return {"index": 0, "text": tok or "", "finish_reason": fin}
-
-        events = [event([piece(i, t, None)]) for i, t in enumerate(tokens)]
-        events.append(event([piece(len(tokens), None, finish)]))
-        if include_usage:
-            events.append(event([], usage=usage))
-        events.append(b"data: [DONE]\n\n")
+        head = {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": model}  # fmt: skip
+        events = _sse_events(head, tokens, finish, chat, usage if include_usage else None)
         await self._stream(receive, send, "text/event-stream", events)
 
     async def _ollama(
@@ -348,3 +325,31 @@ async def _error(send: Send, status: int, message: str, code: str = "invalid_req
         [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         body,
     )
+
+
+def _sse_events(
+    head: dict[str, Any],
+    tokens: list[str],
+    finish: str,
+    chat: bool,
+    usage: dict[str, int] | None,
+) -> list[bytes]:
+    """A streamed OpenAI answer as SSE events: one per token, the finish, usage if asked."""
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
+
+    def piece(i: int, tok: str | None, fin: str | None) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {} if tok is None else {"content": tok}
+            if i == 0 and tok is not None:
+                delta = {"role": "assistant", "content": tok}
+            return {"index": 0, "delta": delta, "finish_reason": fin}
+        return {"index": 0, "text": tok or "", "finish_reason": fin}
+
+    events = [event([piece(i, t, None)]) for i, t in enumerate(tokens)]
+    events.append(event([piece(len(tokens), None, finish)]))
+    if usage is not None:
+        events.append(event([], usage=usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
