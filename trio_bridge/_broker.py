@@ -805,7 +805,9 @@ class Broker:
                 "too many requests are waiting for this route; retry later",
                 retry_after=1,
             )
-        self.metrics.queue_wait.labels("broker", route).observe(time.monotonic() - waited)
+        m = self.metrics
+        label = route if self.registry.known(route) else "unknown"  # see _account
+        m.child(m.queue_wait, "broker", label).observe(time.monotonic() - waited)
         if handle is None:
             return await self._error(
                 ex,
