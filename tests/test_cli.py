@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netutil import free_port
+from netutil import free_port, wait_port
 
 PY = sys.executable
 
@@ -174,7 +174,10 @@ def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> Non
                     text=True,
                 )
             )
-        deadline = time.monotonic() + 20
+            if role == "broker":  # as a user would: the broker up first (else the
+                # connector's first dial fails and its backoff, up to 8 s, adds to the wait)
+                wait_port(port, 30)
+        deadline = time.monotonic() + 30
         while True:
             try:
                 r = httpx.get(

@@ -280,3 +280,24 @@ async def test_registry_prefers_priority_then_load_and_skips_models_it_lacks(
         assert registry.pick("r", "embed") is handles[2]
         assert registry.pick("r", "chat") is None
         nursery.cancel_scope.cancel()
+
+
+async def test_close_telling_peer_sends_the_reason_before_the_close(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A broker closing a relay (a revoked token, a route no longer allowed) says why: the
+    connector sees the GOAWAY's reason, not just a closed WebSocket."""
+
+    async def handler(stream: RelayStream) -> None:
+        await trio.sleep_forever()
+
+    pair = Pair(handler)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        pair.broker.close_telling_peer("connector token revoked")
+        with trio.fail_after(5):
+            await pair.connector.wait_closed()
+            await pair.broker.wait_closed()
+        nursery.cancel_scope.cancel()
+    assert pair.connector.peer_goaway == "connector token revoked"
+    assert pair.broker.closed_reason == "connector token revoked"

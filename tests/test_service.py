@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from netutil import free_port
+from netutil import free_port, wait_port
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "packaging"))
 
@@ -216,6 +216,8 @@ class Bench:
                 stderr=(tmp / f"{role}.log").open("w"),
                 text=True,
             )
+            if role == "broker":  # up before the connector dials (no backoff in the wait)
+                wait_port(self.port, 30)
         self.messages: dict[str, list[tuple[float, str]]] = {"broker": [], "connector": []}
 
     def collect(self, role: str, seconds: float) -> list[tuple[float, str]]:
@@ -237,7 +239,7 @@ class Bench:
         return {"Authorization": f"Bearer {self.key}"}
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 if (

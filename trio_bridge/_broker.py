@@ -345,7 +345,7 @@ class Broker:
                     why,
                     extra={"connector": h.name, "token_id": h.token_id},
                 )
-                h.relay.close(why)
+                h.relay.close_telling_peer(why)
 
     async def handle(self, req: Request) -> None:
         """The public server's handler: the relay endpoint or a request to relay."""

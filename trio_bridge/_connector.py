@@ -673,7 +673,10 @@ class Connector:
             up_since = time.monotonic()
             self._relay_up(url, relay)
         self.relays.pop(url, None)
-        return _RelayEnd(relay.closed_reason or "closed", up_for=time.monotonic() - up_since)
+        reason = relay.closed_reason or "closed"
+        if relay.peer_goaway is not None:  # the broker said why before it closed
+            reason = f"broker going away: {relay.peer_goaway}"
+        return _RelayEnd(reason, up_for=time.monotonic() - up_since)
 
     def _relay_up(self, url: str, relay: Relay) -> None:
         self.relays[url] = relay

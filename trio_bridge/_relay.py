@@ -386,6 +386,8 @@ class Relay:
         self.peer: Hello | None = None
         self.peer_ready = True
         self.peer_draining = False
+        #: the reason in the peer's GOAWAY, if one came (why the relay is ending)
+        self.peer_goaway: str | None = None
         #: what this side's LLM serves (connector; sent in the hello and STATUS)
         self.local_models = models
         self.priority = priority
@@ -448,6 +450,19 @@ class Relay:
     async def wait_closed(self) -> None:
         """Return once ``run`` has finished (its streams failed, the transport closed)."""
         await self._ended.wait()
+
+    def close_telling_peer(self, reason: str) -> None:
+        """Send GOAWAY with ``reason`` through the writer, then close (within a second, in the
+        relay's own task, so the peer learns why). Does not wait."""
+        if self.closed_reason is not None or self._nursery is None:
+            self.close(reason)
+            return
+
+        async def goaway_then_close() -> None:
+            await self._goaway(reason)
+            self.close(reason)
+
+        self._nursery.start_soon(goaway_then_close)
 
     def close(self, reason: str) -> None:
         """Tear the relay down (idempotent; does not wait)."""
@@ -657,6 +672,7 @@ class Relay:
     def _on_peer_state(self, ev: GoAway | Status) -> None:
         if isinstance(ev, GoAway):
             self.peer_draining = True
+            self.peer_goaway = ev.reason
             log.info("peer going away: %s", ev.reason, extra={"relay": self.name})
         else:
             self.peer_ready = ev.ready
