@@ -165,7 +165,9 @@ class RelayStream:
         self.bytes_received = 0
         self.bytes_sent = 0
         self._relay = relay
-        self._chunks: deque[bytes] = deque()
+        # a list, not a deque: it rarely holds more than a chunk or two, and an empty deque
+        # costs ~0.6 KiB per stream (a list 56 bytes), on both sides of every open stream
+        self._chunks: list[bytes] = []
         self._held = 0  # bytes in _chunks counted in the relay's `buffered`
         self._counted = True
         self._unacked = 0
@@ -192,7 +194,7 @@ class RelayStream:
             if self.reset_error is not None:
                 raise self.reset_error
             await self._lot.park()
-        chunk = self._chunks.popleft()
+        chunk = self._chunks.pop(0)
         self._consumed(len(chunk))
         return chunk
 
@@ -202,7 +204,7 @@ class RelayStream:
         chunks = self._chunks
         if not chunks:
             return b"", self.recv_done
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._consumed(len(data))
         return data, self.recv_done
