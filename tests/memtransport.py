@@ -16,11 +16,11 @@ class MemTransport:
         self._send, self._receive = send, receive
         self.blackhole = False
 
-    async def send_message(self, data: bytes) -> None:
+    async def send_message(self, data: bytes, *more: bytes) -> None:
         if self.blackhole:
             return
         try:
-            await self._send.send(data)
+            await self._send.send(b"".join((data, *more)))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise RelayClosed("peer gone") from None
 

@@ -151,8 +151,13 @@ class Frame:
         )
 
 
-def encode_frame(type: FrameType, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
-    """Encode one frame. Raises ValueError for sizes the format cannot carry."""
+#: what a payload may be: a slice of a big body travels as a memoryview until encoded
+Payload = bytes | bytearray | memoryview
+
+
+def encode_frame(type: FrameType, stream_id: int, payload: Payload = b"", flags: int = 0) -> bytes:
+    """Encode one frame (header and payload in one copy). Raises ValueError for sizes the
+    format cannot carry."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return HEADER.pack(type, flags, stream_id, len(payload)) + payload

@@ -40,6 +40,7 @@ from ._frames import (
     Frame,
     FrameDecoder,
     FrameType,
+    Payload,
     ResetCode,
     decode_reset,
     decode_window,
@@ -432,7 +433,7 @@ class Session:
             self._close_send(stream_id, s)
         return frame
 
-    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> bytes:
+    def send_data(self, stream_id: int, data: Payload, *, end_stream: bool = False) -> bytes:
         """Encode ``data`` as one DATA frame. ``len(data)`` must fit the window and MAX_PAYLOAD."""
         s = self._local_stream(stream_id)
         if not s.head_sent:

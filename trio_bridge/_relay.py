@@ -64,7 +64,9 @@ MAX_PINGS_PER_INTERVAL = 100  # a peer pinging more often than this is flooding
 class MessageTransport(Protocol):
     """What a relay needs from a WebSocket: whole binary messages both ways."""
 
-    async def send_message(self, data: bytes) -> None: ...
+    async def send_message(self, data: bytes, *more: bytes) -> None:
+        """Send ``data`` (and ``more``, joined to it) as one message."""
+        ...
 
     async def receive_message(self) -> bytes:
         """The next message; raises RelayClosed when the connection is gone."""
@@ -126,21 +128,22 @@ class _Writer:
                 self._flushed.unpark_all()
                 await self._has_data.park()
             if self._queued <= MAX_MESSAGE:
-                batch = b"".join(frames) if len(frames) > 1 else frames[0]
+                parts = list(frames)
                 frames.clear()
+                size = self._queued
             else:
-                parts: list[bytes] = []
+                parts = []
                 size = 0
                 while frames and size + len(frames[0]) <= MAX_MESSAGE:
                     f = frames.popleft()
                     parts.append(f)
                     size += len(f)
-                batch = b"".join(parts)
-            self._queued -= len(batch)
+            self._queued -= size
             if self._space:
                 self._space.unpark_all()
             self._sending = True
-            await self._transport.send_message(batch)
+            # the frames as parts: the transport joins them with its own header, one copy
+            await self._transport.send_message(*parts)
             self._sending = False
 
 
@@ -266,7 +269,7 @@ class RelayStream:
             if n == 0 and not (last and end_stream):
                 return
             self._relay.send_frame(
-                session.send_data(self.id, bytes(view[:n]), end_stream=end_stream and last)
+                session.send_data(self.id, view[:n], end_stream=end_stream and last)
             )
             self.bytes_sent += n
             view = view[n:]

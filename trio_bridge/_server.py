@@ -146,7 +146,7 @@ class Request:
                 raise BadBody("malformed request body (framing)") from None
             if isinstance(event, h11.Data):
                 self._conn.body_received += len(event.data)
-                return bytes(event.data)
+                return event.data  # h11 hands out a fresh object: no need to copy it again
             if isinstance(event, h11.EndOfMessage):
                 return b""
             if event is h11.NEED_DATA:
