@@ -285,15 +285,7 @@ class Broker:
                         serve_app, admin, self.config.broker.admin_listen
                     )
             bc = self.config.broker
-            ssl_context = None
-            if bc.tls_cert or bc.tls_key:
-                if not (bc.tls_cert and bc.tls_key):
-                    raise ConfigError("broker.tls_cert and broker.tls_key go together")
-                ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                ssl_context.load_cert_chain(
-                    str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key))
-                )
-                ssl_context.set_alpn_protocols(["http/1.1"])
+            ssl_context = self._ssl_context()
             host, port = parse_hostport(listen or bc.listen)
             with listening("broker.listen", listen or bc.listen):
                 addr = await nursery.start(
@@ -322,6 +314,20 @@ class Broker:
             task_status.started(addr)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The public port's TLS context (``tls_cert`` + ``tls_key``), or None for plain HTTP."""
+        bc = self.config.broker
+        if not (bc.tls_cert or bc.tls_key):
+            return None
+        if not (bc.tls_cert and bc.tls_key):
+            raise ConfigError("broker.tls_cert and broker.tls_key go together")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(
+            str(self.config.path(bc.tls_cert)), str(self.config.path(bc.tls_key))
+        )
+        ssl_context.set_alpn_protocols(["http/1.1"])
+        return ssl_context
 
     async def _watch_tokens(self) -> None:
         """Close relays whose connector token was revoked, expired (after a rotation) or no

@@ -531,17 +531,7 @@ class Session:
         if t is FrameType.DATA:
             return self._on_data(f)
         if t is FrameType.WINDOW:
-            s = self._peer_stream(f.stream_id)
-            if s is None:
-                return None
-            increment = decode_window(f.payload)
-            if not s.send_open:
-                return None
-            if s.send_window + increment > MAX_WINDOW:
-                del self._streams[f.stream_id]
-                return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "window overflow")
-            s.send_window += increment
-            return WindowUpdate(f.stream_id, increment)
+            return self._on_window(f)
         if t is FrameType.RESET:
             code, reason = decode_reset(f.payload)
             if self._peer_stream(f.stream_id) is None:
@@ -564,15 +554,31 @@ class Session:
             self.goaway_received = True
             return GoAway(f.payload.decode("utf-8", "replace"))
         if t is FrameType.STATUS:
-            if not self.opener:
-                raise RemoteProtocolError("STATUS from the broker")
-            obj = _load_json(f.payload, "STATUS")
-            ready = obj.get("ready")
-            if not isinstance(ready, bool):
-                raise RemoteProtocolError("STATUS: ready must be a boolean")
-            return Status(ready, _decode_models(obj.get("models"), "STATUS"))
+            return self._on_status(f)
         assert t is FrameType.HELLO
         raise RemoteProtocolError("second HELLO")
+
+    def _on_window(self, f: Frame) -> Event | None:
+        s = self._peer_stream(f.stream_id)
+        if s is None:
+            return None
+        increment = decode_window(f.payload)
+        if not s.send_open:
+            return None
+        if s.send_window + increment > MAX_WINDOW:
+            del self._streams[f.stream_id]
+            return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "window overflow")
+        s.send_window += increment
+        return WindowUpdate(f.stream_id, increment)
+
+    def _on_status(self, f: Frame) -> Status:
+        if not self.opener:
+            raise RemoteProtocolError("STATUS from the broker")
+        obj = _load_json(f.payload, "STATUS")
+        ready = obj.get("ready")
+        if not isinstance(ready, bool):
+            raise RemoteProtocolError("STATUS: ready must be a boolean")
+        return Status(ready, _decode_models(obj.get("models"), "STATUS"))
 
     def _peer_stream(self, stream_id: int) -> _Stream | None:
         """The stream a peer frame refers to; None if it was closed; error if never opened."""
