@@ -26,11 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import trio
-from run import HERE, PY, SMALL_BODY, Client, free_port, latency, start, streams, wait_port
+from run import HERE, PY, ROLE, free_port, latency, prepare, start, streams, wait_bridge, wait_port
 
 # Under callgrind the roles run ~50x slower: chunks far enough apart that each still travels
 # alone (at c=4), so the figure is the per-chunk cost users see, not that of coalesced chunks.
@@ -50,26 +49,8 @@ async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[
     d = Path(tempfile.mkdtemp(prefix="tb-instr-"))
     env = {"PYTHONPATH": pythonpath} if pythonpath else {}
     llm_port, pub_port = free_port(), free_port()
-    (d / "broker.toml").write_text(
-        f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_connections_per_address = 5000\n'
-    )
-    (d / "connector.toml").write_text(
-        f'[connector]\nbroker_urls = ["ws://127.0.0.1:{pub_port}/_bridge/relay"]\n'
-        f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = 2000\n'
-        "[relay]\nmax_streams = 2000\n"
-    )
-    run = [PY, "-m", "trio_bridge"]
-
-    def secret(store: str, config: str) -> str:
-        cmd = [*run, store, "add", "bench", "-c", str(d / config)]
-        out = subprocess.run(
-            cmd, capture_output=True, text=True, check=True, env={**os.environ, **env}
-        )
-        return out.stdout.strip()
-
-    (d / "connector.token").write_text(secret("tokens", "broker.toml"))
-    (d / "connector.token").chmod(0o600)
-    key = secret("keys", "connector.toml")
+    key = prepare(d, llm_port, pub_port, env)
+    run = ROLE
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q"]
     procs = {
         "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
@@ -88,19 +69,7 @@ async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[
             d / "connector.log", env,
         )  # fmt: skip
         hdrs = [(b"authorization", b"Bearer " + key.encode())]
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                status, _ = await Client(pub_port, hdrs).request(
-                    "POST", "/v1/chat/completions", SMALL_BODY
-                )
-                if status == 200:
-                    break
-            except (OSError, RuntimeError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the bridge did not come up (see the logs in " + str(d) + ")")
-            await trio.sleep(0.2)
+        await wait_bridge(pub_port, hdrs, 120)
         await latency(pub_port, hdrs, c, 100)  # warm: connections, caches, first-use imports
         roles = ("broker", "connector")
         for role in roles:

@@ -33,6 +33,7 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+ROLE = [PY, "-m", "trio_bridge"]
 CLK = os.sysconf("SC_CLK_TCK")
 
 
@@ -341,9 +342,9 @@ def med(rounds: list[float]) -> float:
     return statistics.median(rounds)
 
 
-async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
-    llm_port, pub_port = free_port(), free_port()
-    close_log = d / "closes.log"
+def prepare(d: Path, llm_port: int, pub_port: int, env: dict[str, str] | None = None) -> str:
+    """Config files for a broker on ``pub_port`` and a connector in front of the fake LLM on
+    ``llm_port`` in ``d``, with a connector token and an API key; returns the key."""
     (d / "broker.toml").write_text(
         f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_body = "32MiB"\n'
         # every benchmark client comes from 127.0.0.1
@@ -354,15 +355,39 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = 2000\n'
         '[limits]\nmax_body = "32MiB"\n[relay]\nmax_streams = 2000\n'
     )
-    run = [PY, "-m", "trio_bridge"]
 
     def new_secret(store: str, config: str) -> str:
-        cmd = [*run, store, "add", "bench", "-c", str(d / config)]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+        cmd = [*ROLE, store, "add", "bench", "-c", str(d / config)]
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
+        )
+        return out.stdout.strip()
 
     (d / "connector.token").write_text(new_secret("tokens", "broker.toml"))
     (d / "connector.token").chmod(0o600)
-    key = new_secret("keys", "connector.toml")
+    return new_secret("keys", "connector.toml")
+
+
+async def wait_bridge(port: int, hdrs: list[tuple[bytes, bytes]], seconds: float) -> None:
+    """Until a small request through the bridge on ``port`` gets its 200."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            status, _ = await Client(port, hdrs).request("POST", "/v1/chat/completions", SMALL_BODY)
+            if status == 200:
+                return
+        except (OSError, RuntimeError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("bridge did not come up")
+        await trio.sleep(0.1)
+
+
+async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
+    llm_port, pub_port = free_port(), free_port()
+    close_log = d / "closes.log"
+    key = prepare(d, llm_port, pub_port)
+    run = ROLE
     # a key whose limits are all checked on every request but never reached
     limited_key = subprocess.run(
         [*run, "keys", "add", "bench-limited", "-c", str(d / "connector.toml"),
@@ -387,19 +412,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         bridged_hdrs = [(b"authorization", b"Bearer " + key.encode())]
         direct = (llm_port, [])
         bridge = (pub_port, bridged_hdrs)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                status, _ = await Client(*bridge).request(
-                    "POST", "/v1/chat/completions", SMALL_BODY
-                )
-                if status == 200:
-                    break
-            except (OSError, RuntimeError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("bridge did not come up")
-            await trio.sleep(0.1)
+        await wait_bridge(pub_port, bridged_hdrs, 15)
 
         q = args.quick
         rounds = 3 if q else 7
