@@ -154,11 +154,13 @@ def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> Non
     broker_dir.mkdir()
     conn_dir.mkdir()
     (broker_dir / "bridge.toml").write_text(
-        f'[broker]\nlisten = "127.0.0.1:{port}"\n[log]\nformat = "json"\n'
+        # admin ports 0: the defaults (9180/9181) are shared by every test run in parallel
+        f'[broker]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:0"\n'
+        '[log]\nformat = "json"\n'
     )
     (conn_dir / "bridge.toml").write_text(
         f'[connector]\nbroker_urls = ["ws://127.0.0.1:{port}/_bridge/relay"]\n'
-        f'local_url = "http://127.0.0.1:{model_port}"\n'
+        f'local_url = "http://127.0.0.1:{model_port}"\nadmin_listen = "127.0.0.1:0"\n'
     )
     token = run("tokens", "add", "home", "-c", str(broker_dir / "bridge.toml")).stdout.strip()
     (conn_dir / "connector.token").write_text(token + "\n")
@@ -176,7 +178,11 @@ def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> Non
             )
             if role == "broker":  # as a user would: the broker up first (else the
                 # connector's first dial fails and its backoff, up to 8 s, adds to the wait)
-                wait_port(port, 30)
+                try:
+                    wait_port(port, 30)
+                except AssertionError:
+                    procs[0].kill()
+                    raise AssertionError(f"broker: {procs[0].communicate()[1][-3000:]}") from None
         deadline = time.monotonic() + 30
         while True:
             try:
