@@ -718,7 +718,7 @@ class Broker:
 
     async def _first_body_part(self, ex: _Exchange) -> bytes:
         """Up to 64 KiB of the body, so a small request travels as one relay message."""
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         while ex.body_size < _INITIAL_BODY:
             chunk = await ex.req.receive_body()
             if not chunk:

@@ -38,7 +38,7 @@ from ._errors import (
     RemoteProtocolError,
     StreamReset,
 )
-from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
+from ._frames import MAX_MESSAGE, MAX_PAYLOAD, Payload, ResetCode
 from ._protocol import (
     Data,
     GoAway,
@@ -244,7 +244,7 @@ class RelayStream:
             and relay.session.send_window(self.id) >= n
         )
 
-    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+    async def send_data(self, data: Payload, *, end_stream: bool = False) -> None:
         """Send ``data`` (any size), waiting for credit as needed."""
         if data and self.can_send(len(data)):  # the common case: one frame, no wait
             relay = self._relay

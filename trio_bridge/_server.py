@@ -128,7 +128,7 @@ class Request:
     def body_done(self) -> bool:
         return self._h11.their_state is not h11.SEND_BODY
 
-    async def receive_body(self) -> bytes:
+    async def receive_body(self) -> bytes | bytearray:
         """The next part of the request body; ``b""`` once it is complete.
 
         Raises :class:`ClientDisconnected` if the client goes away before the end,
