@@ -22,14 +22,25 @@ import argparse
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import trio
-from run import HERE, PY, ROLE, free_port, latency, prepare, start, streams, wait_bridge, wait_port
+from run import (
+    HERE,
+    PY,
+    ROLE,
+    free_port,
+    latency,
+    prepare,
+    start,
+    stop,
+    streams,
+    wait_bridge,
+    wait_port,
+)
 
 # Under callgrind the roles run ~50x slower: chunks far enough apart that each still travels
 # alone (at c=4), so the figure is the per-chunk cost users see, not that of coalesced chunks.
@@ -99,13 +110,7 @@ async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[
             out[role] = _total(newest) / done / 1e6
         return out
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs.values(), 30)
         if not os.environ.get("KEEP"):
             shutil.rmtree(d, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +300,18 @@ def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     )
 
 
+def stop(procs: Iterable[subprocess.Popen[bytes]], seconds: float) -> None:
+    """SIGTERM to all (the roles drain), then wait; kill what is still up after ``seconds``."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(seconds)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def wait_port(port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -521,13 +533,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         }
         return res
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs.values(), 10)
 
 
 def table(res: dict[str, Any]) -> str:

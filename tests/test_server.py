@@ -9,7 +9,9 @@ pipelined requests are answered in order.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import attrs
 import h11
@@ -261,6 +263,27 @@ async def test_server_frames_decode_in_a_standard_client(size: int) -> None:
     assert got == payload
 
 
+async def a_client_that_reads_nothing(
+    nursery: trio.Nursery,
+    handler: Callable[[Request], Awaitable[None]],
+    hits: list[str],
+    outcome: list[Any],
+    seconds: float,
+) -> trio.SocketStream:
+    """A server with a 0.5 s send timeout and a client that sends a GET and reads nothing,
+    until the handler has recorded its ``outcome``; returns the client's stream."""
+    limits = attrs.evolve(LIMITS, send_timeout=0.5)
+    host, port = await nursery.start(
+        partial(serve_http, handler, "127.0.0.1", 0, limits, on_limit=hits.append)
+    )
+    s = await trio.open_tcp_stream(host, port)
+    await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(seconds):
+        while not outcome:  # the client reads nothing meanwhile
+            await trio.sleep(0.05)
+    return s
+
+
 async def test_a_client_that_takes_no_write_for_the_send_timeout_is_cut() -> None:
     hits: list[str] = []
     outcome: list[str] = []
@@ -275,16 +298,8 @@ async def test_a_client_that_takes_no_write_for_the_send_timeout_is_cut() -> Non
             outcome.append("cut")
             raise
 
-    limits = attrs.evolve(LIMITS, send_timeout=0.5)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(
-            partial(serve_http, handler, "127.0.0.1", 0, limits, on_limit=hits.append)
-        )
-        s = await trio.open_tcp_stream(host, port)
-        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        with trio.fail_after(5):
-            while not outcome:  # the client reads nothing meanwhile
-                await trio.sleep(0.05)
+        s = await a_client_that_reads_nothing(nursery, handler, hits, outcome, 5)
         assert outcome == ["cut"] and hits == ["send_timeout"]
         received = 0
         with trio.fail_after(5):
@@ -311,16 +326,8 @@ async def test_a_write_loop_sharing_one_scope_is_cut_by_the_send_timeout_too() -
                 await trio.lowlevel.checkpoint()
         outcome.append((loop.cancelled_caught, req.send_timed_out))
 
-    limits = attrs.evolve(LIMITS, send_timeout=0.5)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(
-            partial(serve_http, handler, "127.0.0.1", 0, limits, on_limit=hits.append)
-        )
-        s = await trio.open_tcp_stream(host, port)
-        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        with trio.fail_after(10):
-            while not outcome:  # the client reads nothing meanwhile
-                await trio.sleep(0.05)
+        s = await a_client_that_reads_nothing(nursery, handler, hits, outcome, 10)
         assert outcome == [(True, True)] and hits == ["send_timeout"]
         await s.aclose()
         nursery.cancel_scope.cancel()

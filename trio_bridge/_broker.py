@@ -478,8 +478,7 @@ class Broker:
 
     def _account(self, ex: _Exchange, facts: Facts) -> None:
         m, route = self.metrics, facts.route or DEFAULT_ROUTE
-        # a label per route a connector ever served: any client can name any route
-        label = route if self.registry.known(route) else "unknown"
+        label = self.registry.metric_label(route)
         status, outcome = facts.status, facts.outcome or "cancelled"
         duration, ttfb = facts.duration, facts.ttfb
         m.child(m.requests, "broker", label, status_class(status), outcome).inc()
@@ -812,8 +811,9 @@ class Broker:
                 retry_after=1,
             )
         m = self.metrics
-        label = route if self.registry.known(route) else "unknown"  # see _account
-        m.child(m.queue_wait, "broker", label).observe(time.monotonic() - waited)
+        m.child(m.queue_wait, "broker", self.registry.metric_label(route)).observe(
+            time.monotonic() - waited
+        )
         if handle is None:
             return await self._error(
                 ex,

@@ -143,9 +143,10 @@ class Registry:
         """Requests waiting for a connector of ``route``."""
         return sum(1 for w in self._waiters if w.route == route)
 
-    def known(self, route: str) -> bool:
-        """True if a connector of ``route`` was ever here (routes are bounded by tokens)."""
-        return route in self._last_seen
+    def metric_label(self, route: str) -> str:
+        """``route`` as a metric label: itself if a connector of it was ever here (routes are
+        bounded by tokens), else "unknown" (any client can name any route in a path)."""
+        return route if route in self._last_seen else "unknown"
 
     def seen_within(self, route: str, seconds: float) -> bool:
         """True if ``route`` has a connector, had one in the last ``seconds``, or the registry

@@ -28,6 +28,7 @@ client never mistakes a truncated answer for a complete one.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -204,12 +205,8 @@ class Request:
         except h11.LocalProtocolError:
             raise ClientDisconnected("response body does not match its framing") from None
         self._ended = end
-        if not out:
-            return
-        if within is None:
-            await self._conn.send_all(out)  # type: ignore[arg-type]
-        else:
-            await self._conn.send_all_within(out, within)  # type: ignore[arg-type]
+        if out:
+            await self._conn.send_all(out, within)  # type: ignore[arg-type]
 
     @property
     def send_timed_out(self) -> bool:
@@ -272,29 +269,25 @@ class _Connection:
         self.websocket: WebSocket | None = None
         self.send_timed_out = False
 
-    async def send_all(self, data: bytes) -> None:
-        try:
-            with trio.move_on_after(self.limits.send_timeout) as cs:
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ClientDisconnected(f"client connection broken: {exc!r}") from None
-        if cs.cancelled_caught:
-            self.send_timed_out = True
-            self.on_limit("send_timeout")
-            raise ClientDisconnected("the client stopped reading (send timeout)")
-
-    async def send_all_within(self, data: bytes, scope: trio.CancelScope) -> None:
-        """``send_all`` bounded by the caller's ``scope`` (its deadline set for the write)."""
+    async def send_all(self, data: bytes, within: trio.CancelScope | None = None) -> None:
+        """Write ``data``, bounded by ``send_timeout``: in a scope of its own, or by moving
+        the deadline of ``within``, a scope the caller holds around its write loop (whose
+        cancellation then propagates to it; see :meth:`Request.send`)."""
+        scope = trio.CancelScope() if within is None else within
         scope.deadline = trio.current_time() + self.limits.send_timeout
         try:
-            await self.stream.send_all(data)
+            with scope if within is None else contextlib.nullcontext():
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client connection broken: {exc!r}") from None
         finally:
             if scope.cancel_called and trio.current_time() >= scope.deadline:
                 self.send_timed_out = True
                 self.on_limit("send_timeout")
-            scope.deadline = math.inf
+            if within is not None:
+                within.deadline = math.inf
+        if within is None and scope.cancelled_caught:
+            raise ClientDisconnected("the client stopped reading (send timeout)")
 
     async def _receive(self) -> bytes:
         try:

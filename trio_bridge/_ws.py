@@ -99,15 +99,13 @@ class WebSocket:
         if not self._server or self._closed or self._ws.state is not ConnectionState.OPEN:
             # a client masks its frames; and wsproto is the one who knows when a connection
             # is closing (its refusal becomes RelayClosed in _send)
-            await self._send(BytesMessage(data=b"".join((data, *more)) if more else data))
-        elif more:
+            await self._send(BytesMessage(data=b"".join((data, *more))))
+        else:
             # An unmasked binary frame is a 2-10 byte header; wsproto copies a payload three
             # times to build one (a quarter of the broker's CPU during big uploads). Header
             # and parts are joined once.
             size = len(data) + sum(map(len, more))
             await self._send_bytes(b"".join((_binary_frame_header(size), data, *more)))
-        else:
-            await self._send_bytes(_binary_frame_header(len(data)) + data)
 
     async def receive_message(self) -> bytes:
         parts: list[bytes] = []
