@@ -50,6 +50,7 @@ from ._errors import (
 )
 from ._h11 import h11
 from ._http import error_body
+from ._sockio import receive_some, write_now
 from ._ws import WebSocket, accept_websocket
 
 log = logging.getLogger("trio_bridge.server")
@@ -273,11 +274,21 @@ class _Connection:
         """Write ``data``, bounded by ``send_timeout``: in a scope of its own, or by moving
         the deadline of ``within``, a scope the caller holds around its write loop (whose
         cancellation then propagates to it; see :meth:`Request.send`)."""
+        # What the kernel takes at once needs no timeout (nor a schedule point): the usual
+        # case for an answer or a chunk. Only the rest waits, bounded by the send timeout.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = write_now(self.stream, data)
+        except OSError as exc:
+            raise ClientDisconnected(f"client connection broken: {exc!r}") from None
+        if sent == len(data):
+            return
+        rest = memoryview(data)[sent:] if sent else data
         scope = trio.CancelScope() if within is None else within
         scope.deadline = trio.current_time() + self.limits.send_timeout
         try:
             with scope if within is None else contextlib.nullcontext():
-                await self.stream.send_all(data)
+                await self.stream.send_all(rest)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ClientDisconnected(f"client connection broken: {exc!r}") from None
         finally:
@@ -291,7 +302,7 @@ class _Connection:
 
     async def _receive(self) -> bytes:
         try:
-            return bytes(await self.stream.receive_some(_READ))
+            return bytes(await receive_some(self.stream, _READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return b""
 

@@ -25,6 +25,7 @@ import trio
 
 from ._errors import BridgeError
 from ._h11 import h11
+from ._sockio import receive_some, send_all
 
 _READ = 256 * 1024
 
@@ -103,7 +104,7 @@ async def _next_event(conn: _Conn) -> Any:
                 raise httpx.RemoteProtocolError("the LLM server closed the connection early")
             return event
         try:
-            data = await conn.stream.receive_some(_READ)
+            data = await receive_some(conn.stream, _READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(f"reading from the LLM server: {exc!r}") from None
         h.receive_data(bytes(data))
@@ -249,7 +250,7 @@ class _NothingReceived(BridgeError):
 
 async def _send(conn: _Conn, data: bytes, *, first: bool = False) -> None:
     try:
-        await conn.stream.send_all(data)
+        await send_all(conn.stream, data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         if first:
             raise _NothingReceived from None

@@ -37,6 +37,7 @@ from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
 from ._errors import RelayClosed, RelayRejected, RemoteProtocolError
+from ._sockio import receive_some, write_now
 
 _READ = 256 * 1024
 
@@ -75,14 +76,17 @@ class WebSocket:
 
     async def _send_bytes(self, data: bytes) -> None:
         # The lock keeps the writer's messages and the reader's control frames (pong, close)
-        # whole. Taken without a schedule point when free (the common case: send_all has its
-        # own), which saves a task switch per message.
+        # whole. Taken without a schedule point when free, and a message the kernel takes at
+        # once is written without one either (see _sockio): no task switch per message.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self._lock.acquire_nowait()
         except trio.WouldBlock:
             await self._lock.acquire()
         try:
-            await self._stream.send_all(data)
+            sent = write_now(self._stream, data)
+            if sent < len(data):
+                await self._stream.send_all(memoryview(data)[sent:] if sent else data)
         except trio.Cancelled:
             # the stream may hold part of a message now: nothing more may be written on it
             # (not even the close frame)
@@ -146,7 +150,7 @@ class WebSocket:
             if self._closed is not None:
                 raise RelayClosed(self._closed)
             try:
-                data = await self._stream.receive_some(_READ)
+                data = await receive_some(self._stream, _READ)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
