@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import openai
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from upstream import run_upstream
 
 from trio_bridge._errors import QueueFull
@@ -347,6 +349,33 @@ def test_usage_store_rows_merge_pending_and_flushed(tmp_path: Path) -> None:
     assert read_rows(tmp_path / "usage.sqlite3")[0]["requests"] == 1  # only what was flushed
     assert store.tokens_on(utc_day(now)) == {"k1": 9}
     assert (tmp_path / "usage.sqlite3").stat().st_mode & 0o077 == 0
+    store.close()
+
+
+async def test_a_batch_being_written_is_counted_once_by_rows(tmp_path: Path) -> None:
+    """A flush hands its batch to a worker thread: until the commit, rows() still shows it
+    (it used to vanish, and /_bridge/usage answered 0 requests); after it, not twice."""
+    store = UsageStore(tmp_path / "usage.sqlite3")
+    now = time.time()
+    store.record("k1", "m", prompt=3, completion=4, estimated=False, error=False, now=now)
+    gate = threading.Event()
+    write = store._write
+
+    def slow_write(batch: dict[tuple[str, str, str], list[int]]) -> None:
+        gate.wait(10)
+        write(batch)
+
+    store._write = slow_write  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.flush)
+        await trio.testing.wait_all_tasks_blocked()  # the batch is in the worker thread
+        [row] = store.rows()
+        assert row["requests"] == 1 and row["completion_tokens"] == 4
+        assert read_rows(tmp_path / "usage.sqlite3") == []  # not committed yet
+        gate.set()
+    [row] = store.rows()
+    assert row["requests"] == 1 and row["completion_tokens"] == 4
+    assert read_rows(tmp_path / "usage.sqlite3")[0]["requests"] == 1
     store.close()
 
 

@@ -78,6 +78,7 @@ class UsageStore:
         self._db = connect(path)
         self._lock = threading.Lock()  # the connection is used from worker threads
         self._pending: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0] * 5)
+        self._writing: dict[tuple[str, str, str], list[int]] = {}  # the batch being written
 
     def record(
         self,
@@ -100,20 +101,24 @@ class UsageStore:
 
     def _write(self, batch: dict[tuple[str, str, str], list[int]]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
             try:
-                self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                self._writing = {}  # in the database now (rows() reads both under the lock)
 
     async def flush(self) -> None:
         """Write what was counted since the last flush (in a worker thread)."""
         if not self._pending:
             return
-        batch, self._pending = self._pending, defaultdict(lambda: [0] * 5)
-        await trio.to_thread.run_sync(self._write, batch)
+        # until its commit, the batch stays visible to rows() as _writing
+        self._writing, self._pending = self._pending, defaultdict(lambda: [0] * 5)
+        await trio.to_thread.run_sync(self._write, self._writing)
 
     async def run(self) -> None:
         """Flush every ``flush_interval`` until cancelled; then a last flush (shielded)."""
@@ -137,7 +142,8 @@ class UsageStore:
             merged: dict[tuple[str, str, str], list[int]] = {
                 (r[0], r[1], r[2]): list(r[3:]) for r in cur.fetchall()
             }
-        for k, v in self._pending.items():
+            unwritten = [*self._writing.items(), *self._pending.items()]
+        for k, v in unwritten:
             if k[0] >= since_day:
                 row = merged.setdefault(k, [0] * 5)
                 for i, n in enumerate(v):
