@@ -13,7 +13,7 @@ import pytest
 import trio
 from netutil import free_port
 
-from trio_bridge._upstream import H11Transport
+from trio_bridge._upstream import H11Transport, close_response
 
 
 class Server:
@@ -106,6 +106,25 @@ async def test_cancelling_a_streamed_response_closes_the_connection() -> None:
         with trio.fail_after(2):
             await server.eof.wait()
         assert (await client.get(url + "/id")).text == "2"  # not the broken connection
+
+
+async def test_close_response_keeps_a_complete_answer_and_closes_a_partial_one() -> None:
+    async with serve() as (server, url, _client):
+        transport = H11Transport(connect_timeout=2)
+        for expected in (b"1", b"1"):  # the second request reuses the first's connection
+            r = await transport.handle_async_request(httpx.Request("GET", url + "/id"))
+            assert b"".join([c async for c in r.stream]) == expected  # type: ignore[union-attr]
+            await close_response(r)
+        r = await transport.handle_async_request(httpx.Request("GET", url + "/forever"))
+        async for _chunk in r.stream:  # type: ignore[union-attr]
+            break
+        await close_response(r)  # the answer is not complete: its connection is closed
+        with trio.fail_after(2):
+            await server.eof.wait()
+        r = await transport.handle_async_request(httpx.Request("GET", url + "/id"))
+        assert b"".join([c async for c in r.stream]) == b"2"  # type: ignore[union-attr]
+        await close_response(r)
+        await transport.aclose()
 
 
 async def test_a_streamed_upload_arrives_byte_exact() -> None:

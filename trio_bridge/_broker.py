@@ -797,10 +797,12 @@ class Broker:
                 retry_after=RETRY_AFTER_NOT_READY,
             )
         waited = time.monotonic()
-        handle: ConnectorHandle | None = None
+        # a free connector (the usual case) is taken without a cancel scope for the wait
+        handle = self.registry.try_acquire(route, model)
         try:
-            with trio.move_on_after(self.queue_timeout):
-                handle = await self.registry.acquire(route, model)
+            if handle is None:
+                with trio.CancelScope(deadline=trio.current_time() + self.queue_timeout):
+                    handle = await self.registry.acquire(route, model)
         except QueueFull:
             self.limit_hit("queue")
             return await self._error(
@@ -912,7 +914,7 @@ class Broker:
         # the task that watches for the client going away (it costs a task and a poll
         # registration per request). Cancel latency grows by at most this wait.
         if stream.response_head is None and not ex.reader_started:
-            with trio.move_on_after(WATCH_AFTER):
+            with trio.CancelScope(deadline=trio.current_time() + WATCH_AFTER):
                 await stream.receive_response_head()
             if stream.response_head is None:
                 self._start_reader(ex)

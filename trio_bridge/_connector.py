@@ -75,7 +75,7 @@ from ._relay import Relay, RelayStream
 from ._service import Notifier
 from ._slots import FairSlots
 from ._ui import Pages
-from ._upstream import H11Transport
+from ._upstream import H11Transport, close_response
 from ._usage import UsageSniffer
 from ._usagestore import UsageStore, utc_day
 from ._version import __version__
@@ -983,10 +983,12 @@ class Connector:
             return refused
         try:  # the LLM slot is held until the answer ends
             try:
-                with trio.fail_at(first_byte_by):
+                with trio.CancelScope(deadline=first_byte_by) as first_byte:
                     response = await self.transport.handle_async_request(request)
-            except (trio.TooSlowError, _TooLarge, httpx.HTTPError) as exc:
+            except (_TooLarge, httpx.HTTPError) as exc:
                 return await self._no_answer(stream, facts, exc)
+            if first_byte.cancelled_caught:
+                return await self._no_answer(stream, facts, trio.TooSlowError())
             return await self._answer(stream, facts, call, response)
         finally:
             self.slots.release()
@@ -1015,6 +1017,10 @@ class Connector:
         self, stream: RelayStream, facts: Facts, call: _Call, deadline: float
     ) -> str | None:
         """An LLM slot for ``call`` (None), or the outcome of the answer that refused it."""
+        if self.slots.try_acquire():  # a free slot (the usual case): no scope, no wait
+            if call.rec is not None:
+                call.rec.queue_wait_ms = 0.0
+            return None
         queued_at = trio.current_time()
         try:
             with trio.fail_at(deadline):
@@ -1090,8 +1096,7 @@ class Connector:
         except StreamReset as exc:
             return "client_gone" if exc.code == ResetCode.CANCEL else "reset"
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await response.aclose()
+            await close_response(response)
 
     async def _pump(self, stream: RelayStream, response: httpx.Response, call: _Call) -> str:
         """The answer's chunks from the LLM into the stream, as they come ("ok" at its end)."""

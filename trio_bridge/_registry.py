@@ -209,6 +209,16 @@ class Registry:
         handle.reserved -= 1
         self.changed(handle)
 
+    def try_acquire(self, route: str, model: str | None = None) -> ConnectorHandle | None:
+        """:meth:`acquire` without waiting: a reserved connector, or None when none is free
+        now (or others of ``route`` are already waiting: they come first)."""
+        if any(w.route == route for w in self._waiters):
+            return None
+        h = self.pick(route, model)
+        if h is not None:
+            h.reserved += 1
+        return h
+
     async def acquire(self, route: str, model: str | None = None) -> ConnectorHandle:
         """Reserve a connector of ``route`` that serves ``model``, waiting in FIFO order (bound
         the wait with a cancel scope: ``trio.move_on_after(queue_timeout)``).
@@ -217,11 +227,9 @@ class Registry:
         :meth:`release` what it got. Cancellation: a connector reserved for us at that very
         moment is given back.
         """
-        if not any(w.route == route for w in self._waiters):
-            h = self.pick(route, model)
-            if h is not None:
-                h.reserved += 1
-                return h
+        h = self.try_acquire(route, model)
+        if h is not None:
+            return h
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
         w = _Waiter(route, model)

@@ -314,31 +314,21 @@ class _Connection:
         while buf[:2] == b"\r\n":  # RFC 9112 2.2: ignore empty lines before a request
             del buf[:2]
         if not buf:
-            with trio.move_on_after(lim.head_timeout if first else lim.keep_alive_timeout):
+            wait = lim.head_timeout if first else lim.keep_alive_timeout
+            with trio.CancelScope(deadline=trio.current_time() + wait):
                 data = await self._receive()
                 if not data:
                     return None
                 buf += data
             if not buf:
                 return None  # idle too long
-        with trio.move_on_after(lim.head_timeout) as cs:
-            searched = 0
-            while True:
-                end = buf.find(b"\r\n\r\n", max(0, searched - 3))
-                if end >= 0:
-                    end += 4
-                    break
-                if b"\n\n" in buf or b"\n\r\n" in buf:
-                    raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
-                if len(buf) > lim.max_header_bytes:
-                    raise _HeadError(431, "request head too large", "header_bytes")
-                searched = len(buf)
-                data = await self._receive()
-                if not data:
-                    return None
-                buf += data
-        if cs.cancelled_caught:
-            raise _HeadError(408, "request head not received in time", "head_timeout")
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:  # the usual case: the whole head came in one read
+            end += 4
+        elif (rest := await self._rest_of_head()) is not None:
+            end = rest
+        else:
+            return None
         if end > lim.max_header_bytes:
             raise _HeadError(431, "request head too large", "header_bytes")
         head = bytes(buf[:end])
@@ -348,6 +338,29 @@ class _Connection:
         if b"\r\n " in head or b"\r\n\t" in head:
             raise _HeadError(400, "obsolete line folding in the request head", "bad_head")
         return head
+
+    async def _rest_of_head(self) -> int | None:
+        """Read until the head is complete (within ``head_timeout``): where it ends in the
+        buffer, or None if the client closed first."""
+        lim = self.limits
+        buf = self.buf
+        with trio.move_on_after(lim.head_timeout) as cs:
+            searched = 0
+            while True:
+                end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+                if end >= 0:
+                    return end + 4
+                if b"\n\n" in buf or b"\n\r\n" in buf:
+                    raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
+                if len(buf) > lim.max_header_bytes:
+                    raise _HeadError(431, "request head too large", "header_bytes")
+                searched = len(buf)
+                data = await self._receive()
+                if not data:
+                    return None
+                buf += data
+        assert cs.cancelled_caught
+        raise _HeadError(408, "request head not received in time", "head_timeout")
 
     async def receive_body_bytes(self) -> bytes:
         """Body bytes for h11, at no less than ``min_body_rate`` on average."""

@@ -41,6 +41,14 @@ class FairSlots:
     def queued(self) -> int:
         return len(self.queue)
 
+    def try_acquire(self) -> bool:
+        """Take a free LLM slot now (True), or none (False: every slot is busy, or others
+        wait for one and come first). Pair a True with :meth:`release`."""
+        if self.busy < self.slots and not len(self.queue):
+            self.busy += 1
+            return True
+        return False
+
     async def acquire(self, key: str, weight: int = 1) -> None:
         """Take one LLM slot, waiting in the fair queue while none is free. A free slot is
         taken without a schedule point (the request's task is about to write to the LLM,
@@ -48,7 +56,7 @@ class FairSlots:
         once when the queue is full. Pair with :meth:`release`."""
         if self.busy < self.slots and not len(self.queue):
             await trio.lowlevel.checkpoint_if_cancelled()
-            self.busy += 1
+            self.try_acquire()
             return
         if self.queue.full:
             raise QueueFull

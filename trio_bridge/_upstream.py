@@ -79,17 +79,36 @@ class _ResponseStream(httpx.AsyncByteStream):
             else:
                 raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the LLM")
 
-    async def aclose(self) -> None:
+    def release(self) -> bool:
+        """Give a complete answer's connection back for the next request, without waiting:
+        True if done (or already closed); False if it must be closed (:meth:`aclose`)."""
         if self._closed:
+            return True
+        h = self._conn.h11
+        if not (self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE):
+            return False
+        if not self._transport.keep(self._key, self._conn):
+            return False  # not kept (closed transport, enough idle): aclose closes it
+        h.start_next_cycle()
+        self._closed = True
+        return True
+
+    async def aclose(self) -> None:
+        if self.release():
             return
         self._closed = True
-        conn = self._conn
-        h = conn.h11
-        if self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE:
-            h.start_next_cycle()
-            await self._transport.check_in(self._key, conn)
-        else:
-            await conn.aclose()
+        await self._conn.aclose()
+
+
+async def close_response(response: httpx.Response) -> None:
+    """Close an answer of :class:`H11Transport`: a complete one gives its connection back at
+    once (no cancel scope, no schedule point); any other closes it, shielded (bounded by a
+    second) so that a cancelled request still tells the LLM."""
+    stream = response.stream
+    if isinstance(stream, _ResponseStream) and stream.release():
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        await response.aclose()
 
 
 async def _next_event(conn: _Conn) -> Any:
@@ -130,14 +149,14 @@ class H11Transport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._closed = False
 
-    async def check_in(self, key: tuple[str, str, int], conn: _Conn) -> None:
-        """A connection whose exchange ended cleanly: kept for the next request, or closed
-        here (by the task that used it) when the transport is closed or enough are idle."""
+    def keep(self, key: tuple[str, str, int], conn: _Conn) -> bool:
+        """A connection whose exchange ended cleanly: kept for the next request (True), or
+        not (the transport is closed or enough are idle: the caller closes it)."""
         idle = self._idle.setdefault(key, [])
         if self._closed or len(idle) >= self._max_idle:
-            await conn.aclose()
-            return
+            return False
         idle.append(conn)
+        return True
 
     async def _connect(self, key: tuple[str, str, int]) -> _Conn:
         scheme, host, port = key
