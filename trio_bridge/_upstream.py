@@ -126,6 +126,8 @@ async def _next_event(conn: _Conn) -> Any:
             data = await receive_some(conn.stream, _READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(f"reading from the LLM server: {exc!r}") from None
+        if not data and h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]:
+            raise _NothingReceived  # closed before a byte of the answer (an idle close)
         h.receive_data(bytes(data))
 
 
@@ -179,14 +181,17 @@ class H11Transport(httpx.AsyncBaseTransport):
         scheme = url.scheme
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.host, port)
-        conn = await self._idle_conn(key)
+        # A body that can be sent again needs no look at the idle connection first: if the
+        # server closed it, nothing comes back and the request goes again on a fresh one.
+        replayable = isinstance(request.stream, httpx.ByteStream)
+        conn = await self._idle_conn(key, check=not replayable)
         if conn is not None:
             try:
                 return await self._exchange(key, conn, request)
             except _NothingReceived:
                 # the server closed the idle connection as we used it: a fresh one, if the
                 # body can be sent again
-                if not isinstance(request.stream, httpx.ByteStream):
+                if not replayable:
                     raise httpx.RemoteProtocolError(
                         "the LLM server closed a kept-alive connection"
                     ) from None
@@ -198,12 +203,13 @@ class H11Transport(httpx.AsyncBaseTransport):
                 "the LLM server closed the connection without answering"
             ) from None
 
-    async def _idle_conn(self, key: tuple[str, str, int]) -> _Conn | None:
-        """The most recently used idle connection to ``key`` the server has not closed."""
+    async def _idle_conn(self, key: tuple[str, str, int], *, check: bool) -> _Conn | None:
+        """The most recently used idle connection to ``key`` (with ``check``: one the
+        server has not closed; a select() call each)."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.is_stale():
+            if not check or not conn.is_stale():
                 return conn
             await conn.aclose()
         return None
