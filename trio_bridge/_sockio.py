@@ -11,7 +11,10 @@ that is one or two extra task switches per message. Here:
   errors as usual. A caller checks for cancellation first
   (``trio.lowlevel.checkpoint_if_cancelled``), so a cancelled task writes nothing.
 - :func:`receive_some` waits until the socket is readable, then reads: one wait, no failed
-  read. It is a checkpoint (the wait is), as ``receive_some`` is.
+  read. It is a checkpoint (the wait is), as ``receive_some`` is. It reads into one buffer
+  per thread and copies out what came: ``recv(262144)`` allocates (and gives back) 256 KiB
+  for every read, which made a read of a 300-byte message ~6x dearer than a 64 KiB one
+  (measured: 19 vs 3 µs; here 3 µs at any size).
 
 Anything that is not a plain ``trio.SocketStream`` (TLS, test streams) takes the stream's own
 methods. Errors: a broken connection raises ``OSError`` (as the socket calls do); a stream
@@ -22,10 +25,23 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import trio
 
-_FAST = sys.platform != "win32"  # os.read / os.write on a socket: POSIX only
+_FAST = sys.platform != "win32"  # os.readv / os.write on a socket: POSIX only
+_BUFFER_SIZE = 256 * 1024
+
+
+class _Buffers(threading.local):
+    """The read buffer of a thread (each trio loop has its own: a read and the copy out of
+    the buffer happen without a checkpoint in between, so one buffer serves a whole loop)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(_BUFFER_SIZE))
+
+
+_buffers = _Buffers()
 
 
 def _fd(stream: trio.abc.Stream) -> int:
@@ -56,13 +72,16 @@ async def send_all(stream: trio.abc.Stream, data: bytes | bytearray | memoryview
 
 
 async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes | bytearray:
-    """``stream.receive_some(max_bytes)``: wait for data, then read it (b"" at EOF)."""
+    """``stream.receive_some(max_bytes)``: wait for data, then read it (b"" at EOF; at most
+    256 KiB at a time)."""
     fd = _fd(stream)
     if fd < 0:
         return await stream.receive_some(max_bytes)
     while True:
         await trio.lowlevel.wait_readable(fd)
+        view = _buffers.view
         try:
-            return os.read(fd, max_bytes)
+            n = os.readv(fd, [view[:max_bytes]])
         except BlockingIOError:  # pragma: no cover - a spurious wake-up
             continue
+        return view[:n].tobytes()
