@@ -341,6 +341,22 @@ async def test_llm_failing_mid_stream_aborts_the_client_response(
         assert r2.content == b"".join(SSE_BYTES)
 
 
+async def test_the_idle_timeout_counts_from_the_last_token(up: tuple[Upstream, str]) -> None:
+    """A stream whose tokens keep coming outlives idle_timeout many times over (the deadline
+    moves with the tokens, if lazily); the stalled stream above is cut after it."""
+    _, url = up
+    async with (
+        open_bridge(url, limits={"idle_timeout": "300ms"}) as b,
+        httpx.AsyncClient() as client,
+    ):
+        events = 0
+        with trio.move_on_after(1.5):  # five idle_timeouts of tokens every 10 ms
+            async with client.stream("GET", b.base_url + "/forever", headers=auth(b)) as r:
+                async for chunk in r.aiter_raw():
+                    events += chunk.count(b"data: ")
+        assert events > 50
+
+
 async def upstream_closed_soon(app: Upstream, client_left_at: float) -> None:
     with trio.fail_after(5):
         await app.disconnected.wait()

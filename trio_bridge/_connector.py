@@ -1109,11 +1109,16 @@ class Connector:
         capture = call.rec if self.inspector.capture_bodies else None
         # One scope for the whole answer, its deadline moved per phase (cheaper than two new
         # scopes per chunk): reading from the LLM is bounded by idle_timeout, waiting for the
-        # relay to take a chunk (credit from a slow client) by stall_timeout.
-        reading = True
+        # relay to take a chunk (credit from a slow client) by stall_timeout. While reading,
+        # the deadline moves only once it is 1 % (at most a second) short of idle_timeout: a
+        # token every few ms does not move it each time, and it never fires early.
+        slack = min(idle / 100, 1.0)
+        reading = False  # the first turn sets the deadline
         with trio.CancelScope() as deadline:
             while True:
-                deadline.deadline = trio.current_time() + idle
+                due = trio.current_time() + idle
+                if not reading or deadline.deadline < due:
+                    deadline.deadline = due + slack
                 reading = True
                 try:
                     chunk = await anext(chunks)
