@@ -24,6 +24,7 @@ class Server:
     def __init__(self) -> None:
         self.connections = 0
         self.eof = trio.Event()
+        self.heads: list[list[tuple[bytes, bytes]]] = []
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -40,6 +41,7 @@ class Server:
             if isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request)
+            self.heads.append(list(event.headers.raw_items()))
             body = b""
             while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
                 if ev is h11.NEED_DATA:
@@ -125,6 +127,40 @@ async def test_close_response_keeps_a_complete_answer_and_closes_a_partial_one()
         assert b"".join([c async for c in r.stream]) == b"2"  # type: ignore[union-attr]
         await close_response(r)
         await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "headers"),
+    [
+        ("POST", b'{"x": 1}', [(b"content-type", b"application/json")]),
+        ("POST", b"", []),
+        ("GET", b"", [(b"accept", b"*/*")]),
+        ("POST", b"abc", [(b"content-length", b"3")]),
+        ("POST", b"abc", [(b"host", b"llm.internal")]),
+        ("POST", None, [(b"x-a", b"1")]),  # a streamed body
+    ],
+)
+async def test_send_frames_a_request_as_httpx_does(
+    method: str, body: bytes | None, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """The connector's lean send() adds Host and the body's framing where the headers have
+    none, exactly as an httpx.Request through the same transport would."""
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"stream"
+
+    async with serve() as (server, url, client):
+        transport = H11Transport(connect_timeout=2)
+        content = parts() if body is None else body
+        r = await transport.send(method, httpx.URL(url + "/id"), list(headers), content)
+        await r.aread()
+        await close_response(r)
+        content = parts() if body is None else body
+        request = httpx.Request(method, url + "/id", headers=headers, content=content)
+        await client.send(request)
+        await transport.aclose()
+    lean, with_httpx = server.heads
+    assert [(k.lower(), v) for k, v in lean] == [(k.lower(), v) for k, v in with_httpx]
 
 
 async def test_a_streamed_upload_arrives_byte_exact() -> None:

@@ -984,7 +984,7 @@ class Connector:
         try:  # the LLM slot is held until the answer ends
             try:
                 with trio.CancelScope(deadline=first_byte_by) as first_byte:
-                    response = await self.transport.handle_async_request(request)
+                    response = await self.transport.send(*request)
             except (_TooLarge, httpx.HTTPError) as exc:
                 return await self._no_answer(stream, facts, exc)
             if first_byte.cancelled_caught:
@@ -995,9 +995,10 @@ class Connector:
 
     def _llm_request(
         self, head: RequestHead, content: bytes | AsyncIterator[bytes], call: _Call
-    ) -> httpx.Request:
-        """The request for the LLM: the user's key and hop-by-hop headers out, the correlation
-        id (and an upstream key) in. Raises httpx.InvalidURL / ValueError for a bad target."""
+    ) -> tuple[str, httpx.URL, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes]]:
+        """The request for the LLM, as ``H11Transport.send`` takes it: the user's key and
+        hop-by-hop headers out, the correlation id (and an upstream key) in. Raises
+        httpx.InvalidURL / ValueError for a bad target."""
         headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
         headers.append((REQUEST_ID, head.request_id.encode()))
         if call.rec is not None:  # what a replay sends again (never the upstream key)
@@ -1011,7 +1012,7 @@ class Connector:
             if len(self._urls) >= 256:  # many distinct targets (query strings): start over
                 self._urls.clear()
             self._urls[head.target] = url
-        return httpx.Request(head.method, url, headers=headers, content=content)
+        return head.method, url, headers, content
 
     async def _take_slot(
         self, stream: RelayStream, facts: Facts, call: _Call, deadline: float

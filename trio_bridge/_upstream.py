@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import select
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import httpx
@@ -177,17 +177,63 @@ class H11Transport(httpx.AsyncBaseTransport):
         return _Conn(stream)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+        """The httpx transport API (``httpx.AsyncClient(transport=...)``): see :meth:`send`."""
+        stream = request.stream
+        body: bytes | AsyncIterable[bytes]
+        if isinstance(stream, httpx.ByteStream):
+            body = b"".join([c async for c in stream])
+        else:
+            body = stream  # type: ignore[assignment]
+        return await self._send(request.url, request.method.encode(), request.headers.raw, body)
+
+    async def send(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes],
+    ) -> httpx.Response:
+        """One request without building an ``httpx.Request`` (~16 µs each, measured): the
+        connector's hot path. Adds ``Host`` and the body's framing (``Content-Length``, or
+        chunked for a stream) where ``headers`` have none, as httpx does."""
+        has_host = has_length = False
+        for k, _ in headers:
+            k = k.lower()
+            if k == b"host":
+                has_host = True
+            elif k in (b"content-length", b"transfer-encoding"):
+                has_length = True
+        auto = [] if has_host else [(b"Host", url.netloc)]
+        tail = []
+        if not has_length:
+            if not isinstance(body, bytes):
+                tail.append((b"Transfer-Encoding", b"chunked"))
+            elif body:
+                tail.append((b"Content-Length", b"%d" % len(body)))
+            elif method in ("POST", "PUT", "PATCH"):
+                auto.append((b"Content-Length", b"0"))
+        if auto or tail:
+            headers = [*auto, *headers, *tail]
+        return await self._send(url, method.encode(), headers, body)
+
+    async def _send(
+        self,
+        url: httpx.URL,
+        method: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes],
+    ) -> httpx.Response:
         scheme = url.scheme
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.host, port)
+        target = url.raw_path
         # A body that can be sent again needs no look at the idle connection first: if the
         # server closed it, nothing comes back and the request goes again on a fresh one.
-        replayable = isinstance(request.stream, httpx.ByteStream)
+        replayable = isinstance(body, bytes)
         conn = await self._idle_conn(key, check=not replayable)
         if conn is not None:
             try:
-                return await self._exchange(key, conn, request)
+                return await self._exchange(key, conn, method, target, headers, body)
             except _NothingReceived:
                 # the server closed the idle connection as we used it: a fresh one, if the
                 # body can be sent again
@@ -197,7 +243,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                     ) from None
         conn = await self._connect(key)
         try:
-            return await self._exchange(key, conn, request)
+            return await self._exchange(key, conn, method, target, headers, body)
         except _NothingReceived:
             raise httpx.RemoteProtocolError(
                 "the LLM server closed the connection without answering"
@@ -215,26 +261,27 @@ class H11Transport(httpx.AsyncBaseTransport):
         return None
 
     async def _exchange(
-        self, key: tuple[str, str, int], conn: _Conn, request: httpx.Request
+        self,
+        key: tuple[str, str, int],
+        conn: _Conn,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes],
     ) -> httpx.Response:
         h = conn.h11
         ok = False
         try:
-            target = request.url.raw_path
-            out = h.send(
-                h11.Request(method=request.method, target=target, headers=request.headers.raw)
-            )
+            out = h.send(h11.Request(method=method, target=target, headers=headers))
             assert out is not None
-            body = request.stream
-            if isinstance(body, httpx.ByteStream):
-                data = b"".join([c async for c in body])
-                if data:
-                    out += h.send(h11.Data(data=data))  # type: ignore[operator]
+            if isinstance(body, bytes):
+                if body:
+                    out += h.send(h11.Data(data=body))  # type: ignore[operator]
                 out += h.send(h11.EndOfMessage())  # type: ignore[operator]
                 await _send(conn, out, first=True)
             else:
                 await _send(conn, out, first=True)
-                async for chunk in body:  # type: ignore[union-attr]
+                async for chunk in body:
                     if chunk:
                         await _send(conn, h.send(h11.Data(data=chunk)))  # type: ignore[arg-type]
                 await _send(conn, h.send(h11.EndOfMessage()))  # type: ignore[arg-type]
