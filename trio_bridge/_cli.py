@@ -10,6 +10,7 @@ import argparse
 import csv
 import datetime as dt
 import errno
+import gc
 import importlib.util
 import json
 import logging
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         grace = float(config.limits.shutdown_grace)
         if args.command == "service":
             return _service_command(config, args)
+        if args.command in ("broker", "connector", "demo", "test-model"):
+            _freeze_startup_heap()
         if args.command == "broker":
             broker = Broker(config)
             trio.run(_run_until_signal, lambda: broker.serve(), broker.drain, grace)
@@ -291,6 +294,15 @@ async def _test_model(args: argparse.Namespace) -> None:
                 f"(model {MODEL_ID!r}); Ctrl-C to stop",
                 flush=True,
             )
+
+
+def _freeze_startup_heap() -> None:
+    """Take what start-up left alive (modules, classes, functions: most of the heap) out of
+    the cyclic garbage collector's sight, so that its full collections walk only what the
+    roles create. Without this a full collection paused a role for 22-25 ms every few
+    thousand requests (measured at 10 concurrent requests), which set the latency tail."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _run_until_signal(
