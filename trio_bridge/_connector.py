@@ -1169,6 +1169,11 @@ class Connector:
 
     async def _read_body(self, stream: RelayStream) -> bytes:
         """The whole request body (at most max_body; beyond, 413 via _TooLarge)."""
+        if stream.recv_done:  # all here already (a small request): no waiting
+            body, _ = stream.take_ready()
+            if len(body) > self.max_body:
+                raise _TooLarge
+            return body
         return b"".join([chunk async for chunk in self._body(stream)])
 
     async def _body(self, stream: RelayStream) -> AsyncIterator[bytes]:

@@ -202,15 +202,18 @@ def _load_json(payload: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+# one encoder for every head (json.dumps with arguments builds a new one per call)
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_request_head(head: RequestHead) -> bytes:
-    return json.dumps(
+    return _ENCODE(
         {
             "method": head.method,
             "target": head.target,
             "headers": _headers_to_json(head.headers),
             "id": head.request_id,
-        },
-        separators=(",", ":"),
+        }
     ).encode()
 
 
@@ -223,10 +226,7 @@ def decode_request_head(payload: bytes) -> RequestHead:
 
 
 def encode_response_head(head: ResponseHead) -> bytes:
-    return json.dumps(
-        {"status": head.status, "headers": _headers_to_json(head.headers)},
-        separators=(",", ":"),
-    ).encode()
+    return _ENCODE({"status": head.status, "headers": _headers_to_json(head.headers)}).encode()
 
 
 def decode_response_head(payload: bytes) -> ResponseHead:
