@@ -484,8 +484,14 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
             bv2: list[float] = []
             cpu_b: list[float] = []
             cpu_c: list[float] = []
+            cpu_l: list[float] = []  # the fake LLM's own, direct: one trio + h11 HTTP hop
             for _ in range(max(2, rounds // 2)):
-                dv2.append(await throughput(*direct, c, 1.0 if q else 3.0))
+                cl, t = cpu_seconds(procs["llm"].pid), time.perf_counter()
+                rps = await throughput(*direct, c, 1.0 if q else 3.0)
+                dv2.append(rps)
+                cpu_l.append(
+                    (cpu_seconds(procs["llm"].pid) - cl) / (rps * (time.perf_counter() - t)) * 1e6
+                )
                 cb, cc = cpu_seconds(roles[0]), cpu_seconds(roles[1])
                 t = time.perf_counter()
                 rps = await throughput(*bridge, c, 1.0 if q else 3.0)
@@ -497,6 +503,7 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
             res[f"cpu per request c={c}"] = {
                 "broker": med(cpu_b),
                 "connector": med(cpu_c),
+                "fake LLM": med(cpu_l),
                 "unit": "µs",
             }
         await limits_cost(res, roles, bridge, limited, rounds, q)
@@ -544,8 +551,11 @@ def table(res: dict[str, Any]) -> str:
             d, b = r["direct"], r["bridge"]
             rows.append(f"| {name} ({unit}) | {d:.3f} | {b:.3f} | {b - d:+.3f} | {b / d:.2f}× |")
         elif "broker" in r:
+            # direct: the fake LLM's own CPU per request (one HTTP hop on trio + h11, no
+            # features), for scale: the bridge's path has four such hops
+            llm = f"fake LLM {r['fake LLM']:.0f}" if "fake LLM" in r else ""
             rows.append(
-                f"| {name} ({unit}) | | broker {r['broker']:.0f} + connector "
+                f"| {name} ({unit}) | {llm} | broker {r['broker']:.0f} + connector "
                 f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | |"
             )
         elif "on" in r:
