@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from netutil import free_port
 
 from trio_bridge.testing import Lab, RunningBroker, RunningModel, open_lab
 
@@ -105,9 +106,7 @@ async def test_check_connector_gives_one_diagnosis_per_broken_setup(
     host, admin_port = rb.broker.admin_address or ("", 0)
     admin = f"ws://{host}:{admin_port}/_bridge/relay"
     cases.append(((await connector_check(lab, tmp_path, admin, model.url))[1], "no relay endpoint"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     cases.append(
         (
             (
@@ -233,9 +232,7 @@ async def test_keys_and_tokens_say_which_file_and_refuse_the_wrong_role(tmp_path
 
 
 async def test_test_model_runs_alone(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     async with trio.open_nursery() as nursery:
         proc = await nursery.start(
             partial(

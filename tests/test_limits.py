@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from netutil import free_port
 from upstream import run_upstream
 
 from trio_bridge._errors import QueueFull
@@ -382,14 +383,7 @@ async def test_a_batch_being_written_is_counted_once_by_rows(tmp_path: Path) -> 
 @pytest.fixture
 def processes(tmp_path: Path) -> AsyncIterator[dict[str, object]]:
     """A test model, a broker and a connector as separate processes (like a deployment)."""
-    import socket
-
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    public, model_port = port(), port()
+    public, model_port = free_port(), free_port()
     (tmp_path / "b.toml").write_text(
         f'[broker]\nlisten = "127.0.0.1:{public}"\nadmin_listen = ""\n'
     )

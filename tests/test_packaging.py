@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from netutil import free_port
 
 from trio_bridge._config import load_config
 from trio_bridge.testing import Lab, open_lab
@@ -75,11 +76,7 @@ async def test_entrypoint_and_healthcheck_work_as_the_image_runs_them(
         'admin_listen = "127.0.0.1:0"\n'
     )
     # the health check reads admin_listen from the same file: give it a fixed free port
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        admin_port = s.getsockname()[1]
+    admin_port = free_port()
     text = (etc / "bridge.toml").read_text().replace("127.0.0.1:0", f"127.0.0.1:{admin_port}")
     (etc / "bridge.toml").write_text(text)
     token = etc / "connector.token"
