@@ -13,7 +13,7 @@ import pytest
 import trio
 from netutil import free_port
 
-from trio_bridge._upstream import H11Transport, close_response
+from trio_bridge._upstream import H11Transport, _open_tcp, close_response
 
 
 class Server:
@@ -174,6 +174,22 @@ async def test_a_streamed_upload_arrives_byte_exact() -> None:
     async with serve() as (_server, url, client):
         r = await client.post(url + "/echo", content=body())
     assert r.text == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_connects_to_an_address_or_a_name(host: str) -> None:
+    """IP literals are dialled directly (no resolver, no happy-eyeballs tasks); a name is
+    resolved as trio.open_tcp_stream does."""
+    listen_host = "::1" if host == "::1" else "127.0.0.1"
+    listeners = await trio.open_tcp_listeners(0, host=listen_host)
+    port = listeners[0].socket.getsockname()[1]
+    stream = await _open_tcp(host, port)
+    peer = await listeners[0].accept()
+    await stream.send_all(b"ping")
+    assert await peer.receive_some(10) == b"ping"
+    await stream.aclose()
+    await peer.aclose()
+    await listeners[0].aclose()
 
 
 async def test_connect_failures_are_httpx_connect_errors() -> None:
