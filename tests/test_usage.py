@@ -81,3 +81,39 @@ def test_streamed_events_are_counted_in_any_chunking(cuts: list[int]) -> None:
     assert s.events == 3  # [DONE] is not an event with a token
     n = sniff(b"application/x-ndjson", NDJSON, [])
     assert n.events == 2
+
+
+_EVENT = st.builds(
+    lambda doc, spaces, usage: (
+        b"data:"
+        + b" " * spaces
+        + json.dumps({**doc, **({"usage": usage} if usage else {})}).encode()
+    ),
+    st.fixed_dictionaries({"model": st.sampled_from(["a", "b"]), "n": st.integers(0, 9)}),
+    st.integers(0, 2),
+    st.one_of(
+        st.none(),
+        st.fixed_dictionaries(
+            {"prompt_tokens": st.integers(0, 99), "completion_tokens": st.integers(0, 99)}
+        ),
+    ),
+) | st.sampled_from([b": keep-alive", b"event: x\ndata: {}", b"data: [DONE]", b"data:\r\ndata: 1"])
+
+
+@given(st.lists(_EVENT, max_size=12), st.lists(st.integers(0, 4000), max_size=8))
+def test_an_event_per_chunk_counts_as_any_other_chunking(
+    events: list[bytes], cuts: list[int]
+) -> None:
+    """Servers send one whole event per chunk (the fast path): same model, usage and event
+    count as the same bytes cut anywhere."""
+    body = b"".join(e + b"\n\n" for e in events)
+    one_each = UsageSniffer(b"text/event-stream")
+    for e in events:
+        one_each.feed(e + b"\n\n")
+    one_each.finish()
+    got = (one_each.model, one_each.prompt_tokens, one_each.completion_tokens, one_each.events)
+    cut = sniff(b"text/event-stream", body, [c for c in cuts if c <= len(body)])
+    assert got == (cut.model, cut.prompt_tokens, cut.completion_tokens, cut.events)
+    bytewise = sniff(b"text/event-stream", body, list(range(len(body))))  # never whole events
+    assert got == (bytewise.model, bytewise.prompt_tokens, bytewise.completion_tokens,
+                   bytewise.events)  # fmt: skip

@@ -104,7 +104,9 @@ class Request:
         "_started",
         "client",
         "headers",
+        "is_websocket",
         "method",
+        "path",
         "scheme",
         "target",
     )
@@ -117,14 +119,16 @@ class Request:
         self.method: str = event.method.decode("ascii")
         self.target: bytes = event.target
         self.headers: list[tuple[bytes, bytes]] = list(event.headers)
+        #: the target without its query string
+        self.path: str = self.target.split(b"?", 1)[0].decode("latin-1")
+        #: a WebSocket upgrade (``Upgrade: websocket``)
+        self.is_websocket: bool = any(
+            k == b"upgrade" and v.lower() == b"websocket" for k, v in self.headers
+        )
         self.client = client  # the peer's IP address
         self.scheme = conn.scheme
         self._started = False
         self._ended = False
-
-    @property
-    def path(self) -> str:
-        return self.target.split(b"?", 1)[0].decode("latin-1")
 
     @property
     def body_done(self) -> bool:
@@ -232,10 +236,6 @@ class Request:
     def answer_complete(self) -> bool:
         """The whole response went out (its end included)."""
         return self._ended
-
-    @property
-    def is_websocket(self) -> bool:
-        return any(k == b"upgrade" and v.lower() == b"websocket" for k, v in self.headers)
 
 
 class _Connection:

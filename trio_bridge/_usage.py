@@ -82,6 +82,10 @@ class UsageSniffer:
             return
         sep = b"\n\n" if kind == "sse" else b"\n"
         buf = self._buf
+        if not buf and not self._skip and chunk.find(sep) == len(chunk) - len(sep) >= 0:
+            # the usual chunk of a stream: one whole event (a token) and nothing before it
+            self._event(chunk[: -len(sep)])
+            return
         buf += chunk
         start = 0
         while (end := buf.find(sep, start)) != -1:
@@ -103,10 +107,13 @@ class UsageSniffer:
 
     def _event(self, raw: bytes) -> None:
         if self._kind == "sse":
-            raw = raw.replace(b"\r\n", b"\n")
-            data = b"\n".join(
-                line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
-            )
+            if raw.startswith(b"data:") and b"\n" not in raw:  # the usual one-line event
+                data = raw[5:].lstrip(b" ")
+            else:
+                raw = raw.replace(b"\r\n", b"\n")
+                data = b"\n".join(
+                    line[5:].lstrip(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
+                )
             if not data or data == b"[DONE]":
                 return
             self.events += 1
