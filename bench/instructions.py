@@ -5,7 +5,8 @@
 Wall-clock CPU figures on a shared 2-core machine move by ±25 % from run to run; callgrind
 counts executed instructions, which stay within ~1 % for the same code and load whatever else
 the machine is doing (small requests; streams vary by up to ±8 %, as how many chunks travel
-together depends on timing: compare them over ``--pairs 2`` or more). Starts ``bench/fakellm.py`` natively and a broker and a connector under
+together depends on timing: compare them over ``--pairs 2`` or more). Starts
+``bench/fakellm.py`` natively and a broker and a connector under
 ``valgrind --tool=callgrind`` with instrumentation off, warms them up, switches counting on for
 exactly ``n`` requests at concurrency ``c`` (or, with ``--stream``, ``n`` streams of 50 chunks
 40 ms apart: use ``--c 4 --n 12``), and prints millions of instructions per request for each
