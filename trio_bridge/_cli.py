@@ -299,7 +299,7 @@ async def _test_model(args: argparse.Namespace) -> None:
 def _freeze_startup_heap() -> None:
     """Take what start-up left alive (modules, classes, functions: most of the heap) out of
     the cyclic garbage collector's sight, so that its full collections walk only what the
-    roles create. Without this a full collection paused a role for 22-25 ms every few
+    roles create. Without this a full collection paused a role for 22-31 ms every few
     thousand requests (measured at 10 concurrent requests), which set the latency tail."""
     gc.collect()
     gc.freeze()

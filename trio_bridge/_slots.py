@@ -41,10 +41,15 @@ class FairSlots:
     def queued(self) -> int:
         return len(self.queue)
 
+    @property
+    def _free(self) -> bool:
+        """A slot is free and nobody waits for one (waiters come first)."""
+        return self.busy < self.slots and not len(self.queue)
+
     def try_acquire(self) -> bool:
         """Take a free LLM slot now (True), or none (False: every slot is busy, or others
         wait for one and come first). Pair a True with :meth:`release`."""
-        if self.busy < self.slots and not len(self.queue):
+        if self._free:
             self.busy += 1
             return True
         return False
@@ -54,9 +59,9 @@ class FairSlots:
         taken without a schedule point (the request's task is about to write to the LLM,
         which has one), but a cancelled caller gets Cancelled either way. Raises QueueFull at
         once when the queue is full. Pair with :meth:`release`."""
-        if self.busy < self.slots and not len(self.queue):
+        if self._free:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self.try_acquire()
+            self.busy += 1
             return
         if self.queue.full:
             raise QueueFull

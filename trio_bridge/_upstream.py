@@ -124,12 +124,17 @@ async def _next_event(conn: _Conn) -> Any:
             if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("the LLM server closed the connection early")
             return event
+        # closed or broken before a byte of the answer came: the server may have closed an
+        # idle connection as we used it (the caller sends the request again if it can)
+        nothing_yet = h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]
         try:
             data = await receive_some(conn.stream, _READ)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if nothing_yet:
+                raise _NothingReceived from None
             raise httpx.ReadError(f"reading from the LLM server: {exc!r}") from None
-        if not data and h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]:
-            raise _NothingReceived  # closed before a byte of the answer (an idle close)
+        if not data and nothing_yet:
+            raise _NothingReceived
         h.receive_data(bytes(data))
 
 
@@ -288,12 +293,7 @@ class H11Transport(httpx.AsyncBaseTransport):
                         await _send(conn, h.send(h11.Data(data=chunk)))  # type: ignore[arg-type]
                 await _send(conn, h.send(h11.EndOfMessage()))  # type: ignore[arg-type]
             while True:
-                try:
-                    event = await _next_event(conn)
-                except (httpx.RemoteProtocolError, httpx.ReadError):
-                    if h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]:
-                        raise _NothingReceived from None
-                    raise
+                event = await _next_event(conn)
                 if isinstance(event, h11.Response):
                     break
                 # 1xx informational responses: keep reading

@@ -37,7 +37,7 @@ from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
 from ._errors import RelayClosed, RelayRejected, RemoteProtocolError
-from ._sockio import receive_some, write_now
+from ._sockio import receive_some, send_all
 
 _READ = 256 * 1024
 
@@ -84,9 +84,7 @@ class WebSocket:
         except trio.WouldBlock:
             await self._lock.acquire()
         try:
-            sent = write_now(self._stream, data)
-            if sent < len(data):
-                await self._stream.send_all(memoryview(data)[sent:] if sent else data)
+            await send_all(self._stream, data)
         except trio.Cancelled:
             # the stream may hold part of a message now: nothing more may be written on it
             # (not even the close frame)
