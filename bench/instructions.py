@@ -26,23 +26,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import trio
-from run import (
-    HERE,
-    PY,
-    ROLE,
-    free_port,
-    latency,
-    prepare,
-    start,
-    stop,
-    streams,
-    wait_bridge,
-    wait_port,
-)
+from run import counted_load, running_bridge
 
 # Under callgrind the roles run ~50x slower: chunks far enough apart that each still travels
 # alone (at c=4), so the figure is the per-chunk cost users see, not that of coalesced chunks.
@@ -59,42 +46,18 @@ def _total(path: str) -> int:
 
 async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[str, float]:
     """Millions of instructions per request of each role (one fresh pair of processes)."""
-    d = Path(tempfile.mkdtemp(prefix="tb-instr-"))
     env = {"PYTHONPATH": pythonpath} if pythonpath else {}
-    llm_port, pub_port = free_port(), free_port()
-    key = prepare(d, llm_port, pub_port, env)
-    run = ROLE
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q"]
-    procs = {
-        "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
-        "broker": start(
-            [*vg, f"--callgrind-out-file={d}/cg.broker.%p", *run, "broker", "-c",
-             str(d / "broker.toml")],
-            d / "broker.log", env,
-        ),
-    }  # fmt: skip
-    try:
-        wait_port(llm_port)
-        wait_port(pub_port, 120)
-        procs["connector"] = start(
-            [*vg, f"--callgrind-out-file={d}/cg.connector.%p", *run, "connector", "-c",
-             str(d / "connector.toml")],
-            d / "connector.log", env,
-        )  # fmt: skip
-        hdrs = [(b"authorization", b"Bearer " + key.encode())]
-        await wait_bridge(pub_port, hdrs, 120)
-        await latency(pub_port, hdrs, c, 100)  # warm: connections, caches, first-use imports
+
+    def under_callgrind(role: str, d: Path) -> list[str]:
+        return [*vg, f"--callgrind-out-file={d}/cg.{role}.%p"]
+
+    async with running_bridge(c, env, under_callgrind, 120) as (d, procs, port, hdrs):
         roles = ("broker", "connector")
         for role in roles:
             subprocess.run(["callgrind_control", "-i", "on", str(procs[role].pid)], check=True,
                            capture_output=True)  # fmt: skip
-        if stream:
-            rounds = max(1, n // c)
-            for _ in range(rounds):
-                await streams(pub_port, hdrs, c, 50, STREAM_DELAY_MS)
-            done = rounds * c
-        else:
-            done = len(await latency(pub_port, hdrs, c, n))
+        done = await counted_load(port, hdrs, c, n, STREAM_DELAY_MS if stream else None)
         for role in roles:
             pid = str(procs[role].pid)
             subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
@@ -111,10 +74,6 @@ async def measure(c: int, n: int, stream: bool, pythonpath: str | None) -> dict[
             newest = max(files, key=os.path.getmtime)
             out[role] = _total(newest) / done / 1e6
         return out
-    finally:
-        stop(procs.values(), 30)
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _line(label: str, r: dict[str, float]) -> str:

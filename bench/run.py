@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -24,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +395,59 @@ async def wait_bridge(port: int, hdrs: list[tuple[bytes, bytes]], seconds: float
         if time.monotonic() > deadline:
             raise RuntimeError("bridge did not come up")
         await trio.sleep(0.1)
+
+
+@asynccontextmanager
+async def running_bridge(
+    c: int,
+    env: dict[str, str],
+    wrap: Callable[[str, Path], list[str]] = lambda role, d: [],
+    seconds: float = 30,
+) -> AsyncIterator[tuple[Path, dict[str, subprocess.Popen[bytes]], int, list[tuple[bytes, bytes]]]]:
+    """The fake LLM, a broker and a connector (each role's command prefixed by ``wrap(role,
+    dir)``, e.g. valgrind) in a fresh directory, up and warmed with 100 requests at ``c``:
+    (directory, processes, public port, auth headers). Stopped (and the directory removed,
+    unless KEEP is set) on exit."""
+    d = Path(tempfile.mkdtemp(prefix="tb-bench-"))
+    llm_port, pub_port = free_port(), free_port()
+    key = prepare(d, llm_port, pub_port, env)
+    procs = {
+        "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
+        "broker": start(
+            [*wrap("broker", d), *ROLE, "broker", "-c", str(d / "broker.toml")],
+            d / "broker.log",
+            env,
+        ),
+    }
+    try:
+        wait_port(llm_port)
+        wait_port(pub_port, seconds)
+        procs["connector"] = start(
+            [*wrap("connector", d), *ROLE, "connector", "-c", str(d / "connector.toml")],
+            d / "connector.log",
+            env,
+        )
+        hdrs = [(b"authorization", b"Bearer " + key.encode())]
+        await wait_bridge(pub_port, hdrs, seconds)
+        await latency(pub_port, hdrs, c, 100)  # warm: connections, caches, first-use imports
+        yield d, procs, pub_port, hdrs
+    finally:
+        stop(procs.values(), 30)
+        if not os.environ.get("KEEP"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+async def counted_load(
+    port: int, hdrs: list[tuple[bytes, bytes]], c: int, n: int, stream_delay_ms: float | None
+) -> int:
+    """``n`` small requests at concurrency ``c`` or, with ``stream_delay_ms``, ``n`` streams
+    of 50 chunks that far apart (rounds of ``c``); how many were done."""
+    if stream_delay_ms is None:
+        return len(await latency(port, hdrs, c, n))
+    rounds = max(1, n // c)
+    for _ in range(rounds):
+        await streams(port, hdrs, c, 50, stream_delay_ms)
+    return rounds * c
 
 
 async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:

@@ -23,19 +23,7 @@ import tempfile
 from pathlib import Path
 
 import trio
-from run import (
-    HERE,
-    PY,
-    ROLE,
-    free_port,
-    latency,
-    prepare,
-    start,
-    stop,
-    streams,
-    wait_bridge,
-    wait_port,
-)
+from run import counted_load, running_bridge
 
 _SITECUSTOMIZE = """
 import collections, json, os, signal
@@ -80,55 +68,34 @@ trio.run = _run_with_steps
 
 
 async def measure(c: int, n: int, stream: bool) -> None:
-    d = Path(tempfile.mkdtemp(prefix="tb-steps-"))
-    (d / "site").mkdir()
-    (d / "site" / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = {"PYTHONPATH": str(d / "site"), "TB_STEPS_OUT": str(d / "steps")}
-    llm_port, pub_port = free_port(), free_port()
-    key = prepare(d, llm_port, pub_port, env)
-    procs = {
-        "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
-        "broker": start([*ROLE, "broker", "-c", str(d / "broker.toml")], d / "broker.log", env),
-    }
+    site = Path(tempfile.mkdtemp(prefix="tb-steps-site-"))
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    out_prefix = site / "steps"
+    env = {"PYTHONPATH": str(site), "TB_STEPS_OUT": str(out_prefix)}
     try:
-        wait_port(llm_port)
-        wait_port(pub_port, 30)
-        procs["connector"] = start(
-            [*ROLE, "connector", "-c", str(d / "connector.toml")], d / "connector.log", env
-        )
-        hdrs = [(b"authorization", b"Bearer " + key.encode())]
-        await wait_bridge(pub_port, hdrs, 30)
-        await latency(pub_port, hdrs, c, 100)  # warm: connections, caches, first-use imports
-        roles = ("broker", "connector")
-        for role in roles:
-            os.kill(procs[role].pid, signal.SIGUSR1)
-        await trio.sleep(0.2)
-        if stream:
-            rounds = max(1, n // c)
-            for _ in range(rounds):
-                await streams(pub_port, hdrs, c, 50, 5)
-            done = rounds * c
-        else:
-            done = len(await latency(pub_port, hdrs, c, n))
-        for role in roles:
-            os.kill(procs[role].pid, signal.SIGUSR2)
-        what = "stream of 50 chunks" if stream else "request"
-        for role in roles:
-            out = Path(f"{d}/steps.{procs[role].pid}")
-            for _ in range(100):  # written by the role's process: up to 10 s
-                if out.exists() and out.stat().st_size:
-                    break
-                await trio.sleep(0.1)
-            counts = json.loads(out.read_text())
-            total = sum(v for _, v in counts["tasks"])
-            print(f"{role}: {total / done:.2f} task steps and {counts['io_waits'] / done:.2f} "
-                  f"I/O waits per {what}")  # fmt: skip
-            for name, v in counts["tasks"][:6]:
-                print(f"  {v / done:8.2f}  {name}")
+        async with running_bridge(c, env) as (_d, procs, port, hdrs):
+            roles = ("broker", "connector")
+            for role in roles:
+                os.kill(procs[role].pid, signal.SIGUSR1)
+            await trio.sleep(0.2)
+            done = await counted_load(port, hdrs, c, n, 5 if stream else None)
+            for role in roles:
+                os.kill(procs[role].pid, signal.SIGUSR2)
+            what = "stream of 50 chunks" if stream else "request"
+            for role in roles:
+                out = Path(f"{out_prefix}.{procs[role].pid}")
+                for _ in range(100):  # written by the role's process: up to 10 s
+                    if out.exists() and out.stat().st_size:
+                        break
+                    await trio.sleep(0.1)
+                counts = json.loads(out.read_text())
+                total = sum(v for _, v in counts["tasks"])
+                print(f"{role}: {total / done:.2f} task steps and "
+                      f"{counts['io_waits'] / done:.2f} I/O waits per {what}")  # fmt: skip
+                for name, v in counts["tasks"][:6]:
+                    print(f"  {v / done:8.2f}  {name}")
     finally:
-        stop(procs.values(), 30)
-        if not os.environ.get("KEEP"):
-            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(site, ignore_errors=True)
 
 
 async def main() -> None:
