@@ -69,6 +69,7 @@ from ._registry import DEFAULT_ROUTE, ConnectorHandle, Registry
 from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 from ._server import Request, ServerLimits, serve_http
 from ._service import Notifier
+from ._target import DEFAULT_METHODS, BadTarget, check_method, check_target
 from ._ui import Pages
 from ._version import __version__
 
@@ -279,7 +280,8 @@ class Broker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_tokens)
             if self.config.broker.admin_listen:
-                admin = AdminApp(self.metrics, self.ready, self.status, self._pages())
+                hosts = [self.config.broker.admin_listen, *self.config.broker.admin_hosts]
+                admin = AdminApp(self.metrics, self.ready, self.status, self._pages(), hosts=hosts)
                 with listening("broker.admin_listen", self.config.broker.admin_listen):
                     self.admin_address = await nursery.start(
                         serve_app, admin, self.config.broker.admin_listen
@@ -698,6 +700,19 @@ class Broker:
     async def _check_head(self, ex: _Exchange, facts: Facts) -> str | None:
         """Answer (and return the outcome of) a request its head already rules out."""
         req = ex.req
+        if req.method == "OPTIONS" and req.target == b"*":  # the server's own, never relayed
+            facts.status = 204
+            ex.facts.head_at = time.monotonic()
+            allow = ", ".join(DEFAULT_METHODS).encode()
+            await ex.req.respond(
+                204, [(b"allow", allow), (b"x-request-id", ex.request_id.encode())], end=True
+            )
+            return "ok"
+        try:  # the one rule for what may be relayed (the connector applies it again)
+            check_method(req.method)
+            check_target(req.target.decode("ascii"))
+        except BadTarget as exc:
+            return await self._error(ex, facts, exc.status, str(exc))
         refusal = self._not_for_connectors(req)
         if refusal is not None:
             return await self._error(ex, facts, *refusal)

@@ -89,6 +89,20 @@ def _check_hostport(_inst: object, attribute: attrs.Attribute[Any], value: str) 
         raise ValueError(f"{attribute.name}: {exc}") from None
 
 
+_ADMIN_HOST = re.compile(
+    r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_.])?)(:\d{1,5})?$"
+)
+
+
+def _check_hosts(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for host in value:
+        if not isinstance(host, str) or not _ADMIN_HOST.match(host):
+            raise ValueError(
+                f"{attribute.name}: invalid host name {host!r} (a name or address as typed "
+                'in the browser, e.g. "gpu1.lan" or "10.0.0.5")'
+            )
+
+
 def _check_level(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value.lower() not in {"debug", "info", "warning", "error"}:
         raise ValueError(
@@ -212,10 +226,19 @@ class BrokerConfig:
     #: a file holding a token the admin endpoint then requires (except /healthz, /readyz);
     #: for operators who expose admin_listen beyond loopback
     admin_token_file: str = ""
+    #: names the admin pages may be opened by besides localhost and IP addresses (a proxy's
+    #: or the machine's DNS name); any other Host is refused (421), against DNS rebinding
+    admin_hosts: list[str] = attrs.field(factory=list, validator=_check_hosts)
     #: model aliases and fallback chains, e.g. coder = ["qwen2.5-coder:32b", "qwen2.5-coder:7b"]:
     #: a request for "coder" goes to the first that a connector serves, and to the next if that
     #: fails before answering
     aliases: dict[str, list[str]] = attrs.field(factory=dict, validator=_check_aliases)
+
+
+def _check_methods(_inst: object, attr: attrs.Attribute[Any], value: list[str]) -> None:
+    for m in value:
+        if m in ("TRACE", "CONNECT") or not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}", m):
+            raise ValueError(f"{attr.name}: {m!r} is not a method that may be relayed")
 
 
 @attrs.frozen(kw_only=True)
@@ -229,6 +252,8 @@ class ConnectorConfig:
     api_keys_file: str = "keys.toml"
     #: a file holding a token the admin endpoint then requires (except /healthz, /readyz)
     admin_token_file: str = ""
+    #: names the admin pages may be opened by besides localhost and IP addresses (see broker)
+    admin_hosts: list[str] = attrs.field(factory=list, validator=_check_hosts)
     #: a key the LLM server itself wants (llama.cpp / vLLM --api-key); read from this file or
     #: from the environment variable TRIO_BRIDGE_UPSTREAM_KEY.
     upstream_api_key_file: str = ""
@@ -253,6 +278,11 @@ class ConnectorConfig:
     #: LLM health probe: any HTTP answer below 500 means "up"
     health_path: str = "/v1/models"
     health_interval: Duration = attrs.field(default=Duration(5), validator=_positive)
+    #: the HTTP methods relayed to the LLM (others: 405); TRACE and CONNECT never are
+    methods: list[str] = attrs.field(
+        factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        validator=_check_methods,
+    )
     #: tell systemd READY=1 once the first relay is up ("relay") or at once ("start")
     notify_ready: str = attrs.field(
         default="relay", validator=attrs.validators.in_(("relay", "start"))

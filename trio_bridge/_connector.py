@@ -74,6 +74,7 @@ from ._protocol import GoAway, Hello, RequestHead, ResponseHead, Session
 from ._relay import Relay, RelayStream
 from ._service import Notifier
 from ._slots import FairSlots
+from ._target import BadTarget, LLMBase, check_method
 from ._ui import Pages
 from ._upstream import H11Transport, close_response
 from ._usage import UsageSniffer
@@ -204,8 +205,11 @@ class Connector:
             (b"authorization", b"Bearer " + upstream_key.encode()) if upstream_key else None
         )
         self.local_url = c.local_url.rstrip("/")
-        #: parsed LLM URLs by request target: an API has a handful of paths, and parsing one
-        #: costs ~17 µs (a third of building the request)
+        #: where every relayed request goes: local_url's scheme, host, port and path
+        self.llm_base = LLMBase(c.local_url)
+        self._methods = frozenset(c.methods)
+        #: LLM URLs by request target: an API has a handful of paths, and checking and
+        #: building one costs ~20 µs (a third of building the request)
         self._urls: dict[str, httpx.URL] = {}
         self._ssl_context = ssl.create_default_context(
             cafile=str(config.path(c.broker_ca_file)) if c.broker_ca_file else None
@@ -356,7 +360,7 @@ class Connector:
             with trio.fail_after(float(self.limits.first_byte_timeout)):
                 async with self.slots.slot("replay"):
                     r = await self.transport.handle_async_request(
-                        httpx.Request(old.method, self.local_url + old.target, headers=headers,
+                        httpx.Request(old.method, self._url_for(old.target), headers=headers,
                                       content=old.request_body)
                     )  # fmt: skip
                     rec.ttfb_ms = round((trio.current_time() - t0) * 1000, 3)
@@ -463,8 +467,11 @@ class Connector:
         try:
             async with trio.open_nursery() as outer:
                 if self.config.connector.admin_listen:
-                    admin = AdminApp(self.metrics, self.ready, self.status, self._pages())
                     listen = self.config.connector.admin_listen
+                    hosts = [listen, *self.config.connector.admin_hosts]
+                    admin = AdminApp(
+                        self.metrics, self.ready, self.status, self._pages(), hosts=hosts
+                    )
                     with listening("connector.admin_listen", listen):
                         self.admin_address = await outer.start(serve_app, admin, listen)
                     log.info("admin endpoint on http://%s:%d", *self.admin_address)
@@ -884,6 +891,11 @@ class Connector:
         limits = self.keys.limits_for(entry)
         if head.target.split("?", 1)[0] == USAGE_PATH:
             return await self._self_service(stream, facts, entry, limits)
+        try:  # the one rule for what may reach the LLM (the broker's word is not taken)
+            check_method(head.method, self._methods)
+            url = self._url_for(head.target)
+        except BadTarget as exc:
+            return await self._reply_error(stream, facts, exc.status, str(exc))
         declared = header(head.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._reply_error(stream, facts, 413, "request body too large")
@@ -908,7 +920,7 @@ class Connector:
         if self.inspector.capture_bodies:
             content = self._capture_request(rec, content)
         try:
-            return await self._to_llm(stream, facts, call, content)
+            return await self._to_llm(stream, facts, call, url, content)
         finally:
             self._finish_call(call, stream)
 
@@ -967,15 +979,13 @@ class Connector:
         stream: RelayStream,
         facts: Facts,
         call: _Call,
+        url: httpx.URL,
         content: bytes | AsyncIterator[bytes],
     ) -> str:
         """Wait for an LLM slot (fairly), send the request, stream the answer back."""
         head = stream.request_head
         assert head is not None
-        try:
-            request = self._llm_request(head, content, call)
-        except (httpx.InvalidURL, ValueError):
-            return await self._reply_error(stream, facts, 400, "invalid request target")
+        request = self._llm_request(head, url, content, call)
         # one deadline for the wait in the queue and the LLM's first byte together
         first_byte_by = trio.current_time() + float(self.limits.first_byte_timeout)
         refused = await self._take_slot(stream, facts, call, first_byte_by)
@@ -994,11 +1004,14 @@ class Connector:
             self.slots.release()
 
     def _llm_request(
-        self, head: RequestHead, content: bytes | AsyncIterator[bytes], call: _Call
+        self,
+        head: RequestHead,
+        url: httpx.URL,
+        content: bytes | AsyncIterator[bytes],
+        call: _Call,
     ) -> tuple[str, httpx.URL, list[tuple[bytes, bytes]], bytes | AsyncIterator[bytes]]:
         """The request for the LLM, as ``H11Transport.send`` takes it: the user's key and
-        hop-by-hop headers out, the correlation id (and an upstream key) in. Raises
-        httpx.InvalidURL / ValueError for a bad target."""
+        hop-by-hop headers out, the correlation id (and an upstream key) in."""
         headers = strip_hop_by_hop(head.headers, also=_DROP_UPSTREAM)
         headers.append((REQUEST_ID, head.request_id.encode()))
         if call.rec is not None:  # what a replay sends again (never the upstream key)
@@ -1006,13 +1019,17 @@ class Connector:
             call.rec.forward_headers = list(headers)
         if self._upstream_auth is not None:
             headers.append(self._upstream_auth)
-        url = self._urls.get(head.target)
+        return head.method, url, headers, content
+
+    def _url_for(self, target: str) -> httpx.URL:
+        """The LLM's URL for a request target (:class:`BadTarget` for one that may not go)."""
+        url = self._urls.get(target)
         if url is None:
-            url = httpx.URL(self.local_url + head.target)
+            url = self.llm_base.url_for(target)
             if len(self._urls) >= 256:  # many distinct targets (query strings): start over
                 self._urls.clear()
-            self._urls[head.target] = url
-        return head.method, url, headers, content
+            self._urls[target] = url
+        return url
 
     async def _take_slot(
         self, stream: RelayStream, facts: Facts, call: _Call, deadline: float

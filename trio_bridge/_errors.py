@@ -14,7 +14,8 @@
     ├── ClientError                  the public client's side of a request (broker)
     │   ├── ClientDisconnected       it went away before its body was read
     │   │   └── BodyTooSlow          its body came slower than min_body_rate
-    │   └── BadBody                  its body breaks HTTP framing (answered 400)
+    │   ├── BadBody                  its body breaks HTTP framing (answered 400)
+    │   └── BadTarget                a method or target that is never relayed (400/405/414)
     └── QueueFull                    a bounded queue is full (broker: 503; connector: 429)
 
 Private control flow inside one module (``_TooLarge``, ``_HeadError``, ``_NothingReceived``)

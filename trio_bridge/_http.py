@@ -88,6 +88,7 @@ ERRORS: dict[int, tuple[str, str]] = {
     401: ("invalid_request_error", "invalid_api_key"),
     403: ("invalid_request_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
     414: ("invalid_request_error", "uri_too_long"),
     431: ("invalid_request_error", "headers_too_large"),
