@@ -120,9 +120,11 @@ async function replay() {
   const seq = Number(document.getElementById("detail").dataset.seq);
   const note = document.getElementById("d-replayed");
   note.textContent = "replaying…";
-  const r = await fetch(`/api/replay/${seq}`, {method: "POST", credentials: "same-origin"});
+  const r = await fetch(`/api/replay/${seq}`, {
+    method: "POST", credentials: "same-origin", headers: {"X-Trio-Bridge-Admin": "1"},
+  });
   const doc = await r.json();
-  note.textContent = r.ok ? `replayed: HTTP ${doc.status} (request #${doc.seq})` : `replay failed: ${doc.error}`;
+  note.textContent = r.ok ? `replayed: HTTP ${doc.status} (request #${doc.seq})` : `replay failed: ${doc.error?.message ?? doc.error}`;
   note.dataset.status = String(doc.status ?? r.status);
 }
 
