@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             return _service_command(config, args)
         if args.command in ("broker", "connector", "demo", "test-model"):
             _freeze_startup_heap()
+        if args.command in ("broker", "connector", "demo"):
+            # whatever a role creates is for its own user alone (usage counts, SQLite's side
+            # files); the stores also make their files private themselves
+            os.umask(0o077)
         if args.command == "broker":
             broker = Broker(config)
             trio.run(_run_until_signal, lambda: broker.serve(), broker.drain, grace)

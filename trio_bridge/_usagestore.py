@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import sqlite3
 import threading
 from collections import defaultdict
@@ -61,13 +62,39 @@ def utc_day(ts: float) -> str:
     return _day_text(int(ts // 86400))
 
 
+#: the files SQLite keeps beside a database (WAL, its shared memory, a rollback journal)
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def make_private(path: Path) -> None:
+    """Create ``path`` (empty) with mode 0600 if it is missing, and take group and other
+    permissions off it and its side files if an older release left them there.
+
+    SQLite creates the -wal, -shm and -journal files with the database file's mode (whatever
+    the umask), so a database file that is private before SQLite first opens it keeps them
+    private too; one chmod after opening came too late for them. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        try:
+            if side.stat().st_mode & 0o077:
+                side.chmod(0o600)
+        except FileNotFoundError:
+            pass
+
+
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    make_private(path)
     db = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(SCHEMA)
-    path.chmod(0o600)
     return db
 
 
