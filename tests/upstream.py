@@ -27,13 +27,16 @@ class Upstream:
     /sse (fixed SSE bytes), /gzip (gzip-encoded body), /slow-head?s=N, /hang (no answer until the
     client goes away), /stall (head, one chunk,
     then silence), /die (head, one chunk, then the connection is cut), /forever (a chunk every
-    10 ms until the client goes away), /big?n=N (N bytes, streamed in 64 KiB chunks)."""
+    10 ms until the client goes away), /big?n=N (N bytes, streamed in 64 KiB chunks),
+    /big-json (``big_json``, as application/json)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.disconnected = trio.Event()
         self.disconnect_time: float | None = None
         self.forever_started = trio.Event()
+        #: what /big-json answers (application/json, in 64 KiB chunks)
+        self.big_json = b"{}"
 
     def forwarded(self) -> list[dict[str, Any]]:
         """Requests that came through the bridge (the connector's health probes do not carry
@@ -150,6 +153,19 @@ class Upstream:
                         }
                     )
                     await trio.sleep(0.01)
+        elif path == "/big-json":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            data = self.big_json
+            for i in range(0, len(data), 65536):
+                part = data[i : i + 65536]
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         elif path == "/big":
             n = int(query.split("=")[1])
             await send(

@@ -44,6 +44,7 @@ from ._errors import (
 from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
 from ._http import (
     MODEL_LISTS,
+    carries_secret,
     error_body,
     error_response,
     header,
@@ -75,9 +76,41 @@ from ._version import __version__
 
 log = logging.getLogger("trio_bridge.broker")
 
-#: headers a connector or LLM might believe; from clients only through trusted_proxies
-_FORWARDING = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip"})
+#: headers a connector or LLM might believe about the client (compared with ``_`` read as
+#: ``-``, as WSGI/CGI servers merge the two); from clients only through trusted_proxies
+_FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"via",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"cf-ipcountry",
+        b"fastly-client-ip",
+        b"akamai-client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-proxyuser-ip",
+        b"x-azure-clientip",
+        b"x-appengine-user-ip",
+        b"x-envoy-external-address",
+    }
+)
 _FORWARDING_PREFIX = b"x-forwarded-"
+
+
+def _forwarding(name: bytes) -> bool:
+    """Whether a (lower-case) header name is a forwarding header, in any ``_`` spelling."""
+    name = name.replace(b"_", b"-")
+    return name in _FORWARDING or name.startswith(_FORWARDING_PREFIX)
+
+
 #: the bridge's own header namespace: only the bridge sets these, never a client or a proxy
 BRIDGE_NAMESPACE = b"x-trio-bridge-"
 MAX_ATTEMPTS = 3
@@ -110,6 +143,8 @@ class Broker:
     def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
         self.config = config
         self.tokens = tokens or SecretStore(config.path(config.broker.connector_tokens_file), "tbc")
+        #: what every connector token starts with: a request carrying it is never relayed
+        self._token_mark = f"{self.tokens.prefix}_".encode()
         bc = config.broker
         self.registry = Registry(max_queue=bc.max_queue)
         self.relay_path = bc.relay_path
@@ -571,8 +606,7 @@ class Broker:
                 f"no WebSocket endpoint at this path (the relay endpoint is {relay}); "
                 "WebSocket pass-through to the LLM is not supported"
             )
-        key = presented_key(req.headers)
-        if key is not None and key.startswith(f"{self.tokens.prefix}_"):
+        if carries_secret(req.headers, req.target, self._token_mark):
             return 401, (
                 "a connector token was presented as an API key; it is not forwarded. "
                 "Connector tokens belong in the connector's token_file"
@@ -615,12 +649,8 @@ class Broker:
         if trusted:
             prior = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
         else:
-            headers = [
-                (k, v)
-                for k, v in headers
-                if k not in _FORWARDING and not k.startswith(_FORWARDING_PREFIX)
-            ]
-        headers = [(k, v) for k, v in headers if k != b"x-forwarded-for"]
+            headers = [(k, v) for k, v in headers if not _forwarding(k)]
+        headers = [(k, v) for k, v in headers if k.replace(b"_", b"-") != b"x-forwarded-for"]
         if peer:
             headers.append((b"x-forwarded-for", (prior + b", " if prior else b"") + peer.encode()))
         if not trusted or not any(k == b"x-forwarded-proto" for k, _ in headers):

@@ -14,6 +14,7 @@ RESET (UPSTREAM_ERROR or TIMEOUT) that makes the broker abort the client's respo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -48,12 +49,13 @@ from ._http import (
     KEY_HEADERS,
     MODEL_LISTS,
     REQUEST_ID,
+    ModelUnknown,
+    declared_model,
     error_response,
     header,
     model_ids,
     new_request_id,
     presented_key,
-    request_model,
     strip_hop_by_hop,
 )
 from ._inspect import Inspector, RequestRecord, scrub
@@ -78,7 +80,7 @@ from ._target import BadTarget, LLMBase, check_method
 from ._ui import Pages
 from ._upstream import H11Transport, close_response
 from ._usage import UsageSniffer
-from ._usagestore import UsageStore, utc_day
+from ._usagestore import KnownModels, UsageStore, utc_day
 from ._version import __version__
 from ._ws import WebSocket, connect_websocket
 
@@ -106,18 +108,63 @@ def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
     return value
 
 
-class _TooLarge(BridgeError):
-    pass
+class _BodyRefused(BridgeError):
+    """A request body the connector stops reading: answered ``status`` (or reset with
+    ``code`` once the LLM call started)."""
+
+    status = 400
+    code = ResetCode.CANCEL
+    message = ""
+
+
+class _TooLarge(_BodyRefused):
+    status, code, message = 413, ResetCode.TOO_LARGE, "request body too large"
+
+
+class _TooSlow(_BodyRefused):
+    status, code = 408, ResetCode.TIMEOUT
+    message = "the request body came too slowly"
+
+
+class _OverBudget(_BodyRefused):
+    status, code = 503, ResetCode.REFUSED
+    message = "too many request bodies are held for this broker; retry shortly"
+
+
+class _BodyBudget:
+    """Bytes of whole request bodies one relay's requests hold at once (a hostile broker
+    cannot make the connector buffer more than this for it)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise _OverBudget
+        self.used += n
 
 
 USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
 
 
-def open_usage_store(config: Config) -> UsageStore:
-    """The connector's usage store; a file it cannot open is a one-line ConfigError."""
+def open_usage_store(
+    config: Config, *, models: KnownModels | None = None, metrics: Metrics | None = None
+) -> UsageStore:
+    """The connector's usage store; a file it cannot open is a one-line ConfigError.
+    ``models``: the models the connector knows now (default: the configured ``models``);
+    ``metrics``: where the store's flush counters go."""
     path = config.path(config.connector.usage_file)
+    configured = tuple(config.connector.models) or None
     try:
-        return UsageStore(path, float(config.connector.usage_flush_interval))
+        return UsageStore(
+            path,
+            float(config.connector.usage_flush_interval),
+            models=models or (lambda: configured),
+            registry=metrics.registry if metrics is not None else None,
+        )
     except (sqlite3.Error, OSError) as exc:
         raise ConfigError(
             f'connector.usage_file: cannot open {path}: {exc} (a writable place, or "" to '
@@ -253,7 +300,11 @@ class Connector:
         self.limiter = Limiter()
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self._waited)
         self.metrics.queued.labels("connector").set_function(lambda: self.slots.queued)
-        self.usage_store = open_usage_store(config) if c.usage_file else None
+        self.usage_store = (
+            open_usage_store(config, models=lambda: self.models, metrics=self.metrics)
+            if c.usage_file
+            else None
+        )
         if self.usage_store is not None:  # daily budgets go on where they were
             now = time.time()
             for key_id, tokens in self.usage_store.tokens_on(utc_day(now)).items():
@@ -660,7 +711,7 @@ class Connector:
             priority=c.priority,
             ping_interval=float(rc.ping_interval),
             max_buffered=int(rc.max_buffered),
-            handler=self.handle_stream,
+            handler=functools.partial(self.handle_stream, budget=_BodyBudget(int(rc.max_buffered))),
             on_change=lambda r: self._relay_changed(url, r),
         )
 
@@ -732,14 +783,17 @@ class Connector:
                 return
 
     # -- one request --
-    async def handle_stream(self, stream: RelayStream) -> None:
+    async def handle_stream(self, stream: RelayStream, budget: _BodyBudget | None = None) -> None:
+        """One relayed request, start to end; ``budget``: its relay's for whole bodies."""
         head = stream.request_head
         assert head is not None
         facts = Facts(head.request_id, head.method, head.target.split("?", 1)[0])
         facts.route = self.config.connector.route
         rec = self.inspector.start(head.request_id, head.method, facts.path)
         try:
-            facts.outcome = await self._forward(stream, facts, rec)
+            if budget is None:
+                budget = _BodyBudget(int(self.config.relay.max_buffered))
+            facts.outcome = await self._forward(stream, facts, rec, budget)
         finally:
             if facts.outcome is None:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
@@ -791,13 +845,48 @@ class Connector:
         self, stream: RelayStream, facts: Facts, entry: SecretEntry, limits: KeyLimits
     ) -> str:
         """``GET /_bridge/usage``: the presented key's limits, what is left now, and its
-        usage today and over the last 30 days (JSON), answered here, not by the LLM."""
+        usage today and over the last 30 days (JSON), answered here, not by the LLM.
+
+        A request of that key like any other: refused (429) beyond its concurrency or rate,
+        counted in them while it runs ("now" includes it). Built from the usage store's
+        in-memory summary of this key alone (bounded: 30 days × its models), never from
+        the file."""
         now = time.time()
-        rows = (
-            self.usage_store.rows(since_day=utc_day(now - 29 * 86400), key_ids=[entry.id])
-            if self.usage_store is not None
-            else []
-        )
+        refusal = self.limiter.admit(entry.id, limits, now)
+        if refusal is not None:
+            facts.limit = refusal.limit
+            self.metrics.limit_hits.labels("connector", refusal.limit).inc()
+            return await self._reply_error(
+                stream,
+                facts,
+                429,
+                refusal.message,
+                retry_after=refusal.retry_after,
+                extra=self.limiter.headers(entry.id, limits, now),
+            )
+        try:
+            return await self._usage_answer(stream, facts, entry, limits, now)
+        finally:
+            self.limiter.finish(entry.id, 0, time.time())
+
+    async def _usage_answer(
+        self,
+        stream: RelayStream,
+        facts: Facts,
+        entry: SecretEntry,
+        limits: KeyLimits,
+        now: float,
+    ) -> str:
+        """The JSON of :meth:`_self_service` (the key admitted)."""
+        rows: list[dict[str, Any]] = []
+        if self.usage_store is not None:
+            with trio.move_on_after(5):  # the summary is read at start, in a worker thread
+                await self.usage_store.load()
+            if not self.usage_store.loaded:
+                return await self._reply_error(
+                    stream, facts, 503, "usage is still being read; retry shortly", retry_after=1
+                )
+            rows = self.usage_store.rows(since_day=utc_day(now - 29 * 86400), key_ids=[entry.id])
         today = utc_day(now)
         doc = {
             "key": {"name": entry.name, "id": entry.id, "expires": entry.expires or None},
@@ -863,15 +952,23 @@ class Connector:
         code: str | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> str:
+        """Answer with a bridge-made error; a broker that takes no part of it within
+        ``stall_timeout`` gets the stream reset instead (nothing waits on it for ever)."""
         facts.status = status
         _, headers, body = error_response(
             status, message, facts.request_id, retry_after=retry_after, code=code
         )
-        await stream.send_response(ResponseHead(status, headers + (extra or [])))
-        await stream.send_data(body, end_stream=True)
+        with trio.move_on_after(float(self.limits.stall_timeout)) as stalled:
+            await stream.send_response(ResponseHead(status, headers + (extra or [])))
+            await stream.send_data(body, end_stream=True)
+        if stalled.cancelled_caught:
+            stream.reset(ResetCode.TIMEOUT, "the broker took no answer (stall timeout)")
+            return "client_stalled"
         return bridge_outcome(status)
 
-    async def _forward(self, stream: RelayStream, facts: Facts, rec: RequestRecord) -> str:
+    async def _forward(
+        self, stream: RelayStream, facts: Facts, rec: RequestRecord, budget: _BodyBudget
+    ) -> str:
         """Check the key and its limits, then relay the request to the LLM (or answer
         ``/_bridge/usage``); the key's counters are released when the answer ends."""
         head = stream.request_head
@@ -899,10 +996,7 @@ class Connector:
         declared = header(head.headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._reply_error(stream, facts, 413, "request body too large")
-        body = await self._request_body(stream, facts, limits)
-        if isinstance(body, str):
-            return body  # refused
-        content, model = body
+        # the key's limits apply before anything of the body is read or held
         now = time.time()
         refusal = self.limiter.admit(entry.id, limits, now)
         if refusal is not None:
@@ -916,25 +1010,45 @@ class Connector:
                 retry_after=refusal.retry_after,
                 extra=self.limiter.headers(entry.id, limits, now),
             )
-        call = _Call(entry.id, limits, facts, model, rec)
-        if self.inspector.capture_bodies:
-            content = self._capture_request(rec, content)
+        call = _Call(entry.id, limits, facts, None, rec)
+        held = 0
         try:
+            try:
+                body = await self._request_body(stream, facts, limits, budget)
+            except _BodyRefused as exc:
+                return await self._reply_error(stream, facts, exc.status, exc.message)
+            if isinstance(body, str):
+                return body  # refused
+            content, call.model = body
+            if isinstance(content, bytes):
+                held = len(content)  # taken from the budget while read: given back at the end
+            if self.inspector.capture_bodies:
+                content = self._capture_request(rec, content)
             return await self._to_llm(stream, facts, call, url, content)
         finally:
+            budget.used -= held
             self._finish_call(call, stream)
 
     async def _request_body(
-        self, stream: RelayStream, facts: Facts, limits: KeyLimits
+        self, stream: RelayStream, facts: Facts, limits: KeyLimits, budget: _BodyBudget
     ) -> tuple[bytes | AsyncIterator[bytes], str | None] | str:
         """The body to send on (read whole when it is complete or the key has a model
         allowlist, which needs the "model" before anything is sent) and its model; or the
-        outcome of the 403 answered for a model the key may not use."""
+        outcome of the 400 / 403 answered for a model that cannot be read or that the key may
+        not use. Raises :class:`_BodyRefused` (too large, too slow, over the relay's budget)."""
         if not (stream.recv_done or limits.models):
             return self._body(stream), None
-        content = await self._read_body(stream)
-        model = request_model(content) if limits.models else None
+        content = await self._read_body(stream, budget)
+        if not limits.models:
+            return content, None
+        budget.used -= len(content)  # taken again below, unless the request is refused
+        try:
+            encoding = header(stream.request_head.headers, b"content-encoding")  # type: ignore[union-attr]
+            model = declared_model(content, encoding)
+        except ModelUnknown as exc:
+            return await self._reply_error(stream, facts, 400, str(exc), code="model_unknown")
         if limits.allows_model(model):
+            budget.used += len(content)
             return content, model
         return await self._reply_error(
             stream,
@@ -991,14 +1105,24 @@ class Connector:
         refused = await self._take_slot(stream, facts, call, first_byte_by)
         if refused is not None:
             return refused
-        try:  # the LLM slot is held until the answer ends
-            try:
-                with trio.CancelScope(deadline=first_byte_by) as first_byte:
-                    response = await self.transport.send(*request)
-            except (_TooLarge, httpx.HTTPError) as exc:
-                return await self._no_answer(stream, facts, exc)
-            if first_byte.cancelled_caught:
-                return await self._no_answer(stream, facts, trio.TooSlowError())
+        # The LLM slot is held for the LLM's work only: until its answer ends, or until it
+        # fails to give one (the error is answered after the slot is free: a broker that
+        # takes no answer never pins a slot).
+        failure: BaseException | None = None
+        try:
+            with trio.CancelScope(deadline=first_byte_by) as first_byte:
+                response = await self.transport.send(*request)
+        except (_BodyRefused, httpx.HTTPError) as exc:
+            failure = exc
+        except BaseException:
+            self.slots.release()
+            raise
+        if failure is None and first_byte.cancelled_caught:
+            failure = trio.TooSlowError()
+        if failure is not None:
+            self.slots.release()
+            return await self._no_answer(stream, facts, failure)
+        try:
             return await self._answer(stream, facts, call, response)
         finally:
             self.slots.release()
@@ -1067,9 +1191,9 @@ class Connector:
             return await self._reply_error(
                 stream, facts, 504, "the LLM did not start answering in time"
             )
-        if isinstance(exc, _TooLarge):
-            stream.reset(ResetCode.TOO_LARGE, "request body too large")
-            return "too_large"
+        if isinstance(exc, _BodyRefused):  # part of the body may have gone: no answer fits
+            stream.reset(exc.code, exc.message)
+            return "too_large" if isinstance(exc, _TooLarge) else "refused"
         if isinstance(exc, httpx.ConnectError):
             self.llm_failed(f"ConnectError: {exc}")
             return await self._reply_error(stream, facts, 502, "the LLM server is unreachable")
@@ -1184,18 +1308,42 @@ class Connector:
         rec.request_body = b""
         return tee(content)
 
-    async def _read_body(self, stream: RelayStream) -> bytes:
-        """The whole request body (at most max_body; beyond, 413 via _TooLarge)."""
+    async def _read_body(self, stream: RelayStream, budget: _BodyBudget) -> bytes:
+        """The whole request body, its bytes taken from the relay's ``budget`` as they come
+        (given back by the caller once the call ends; here if reading fails). Raises
+        :class:`_BodyRefused`: beyond max_body, slower than min_body_rate, over the budget."""
         if stream.recv_done:  # all here already (a small request): no waiting
             body, _ = stream.take_ready()
             if len(body) > self.max_body:
                 raise _TooLarge
+            budget.take(len(body))
             return body
-        return b"".join([chunk async for chunk in self._body(stream)])
+        parts: list[bytes] = []
+        taken = 0
+        try:
+            async for chunk in self._body(stream):
+                budget.take(len(chunk))
+                taken += len(chunk)
+                parts.append(chunk)
+        except BaseException:
+            budget.used -= taken
+            raise
+        return b"".join(parts)
 
     async def _body(self, stream: RelayStream) -> AsyncIterator[bytes]:
+        """The request body as it comes: at most max_body (else _TooLarge), and at least
+        min_body_rate bytes per second on average after head_timeout of grace (else
+        _TooSlow), as the broker holds its public clients to."""
         size = 0
-        while chunk := await stream.receive_data():
+        grace, rate = float(self.limits.head_timeout), int(self.limits.min_body_rate)
+        started = trio.current_time()
+        while True:
+            with trio.move_on_at(started + grace + size / rate) as slow:
+                chunk = await stream.receive_data()
+            if slow.cancelled_caught:
+                raise _TooSlow
+            if not chunk:
+                return
             size += len(chunk)
             if size > self.max_body:
                 raise _TooLarge

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 from random import getrandbits as _random_bits
+from urllib.parse import unquote_to_bytes
+
+from ._errors import ClientError
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -65,16 +69,90 @@ def request_id_from(headers: Headers) -> str:
 
 
 def presented_key(headers: Headers) -> str | None:
-    """The API key a client presented (Authorization: Bearer, x-api-key or api-key)."""
+    """The API key a client presented (Authorization: Bearer, x-api-key or api-key). The
+    scheme is case-insensitive and may be followed by spaces or tabs."""
     for k, v in headers:
         lk = k.lower()
         if lk == b"authorization":
-            scheme, _, token = v.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip().decode("latin-1")
+            parts = v.split(None, 1)
+            if len(parts) == 2 and parts[0].lower() == b"bearer" and parts[1].strip():
+                return parts[1].strip().decode("latin-1")
         elif lk in (b"x-api-key", b"api-key") and v.strip():
             return v.strip().decode("latin-1")
     return None
+
+
+def carries_secret(headers: Headers, target: bytes, prefix: bytes) -> bool:
+    """Whether a request carries a secret of ours (``prefix``: b"tbc_", the connector tokens'):
+    in any header value (any credential header or scheme, a cookie, a custom header), inside
+    Basic credentials, or in the target (also percent-encoded). Such a request is refused and
+    never relayed: a connector token has no business in an API call."""
+    p = prefix.lower()
+    for k, v in headers:
+        lv = v.lower()
+        if p in lv:
+            return True
+        if k.lower() in (b"authorization", b"proxy-authorization") and lv.startswith(b"basic"):
+            try:
+                if p in binascii.a2b_base64(v[5:].strip()).lower():
+                    return True
+            except (binascii.Error, ValueError):
+                pass
+    lt = target.lower()
+    return p in lt or (b"%" in lt and p in unquote_to_bytes(lt).lower())
+
+
+class ModelUnknown(ClientError):
+    """The model a request body names cannot be read with certainty (answered 400)."""
+
+
+def declared_model(body: bytes, content_encoding: bytes | None) -> str | None:
+    """The ``"model"`` a request body names, read strictly, for a key with a model allowlist
+    (fail closed). None for an empty body (nothing to run: e.g. GET /v1/models). Anything
+    that leaves a doubt about which model the LLM would run raises :class:`ModelUnknown`
+    with the reason: a compressed body, a byte order mark (RFC 8259 lets a parser skip it,
+    so some servers would read the body and others not), anything but UTF-8, not JSON,
+    nesting beyond the parser's depth, not an object, no ``"model"`` or not a string, or
+    ``"model"`` twice (parsers differ on which one wins)."""
+    if content_encoding is not None and content_encoding.strip().lower() not in (b"", b"identity"):
+        raise ModelUnknown(
+            "this API key may only use some models, and a compressed request body cannot be "
+            "checked: send it without Content-Encoding"
+        )
+    if not body:
+        return None
+    if body[:3] == b"\xef\xbb\xbf" or body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ModelUnknown(
+            "the request body starts with a byte order mark: send UTF-8 JSON without one"
+        )
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelUnknown("the request body is not valid UTF-8") from None
+    twice = False
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal twice
+        if sum(1 for k, _ in items if k == "model") > 1:
+            twice = True
+        return dict(items)
+
+    try:
+        doc = json.loads(text, object_pairs_hook=pairs)
+    except RecursionError:
+        raise ModelUnknown("the request body is nested too deeply") from None
+    except ValueError:
+        raise ModelUnknown("the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ModelUnknown("the request body must be a JSON object")
+    if twice:
+        raise ModelUnknown('the request body names "model" more than once')
+    model = doc.get("model")
+    if not isinstance(model, str):
+        raise ModelUnknown(
+            'this API key may only use some models: the request must name one in "model"'
+        )
+    return model
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
@@ -131,7 +209,7 @@ def request_model(body: bytes) -> str | None:
         return None
     try:
         model = json.loads(body).get("model")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
     return model if isinstance(model, str) else None
 
@@ -143,7 +221,7 @@ def with_model(body: bytes, model: str | None) -> bytes:
         return body
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return body
     if not isinstance(doc, dict):
         return body
@@ -162,7 +240,7 @@ def model_ids(path: str, status: int, body: bytes) -> list[str] | None:
         return None
     try:
         items = json.loads(body)[field]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
         return None
     if not isinstance(items, list):
         return None

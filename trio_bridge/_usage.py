@@ -2,7 +2,12 @@
 
 - ``application/json`` (non-streamed): the whole body (up to 1 MiB) is parsed at the end:
   OpenAI ``usage.prompt_tokens`` / ``usage.completion_tokens``, or Ollama's
-  ``prompt_eval_count`` / ``eval_count``.
+  ``prompt_eval_count`` / ``eval_count``. A bigger body (a long answer, a large embeddings
+  batch) is not held: only its first and last 64 KiB are kept, and at the end the last
+  ``"usage": {...}`` object of the tail (where OpenAI-style servers put it, after
+  ``choices`` / ``data``), or Ollama's counts, are read there; the model from the head's
+  first ``"model"`` (else the tail's last). Inside a JSON string a quote is escaped, so text
+  that merely mentions ``"usage"`` is never taken for it.
 - ``text/event-stream`` (OpenAI streaming): events are split on blank lines; only events that
   carry a non-null ``"usage"`` object are parsed (the final chunk when the client asked for
   ``stream_options.include_usage``, or servers that always send it); the first event gives the
@@ -14,7 +19,8 @@ one token per event (llama.cpp, vLLM, Ollama), so it estimates the completion to
 that carries no usage (to within the one or two events that carry only a role or the end).
 
 Anything that does not parse is simply not counted. Memory is bounded: at most one partial
-event / line (64 KiB) or one JSON body (1 MiB) is kept.
+event / line (64 KiB), one JSON body (1 MiB), or a big body's head and tail (2 × 64 KiB, the
+tail briefly twice that) is kept.
 """
 
 from __future__ import annotations
@@ -25,14 +31,19 @@ from typing import Any
 
 MAX_JSON = 1024 * 1024
 MAX_EVENT = 64 * 1024
+EDGE = 64 * 1024  # of a big JSON body, the head and the tail kept
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = re.compile(rb'"done"\s*:\s*true')
+_MODEL = re.compile(rb'"model"\s*:\s*"')
+_OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"\s*:\s*(\d{1,15})\b')
+_DECODER = json.JSONDecoder()
 
 
 class UsageSniffer:
     __slots__ = (
         "_buf",
         "_first",
+        "_head",
         "_kind",
         "_skip",
         "completion_tokens",
@@ -54,6 +65,7 @@ class UsageSniffer:
         self._kind = kind
         self._buf = bytearray()
         self._skip = False
+        self._head: bytes | None = None  # a big JSON body's first EDGE bytes
         self._first = True  # the first event is parsed for the model name, even without usage
         self.model: str | None = None
         self.prompt_tokens: int | None = None
@@ -74,11 +86,14 @@ class UsageSniffer:
         if kind is None:
             return
         if kind == "json":
-            if len(self._buf) + len(chunk) > MAX_JSON:
-                self._kind = None  # too big to be an answer worth counting
-                self._buf.clear()
-            else:
-                self._buf += chunk
+            buf = self._buf
+            buf += chunk
+            if self._head is None:
+                if len(buf) > MAX_JSON:  # too big to hold: keep its head, then only a tail
+                    self._head = bytes(buf[:EDGE])
+                    del buf[:-EDGE]
+            elif len(buf) > 2 * EDGE:
+                del buf[:-EDGE]
             return
         sep = b"\n\n" if kind == "sse" else b"\n"
         buf = self._buf
@@ -100,7 +115,10 @@ class UsageSniffer:
 
     def finish(self) -> None:
         if self._kind == "json":
-            self._take(_loads(bytes(self._buf)))
+            if self._head is None:
+                self._take(_loads(bytes(self._buf)))
+            else:
+                self._take(_edges(self._head, bytes(self._buf)))
         elif self._kind in ("sse", "ndjson") and self._buf and not self._skip:
             self._event(bytes(self._buf))
         self._buf.clear()
@@ -147,5 +165,39 @@ class UsageSniffer:
 def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+
+
+def _value_at(raw: bytes, start: int) -> Any:
+    """The JSON value that starts at ``raw[start]``, or None."""
+    try:
+        return _DECODER.raw_decode(raw.decode("utf-8", "replace"), start)[0]
+    except (ValueError, RecursionError):
+        return None
+
+
+def _edges(head: bytes, tail: bytes) -> dict[str, Any]:
+    """What :meth:`UsageSniffer._take` needs of a JSON body too big to hold, from its first
+    and last bytes: the model, and the usage (OpenAI) or the counts (Ollama)."""
+    doc: dict[str, Any] = {}
+    found = _MODEL.search(head) or _last(_MODEL, tail)
+    source = head if found is not None and found.string is head else tail
+    if found is not None:
+        # the text before the match is ASCII-safe to cut at: decode from the quote on
+        doc["model"] = _value_at(source[found.end() - 1 :], 0)
+    usage = _last(_USAGE, tail)
+    if usage is not None:
+        doc["usage"] = _value_at(tail[usage.end() - 1 :], 0)
+    elif _DONE.search(tail):
+        doc["done"] = True
+        for m in _OLLAMA_COUNT.finditer(tail):
+            doc[m.group(1).decode()] = int(m.group(2))
+    return doc
+
+
+def _last(pattern: re.Pattern[bytes], raw: bytes) -> re.Match[bytes] | None:
+    found = None
+    for found in pattern.finditer(raw):  # noqa: B007 (the last one is wanted)
+        pass
+    return found

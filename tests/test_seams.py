@@ -1,0 +1,246 @@
+"""Sealed seams: limits fail closed, every answer is counted, secrets are never relayed."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from upstream import run_upstream
+
+from trio_bridge._http import ModelUnknown, declared_model, presented_key
+from trio_bridge._limits import KeyLimits
+from trio_bridge._usage import UsageSniffer
+from trio_bridge.testing import Lab, open_lab
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with open_lab() as lab:
+        yield lab
+
+
+def chat(model: str = "qwen2.5-coder:7b") -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+# -- the model allowlist fails closed -----------------------------------------------------------
+
+GOOD = json.dumps(chat()).encode()
+UNREADABLE = {
+    "UTF-8 BOM": b"\xef\xbb\xbf" + GOOD,
+    "UTF-16": json.dumps(chat()).encode("utf-16"),
+    "invalid UTF-8": GOOD[:-2] + b'\xff"}',
+    "top-level array": b"[" + GOOD + b"]",
+    "not JSON": b"model=qwen2.5-coder:7b",
+    "no model": b'{"messages": []}',
+    "model not a string": b'{"model": ["qwen2.5-coder:7b"]}',
+    "two models": b'{"model": "qwen2.5-coder:7b", "model": "llama3:70b"}',
+    "deeply nested": b'{"model": "qwen2.5-coder:7b", "x": '
+    + b"[" * 100_000
+    + b"]" * 100_000
+    + b"}",
+}
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+def test_a_body_whose_model_cannot_be_read_is_refused_with_the_reason(name: str) -> None:
+    with pytest.raises(ModelUnknown) as info:
+        declared_model(UNREADABLE[name], None)
+    assert str(info.value)
+
+
+def test_a_compressed_body_is_refused_for_an_allowlisted_key() -> None:
+    with pytest.raises(ModelUnknown, match="compressed"):
+        declared_model(gzip.compress(GOOD), b"gzip")
+
+
+def test_a_plain_body_gives_its_model_and_no_body_gives_none() -> None:
+    assert declared_model(GOOD, None) == "qwen2.5-coder:7b"
+    assert declared_model(GOOD, b"identity") == "qwen2.5-coder:7b"
+    assert declared_model(b"", None) is None
+
+
+@pytest.mark.parametrize("name", [*UNREADABLE, "gzip"])
+async def test_an_allowlisted_key_gets_400_and_nothing_reaches_the_llm(lab: Lab, name: str) -> None:
+    _, key = lab.keys.add("coder", limits=KeyLimits(models=("qwen2.5-coder*",)))
+    body, headers = UNREADABLE.get(name, gzip.compress(GOOD)), {"Authorization": f"Bearer {key}"}
+    if name == "gzip":
+        headers["Content-Encoding"] = "gzip"
+    async with run_upstream() as (app, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            r = await client.post(rb.url + "/echo", content=body, headers=headers)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["type"] == "invalid_request_error"
+            assert app.forwarded() == []
+            r = await client.post(
+                rb.url + "/echo", json=chat(), headers={"Authorization": f"Bearer {key}"}
+            )
+            assert r.status_code == 200
+
+
+async def test_a_deeply_nested_body_is_400_without_a_traceback_for_any_key(
+    lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with run_upstream() as (_, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            r = await client.post(
+                rb.url + "/echo",
+                content=UNREADABLE["deeply nested"],
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+    assert r.status_code in (200, 400), r.text  # the LLM's to judge, or refused: never a 5xx
+    assert not [rec for rec in caplog.records if rec.exc_info], "a traceback was logged"
+
+
+# -- every answer is counted --------------------------------------------------------------------
+
+
+def big_answer(n_tokens: int, *, kind: str = "chat") -> bytes:
+    if kind == "embeddings":
+        doc: dict[str, object] = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": [0.125] * 256}
+                     for i in range(n_tokens // 10)],
+            "model": "embed-1",
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }  # fmt: skip
+    elif kind == "ollama":
+        doc = {"model": "llama3", "message": {"role": "assistant", "content": "tok " * n_tokens},
+               "done": True, "prompt_eval_count": 7, "eval_count": n_tokens}  # fmt: skip
+    else:
+        doc = {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "big-1",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "tok " * n_tokens}}
+            ],
+            "usage": {"prompt_tokens": 11, "completion_tokens": n_tokens,
+                      "total_tokens": 11 + n_tokens, "prompt_tokens_details": {"cached_tokens": 0}},
+        }  # fmt: skip
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 1 << 20])
+@pytest.mark.parametrize(
+    ("kind", "model", "prompt", "completion"),
+    [("chat", "big-1", 11, 700_000), ("embeddings", "embed-1", 200_000, 0),
+     ("ollama", "llama3", 7, 700_000)],
+)  # fmt: skip
+def test_token_usage_is_read_from_json_answers_of_any_size(
+    chunk: int, kind: str, model: str, prompt: int, completion: int
+) -> None:
+    body = big_answer(completion or prompt, kind=kind)
+    assert len(body) > 2 * 1024 * 1024
+    s = UsageSniffer(b"application/json")
+    for i in range(0, len(body), chunk):
+        s.feed(body[i : i + chunk])
+    s.finish()
+    assert (s.model, s.prompt_tokens, s.completion_tokens) == (model, prompt, completion)
+
+
+async def test_a_budget_counts_a_big_non_streamed_answer(lab: Lab) -> None:
+    _, key = lab.keys.add("budget", limits=KeyLimits(tokens_per_day=1000))
+
+    async with run_upstream() as (app, llm):
+        app.big_json = big_answer(300_000)
+        rb = await lab.start_broker()
+        rc = await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            auth = {"Authorization": f"Bearer {key}"}
+            r = await client.get(rb.url + "/big-json", headers=auth)
+            assert r.status_code == 200 and len(r.content) > 1 << 20
+            r = await client.get(rb.url + "/big-json", headers=auth)
+            assert r.status_code == 429, "the day's budget was spent by the first answer"
+    usage = rc.connector.usage
+    assert sum(p + c for per_model in usage.values() for p, c in per_model.values()) >= 300_011
+
+
+# -- connector tokens are never relayed, in any spelling ----------------------------------------
+
+TOKEN_SPELLINGS = {
+    "Bearer": ("authorization", "Bearer {t}"),
+    "Bearer with a tab": ("authorization", "Bearer\t{t}"),
+    "lower-case bearer": ("authorization", "bearer {t}"),
+    "Basic as user": ("authorization", "Basic {basic_user}"),
+    "Basic as password": ("authorization", "Basic {basic_pass}"),
+    "Token scheme": ("authorization", "Token {t}"),
+    "bare": ("authorization", "{t}"),
+    "x-api-key": ("x-api-key", "{t}"),
+    "api-key": ("api-key", "{t}"),
+    "x-goog-api-key": ("x-goog-api-key", "{t}"),
+    "proxy-authorization": ("proxy-authorization", "Bearer {t}"),
+    "cookie": ("cookie", "session={t}"),
+}
+
+
+@pytest.mark.parametrize("name", list(TOKEN_SPELLINGS))
+async def test_a_connector_token_is_refused_in_any_credential_header(lab: Lab, name: str) -> None:
+    header_name, template = TOKEN_SPELLINGS[name]
+    t = lab.token
+    value = template.format(
+        t=t,
+        basic_user=base64.b64encode(f"{t}:x".encode()).decode(),
+        basic_pass=base64.b64encode(f"user:{t}".encode()).decode(),
+    )
+    # with a valid API key beside it: only the token guard stands between it and the LLM
+    key_header = "x-api-key" if header_name == "authorization" else "authorization"
+    key_value = lab.api_key if header_name == "authorization" else f"Bearer {lab.api_key}"
+    async with run_upstream() as (app, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            r = await client.get(
+                rb.url + "/headers", headers={header_name: value, key_header: key_value}
+            )
+            assert r.status_code == 401, r.text
+            assert "connector token" in r.json()["error"]["message"]
+            assert t not in r.text
+            r = await client.get(
+                rb.url + f"/headers?key={t.replace('_', '%5F')}",
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+            assert r.status_code == 401, r.text
+            r = await client.get(
+                rb.url + "/headers", headers={"Authorization": f"Bearer {lab.api_key}"}
+            )
+            assert r.status_code == 200
+    assert len(app.forwarded()) == 1
+
+
+def test_bearer_and_tab_spellings_present_the_same_key() -> None:
+    for value in (b"Bearer k1", b"Bearer\tk1", b"bearer  k1", b" Bearer k1 "):
+        assert presented_key([(b"authorization", value)]) == "k1"
+
+
+FORWARDING_SPELLINGS = [
+    "X_Forwarded_For", "x-forwarded-for", "CF-Connecting-IP", "X-Cluster-Client-IP",
+    "True-Client-IP", "Fastly-Client-IP", "X-Real-IP", "Forwarded", "X-Original-Forwarded-For",
+    "X-Client-IP", "X_Real_IP", "Client-IP", "X-Originating-IP", "CF-Connecting-IPv6",
+]  # fmt: skip
+
+
+async def test_forwarding_headers_in_any_spelling_are_dropped_from_untrusted_clients(
+    lab: Lab,
+) -> None:
+    async with run_upstream() as (_, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            r = await client.get(
+                rb.url + "/headers",
+                headers={"Authorization": f"Bearer {lab.api_key}"}
+                | {name: "203.0.113.9" for name in FORWARDING_SPELLINGS},
+            )
+    assert r.status_code == 200
+    seen = dict(r.json())
+    assert "203.0.113.9" not in json.dumps(seen), seen
+    assert seen.get("x-forwarded-for") == "127.0.0.1"
