@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from trio_websocket import ConnectionRejected, open_websocket_url
 from upstream import run_upstream
 
 from trio_bridge._http import ModelUnknown, declared_model, presented_key
@@ -244,3 +245,50 @@ async def test_forwarding_headers_in_any_spelling_are_dropped_from_untrusted_cli
     seen = dict(r.json())
     assert "203.0.113.9" not in json.dumps(seen), seen
     assert seen.get("x-forwarded-for") == "127.0.0.1"
+
+
+# -- lockouts hit the attacker, not the fleet ---------------------------------------------------
+
+
+async def dial(relay_url: str, token: str, forwarded_for: str | None = None) -> int:
+    """The status a relay upgrade got (101: accepted)."""
+    headers = [(b"authorization", b"Bearer " + token.encode())]
+    if forwarded_for is not None:
+        headers.append((b"x-forwarded-for", forwarded_for.encode()))
+    try:
+        async with open_websocket_url(relay_url, extra_headers=headers):
+            return 101
+    except ConnectionRejected as exc:
+        return int(exc.status_code or 0)
+
+
+async def test_refused_tokens_behind_a_trusted_proxy_lock_out_only_their_client(
+    lab: Lab,
+) -> None:
+    rb = await lab.start_broker(
+        broker={"max_token_failures": 3, "trusted_proxies": ["127.0.0.1/32"]}
+    )
+    attacker = [await dial(rb.relay_url, "tbc_nope", "203.0.113.66") for _ in range(5)]
+    assert attacker == [401, 401, 401, 429, 429]
+    # another client behind the same proxy, and a valid token from the attacker's own address
+    assert await dial(rb.relay_url, "tbc_nope", "198.51.100.7") == 401
+    assert await dial(rb.relay_url, lab.token, "198.51.100.8") == 101
+    assert await dial(rb.relay_url, lab.token, "203.0.113.66") == 101
+
+
+async def test_a_valid_token_is_never_refused_because_others_failed(lab: Lab) -> None:
+    rb = await lab.start_broker(broker={"max_token_failures": 3})
+    assert [await dial(rb.relay_url, "tbc_nope") for _ in range(4)][-1] == 429
+    assert await dial(rb.relay_url, lab.token) == 101
+
+
+async def test_guesses_at_one_token_id_are_limited_from_any_address(lab: Lab) -> None:
+    rb = await lab.start_broker(
+        broker={"max_token_failures": 3, "trusted_proxies": ["127.0.0.1/32"]}
+    )
+    ident = lab.token.split("_")[1]
+    guesses = [
+        await dial(rb.relay_url, f"tbc_{ident}_guess{n}", f"203.0.113.{n}") for n in range(5)
+    ]
+    assert guesses == [401, 401, 401, 429, 429]
+    assert await dial(rb.relay_url, lab.token, "203.0.113.99") == 101

@@ -54,7 +54,7 @@ from ._http import (
     strip_hop_by_hop,
     with_model,
 )
-from ._keys import SecretEntry, SecretStore, admin_token
+from ._keys import SecretEntry, SecretStore, admin_token, secret_id
 from ._observe import (
     Facts,
     Metrics,
@@ -441,21 +441,54 @@ class Broker:
         )
 
     async def _connector_token(self, req: Request) -> SecretEntry | None:
-        """The token entry of a relay upgrade, or None once it was refused (401 / 429)."""
-        peer = req.client
-        if self._token_failures_exceeded(peer):
+        """The token entry of a relay upgrade, or None once it was refused (401 / 429).
+
+        A valid token is always accepted. Refused tokens are counted per client address (the
+        one ``trusted_proxies`` reveal, not the proxy's) and per token id; past
+        ``max_token_failures`` a minute on either, further bad tokens get 429 and no log line
+        of their own: guessing is slowed where it comes from, never the fleet."""
+        token = presented_key(req.headers)
+        entry = self.tokens.verify(token) if token is not None else None
+        if entry is not None:
+            return entry
+        client = self.client_address(req)
+        ident = secret_id(token) if token is not None else None
+        counted = [f"addr {client}"] + ([f"id {ident}"] if ident is not None else [])
+        limited = any(self._token_failures_exceeded(c) for c in counted)
+        for c in counted:
+            self._count_token_failure(c)
+        self.metrics.auth_failures.labels("broker").inc()
+        if limited:
             self.metrics.relays_refused.labels("broker", "rate_limited").inc()
             await _deny(req, 429, "too many refused connector tokens; retry later")
             return None
-        token = presented_key(req.headers)
-        entry = self.tokens.verify(token) if token is not None else None
-        if entry is None:
-            self._count_token_failure(peer)
-            self.metrics.auth_failures.labels("broker").inc()
-            self.metrics.relays_refused.labels("broker", "bad_token").inc()
-            log.warning("relay refused: bad connector token", extra={"peer": peer})
-            await _deny(req, 401, "invalid connector token")
-        return entry
+        self.metrics.relays_refused.labels("broker", "bad_token").inc()
+        log.warning("relay refused: bad connector token", extra={"peer": client})
+        await _deny(req, 401, "invalid connector token")
+        return None
+
+    def client_address(self, req: Request) -> str:
+        """The client's address: the peer's, or behind ``trusted_proxies`` the rightmost
+        address of X-Forwarded-For that is not a trusted proxy (what a client writes to the
+        left of it is not believed)."""
+        peer = req.client
+        if not (peer and self._trusted(peer)):
+            return peer
+        hops = b",".join(v for k, v in req.headers if k == b"x-forwarded-for").split(b",")
+        for hop in reversed(hops):
+            addr = hop.strip().decode("latin-1")
+            if not addr:
+                continue
+            if not self._trusted(addr):
+                return addr[:64]
+        return peer
+
+    def _trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
 
     def _register(self, relay: Relay, hello: Hello, entry: SecretEntry) -> ConnectorHandle:
         relay.name = hello.name or entry.name  # for the relay's own log lines
@@ -638,13 +671,7 @@ class Broker:
             if not k.startswith(BRIDGE_NAMESPACE)
         ]
         peer = req.client
-        trusted = False
-        if peer and self.trusted:
-            try:
-                ip = ipaddress.ip_address(peer)
-                trusted = any(ip in net for net in self.trusted)
-            except ValueError:
-                trusted = False
+        trusted = bool(peer and self.trusted and self._trusted(peer))
         prior = b""
         if trusted:
             prior = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
