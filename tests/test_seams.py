@@ -292,3 +292,45 @@ async def test_guesses_at_one_token_id_are_limited_from_any_address(lab: Lab) ->
     ]
     assert guesses == [401, 401, 401, 429, 429]
     assert await dial(rb.relay_url, lab.token, "203.0.113.99") == 101
+
+
+# -- logs: bounded, terminal-safe ---------------------------------------------------------------
+
+
+def test_text_log_lines_escape_control_characters_and_quote_forged_fields() -> None:
+    import logging
+
+    from trio_bridge._observe import TextFormatter
+
+    record = logging.LogRecord(
+        "t", logging.WARNING, __file__, 1, "reason: %s", ("a\x1b[2Jb\nX",), None
+    )
+    record.path = "/v1 key_id=admin\r\n12:00:00 INFO forged"
+    line = TextFormatter().format(record)
+    assert "\x1b" not in line and "\n" not in line and "\r" not in line
+    assert "key_id=admin" not in line.replace('"/v1 key_id=admin', "")
+    assert "\\u001b[2J" in line
+
+
+def test_request_lines_cap_what_came_from_outside() -> None:
+    from trio_bridge._observe import Facts
+
+    facts = Facts("rid", "GET", "/" + "a" * 100_000)
+    facts.model = "m" * 10_000
+    line = facts.line("connector")
+    assert len(line["path"]) <= 520 and len(line["model"]) <= 140
+
+
+def test_status_output_is_terminal_safe() -> None:
+    from trio_bridge._cli import format_status
+
+    doc = {
+        "role": "connector",
+        "relays": [
+            {"broker": "ws://b", "state": "reconnecting", "last_error": "bye\x1b]0;pwn\x07"}
+        ],
+        "tokens": {"k": {"m\x1b[31m": {"prompt": 1, "completion": 2}}},
+    }
+    text = format_status(doc)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\u001b" in text

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -41,9 +42,9 @@ from ._errors import ConfigError, leaves, listening
 from ._http import MODEL_LISTS, model_ids
 from ._keys import SecretStore, check_route_patterns
 from ._limits import KeyLimits
-from ._observe import setup_logging
+from ._observe import setup_logging, terminal_safe
 from ._testmodel import MODEL_ID, TestModel
-from ._usagestore import read_rows, utc_day
+from ._usagestore import check_writable, read_rows, utc_day
 from ._version import __version__
 
 log = logging.getLogger("trio_bridge.cli")
@@ -477,7 +478,8 @@ def format_status(doc: dict[str, Any]) -> str:
                 f"tokens key {key} model {model}: prompt {t['prompt']}, "
                 f"completion {t['completion']}"
             )
-    return "\n".join(lines)
+    # names, models and reasons come from peers: nothing reaches the terminal raw
+    return "\n".join(terminal_safe(line) for line in lines)
 
 
 def _store_command(config: Config, args: argparse.Namespace) -> int:
@@ -798,13 +800,16 @@ async def _check_connector(config: Config, report: _Report) -> None:
                 f"{path}: no API keys yet (every request will get 401): trio-bridge keys add "
                 f"NAME -c {config.source}",
             )
-    if cc.usage_file:  # checked, not created (as root it would belong to root)
+    if cc.usage_file:  # a real write (the file itself is not created: see check_writable)
         usage = config.path(cc.usage_file)
-        target = usage if usage.exists() else usage.parent
-        if os.access(target, os.W_OK):
-            report.ok("connector.usage_file", f"{usage}: writable")
+        try:
+            with trio.fail_after(15):
+                done = await trio.to_thread.run_sync(check_writable, usage, abandon_on_cancel=True)
+        except (sqlite3.Error, OSError, trio.TooSlowError) as exc:
+            why = "no answer in 15 s" if isinstance(exc, trio.TooSlowError) else str(exc)
+            report.fail("connector.usage_file", f"{usage}: cannot write: {why}")
         else:
-            report.fail("connector.usage_file", f"{target} is not writable for this user")
+            report.ok("connector.usage_file", f"{usage}: {done}")
     token: str | None = None
     try:
         token = os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(

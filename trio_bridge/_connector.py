@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -131,20 +132,48 @@ class _OverBudget(_BodyRefused):
     message = "too many request bodies are held for this broker; retry shortly"
 
 
-class _BodyBudget:
-    """Bytes of whole request bodies one relay's requests hold at once (a hostile broker
-    cannot make the connector buffer more than this for it)."""
+#: failed key checks one relay may cause in KEY_FAILURE_WINDOW seconds; beyond, invalid keys
+#: get 429 and no log line of their own (one summary line per window)
+KEY_FAILURES_PER_WINDOW = 50
+KEY_FAILURE_WINDOW = 10.0
 
-    __slots__ = ("limit", "used")
+
+class _RelayGuard:
+    """What one relay's requests may cost the connector, whoever sends them: bytes of whole
+    request bodies held at once (``take``; a hostile broker cannot make the connector buffer
+    more than ``limit`` for it), and failed key checks answered and logged one by one."""
+
+    __slots__ = ("failures", "limit", "unlogged", "used", "window_start")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.window_start = -math.inf
+        self.failures = 0
+        self.unlogged = 0
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
             raise _OverBudget
         self.used += n
+
+    def key_failed(self, now: float) -> bool:
+        """Count a failed key check; False once this window's budget is spent (the caller
+        answers 429 and logs nothing for it)."""
+        if now - self.window_start >= KEY_FAILURE_WINDOW:
+            if self.unlogged:
+                log.warning(
+                    "%d more failed key checks from one broker in %.0f s were refused with "
+                    "429 and not logged one by one",
+                    self.unlogged,
+                    KEY_FAILURE_WINDOW,
+                )
+            self.window_start, self.failures, self.unlogged = now, 0, 0
+        self.failures += 1
+        if self.failures <= KEY_FAILURES_PER_WINDOW:
+            return True
+        self.unlogged += 1
+        return False
 
 
 USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
@@ -265,6 +294,8 @@ class Connector:
         self.max_body = int(config.limits.max_body)
         self.limits = config.limits
         self.relays: dict[str, Relay] = {}
+        #: what each broker's relay may cost (bodies held, failed key checks), by broker URL
+        self.relay_guards: dict[str, _RelayGuard] = {}
         self.connected = trio.Event()  # set once the first relay is up
         self.stopping = False
         self.draining = False
@@ -698,6 +729,7 @@ class Connector:
 
     def _new_relay(self, url: str, ws: WebSocket) -> Relay:
         c, rc = self.config.connector, self.config.relay
+        guard = self.relay_guards[url] = _RelayGuard(int(rc.max_buffered))
         return Relay(
             ws,
             Session(opener=False, window=int(rc.request_window), max_streams=rc.max_streams),
@@ -711,7 +743,7 @@ class Connector:
             priority=c.priority,
             ping_interval=float(rc.ping_interval),
             max_buffered=int(rc.max_buffered),
-            handler=functools.partial(self.handle_stream, budget=_BodyBudget(int(rc.max_buffered))),
+            handler=functools.partial(self.handle_stream, guard=guard),
             on_change=lambda r: self._relay_changed(url, r),
         )
 
@@ -783,17 +815,18 @@ class Connector:
                 return
 
     # -- one request --
-    async def handle_stream(self, stream: RelayStream, budget: _BodyBudget | None = None) -> None:
-        """One relayed request, start to end; ``budget``: its relay's for whole bodies."""
+    async def handle_stream(self, stream: RelayStream, guard: _RelayGuard | None = None) -> None:
+        """One relayed request, start to end; ``guard``: what its relay may cost (bodies
+        held, failed key checks)."""
         head = stream.request_head
         assert head is not None
         facts = Facts(head.request_id, head.method, head.target.split("?", 1)[0])
         facts.route = self.config.connector.route
         rec = self.inspector.start(head.request_id, head.method, facts.path)
         try:
-            if budget is None:
-                budget = _BodyBudget(int(self.config.relay.max_buffered))
-            facts.outcome = await self._forward(stream, facts, rec, budget)
+            if guard is None:
+                guard = _RelayGuard(int(self.config.relay.max_buffered))
+            facts.outcome = await self._forward(stream, facts, rec, guard)
         finally:
             if facts.outcome is None:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
@@ -806,7 +839,8 @@ class Connector:
                 reset_code = stream.reset_error.code
             self._account(facts, reset_code)
             self._inspected(rec, facts)
-            log_request("connector", facts)
+            if facts.limit != "key_failures":  # those are summed up per relay instead
+                log_request("connector", facts)
 
     def _inspected(self, rec: RequestRecord, facts: Facts) -> None:
         """The end of a request, for the inspector (cheap: a few attribute copies)."""
@@ -847,12 +881,13 @@ class Connector:
         """``GET /_bridge/usage``: the presented key's limits, what is left now, and its
         usage today and over the last 30 days (JSON), answered here, not by the LLM.
 
-        A request of that key like any other: refused (429) beyond its concurrency or rate,
-        counted in them while it runs ("now" includes it). Built from the usage store's
-        in-memory summary of this key alone (bounded: 30 days × its models), never from
-        the file."""
+        A request of that key: refused (429) beyond its concurrency or requests per minute,
+        and counted in them ("now" includes it); not by its token limits (it uses none, and
+        a key out of tokens may still see why). Built from the usage store's in-memory
+        summary of this key alone (bounded: 30 days × its models), never from the file."""
         now = time.time()
-        refusal = self.limiter.admit(entry.id, limits, now)
+        tokenless = attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None)
+        refusal = self.limiter.admit(entry.id, tokenless, now)
         if refusal is not None:
             facts.limit = refusal.limit
             self.metrics.limit_hits.labels("connector", refusal.limit).inc()
@@ -967,7 +1002,7 @@ class Connector:
         return bridge_outcome(status)
 
     async def _forward(
-        self, stream: RelayStream, facts: Facts, rec: RequestRecord, budget: _BodyBudget
+        self, stream: RelayStream, facts: Facts, rec: RequestRecord, guard: _RelayGuard
     ) -> str:
         """Check the key and its limits, then relay the request to the LLM (or answer
         ``/_bridge/usage``); the key's counters are released when the answer ends."""
@@ -976,6 +1011,12 @@ class Connector:
         presented = presented_key(head.headers)
         entry = self.keys.verify(presented) if presented is not None else None
         if entry is None:
+            if not guard.key_failed(trio.current_time()):
+                facts.limit = "key_failures"
+                self.metrics.limit_hits.labels("connector", "key_failures").inc()
+                return await self._reply_error(
+                    stream, facts, 429, "too many failed key checks; retry later", retry_after=5
+                )
             return await self._reply_error(
                 stream,
                 facts,
@@ -1014,7 +1055,7 @@ class Connector:
         held = 0
         try:
             try:
-                body = await self._request_body(stream, facts, limits, budget)
+                body = await self._request_body(stream, facts, limits, guard)
             except _BodyRefused as exc:
                 return await self._reply_error(stream, facts, exc.status, exc.message)
             if isinstance(body, str):
@@ -1026,11 +1067,11 @@ class Connector:
                 content = self._capture_request(rec, content)
             return await self._to_llm(stream, facts, call, url, content)
         finally:
-            budget.used -= held
+            guard.used -= held
             self._finish_call(call, stream)
 
     async def _request_body(
-        self, stream: RelayStream, facts: Facts, limits: KeyLimits, budget: _BodyBudget
+        self, stream: RelayStream, facts: Facts, limits: KeyLimits, guard: _RelayGuard
     ) -> tuple[bytes | AsyncIterator[bytes], str | None] | str:
         """The body to send on (read whole when it is complete or the key has a model
         allowlist, which needs the "model" before anything is sent) and its model; or the
@@ -1038,17 +1079,17 @@ class Connector:
         not use. Raises :class:`_BodyRefused` (too large, too slow, over the relay's budget)."""
         if not (stream.recv_done or limits.models):
             return self._body(stream), None
-        content = await self._read_body(stream, budget)
+        content = await self._read_body(stream, guard)
         if not limits.models:
             return content, None
-        budget.used -= len(content)  # taken again below, unless the request is refused
+        guard.used -= len(content)  # taken again below, unless the request is refused
         try:
             encoding = header(stream.request_head.headers, b"content-encoding")  # type: ignore[union-attr]
             model = declared_model(content, encoding)
         except ModelUnknown as exc:
             return await self._reply_error(stream, facts, 400, str(exc), code="model_unknown")
         if limits.allows_model(model):
-            budget.used += len(content)
+            guard.used += len(content)
             return content, model
         return await self._reply_error(
             stream,
@@ -1308,37 +1349,39 @@ class Connector:
         rec.request_body = b""
         return tee(content)
 
-    async def _read_body(self, stream: RelayStream, budget: _BodyBudget) -> bytes:
-        """The whole request body, its bytes taken from the relay's ``budget`` as they come
+    async def _read_body(self, stream: RelayStream, guard: _RelayGuard) -> bytes:
+        """The whole request body, its bytes taken from the relay's ``guard`` as they come
         (given back by the caller once the call ends; here if reading fails). Raises
         :class:`_BodyRefused`: beyond max_body, slower than min_body_rate, over the budget."""
         if stream.recv_done:  # all here already (a small request): no waiting
             body, _ = stream.take_ready()
             if len(body) > self.max_body:
                 raise _TooLarge
-            budget.take(len(body))
+            guard.take(len(body))
             return body
         parts: list[bytes] = []
         taken = 0
         try:
             async for chunk in self._body(stream):
-                budget.take(len(chunk))
+                guard.take(len(chunk))
                 taken += len(chunk)
                 parts.append(chunk)
         except BaseException:
-            budget.used -= taken
+            guard.used -= taken
             raise
         return b"".join(parts)
 
     async def _body(self, stream: RelayStream) -> AsyncIterator[bytes]:
-        """The request body as it comes: at most max_body (else _TooLarge), and at least
-        min_body_rate bytes per second on average after head_timeout of grace (else
-        _TooSlow), as the broker holds its public clients to."""
+        """The request body as it comes: at most max_body (else _TooLarge); at least
+        min_body_rate bytes per second on average after head_timeout of grace, as the broker
+        holds its public clients to, and all of it within first_byte_timeout (else
+        _TooSlow)."""
         size = 0
         grace, rate = float(self.limits.head_timeout), int(self.limits.min_body_rate)
         started = trio.current_time()
+        latest = started + float(self.limits.first_byte_timeout)
         while True:
-            with trio.move_on_at(started + grace + size / rate) as slow:
+            with trio.move_on_at(min(started + grace + size / rate, latest)) as slow:
                 chunk = await stream.receive_data()
             if slow.cancelled_caught:
                 raise _TooSlow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections import deque
@@ -19,6 +20,8 @@ import attrs
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 request_log = logging.getLogger("trio_bridge.request")
+#: a path logged from a request is cut here (it came from outside)
+MAX_LOGGED = 512
 # one encoder for every line (json.dumps with arguments builds a new one per call)
 _ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
@@ -61,11 +64,34 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+#: what a text log line never holds raw: C0/C1 controls, DEL, line and paragraph separators
+#: (a forged line, or an escape sequence for the operator's terminal)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: a field value written bare (else quoted, JSON-style): no space, quote, '=' or control
+_BARE = re.compile('[^\\s"=\x00-\x1f\x7f-\x9f\u2028\u2029]*\\Z')
+
+
+def _escape(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character (and line separator) as a ``\\uXXXX`` escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _text_value(v: Any) -> str:
+    text = str(v)
+    return text if _BARE.match(text) else json.dumps(text)
+
+
 def _text_line(created: float, level: str, name: str, msg: str, fields: dict[str, Any]) -> str:
+    """A text line that is one line, whatever it carries: controls in the message escaped,
+    a field value with a space, quote or '=' quoted (so no value can pose as another field)."""
     t = time.strftime("%H:%M:%S", time.localtime(created))
-    line = f"{t} {level:<7} {name}: {msg}"
+    line = f"{t} {level:<7} {name}: {terminal_safe(msg)}"
     if fields:
-        line += "  " + " ".join(f"{k}={v}" for k, v in fields.items())
+        line += "  " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
     return line
 
 
@@ -175,12 +201,17 @@ class Facts:
 
     def line(self, role: str) -> dict[str, Any]:
         """The log line's fields (unset ones left out)."""
+        path = self.path
+        if len(path) > MAX_LOGGED:  # what came from outside is logged at a bounded length
+            path = path[:MAX_LOGGED] + "…"
         out: dict[str, Any] = {"request_id": self.request_id, "method": self.method,
-                               "path": self.path}  # fmt: skip
+                               "path": path}  # fmt: skip
         for name in ("route", "connector", "key_id", "model", "status", "outcome", "reset",
                      "limit"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
+                if type(value) is str and len(value) > 128:
+                    value = value[:128] + "…"
                 out[name] = value
         out["bytes_in"], out["bytes_out"] = self.bytes_in, self.bytes_out
         out["duration_ms"] = round(self.duration * 1000, 3)

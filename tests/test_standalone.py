@@ -1,0 +1,145 @@
+"""The connector stands alone: what a hostile broker can make it hold is bounded in size and
+time, it cannot pin the LLM's slots, and it cannot flood the connector's log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from fakebroker import FakeBroker, open_fake_broker
+from upstream import run_upstream
+
+from trio_bridge._limits import KeyLimits
+from trio_bridge._protocol import RequestHead
+from trio_bridge.testing import Lab, RunningConnector, open_lab
+
+
+@pytest.fixture
+async def lab() -> AsyncIterator[Lab]:
+    async with open_lab() as lab:
+        yield lab
+
+
+def auth(key: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", b"Bearer " + key.encode())]
+
+
+async def connect(lab: Lab, fb: FakeBroker, llm: str, **options: object) -> RunningConnector:
+    rc = await lab.start_connector([fb.url], llm, wait=False, **options)  # type: ignore[arg-type]
+    with trio.fail_after(10):
+        await fb.connected.wait()
+    return rc
+
+
+async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> None:
+    """40 streams of a key with a model allowlist send 512 KiB each and never end: the relay's
+    budget (8 MiB here) refuses what is beyond it at once (503), the rest is cut at
+    first_byte_timeout (408); an honest request through another broker is served meanwhile."""
+    _, key = lab.keys.add("coder", limits=KeyLimits(models=("m*",)))
+    async with (
+        run_upstream() as (app, llm),
+        open_fake_broker() as fb,
+        open_fake_broker() as honest_broker,
+    ):
+        rc = await lab.start_connector(
+            [fb.url, honest_broker.url], llm, wait=False,
+            relay={"max_buffered": "8MiB"},
+            limits={"head_timeout": "1s", "min_body_rate": "1KiB", "first_byte_timeout": "3s"},
+        )  # fmt: skip
+        with trio.fail_after(10):
+            await fb.connected.wait()
+            await honest_broker.connected.wait()
+        head = RequestHead("POST", "/echo", auth(key), "rid")
+        part = b" " * (512 * 1024)
+        sids = [await fb.request(head, part, end=False) for _ in range(40)]
+        held = max(g.used for g in rc.connector.relay_guards.values())
+        honest = await honest_broker.request(
+            RequestHead("POST", "/echo", auth(key), "honest"), json.dumps({"model": "m1"}).encode()
+        )
+        with trio.fail_after(5):
+            assert (await honest_broker.wait_answers([honest]))[honest] == 200
+        started = trio.current_time()
+        with trio.fail_after(15):
+            answers = await fb.wait_answers(sids)
+        took = trio.current_time() - started
+        given_back = [g.used for g in rc.connector.relay_guards.values()]
+    statuses = sorted(answers.values(), key=str)
+    assert set(statuses) <= {503, 408}, statuses
+    assert statuses.count(503) >= 40 - 16  # 16 × 512 KiB fill 8 MiB
+    assert statuses.count(408) >= 1
+    assert held <= 8 * 1024 * 1024
+    assert took < 6, f"the stalled bodies were held {took:.1f} s"
+    assert given_back == [0, 0]
+    assert [r["path"] for r in app.forwarded()] == ["/echo"]
+
+
+async def test_a_broker_that_grants_no_credit_cannot_pin_the_llm_slots(lab: Lab) -> None:
+    """The LLM is down (every call fails at once) and the broker grants 1 byte of credit:
+    each 502 waits for credit that never comes, but no LLM slot is held meanwhile, and each
+    such stream is reset after stall_timeout."""
+    async with open_fake_broker(window=1) as fb:
+        rc = await connect(
+            lab, fb, "http://127.0.0.1:9",
+            connector={"max_concurrent": 2},
+            limits={"stall_timeout": "1s", "connect_timeout": "1s"},
+        )  # fmt: skip
+        sids = [
+            await fb.request(RequestHead("GET", "/v1/models", auth(lab.api_key), f"r{n}"))
+            for n in range(10)
+        ]
+        with trio.fail_after(10):
+            while len(fb.status) < 10:  # every answer's head is out (502)
+                await trio.sleep(0.02)
+        assert rc.connector.slots.busy == 0, "a 502 waiting for credit held an LLM slot"
+        with trio.fail_after(10):
+            while rc.connector.in_flight:
+                await trio.sleep(0.05)
+    assert {fb.status[s] for s in sids} == {502}
+
+
+async def test_a_slow_reader_answer_frees_its_slot_after_the_stall_timeout(lab: Lab) -> None:
+    async with run_upstream() as (_, llm), open_fake_broker(window=1) as fb:
+        rc = await connect(lab, fb, llm, connector={"max_concurrent": 1},
+                           limits={"stall_timeout": "1s"})  # fmt: skip
+        await fb.request(RequestHead("GET", "/big?n=1000000", auth(lab.api_key), "r1"))
+        with trio.fail_after(5):
+            while rc.connector.slots.busy == 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        with trio.fail_after(5):
+            while rc.connector.slots.busy:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+
+async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: Lab) -> None:
+    """2 000 requests with a wrong key: at most KEY_FAILURES_PER_WINDOW are answered 401 and
+    logged one by one in a window; the rest get 429 and no line of their own. A valid key
+    still gets through on the same relay."""
+    from trio_bridge._connector import KEY_FAILURES_PER_WINDOW
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    request_log = logging.getLogger("trio_bridge.request")
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    try:
+        async with run_upstream() as (_, llm), open_fake_broker() as fb:
+            await connect(lab, fb, llm)
+            bad = auth("tbk_AAAAAAAA_" + "x" * 43)
+            sids = []
+            for n in range(2000):
+                sids.append(await fb.request(RequestHead("GET", "/sse", bad, f"b{n}")))
+            good = await fb.request(RequestHead("GET", "/sse", auth(lab.api_key), "good"))
+            with trio.fail_after(20):
+                answers = await fb.wait_answers([*sids, good])
+    finally:
+        request_log.removeHandler(handler)
+    assert answers.pop(good) == 200
+    statuses = list(answers.values())
+    assert statuses.count(401) <= 2 * KEY_FAILURES_PER_WINDOW
+    assert statuses.count(429) >= 2000 - 2 * KEY_FAILURES_PER_WINDOW
+    lines = stream.getvalue().count("\n")
+    assert lines <= 2 * KEY_FAILURES_PER_WINDOW + 1, lines
