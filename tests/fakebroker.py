@@ -44,7 +44,7 @@ class FakeBroker:
             self.session, self.ws = session, ws
             self.connected.set()
             while True:
-                while not self.reading:  # noqa: ASYNC110 (a test flips it)
+                while not self.reading:
                     await trio.sleep(0.05)
                 session.receive_data(await ws.get_message())
                 while (ev := session.next_event()) is not None:

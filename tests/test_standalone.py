@@ -69,7 +69,7 @@ async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> 
         given_back = [g.used for g in rc.connector.relay_guards.values()]
     statuses = sorted(answers.values(), key=str)
     assert set(statuses) <= {503, 408}, statuses
-    assert statuses.count(503) >= 40 - 16  # 16 × 512 KiB fill 8 MiB
+    assert statuses.count(503) >= 40 - 16  # 16 x 512 KiB fill 8 MiB
     assert statuses.count(408) >= 1
     assert held <= 8 * 1024 * 1024
     assert took < 6, f"the stalled bodies were held {took:.1f} s"
@@ -107,10 +107,10 @@ async def test_a_slow_reader_answer_frees_its_slot_after_the_stall_timeout(lab: 
                            limits={"stall_timeout": "1s"})  # fmt: skip
         await fb.request(RequestHead("GET", "/big?n=1000000", auth(lab.api_key), "r1"))
         with trio.fail_after(5):
-            while rc.connector.slots.busy == 0:  # noqa: ASYNC110
+            while rc.connector.slots.busy == 0:
                 await trio.sleep(0.02)
         with trio.fail_after(5):
-            while rc.connector.slots.busy:  # noqa: ASYNC110
+            while rc.connector.slots.busy:
                 await trio.sleep(0.05)
 
 
