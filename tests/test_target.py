@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import trio
+from fakebroker import open_fake_broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, serve_websocket
 from upstream import run_upstream
 
-from trio_bridge._protocol import RequestHead, Reset, Response, Session
+from trio_bridge._protocol import RequestHead
 from trio_bridge._target import BadTarget, LLMBase, check_method, check_target
-from trio_bridge.testing import Lab, open_bridge, open_lab
+from trio_bridge.testing import open_bridge, open_lab
 
 SSRF_TARGETS = [
     "@127.0.0.1:{canary}/x",
@@ -178,51 +178,12 @@ async def test_trace_is_refused_by_the_broker() -> None:
     assert app.forwarded() == []
 
 
-async def fake_broker_requests(
-    lab: Lab, heads: list[RequestHead]
-) -> list[tuple[RequestHead, int | None]]:
-    """A hostile broker: sends each head (with the lab's key) straight to a real connector and
-    returns the status the connector answered (None: a reset)."""
-    answers: list[tuple[RequestHead, int | None]] = []
-    done = trio.Event()
-
-    async def handler(request: object) -> None:
-        ws = await request.accept()  # type: ignore[attr-defined]
-        session = Session(opener=True)
-        session.receive_data(await ws.get_message())
-        session.next_event()
-        await ws.send_message(session.send_hello(role="broker"))
-        ids = {}
-        for head in heads:
-            sid, frame = session.open_stream(head, end_stream=True)
-            ids[sid] = head
-            await ws.send_message(frame)
-        try:
-            while len(answers) < len(heads):
-                session.receive_data(await ws.get_message())
-                while (ev := session.next_event()) is not None:
-                    if isinstance(ev, Response):
-                        answers.append((ids[ev.stream_id], ev.head.status))
-                    elif isinstance(ev, Reset) and ev.stream_id in ids:
-                        answers.append((ids[ev.stream_id], None))
-        except ConnectionClosed:
-            pass
-        done.set()
-
-    async with trio.open_nursery() as nursery:
-        listener = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
-        model = await lab.start_test_model()
-        await lab.start_connector(
-            [f"ws://127.0.0.1:{listener.port}/_bridge/relay"], model.url, wait=False
-        )
-        with trio.fail_after(20):
-            await done.wait()
-        nursery.cancel_scope.cancel()
-    return answers
-
-
 async def test_a_hostile_broker_cannot_send_the_connector_elsewhere(canary: Canary) -> None:
-    async with open_lab() as lab:
+    async with open_lab() as lab, open_fake_broker() as fb:
+        model = await lab.start_test_model()
+        await lab.start_connector([fb.url], model.url, wait=False)
+        with trio.fail_after(10):
+            await fb.connected.wait()
         auth = [(b"authorization", b"Bearer " + lab.api_key.encode())]
         heads = [
             RequestHead("GET", t.format(canary=canary.port), auth, f"rid{n}")
@@ -230,8 +191,10 @@ async def test_a_hostile_broker_cannot_send_the_connector_elsewhere(canary: Cana
         ]
         heads.append(RequestHead("TRACE", "/v1/models", auth, "ridtrace"))
         heads.append(RequestHead("GET", "/v1/models", auth, "ridok"))
-        answers = await fake_broker_requests(lab, heads)
-    got = {h.request_id: status for h, status in answers}
+        sids = {await fb.request(h): h.request_id for h in heads}
+        with trio.fail_after(20):
+            answers = await fb.wait_answers(list(sids))
+    got = {sids[sid]: status for sid, status in answers.items()}
     assert got.pop("ridok") == 200
     assert got.pop("ridtrace") == 405
     assert set(got.values()) == {400}, got
