@@ -297,7 +297,7 @@ async def test_self_service_usage_shows_the_keys_own_limits_and_usage(lab: Lab) 
         assert routed.status_code == 200
     assert doc["key"] == {"name": "alice", "id": entry.id, "expires": None}
     assert doc["limits"]["requests_per_minute"] == 100 and doc["limits"]["concurrency"] == 3
-    assert doc["now"]["requests_this_minute"] == 2  # asking for usage costs nothing
+    assert doc["now"]["requests_this_minute"] == 3  # asking for usage is a request too
     assert doc["today"]["requests"] == 2 and doc["today"]["completion_tokens"] > 0
     assert doc["last_30_days"]["requests"] == 2
     assert key not in r.text and lab.api_key not in r.text

@@ -6,7 +6,9 @@ page follows requests live through server-sent events (``/api/events``), no poll
 
 An optional admin token (``admin_token_file``) protects everything but ``/healthz`` and
 ``/readyz``: ``Authorization: Bearer <token>``, or open ``/?token=<token>`` once in a browser
-(it sets an HttpOnly cookie).
+(it sets an HttpOnly cookie). Before it, with or without a token, the admin endpoint refuses a
+Host that is not its own and a state-changing request without a same-origin proof (see
+``_admin.AdminGuard``): the page's script sends ``X-Trio-Bridge-Admin: 1`` with its POSTs.
 """
 
 from __future__ import annotations

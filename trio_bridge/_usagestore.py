@@ -9,20 +9,49 @@ the counts of the last ``flush_interval`` (default 2 s); a committed flush survi
 
 ``estimated`` counts requests whose tokens were estimated, not reported by the LLM (a stream
 without a usage chunk: one completion token per event; prompt tokens: request bytes / 4).
+
+Bounded, and never in the event loop's way:
+
+- **Model names** are kept only for models the connector knows (``models``: its configured or
+  discovered list; ``name`` also counts for ``name:latest``); any other name the LLM echoes
+  (llama.cpp echoes whatever the client sent) is counted under ``"other"``. While the list is
+  unknown, the first ``MAX_UNLISTED_MODELS`` names seen are kept, then ``"other"``. Rows per
+  day are at most keys × (models + 2).
+- **Reads** (:meth:`UsageStore.rows`, :meth:`UsageStore.tokens_on`: the admin page and
+  ``/_bridge/usage``) come from an in-memory summary of the last ``WINDOW_DAYS`` days per key,
+  day and model, read from the file once (:meth:`UsageStore.load`, in a worker thread) and kept
+  up to date by :meth:`UsageStore.record`; they never touch SQLite nor wait for a flush. Rows
+  an older release wrote per echoed name are folded at load: per key and day the
+  ``MAX_MODELS_LOADED`` biggest by name, the rest as ``"other"``.
+- **A failed flush** (``database is locked`` beyond SQLite's 10 s wait, disk full, …) is logged
+  on one line with its cause and counted (``trio_bridge_usage_flush_failures_total``); its
+  batch goes back to memory (at most ``max_pending_rows`` rows, the oldest days dropped first
+  and counted in ``trio_bridge_usage_rows_dropped_total``) and is written by a later flush,
+  retried with backoff up to a minute apart. It never ends :meth:`UsageStore.run`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+from ._backoff import Backoff
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("trio_bridge.usage")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -98,14 +127,95 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+Key = tuple[str, str, str]  # (day, key id, model)
+#: the model names the connector knows now (None: not known)
+KnownModels = Callable[[], Collection[str] | None]
+#: what a key's requests were counted under when the connector does not know the model
+OTHER = "other"
+#: names kept while the LLM's model list is unknown (then OTHER)
+MAX_UNLISTED_MODELS = 16
+#: days the in-memory summary covers (the admin page and /_bridge/usage show 30)
+WINDOW_DAYS = 31
+#: model names per key and day that a load keeps from an older file (then OTHER)
+MAX_MODELS_LOADED = 50
+#: a flush that keeps failing keeps at most this many rows in memory
+MAX_PENDING_ROWS = 100_000
+#: flushes that fail are retried at most this far apart
+MAX_RETRY_INTERVAL = 60.0
+
+
+def _zeros() -> list[int]:
+    return [0] * 5
+
+
 class UsageStore:
-    def __init__(self, path: Path, flush_interval: float = 2.0) -> None:
+    """The usage file of one connector: counts in memory, written by :meth:`run`.
+
+    ``models``: the model names the connector knows now (None: not known); called as requests
+    end. ``registry``: where the flush failure counters go (the connector's metrics)."""
+
+    def __init__(
+        self,
+        path: Path,
+        flush_interval: float = 2.0,
+        *,
+        models: KnownModels | None = None,
+        registry: CollectorRegistry | None = None,
+        max_pending_rows: int = MAX_PENDING_ROWS,
+    ) -> None:
         self.path = path
         self.flush_interval = flush_interval
+        self.max_pending_rows = max_pending_rows
         self._db = connect(path)
-        self._lock = threading.Lock()  # the connection is used from worker threads
-        self._pending: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0] * 5)
-        self._writing: dict[tuple[str, str, str], list[int]] = {}  # the batch being written
+        #: the connection is used from worker threads, one at a time; never taken on the loop
+        #: while serving (only by tokens_on before load, at start, and close)
+        self._lock = threading.Lock()
+        self._pending: dict[Key, list[int]] = defaultdict(_zeros)
+        #: key id → day → model → counts: what the file holds for the last WINDOW_DAYS days,
+        #: plus everything counted since (pending, being written, or kept after a failure)
+        self._summary: dict[str, dict[str, dict[str, list[int]]]] = {}
+        self._today = ""
+        self.loaded = False
+        self._loading: trio.Event | None = None
+        self._models = models or (lambda: None)
+        self._known_from: Collection[str] | None = None
+        self._known: frozenset[str] = frozenset()
+        self._unlisted: set[str] = set()
+        self.flush_failures = 0
+        self.rows_dropped = 0
+        self._failures_metric: Any = None
+        self._dropped_metric: Any = None
+        if registry is not None:
+            from prometheus_client import Counter
+
+            self._failures_metric = Counter(
+                "trio_bridge_usage_flush_failures",
+                "Usage store flushes that failed (the batch is kept in memory and retried).",
+                registry=registry,
+            )
+            self._dropped_metric = Counter(
+                "trio_bridge_usage_rows_dropped",
+                "Usage rows dropped from memory while flushes kept failing (max_pending_rows).",
+                registry=registry,
+            )
+
+    # -- counting (the request path: memory only) --
+    def model_name(self, model: str) -> str:
+        """What a request for ``model`` is counted under (bounded; see the module docstring)."""
+        model = (model or "unknown")[:MAX_MODEL]
+        known = self._models()
+        if known is not None:
+            if known is not self._known_from:
+                self._known_from, self._known = known, frozenset(known)
+            if model in self._known or model == "unknown" or f"{model}:latest" in self._known:
+                return model
+            return OTHER
+        if model in self._unlisted:
+            return model
+        if len(self._unlisted) < MAX_UNLISTED_MODELS:
+            self._unlisted.add(model)
+            return model
+        return OTHER
 
     def record(
         self,
@@ -119,80 +229,245 @@ class UsageStore:
         now: float,
     ) -> None:
         """Count one finished request (memory only; written by the next flush)."""
-        row = self._pending[(utc_day(now), key_id, (model or "unknown")[:MAX_MODEL])]
-        row[0] += 1
-        row[1] += prompt
-        row[2] += completion
-        row[3] += estimated
-        row[4] += error
+        day = utc_day(now)
+        if day != self._today:
+            self._new_day(day, now)
+        model = self.model_name(model)
+        per_day = self._summary.get(key_id)
+        if per_day is None:
+            per_day = self._summary[key_id] = {}
+        models = per_day.get(day)
+        if models is None:
+            models = per_day[day] = {}
+        for row in (self._pending[(day, key_id, model)], models.setdefault(model, _zeros())):
+            row[0] += 1
+            row[1] += prompt
+            row[2] += completion
+            row[3] += estimated
+            row[4] += error
 
-    def _write(self, batch: dict[tuple[str, str, str], list[int]]) -> None:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN")
-                try:
-                    self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                self._writing = {}  # in the database now (rows() reads both under the lock)
+    def _new_day(self, day: str, now: float) -> None:
+        """Forget the summary's days that left the window."""
+        self._today = day
+        oldest = utc_day(now - (WINDOW_DAYS - 1) * 86400)
+        for key_id, per_day in list(self._summary.items()):
+            for old in [d for d in per_day if d < oldest]:
+                del per_day[old]
+            if not per_day:
+                del self._summary[key_id]
 
-    async def flush(self) -> None:
-        """Write what was counted since the last flush (in a worker thread)."""
-        if not self._pending:
+    # -- the summary (read once, off the loop) --
+    async def load(self) -> None:
+        """Read the last ``WINDOW_DAYS`` days of the file into the summary, once, in a worker
+        thread (later calls return at once; concurrent ones wait for the first).
+        Cancellation: the read is not interrupted (it finishes in its thread first)."""
+        if self.loaded:
             return
-        # until its commit, the batch stays visible to rows() as _writing
-        self._writing, self._pending = self._pending, defaultdict(lambda: [0] * 5)
-        await trio.to_thread.run_sync(self._write, self._writing)
+        if self._loading is not None:
+            await self._loading.wait()
+            return
+        self._loading = trio.Event()
+        try:
+            since = utc_day(time.time() - (WINDOW_DAYS - 1) * 86400)
+            try:
+                rows = await trio.to_thread.run_sync(self._read_window, since)
+            except (sqlite3.Error, OSError) as exc:
+                # flushes go on (they add to the file); reading later could count twice
+                log.error(
+                    "usage: cannot read %s (%s: %s); the admin page and /_bridge/usage show "
+                    "only what was counted since the start",
+                    self.path,
+                    type(exc).__name__,
+                    exc,
+                )
+                rows = {}
+            for (day, key_id, model), counts in rows.items():
+                models = self._summary.setdefault(key_id, {}).setdefault(day, {})
+                row = models.setdefault(model, _zeros())
+                for i, n in enumerate(counts):
+                    row[i] += n
+            self.loaded = True
+        finally:
+            self._loading.set()
+            self._loading = None
+
+    def _read_window(self, since: str) -> dict[Key, list[int]]:
+        """The file's rows since ``since``, at most MAX_MODELS_LOADED names per key and day
+        (the rest folded into OTHER). Runs in a worker thread."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT day, key_id, model, " + ", ".join(COLUMNS) + " FROM usage WHERE day >= ?"
+                " ORDER BY day, key_id, requests DESC",
+                (since,),
+            )
+            out: dict[Key, list[int]] = {}
+            names: dict[tuple[str, str], int] = defaultdict(int)
+            for day, key_id, model, *counts in cur:
+                n = names[(day, key_id)]
+                if n >= MAX_MODELS_LOADED and model != OTHER:
+                    model = OTHER
+                elif model != OTHER:
+                    names[(day, key_id)] = n + 1
+                row = out.setdefault((day, key_id, model), _zeros())
+                for i, c in enumerate(counts):
+                    row[i] += c
+        return out
+
+    # -- writing (worker threads) --
+    def _write(self, batch: dict[Key, list[int]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    async def flush(self) -> bool:
+        """Write what was counted since the last flush (in a worker thread; the summary is
+        read first, so nothing is counted twice). True if written (or nothing to write).
+        Error handling: a failure is logged (one line, its cause), counted, and the batch
+        kept for the next flush: False. Never raises but for cancellation while loading."""
+        await self.load()
+        if not self._pending:
+            return True
+        batch, self._pending = self._pending, defaultdict(_zeros)
+        try:
+            await trio.to_thread.run_sync(self._write, batch)
+        except (sqlite3.Error, OSError) as exc:
+            self._requeue(batch)
+            self.flush_failures += 1
+            if self._failures_metric is not None:
+                self._failures_metric.inc()
+            log.warning(
+                "usage flush failed (%s: %s); %d rows kept in memory, written by a later "
+                "flush (%s)",
+                type(exc).__name__,
+                exc,
+                len(self._pending),
+                self.path,
+            )
+            return False
+        return True
+
+    def _requeue(self, batch: dict[Key, list[int]]) -> None:
+        """Put a batch that was not written back in front of what came since (bounded)."""
+        for k, v in batch.items():
+            row = self._pending[k]
+            for i, n in enumerate(v):
+                row[i] += n
+        excess = len(self._pending) - self.max_pending_rows
+        if excess > 0:
+            for k in sorted(self._pending)[:excess]:  # the oldest days first
+                del self._pending[k]
+            self.rows_dropped += excess
+            if self._dropped_metric is not None:
+                self._dropped_metric.inc(excess)
+            log.error(
+                "usage: %d rows dropped from memory (flushes keep failing; max %d kept)",
+                excess,
+                self.max_pending_rows,
+            )
 
     async def run(self) -> None:
-        """Flush every ``flush_interval`` until cancelled; then a last flush (shielded)."""
+        """Read the summary, then flush every ``flush_interval`` until cancelled (after a
+        failure, again with backoff, at most ``MAX_RETRY_INTERVAL`` apart); then a last flush
+        (shielded, at most 5 s). Never ends by itself: a failing file is retried."""
+        interval = self.flush_interval
+        retry = Backoff(base=interval, cap=max(interval, MAX_RETRY_INTERVAL), floor=interval)
         try:
+            await self.load()
+            delay = interval
             while True:
-                await trio.sleep(self.flush_interval)
-                await self.flush()
+                await trio.sleep(delay)
+                if await self.flush():
+                    retry.attempt = 0
+                    delay = interval
+                else:
+                    delay = retry.next_delay()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
 
+    # -- reading (the event loop: memory only) --
     def rows(
         self, *, since_day: str = "", key_ids: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Rows (flushed and pending), newest day first."""
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT day, key_id, model, " + ", ".join(COLUMNS) + " FROM usage WHERE day >= ?",
-                (since_day,),
-            )
-            merged: dict[tuple[str, str, str], list[int]] = {
-                (r[0], r[1], r[2]): list(r[3:]) for r in cur.fetchall()
-            }
-            unwritten = [*self._writing.items(), *self._pending.items()]
-        for k, v in unwritten:
-            if k[0] >= since_day:
-                row = merged.setdefault(k, [0] * 5)
-                for i, n in enumerate(v):
-                    row[i] += n
-        out = [
-            {"day": k[0], "key_id": k[1], "model": k[2], **dict(zip(COLUMNS, v, strict=True))}
-            for k, v in merged.items()
-            if key_ids is None or k[1] in key_ids
-        ]
+        """Rows of the last ``WINDOW_DAYS`` days (written or not), newest day first: from
+        memory, never from the file (older days: :func:`read_rows`)."""
+        out = []
+        ids = self._summary.keys() if key_ids is None else key_ids
+        for key_id in ids:
+            for day, models in self._summary.get(key_id, {}).items():
+                if day < since_day:
+                    continue
+                for model, v in models.items():
+                    row: dict[str, Any] = {"day": day, "key_id": key_id, "model": model}
+                    row.update(zip(COLUMNS, v, strict=True))
+                    out.append(row)
         return sorted(out, key=lambda r: (r["day"], r["key_id"], r["model"]), reverse=True)
 
     def tokens_on(self, day: str) -> dict[str, int]:
-        """Prompt + completion tokens per key id on ``day`` (seeds daily budgets at start)."""
+        """Prompt + completion tokens per key id on ``day`` (seeds daily budgets at start:
+        before :meth:`load`, one small query of the file)."""
         totals: dict[str, int] = defaultdict(int)
-        for r in self.rows(since_day=day):
-            if r["day"] == day:
-                totals[r["key_id"]] += r["prompt_tokens"] + r["completion_tokens"]
+        if not self.loaded:  # nothing flushed yet: the file, plus what was counted since
+            with self._lock:
+                cur = self._db.execute(
+                    "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage "
+                    "WHERE day = ? GROUP BY key_id",
+                    (day,),
+                )
+                for key_id, tokens in cur:
+                    totals[key_id] += tokens
+        for key_id, per_day in self._summary.items():
+            for v in per_day.get(day, {}).values():
+                totals[key_id] += v[1] + v[2]
         return dict(totals)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def check_writable(path: Path) -> str:
+    """Try a real write where the connector would keep its usage (for ``check``): a row
+    inserted and deleted in one committed transaction of the file, or, while the file does
+    not exist yet, a small file written, synced and removed in its directory (the usage file
+    itself is not created: run as root, it would belong to root). Returns what was done;
+    raises sqlite3.Error or OSError. Blocking (call it in a worker thread)."""
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if parent != path.parent:
+            if not os.access(parent, os.W_OK):
+                raise PermissionError(f"{parent} is not writable for this user")
+            return f"{path.parent} will be created (in {parent}, writable)"
+        probe = parent / f".{path.name}.check-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink()
+        return "not created yet; a test write in its directory worked"
+    db = connect(path)  # as the connector opens it (private, WAL, the table)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            test_row = ("0000-00-00", "trio-bridge-check", "check", 1, 0, 0, 0, 0)
+            db.execute(_UPSERT, test_row)
+            db.execute("DELETE FROM usage WHERE day = ? AND key_id = ?", test_row[:2])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return "writable (a test write committed)"
 
 
 def read_rows(path: Path, *, since_day: str = "") -> list[dict[str, Any]]:
