@@ -698,6 +698,10 @@ class Broker:
         req = ex.req
         route, target = self._route(req)
         facts.route = route
+        try:  # what goes to the connector (after /r/<route> is taken off) passes the rule
+            check_target(target)
+        except BadTarget as exc:
+            return await self._error(ex, facts, exc.status, str(exc))
         picked = await self._pick_candidates(ex, facts, route, first)
         if isinstance(picked, str):
             return picked  # answered with an error
@@ -767,7 +771,6 @@ class Broker:
             return "ok"
         try:  # the one rule for what may be relayed (the connector applies it again)
             check_method(req.method)
-            check_target(req.target.decode("ascii"))
         except BadTarget as exc:
             return await self._error(ex, facts, exc.status, str(exc))
         refusal = self._not_for_connectors(req)
