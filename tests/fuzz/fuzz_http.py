@@ -60,7 +60,7 @@ def one_input(data: bytes) -> None:
     req = SimpleNamespace(target=event.target, headers=list(event.headers))
     try:
         check_method(event.method.decode("ascii"))
-        route, target = BROKER._route(req)  # type: ignore[arg-type]
+        _, target = BROKER._route(req)  # type: ignore[arg-type]
         check_target(target)
     except BadTarget:
         return
