@@ -143,3 +143,16 @@ async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: 
     assert statuses.count(429) >= 2000 - 2 * KEY_FAILURES_PER_WINDOW
     lines = stream.getvalue().count("\n")
     assert lines <= 2 * KEY_FAILURES_PER_WINDOW + 1, lines
+
+
+async def test_a_body_over_max_body_read_whole_for_its_model_is_413(lab: Lab) -> None:
+    """A key with a model allowlist makes the connector read the body whole: past max_body
+    that is a 413, not a traceback and a 502."""
+    _, key = lab.keys.add("coder", limits=KeyLimits(models=("m*",)))
+    async with run_upstream() as (app, llm), open_fake_broker() as fb:
+        await connect(lab, fb, llm, limits={"max_body": "100KiB"})
+        sid = await fb.request(RequestHead("POST", "/echo", auth(key), "r1"), b" " * 200_000)
+        with trio.fail_after(10):
+            answers = await fb.wait_answers([sid])
+    assert answers[sid] == 413
+    assert app.forwarded() == []
