@@ -344,8 +344,9 @@ async def test_usage_is_a_request_of_its_key_and_its_limits_apply(lab: Lab) -> N
 async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
     lab: Lab,
 ) -> None:
-    """30 000 rows of junk model names from an older release, ten parallel calls: each answer
-    is built from the key's bounded summary, and the loop keeps turning."""
+    """100 000 rows of junk model names from an older release, ten parallel calls: each answer
+    is built from the key's bounded summary, and the loop keeps turning (reading the rows of
+    the file took ~0.5 s per call here, on the loop)."""
     me = next(e.id for e in lab.keys.entries() if e.name == "lab-user")
     db = connect(lab.dir / "usage.sqlite3")
     now = time.time()
@@ -353,7 +354,7 @@ async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
         "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (utc_day(now - (i % 30) * 86400), me if i % 2 else "other1", f"junk-{i}", 1, 1, 1, 0, 0)
-            for i in range(30_000)
+            for i in range(100_000)
         ],
     )
     db.close()
@@ -376,9 +377,9 @@ async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
         nursery.cancel_scope.cancel()
     assert [r.status_code for r in answers] == [200] * 10
     doc = answers[0].json()
-    assert doc["last_30_days"]["requests"] == 15_000
+    assert doc["last_30_days"]["requests"] == 50_000
     assert len(doc["by_day"]) <= 31 * 51
-    assert watch.worst < 0.25, watch.worst
+    assert watch.worst < 0.4, watch.worst  # generous: two shared cores
 
 
 # -- check --------------------------------------------------------------------------------------
