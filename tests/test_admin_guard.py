@@ -5,11 +5,13 @@ cross-site Sec-Fetch-Site, and the header only the admin page's own script sends
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from trio_bridge._admin import ADMIN_HEADER, AdminGuard
 from trio_bridge._config import load_config
@@ -227,3 +229,18 @@ async def test_an_admin_token_does_not_make_a_cross_site_post_acceptable(lab: La
         client.cookies.clear()
         r = await client.post(base + "/api/replay/1", headers=own)
         assert r.status_code == 401
+
+
+async def test_status_says_why_the_admin_endpoint_refused(lab: Lab) -> None:
+    (lab.dir / "admin.token").write_text("s3cret-admin\n")
+    os.chmod(lab.dir / "admin.token", 0o600)
+    rb = await lab.start_broker(broker={"admin_token_file": "admin.token"})
+    host, port = rb.broker.admin_address or ("", 0)
+    done = await trio.run_process(
+        [sys.executable, "-m", "trio_bridge", "status", "--url", f"http://{host}:{port}"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == b""
+    assert b"HTTP 401: this admin endpoint needs its admin token" in done.stderr

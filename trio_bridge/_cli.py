@@ -403,6 +403,11 @@ def _status(config: Config, args: argparse.Namespace) -> int:
             if args.role or args.url:
                 print(f"{base}: not answering ({type(exc).__name__})", file=sys.stderr)
             continue
+        if r.status_code != 200:  # e.g. 401 (admin token), 421 (a name it does not answer to)
+            error = doc.get("error") if isinstance(doc, dict) else None
+            why = error.get("message") if isinstance(error, dict) else error
+            print(f"{base}: HTTP {r.status_code}: {why or r.text[:200]}", file=sys.stderr)
+            continue
         shown += 1
         print(json.dumps(doc, indent=1) if args.json else format_status(doc))
     if not shown:
