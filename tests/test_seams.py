@@ -40,6 +40,9 @@ UNREADABLE = {
     "no model": b'{"messages": []}',
     "model not a string": b'{"model": ["qwen2.5-coder:7b"]}',
     "two models": b'{"model": "qwen2.5-coder:7b", "model": "llama3:70b"}',
+    # Go's encoding/json (Ollama) matches keys case-insensitively, the last one winning
+    "MODEL beside model": b'{"model": "qwen2.5-coder:7b", "MODEL": "llama3:70b"}',
+    "Model alone": b'{"Model": "qwen2.5-coder:7b"}',
     "deeply nested": b'{"model": "qwen2.5-coder:7b", "x": '
     + b"[" * 100_000
     + b"]" * 100_000
@@ -130,6 +133,19 @@ def big_answer(n_tokens: int, *, kind: str = "chat") -> bytes:
     return json.dumps(doc).encode()
 
 
+def test_usage_is_read_when_more_than_a_tail_follows_it() -> None:
+    """vLLM puts ``usage`` before ``prompt_logprobs`` / ``prompt_token_ids``."""
+    doc = json.loads(big_answer(300_000))
+    doc["prompt_token_ids"] = list(range(40_000))
+    body = json.dumps(doc).encode()
+    for chunk in (1000, 16384, 65536, 1 << 20):
+        s = UsageSniffer(b"application/json")
+        for i in range(0, len(body), chunk):
+            s.feed(body[i : i + chunk])
+        s.finish()
+        assert (s.prompt_tokens, s.completion_tokens) == (11, 300_000), chunk
+
+
 @pytest.mark.parametrize("chunk", [1000, 65536, 1 << 20])
 @pytest.mark.parametrize(
     ("kind", "model", "prompt", "completion"),
@@ -215,6 +231,23 @@ async def test_a_connector_token_is_refused_in_any_credential_header(lab: Lab, n
             )
             assert r.status_code == 200
     assert len(app.forwarded()) == 1
+
+
+def test_api_keys_that_merely_contain_the_token_prefix_are_not_refused() -> None:
+    from trio_bridge._http import carries_secret
+
+    mark = b"tbc_"
+    keys = [
+        b"tbk_ndju0rw1_cQoCRx3uZE5YS08H-Xog9IRjkNNxsNtbC_9yqNkcjqw",
+        b"tbk_abcdetbc_" + b"x" * 43,
+        b"tbk_abcdefgh_xtbc_abcdefgh_" + b"y" * 30,
+    ]
+    for key in keys:
+        assert not carries_secret([(b"authorization", b"Bearer " + key)], b"/v1/x", mark)
+    token = b"tbc_abcdefgh_" + b"z" * 43
+    assert carries_secret([(b"x-a", b"k=" + token)], b"/", mark)
+    unpadded = base64.b64encode(b"u:" + token).rstrip(b"=")
+    assert carries_secret([(b"authorization", b"Basic " + unpadded)], b"/", mark)
 
 
 def test_bearer_and_tab_spellings_present_the_same_key() -> None:

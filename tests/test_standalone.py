@@ -37,7 +37,8 @@ async def connect(lab: Lab, fb: FakeBroker, llm: str, **options: object) -> Runn
 
 async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> None:
     """40 streams of a key with a model allowlist send 512 KiB each and never end: the relay's
-    budget (8 MiB here) refuses what is beyond it at once (503), the rest is cut at
+    budget (8 MiB here, half of it for one key) refuses what is beyond it at once (429 / 503),
+    the rest is cut at
     first_byte_timeout (408); an honest request through another broker is served meanwhile."""
     _, key = lab.keys.add("coder", limits=KeyLimits(models=("m*",)))
     async with (
@@ -68,8 +69,9 @@ async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> 
         took = trio.current_time() - started
         given_back = [g.used for g in rc.connector.relay_guards.values()]
     statuses = sorted(answers.values(), key=str)
-    assert set(statuses) <= {503, 408}, statuses
-    assert statuses.count(503) >= 40 - 16  # 16 x 512 KiB fill 8 MiB
+    assert set(statuses) <= {429, 503, 408}, statuses
+    # one key may hold half of the 8 MiB: 8 x 512 KiB; the rest is refused at once
+    assert statuses.count(429) + statuses.count(503) >= 40 - 8
     assert statuses.count(408) >= 1
     assert held <= 8 * 1024 * 1024
     assert took < 6, f"the stalled bodies were held {took:.1f} s"
@@ -156,3 +158,52 @@ async def test_a_body_over_max_body_read_whole_for_its_model_is_413(lab: Lab) ->
             answers = await fb.wait_answers([sid])
     assert answers[sid] == 413
     assert app.forwarded() == []
+
+
+async def test_a_broker_that_takes_no_usage_answer_cannot_pin_the_key(lab: Lab) -> None:
+    """GET /_bridge/usage through a broker that grants no credit: reset after stall_timeout,
+    so the key's concurrency is free again through an honest broker."""
+    _, key = lab.keys.add("k", limits=KeyLimits(concurrency=1))
+    async with open_fake_broker(window=1) as hostile, open_fake_broker() as honest:
+        rc = await lab.start_connector(
+            [hostile.url, honest.url], "http://127.0.0.1:9", wait=False,
+            limits={"stall_timeout": "1s"},
+        )  # fmt: skip
+        with trio.fail_after(10):
+            await hostile.connected.wait()
+            await honest.connected.wait()
+        await hostile.request(RequestHead("GET", "/_bridge/usage", auth(key), "pin"))
+        with trio.fail_after(5):
+            while rc.connector.in_flight == 0:
+                await trio.sleep(0.02)
+        with trio.fail_after(5):
+            while rc.connector.in_flight:
+                await trio.sleep(0.05)
+        sid = await honest.request(RequestHead("GET", "/_bridge/usage", auth(key), "honest"))
+        with trio.fail_after(5):
+            assert (await honest.wait_answers([sid]))[sid] == 200
+
+
+async def test_one_key_cannot_take_the_whole_body_budget_of_a_relay(lab: Lab) -> None:
+    """A key may hold at most half of its relay's body budget: its own excess gets 429, and
+    another key's request still goes through."""
+    _, greedy = lab.keys.add("greedy", limits=KeyLimits(models=("m*",)))
+    async with run_upstream() as (_, llm), open_fake_broker() as fb:
+        await connect(lab, fb, llm, relay={"max_buffered": "4MiB"},
+                      limits={"first_byte_timeout": "5s"})  # fmt: skip
+        part = b" " * (900 * 1024)
+        sids = [
+            await fb.request(RequestHead("POST", "/echo", auth(greedy), f"g{n}"), part, end=False)
+            for n in range(4)
+        ]
+        with trio.fail_after(5):
+            while len(fb.status) < 1:
+                await trio.sleep(0.02)
+        victim = await fb.request(
+            RequestHead("POST", "/echo", auth(lab.api_key), "v"), b"x" * 300_000
+        )
+        with trio.fail_after(5):
+            answers = await fb.wait_answers([victim])
+        assert answers[victim] == 200
+        assert sorted(s for s in fb.status.values() if s is not None and s != 200) == [429, 429]
+        del sids

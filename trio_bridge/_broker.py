@@ -105,6 +105,15 @@ _FORWARDING = frozenset(
 _FORWARDING_PREFIX = b"x-forwarded-"
 
 
+def _without_port(addr: str) -> str:
+    """``1.2.3.4:5678`` → ``1.2.3.4``, ``[::1]:80`` → ``::1`` (some proxies add the port)."""
+    if addr.startswith("["):
+        return addr[1:].partition("]")[0]
+    if addr.count(":") == 1:
+        return addr.partition(":")[0]
+    return addr
+
+
 def _forwarding(name: bytes) -> bool:
     """Whether a (lower-case) header name is a forwarding header, in any ``_`` spelling."""
     name = name.replace(b"_", b"-")
@@ -476,7 +485,7 @@ class Broker:
             return peer
         hops = b",".join(v for k, v in req.headers if k == b"x-forwarded-for").split(b",")
         for hop in reversed(hops):
-            addr = hop.strip().decode("latin-1")
+            addr = _without_port(hop.strip().decode("latin-1"))
             if not addr:
                 continue
             if not self._trusted(addr):

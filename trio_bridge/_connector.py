@@ -132,6 +132,11 @@ class _OverBudget(_BodyRefused):
     message = "too many request bodies are held for this broker; retry shortly"
 
 
+class _KeyOverBudget(_BodyRefused):
+    status, code = 429, ResetCode.REFUSED
+    message = "this API key has too many request bodies in progress; retry when one finishes"
+
+
 #: failed key checks one relay may cause in KEY_FAILURE_WINDOW seconds; beyond, invalid keys
 #: get 429 and no log line of their own (one summary line per window)
 KEY_FAILURES_PER_WINDOW = 50
@@ -140,22 +145,41 @@ KEY_FAILURE_WINDOW = 10.0
 
 class _RelayGuard:
     """What one relay's requests may cost the connector, whoever sends them: bytes of whole
-    request bodies held at once (``take``; a hostile broker cannot make the connector buffer
-    more than ``limit`` for it), and failed key checks answered and logged one by one."""
+    request bodies held at once (``take`` / ``give``; a hostile broker cannot make the
+    connector buffer more than ``limit`` for it, and one key not more than half of it, so
+    other keys on the same broker still get through), and failed key checks answered and
+    logged one by one."""
 
-    __slots__ = ("failures", "limit", "unlogged", "used", "window_start")
+    __slots__ = ("by_key", "failures", "limit", "unlogged", "used", "window_start")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.by_key: dict[str, int] = {}
         self.window_start = -math.inf
         self.failures = 0
         self.unlogged = 0
 
-    def take(self, n: int) -> None:
+    def take(self, n: int, key: str) -> None:
+        """Count ``n`` more bytes held for ``key``; raises _KeyOverBudget (the key's share,
+        half the limit) or _OverBudget (the relay's) and counts nothing then."""
+        held = self.by_key.get(key, 0)
+        if held + n > self.limit // 2:
+            raise _KeyOverBudget
         if self.used + n > self.limit:
             raise _OverBudget
         self.used += n
+        self.by_key[key] = held + n
+
+    def give(self, n: int, key: str) -> None:
+        """``n`` bytes held for ``key`` are no longer held."""
+        if n:
+            self.used -= n
+            left = self.by_key[key] - n
+            if left:
+                self.by_key[key] = left
+            else:
+                del self.by_key[key]
 
     def key_failed(self, now: float) -> bool:
         """Count a failed key check; False once this window's budget is spent (the caller
@@ -947,9 +971,11 @@ class Connector:
             (REQUEST_ID, facts.request_id.encode()),
             (b"cache-control", b"no-store"),
         ]
-        await stream.send_response(ResponseHead(200, headers))
-        await stream.send_data(body, end_stream=True)
-        return "ok"
+        return (
+            "ok"
+            if await self._send_whole(stream, ResponseHead(200, headers), body)
+            else ("client_stalled")
+        )
 
     def _count_usage(self, call: _Call, t0: float, *, streamed: bool) -> None:
         sniffer = call.sniffer
@@ -993,13 +1019,20 @@ class Connector:
         _, headers, body = error_response(
             status, message, facts.request_id, retry_after=retry_after, code=code
         )
+        if not await self._send_whole(stream, ResponseHead(status, headers + (extra or [])), body):
+            return "client_stalled"
+        return bridge_outcome(status)
+
+    async def _send_whole(self, stream: RelayStream, head: ResponseHead, body: bytes) -> bool:
+        """Send an answer the connector made itself; a broker that takes no part of it within
+        ``stall_timeout`` gets the stream reset instead (False): nothing waits on it for ever."""
         with trio.move_on_after(float(self.limits.stall_timeout)) as stalled:
-            await stream.send_response(ResponseHead(status, headers + (extra or [])))
+            await stream.send_response(head)
             await stream.send_data(body, end_stream=True)
         if stalled.cancelled_caught:
             stream.reset(ResetCode.TIMEOUT, "the broker took no answer (stall timeout)")
-            return "client_stalled"
-        return bridge_outcome(status)
+            return False
+        return True
 
     async def _forward(
         self, stream: RelayStream, facts: Facts, rec: RequestRecord, guard: _RelayGuard
@@ -1055,7 +1088,7 @@ class Connector:
         held = 0
         try:
             try:
-                body = await self._request_body(stream, facts, limits, guard)
+                body = await self._request_body(stream, facts, entry.id, limits, guard)
             except _BodyRefused as exc:
                 return await self._reply_error(stream, facts, exc.status, exc.message)
             if isinstance(body, str):
@@ -1067,11 +1100,16 @@ class Connector:
                 content = self._capture_request(rec, content)
             return await self._to_llm(stream, facts, call, url, content)
         finally:
-            guard.used -= held
+            guard.give(held, entry.id)
             self._finish_call(call, stream)
 
     async def _request_body(
-        self, stream: RelayStream, facts: Facts, limits: KeyLimits, guard: _RelayGuard
+        self,
+        stream: RelayStream,
+        facts: Facts,
+        key_id: str,
+        limits: KeyLimits,
+        guard: _RelayGuard,
     ) -> tuple[bytes | AsyncIterator[bytes], str | None] | str:
         """The body to send on (read whole when it is complete or the key has a model
         allowlist, which needs the "model" before anything is sent) and its model; or the
@@ -1079,17 +1117,17 @@ class Connector:
         not use. Raises :class:`_BodyRefused` (too large, too slow, over the relay's budget)."""
         if not (stream.recv_done or limits.models):
             return self._body(stream), None
-        content = await self._read_body(stream, guard)
+        content = await self._read_body(stream, guard, key_id)
         if not limits.models:
             return content, None
-        guard.used -= len(content)  # taken again below, unless the request is refused
+        guard.give(len(content), key_id)  # taken again below, unless the request is refused
         try:
             encoding = header(stream.request_head.headers, b"content-encoding")  # type: ignore[union-attr]
             model = declared_model(content, encoding)
         except ModelUnknown as exc:
             return await self._reply_error(stream, facts, 400, str(exc), code="model_unknown")
         if limits.allows_model(model):
-            guard.used += len(content)
+            guard.take(len(content), key_id)
             return content, model
         return await self._reply_error(
             stream,
@@ -1349,7 +1387,7 @@ class Connector:
         rec.request_body = b""
         return tee(content)
 
-    async def _read_body(self, stream: RelayStream, guard: _RelayGuard) -> bytes:
+    async def _read_body(self, stream: RelayStream, guard: _RelayGuard, key_id: str) -> bytes:
         """The whole request body, its bytes taken from the relay's ``guard`` as they come
         (given back by the caller once the call ends; here if reading fails). Raises
         :class:`_BodyRefused`: beyond max_body, slower than min_body_rate, over the budget."""
@@ -1357,17 +1395,17 @@ class Connector:
             body, _ = stream.take_ready()
             if len(body) > self.max_body:
                 raise _TooLarge
-            guard.take(len(body))
+            guard.take(len(body), key_id)
             return body
         parts: list[bytes] = []
         taken = 0
         try:
             async for chunk in self._body(stream):
-                guard.take(len(chunk))
+                guard.take(len(chunk), key_id)
                 taken += len(chunk)
                 parts.append(chunk)
         except BaseException:
-            guard.used -= taken
+            guard.give(taken, key_id)
             raise
         return b"".join(parts)
 

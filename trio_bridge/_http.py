@@ -82,24 +82,42 @@ def presented_key(headers: Headers) -> str | None:
     return None
 
 
+_secret_shapes: dict[bytes, re.Pattern[bytes]] = {}
+
+
+def _secret_shape(prefix: bytes) -> re.Pattern[bytes]:
+    """``<prefix><8-char id>_``, not preceded by a character a secret is made of (so an API
+    key that merely contains the prefix somewhere is not taken for a token)."""
+    shape = _secret_shapes.get(prefix)
+    if shape is None:
+        shape = re.compile(rb"(?<![A-Za-z0-9_-])" + re.escape(prefix) + rb"[A-Za-z0-9]{8}_", re.I)
+        _secret_shapes[prefix] = shape
+    return shape
+
+
 def carries_secret(headers: Headers, target: bytes, prefix: bytes) -> bool:
-    """Whether a request carries a secret of ours (``prefix``: b"tbc_", the connector tokens'):
-    in any header value (any credential header or scheme, a cookie, a custom header), inside
-    Basic credentials, or in the target (also percent-encoded). Such a request is refused and
-    never relayed: a connector token has no business in an API call."""
+    """Whether a request carries a secret of ours (``prefix``: b"tbc_", the connector tokens',
+    followed by an 8-character id and ``_``, in any case): in any header value (any credential
+    header or scheme, a cookie, a custom header), inside Basic credentials (padded or not), or
+    in the target (also percent-encoded). Such a request is refused and never relayed: a
+    connector token has no business in an API call."""
+    shape = _secret_shape(prefix)
     p = prefix.lower()
     for k, v in headers:
         lv = v.lower()
-        if p in lv:
+        if p in lv and shape.search(v):
             return True
         if k.lower() in (b"authorization", b"proxy-authorization") and lv.startswith(b"basic"):
+            raw = v[5:].strip()
             try:
-                if p in binascii.a2b_base64(v[5:].strip()).lower():
+                if shape.search(binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))):
                     return True
             except (binascii.Error, ValueError):
                 pass
     lt = target.lower()
-    return p in lt or (b"%" in lt and p in unquote_to_bytes(lt).lower())
+    if p in lt and shape.search(target):
+        return True
+    return b"%" in target and shape.search(unquote_to_bytes(target)) is not None
 
 
 class ModelUnknown(ClientError):
@@ -113,7 +131,8 @@ def declared_model(body: bytes, content_encoding: bytes | None) -> str | None:
     with the reason: a compressed body, a byte order mark (RFC 8259 lets a parser skip it,
     so some servers would read the body and others not), anything but UTF-8, not JSON,
     nesting beyond the parser's depth, not an object, no ``"model"`` or not a string, or
-    ``"model"`` twice (parsers differ on which one wins)."""
+    ``"model"`` twice, in any case (parsers differ on which one wins, and some match keys
+    case-insensitively)."""
     if content_encoding is not None and content_encoding.strip().lower() not in (b"", b"identity"):
         raise ModelUnknown(
             "this API key may only use some models, and a compressed request body cannot be "
@@ -132,8 +151,10 @@ def declared_model(body: bytes, content_encoding: bytes | None) -> str | None:
     twice = False
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        # Go's encoding/json (Ollama) matches keys case-insensitively, the last one winning:
+        # "MODEL" or "Model" beside "model" would choose the model there
         nonlocal twice
-        if sum(1 for k, _ in items if k == "model") > 1:
+        if sum(1 for k, _ in items if len(k) == 5 and k.casefold() == "model") > 1:
             twice = True
         return dict(items)
 

@@ -59,8 +59,10 @@ class TextFormatter(logging.Formatter):
         line = _text_line(record.created, record.levelname, record.name, record.getMessage(),
                           {k: v for k, v in record.__dict__.items()
                            if k not in _STD and not k.startswith("_")})  # fmt: skip
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if record.exc_info:  # its lines stay lines; nothing else of it reaches a terminal raw
+            line += "\n" + "\n".join(
+                terminal_safe(part) for part in self.formatException(record.exc_info).split("\n")
+            )
         return line
 
 

@@ -5,9 +5,10 @@
   ``prompt_eval_count`` / ``eval_count``. A bigger body (a long answer, a large embeddings
   batch) is not held: only its first and last 64 KiB are kept, and at the end the last
   ``"usage": {...}`` object of the tail (where OpenAI-style servers put it, after
-  ``choices`` / ``data``), or Ollama's counts, are read there; the model from the head's
-  first ``"model"`` (else the tail's last). Inside a JSON string a quote is escaped, so text
-  that merely mentions ``"usage"`` is never taken for it.
+  ``choices`` / ``data``), or Ollama's counts, are read there; a ``usage`` object passed on
+  the way is kept too (vLLM writes ``prompt_logprobs`` / ``prompt_token_ids`` after it);
+  the model from the head's first ``"model"`` (else the tail's last). Inside a JSON string a
+  quote is escaped, so text that merely mentions ``"usage"`` is never taken for it.
 - ``text/event-stream`` (OpenAI streaming): events are split on blank lines; only events that
   carry a non-null ``"usage"`` object are parsed (the final chunk when the client asked for
   ``stream_options.include_usage``, or servers that always send it); the first event gives the
@@ -46,6 +47,7 @@ class UsageSniffer:
         "_head",
         "_kind",
         "_skip",
+        "_usage",
         "completion_tokens",
         "events",
         "model",
@@ -66,6 +68,7 @@ class UsageSniffer:
         self._buf = bytearray()
         self._skip = False
         self._head: bytes | None = None  # a big JSON body's first EDGE bytes
+        self._usage: dict[str, Any] | None = None  # the last usage seen in what was dropped
         self._first = True  # the first event is parsed for the model name, even without usage
         self.model: str | None = None
         self.prompt_tokens: int | None = None
@@ -91,9 +94,9 @@ class UsageSniffer:
             if self._head is None:
                 if len(buf) > MAX_JSON:  # too big to hold: keep its head, then only a tail
                     self._head = bytes(buf[:EDGE])
-                    del buf[:-EDGE]
+                    self._trim()
             elif len(buf) > 2 * EDGE:
-                del buf[:-EDGE]
+                self._trim()
             return
         sep = b"\n\n" if kind == "sse" else b"\n"
         buf = self._buf
@@ -113,12 +116,30 @@ class UsageSniffer:
             buf.clear()
             self._skip = True
 
+    def _trim(self) -> None:
+        """Drop all but the last EDGE bytes of a big JSON body, keeping the last ``usage``
+        object seen in what is dropped (vLLM writes more after it: prompt_logprobs, …). One
+        that is not complete yet keeps the tail from its start on (it is small)."""
+        buf = self._buf
+        cut = len(buf) - EDGE
+        found = _last(_USAGE, buf)
+        if found is not None and found.start() < cut:
+            usage = _value_at(bytes(buf[found.end() - 1 :]), 0)
+            if isinstance(usage, dict):
+                self._usage = usage
+            elif len(buf) - found.start() < 4 * EDGE:
+                cut = found.start()
+        del buf[:cut]
+
     def finish(self) -> None:
         if self._kind == "json":
             if self._head is None:
                 self._take(_loads(bytes(self._buf)))
             else:
-                self._take(_edges(self._head, bytes(self._buf)))
+                doc = _edges(self._head, bytes(self._buf))
+                if "usage" not in doc and self._usage is not None:
+                    doc["usage"] = self._usage
+                self._take(doc)
         elif self._kind in ("sse", "ndjson") and self._buf and not self._skip:
             self._event(bytes(self._buf))
         self._buf.clear()
@@ -196,7 +217,7 @@ def _edges(head: bytes, tail: bytes) -> dict[str, Any]:
     return doc
 
 
-def _last(pattern: re.Pattern[bytes], raw: bytes) -> re.Match[bytes] | None:
+def _last(pattern: re.Pattern[bytes], raw: bytes | bytearray) -> re.Match[bytes] | None:
     found = None
     for found in pattern.finditer(raw):  # noqa: B007 (the last one is wanted)
         pass
