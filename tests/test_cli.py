@@ -96,6 +96,49 @@ def test_demo_prints_commands_that_work_as_printed(
     assert proc.wait(15) == 0
 
 
+def test_a_request_during_the_demos_drain_gets_503_with_retry_after(
+    demo: tuple[subprocess.Popen[str], str],
+) -> None:
+    """As a standalone broker does: while in-flight answers finish after Ctrl-C, a new
+    request is refused at once with 503 + Retry-After (it used to hang, then get no answer)."""
+    import httpx
+
+    proc, out = demo
+    base = re.search(r"Public base URL : (\S+)", out)
+    key = re.search(r"API key\s+: (\S+)", out)
+    assert base and key, out
+    url, headers = base.group(1) + "/chat/completions", {"Authorization": f"Bearer {key[1]}"}
+    body = {"model": "x", "stream": True, "messages": [{"role": "user", "content": "count to 40"}]}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", url, headers=headers, json=body) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the answer has started
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the drain has begun
+        t0 = time.monotonic()
+        refused = httpx.post(url, headers=headers, json={**body, "stream": False}, timeout=10)
+        assert time.monotonic() - t0 < 1.0
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "shutting down" in refused.json()["error"]["message"]
+        rest = list(lines)
+    assert [x for x in rest if x][-1] == "data: [DONE]"  # the one in flight finished
+    assert proc.wait(15) == 0
+
+
+def test_the_demo_banner_names_the_admin_pages(demo: tuple[subprocess.Popen[str], str]) -> None:
+    import httpx
+
+    _, out = demo
+    inspector = re.search(r"Inspector \(connector\)\s*: (http://127\.0\.0\.1:\d+/)", out)
+    page = re.search(r"Broker page\s*: (http://127\.0\.0\.1:\d+/)", out)
+    assert inspector and page, out
+    assert "<title>trio-bridge connector</title>" in httpx.get(inspector[1]).text
+    assert "<title>trio-bridge broker</title>" in httpx.get(page[1]).text
+
+
 def test_check_reports_a_config_error_in_one_line_with_exit_2(tmp_path: Path) -> None:
     (tmp_path / "bridge.toml").write_text('[connector]\nmax_concurrent = "many"\n')
     r = run("check", "-c", str(tmp_path / "bridge.toml"))

@@ -913,9 +913,16 @@ class _Demo:
         self._done = trio.Event()
 
     async def drain(self) -> None:
+        """What a standalone broker and connector do on their first signal, together: the
+        broker refuses new requests at once (503 + ``Retry-After``, ``/readyz`` 503), the
+        connector tells it it is going (GOAWAY), answers in flight finish for up to
+        ``shutdown_grace``; then the demo stops."""
         grace = float(self.config.limits.shutdown_grace)
-        if self.connector is not None:
-            await self.connector.drain(grace)
+        async with trio.open_nursery() as nursery:
+            if self.broker is not None:
+                nursery.start_soon(self.broker.drain, grace)
+            if self.connector is not None:
+                nursery.start_soon(self.connector.drain, grace)
         self._done.set()
 
     async def run(self) -> None:
@@ -1001,6 +1008,20 @@ def _print_demo(
         for role, a in zip(("broker", "connector"), admins, strict=True)
         if a is not None
     )
+    # the admin ports are chosen at random (two demos, or a demo beside real roles, must not
+    # collide): name the pages here, the one place that knows them
+    broker_admin, connector_admin = admins
+    pages = ""
+    if connector_admin is not None:
+        pages += (
+            f"  Inspector (connector) : http://{connector_admin[0]}:{connector_admin[1]}/"
+            "   requests live, usage, LLM and relay timeline\n"
+        )
+    if broker_admin is not None:
+        pages += (
+            f"  Broker page           : http://{broker_admin[0]}:{broker_admin[1]}/"
+            "   routes, connectors, requests and errors over time\n"
+        )
     print(
         f"""
 trio-bridge demo is running: broker + connector on loopback, serving {label}.
@@ -1017,6 +1038,8 @@ Try it (paste into another terminal):
 
 {sdk}
 
+Open in a browser:
+{pages}
 Health and metrics:
 {admin_lines}
 
