@@ -105,7 +105,12 @@ async def test_check_connector_gives_one_diagnosis_per_broken_setup(
     )
     host, admin_port = rb.broker.admin_address or ("", 0)
     admin = f"ws://{host}:{admin_port}/_bridge/relay"
-    cases.append(((await connector_check(lab, tmp_path, admin, model.url))[1], "no relay endpoint"))
+    cases.append(
+        (
+            (await connector_check(lab, tmp_path, admin, model.url))[1],
+            "this is an admin port, not the broker's public port",
+        )
+    )
     dead = free_port()
     cases.append(
         (
@@ -144,6 +149,55 @@ async def test_check_connector_gives_one_diagnosis_per_broken_setup(
     assert rb.broker.registry.relays() == []
     recent = rb.broker.stats.summary()
     assert recent["errors"] == 0 and recent["requests"] == 1
+
+
+def broker_line(out: str) -> str:
+    [line] = [x for x in out.splitlines() if x.startswith(("OK    broker", "FAIL  broker"))]
+    return line
+
+
+async def test_check_names_a_wrong_path_in_one_clean_line(
+    lab: Lab, tmp_path: Path, broker_and_model: tuple[RunningBroker, RunningModel]
+) -> None:
+    rb, model = broker_and_model
+    write_token(tmp_path / "connector.token", lab.token)
+    wrong = rb.relay_url.replace("/_bridge/relay", "/relay")
+    code, out = await connector_check(lab, tmp_path, wrong, model.url)
+    assert code == 1
+    assert broker_line(out) == (
+        f"FAIL  broker {wrong}: no relay endpoint at this URL ({wrong}; expected a path like "
+        "…/_bridge/relay)"
+    )
+
+
+async def test_check_tells_a_connector_pointed_at_the_admin_port_it_is_the_port(
+    lab: Lab, tmp_path: Path, broker_and_model: tuple[RunningBroker, RunningModel]
+) -> None:
+    rb, model = broker_and_model
+    write_token(tmp_path / "connector.token", lab.token)
+    host, admin_port = rb.broker.admin_address or ("", 0)
+    code, out = await connector_check(
+        lab, tmp_path, f"ws://{host}:{admin_port}/_bridge/relay", model.url
+    )
+    line = broker_line(out)
+    assert code == 1
+    assert "this is an admin port, not the broker's public port" in line, line
+    assert "relay path" not in line and "expected a path" not in line
+    assert "broker.listen" in line
+
+
+async def test_check_says_tls_when_wss_meets_a_plain_http_broker(
+    lab: Lab, tmp_path: Path, broker_and_model: tuple[RunningBroker, RunningModel]
+) -> None:
+    rb, model = broker_and_model
+    write_token(tmp_path / "connector.token", lab.token)
+    wss = rb.relay_url.replace("ws://", "wss://")
+    t0 = trio.current_time()
+    code, out = await connector_check(lab, tmp_path, wss, model.url)
+    line = broker_line(out)
+    assert code == 1
+    assert trio.current_time() - t0 < 4  # not the 2 s connect_timeout and more
+    assert "TLS" in line and "plain HTTP" in line and "ws://" in line, line
 
 
 @contextlib.contextmanager

@@ -179,6 +179,28 @@ def test_bare_lf_and_obs_fold_are_refused_before_the_handler() -> None:
         assert out.startswith(b"HTTP/1.1 400 "), out
 
 
+def _client_hello() -> bytes:
+    """The first bytes a TLS client sends (a ClientHello record)."""
+    import ssl
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="x")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_tls_handshake_on_the_plain_port_is_answered_at_once_in_plain_http() -> None:
+    """A connector dialing wss:// (or a browser https://) at a plain-HTTP broker gets an answer
+    its TLS layer rejects at once ("wrong version number"), not a wait for head_timeout."""
+    hello = _client_hello()
+    assert hello[:1] == b"\x16"
+    seen, out = run([hello])
+    assert seen == []
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert b"TLS" in out and b"plain HTTP" in out
+
+
 async def test_a_failing_handler_costs_one_connection_and_its_text_is_not_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

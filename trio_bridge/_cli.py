@@ -837,6 +837,11 @@ async def _check_connector(config: Config, report: _Report) -> None:
             continue
         timeout = float(config.limits.connect_timeout)
         ok, text = False, f"no relay answer within {timeout:g}s (is this the broker's address?)"
+        if url.startswith("wss://"):
+            text = (
+                f"no relay answer within {timeout:g}s (is this the broker's address? wss:// "
+                "needs TLS there: a broker without TLS takes ws://)"
+            )
         with trio.move_on_after(timeout):
             ok, text = await probe_relay(url, token, route=cc.route, ssl_context=ssl_context)
         (report.ok if ok else report.fail)(f"broker {url}", text)

@@ -1482,11 +1482,17 @@ async def probe_relay(
 def _rejection(url: str, exc: RelayRejected) -> str:
     """One line for a dial the broker answered with an HTTP status instead of a relay."""
     if exc.status == 404:
-        expected = "/_bridge/relay"
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            message = json.loads(exc.body)["error"]["message"]
-            if m := re.search(r"relay endpoint is (/\S*)", message):
-                expected = m.group(1).rstrip(";,.")
+        expected, message = "/_bridge/relay", ""
+        with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+            message = str(json.loads(exc.body)["error"]["message"])
+        if "this is an admin endpoint" in message:  # what a role's admin port answers
+            return (
+                "this is an admin port, not the broker's public port: the relay is on the "
+                "port the broker serves its API on (broker.listen, or its TLS proxy's), "
+                "not on admin_listen"
+            )
+        if m := re.search(r"relay endpoint is (/[^\s;,)]*)", message):
+            expected = m.group(1).rstrip(".")
         return f"no relay endpoint at this URL ({url}; expected a path like …{expected})"
     if exc.status in (401, 403):
         return f"broker refused the relay: HTTP {exc.status} (check the connector token)"
@@ -1498,12 +1504,22 @@ def _rejection(url: str, exc: RelayRejected) -> str:
     )
 
 
+#: what OpenSSL says when a wss:// dial gets a plain HTTP answer
+_PLAIN_ANSWER_TO_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"})
+
+
 def _connect_failure(exc: BaseException) -> str:
     """A one-line reason for a failed dial (trio wraps the per-address errors in a group and
     TLS errors in BrokenResourceError)."""
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         return str(cause.exceptions[0])
+    if isinstance(cause, ssl.SSLError) and cause.reason in _PLAIN_ANSWER_TO_TLS:
+        return (
+            "TLS handshake failed: the server answered in plain HTTP (a broker without TLS "
+            "takes ws://; wss:// needs TLS on that port: the broker's tls_cert or a proxy "
+            "such as Caddy in front)"
+        )
     if isinstance(cause, ssl.SSLCertVerificationError):
         return (
             f"TLS certificate refused: {cause.verify_message} (is the broker's certificate "

@@ -8,7 +8,9 @@ This module is small because h11 does the parsing and framing.
 One connection = one task (``serve_http`` spawns it). Per request cycle:
 
     read head (keep-alive timeout before its first byte, ``head_timeout`` for the whole head,
-    ``max_header_bytes``; bare-LF line ends and obs-fold refused) ─▶ h11 parses it
+    ``max_header_bytes``; bare-LF line ends and obs-fold refused; a TLS ClientHello on a plain
+    port answered 400 at once, so the client's TLS fails now, not after head_timeout)
+    ─▶ h11 parses it
     ─▶ handler(request)  in the connection's task; the handler pulls the body
        (``receive_body``, bounded by ``min_body_rate``) and writes the answer
        (``respond`` / ``send`` / ``end``); returning without ``end`` aborts the connection
@@ -61,6 +63,12 @@ _HEAD_ERRORS = {
     431: "request head too large",
     501: "unsupported Transfer-Encoding",
 }
+#: the first byte of a TLS ClientHello (a handshake record); no HTTP method starts with it
+_TLS_HANDSHAKE = b"\x16"
+_TLS_ON_PLAIN_PORT = (
+    "a TLS handshake on a plain HTTP port: this port speaks plain HTTP (http://, and ws:// "
+    "for connectors); TLS is its proxy's (Caddy, nginx) or tls_cert's"
+)
 LINGER_BYTES = 16 * 1024 * 1024  # after an early answer, read at most this much more body
 LINGER_SECONDS = 30.0
 
@@ -322,6 +330,11 @@ class _Connection:
                 buf += data
             if not buf:
                 return None  # idle too long
+            if first and buf[:1] == _TLS_HANDSHAKE and self.scheme == "http":
+                # a TLS client (wss://, https://) on this plain port: answering in plain HTTP
+                # fails its handshake at once ("wrong version number") instead of leaving it
+                # to wait for head_timeout for a head that never comes
+                raise _HeadError(400, _TLS_ON_PLAIN_PORT, "bad_head")
         end = buf.find(b"\r\n\r\n")
         if end >= 0:  # the usual case: the whole head came in one read
             end += 4
