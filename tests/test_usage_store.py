@@ -33,6 +33,8 @@ from trio_bridge._usagestore import (
 from trio_bridge.testing import Lab, open_lab
 
 CHAT = "/v1/chat/completions"
+#: the columns of a row an older release wrote
+OLD_COLUMNS = "day, key_id, model, requests, prompt_tokens, completion_tokens, estimated, errors"
 PY = sys.executable
 
 
@@ -212,7 +214,7 @@ async def test_the_summary_is_loaded_once_off_the_loop_and_folds_old_junk(
     db = connect(path)
     today = utc_day(time.time())
     db.executemany(
-        "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO usage ({OLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [(today, "k1", f"junk-{i}", 1 + (i == 7), 1, 1, 0, 0) for i in range(3000)],
     )
     db.close()
@@ -351,7 +353,7 @@ async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
     db = connect(lab.dir / "usage.sqlite3")
     now = time.time()
     db.executemany(
-        "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO usage ({OLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (utc_day(now - (i % 30) * 86400), me if i % 2 else "other1", f"junk-{i}", 1, 1, 1, 0, 0)
             for i in range(100_000)
@@ -439,3 +441,94 @@ async def test_a_summary_that_cannot_be_read_leaves_flushing_alone(tmp_path: Pat
     assert store.loaded and store.rows()[0]["requests"] == 1
     assert read_rows(tmp_path / "usage.sqlite3")[0]["requests"] == 1
     store.close()
+
+
+# -- what usage counts: every request of a key, refusals and errors apart -------------------------
+
+
+async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(lab: Lab) -> None:
+    """A 429 (here: over the key's concurrency, refused before its body is read) is a request
+    of its key, counted as refused (the bridge said no), not as an error (nothing failed):
+    ``usage``, ``/_bridge/usage`` and the metrics agree on that."""
+    _, key = lab.keys.add("one-at-a-time", limits=KeyLimits(concurrency=1))
+    model = await lab.start_test_model(token_delay=0.02)
+    rb = await lab.start_broker()
+    rc = await lab.start_connector([rb], model.url)
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream(
+            "POST", rb.url + CHAT, json=chat("count to 20", stream=True), headers=auth
+        ) as streaming:
+            r = await client.post(rb.url + CHAT, json=chat(), headers=auth)
+            assert r.status_code == 429
+            async for _ in streaming.aiter_bytes():
+                pass
+        with trio.fail_after(5):  # the stream's end reaches the key's counters
+            while (
+                r := await client.get(rb.url + "/_bridge/usage", headers=auth)
+            ).status_code != 200:
+                await trio.sleep(0.05)
+    today = r.json()["today"]
+    assert (today["requests"], today["refused"], today["errors"]) == (2, 1, 0)
+    rows = rc.connector.usage_store.rows()
+    assert sum(row["refused"] for row in rows) == 1
+    assert sum(row["requests"] for row in rows) == 2
+
+
+async def test_an_answer_the_llm_breaks_off_counts_as_an_error(lab: Lab) -> None:
+    """Errors in usage follow the metrics' rule: a 5xx, or an answer that broke off (the
+    status was 200)."""
+    from upstream import run_upstream
+
+    async with run_upstream() as (_, llm):
+        rb = await lab.start_broker()
+        rc = await lab.start_connector([rb], llm)
+        auth = {"Authorization": f"Bearer {lab.api_key}"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(rb.url + "/die", json=chat(), headers=auth)
+            with trio.fail_after(5):
+                while not rc.connector.usage_store.rows():
+                    await trio.sleep(0.02)
+    [row] = rc.connector.usage_store.rows()
+    assert (row["requests"], row["errors"], row["refused"]) == (1, 1, 0)
+
+
+def test_a_usage_file_of_an_older_release_gains_the_refused_column(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE usage (day TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, "
+        "requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0, "
+        "completion_tokens INTEGER NOT NULL DEFAULT 0, estimated INTEGER NOT NULL DEFAULT 0, "
+        "errors INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key_id, model)) WITHOUT ROWID"
+    )
+    today = utc_day(time.time())
+    db.execute("INSERT INTO usage VALUES (?, 'k1', 'm', 5, 1, 2, 0, 1)", (today,))
+    db.commit()
+    db.close()
+    assert read_rows(path)[0]["refused"] == 0  # read as it is (the CLI opens it read-only)
+    store = UsageStore(path)
+    store.record("k1", "m", prompt=0, completion=0, estimated=False, error=False, refused=True,
+                 now=time.time())  # fmt: skip
+    trio.run(store.flush)
+    store.close()
+    [row] = read_rows(path)
+    assert (row["requests"], row["errors"], row["refused"]) == (6, 1, 1)
+
+
+def test_the_usage_command_shows_refused_requests(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[connector]\nusage_file = "usage.sqlite3"\n')
+    store = UsageStore(tmp_path / "usage.sqlite3")
+    store.record("k1", "m", prompt=3, completion=4, estimated=False, error=False, now=time.time())
+    store.record("k1", "m", prompt=0, completion=0, estimated=False, error=False, refused=True,
+                 now=time.time())  # fmt: skip
+    trio.run(store.flush)
+    store.close()
+    out = subprocess.run(
+        [PY, "-m", "trio_bridge", "usage", "-c", str(tmp_path / "c.toml")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    header, row = out.splitlines()[:2]
+    assert header.split()[-2:] == ["REFUSED", "ERRORS"]
+    assert row.split()[-4:] == ["3", "4", "1", "0"]

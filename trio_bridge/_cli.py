@@ -655,7 +655,7 @@ def _usage(config: Config, args: argparse.Namespace) -> int:
         if wanted is None or r["key_id"] in wanted
     ]
     columns = ["day", "key", "key_id", "model", "requests", "prompt_tokens",
-               "completion_tokens", "estimated", "errors"]  # fmt: skip
+               "completion_tokens", "estimated", "errors", "refused"]  # fmt: skip
     if args.format == "json":
         print(json.dumps([{c: r[c] for c in columns} for r in rows], indent=1))
     elif args.format == "csv":
@@ -664,17 +664,27 @@ def _usage(config: Config, args: argparse.Namespace) -> int:
         out.writerows([[r[c] for c in columns] for r in rows])
     else:
         print(f"{'DAY':<11} {'KEY':<20} {'MODEL':<28} {'REQUESTS':>8} {'PROMPT':>10} "
-              f"{'COMPLETION':>10} {'ERRORS':>6}")  # fmt: skip
+              f"{'COMPLETION':>10} {'REFUSED':>7} {'ERRORS':>6}")  # fmt: skip
         for r in rows:
             est = "*" if r["estimated"] else " "
             print(
                 f"{r['day']:<11} {r['key'][:20]:<20} {r['model'][:28]:<28} {r['requests']:>8} "
-                f"{r['prompt_tokens']:>10} {r['completion_tokens']:>10}{est}{r['errors']:>6}"
+                f"{r['prompt_tokens']:>10} {r['completion_tokens']:>10}{est}{r['refused']:>7} "
+                f"{r['errors']:>6}"
             )
         if not rows:
             print(f"(no usage since {since})")
-        elif any(r["estimated"] for r in rows):
-            print("* some answers carried no token counts: estimated (see README)")
+        else:
+            if any(r["estimated"] for r in rows):
+                print(
+                    "* some answers carried no token counts: estimated (one completion token "
+                    "per streamed event, prompt tokens = request bytes / 4)"
+                )
+            print(
+                "REQUESTS: every request of the key; REFUSED: of those, refused by the bridge "
+                "(a limit's 429, the model allowlist, a bad request); ERRORS: failed (a 5xx, "
+                "an answer broken off)"
+            )
     return 0
 
 

@@ -97,6 +97,22 @@ _CANCEL_OUTCOME: dict[int, str] = {
 }
 
 
+#: request bodies up to this size are read for their "model" when the answer names none
+_MODEL_SCAN_LIMIT = 256 * 1024
+
+
+def _model_named(body: bytes) -> str | None:
+    """The ``"model"`` a request body names, for accounting only (the inspector, usage, the
+    log line), when the LLM's answer named none (an error answer, say); None if it cannot be
+    read with certainty or the body is large (parsing it is not worth its CPU here)."""
+    if len(body) > _MODEL_SCAN_LIMIT:
+        return None
+    try:
+        return declared_model(body, None)
+    except ModelUnknown:
+        return None
+
+
 def read_secret_file(path: os.PathLike[str] | str, what: str) -> str:
     check_private(path)
     try:
@@ -237,7 +253,7 @@ def _seq(text: str) -> int:
 
 
 def _totals(rows: Any) -> dict[str, int]:
-    out = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+    out = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "refused": 0}
     for r in rows:
         for k in out:
             out[k] += r[k]
@@ -256,16 +272,26 @@ class _RelayEnd:
 
 @attrs.define
 class _Call:
-    """What one admitted request of a key uses, for its counters when it ends."""
+    """What one request of a key uses, for its counters when it ends: the key's limits once
+    it is admitted, and the usage store's row for every request of a valid key."""
 
-    key_id: str
-    limits: KeyLimits
     facts: Facts
-    model: str | None = None
     rec: RequestRecord | None = None
+    key_id: str = ""
+    limits: KeyLimits = attrs.field(factory=KeyLimits)
+    #: in the usage store when it ends (a valid key; not ``/_bridge/usage``)
+    counted: bool = False
+    #: admitted by the key's limits (their counters are released when it ends)
+    admitted: bool = False
+    model: str | None = None
+    #: the whole request body, when it was read whole (its "model", if the answer names none)
+    body: bytes | None = None
     sniffer: UsageSniffer | None = None
     first_chunk: float | None = None
     last_chunk: float | None = None
+    prompt: int = 0
+    completion: int = 0
+    estimated: bool = False
 
     def tokens(self, request_bytes: int) -> tuple[int, int, bool]:
         """(prompt, completion, estimated): as the LLM reported them; else estimated: one
@@ -431,10 +457,13 @@ class Connector:
                     (keys, names.get(r["key_id"], r["key_id"])),
                     (models, r["model"]),
                 ):
-                    t = table.setdefault(name, {"requests": 0, "tokens": 0, "errors": 0})
+                    t = table.setdefault(
+                        name, {"requests": 0, "tokens": 0, "errors": 0, "refused": 0}
+                    )
                     t["requests"] += r["requests"]
                     t["tokens"] += r["prompt_tokens"] + r["completion_tokens"]
                     t["errors"] += r["errors"]
+                    t["refused"] += r["refused"]
             periods[label] = {"keys": keys, "models": models}
         return {"stored": True, "periods": periods}
 
@@ -847,10 +876,11 @@ class Connector:
         facts = Facts(head.request_id, head.method, head.target.split("?", 1)[0])
         facts.route = self.config.connector.route
         rec = self.inspector.start(head.request_id, head.method, facts.path)
+        call = _Call(facts, rec)
         try:
             if guard is None:
                 guard = _RelayGuard(int(self.config.relay.max_buffered))
-            facts.outcome = await self._forward(stream, facts, rec, guard)
+            facts.outcome = await self._forward(stream, call, guard)
         finally:
             if facts.outcome is None:
                 code = stream.reset_error.code if stream.reset_error is not None else -1
@@ -861,6 +891,8 @@ class Connector:
             if stream.reset_error is not None and stream.reset_error.code != ResetCode.NO_ERROR:
                 facts.reset = stream.reset_error.reason
                 reset_code = stream.reset_error.code
+            if call.counted:
+                self._record_usage(call)
             self._account(facts, reset_code)
             self._inspected(rec, facts)
             if facts.limit != "key_failures":  # those are summed up per relay instead
@@ -1034,13 +1066,13 @@ class Connector:
             return False
         return True
 
-    async def _forward(
-        self, stream: RelayStream, facts: Facts, rec: RequestRecord, guard: _RelayGuard
-    ) -> str:
+    async def _forward(self, stream: RelayStream, call: _Call, guard: _RelayGuard) -> str:
         """Check the key and its limits, then relay the request to the LLM (or answer
         ``/_bridge/usage``); the key's counters are released when the answer ends."""
         head = stream.request_head
         assert head is not None
+        facts, rec = call.facts, call.rec
+        assert rec is not None
         presented = presented_key(head.headers)
         entry = self.keys.verify(presented) if presented is not None else None
         if entry is None:
@@ -1062,6 +1094,8 @@ class Connector:
         limits = self.keys.limits_for(entry)
         if head.target.split("?", 1)[0] == USAGE_PATH:
             return await self._self_service(stream, facts, entry, limits)
+        # from here on, whatever the answer, a request of this key in its usage
+        call.key_id, call.limits, call.counted = entry.id, limits, True
         try:  # the one rule for what may reach the LLM (the broker's word is not taken)
             check_method(head.method, self._methods)
             url = self._url_for(head.target)
@@ -1084,7 +1118,7 @@ class Connector:
                 retry_after=refusal.retry_after,
                 extra=self.limiter.headers(entry.id, limits, now),
             )
-        call = _Call(entry.id, limits, facts, None, rec)
+        call.admitted = True
         held = 0
         try:
             try:
@@ -1096,6 +1130,7 @@ class Connector:
             content, call.model = body
             if isinstance(content, bytes):
                 held = len(content)  # taken from the budget while read: given back at the end
+                call.body = content
             if self.inspector.capture_bodies:
                 content = self._capture_request(rec, content)
             return await self._to_llm(stream, facts, call, url, content)
@@ -1139,9 +1174,16 @@ class Connector:
         )
 
     def _finish_call(self, call: _Call, stream: RelayStream) -> None:
-        """Count what a request used: the key's tokens and the usage store."""
+        """Count what an admitted request used against its key's limits; note its tokens and
+        its model for the usage store, the inspector and the log line."""
         now = time.time()
         prompt, completion, estimated = call.tokens(stream.bytes_received)
+        call.prompt, call.completion, call.estimated = prompt, completion, estimated
+        if call.model is None and call.body:  # the answer named none (e.g. an LLM's error)
+            call.model = _model_named(call.body)
+            if call.model is not None:
+                call.facts.model = call.facts.model or call.model
+        call.body = None
         self.limiter.finish(call.key_id, prompt + completion, now)
         if call.rec is not None and (prompt or completion):
             rec = call.rec
@@ -1154,18 +1196,24 @@ class Connector:
                     rec.tokens_per_second = round(
                         completion / (call.last_chunk - call.first_chunk), 1
                     )
-        if self.usage_store is not None:
-            status = call.facts.status or 0
-            error = status >= 500 or (call.facts.outcome or "ok") not in ("ok", "client_gone")
-            self.usage_store.record(
-                call.key_id,
-                call.model or "unknown",
-                prompt=prompt,
-                completion=completion,
-                estimated=estimated,
-                error=error,
-                now=now,
-            )
+
+    def _record_usage(self, call: _Call) -> None:
+        """A request of a valid key in the usage store, once its outcome is known: refused
+        by the bridge (a 4xx it made) or an error by the same rule as the metrics."""
+        if self.usage_store is None:
+            return
+        facts = call.facts
+        outcome = facts.outcome or "cancelled"
+        self.usage_store.record(
+            call.key_id,
+            call.model or "unknown",
+            prompt=call.prompt,
+            completion=call.completion,
+            estimated=call.estimated,
+            error=is_error(outcome, facts.status),
+            refused=outcome == "refused",
+            now=time.time(),
+        )
 
     async def _to_llm(
         self,

@@ -1,14 +1,22 @@
 """Usage that survives restarts: SQLite (stdlib ``sqlite3``, WAL), per UTC day × key × model.
 
 Table ``usage(day, key_id, model, requests, prompt_tokens, completion_tokens, estimated,
-errors)``. Requests are counted in memory as they end (:meth:`UsageStore.record`, no I/O) and
-written in one transaction every ``flush_interval`` seconds from a worker thread
+errors, refused)``. Requests are counted in memory as they end (:meth:`UsageStore.record`, no
+I/O) and written in one transaction every ``flush_interval`` seconds from a worker thread
 (:meth:`UsageStore.run`), and once more on shutdown. So a crash (``kill -9``, OOM) loses at most
 the counts of the last ``flush_interval`` (default 2 s); a committed flush survives it (WAL,
 ``synchronous=NORMAL``; a power loss may also take the last commits).
 
-``estimated`` counts requests whose tokens were estimated, not reported by the LLM (a stream
-without a usage chunk: one completion token per event; prompt tokens: request bytes / 4).
+``requests`` counts every request of the key that the connector answered (its key valid),
+whatever the answer; of those, ``refused`` the ones the bridge itself refused (a 4xx it made: a
+limit's 429, the model allowlist's 403 or 400, a bad target, a body too large) and ``errors``
+the ones that failed (a 5xx, from the bridge or the LLM, or an answer that broke off): the same
+rule as the metrics' error rate, where a refusal is no error. ``estimated`` counts requests
+whose tokens were estimated, not reported by the LLM (a stream without a usage chunk: one
+completion token per event; prompt tokens: request bytes / 4). ``model`` is ``"unknown"`` for a
+request that named none (``GET /v1/models``) or was refused before its body was read.
+
+A file written before ``refused`` existed gains the column when the connector opens it.
 
 Bounded, and never in the event loop's way:
 
@@ -63,21 +71,32 @@ CREATE TABLE IF NOT EXISTS usage (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     estimated INTEGER NOT NULL DEFAULT 0,
     errors INTEGER NOT NULL DEFAULT 0,
+    refused INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, key_id, model)
 ) WITHOUT ROWID
 """
 _UPSERT = """
 INSERT INTO usage (day, key_id, model, requests, prompt_tokens, completion_tokens, estimated,
-                   errors)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   errors, refused)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, key_id, model) DO UPDATE SET
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     estimated = estimated + excluded.estimated,
-    errors = errors + excluded.errors
+    errors = errors + excluded.errors,
+    refused = refused + excluded.refused
 """
-COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "estimated", "errors")
+COLUMNS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "estimated",
+    "errors",
+    "refused",
+)
+#: columns a file of an older release may lack, with how to add them
+_ADDED_COLUMNS = {"refused": "ALTER TABLE usage ADD COLUMN refused INTEGER NOT NULL DEFAULT 0"}
 MAX_MODEL = 128
 
 
@@ -124,7 +143,15 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(SCHEMA)
+    have = _columns(db)
+    for name, alter in _ADDED_COLUMNS.items():
+        if name not in have:
+            db.execute(alter)
     return db
+
+
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in db.execute("PRAGMA table_info(usage)")}
 
 
 Key = tuple[str, str, str]  # (day, key id, model)
@@ -145,7 +172,7 @@ MAX_RETRY_INTERVAL = 60.0
 
 
 def _zeros() -> list[int]:
-    return [0] * 5
+    return [0] * len(COLUMNS)
 
 
 class UsageStore:
@@ -227,8 +254,10 @@ class UsageStore:
         estimated: bool,
         error: bool,
         now: float,
+        refused: bool = False,
     ) -> None:
-        """Count one finished request (memory only; written by the next flush)."""
+        """Count one finished request (memory only; written by the next flush): ``refused``
+        by the bridge (a 4xx it made), or an ``error`` (see the module docstring)."""
         day = utc_day(now)
         if day != self._today:
             self._new_day(day, now)
@@ -245,6 +274,7 @@ class UsageStore:
             row[2] += completion
             row[3] += estimated
             row[4] += error
+            row[5] += refused
 
     def _new_day(self, day: str, now: float) -> None:
         """Forget the summary's days that left the window."""
@@ -458,7 +488,7 @@ def check_writable(path: Path) -> str:
     try:
         db.execute("BEGIN IMMEDIATE")
         try:
-            test_row = ("0000-00-00", "trio-bridge-check", "check", 1, 0, 0, 0, 0)
+            test_row = ("0000-00-00", "trio-bridge-check", "check", 1, 0, 0, 0, 0, 0)
             db.execute(_UPSERT, test_row)
             db.execute("DELETE FROM usage WHERE day = ? AND key_id = ?", test_row[:2])
         except BaseException:
@@ -476,8 +506,10 @@ def read_rows(path: Path, *, since_day: str = "") -> list[dict[str, Any]]:
         return []
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
+        have = _columns(db)  # a file of an older release, not opened by a connector since
+        columns = ", ".join(c if c in have else f"0 AS {c}" for c in COLUMNS)
         cur = db.execute(
-            "SELECT day, key_id, model, " + ", ".join(COLUMNS) + " FROM usage WHERE day >= ? "
+            "SELECT day, key_id, model, " + columns + " FROM usage WHERE day >= ? "
             "ORDER BY day DESC, key_id, model",
             (since_day,),
         )
