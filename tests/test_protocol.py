@@ -11,6 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from trio_bridge._errors import LocalProtocolError, RemoteProtocolError
 from trio_bridge._frames import FLAG_END_STREAM, FrameType, ResetCode, encode_frame
 from trio_bridge._protocol import (
+    MAX_CONTROL_PER_INTERVAL,
+    MAX_NOOP_PER_INTERVAL,
     Data,
     Event,
     GoAway,
@@ -23,6 +25,7 @@ from trio_bridge._protocol import (
     Session,
     StreamError,
     WindowUpdate,
+    encode_request_head,
 )
 
 HEAD = RequestHead(
@@ -300,3 +303,134 @@ class RelayMachine(RuleBasedStateMachine):
 
 
 TestRelayMachine = RelayMachine.TestCase
+
+
+# -- budgets: frames that do no work here are rate-limited per interval ----------------------
+
+PING = encode_frame(FrameType.PING, 0, b"12345678")
+PONG = encode_frame(FrameType.PONG, 0, b"12345678")
+STATUS = encode_frame(FrameType.STATUS, 0, b'{"ready":true}')
+GOAWAY = encode_frame(FrameType.GOAWAY, 0, b"bye")
+
+
+@pytest.mark.parametrize(
+    ("frame", "flood"),
+    [
+        (PING, "ping flood"),
+        (PONG, "pong flood"),
+        (STATUS, "status flood"),
+        (GOAWAY, "goaway flood"),
+    ],
+)
+def test_more_control_frames_than_the_budget_in_one_interval_is_a_relay_error(
+    frame: bytes, flood: str
+) -> None:
+    broker, _ = pair()  # the broker's session: the only one that takes STATUS
+    assert len(events(broker, frame * MAX_CONTROL_PER_INTERVAL)) == MAX_CONTROL_PER_INTERVAL
+    with pytest.raises(RemoteProtocolError, match=flood):
+        events(broker, frame)
+
+
+def test_the_control_budget_is_renewed_every_interval() -> None:
+    broker, connector = pair()
+    for _ in range(5):
+        events(broker, PONG * MAX_CONTROL_PER_INTERVAL + STATUS * MAX_CONTROL_PER_INTERVAL)
+        events(connector, PING * MAX_CONTROL_PER_INTERVAL)
+        broker.new_interval()
+        connector.new_interval()
+
+
+def _open(broker: Session, connector: Session, end_stream: bool = False) -> int:
+    sid, wire = broker.open_stream(HEAD, end_stream=end_stream)
+    events(connector, wire)
+    return sid
+
+
+def _noop_floods() -> dict[str, tuple[bool, object]]:
+    """Frames that change nothing for their receiver; (sent to the broker?, a builder)."""
+
+    def window_on_a_reset_stream(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)
+        events(c, b.send_reset(sid, ResetCode.CANCEL, "x"))
+        return encode_frame(FrameType.WINDOW, sid, (1024).to_bytes(4, "big"))
+
+    def tiny_window_increments(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)
+        return encode_frame(FrameType.WINDOW, sid, (1).to_bytes(4, "big"))
+
+    def window_beyond_what_was_sent(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)  # nothing sent: the whole window is still there
+        return encode_frame(FrameType.WINDOW, sid, (512).to_bytes(4, "big"))
+
+    def window_after_our_end(b: Session, c: Session) -> bytes:
+        sid = _open(b, c, end_stream=True)
+        return encode_frame(FrameType.WINDOW, sid, (512).to_bytes(4, "big"))
+
+    def reset_of_a_forgotten_stream(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)
+        events(b, c.send_reset(sid, ResetCode.CANCEL, "x"))
+        return encode_frame(FrameType.RESET, sid, b"\x00\x03")
+
+    def data_on_a_forgotten_stream(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)
+        events(b, c.send_reset(sid, ResetCode.CANCEL, "x"))
+        return encode_frame(FrameType.DATA, sid, b"late")
+
+    def empty_data(b: Session, c: Session) -> bytes:
+        sid = _open(b, c)
+        events(b, c.send_response(sid, ResponseHead(200, []), end_stream=False))
+        return encode_frame(FrameType.DATA, sid, b"")
+
+    return {
+        "WINDOW on a reset stream": (True, window_on_a_reset_stream),
+        "WINDOW increments of one byte": (True, tiny_window_increments),
+        "WINDOW beyond what was sent": (True, window_beyond_what_was_sent),
+        "WINDOW after our END": (True, window_after_our_end),
+        "RESET of a forgotten stream": (True, reset_of_a_forgotten_stream),
+        "DATA on a forgotten stream": (True, data_on_a_forgotten_stream),
+        "empty DATA": (True, empty_data),
+    }
+
+
+@pytest.mark.parametrize("case", list(_noop_floods()))
+def test_more_frames_that_change_nothing_than_the_budget_is_a_relay_error(case: str) -> None:
+    broker, connector = pair(window=1024)
+    _, build = _noop_floods()[case]
+    frame = build(broker, connector)  # type: ignore[operator]
+    events(broker, frame * MAX_NOOP_PER_INTERVAL)
+    with pytest.raises(RemoteProtocolError, match="frames that change nothing"):
+        events(broker, frame)
+
+
+def test_requests_refused_beyond_max_streams_count_as_frames_that_change_nothing() -> None:
+    broker, connector = pair(max_streams=1)
+    connector.max_streams = 1
+    _open(broker, connector)
+    refused = b"".join(
+        encode_frame(FrameType.REQUEST, sid, encode_request_head(HEAD), FLAG_END_STREAM)
+        for sid in range(2, MAX_NOOP_PER_INTERVAL + 2)
+    )
+    evs = events(connector, refused)
+    assert all(isinstance(e, StreamError) and e.code == ResetCode.REFUSED for e in evs)
+    with pytest.raises(RemoteProtocolError, match="frames that change nothing"):
+        events(
+            connector,
+            encode_frame(
+                FrameType.REQUEST,
+                MAX_NOOP_PER_INTERVAL + 2,
+                encode_request_head(HEAD),
+                FLAG_END_STREAM,
+            ),
+        )
+
+
+def test_honest_credit_grants_are_not_counted_against_the_budget() -> None:
+    """A receiver grants what its reader consumed once it reaches a quarter of its window
+    (RelayStream._consumed): such WINDOW frames do work and are never counted."""
+    broker, connector = pair(window=1024)
+    sid = _open(broker, connector)
+    for _ in range(MAX_NOOP_PER_INTERVAL + 1):
+        events(connector, broker.send_data(sid, b"x" * 256))
+        [upd] = events(broker, connector.send_window_update(sid, 256))
+        assert upd == WindowUpdate(sid, 256)
+    assert broker.noop_frames == 0

@@ -6,11 +6,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
-from memtransport import transport_pair
+from memtransport import MemTransport, transport_pair
 
-from trio_bridge._errors import QueueFull, StreamReset
-from trio_bridge._frames import ResetCode
-from trio_bridge._protocol import RequestHead, ResponseHead, Session
+from trio_bridge._errors import QueueFull, RelayClosed, StreamReset
+from trio_bridge._frames import MAX_MESSAGE, Frame, FrameDecoder, FrameType, ResetCode, encode_frame
+from trio_bridge._protocol import Hello, RequestHead, ResponseHead, Session
 from trio_bridge._relay import Relay, RelayStream
 
 
@@ -301,3 +301,134 @@ async def test_close_telling_peer_sends_the_reason_before_the_close(
         nursery.cancel_scope.cancel()
     assert pair.connector.peer_goaway == "connector token revoked"
     assert pair.broker.closed_reason == "connector token revoked"
+
+
+# -- hostile peers: floods cost the flooder its relay -----------------------------------------
+
+
+class HostilePeer:
+    """The far end of a relay, speaking raw frames: a Session for the hello and for building
+    frames, and the memory transport to send and receive whole messages."""
+
+    def __init__(self, transport: MemTransport, session: Session) -> None:
+        self.transport = transport
+        self.session = session
+        self.decoder = FrameDecoder()
+
+    async def frames(self) -> list[Frame]:
+        """Every frame the relay sent until it closed."""
+        out: list[Frame] = []
+        with trio.fail_after(10):
+            while True:
+                try:
+                    self.decoder.receive_data(await self.transport.receive_message())
+                except RelayClosed:
+                    return out
+                while (f := self.decoder.next_frame()) is not None:
+                    out.append(f)
+
+
+async def start_victim(
+    nursery: trio.Nursery, *, opener: bool, handler: Callable[[RelayStream], Awaitable[None]]
+) -> tuple[Relay, HostilePeer]:
+    """A relay (the victim; the broker's side with ``opener``) facing a hostile peer."""
+    ta, tb = transport_pair(1000)
+    victim = Relay(ta, Session(opener=opener, window=4096), ping_interval=1.0, handler=handler)
+    peer = HostilePeer(tb, Session(opener=not opener, window=4096))
+    if opener:  # the connector says hello first
+        await tb.send_message(peer.session.send_hello(role="connector"))
+        nursery.start_soon(victim.run)
+    else:
+        nursery.start_soon(victim.run)
+    peer.session.receive_data(await tb.receive_message())
+    assert isinstance(peer.session.next_event(), Hello)
+    if not opener:
+        await tb.send_message(peer.session.send_hello(role="broker"))
+    while victim.peer is None:
+        await trio.sleep(0.01)
+    return victim, peer
+
+
+async def never_answer(stream: RelayStream) -> None:
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    ("opener", "frame", "reason"),
+    [
+        (True, encode_frame(FrameType.PONG, 0, b"12345678"), "pong flood"),
+        (False, encode_frame(FrameType.PONG, 0, b"12345678"), "pong flood"),
+        (True, encode_frame(FrameType.STATUS, 0, b'{"ready":false}'), "status flood"),
+        (False, encode_frame(FrameType.GOAWAY, 0, b"draining"), "goaway flood"),
+    ],
+    ids=["pong to the broker", "pong to the connector", "status", "goaway"],
+)
+async def test_a_control_frame_flood_costs_the_flooder_its_relay(
+    autojump_clock: trio.abc.Clock, opener: bool, frame: bytes, reason: str
+) -> None:
+    async with trio.open_nursery() as nursery:
+        victim, peer = await start_victim(nursery, opener=opener, handler=never_answer)
+        # one 1 MB message of them, as the issue's attacker sent
+        await peer.transport.send_message(frame * ((MAX_MESSAGE - 64) // len(frame)))
+        sent = await peer.frames()
+        await victim.wait_closed()
+    goaways = [f.payload.decode() for f in sent if f.type is FrameType.GOAWAY]
+    assert goaways and reason in goaways[-1]
+    assert victim.closed_reason is not None and reason in victim.closed_reason
+
+
+async def test_a_window_flood_on_an_open_stream_costs_the_flooder_its_relay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """WINDOW frames that grant credit nobody used (one byte at a time, beyond the window)
+    are as empty as PONGs: the budget of frames that change nothing."""
+    async with trio.open_nursery() as nursery:
+        victim, peer = await start_victim(nursery, opener=True, handler=never_answer)
+        stream = victim.open_stream(head(), end_stream=False)
+        frame = encode_frame(FrameType.WINDOW, stream.id, (1).to_bytes(4, "big"))
+        await peer.transport.send_message(frame * ((MAX_MESSAGE - 64) // len(frame)))
+        sent = await peer.frames()
+        await victim.wait_closed()
+    goaways = [f.payload.decode() for f in sent if f.type is FrameType.GOAWAY]
+    assert goaways and "frames that change nothing" in goaways[-1]
+    assert stream.reset_error is not None and stream.reset_error.code == ResetCode.RELAY_LOST
+
+
+async def test_honest_pings_and_status_changes_never_exhaust_the_budgets(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two honest relays with 1 s pings, a readiness change every 50 ms, for a minute."""
+    pair = Pair(never_answer)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        for i in range(1200):
+            pair.connector.send_status(ready=bool(i % 2))
+            await trio.sleep(0.05)
+        assert pair.broker.closed_reason is None and pair.connector.closed_reason is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_of_many_frames_does_not_hold_the_loop(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The reader hands on a message's frames in slices and lets other tasks run between
+    them: a task that looks while one message of 4 000 one-byte DATA frames is being read
+    sees it half done."""
+    seen: set[int] = set()
+
+    async def handler(stream: RelayStream) -> None:
+        while True:
+            await stream.receive_data()  # parks until the reader delivers, then runs
+            seen.add(stream.bytes_received)  # when it next gets to run
+            stream.take_ready()
+
+    async with trio.open_nursery() as nursery:
+        _, peer = await start_victim(nursery, opener=False, handler=handler)
+        sid, wire = peer.session.open_stream(head(), end_stream=False)
+        await peer.transport.send_message(wire)
+        await trio.sleep(0.1)
+        body = b"".join(peer.session.send_data(sid, b"x") for _ in range(4000))
+        await peer.transport.send_message(body)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]

@@ -22,6 +22,27 @@ already closed here; the caller must send the RESET with :meth:`Session.send_res
 violation that concerns the relay raises :class:`RemoteProtocolError` from ``next_event``;
 the caller should send GOAWAY with the reason and close. Illegal local actions raise
 :class:`LocalProtocolError`.
+
+Budgets: frames that do no work for their receiver cost it as much to decode as any other, so
+a peer may send only so many of them per *interval* (the caller renews the budgets with
+:meth:`Session.new_interval`; the relay does at each ping interval). More is a flood: a
+:class:`RemoteProtocolError` that costs the flooder its relay, instead of costing the other
+streams their latency.
+
+- **control frames**: at most ``max_control`` (:data:`MAX_CONTROL_PER_INTERVAL`) of *each* of
+  PING, PONG, STATUS and GOAWAY. An honest peer sends one PING and at most one PONG per
+  interval, a STATUS when its LLM's state changes, one GOAWAY in a relay's life.
+- **frames that change nothing**: at most ``max_noop`` (:data:`MAX_NOOP_PER_INTERVAL`) of
+  DATA, RESPONSE, RESET and WINDOW frames for a stream that is gone here; WINDOW on a stream we
+  no longer send on; WINDOW that grants less than a quarter of the peer's window or more credit
+  than we used (an honest receiver grants what its reader consumed, in steps of at least a
+  quarter of its window: ``RelayStream._consumed``); empty DATA without END_STREAM; and
+  REQUESTs refused (beyond ``max_streams``, or after our GOAWAY). An honest peer sends a few:
+  the frames that crossed a RESET or an END on the wire.
+
+DATA frames that carry bytes are not counted: flow control bounds them (a peer sending its
+credit one byte per frame costs the relay more CPU, not more memory; the relay hands a message's
+events on in slices so that such a message cannot hold the event loop either).
 """
 
 from __future__ import annotations
@@ -52,6 +73,11 @@ from ._frames import (
 Headers = list[tuple[bytes, bytes]]
 
 DEFAULT_WINDOW = 256 * 1024
+#: PINGs, PONGs, STATUS and GOAWAY frames (each) a peer may send per interval (see "Budgets")
+MAX_CONTROL_PER_INTERVAL = 100
+#: frames that change nothing a peer may send per interval (see "Budgets")
+MAX_NOOP_PER_INTERVAL = 10_000
+_CONTROL = (FrameType.PING, FrameType.PONG, FrameType.STATUS, FrameType.GOAWAY)
 
 
 @attrs.define(slots=True)
@@ -320,6 +346,7 @@ class Session:
     ``opener`` is True on the broker (it opens streams) and False on the connector.
     ``window`` is the per-stream receive window this side advertises; ``max_streams`` the
     number of concurrently open streams it accepts (acceptor) or advertises (opener).
+    ``max_control`` and ``max_noop``: the budgets per interval (see the module docstring).
     """
 
     def __init__(
@@ -328,12 +355,20 @@ class Session:
         opener: bool,
         window: int = DEFAULT_WINDOW,
         max_streams: int = 1000,
+        max_control: int = MAX_CONTROL_PER_INTERVAL,
+        max_noop: int = MAX_NOOP_PER_INTERVAL,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError("window out of range")
         self.opener = opener
         self.window = window
         self.max_streams = max_streams
+        self.max_control = max_control
+        self.max_noop = max_noop
+        #: control frames received this interval, per type
+        self.control_frames = dict.fromkeys(_CONTROL, 0)
+        #: frames that changed nothing received this interval
+        self.noop_frames = 0
         self.peer_hello: Hello | None = None
         self.hello_sent = False
         self.goaway_received = False
@@ -506,6 +541,28 @@ class Session:
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
 
+    def new_interval(self) -> None:
+        """Renew the budgets: a new interval begins (the relay calls this each ping interval)."""
+        self.control_frames = dict.fromkeys(_CONTROL, 0)
+        self.noop_frames = 0
+
+    def _control(self, t: FrameType) -> None:
+        n = self.control_frames[t] = self.control_frames[t] + 1
+        if n > self.max_control:
+            raise RemoteProtocolError(
+                f"{t.name.lower()} flood: more than {self.max_control} {t.name} frames in one "
+                "interval"
+            )
+
+    def _noop(self, what: str) -> None:
+        """Count a frame that changed nothing here (``what``: which, for the error)."""
+        self.noop_frames += 1
+        if self.noop_frames > self.max_noop:
+            raise RemoteProtocolError(
+                f"flood of frames that change nothing: more than {self.max_noop} in one "
+                f"interval (the last: {what})"
+            )
+
     def next_event(self) -> Event | None:
         """The next event, or None when more data is needed.
 
@@ -524,6 +581,7 @@ class Session:
         if self.peer_hello is None:
             if t is not FrameType.HELLO:
                 if t is FrameType.GOAWAY:
+                    self._control(t)
                     return GoAway(f.payload.decode("utf-8", "replace"))
                 raise RemoteProtocolError(f"expected HELLO, got {t.name}")
             self.peer_hello = _decode_hello(f.payload)
@@ -535,6 +593,7 @@ class Session:
         if t is FrameType.RESET:
             code, reason = decode_reset(f.payload)
             if self._peer_stream(f.stream_id) is None:
+                self._noop("RESET of a closed stream")
                 return None
             del self._streams[f.stream_id]
             return Reset(f.stream_id, code, reason)
@@ -543,14 +602,17 @@ class Session:
         if t is FrameType.RESPONSE:
             return self._on_response(f)
         if t is FrameType.PING:
+            self._control(t)
             if len(f.payload) != 8:
                 raise RemoteProtocolError("PING payload must be 8 bytes")
             return Ping(f.payload)
         if t is FrameType.PONG:
+            self._control(t)
             if len(f.payload) != 8:
                 raise RemoteProtocolError("PONG payload must be 8 bytes")
             return Pong(f.payload)
         if t is FrameType.GOAWAY:
+            self._control(t)
             self.goaway_received = True
             return GoAway(f.payload.decode("utf-8", "replace"))
         if t is FrameType.STATUS:
@@ -560,20 +622,25 @@ class Session:
 
     def _on_window(self, f: Frame) -> Event | None:
         s = self._peer_stream(f.stream_id)
-        if s is None:
-            return None
         increment = decode_window(f.payload)
-        if not s.send_open:
+        if s is None or not s.send_open:
+            self._noop("WINDOW on a stream we no longer send on")
             return None
-        if s.send_window + increment > MAX_WINDOW:
+        window = s.send_window + increment
+        if window > MAX_WINDOW:
             del self._streams[f.stream_id]
             return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "window overflow")
-        s.send_window += increment
+        peer_window = self.peer_window
+        if increment < peer_window >> 2 or window > peer_window:
+            # credit in crumbs, or credit for bytes we never sent: honest receivers do neither
+            self._noop("WINDOW granting less than a quarter of the window or unused credit")
+        s.send_window = window
         return WindowUpdate(f.stream_id, increment)
 
     def _on_status(self, f: Frame) -> Status:
         if not self.opener:
             raise RemoteProtocolError("STATUS from the broker")
+        self._control(FrameType.STATUS)
         obj = _load_json(f.payload, "STATUS")
         ready = obj.get("ready")
         if not isinstance(ready, bool):
@@ -590,6 +657,7 @@ class Session:
     def _on_data(self, f: Frame) -> Event | None:
         s = self._peer_stream(f.stream_id)
         if s is None:
+            self._noop("DATA on a closed stream")
             return None
         if not s.recv_open:
             del self._streams[f.stream_id]
@@ -601,8 +669,11 @@ class Session:
         if n > s.recv_window:
             del self._streams[f.stream_id]
             return StreamError(f.stream_id, ResetCode.FLOW_CONTROL, "DATA beyond the window")
-        s.recv_window -= n
         end = f.end_stream
+        if not n and not end:
+            self._noop("empty DATA")
+            return None
+        s.recv_window -= n
         if end:
             self._close_recv(f.stream_id, s)
         return Data(f.stream_id, f.payload, end)
@@ -613,12 +684,14 @@ class Session:
         if self.goaway_sent and f.stream_id > self._highest_id:
             # We said we take no new streams; the peer may not have seen it yet.
             self._highest_id = f.stream_id
+            self._noop("REQUEST after our GOAWAY")
             return StreamError(f.stream_id, ResetCode.REFUSED, "connector is draining")
         if f.stream_id <= self._highest_id:
             raise RemoteProtocolError(f"stream id {f.stream_id} reused or out of order")
         self._highest_id = f.stream_id
         head = decode_request_head(f.payload)
         if len(self._streams) >= self.max_streams:
+            self._noop("REQUEST beyond max_streams")
             return StreamError(f.stream_id, ResetCode.REFUSED, "too many concurrent streams")
         s = _Stream(self.peer_window, self.window)
         s.head_received = True
@@ -632,6 +705,7 @@ class Session:
             raise RemoteProtocolError("RESPONSE sent to the connector")
         s = self._peer_stream(f.stream_id)
         if s is None:
+            self._noop("RESPONSE on a closed stream")
             return None
         if s.head_received:
             del self._streams[f.stream_id]

@@ -4,13 +4,17 @@ Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
 
 - the **reader** (the task that called ``run``): receives messages, feeds the session, routes
   events to :class:`RelayStream` objects. It never blocks on a stream: each stream's buffer is
-  bounded by the credit window it granted, so a slow consumer stalls only itself.
+  bounded by the credit window it granted, so a slow consumer stalls only itself. It hands on
+  at most ``EVENTS_PER_TURN`` events before it lets other tasks run (a message may hold
+  100 000 tiny frames); the session's budgets end a flood of frames that do no work (a
+  protocol error: GOAWAY with the reason, then close).
 - the **writer**: the only task that touches the socket for sending. Frames are appended to
   its queue synchronously; it sends everything that is ready as one WebSocket message
   (coalescing), at most ``MAX_MESSAGE`` bytes. Data senders wait while more than
   ``high_water`` bytes are queued; control frames (pong, window, reset) never wait.
 - the **pinger**: sends PING every ``ping_interval``; if nothing at all has been received for
-  ``2.5 × ping_interval`` the relay is declared dead.
+  ``2.5 × ping_interval`` the relay is declared dead. Each tick renews the session's budgets
+  (:meth:`Session.new_interval`).
 - on the connector, one **handler** task per incoming stream, each in its own cancel scope
   (hooked to ``RelayStream.on_reset``), cancelled when the stream is reset or the relay is lost.
 
@@ -58,7 +62,9 @@ from ._protocol import (
 log = logging.getLogger("trio_bridge.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_PINGS_PER_INTERVAL = 100  # a peer pinging more often than this is flooding
+#: events the reader hands on before it lets other tasks run: a 1 MiB message may hold 100 000
+#: frames, and reading them all in one go would hold the event loop for a tenth of a second
+EVENTS_PER_TURN = 256
 
 
 class MessageTransport(Protocol):
@@ -414,7 +420,6 @@ class Relay:
         self._nursery: trio.Nursery | None = None
         self._last_received = trio.current_time()
         self._ping_counter = 0
-        self._pings = 0  # pings received since our pinger last ran
 
     # -- public --
     @property
@@ -620,23 +625,29 @@ class Relay:
         if self.session.opener:
             self.send_frame(self.session.send_hello(role=role))
         self._last_received = trio.current_time()
-        # Frames that arrived in the same message as the hello:
-        self._dispatch_pending()
+        # Frames that arrived in the same message as the hello: the read loop's first turn.
         return event
 
     async def _read_loop(self) -> None:
         receive = self._transport.receive_message
         session = self.session
         while True:
+            while self._dispatch_pending():
+                # a message of many frames: the rest after the other tasks had a turn
+                await trio.lowlevel.checkpoint()
             data = await receive()
             self._last_received = trio.current_time()
             session.receive_data(data)
-            self._dispatch_pending()
 
-    def _dispatch_pending(self) -> None:
-        """Hand every complete event the session parsed to its stream (or act on it)."""
+    def _dispatch_pending(self) -> bool:
+        """Hand the events the session parsed to their streams (or act on them), at most
+        ``EVENTS_PER_TURN``; True if more may be waiting."""
         streams = self._streams
-        while (ev := self.session.next_event()) is not None:
+        next_event = self.session.next_event
+        for _ in range(EVENTS_PER_TURN):
+            ev = next_event()
+            if ev is None:
+                return False
             if isinstance(ev, Data):  # the hot path first
                 if (stream := streams.get(ev.stream_id)) is not None:
                     stream.deliver(ev.data, ev.end_stream)
@@ -651,14 +662,12 @@ class Relay:
                 self._on_request(ev)
             elif isinstance(ev, Reset | StreamError):
                 self._on_reset(ev)
-            elif isinstance(ev, Ping):
-                self._pings += 1
-                if self._pings > MAX_PINGS_PER_INTERVAL:
-                    raise RemoteProtocolError("ping flood")
+            elif isinstance(ev, Ping):  # the session keeps their number within its budget
                 self.send_frame(self.session.send_pong(ev.opaque))
             elif isinstance(ev, GoAway | Status):
                 self._on_peer_state(ev)
             # Pong: nothing to do, _last_received is already updated
+        return True
 
     def _on_reset(self, ev: Reset | StreamError) -> None:
         if isinstance(ev, StreamError):  # the peer broke a stream's rules: we reset it
@@ -726,7 +735,7 @@ class Relay:
                 self.close(f"no answer for {silent:.1f}s (ping timeout)")
                 return
             self._ping_counter += 1
-            self._pings = 0
+            self.session.new_interval()
             self.send_frame(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
 
