@@ -68,6 +68,28 @@ def test_captured_bodies_are_bounded_in_size_count_and_bytes() -> None:
     assert [r.request_body is not None for r in recs] == [False, False, True]
 
 
+async def test_an_llm_error_is_listed_as_an_error_with_the_model_asked_for() -> None:
+    """A 500 from the LLM is relayed as it is (the metrics count it as an error by its
+    status), and the inspector lists it as ``llm_error``, with the model the request named
+    (the answer names none)."""
+    from upstream import run_upstream
+
+    async with open_lab() as lab, run_upstream() as (_, llm):
+        rb = await lab.start_broker()
+        rc = await lab.start_connector([rb], llm)
+        async with httpx.AsyncClient() as client:
+            r = await client.post(
+                rb.url + "/fail",
+                json={"model": "qwen-7b", "messages": []},
+                headers={"Authorization": f"Bearer {lab.api_key}"},
+            )
+        assert r.status_code == 500 and r.json()["error"]["message"] == "model crashed"
+        [row] = rc.connector.inspector.recent(10)
+        assert (row["status"], row["outcome"], row["model"]) == (500, "llm_error", "qwen-7b")
+        [usage] = rc.connector.usage_store.rows()  # type: ignore[union-attr]
+        assert (usage["model"], usage["errors"], usage["refused"]) == ("qwen-7b", 1, 0)
+
+
 # -- in a browser -------------------------------------------------------------------------------
 
 
@@ -185,6 +207,19 @@ async def test_the_connector_page_shows_requests_live_and_replays_them(
 
         # the usage chart follows (from the usage store, refreshed after answers end)
         await in_browser(wait_for, driver, "#chart-keys .row", 8, "lab-user")
+        # GET /v1/models named no model: a line under the models' chart, not a 0-token bar
+        await in_browser(wait_for, driver, "#chart-models [data-no-model]", 8, "named no model")
+        models = (await in_browser(driver.find_element, By.ID, "chart-models")).text
+        assert "unknown" not in models and "0 tok" not in models
+
+        # an LLM error stands out: its outcome is llm_error, in red, with the model asked for
+        await client.post(
+            rb.url + "/v1/chat/completions",
+            json={"model": "m", "messages": "not a list"},  # the test model answers 400
+            headers={"Authorization": f"Bearer {lab.api_key}", "X-Request-ID": "bad-req"},
+        )
+        await in_browser(wait_for, driver, "tr[data-id='bad-req'] td.status-4xx", 5)
+        await in_browser(driver.save_screenshot, str(OUTPUT / "connector-usage.png"))
 
     html = await in_browser(whole_page, driver)
     for secret in (lab.api_key, other, lab.token):
@@ -192,6 +227,8 @@ async def test_the_connector_page_shows_requests_live_and_replays_them(
 
 
 async def test_the_broker_page_shows_routes_and_connectors(lab: Lab, driver: Any) -> None:
+    from selenium.webdriver.common.by import By
+
     model = await lab.start_test_model(models=("big-model",))
     rb = await lab.start_broker(broker={"aliases": {"coder": ["big-model"]}})
     await lab.start_connector([rb], model.url, connector={"name": "gpu-box", "priority": 5})
@@ -208,8 +245,40 @@ async def test_the_broker_page_shows_routes_and_connectors(lab: Lab, driver: Any
     route = await in_browser(wait_for, driver, "tr[data-route='default']", 5)
     assert route.text.split()[1:3] == ["0", "3"]  # nothing queued; requests in five minutes
     assert "coder" in (await in_browser(wait_for, driver, "#aliases")).text
+    # the last minutes at a glance: a strip per route, a bar per 10 s
+    strip = await in_browser(wait_for, driver, "#series .series-row[data-route='default']", 5)
+    assert "3 requests" in strip.text and "0 errors" in strip.text
+    bars = await in_browser(
+        driver.find_elements, By.CSS_SELECTOR, "#series .series-row svg rect.requests"
+    )
+    assert bars
     OUTPUT.mkdir(exist_ok=True)
     await in_browser(driver.save_screenshot, str(OUTPUT / "broker-overview.png"))
+
+
+async def test_the_broker_page_shows_errors_over_time_and_explains_empty_aliases(
+    lab: Lab, driver: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+    from upstream import run_upstream
+
+    async with run_upstream() as (_, llm):
+        rb = await lab.start_broker()
+        await lab.start_connector([rb], llm)
+        auth = {"Authorization": f"Bearer {lab.api_key}"}
+        async with httpx.AsyncClient() as client:
+            for path in ("/echo", "/fail", "/fail"):
+                await client.post(rb.url + path, json={"model": "m"}, headers=auth)
+        host, port = rb.broker.admin_address or ("", 0)
+        await in_browser(driver.get, f"http://{host}:{port}/")
+        await in_browser(wait_for, driver, "body[data-ready='1']", 10)
+    strip = await in_browser(wait_for, driver, "#series .series-row[data-route='default']", 5)
+    assert "3 requests" in strip.text and "2 errors" in strip.text
+    assert await in_browser(driver.find_elements, By.CSS_SELECTOR, "#series svg rect.errors")
+    aliases = (await in_browser(wait_for, driver, "#aliases")).text
+    assert "No aliases" in aliases and "[broker] aliases" in aliases
+    OUTPUT.mkdir(exist_ok=True)
+    await in_browser(driver.save_screenshot, str(OUTPUT / "broker-errors.png"))
 
 
 async def test_an_admin_token_protects_the_pages_but_not_health(lab: Lab) -> None:

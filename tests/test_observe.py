@@ -351,3 +351,28 @@ def test_the_direct_request_line_equals_the_formatters_line(fmt: str) -> None:
         logging.getLogger("trio_bridge.request").setLevel(logging.NOTSET)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_recent_stats_keep_requests_and_errors_per_step_in_fixed_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker page's picture of the last minutes: per step, oldest first, steps without
+    requests as zeros, nothing older than the window."""
+    from trio_bridge import _observe
+
+    clock = [1000.0]
+    monkeypatch.setattr(_observe.time, "monotonic", lambda: clock[0])
+    stats = _observe.RecentStats(step=10, length=6)
+    stats.add(0.1, None, False)
+    stats.add(0.1, None, True)
+    clock[0] = 1025.0
+    stats.add(0.1, 0.01, False)
+    series = stats.series()
+    assert series["step_s"] == 10
+    assert series["requests"] == [0, 0, 0, 2, 0, 1]
+    assert series["errors"] == [0, 0, 0, 1, 0, 0]
+    clock[0] = 1065.0  # the first requests left the window (six steps of 10 s)
+    assert stats.series()["requests"] == [0, 1, 0, 0, 0, 0]
+    clock[0] = 5000.0
+    assert stats.series()["requests"] == [0] * 6
+    assert len(stats._buckets) == 6

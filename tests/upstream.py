@@ -88,6 +88,13 @@ class Upstream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await trio.sleep(0.01)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif path == "/fail":  # an LLM's own error answer, naming no model
+            await send_simple(
+                send,
+                500,
+                [(b"content-type", b"application/json")],
+                b'{"error": {"message": "model crashed", "type": "server_error"}}',
+            )
         elif path == "/gzip":
             await send_simple(
                 send,

@@ -238,7 +238,9 @@ class Broker:
                 }
             )
         for route, stats in self.route_stats.items():
-            routes.setdefault(route, {"connectors": []})["recent"] = stats.summary()
+            r = routes.setdefault(route, {"connectors": []})
+            r["recent"] = stats.summary()
+            r["series"] = stats.series()
         for route, r in routes.items():
             r["queued"] = self.registry.queued_for(route)
         return {

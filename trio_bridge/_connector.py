@@ -97,6 +97,8 @@ _CANCEL_OUTCOME: dict[int, str] = {
 }
 
 
+#: the inspector's outcome for a 5xx answer of the LLM's own (relayed as it was)
+LLM_ERROR = "llm_error"
 #: request bodies up to this size are read for their "model" when the answer names none
 _MODEL_SCAN_LIMIT = 256 * 1024
 
@@ -902,6 +904,10 @@ class Connector:
         """The end of a request, for the inspector (cheap: a few attribute copies)."""
         rec.status = facts.status
         rec.outcome = facts.outcome or ""
+        if rec.outcome == "ok" and (facts.status or 0) >= 500:
+            # relayed as it was, and an error by its status (is_error): say so where an
+            # operator scans for trouble (the log line and the metrics keep outcome "ok")
+            rec.outcome = LLM_ERROR
         rec.reset = facts.reset or ""
         rec.model = rec.model or facts.model or ""
         rec.duration_ms = round(facts.duration * 1000, 3)

@@ -471,15 +471,61 @@ class Metrics:
         return bytes(generate_latest(self.registry))
 
 
-class RecentStats:
-    """Requests of the last ``window`` seconds: count, error rate, latency percentiles."""
+#: the admin page's picture of the last minutes: requests and errors per 10 s, 15 minutes
+SERIES_STEP = 10.0
+SERIES_LEN = 90
 
-    def __init__(self, window: float = 300.0, maxlen: int = 20000) -> None:
+
+class RecentStats:
+    """Requests of the last ``window`` seconds: count, error rate, latency percentiles; and
+    requests and errors per ``step`` seconds over the last ``step`` × ``length`` seconds
+    (:meth:`series`; fixed memory: ``length`` pairs of counts)."""
+
+    def __init__(
+        self,
+        window: float = 300.0,
+        maxlen: int = 20000,
+        *,
+        step: float = SERIES_STEP,
+        length: int = SERIES_LEN,
+    ) -> None:
         self.window = window
         self._items: deque[tuple[float, float, float | None, bool]] = deque(maxlen=maxlen)
+        self._step = step
+        #: a ring of [requests, errors] per step; slot ``i % length`` holds step ``i``
+        self._buckets = [[0, 0] for _ in range(length)]
+        self._newest = int(time.monotonic() // step)
+
+    def _advance(self, now: float) -> list[int]:
+        """The bucket of ``now`` (buckets of steps since the newest one emptied first)."""
+        step = int(now // self._step)
+        ring = self._buckets
+        if step > self._newest:
+            for i in range(self._newest + 1, min(step, self._newest + len(ring)) + 1):
+                ring[i % len(ring)] = [0, 0]
+            self._newest = step
+        return ring[step % len(ring)]
 
     def add(self, duration: float, ttfb: float | None, error: bool) -> None:
-        self._items.append((time.monotonic(), duration, ttfb, error))
+        now = time.monotonic()
+        self._items.append((now, duration, ttfb, error))
+        bucket = self._advance(now)
+        bucket[0] += 1
+        bucket[1] += error
+
+    def series(self) -> dict[str, Any]:
+        """Requests and errors per step, oldest first; ``end``: the Unix time the newest step
+        ends at (it is the one in progress)."""
+        now = time.monotonic()
+        self._advance(now)
+        ring, newest = self._buckets, self._newest
+        steps = [ring[i % len(ring)] for i in range(newest - len(ring) + 1, newest + 1)]
+        return {
+            "step_s": self._step,
+            "end": time.time() + ((newest + 1) * self._step - now),
+            "requests": [b[0] for b in steps],
+            "errors": [b[1] for b in steps],
+        }
 
     def summary(self) -> dict[str, Any]:
         cutoff = time.monotonic() - self.window

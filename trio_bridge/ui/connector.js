@@ -7,8 +7,11 @@ const seen = {key: new Set(), model: new Set(), outcome: new Set()};
 let selected = null;
 let usage = null;
 
+// llm_error: the LLM's own 5xx answer, relayed as it was (an error by its status)
 const BAD = new Set(["bridge_error", "aborted", "upstream_error", "idle_timeout", "client_stalled",
-                     "reset", "relay_lost", "too_large", "cancelled"]);
+                     "reset", "relay_lost", "too_large", "cancelled", "llm_error"]);
+// what the usage store counts a request under when it named no model
+const NO_MODEL = "unknown";
 
 function outcomeClass(o) {
   if (o === "ok") return "outcome-ok";
@@ -23,7 +26,7 @@ function cells(r) {
     el("td", {}, r.key || "–"),
     el("td", {}, r.model || "–"),
     el("td", {}, `${r.method} ${r.path}`, r.replay_of ? " (replay)" : ""),
-    el("td", {}, r.status ?? "–"),
+    el("td", {class: r.status >= 500 ? "status-5xx" : r.status >= 400 ? "status-4xx" : ""}, r.status ?? "–"),
     el("td", {class: outcomeClass(r.outcome)}, r.outcome),
     el("td", {class: "num"}, ms(r.queue_wait_ms)),
     el("td", {class: "num"}, ms(r.ttfb_ms)),
@@ -128,16 +131,40 @@ async function replay() {
   note.dataset.status = String(doc.status ?? r.status);
 }
 
+function usageText(v) {
+  const parts = [`${v.tokens} tok`];
+  if (v.requests !== undefined) parts.push(`${v.requests} req`);
+  if (v.refused) parts.push(`${v.refused} refused`);
+  if (v.errors) parts.push(`${v.errors} err`);
+  return parts.join(" · ");
+}
+
+function usageRow(name, v, max) {
+  const fill = el("div", {class: "fill"});
+  fill.style.width = `${(v.tokens / max) * 100}%`;
+  const title = name === "other" ? "models this connector does not list, counted together" : name;
+  return el("div", {class: "row", "data-name": name}, el("span", {class: "name", title}, name),
+            fill, el("span", {class: "num" + (v.errors ? " outcome-bad" : "")}, usageText(v)));
+}
+
 function renderUsage() {
   const period = document.getElementById("period").value;
   const data = usage?.periods?.[period] || {keys: {}, models: {}};
-  for (const [id, table] of [["chart-keys", data.keys], ["chart-models", data.models]]) {
-    const entries = Object.entries(table).sort((a, b) => b[1].tokens - a[1].tokens);
+  for (const [id, table, isModels] of [["chart-keys", data.keys, false], ["chart-models", data.models, true]]) {
+    // requests that named no model (GET /v1/models, or refused before their body was read)
+    // are no model: a line under the chart, not a bar
+    const entries = Object.entries(table).filter(([name]) => !(isModels && name === NO_MODEL))
+      .sort((a, b) => b[1].tokens - a[1].tokens || b[1].requests - a[1].requests);
     const max = Math.max(1, ...entries.map(([, v]) => v.tokens));
-    document.getElementById(id).replaceChildren(...(entries.length ? entries.map(([name, v]) =>
-      el("div", {class: "row"}, el("span", {class: "name", title: name}, name),
-         (() => { const f = el("div", {class: "fill"}); f.style.width = `${(v.tokens / max) * 100}%`; return f; })(),
-         el("span", {class: "num"}, `${v.tokens} tok`))) : [el("div", {class: "note"}, "no usage yet")]));
+    const rows = entries.map(([name, v]) => usageRow(name, v, max));
+    const none = isModels ? table[NO_MODEL] : null;
+    if (none) {
+      rows.push(el("div", {class: "note", "data-no-model": ""},
+        `+ ${none.requests} request${none.requests === 1 ? "" : "s"} that named no model (e.g. GET /v1/models, or refused ` +
+        `before their body was read)` + (none.refused ? `, ${none.refused} refused` : "") +
+        (none.errors ? `, ${none.errors} errors` : "")));
+    }
+    document.getElementById(id).replaceChildren(...(rows.length ? rows : [el("div", {class: "note"}, "no usage yet")]));
   }
 }
 
