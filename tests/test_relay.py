@@ -432,3 +432,105 @@ async def test_a_message_of_many_frames_does_not_hold_the_loop(
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]
+
+
+# -- a peer that does not read: the writer's bounds -------------------------------------------
+
+
+async def test_a_peer_that_does_not_read_loses_its_relay_once_the_send_queue_is_full(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests beyond max_streams, each refused with a RESET that never gets out: the queue
+    passes max_queued and the relay closes, dropping what it held (within the budgets: 3000
+    refusals in one interval)."""
+    ta, tb = transport_pair(1)  # one message in flight, then the connector's writes block
+    cap = 160 * 1024
+    victim = Relay(
+        ta,
+        Session(opener=False, window=4096, max_streams=1),
+        ping_interval=1.0,
+        handler=never_answer,
+        high_water=16 * 1024,
+        max_queued=cap,
+    )
+    peer = HostilePeer(tb, Session(opener=True, window=4096))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(victim.run)
+        peer.session.receive_data(await tb.receive_message())
+        peer.session.next_event()
+        assert peer.session.peer_hello is not None
+        peer.session.peer_hello.max_streams = 10**6  # a hostile broker ignores it
+        await tb.send_message(peer.session.send_hello(role="broker"))
+        wire = b"".join(peer.session.open_stream(head(), end_stream=True)[1] for _ in range(3000))
+        await tb.send_message(wire)  # and never a read from here on
+        with trio.fail_after(10):
+            await victim.wait_closed()
+    assert victim.closed_reason == f"peer not reading: more than {cap} bytes waiting to be sent"
+    assert victim.queued == 0
+    assert victim.closed_reason in caplog.text
+
+
+async def test_a_peer_that_does_not_read_loses_its_relay_once_a_write_blocks_too_long(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """It keeps pinging (so it is not silent) and never reads: our PONGs wait behind a write
+    that never ends, until 2.5 ping intervals have passed."""
+    ta, tb = transport_pair(1)
+    victim = Relay(ta, Session(opener=False, window=4096), ping_interval=1.0)
+    peer = HostilePeer(tb, Session(opener=True, window=4096))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(victim.run)
+        peer.session.receive_data(await tb.receive_message())
+        peer.session.next_event()
+        await tb.send_message(peer.session.send_hello(role="broker"))
+        t0 = trio.current_time()
+        with trio.fail_after(30):
+            while victim.closed_reason is None:
+                await tb.send_message(peer.session.send_ping(b"12345678"))
+                await trio.sleep(0.5)
+        elapsed = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert victim.closed_reason is not None
+    assert victim.closed_reason.startswith("peer not reading: a write blocked for")
+    assert 2.5 <= elapsed <= 5
+
+
+class SlowReader(MemTransport):
+    """A transport whose owner reads a message only every ``delay`` seconds."""
+
+    def __init__(self, inner: MemTransport, delay: float) -> None:
+        super().__init__(inner._send, inner._receive)
+        self.delay = delay
+
+    async def receive_message(self) -> bytes:
+        await trio.sleep(self.delay)
+        return await super().receive_message()
+
+
+async def test_a_peer_that_reads_slowly_but_steadily_keeps_its_relay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """5 MB of answer to a broker that takes a message every 1.5 s: every write waits, none
+    for as long as the deadline (2.5 ping intervals)."""
+    size = 5 * 1024 * 1024
+
+    async def handler(stream: RelayStream) -> None:
+        await stream.send_response(ResponseHead(200, []))
+        await stream.send_data(b"z" * size, end_stream=True)
+
+    ta, tb = transport_pair(1)
+    broker = Relay(SlowReader(ta, 1.5), Session(opener=True, window=256 * 1024), ping_interval=1.0)
+    connector = Relay(tb, Session(opener=False), ping_interval=1.0, handler=handler)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.run)
+        await nursery.start(connector.run)
+        while broker.peer is None:
+            await trio.sleep(0.01)
+        stream = broker.open_stream(head(), end_stream=True)
+        got = 0
+        with trio.fail_after(600):
+            while chunk := await stream.receive_data():
+                got += len(chunk)
+        assert got == size
+        assert broker.closed_reason is None and connector.closed_reason is None
+        nursery.cancel_scope.cancel()

@@ -11,7 +11,11 @@ Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
 - the **writer**: the only task that touches the socket for sending. Frames are appended to
   its queue synchronously; it sends everything that is ready as one WebSocket message
   (coalescing), at most ``MAX_MESSAGE`` bytes. Data senders wait while more than
-  ``high_water`` bytes are queued; control frames (pong, window, reset) never wait.
+  ``high_water`` bytes are queued; control frames (pong, window, reset) never wait. What it
+  holds is bounded all the same: a peer that does not read what we send loses its relay once
+  the queue passes ``max_queued`` bytes (each frame counted with ``FRAME_OVERHEAD`` for its
+  object), or once a write has been blocked for ``2.5 × ping_interval`` (what the peer's own
+  pinger allows us before it gives up on us).
 - the **pinger**: sends PING every ``ping_interval``; if nothing at all has been received for
   ``2.5 × ping_interval`` the relay is declared dead. Each tick renews the session's budgets
   (:meth:`Session.new_interval`).
@@ -62,6 +66,14 @@ from ._protocol import (
 log = logging.getLogger("trio_bridge.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: bytes the writer may hold (see the module docstring). The connector's side: data and
+#: response heads wait below high_water, so the rest is control frames (a RESET per stream at
+#: most, from an honest broker). The broker's side also holds request heads, which do not wait:
+#: public requests in progress (max_requests) times their heads (max_header_bytes) bound them.
+MAX_QUEUED = 4 * 1024 * 1024
+MAX_QUEUED_OPENER = 64 * 1024 * 1024
+#: what a queued frame costs beyond its bytes (a bytes object and its slot in the queue)
+FRAME_OVERHEAD = 64
 #: events the reader hands on before it lets other tasks run: a 1 MiB message may hold 100 000
 #: frames, and reading them all in one go would hold the event loop for a tenth of a second
 EVENTS_PER_TURN = 256
@@ -82,28 +94,55 @@ class MessageTransport(Protocol):
 
 
 class _Writer:
-    """Single owner of the transport's send side; coalesces queued frames into messages."""
+    """Single owner of the transport's send side; coalesces queued frames into messages.
 
-    def __init__(self, transport: MessageTransport, high_water: int) -> None:
+    Resource handling: it holds at most ``max_queued`` bytes (frames counted with
+    ``FRAME_OVERHEAD``); the frame that would pass that drops the whole queue, closes the
+    writer and calls ``on_overflow`` with the reason (the relay then closes).
+    """
+
+    def __init__(
+        self,
+        transport: MessageTransport,
+        high_water: int,
+        max_queued: int,
+        on_overflow: Callable[[str], None],
+    ) -> None:
         self._transport = transport
         self._high_water = high_water
+        self._max_queued = max_queued
+        self._on_overflow = on_overflow
         self._frames: deque[bytes] = deque()
         self._queued = 0
         self._has_data = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
         self._flushed = trio.lowlevel.ParkingLot()
-        self._sending = False
+        #: when the write in progress began (None: none is)
+        self.writing_since: float | None = None
         self.closed: str | None = None
+
+    @property
+    def queued(self) -> int:
+        """Bytes of the frames waiting to be sent."""
+        return self._queued
 
     def put_nowait(self, frame: bytes) -> None:
         if self.closed is not None:
             raise RelayClosed(self.closed)
         if not frame:
             return
-        self._frames.append(frame)
+        frames = self._frames
+        frames.append(frame)
         self._queued += len(frame)
-        if self._has_data:
+        if self._queued + FRAME_OVERHEAD * len(frames) > self._max_queued:
+            self._overflow()
+        elif self._has_data:
             self._has_data.unpark()
+
+    def _overflow(self) -> None:
+        reason = f"peer not reading: more than {self._max_queued} bytes waiting to be sent"
+        self.close(reason)
+        self._on_overflow(reason)
 
     @property
     def has_space(self) -> bool:
@@ -118,13 +157,17 @@ class _Writer:
             raise RelayClosed(self.closed)
 
     def close(self, reason: str) -> None:
+        """Nothing more is sent: what is queued is dropped, waiters wake."""
         if self.closed is None:
             self.closed = reason
+        self._frames.clear()
+        self._queued = 0
         self._space.unpark_all()
+        self._flushed.unpark_all()
 
     async def flush(self) -> None:
         """Wait until everything queued so far was written."""
-        while (self._frames or self._sending) and self.closed is None:
+        while (self._frames or self.writing_since is not None) and self.closed is None:
             await self._flushed.park()
 
     async def run(self) -> None:
@@ -147,10 +190,10 @@ class _Writer:
             self._queued -= size
             if self._space:
                 self._space.unpark_all()
-            self._sending = True
+            self.writing_since = trio.current_time()
             # the frames as parts: the transport joins them with its own header, one copy
             await self._transport.send_message(*parts)
-            self._sending = False
+            self.writing_since = None
 
 
 class RelayStream:
@@ -362,6 +405,10 @@ class Relay:
 
     ``run`` performs the hello exchange (started value: the peer's :class:`Hello`), then serves
     until the connection ends or the relay is closed; it returns the reason as a string.
+
+    Resource handling: received bytes waiting in streams are bounded by ``max_buffered``, bytes
+    waiting to be sent by ``max_queued`` (default ``MAX_QUEUED_OPENER`` on the broker's side,
+    ``MAX_QUEUED`` on the connector's); a peer that does not read loses its relay.
     """
 
     def __init__(
@@ -377,6 +424,7 @@ class Relay:
         handler: StreamHandler | None = None,
         high_water: int = 512 * 1024,
         max_buffered: int = 64 * 1024 * 1024,
+        max_queued: int | None = None,
         on_change: Callable[[Relay], None] | None = None,
         accept: Callable[[Hello], str | None] | None = None,
         models: tuple[str, ...] | None = None,
@@ -408,7 +456,11 @@ class Relay:
         self.closed_reason: str | None = None
         self.grant_threshold = max(1, session.window // 4)
         self._transport = transport
-        self._writer = _Writer(transport, high_water)
+        if max_queued is None:
+            max_queued = MAX_QUEUED_OPENER if session.opener else MAX_QUEUED
+        if max_queued < high_water + 2 * MAX_PAYLOAD:
+            raise ValueError("max_queued must leave room for a frame above high_water")
+        self._writer = _Writer(transport, high_water, max_queued, self._writer_overflow)
         self._handler = handler
         #: called (synchronously) when streams end, readiness or draining change, or the
         #: relay closes: an owner's hook, e.g. the broker's registry
@@ -425,6 +477,11 @@ class Relay:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting in the writer to be sent."""
+        return self._writer.queued
 
     def open_stream(self, head: RequestHead, *, end_stream: bool) -> RelayStream:
         """Open a stream with ``head`` (opener side). Raises RelayClosed if not possible."""
@@ -578,6 +635,11 @@ class Relay:
             self.on_change(self)
 
     # -- internals --
+    def _writer_overflow(self, reason: str) -> None:
+        # the peer does not read: a GOAWAY would only wait behind the rest
+        log.warning("closing the relay: %s", reason, extra={"relay": self.name})
+        self.close(reason)
+
     async def _write_loop(self) -> None:
         try:
             await self._writer.run()
@@ -730,9 +792,18 @@ class Relay:
         dead_after = 2.5 * interval
         while True:
             await trio.sleep(interval)
-            silent = trio.current_time() - self._last_received
+            now = trio.current_time()
+            silent = now - self._last_received
             if silent > dead_after:
                 self.close(f"no answer for {silent:.1f}s (ping timeout)")
+                return
+            since = self._writer.writing_since
+            if since is not None and now - since > dead_after:
+                # it keeps sending but does not read: as dead as a silent one, and a GOAWAY
+                # would wait behind the blocked write
+                reason = f"peer not reading: a write blocked for {now - since:.1f}s"
+                log.warning("closing the relay: %s", reason, extra={"relay": self.name})
+                self.close(reason)
                 return
             self._ping_counter += 1
             self.session.new_interval()
