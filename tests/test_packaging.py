@@ -122,15 +122,34 @@ def test_compose_examples_use_the_image_commands() -> None:
             assert load_config(role_config).sections == (args[0],)
 
 
-def test_every_file_the_readme_names_exists() -> None:
+def test_every_file_the_readme_and_the_docs_name_exists() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing: list[str] = []
+    for page in pages:
+        text = page.read_text()
+        links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)  # relative Markdown links
+        named = re.findall(
+            r"`((?:conf|tests|bench|packaging|trio_bridge|docs|\.ci)/[\w./-]+?)`", text
+        )  # paths in backticks, from the top of the repository
+        missing += [f"{page.name}: {p}" for p in links if not (page.parent / p).exists()]
+        missing += [f"{page.name}: {p}" for p in named if not (ROOT / p).exists()]
+    assert not missing, f"files named that are not in the repository: {missing}"
+
+
+def test_every_docs_page_is_installed_beside_the_readme() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    installed = project["tool"]["setuptools"]["data-files"]["share/doc/trio-bridge/docs"]
+    assert sorted(installed) == sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+
+
+def test_the_readme_links_every_docs_page_and_mkdocs_lists_them() -> None:
     readme = (ROOT / "README.md").read_text()
-    links = re.findall(r"\]\(([^)#:]+)\)", readme)  # relative Markdown links
-    named = re.findall(
-        r"`((?:conf|tests|bench|packaging|trio_bridge|\.ci)/[\w./-]+?)`", readme
-    )  # paths in backticks
-    assert links and named
-    missing = sorted({p for p in [*links, *named] if not (ROOT / p).exists()})
-    assert not missing, f"README names files that are not in the repository: {missing}"
+    mkdocs = (ROOT / "mkdocs.yml").read_text()
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{page.name})" in readme or page.name == "index.md", page.name
+        assert f": {page.name}" in mkdocs, page.name
 
 
 def test_the_grafana_dashboard_queries_metrics_the_bridge_exports() -> None:

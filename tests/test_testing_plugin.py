@@ -68,13 +68,13 @@ def test_without_trio_mode_the_error_says_how_to_enable_it(pytester: pytest.Pyte
     assert result.ret != 0
 
 
-def test_the_readme_example_runs_as_written(pytester: pytest.Pytester) -> None:
-    """The plugin section of the README, verbatim, in a project of its own."""
+def test_the_documented_example_runs_as_written(pytester: pytest.Pytester) -> None:
+    """The example of docs/testing.md, verbatim, in a project of its own."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## Testing your client against the bridge", 1)[1]
+    page = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    section = page.split("# Testing your client against the bridge", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
     pytester.makeini("[pytest]\ntrio_mode = true\n")
