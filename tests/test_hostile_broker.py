@@ -12,7 +12,8 @@ import trio
 from hostilebroker import open_hostile_broker
 from trio_websocket import ConnectionClosed
 
-from trio_bridge._protocol import RequestHead
+from trio_bridge._frames import FLAG_END_STREAM, FrameType, encode_frame
+from trio_bridge._protocol import GoAway, RequestHead
 from trio_bridge._relay import MAX_QUEUED, Relay
 from trio_bridge.testing import Lab, open_lab
 
@@ -81,3 +82,40 @@ async def test_a_broker_that_stops_reading_costs_the_connector_its_relay_not_its
         assert queued(relay) == 0  # what was queued went with the relay
         conn.close()
     assert f"relay down: {reason}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"method":"GET","target":"/v1/models","headers":[],"id":"rid\\ud800"}',
+        b'{"method":"GET\\udc00","target":"/v1/models","headers":[],"id":"rid"}',
+        b'{"method":"GET","target":"/v1/models","headers":[],"id":"rid","e":'
+        + b"[" * 30_000
+        + b"]" * 30_000
+        + b"}",
+    ],
+    ids=["lone surrogate in the id", "lone surrogate in the method", "deep nesting"],
+)
+async def test_a_malformed_request_head_costs_the_broker_its_relay_with_a_reason(
+    lab: Lab, payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 29 item 7: such heads logged a traceback ('relay failed unexpectedly') and
+    reached the LLM and the logs; now the connector answers GOAWAY with the reason and
+    closes, and nothing is logged with a traceback."""
+    caplog.set_level(logging.DEBUG)
+    model = await lab.start_test_model()
+    async with open_hostile_broker() as hb:
+        await lab.start_connector([hb.url], model.url, wait=False)
+        conn = await hb.accept()
+        await conn.send(encode_frame(FrameType.REQUEST, 1, payload, FLAG_END_STREAM))
+        goaways = []
+        with trio.fail_after(10):
+            try:
+                while True:
+                    goaways += [ev.reason for ev in await conn.receive() if isinstance(ev, GoAway)]
+            except ConnectionClosed:
+                pass
+        assert goaways and goaways[-1].startswith("REQUEST: "), goaways
+    assert "unexpected" not in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert f"relay down: protocol error: {goaways[-1]}" in caplog.text

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -23,6 +25,7 @@ from trio_bridge._protocol import (
     Response,
     ResponseHead,
     Session,
+    Status,
     StreamError,
     WindowUpdate,
     encode_request_head,
@@ -434,3 +437,280 @@ def test_honest_credit_grants_are_not_counted_against_the_budget() -> None:
         [upd] = events(broker, connector.send_window_update(sid, 256))
         assert upd == WindowUpdate(sid, 256)
     assert broker.noop_frames == 0
+
+
+# -- what a JSON payload may hold: one rule, the protocol error for the rest -------------------
+
+
+def request_payload(**changes: object) -> bytes:
+    doc: dict[str, object] = {
+        "method": "POST",
+        "target": "/v1/chat/completions?x=1",
+        "headers": [["content-type", "application/json"]],
+        "id": "rid-1",
+    }
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+GOOD_REQUESTS = {
+    "plain": request_payload(),
+    "every id character": request_payload(id="Az09._:-" + "x" * 120),
+    "every method character": request_payload(method="!#$%&'*+-.^_`|~09AZaz"),
+    "a 16 KiB target": request_payload(target="/" + "a" * (16 * 1024 - 1)),
+    "obs-text and a tab in a value": request_payload(headers=[["x-a", "\u00ff\tb"]]),
+    "an unknown key": request_payload(extra={"ignored": [1, 2]}),
+}
+BAD_REQUESTS = {
+    "an empty id": request_payload(id=""),
+    "an id of 129 characters": request_payload(id="x" * 129),
+    "a space in the id": request_payload(id="a b"),
+    "a newline at the end of the id": request_payload(id="rid\n"),
+    "a lone surrogate in the id": request_payload(id="rid\ud800"),
+    "a lone surrogate in the method": request_payload(method="GET\udc00"),
+    "a method of 33 characters": request_payload(method="G" * 33),
+    "a space in the method": request_payload(method="G T"),
+    "an empty method": request_payload(method=""),
+    "an empty target": request_payload(target=""),
+    "a space in the target": request_payload(target="/a b"),
+    "a control character in the target": request_payload(target="/a\x7f"),
+    "non-ASCII in the target": request_payload(target="/\u00e9"),
+    "a target over 16 KiB": request_payload(target="/" + "a" * (16 * 1024)),
+    "a header name that is not a token": request_payload(headers=[["x a", "v"]]),
+    "an empty header name": request_payload(headers=[["", "v"]]),
+    "CR in a header value": request_payload(headers=[["x-a", "a\rb"]]),
+    "LF in a header value": request_payload(headers=[["x-a", "a\nb"]]),
+    "NUL in a header value": request_payload(headers=[["x-a", "a\x00b"]]),
+    "a lone surrogate in a header value": request_payload(headers=[["x-a", "\udfff"]]),
+    "a header value outside latin-1": request_payload(headers=[["x-a", "\u0100"]]),
+    "no headers": b'{"method":"GET","target":"/","id":"x"}',
+    "encoded surrogates (not UTF-8)": b'{"method":"GET","target":"/","headers":[],'
+    b'"id":"\xed\xa0\x80"}',
+    "UTF-16": request_payload().decode().encode("utf-16"),
+    "a byte order mark": b"\xef\xbb\xbf" + request_payload(),
+    "deep nesting": b'{"method":"GET","target":"/","headers":[],"id":"x","e":'
+    + b"[" * 30_000
+    + b"]" * 30_000
+    + b"}",
+    "deep nesting, cut short": b"[" * 60_000,
+    "a huge number": request_payload(extra=int("9" * 4000)).replace(b"9" * 4000, b"9" * 5000),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_REQUESTS))
+def test_request_heads_within_the_rule_are_accepted(case: str) -> None:
+    _, connector = pair()
+    [req] = events(connector, encode_frame(FrameType.REQUEST, 1, GOOD_REQUESTS[case], 1))
+    assert isinstance(req, Request)
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_request_heads_outside_the_rule_are_relay_errors(case: str) -> None:
+    _, connector = pair()
+    with pytest.raises(RemoteProtocolError, match="REQUEST"):
+        events(connector, encode_frame(FrameType.REQUEST, 1, BAD_REQUESTS[case], 1))
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b'{"status":200,"headers":[["x a","v"]]}', "header"),
+        (b'{"status":200,"headers":[["x","a\\r\\nset-cookie: y"]]}', "header"),
+        (b'{"status":200,"headers":[]' + b',"e":' + b"[" * 30_000 + b"]" * 30_000 + b"}", "JSON"),
+    ],
+)
+def test_response_heads_outside_the_rule_are_relay_errors(payload: bytes, match: str) -> None:
+    broker, connector = pair()
+    sid = _open(broker, connector, end_stream=True)
+    with pytest.raises(RemoteProtocolError, match=match):
+        events(broker, encode_frame(FrameType.RESPONSE, sid, payload))
+
+
+def hello_payload(**changes: object) -> bytes:
+    doc: dict[str, object] = {"version": 1, "role": "connector", "window": 10, "max_streams": 1}
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        hello_payload(name="evil\ud800"),
+        hello_payload(route="a\nb"),
+        hello_payload(role="\x1b[31mred"),
+        hello_payload(models=["ok", "bad\udc80"]),
+        hello_payload(models=["tab\there"]),
+        b'{"version":1,"role":"connector","window":10,"max_streams":1,"e":' + b"{" * 30_000 + b"}",
+    ],
+)
+def test_hellos_outside_the_rule_are_relay_errors(payload: bytes) -> None:
+    broker = Session(opener=True)
+    with pytest.raises(RemoteProtocolError, match="HELLO"):
+        events(broker, encode_frame(FrameType.HELLO, 0, payload))
+
+
+def test_status_with_a_model_name_outside_the_rule_is_a_relay_error() -> None:
+    broker, _ = pair()
+    with pytest.raises(RemoteProtocolError, match="STATUS"):
+        events(broker, encode_frame(FrameType.STATUS, 0, b'{"ready":true,"models":["a\\u0000"]}'))
+
+
+def test_a_sender_leaves_out_model_names_the_rule_refuses() -> None:
+    """An LLM may list anything; the relay must not fail over one odd name."""
+    broker = Session(opener=True)
+    connector = Session(opener=False)
+    wire = connector.send_hello(role="connector", models=("good", "bad\n", "\ud800", "x" * 257))
+    [hello] = events(broker, wire)
+    assert isinstance(hello, Hello) and hello.models == ("good",)
+    events(connector, broker.send_hello(role="broker"))
+    [status] = events(broker, connector.send_status(ready=True, models=("a", "b\x00")))
+    assert status == Status(True, ("a",))
+
+
+def test_a_goaway_reason_is_capped_and_shown_without_control_characters() -> None:
+    broker, connector = pair()
+    [ga] = events(broker, encode_frame(FrameType.GOAWAY, 0, b"bye\x1b[2J\n\xff" + b"x" * 1000))
+    assert ga == GoAway("bye\ufffd[2J\ufffd\ufffd" + "x" * 1000)
+    with pytest.raises(RemoteProtocolError, match="GOAWAY"):
+        events(connector, encode_frame(FrameType.GOAWAY, 0, b"x" * 1025))
+    # and what we send fits: a long reason is cut, never refused
+    [ga] = events(connector, broker.send_goaway("\u00e9" * 2000))
+    assert isinstance(ga, GoAway) and len(ga.reason.encode()) <= 1024
+
+
+def test_a_reset_reason_is_shown_without_control_characters() -> None:
+    broker, connector = pair()
+    sid = _open(broker, connector)
+    [rst] = events(connector, encode_frame(FrameType.RESET, sid, b"\x00\x03bad\r\nnews"))
+    assert rst == Reset(sid, ResetCode.CANCEL, "bad\ufffd\ufffdnews")
+
+
+# -- properties: any bytes decode or raise the protocol error, and what decodes is sane ------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@st.composite
+def json_heads(draw: st.DrawFn) -> bytes:
+    """Heads near the rule: its keys with values of any JSON shape and any text."""
+    text = st.text(max_size=40) | st.text(_TOKEN_CHARS, min_size=1, max_size=40)
+    header = st.lists(text | json_values, min_size=0, max_size=3)
+    doc = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "method": text | json_values,
+                "target": text | json_values,
+                "id": text | json_values,
+                "headers": st.lists(header, max_size=4) | json_values,
+                "status": st.integers(0, 1000) | json_values,
+                "ready": st.booleans() | json_values,
+                "models": st.lists(text, max_size=3) | json_values,
+            },
+        )
+    )
+    raw = json.dumps(doc, ensure_ascii=draw(st.booleans()), allow_nan=True)
+    return raw.encode("utf-8", "surrogatepass")
+
+
+def assert_sane(ev: Event) -> None:
+    """What the rule promises about a decoded event."""
+    if isinstance(ev, Request):
+        h = ev.head
+        assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", h.request_id)
+        assert re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}", h.method)
+        assert re.fullmatch(r"[\x21-\x7e]{1,16384}", h.target)
+    if isinstance(ev, Request | Response):
+        heads = ev.head.headers
+        for name, value in heads:
+            assert re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name)
+            assert not set(value) & {0, 10, 13}
+    if isinstance(ev, Status | Hello) and ev.models is not None:
+        assert all(m.isprintable() for m in ev.models)
+    if isinstance(ev, GoAway | Reset | StreamError):
+        assert ev.reason.isprintable() or not ev.reason
+
+
+@settings(max_examples=300)
+@given(
+    st.booleans(),
+    st.lists(
+        st.tuples(st.sampled_from(list(FrameType)), st.integers(0, 3), json_heads() | st.binary()),
+        max_size=8,
+    ),
+    st.binary(max_size=200),
+    st.integers(1, 64),
+)
+def test_any_frames_decode_within_the_rule_or_raise_the_protocol_error(
+    opener: bool, frames: list[tuple[FrameType, int, bytes]], garbage: bytes, step: int
+) -> None:
+    """Frames with well-formed headers and payloads near the rule, then garbage, in any
+    chunking: every event the session gives satisfies the rule, and nothing but
+    RemoteProtocolError is raised."""
+    broker, connector = pair()
+    session = broker if opener else connector
+    if not opener:
+        for _ in range(3):
+            events(connector, broker.open_stream(HEAD, end_stream=False)[1])
+    else:
+        for _ in range(3):
+            broker.open_stream(HEAD, end_stream=False)
+    wire = b"".join(
+        encode_frame(t, sid, payload[: 64 * 1024], flags & (1 if t in (2, 3, 4) else 0))
+        if (sid != 0) == (t in (2, 3, 4, 5, 6))
+        else encode_frame(t, 0 if sid else 1, payload[: 64 * 1024])
+        for t, sid, payload in frames
+        for flags in [sid & 1]
+    )
+    wire += garbage
+    try:
+        for i in range(0, len(wire), step):
+            for ev in events(session, wire[i : i + step]):
+                assert_sane(ev)
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=300)
+@given(json_heads(), st.sampled_from([FrameType.REQUEST, FrameType.RESPONSE, FrameType.STATUS]))
+def test_any_json_head_decodes_within_the_rule_or_raises_the_protocol_error(
+    payload: bytes, t: FrameType
+) -> None:
+    broker, connector = pair()
+    if t is FrameType.REQUEST:
+        session, sid = connector, 1
+    else:
+        session, sid = broker, (_open(broker, connector) if t is FrameType.RESPONSE else 0)
+    try:
+        evs = events(session, encode_frame(t, sid, payload[: 64 * 1024]))
+    except RemoteProtocolError:
+        return
+    for ev in evs:
+        assert_sane(ev)
+
+
+head_text = st.text(_TOKEN_CHARS, min_size=1, max_size=20)
+
+
+@given(
+    st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True),
+    st.text(_TOKEN_CHARS, min_size=1, max_size=32),
+    st.from_regex(r"[\x21-\x7e]{1,200}", fullmatch=True),
+    st.lists(
+        st.tuples(head_text, st.binary(max_size=30).map(lambda b: b.translate(None, b"\r\n\x00")))
+    ),
+)
+def test_request_heads_within_the_rule_round_trip(
+    rid: str, method: str, target: str, headers: list[tuple[str, bytes]]
+) -> None:
+    broker, connector = pair()
+    head = RequestHead(method, target, [(n.encode(), v) for n, v in headers], rid)
+    [req] = events(connector, broker.open_stream(head, end_stream=True)[1])
+    assert isinstance(req, Request) and req.head == head

@@ -50,13 +50,19 @@ type   name        stream  payload
                            ways. Codes: see ``ResetCode``.
 0x06   WINDOW      id      u32 BE increment (1 .. 2^31-1) of the peer's send window on the
                            stream.
-0x07   GOAWAY      0       UTF-8 reason. The sender takes no new streams (connector draining,
-                           or broker refusing the hello); streams already open continue.
+0x07   GOAWAY      0       UTF-8 reason (≤ 1024 bytes). The sender takes no new streams
+                           (connector draining, or broker refusing the hello); streams already
+                           open continue.
 0x08   PING        0       8 opaque bytes; answer with PONG carrying the same bytes.
 0x09   PONG        0       8 opaque bytes.
 0x0A   STATUS      0       UTF-8 JSON ``{"ready": bool, "models": [names] (optional)}``:
                            the connector's readiness or its LLM's models changed.
 =====  ==========  ======  ===============================================================
+
+Reasons (RESET, GOAWAY) are shown to people and written to logs: a receiver decodes them as
+UTF-8 with every invalid sequence and every character that is not printable (controls, format
+characters, separators other than the space) replaced by U+FFFD. What JSON payloads may hold is
+``_protocol``'s rule (see its docstring).
 
 Flow control works like HTTP/2's per-stream windows: a side may send DATA on a stream only
 while the byte count stays within the window its peer advertised (HELLO ``window``, then
@@ -78,6 +84,7 @@ MAX_PAYLOAD = 64 * 1024
 #: WebSocket message cap set explicitly on both ends (trio-websocket defaults to 1 MiB).
 MAX_MESSAGE = 1024 * 1024
 MAX_RESET_REASON = 256
+MAX_GOAWAY_REASON = 1024
 MAX_WINDOW = 2**31 - 1
 
 FLAG_END_STREAM = 0x01
@@ -168,6 +175,29 @@ def encode_reset(stream_id: int, code: int, reason: str) -> bytes:
     return encode_frame(FrameType.RESET, stream_id, _RESET.pack(code) + raw)
 
 
+def encode_goaway(reason: str) -> bytes:
+    """A GOAWAY frame; a reason over MAX_GOAWAY_REASON bytes is cut (at a character)."""
+    raw = reason.encode("utf-8", "replace")
+    if len(raw) > MAX_GOAWAY_REASON:
+        raw = raw[:MAX_GOAWAY_REASON].decode("utf-8", "ignore").encode()
+    return encode_frame(FrameType.GOAWAY, 0, raw)
+
+
+def shown_text(raw: bytes) -> str:
+    """A peer's reason as text fit for a log line: UTF-8, anything invalid or not printable
+    replaced by U+FFFD (no terminal escapes, no line breaks, no lone surrogates)."""
+    text = raw.decode("utf-8", "replace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
+def decode_goaway(payload: bytes) -> str:
+    if len(payload) > MAX_GOAWAY_REASON:
+        raise RemoteProtocolError(f"GOAWAY reason over {MAX_GOAWAY_REASON} bytes")
+    return shown_text(payload)
+
+
 def encode_window(stream_id: int, increment: int) -> bytes:
     return encode_frame(FrameType.WINDOW, stream_id, _U32.pack(increment))
 
@@ -176,7 +206,7 @@ def decode_reset(payload: bytes) -> tuple[int, str]:
     if len(payload) < 2 or len(payload) > 2 + MAX_RESET_REASON:
         raise RemoteProtocolError("malformed RESET payload")
     (code,) = _RESET.unpack_from(payload)
-    return code, payload[2:].decode("utf-8", "replace")
+    return code, shown_text(payload[2:])
 
 
 def decode_window(payload: bytes) -> int:

@@ -40,6 +40,26 @@ streams their latency.
   REQUESTs refused (beyond ``max_streams``, or after our GOAWAY). An honest peer sends a few:
   the frames that crossed a RESET or an END on the wire.
 
+What a JSON payload may hold (HELLO, REQUEST, RESPONSE, STATUS): anything else is a
+:class:`RemoteProtocolError` (GOAWAY with the reason), never another exception:
+
+- the payload is UTF-8 (strict: no encoded surrogates, no byte order mark, never UTF-16/32) and
+  one JSON object; nesting deeper than the parser's recursion limit is refused, and the shapes
+  below nest three levels (keys this side does not know are ignored, whatever they hold);
+- REQUEST: ``id`` 1-128 of ``[A-Za-z0-9._:-]`` (the rule for client-sent request ids,
+  ``_http._SANE_ID``); ``method`` an HTTP token (RFC 9110 ``tchar``), at most 32 characters;
+  ``target`` printable ASCII (0x21-0x7e), 1 to ``MAX_TARGET`` characters (what the target may
+  *mean* is ``_target``'s rule, applied by both roles per request, not the relay's);
+- REQUEST and RESPONSE ``headers``: a list of ``[name, value]``; a name is a token, a value
+  latin-1 text without CR, LF or NUL; RESPONSE ``status`` an integer 100-999;
+- HELLO ``role``, ``name``, ``route`` (at most 256 characters) and model names (HELLO and
+  STATUS: at most ``MAX_MODELS`` of 1-256 characters) are printable text: no control or format
+  characters, no lone surrogates. A sender leaves out model names this rule refuses (an LLM may
+  list anything; the relay must not fail over one odd name).
+
+Reasons (GOAWAY at most 1024 bytes, RESET 256) are decoded as ``_frames.shown_text``: never an
+error, never a control character.
+
 DATA frames that carry bytes are not counted: flow control bounds them (a peer sending its
 credit one byte per frame costs the relay more CPU, not more memory; the relay hands a message's
 events on in slices so that such a message cannot hold the event loop either).
@@ -48,6 +68,7 @@ events on in slices so that such a message cannot hold the event loop either).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -63,9 +84,11 @@ from ._frames import (
     FrameType,
     Payload,
     ResetCode,
+    decode_goaway,
     decode_reset,
     decode_window,
     encode_frame,
+    encode_goaway,
     encode_reset,
     encode_window,
 )
@@ -192,40 +215,57 @@ Event = (
 )
 
 
-# ---- head (de)serialisation ---------------------------------------------------------------
+# ---- head (de)serialisation (the rule: see the module docstring) -------------------------
+
+MAX_TARGET = 16 * 1024  # as _target.MAX_TARGET
+_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
+_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")
+_TARGET = re.compile(rf"[\x21-\x7e]{{1,{MAX_TARGET}}}\Z")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_NOT_IN_VALUES = re.compile(r"[\r\n\x00]")
 
 
 def _headers_to_json(headers: Headers) -> list[list[str]]:
     return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]
 
 
-def _headers_from_json(value: Any) -> Headers:
+def _headers_from_json(value: Any, what: str) -> Headers:
     if not isinstance(value, list):
-        raise RemoteProtocolError("head: headers must be a list")
+        raise RemoteProtocolError(f"{what}: headers must be a list")
     out: Headers = []
+    token, bad_value = _TOKEN.match, _NOT_IN_VALUES.search
     for item in value:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not isinstance(item[1], str)
-        ):
-            raise RemoteProtocolError("head: each header must be [name, value]")
+        if type(item) is not list or len(item) != 2:
+            raise RemoteProtocolError(f"{what}: each header must be [name, value]")
+        name, val = item
+        if type(name) is not str or type(val) is not str:
+            raise RemoteProtocolError(f"{what}: each header must be [name, value]")
+        if not token(name):
+            raise RemoteProtocolError(f"{what}: a header name that is not a token")
+        if bad_value(val):
+            raise RemoteProtocolError(f"{what}: CR, LF or NUL in a header value")
         try:
-            out.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
+            out.append((name.encode("ascii"), val.encode("latin-1")))
         except UnicodeEncodeError:
-            raise RemoteProtocolError("head: header outside latin-1") from None
+            raise RemoteProtocolError(f"{what}: a header value outside latin-1") from None
     return out
 
 
 def _load_json(payload: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        raise RemoteProtocolError(f"{what}: invalid JSON") from None
-    if not isinstance(obj, dict):
+        # decoded here, strictly: json.loads would guess UTF-16/32 and let surrogates pass
+        obj = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise RemoteProtocolError(f"{what}: invalid JSON (or nested too deep)") from None
+    if type(obj) is not dict:
         raise RemoteProtocolError(f"{what}: not a JSON object")
     return obj
+
+
+def _printable(value: Any, limit: int = 256) -> bool:
+    """Text of at most ``limit`` characters, none of them a control or format character, a
+    separator other than the space, or a lone surrogate."""
+    return type(value) is str and len(value) <= limit and value.isprintable()
 
 
 # one encoder for every head (json.dumps with arguments builds a new one per call)
@@ -246,9 +286,19 @@ def encode_request_head(head: RequestHead) -> bytes:
 def decode_request_head(payload: bytes) -> RequestHead:
     obj = _load_json(payload, "REQUEST")
     method, target, request_id = obj.get("method"), obj.get("target"), obj.get("id")
-    if not (isinstance(method, str) and isinstance(target, str) and isinstance(request_id, str)):
+    if not (type(method) is str and type(target) is str and type(request_id) is str):
         raise RemoteProtocolError("REQUEST: method, target and id must be strings")
-    return RequestHead(method, target, _headers_from_json(obj.get("headers")), request_id)
+    if not _ID.match(request_id):
+        raise RemoteProtocolError("REQUEST: id must be 1-128 of [A-Za-z0-9._:-]")
+    if not _METHOD.match(method):
+        raise RemoteProtocolError("REQUEST: method must be an HTTP token of at most 32 characters")
+    if not _TARGET.match(target):
+        raise RemoteProtocolError(
+            f"REQUEST: target must be 1-{MAX_TARGET} characters of printable ASCII"
+        )
+    return RequestHead(
+        method, target, _headers_from_json(obj.get("headers"), "REQUEST"), request_id
+    )
 
 
 def encode_response_head(head: ResponseHead) -> bytes:
@@ -260,7 +310,7 @@ def decode_response_head(payload: bytes) -> ResponseHead:
     status = obj.get("status")
     if type(status) is not int or not 100 <= status <= 999:
         raise RemoteProtocolError("RESPONSE: status must be an integer 100..999")
-    return ResponseHead(status, _headers_from_json(obj.get("headers")))
+    return ResponseHead(status, _headers_from_json(obj.get("headers"), "RESPONSE"))
 
 
 def _decode_hello(payload: bytes) -> Hello:
@@ -283,8 +333,8 @@ def _decode_hello(payload: bytes) -> Hello:
         obj.get("route", ""),
         obj.get("ready", True),
     )
-    if not all(isinstance(x, str) and len(x) <= 256 for x in (role, name, route)):
-        raise RemoteProtocolError("HELLO: role, name and route must be short strings")
+    if not (_printable(role) and _printable(name) and _printable(route)):
+        raise RemoteProtocolError("HELLO: role, name and route must be short printable text")
     if not isinstance(ready, bool):
         raise RemoteProtocolError("HELLO: ready must be a boolean")
     capacity = obj.get("capacity", 0)
@@ -306,16 +356,23 @@ def _decode_hello(payload: bytes) -> Hello:
 MAX_MODELS = 1000
 
 
+def _model_name(m: Any) -> bool:
+    return _printable(m) and m != ""
+
+
 def _decode_models(value: Any, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_MODELS
-        or not all(isinstance(m, str) and 0 < len(m) <= 256 for m in value)
-    ):
-        raise RemoteProtocolError(f"{what}: models must be a list of at most {MAX_MODELS} names")
+    if type(value) is not list or len(value) > MAX_MODELS or not all(map(_model_name, value)):
+        raise RemoteProtocolError(
+            f"{what}: models must be a list of at most {MAX_MODELS} names of printable text"
+        )
     return tuple(value)
+
+
+def _models_to_send(models: tuple[str, ...]) -> list[str]:
+    """What the rule lets through of ``models`` (an LLM may list anything)."""
+    return [m for m in models if _model_name(m)][:MAX_MODELS]
 
 
 # ---- the state machine --------------------------------------------------------------------
@@ -429,7 +486,7 @@ class Session:
         if probe:
             payload["probe"] = True
         if models is not None:
-            payload["models"] = list(models)
+            payload["models"] = _models_to_send(models)
         if priority:
             payload["priority"] = priority
         return encode_frame(FrameType.HELLO, 0, json.dumps(payload).encode())
@@ -503,7 +560,7 @@ class Session:
 
     def send_goaway(self, reason: str) -> bytes:
         self.goaway_sent = True
-        return encode_frame(FrameType.GOAWAY, 0, reason.encode("utf-8", "replace")[:1024])
+        return encode_goaway(reason)
 
     def send_ping(self, opaque: bytes) -> bytes:
         if len(opaque) != 8:
@@ -518,7 +575,7 @@ class Session:
             raise LocalProtocolError("only the connector sends STATUS")
         doc: dict[str, Any] = {"ready": ready}
         if models is not None:
-            doc["models"] = list(models)
+            doc["models"] = _models_to_send(models)
         return encode_frame(FrameType.STATUS, 0, json.dumps(doc).encode())
 
     def _local_stream(self, stream_id: int) -> _Stream:
@@ -582,7 +639,7 @@ class Session:
             if t is not FrameType.HELLO:
                 if t is FrameType.GOAWAY:
                     self._control(t)
-                    return GoAway(f.payload.decode("utf-8", "replace"))
+                    return GoAway(decode_goaway(f.payload))
                 raise RemoteProtocolError(f"expected HELLO, got {t.name}")
             self.peer_hello = _decode_hello(f.payload)
             return self.peer_hello
@@ -614,7 +671,7 @@ class Session:
         if t is FrameType.GOAWAY:
             self._control(t)
             self.goaway_received = True
-            return GoAway(f.payload.decode("utf-8", "replace"))
+            return GoAway(decode_goaway(f.payload))
         if t is FrameType.STATUS:
             return self._on_status(f)
         assert t is FrameType.HELLO
