@@ -106,7 +106,8 @@ def test_a_request_during_the_demos_drain_gets_503_with_retry_after(
     proc, out = demo
     base = re.search(r"Public base URL : (\S+)", out)
     key = re.search(r"API key\s+: (\S+)", out)
-    assert base and key, out
+    broker_page = re.search(r"Broker page\s*: (\S+)", out)
+    assert base and key and broker_page, out
     url, headers = base.group(1) + "/chat/completions", {"Authorization": f"Bearer {key[1]}"}
     body = {"model": "x", "stream": True, "messages": [{"role": "user", "content": "count to 40"}]}
     with (
@@ -116,10 +117,13 @@ def test_a_request_during_the_demos_drain_gets_503_with_retry_after(
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # the answer has started
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)  # the drain has begun
+        deadline = time.monotonic() + 10
+        while httpx.get(broker_page[1] + "readyz").status_code != 503:  # the drain has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         t0 = time.monotonic()
         refused = httpx.post(url, headers=headers, json={**body, "stream": False}, timeout=10)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0  # at once (it used to wait, then get nothing)
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
         assert "shutting down" in refused.json()["error"]["message"]
