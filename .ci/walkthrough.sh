@@ -184,7 +184,11 @@ ask true > "$T/long.out" &
 LONG=$!
 for _ in $(seq 100); do grep -q '^data: ' "$T/long.out" && break; sleep 0.05; done
 kill -INT "$DEMO"
-sleep 0.3
+PAGE=$(grep -o 'Broker page *: http://[^ ]*' "$T/demo.out" | awk '{print $NF}')
+for _ in $(seq 100); do  # the drain has begun: the broker is no longer ready
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "${PAGE}readyz")" = 503 ] && break
+    sleep 0.05
+done
 refused=$(ask false)
 head -1 <<< "$refused"
 grep -q '^HTTP/1.1 503' <<< "$refused"
