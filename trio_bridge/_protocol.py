@@ -68,6 +68,7 @@ events on in slices so that such a message cannot hold the event loop either).
 from __future__ import annotations
 
 import json
+import operator
 import re
 from typing import Any
 
@@ -221,8 +222,8 @@ MAX_TARGET = 16 * 1024  # as _target.MAX_TARGET
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")
 _TARGET = re.compile(rf"[\x21-\x7e]{{1,{MAX_TARGET}}}\Z")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_NOT_IN_VALUES = re.compile(r"[\r\n\x00]")
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _headers_to_json(headers: Headers) -> list[list[str]]:
@@ -230,24 +231,27 @@ def _headers_to_json(headers: Headers) -> list[list[str]]:
 
 
 def _headers_from_json(value: Any, what: str) -> Headers:
-    if not isinstance(value, list):
+    if type(value) is not list:
         raise RemoteProtocolError(f"{what}: headers must be a list")
     out: Headers = []
-    token, bad_value = _TOKEN.match, _NOT_IN_VALUES.search
     for item in value:
         if type(item) is not list or len(item) != 2:
             raise RemoteProtocolError(f"{what}: each header must be [name, value]")
         name, val = item
-        if type(name) is not str or type(val) is not str:
+        if type(name) is not str or type(val) is not str or not name:
             raise RemoteProtocolError(f"{what}: each header must be [name, value]")
-        if not token(name):
-            raise RemoteProtocolError(f"{what}: a header name that is not a token")
-        if bad_value(val):
-            raise RemoteProtocolError(f"{what}: CR, LF or NUL in a header value")
         try:
             out.append((name.encode("ascii"), val.encode("latin-1")))
         except UnicodeEncodeError:
-            raise RemoteProtocolError(f"{what}: a header value outside latin-1") from None
+            raise RemoteProtocolError(
+                f"{what}: a header name outside ASCII or a value outside latin-1"
+            ) from None
+    if out:  # all names, then all values, at once (half the cost of a check per header)
+        if b"".join(map(_first, out)).translate(None, _TCHAR):
+            raise RemoteProtocolError(f"{what}: a header name that is not a token")
+        values = b"".join(map(_second, out))
+        if b"\r" in values or b"\n" in values or b"\0" in values:
+            raise RemoteProtocolError(f"{what}: CR, LF or NUL in a header value")
     return out
 
 
