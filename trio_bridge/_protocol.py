@@ -70,7 +70,7 @@ from __future__ import annotations
 import json
 import operator
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -219,9 +219,11 @@ Event = (
 # ---- head (de)serialisation (the rule: see the module docstring) -------------------------
 
 MAX_TARGET = 16 * 1024  # as _target.MAX_TARGET
-_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
-_METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z")
-_TARGET = re.compile(rf"[\x21-\x7e]{{1,{MAX_TARGET}}}\Z")
+_ID = r"[A-Za-z0-9._:\-]{1,128}"
+_METHOD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}"  # an RFC 9110 token
+_TARGET = rf"[\x21-\x7e]{{1,{MAX_TARGET}}}"
+#: method, target and id joined by spaces (none of them may hold one): one match for the three
+_REQUEST_LINE = re.compile(rf"{_METHOD} {_TARGET} {_ID}\Z")
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
@@ -250,7 +252,8 @@ def _headers_from_json(value: Any, what: str) -> Headers:
         if b"".join(map(_first, out)).translate(None, _TCHAR):
             raise RemoteProtocolError(f"{what}: a header name that is not a token")
         values = b"".join(map(_second, out))
-        if b"\r" in values or b"\n" in values or b"\0" in values:
+        # CR, LF, NUL as ints: `b"\r" in values` raises and swallows a TypeError each time
+        if 13 in values or 10 in values or 0 in values:
             raise RemoteProtocolError(f"{what}: CR, LF or NUL in a header value")
     return out
 
@@ -292,16 +295,21 @@ def decode_request_head(payload: bytes) -> RequestHead:
     method, target, request_id = obj.get("method"), obj.get("target"), obj.get("id")
     if not (type(method) is str and type(target) is str and type(request_id) is str):
         raise RemoteProtocolError("REQUEST: method, target and id must be strings")
-    if not _ID.match(request_id):
-        raise RemoteProtocolError("REQUEST: id must be 1-128 of [A-Za-z0-9._:-]")
-    if not _METHOD.match(method):
-        raise RemoteProtocolError("REQUEST: method must be an HTTP token of at most 32 characters")
-    if not _TARGET.match(target):
-        raise RemoteProtocolError(
-            f"REQUEST: target must be 1-{MAX_TARGET} characters of printable ASCII"
-        )
+    if not _REQUEST_LINE.match(f"{method} {target} {request_id}"):
+        _refuse_request_line(method, request_id)
     return RequestHead(
         method, target, _headers_from_json(obj.get("headers"), "REQUEST"), request_id
+    )
+
+
+def _refuse_request_line(method: str, request_id: str) -> NoReturn:
+    """Say which of method, target and id broke the rule."""
+    if not re.fullmatch(_ID, request_id):
+        raise RemoteProtocolError("REQUEST: id must be 1-128 of [A-Za-z0-9._:-]")
+    if not re.fullmatch(_METHOD, method):
+        raise RemoteProtocolError("REQUEST: method must be an HTTP token of at most 32 characters")
+    raise RemoteProtocolError(
+        f"REQUEST: target must be 1-{MAX_TARGET} characters of printable ASCII"
     )
 
 
