@@ -714,3 +714,47 @@ def test_request_heads_within_the_rule_round_trip(
     head = RequestHead(method, target, [(n.encode(), v) for n, v in headers], rid)
     [req] = events(connector, broker.open_stream(head, end_stream=True)[1])
     assert isinstance(req, Request) and req.head == head
+
+
+def _pair() -> tuple[Session, Session]:
+    opener, other = Session(opener=True), Session(opener=False)
+    other.receive_data(opener.send_hello(role="broker"))
+    other.next_event()
+    opener.receive_data(other.send_hello(role="connector"))
+    opener.next_event()
+    return opener, other
+
+
+def test_data_within_the_credit_of_a_stream_we_reset_is_not_a_flood() -> None:
+    opener, other = _pair()
+    head = RequestHead("POST", "/x", [], "rid")
+    sid, wire = opener.open_stream(head, end_stream=False)
+    other.receive_data(wire)
+    assert other.next_event() is not None
+    other.send_reset(sid, ResetCode.CANCEL, "answered early")
+    # the opener sent these before it saw the RESET: one byte each, within its credit
+    other.receive_data(b"".join(opener.send_data(sid, b"x") for _ in range(20_000)))
+    while other.next_event() is not None:
+        pass
+    assert other.noop_frames == 0
+
+
+def test_a_head_too_large_for_a_frame_changes_nothing() -> None:
+    from trio_bridge._errors import HeadTooLarge
+
+    opener, _ = _pair()
+    head = RequestHead("GET", "/x", [(b"x-big", b"\xff" * 20_000)], "rid")
+    with pytest.raises(HeadTooLarge):
+        opener.open_stream(head, end_stream=True)
+    assert opener.open_streams == 0
+    sid, _ = opener.open_stream(RequestHead("GET", "/x", [], "rid"), end_stream=True)
+    assert sid == 1
+
+
+def test_budgets_grow_with_a_longer_interval() -> None:
+    _, other = _pair()
+    other.new_interval(60.0)  # the receiver pings once a minute; the peer every 5 s
+    for n in range(12 * 10):
+        other.receive_data(encode_frame(FrameType.PING, 0, n.to_bytes(8, "big")))
+        while other.next_event() is not None:
+            pass

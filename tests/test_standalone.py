@@ -207,3 +207,30 @@ async def test_one_key_cannot_take_the_whole_body_budget_of_a_relay(lab: Lab) ->
         assert answers[victim] == 200
         assert sorted(s for s in fb.status.values() if s is not None and s != 200) == [429, 429]
         del sids
+
+
+async def test_a_public_client_cannot_cost_a_connector_its_relay_with_tiny_chunks(
+    lab: Lab,
+) -> None:
+    """A chunked upload of 1-byte chunks without a key: the connector answers 401 and resets
+    at once, and the DATA frames still on their way (one per chunk) are the honest crossing of
+    that reset, within the stream's credit: not a flood that drops the relay."""
+    model = await lab.start_test_model()
+    rb = await lab.start_broker()
+    rc = await lab.start_connector([rb], model.url)
+    relay = next(iter(rc.connector.relays.values()))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"10000\r\n" + b"a" * 0x10000 + b"\r\n"
+    )
+    s = await trio.open_tcp_stream(rb.host, rb.port)
+    with trio.move_on_after(5):
+        try:
+            await s.send_all(head)
+            for _ in range(60):
+                await s.send_all(b"1\r\nX\r\n" * 2000)
+        except trio.BrokenResourceError:
+            pass
+    await s.aclose()
+    assert relay.closed_reason is None
+    assert relay.session.noop_frames < 100

@@ -532,3 +532,9 @@ def test_the_usage_command_shows_refused_requests(tmp_path: Path) -> None:
     header, row = out.splitlines()[:2]
     assert header.split()[-2:] == ["REFUSED", "ERRORS"]
     assert row.split()[-4:] == ["3", "4", "1", "0"]
+
+
+def test_a_model_name_that_is_not_printable_is_counted_as_other(tmp_path: Path) -> None:
+    store = UsageStore(tmp_path / "usage.sqlite3")
+    for name in ("\ud800", "a\x1b[31m", "ok-model"):
+        assert store.model_name(name) == (name if name == "ok-model" else "other")

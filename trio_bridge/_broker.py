@@ -36,6 +36,7 @@ from ._errors import (
     BadBody,
     ClientDisconnected,
     ConfigError,
+    HeadTooLarge,
     QueueFull,
     RelayClosed,
     StreamReset,
@@ -850,6 +851,8 @@ class Broker:
                 stream = handle.relay.open_stream(head, end_stream=ex.body_done and not first)
             except RelayClosed:
                 continue
+            except HeadTooLarge:
+                return await self._error(ex, facts, 431, "request head too large for the relay")
             finally:
                 self.registry.release(handle)
             ex.stream = stream

@@ -6,6 +6,7 @@
     ├── ConfigError                  bad bridge.toml / key file, a port in use: one line
     ├── ProtocolError                relay protocol violation (sans-IO layer)
     │   ├── LocalProtocolError       we tried something illegal (a bug on our side)
+    │   │   └── HeadTooLarge         a request head too large for one frame (answer 431)
     │   └── RemoteProtocolError      the peer did (close the relay, log the reason)
     ├── RelayClosed                  the relay is gone; .reason says why
     │   └── RelayRefused             the peer refused the hello (GOAWAY before HELLO)
@@ -50,6 +51,11 @@ class ProtocolError(BridgeError):
 
 class LocalProtocolError(ProtocolError):
     """We attempted something the relay protocol forbids (a bug in the caller)."""
+
+
+class HeadTooLarge(LocalProtocolError):
+    """A request head that does not fit in one relay frame once encoded: nothing was sent or
+    changed; the broker answers 431."""
 
 
 class RemoteProtocolError(ProtocolError):

@@ -33,12 +33,14 @@ streams their latency.
   PING, PONG, STATUS and GOAWAY. An honest peer sends one PING and at most one PONG per
   interval, a STATUS when its LLM's state changes, one GOAWAY in a relay's life.
 - **frames that change nothing**: at most ``max_noop`` (:data:`MAX_NOOP_PER_INTERVAL`) of
-  DATA, RESPONSE, RESET and WINDOW frames for a stream that is gone here; WINDOW on a stream we
-  no longer send on; WINDOW that grants less than a quarter of the peer's window or more credit
-  than we used (an honest receiver grants what its reader consumed, in steps of at least a
-  quarter of its window: ``RelayStream._consumed``); empty DATA without END_STREAM; and
-  REQUESTs refused (beyond ``max_streams``, or after our GOAWAY). An honest peer sends a few:
-  the frames that crossed a RESET or an END on the wire.
+  DATA, RESPONSE, RESET and WINDOW frames for a stream that is gone here (but DATA within the
+  credit a stream still had when we reset it is the honest crossing of that RESET, and free);
+  WINDOW on a stream we no longer send on; WINDOW that grants less than a quarter of the
+  peer's window or more credit than we used (an honest receiver grants what its reader
+  consumed, in steps of at least a quarter of its window: ``RelayStream._consumed``); empty
+  DATA without END_STREAM; and REQUESTs refused (beyond ``max_streams``, or after our
+  GOAWAY). An honest peer sends a few: the frames that crossed a RESET or an END on the wire.
+  Budgets are per :data:`BUDGET_INTERVAL` seconds and scale up with a longer interval.
 
 What a JSON payload may hold (HELLO, REQUEST, RESPONSE, STATUS): anything else is a
 :class:`RemoteProtocolError` (GOAWAY with the reason), never another exception:
@@ -74,7 +76,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import HeadTooLarge, LocalProtocolError, RemoteProtocolError
 from ._frames import (
     FLAG_END_STREAM,
     MAX_PAYLOAD,
@@ -101,6 +103,10 @@ DEFAULT_WINDOW = 256 * 1024
 MAX_CONTROL_PER_INTERVAL = 100
 #: frames that change nothing a peer may send per interval (see "Budgets")
 MAX_NOOP_PER_INTERVAL = 10_000
+#: the budgets above are for an interval this long (a longer one scales them up)
+BUDGET_INTERVAL = 5.0
+#: streams whose leftover receive credit is remembered after we reset them
+MAX_GONE_CREDIT = 4096
 _CONTROL = (FrameType.PING, FrameType.PONG, FrameType.STATUS, FrameType.GOAWAY)
 
 
@@ -434,6 +440,9 @@ class Session:
         self.max_streams = max_streams
         self.max_control = max_control
         self.max_noop = max_noop
+        self._control_limit, self._noop_limit = max_control, max_noop
+        #: receive credit of streams we reset while the peer could still send (bounded)
+        self._gone_credit: dict[int, int] = {}
         #: control frames received this interval, per type
         self.control_frames = dict.fromkeys(_CONTROL, 0)
         #: frames that changed nothing received this interval
@@ -511,6 +520,8 @@ class Session:
         if len(self._streams) >= self.peer_hello.max_streams:
             raise LocalProtocolError("peer's max_streams reached")
         payload = encode_request_head(head)
+        if len(payload) > MAX_PAYLOAD:  # nothing changed: the caller answers the client
+            raise HeadTooLarge(f"the request head is {len(payload)} bytes encoded")
         stream_id = self._highest_id + 1
         self._highest_id = stream_id
         s = _Stream(self.peer_hello.window, self.window)
@@ -557,7 +568,14 @@ class Session:
         """Reset a stream (idempotent on a stream that is already closed)."""
         if not 0 < stream_id <= self._highest_id:
             raise LocalProtocolError(f"RESET on stream {stream_id} that was never opened")
-        self._streams.pop(stream_id, None)
+        s = self._streams.pop(stream_id, None)
+        if s is not None and s.recv_open and s.head_received:
+            # the peer may have sent up to this much before it sees the RESET: DATA within it
+            # is the honest crossing of a reset, not a flood
+            gone = self._gone_credit
+            gone[stream_id] = s.recv_window
+            if len(gone) > MAX_GONE_CREDIT:
+                del gone[next(iter(gone))]
         return encode_reset(stream_id, code, reason)
 
     def send_window_update(self, stream_id: int, increment: int) -> bytes:
@@ -610,25 +628,31 @@ class Session:
     def receive_data(self, data: bytes) -> None:
         self._decoder.receive_data(data)
 
-    def new_interval(self) -> None:
-        """Renew the budgets: a new interval begins (the relay calls this each ping interval)."""
+    def new_interval(self, seconds: float | None = None) -> None:
+        """Renew the budgets: a new interval begins (the relay calls this each ping interval).
+        ``seconds``: its length; budgets are per BUDGET_INTERVAL seconds and grow with longer
+        intervals (a peer pinging every 5 s is honest whatever our own interval is)."""
         self.control_frames = dict.fromkeys(_CONTROL, 0)
         self.noop_frames = 0
+        if seconds is not None:
+            scale = max(1.0, seconds / BUDGET_INTERVAL)
+            self._control_limit = int(self.max_control * scale)
+            self._noop_limit = int(self.max_noop * scale)
 
     def _control(self, t: FrameType) -> None:
         n = self.control_frames[t] = self.control_frames[t] + 1
-        if n > self.max_control:
+        if n > self._control_limit:
             raise RemoteProtocolError(
-                f"{t.name.lower()} flood: more than {self.max_control} {t.name} frames in one "
-                "interval"
+                f"{t.name.lower()} flood: more than {self._control_limit} {t.name} frames in "
+                "one interval"
             )
 
     def _noop(self, what: str) -> None:
         """Count a frame that changed nothing here (``what``: which, for the error)."""
         self.noop_frames += 1
-        if self.noop_frames > self.max_noop:
+        if self.noop_frames > self._noop_limit:
             raise RemoteProtocolError(
-                f"flood of frames that change nothing: more than {self.max_noop} in one "
+                f"flood of frames that change nothing: more than {self._noop_limit} in one "
                 f"interval (the last: {what})"
             )
 
@@ -726,6 +750,14 @@ class Session:
     def _on_data(self, f: Frame) -> Event | None:
         s = self._peer_stream(f.stream_id)
         if s is None:
+            left = self._gone_credit.get(f.stream_id)
+            n = len(f.payload)
+            if left is not None and n <= left and (n or f.end_stream):
+                if f.end_stream:
+                    del self._gone_credit[f.stream_id]
+                else:
+                    self._gone_credit[f.stream_id] = left - n
+                return None  # sent before the peer saw our RESET, within its credit
             self._noop("DATA on a closed stream")
             return None
         if not s.recv_open:

@@ -40,6 +40,7 @@ from typing import Protocol
 import trio
 
 from ._errors import (
+    HeadTooLarge,
     LocalProtocolError,
     RelayClosed,
     RelayRefused,
@@ -489,6 +490,8 @@ class Relay:
             raise RelayClosed(self.closed_reason)
         try:
             stream_id, frame = self.session.open_stream(head, end_stream=end_stream)
+        except HeadTooLarge:
+            raise  # the request's fault, not the relay's
         except LocalProtocolError as exc:
             raise RelayClosed(str(exc)) from None
         stream = RelayStream(self, stream_id, head)
@@ -790,6 +793,7 @@ class Relay:
     async def _pinger(self) -> None:
         interval = self.ping_interval
         dead_after = 2.5 * interval
+        self.session.new_interval(interval)  # budgets for an interval of this length
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
@@ -806,7 +810,7 @@ class Relay:
                 self.close(reason)
                 return
             self._ping_counter += 1
-            self.session.new_interval()
+            self.session.new_interval(interval)
             self.send_frame(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
 

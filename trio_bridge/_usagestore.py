@@ -230,6 +230,8 @@ class UsageStore:
     def model_name(self, model: str) -> str:
         """What a request for ``model`` is counted under (bounded; see the module docstring)."""
         model = (model or "unknown")[:MAX_MODEL]
+        if not model.isprintable():  # control characters, lone surrogates: never stored
+            return OTHER
         known = self._models()
         if known is not None:
             if known is not self._known_from:
@@ -378,6 +380,15 @@ class UsageStore:
                 len(self._pending),
                 self.path,
             )
+            return False
+        except Exception as exc:  # a batch that cannot be written at all: not kept for ever
+            self.flush_failures += 1
+            self.rows_dropped += len(batch)
+            if self._failures_metric is not None:
+                self._failures_metric.inc()
+            if self._dropped_metric is not None:
+                self._dropped_metric.inc(len(batch))
+            log.error("usage flush failed (%s); %d rows dropped", type(exc).__name__, len(batch))
             return False
         return True
 
