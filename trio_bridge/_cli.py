@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             # whatever a role creates is for its own user alone (usage counts, SQLite's side
             # files); the stores also make their files private themselves
             os.umask(0o077)
+        if args.command in ("broker", "connector") and args.config is None:
+            print(
+                f"trio-bridge: no -c given: the {args.command} runs on built-in defaults "
+                f"(files in {Path.cwd()}); pass its config file with -c",
+                file=sys.stderr,
+            )
         if args.command == "broker":
             broker = Broker(config)
             trio.run(_run_until_signal, lambda: broker.serve(), broker.drain, grace)
@@ -643,6 +649,12 @@ def _usage(config: Config, args: argparse.Namespace) -> int:
     if not m:
         raise ConfigError(f"--since: expected days such as 7d, got {args.since!r}")
     since = utc_day(time.time() - int(m.group(1)) * 86400)
+    if args.config is None:
+        print(
+            f"# no -c given: using {config.path(config.connector.usage_file).resolve()} "
+            "(the built-in default)",
+            file=sys.stderr,
+        )
     keys = SecretStore(config.path(config.connector.api_keys_file), "tbk")
     names = {e.id: e.name for e in keys.entries()}
     wanted = None
