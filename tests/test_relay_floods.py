@@ -37,6 +37,7 @@ async def median_latency(client: httpx.AsyncClient, url: str, key: str, n: int) 
     return statistics.median(times)
 
 
+@pytest.mark.slow  # measures latency: runs alone, after the parallel suite
 @pytest.mark.parametrize("kind", ["pong", "status"])
 async def test_a_control_frame_flood_costs_the_flooder_its_relay_not_other_routes_latency(
     lab: Lab, kind: str, caplog: pytest.LogCaptureFixture
@@ -66,7 +67,8 @@ async def test_a_control_frame_flood_costs_the_flooder_its_relay_not_other_route
     print(f"{kind} flood: median {during * 1000:.2f} ms (baseline {baseline * 1000:.2f} ms)")
     # before the budgets: 2.5 -> 746 ms (PONG), 2.8 -> 1159 ms (STATUS); what remains is the
     # flooder re-dialling (~60 relays a second, a 1 MB message each) on a shared machine
-    assert during <= 2 * baseline + 0.010, (baseline, during)
+    # (a bound that catches that by far, with room for a shared 2-core machine's noise)
+    assert during <= 2 * baseline + 0.030, (baseline, during)
     # the flooder lost its relay (and every relay it dialled again); the last one it had
     # when it was stopped goes within the close handshake's deadline
     assert f"{kind} flood" in caplog.text
