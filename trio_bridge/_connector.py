@@ -949,18 +949,9 @@ class Connector:
         summary of this key alone (bounded: 30 days × its models), never from the file."""
         now = time.time()
         tokenless = attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None)
-        refusal = self.limiter.admit(entry.id, tokenless, now)
-        if refusal is not None:
-            facts.limit = refusal.limit
-            self.metrics.limit_hits.labels("connector", refusal.limit).inc()
-            return await self._reply_error(
-                stream,
-                facts,
-                429,
-                refusal.message,
-                retry_after=refusal.retry_after,
-                extra=self.limiter.headers(entry.id, limits, now),
-            )
+        refused = await self._admit(stream, facts, entry.id, tokenless, limits, now)
+        if refused is not None:
+            return refused
         try:
             return await self._usage_answer(stream, facts, entry, limits, now)
         finally:
@@ -1111,19 +1102,9 @@ class Connector:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await self._reply_error(stream, facts, 413, "request body too large")
         # the key's limits apply before anything of the body is read or held
-        now = time.time()
-        refusal = self.limiter.admit(entry.id, limits, now)
-        if refusal is not None:
-            facts.limit = refusal.limit
-            self.metrics.limit_hits.labels("connector", refusal.limit).inc()
-            return await self._reply_error(
-                stream,
-                facts,
-                429,
-                refusal.message,
-                retry_after=refusal.retry_after,
-                extra=self.limiter.headers(entry.id, limits, now),
-            )
+        refused = await self._admit(stream, facts, entry.id, limits, limits, time.time())
+        if refused is not None:
+            return refused
         call.admitted = True
         held = 0
         try:
@@ -1143,6 +1124,31 @@ class Connector:
         finally:
             guard.give(held, entry.id)
             self._finish_call(call, stream)
+
+    async def _admit(
+        self,
+        stream: RelayStream,
+        facts: Facts,
+        key_id: str,
+        limits: KeyLimits,
+        shown: KeyLimits,
+        now: float,
+    ) -> str | None:
+        """Count a request of ``key_id`` in under ``limits`` (None), or answer the 429 and
+        return its outcome (rate-limit headers from ``shown``)."""
+        refusal = self.limiter.admit(key_id, limits, now)
+        if refusal is None:
+            return None
+        facts.limit = refusal.limit
+        self.metrics.limit_hits.labels("connector", refusal.limit).inc()
+        return await self._reply_error(
+            stream,
+            facts,
+            429,
+            refusal.message,
+            retry_after=refusal.retry_after,
+            extra=self.limiter.headers(key_id, shown, now),
+        )
 
     async def _request_body(
         self,
