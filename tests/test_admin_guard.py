@@ -244,3 +244,16 @@ async def test_status_says_why_the_admin_endpoint_refused(lab: Lab) -> None:
     )
     assert done.returncode == 1 and done.stdout == b""
     assert b"HTTP 401: this admin endpoint needs its admin token" in done.stderr
+
+
+async def test_an_api_client_pointed_at_an_admin_port_is_told_where_the_api_is(lab: Lab) -> None:
+    """The demo prints admin addresses beside the API's: an SDK pointed at the wrong one gets
+    an OpenAI-shaped 404 that says so, not a hint to add the admin header."""
+    host, port = await connector_admin(lab)
+    async with httpx.AsyncClient() as client:
+        for method in ("GET", "POST"):
+            r = await client.request(
+                method, f"http://{host}:{port}/v1/chat/completions", json={"model": "m"}
+            )
+            assert_openai_error(r, 404, "not_the_api")
+            assert "public port" in r.json()["error"]["message"]

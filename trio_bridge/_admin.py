@@ -174,6 +174,14 @@ class AdminApp:
         self.guard = AdminGuard(hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] + "/").startswith("/v1/"):
+            # an OpenAI client pointed at an admin address (the demo prints both kinds)
+            message = (
+                "this is an admin endpoint, not the API: the OpenAI-compatible API is on the "
+                "broker's public port (its listen address, .../v1)"
+            )
+            await send_simple(send, 404, _JSON, _error(message, "not_the_api"))
+            return
         if scope["type"] == "http" and (refusal := self.guard.refusal(scope)) is not None:
             status, code, message = refusal
             await send_simple(send, status, _JSON, _error(message, code))
