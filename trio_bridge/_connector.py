@@ -1000,11 +1000,8 @@ class Connector:
             (REQUEST_ID, facts.request_id.encode()),
             (b"cache-control", b"no-store"),
         ]
-        return (
-            "ok"
-            if await self._send_whole(stream, ResponseHead(200, headers), body)
-            else ("client_stalled")
-        )
+        sent = await self._send_whole(stream, ResponseHead(200, headers), body)
+        return "ok" if sent else "client_stalled"
 
     def _count_usage(self, call: _Call, t0: float, *, streamed: bool) -> None:
         sniffer = call.sniffer
@@ -1167,15 +1164,15 @@ class Connector:
         content = await self._read_body(stream, guard, key_id)
         if not limits.models:
             return content, None
-        guard.give(len(content), key_id)  # taken again below, unless the request is refused
         try:
             encoding = header(stream.request_head.headers, b"content-encoding")  # type: ignore[union-attr]
             model = declared_model(content, encoding)
         except ModelUnknown as exc:
+            guard.give(len(content), key_id)  # refused: nothing is held for it
             return await self._reply_error(stream, facts, 400, str(exc), code="model_unknown")
         if limits.allows_model(model):
-            guard.take(len(content), key_id)
             return content, model
+        guard.give(len(content), key_id)
         return await self._reply_error(
             stream,
             facts,
