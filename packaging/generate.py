@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trio_bridge._service import render_plist, render_unit
+from trio_bridge.cli._service import render_plist, render_unit
 
 HERE = Path(__file__).resolve().parent
 PYTHON = "/opt/trio-bridge/bin/python"  # e.g. `pipx install trio-bridge` puts a venv here

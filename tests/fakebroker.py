@@ -13,8 +13,8 @@ from hostilebroker import HostileConnection, open_hostile_broker
 from trio_websocket import ConnectionClosed
 
 from trio_bridge._errors import LocalProtocolError
-from trio_bridge._frames import MAX_PAYLOAD
-from trio_bridge._protocol import Data, Event, RequestHead, Reset, Response
+from trio_bridge.relay._frames import MAX_PAYLOAD
+from trio_bridge.relay._protocol import Data, Event, RequestHead, Reset, Response
 
 
 class FakeBroker:

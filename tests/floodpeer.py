@@ -20,8 +20,8 @@ import sys
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from trio_bridge._frames import MAX_MESSAGE, FrameType, encode_frame
-from trio_bridge._protocol import Session
+from trio_bridge.relay._frames import MAX_MESSAGE, FrameType, encode_frame
+from trio_bridge.relay._protocol import Session
 
 FRAMES = {
     "pong": encode_frame(FrameType.PONG, 0, b"12345678"),

@@ -27,8 +27,8 @@ from contextlib import asynccontextmanager
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 
-from trio_bridge._frames import MAX_MESSAGE
-from trio_bridge._protocol import Event, Hello, RequestHead, Session
+from trio_bridge.relay._frames import MAX_MESSAGE
+from trio_bridge.relay._protocol import Event, Hello, RequestHead, Session
 
 MAX_MESSAGE_SIZE = MAX_MESSAGE + 1024
 

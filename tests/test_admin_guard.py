@@ -13,9 +13,9 @@ import httpx
 import pytest
 import trio
 
-from trio_bridge._admin import ADMIN_HEADER, AdminGuard
 from trio_bridge._config import load_config
 from trio_bridge._errors import ConfigError
+from trio_bridge.admin._admin import ADMIN_HEADER, AdminGuard
 from trio_bridge.testing import Lab, open_lab
 
 CHAT = "/v1/chat/completions"
@@ -111,7 +111,9 @@ def test_admin_hosts_is_a_checked_config_key(tmp_path: Path) -> None:
 def test_the_pages_own_script_sends_the_admin_header() -> None:
     """The replay button's POST carries the header (the browser test runs it for real where
     chromium is installed)."""
-    js = (Path(__file__).parent.parent / "trio_bridge" / "ui" / "connector.js").read_text()
+    js = (
+        Path(__file__).parent.parent / "trio_bridge" / "admin" / "ui" / "connector.js"
+    ).read_text()
     replay = js[js.index("async function replay") :]
     replay = replay[: replay.index("\n}\n")]
     assert f'"{ADMIN_HEADER}": "1"' in replay and 'method: "POST"' in replay

@@ -188,7 +188,7 @@ def test_roles_run_with_their_start_up_heap_frozen(
     full collections would otherwise walk every module and class: 20-30 ms pauses)."""
     import gc
 
-    from trio_bridge import _cli
+    from trio_bridge.cli import _cli
 
     frozen: list[int] = []
     monkeypatch.setattr(_cli.trio, "run", lambda *a, **k: frozen.append(gc.get_freeze_count()))

@@ -212,10 +212,10 @@ def test_every_exception_the_package_defines_is_a_bridge_error() -> None:
     from trio_bridge._errors import BadBody, BridgeError, ClientDisconnected
 
     found = []
-    for mod in pkgutil.iter_modules(trio_bridge.__path__):
-        if mod.name == "__main__":
+    for mod in pkgutil.walk_packages(trio_bridge.__path__, "trio_bridge."):
+        if mod.name == "trio_bridge.__main__":
             continue
-        module = importlib.import_module(f"trio_bridge.{mod.name}")
+        module = importlib.import_module(mod.name)
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, BaseException) and cls.__module__.startswith("trio_bridge"):
                 found.append(cls)

@@ -237,7 +237,7 @@ async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
         assert r.status_code == 200
         # revoke through a second store object on the same file, like the CLI would
-        from trio_bridge._keys import SecretStore
+        from trio_bridge.accounts._keys import SecretStore
 
         SecretStore(bridge.keys.path, "tbk").revoke("lab-user")
         await trio.sleep(0.6)  # the running store re-checks the file at most every 0.5 s

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_bridge._errors import RemoteProtocolError
-from trio_bridge._frames import (
+from trio_bridge.relay._frames import (
     FLAG_END_STREAM,
     HEADER,
     MAX_PAYLOAD,

@@ -23,9 +23,15 @@ from trio_websocket import (
 from upstream import Upstream, run_upstream
 
 from trio_bridge._errors import ConfigError
-from trio_bridge._frames import FLAG_END_STREAM, FrameDecoder, FrameType, ResetCode, encode_frame
-from trio_bridge._keys import SecretStore
-from trio_bridge._protocol import RequestHead, Session, encode_request_head
+from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.relay._frames import (
+    FLAG_END_STREAM,
+    FrameDecoder,
+    FrameType,
+    ResetCode,
+    encode_frame,
+)
+from trio_bridge.relay._protocol import RequestHead, Session, encode_request_head
 from trio_bridge.testing import Bridge, Lab, open_bridge, open_lab
 
 CHAT = "/v1/chat/completions"
@@ -389,7 +395,7 @@ async def test_a_connector_overrunning_its_window_loses_that_stream_only(lab: La
             session.receive_data(await ws.get_message())
             req = session.next_event()
             sid = req.stream_id  # type: ignore[union-attr]
-            from trio_bridge._protocol import ResponseHead
+            from trio_bridge.relay._protocol import ResponseHead
 
             head = session.send_response(sid, ResponseHead(200, []), end_stream=False)
             flood = encode_frame(FrameType.DATA, sid, b"z" * 60000) * 3  # 180 KB > 64 KiB window

@@ -12,9 +12,9 @@ import trio
 from hostilebroker import open_hostile_broker
 from trio_websocket import ConnectionClosed
 
-from trio_bridge._frames import FLAG_END_STREAM, FrameType, encode_frame
-from trio_bridge._protocol import GoAway, RequestHead
-from trio_bridge._relay import MAX_QUEUED, Relay
+from trio_bridge.relay._frames import FLAG_END_STREAM, FrameType, encode_frame
+from trio_bridge.relay._protocol import GoAway, RequestHead
+from trio_bridge.relay._relay import MAX_QUEUED, Relay
 from trio_bridge.testing import Lab, open_lab
 
 CHAT = RequestHead(

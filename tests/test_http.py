@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from trio_bridge._http import error_response, presented_key, request_id_from, strip_hop_by_hop
+from trio_bridge.http._messages import (
+    error_response,
+    presented_key,
+    request_id_from,
+    strip_hop_by_hop,
+)
 
 
 def test_hop_by_hop_and_connection_named_headers_are_dropped() -> None:

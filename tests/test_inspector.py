@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from trio_bridge._inspect import Inspector, redact
+from trio_bridge.admin._inspect import Inspector, redact
 from trio_bridge.testing import Lab, open_lab
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -48,7 +48,7 @@ def test_secret_headers_are_redacted() -> None:
 
 
 def test_secrets_are_scrubbed_before_a_record_keeps_headers() -> None:
-    from trio_bridge._inspect import scrub
+    from trio_bridge.admin._inspect import scrub
 
     kept = scrub([(b"authorization", b"Bearer tbk_x_y"), (b"accept", b"*/*")])
     assert kept == [(b"authorization", b"[redacted]"), (b"accept", b"*/*")]

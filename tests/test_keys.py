@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trio_bridge._errors import ConfigError
-from trio_bridge._keys import SecretStore, secret_id
+from trio_bridge.accounts._keys import SecretStore, secret_id
 
 
 def test_add_stores_only_the_hash_with_mode_0600(tmp_path: Path) -> None:

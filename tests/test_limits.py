@@ -23,9 +23,9 @@ from netutil import free_port
 from upstream import run_upstream
 
 from trio_bridge._errors import QueueFull
-from trio_bridge._limits import DAY, FairQueue, KeyLimits, Limiter, duration_text
-from trio_bridge._slots import FairSlots
-from trio_bridge._usagestore import UsageStore, read_rows, utc_day
+from trio_bridge.accounts._limits import DAY, FairQueue, KeyLimits, Limiter, duration_text
+from trio_bridge.accounts._usagestore import UsageStore, read_rows, utc_day
+from trio_bridge.connector._slots import FairSlots
 from trio_bridge.testing import Lab, open_lab
 
 CHAT = "/v1/chat/completions"

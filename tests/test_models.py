@@ -10,8 +10,8 @@ import pytest
 import trio
 from upstream import run_upstream
 
-from trio_bridge._frames import FrameDecoder
-from trio_bridge._protocol import Session, _decode_hello
+from trio_bridge.relay._frames import FrameDecoder
+from trio_bridge.relay._protocol import Session, _decode_hello
 from trio_bridge.testing import Lab, RunningBroker, RunningModel, open_lab
 
 CHAT = "/v1/chat/completions"

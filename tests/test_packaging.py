@@ -54,7 +54,7 @@ def test_the_image_runs_as_a_non_root_user_with_a_config_volume() -> None:
     assert user not in ("root", "0") and re.search(rf"useradd .*{user}", DOCKERFILE)
     assert "/etc/trio-bridge" in instruction("VOLUME")
     assert instruction("STOPSIGNAL") == "SIGTERM"  # the roles drain on it
-    assert "/readyz" in (ROOT / "trio_bridge" / "_admin.py").read_text()
+    assert "/readyz" in (ROOT / "trio_bridge" / "admin" / "_admin.py").read_text()
 
 
 async def test_entrypoint_and_healthcheck_work_as_the_image_runs_them(
@@ -174,7 +174,7 @@ async def test_the_hot_http_paths_use_compiled_h11_unless_told_not_to(
 ) -> None:
     env = {**os.environ, "TRIO_BRIDGE_PURE_H11": pure}
     code = (
-        "from trio_bridge import _server, _upstream\n"
+        "from trio_bridge.http import _server, _upstream\n"
         "print(_server.h11.__name__, _upstream.h11.__name__)"
     )
     proc = await trio.run_process(

@@ -17,7 +17,7 @@ import httpx
 import trio
 from netutil import free_port
 
-from trio_bridge._usagestore import UsageStore
+from trio_bridge.accounts._usagestore import UsageStore
 
 PY = sys.executable
 

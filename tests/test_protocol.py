@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from trio_bridge._errors import LocalProtocolError, RemoteProtocolError
-from trio_bridge._frames import FLAG_END_STREAM, FrameType, ResetCode, encode_frame
-from trio_bridge._protocol import (
+from trio_bridge.relay._frames import FLAG_END_STREAM, FrameType, ResetCode, encode_frame
+from trio_bridge.relay._protocol import (
     MAX_CONTROL_PER_INTERVAL,
     MAX_NOOP_PER_INTERVAL,
     Data,

@@ -9,9 +9,16 @@ import trio
 from memtransport import MemTransport, transport_pair
 
 from trio_bridge._errors import QueueFull, RelayClosed, StreamReset
-from trio_bridge._frames import MAX_MESSAGE, Frame, FrameDecoder, FrameType, ResetCode, encode_frame
-from trio_bridge._protocol import Hello, RequestHead, ResponseHead, Session
-from trio_bridge._relay import Relay, RelayStream
+from trio_bridge.relay._frames import (
+    MAX_MESSAGE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    ResetCode,
+    encode_frame,
+)
+from trio_bridge.relay._protocol import Hello, RequestHead, ResponseHead, Session
+from trio_bridge.relay._relay import Relay, RelayStream
 
 
 class Pair:
@@ -216,7 +223,7 @@ async def test_losing_the_transport_fails_every_stream_with_relay_lost(
 async def test_registry_serves_waiters_in_order_within_capacity(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from trio_bridge._registry import ConnectorHandle, Registry
+    from trio_bridge.broker._registry import ConnectorHandle, Registry
 
     async def handler(stream: RelayStream) -> None:
         await stream.send_response(ResponseHead(200, []), end_stream=True)
@@ -256,7 +263,7 @@ async def test_registry_serves_waiters_in_order_within_capacity(
 async def test_registry_prefers_priority_then_load_and_skips_models_it_lacks(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from trio_bridge._registry import ConnectorHandle, Registry
+    from trio_bridge.broker._registry import ConnectorHandle, Registry
 
     async def handler(stream: RelayStream) -> None:
         await trio.sleep_forever()

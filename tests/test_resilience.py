@@ -14,9 +14,9 @@ from netutil import free_port
 
 from trio_bridge._backoff import Backoff
 from trio_bridge._errors import StreamReset
-from trio_bridge._frames import ResetCode
-from trio_bridge._protocol import RequestHead, Session
-from trio_bridge._relay import Relay, RelayStream
+from trio_bridge.relay._frames import ResetCode
+from trio_bridge.relay._protocol import RequestHead, Session
+from trio_bridge.relay._relay import Relay, RelayStream
 from trio_bridge.testing import Lab, open_bridge, open_lab
 
 CHAT = "/v1/chat/completions"

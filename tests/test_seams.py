@@ -12,9 +12,9 @@ import pytest
 from trio_websocket import ConnectionRejected, open_websocket_url
 from upstream import run_upstream
 
-from trio_bridge._http import ModelUnknown, declared_model, presented_key
-from trio_bridge._limits import KeyLimits
-from trio_bridge._usage import UsageSniffer
+from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._usage import UsageSniffer
+from trio_bridge.http._messages import ModelUnknown, declared_model, presented_key
 from trio_bridge.testing import Lab, open_lab
 
 
@@ -234,7 +234,7 @@ async def test_a_connector_token_is_refused_in_any_credential_header(lab: Lab, n
 
 
 def test_api_keys_that_merely_contain_the_token_prefix_are_not_refused() -> None:
-    from trio_bridge._http import carries_secret
+    from trio_bridge.http._messages import carries_secret
 
     mark = b"tbc_"
     keys = [
@@ -355,7 +355,7 @@ def test_request_lines_cap_what_came_from_outside() -> None:
 
 
 def test_status_output_is_terminal_safe() -> None:
-    from trio_bridge._cli import format_status
+    from trio_bridge.cli._cli import format_status
 
     doc = {
         "role": "connector",

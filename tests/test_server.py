@@ -26,8 +26,8 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, Ping
 from wsproto.events import Request as WsRequest
 
 from trio_bridge._errors import ClientDisconnected, RelayClosed, RemoteProtocolError
-from trio_bridge._server import Request, ServerLimits, _Connection, serve_http
-from trio_bridge._ws import accept_websocket
+from trio_bridge.http._server import Request, ServerLimits, _Connection, serve_http
+from trio_bridge.http._ws import accept_websocket
 
 LIMITS = ServerLimits(head_timeout=2.0, keep_alive_timeout=2.0, max_header_bytes=4096)
 

@@ -21,7 +21,8 @@ from netutil import free_port, wait_port
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "packaging"))
 
-from trio_bridge._service import Notifier, render_plist, render_unit
+from trio_bridge._notify import Notifier
+from trio_bridge.cli._service import render_plist, render_unit
 
 PY = sys.executable
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_bridge._sockio import receive_some, send_all, write_now
+from trio_bridge.http._sockio import receive_some, send_all, write_now
 
 
 def _pair() -> tuple[trio.SocketStream, trio.SocketStream]:

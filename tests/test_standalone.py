@@ -13,8 +13,8 @@ import trio
 from fakebroker import FakeBroker, open_fake_broker
 from upstream import run_upstream
 
-from trio_bridge._limits import KeyLimits
-from trio_bridge._protocol import RequestHead
+from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.relay._protocol import RequestHead
 from trio_bridge.testing import Lab, RunningConnector, open_lab
 
 
@@ -120,7 +120,7 @@ async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: 
     """2 000 requests with a wrong key: at most KEY_FAILURES_PER_WINDOW are answered 401 and
     logged one by one in a window; the rest get 429 and no line of their own. A valid key
     still gets through on the same relay."""
-    from trio_bridge._connector import KEY_FAILURES_PER_WINDOW
+    from trio_bridge.connector._connector import KEY_FAILURES_PER_WINDOW
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

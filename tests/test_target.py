@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from upstream import run_upstream
 
-from trio_bridge._protocol import RequestHead
-from trio_bridge._target import BadTarget, LLMBase, check_method, check_target
+from trio_bridge.http._target import BadTarget, LLMBase, check_method, check_target
+from trio_bridge.relay._protocol import RequestHead
 from trio_bridge.testing import open_bridge, open_lab
 
 SSRF_TARGETS = [

@@ -15,8 +15,8 @@ from upstream import Upstream, run_upstream
 
 from trio_bridge import Connector
 from trio_bridge._backoff import Backoff
-from trio_bridge._frames import FLAG_END_STREAM, FrameDecoder, FrameType, encode_frame
-from trio_bridge._protocol import RequestHead, Session
+from trio_bridge.relay._frames import FLAG_END_STREAM, FrameDecoder, FrameType, encode_frame
+from trio_bridge.relay._protocol import RequestHead, Session
 from trio_bridge.testing import Lab, RunningBroker, open_lab
 
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 from netutil import free_port
 
-from trio_bridge._upstream import H11Transport, _open_tcp, close_response
+from trio_bridge.http._upstream import H11Transport, _open_tcp, close_response
 
 
 class Server:

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_bridge._usage import UsageSniffer
+from trio_bridge.accounts._usage import UsageSniffer
 
 SSE = (
     b'data: {"id":"1","model":"llama3","choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n'

@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_bridge._limits import KeyLimits
-from trio_bridge._usagestore import (
+from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._usagestore import (
     MAX_UNLISTED_MODELS,
     OTHER,
     UsageStore,

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from trio_bridge._asgi import Receive, Scope, Send, lifespan, read_body, send_simple, serve_app
+from trio_bridge.http._asgi import Receive, Scope, Send, lifespan, read_body, send_simple, serve_app
 
 SSE_BYTES = [
     b'data: {"id":"x","choices":[{"delta":{"content":"H\\u00e9llo"}}]}\n\n',

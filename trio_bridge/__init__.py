@@ -4,30 +4,29 @@ A *connector* beside the LLM dials out a persistent, multiplexed relay to a publ
 the broker forwards every HTTP request through it; the connector checks the API key and
 forwards the request byte-exact to the LLM, streaming the answer back as it is generated.
 
-Layout: one flat package of private modules, in three layers (a module imports only from its
-own layer or below). Flat, not sub-packages, because each layer is a handful of modules and
-the imports already show the layering; sub-packages would add names, not structure.
+Layout: folders in layers; a module imports only from its own folder and from the layers
+below it (``tests/test_layout.py`` holds the rule):
 
-- sans-IO (no trio, no sockets): ``_frames`` (the wire format), ``_protocol`` (the relay
-  session: streams, credit windows, goaway), ``_limits`` (per-key limits, the fair queue),
-  ``_usage`` (token counts read from a copy of an answer), ``_http`` (header helpers, error
-  bodies), ``_backoff``, ``_config``, ``_errors`` (the error tree).
-- I/O joints: ``_relay`` (a session on a WebSocket: reader, single writer, pinger; knows no
-  role), ``_ws`` (wsproto both ends), ``_server`` (the broker's public HTTP/1.1 server on h11),
-  ``_upstream`` (httpx on a lean h11 transport to the LLM), ``_asgi`` / ``_admin`` / ``_ui``
-  (admin endpoints and pages on hypercorn), ``_slots`` (the LLM's slots), ``_usagestore``
-  (SQLite), ``_keys`` (key and token files), ``_observe`` (logs, metrics), ``_service``.
-- roles: ``_broker`` (public requests, the relay endpoint) with ``_registry`` (its connectors),
-  ``_connector`` (keys, limits, forwarding) with ``_inspect`` (the inspector's records);
-  ``_cli``, ``_testmodel`` and ``testing`` (the pytest plugin) on top.
+- base: ``_errors`` (the error tree), ``_config``, ``_observe`` (logs, metrics), ``_backoff``,
+  ``_notify`` (sd_notify).
+- ``relay/`` and ``http/``, which know nothing of roles. ``relay``: ``_frames`` (the wire
+  format) and ``_protocol`` (the relay session: streams, credit windows, goaway) are sans-IO
+  (no trio, no sockets); ``_relay`` runs a session over any message transport. ``http``: the
+  public HTTP/1.1 server (``_server``, h11), the WebSocket both ends (``_ws``, wsproto), the
+  lean upstream client (``_upstream``), the request-target rule (``_target``) and header
+  helpers (``_messages``), both sans-IO; the admin endpoints' ASGI runner (``_asgi``).
+- ``accounts/``: key and token files (``_keys``), per-key limits (``_limits``, sans-IO), token
+  counts read from answers (``_usage``, sans-IO), the usage store (``_usagestore``, SQLite).
+- ``admin/``: admin endpoints and pages, the inspector's records.
+- ``broker/`` and ``connector/``: the two roles; they never import each other.
+- ``cli/``: sub-commands, service files, the built-in test model; then ``testing`` (the
+  pytest plugin) and this module on top.
 """
 
 from __future__ import annotations
 
-from ._broker import Broker
-from ._config import Config, load_config
-from ._connector import Connector
-from ._errors import (
+from trio_bridge._config import Config, load_config
+from trio_bridge._errors import (
     BadBody,
     BodyTooSlow,
     BridgeError,
@@ -43,10 +42,12 @@ from ._errors import (
     RemoteProtocolError,
     StreamReset,
 )
-from ._keys import SecretStore
-from ._registry import ConnectorHandle, Registry
-from ._testmodel import TestModel
-from ._version import __version__
+from trio_bridge._version import __version__
+from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.broker._broker import Broker
+from trio_bridge.broker._registry import ConnectorHandle, Registry
+from trio_bridge.cli._testmodel import TestModel
+from trio_bridge.connector._connector import Connector
 
 __all__ = [
     "BadBody",

@@ -1,3 +1,3 @@
-from trio_bridge._cli import main
+from trio_bridge.cli._cli import main
 
 raise SystemExit(main())

@@ -20,7 +20,7 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
-from ._errors import ConfigError
+from trio_bridge._errors import ConfigError
 
 T = TypeVar("T")
 

@@ -43,8 +43,7 @@ import attrs
 import pytest
 import trio
 
-from ._broker import Broker
-from ._config import (
+from trio_bridge._config import (
     BrokerConfig,
     Config,
     ConnectorConfig,
@@ -53,9 +52,10 @@ from ._config import (
     RelayConfig,
     structure,
 )
-from ._connector import Connector
-from ._keys import SecretStore
-from ._testmodel import TestModel
+from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.broker._broker import Broker
+from trio_bridge.cli._testmodel import TestModel
+from trio_bridge.connector._connector import Connector
 
 
 @attrs.define

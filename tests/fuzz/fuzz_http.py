@@ -24,11 +24,11 @@ from urllib.parse import unquote, urlsplit
 import atheris
 
 with atheris.instrument_imports():
-    from trio_bridge._broker import Broker
     from trio_bridge._config import BrokerConfig, Config
-    from trio_bridge._keys import SecretStore
-    from trio_bridge._server import _HeadError, _parse_head
-    from trio_bridge._target import BadTarget, LLMBase, check_method, check_target
+    from trio_bridge.accounts._keys import SecretStore
+    from trio_bridge.broker._broker import Broker
+    from trio_bridge.http._server import _HeadError, _parse_head
+    from trio_bridge.http._target import BadTarget, LLMBase, check_method, check_target
 
 _DIR = tempfile.mkdtemp(prefix="fuzz-http-")
 BROKER = Broker(

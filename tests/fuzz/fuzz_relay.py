@@ -21,8 +21,8 @@ import atheris
 
 with atheris.instrument_imports():
     from trio_bridge._errors import RemoteProtocolError
-    from trio_bridge._frames import FrameDecoder, FrameType, encode_frame
-    from trio_bridge._protocol import (
+    from trio_bridge.relay._frames import FrameDecoder, FrameType, encode_frame
+    from trio_bridge.relay._protocol import (
         GoAway,
         Hello,
         Request,

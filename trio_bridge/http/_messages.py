@@ -8,7 +8,7 @@ import re
 from random import getrandbits as _random_bits
 from urllib.parse import unquote_to_bytes
 
-from ._errors import ClientError
+from trio_bridge._errors import ClientError
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -24,8 +24,8 @@ from typing import Any
 import attrs
 import trio
 
-from ._asgi import Receive, Scope, Send, lifespan, read_body, send_simple, serve_app
-from ._http import error_body
+from trio_bridge.http._asgi import Receive, Scope, Send, lifespan, read_body, send_simple, serve_app
+from trio_bridge.http._messages import error_body
 
 MODEL_ID = "trio-bridge-test-model"
 _COUNT = re.compile(r"count to (\d{1,6})", re.IGNORECASE)

@@ -29,10 +29,8 @@ from typing import Any
 import attrs
 import trio
 
-from ._admin import AdminApp
-from ._asgi import serve_app
-from ._config import Config, parse_hostport
-from ._errors import (
+from trio_bridge._config import Config, parse_hostport
+from trio_bridge._errors import (
     BadBody,
     ClientDisconnected,
     ConfigError,
@@ -42,8 +40,24 @@ from ._errors import (
     StreamReset,
     listening,
 )
-from ._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
-from ._http import (
+from trio_bridge._notify import Notifier
+from trio_bridge._observe import (
+    Facts,
+    Metrics,
+    RecentStats,
+    bridge_outcome,
+    is_error,
+    log_request,
+    reset_reason,
+    status_class,
+)
+from trio_bridge._version import __version__
+from trio_bridge.accounts._keys import SecretEntry, SecretStore, admin_token, secret_id
+from trio_bridge.admin._admin import AdminApp
+from trio_bridge.admin._ui import Pages
+from trio_bridge.broker._registry import DEFAULT_ROUTE, ConnectorHandle, Registry
+from trio_bridge.http._asgi import serve_app
+from trio_bridge.http._messages import (
     MODEL_LISTS,
     carries_secret,
     error_body,
@@ -55,25 +69,11 @@ from ._http import (
     strip_hop_by_hop,
     with_model,
 )
-from ._keys import SecretEntry, SecretStore, admin_token, secret_id
-from ._observe import (
-    Facts,
-    Metrics,
-    RecentStats,
-    bridge_outcome,
-    is_error,
-    log_request,
-    reset_reason,
-    status_class,
-)
-from ._protocol import Hello, RequestHead, ResponseHead, Session
-from ._registry import DEFAULT_ROUTE, ConnectorHandle, Registry
-from ._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
-from ._server import Request, ServerLimits, serve_http
-from ._service import Notifier
-from ._target import DEFAULT_METHODS, BadTarget, check_method, check_target
-from ._ui import Pages
-from ._version import __version__
+from trio_bridge.http._server import Request, ServerLimits, serve_http
+from trio_bridge.http._target import DEFAULT_METHODS, BadTarget, check_method, check_target
+from trio_bridge.relay._frames import MAX_MESSAGE, MAX_PAYLOAD, ResetCode
+from trio_bridge.relay._protocol import Hello, RequestHead, ResponseHead, Session
+from trio_bridge.relay._relay import HANDSHAKE_TIMEOUT, Relay, RelayStream
 
 log = logging.getLogger("trio_bridge.broker")
 

@@ -35,9 +35,9 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._asgi import Receive, Scope, Send, lifespan, send_simple
-from ._observe import Metrics
-from ._ui import Pages
+from trio_bridge._observe import Metrics
+from trio_bridge.admin._ui import Pages
+from trio_bridge.http._asgi import Receive, Scope, Send, lifespan, send_simple
 
 _JSON = [(b"content-type", b"application/json")]
 _OWN = frozenset({"/healthz", "/readyz", "/status", "/metrics"})

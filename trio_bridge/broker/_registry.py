@@ -15,8 +15,8 @@ from collections import deque
 import attrs
 import trio
 
-from ._errors import QueueFull
-from ._relay import Relay
+from trio_bridge._errors import QueueFull
+from trio_bridge.relay._relay import Relay
 
 DEFAULT_ROUTE = "default"
 

@@ -35,7 +35,7 @@ from urllib.parse import unquote
 
 import httpx
 
-from ._errors import ClientError
+from trio_bridge._errors import ClientError
 
 MAX_TARGET = 16 * 1024
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -1,7 +1,7 @@
 """The admin web pages: the connector's live request inspector and the broker's overview.
 
 Served by the role's admin endpoint (``admin_listen``, loopback by default) from small static
-files in ``trio_bridge/ui/`` (no CDN, no build step) and a few JSON endpoints; the connector's
+files in ``trio_bridge/admin/ui/`` (no CDN, no build step) and a few JSON endpoints; the connector's
 page follows requests live through server-sent events (``/api/events``), no polling.
 
 An optional admin token (``admin_token_file``) protects everything but ``/healthz`` and
@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from ._asgi import Receive, Scope, Send, send_simple
+from trio_bridge.http._asgi import Receive, Scope, Send, send_simple
 
 _JSON = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 COOKIE = "tb_admin"
@@ -150,7 +150,7 @@ async def _static(send: Send, name: str) -> None:
         await _json(send, 404, {"error": "not found"})
         return
     try:
-        data = resources.files("trio_bridge").joinpath("ui", name).read_bytes()
+        data = resources.files("trio_bridge.admin").joinpath("ui", name).read_bytes()
     except (FileNotFoundError, IsADirectoryError):
         await _json(send, 404, {"error": "not found"})
         return

@@ -1,10 +1,5 @@
-"""Running as a service: sd_notify, and systemd units / launchd plists (render, install, remove).
-
-sd_notify needs no dependency: a few ``KEY=value`` lines in a datagram to ``$NOTIFY_SOCKET``.
-The roles send ``READY=1`` once they serve, ``STATUS=…`` with their connection state,
-``WATCHDOG=1`` from the event loop every ``WATCHDOG_USEC / 2`` (so a wedged loop gets the process
-restarted), and ``STOPPING=1`` when they start draining.
-"""
+"""Running as a service: systemd units / launchd plists (render, install, remove); the roles'
+sd_notify client is :mod:`trio_bridge._notify`."""
 
 from __future__ import annotations
 
@@ -13,77 +8,17 @@ import os
 import plistlib
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import trio
-
-from ._errors import ConfigError
+from trio_bridge._errors import ConfigError
 
 log = logging.getLogger("trio_bridge.service")
 
 ROLES = ("broker", "connector")
 #: systemd exit status that means "configuration error, do not restart" (see _cli.EXIT_CONFIG)
 EXIT_CONFIG = 2
-
-
-class Notifier:
-    """sd_notify client; every method is a no-op when not run by systemd (no NOTIFY_SOCKET)."""
-
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        path = env.get("NOTIFY_SOCKET", "")
-        self.address: str | None = None
-        if path.startswith("@"):
-            self.address = "\0" + path[1:]
-        elif path.startswith("/"):
-            self.address = path
-        self.watchdog_interval: float | None = None
-        usec = env.get("WATCHDOG_USEC", "")
-        pid = env.get("WATCHDOG_PID", "")
-        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
-            self.watchdog_interval = int(usec) / 1e6 / 2
-        self._sock: socket.socket | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-    def notify(self, *lines: str) -> None:
-        if self.address is None:
-            return
-        try:
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.setblocking(False)
-            self._sock.sendto("\n".join(lines).encode(), self.address)
-        except OSError as exc:
-            log.debug("sd_notify failed: %s", exc)
-
-    def ready(self, status: str = "") -> None:
-        self.notify("READY=1", *([f"STATUS={status}"] if status else []))
-
-    def status(self, text: str) -> None:
-        self.notify(f"STATUS={text}")
-
-    def stopping(self, status: str = "draining") -> None:
-        self.notify("STOPPING=1", f"STATUS={status}")
-
-    async def watchdog_loop(self, status: Callable[[], str] | None = None) -> None:
-        """Send WATCHDOG=1 (and the current STATUS) from the event loop until cancelled."""
-        if self.address is None:
-            return
-        interval = self.watchdog_interval or 5.0
-        while True:
-            lines = ["WATCHDOG=1"] if self.watchdog_interval else []
-            if status is not None:
-                lines.append(f"STATUS={status()}")
-            if lines:
-                self.notify(*lines)
-            await trio.sleep(interval)
 
 
 # ---- unit files and plists ---------------------------------------------------------------
@@ -109,7 +44,7 @@ def documentation_uri(python: str | None = None) -> str:
         prefix = Path(python).parent.parent
         return (prefix / "share/doc/trio-bridge/README.md").as_uri()
     installed = Path(sys.prefix) / "share/doc/trio-bridge/README.md"
-    checkout = Path(__file__).resolve().parent.parent / "README.md"
+    checkout = Path(__file__).resolve().parents[2] / "README.md"
     return (installed if installed.exists() or not checkout.exists() else checkout).as_uri()
 
 

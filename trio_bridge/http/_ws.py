@@ -36,8 +36,8 @@ from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
-from ._errors import RelayClosed, RelayRejected, RemoteProtocolError
-from ._sockio import receive_some, send_all
+from trio_bridge._errors import RelayClosed, RelayRejected, RemoteProtocolError
+from trio_bridge.http._sockio import receive_some, send_all
 
 _READ = 256 * 1024
 

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._http import KEY_HEADERS, Headers
+from trio_bridge.http._messages import KEY_HEADERS, Headers
 
 REDACTED = "[redacted]"
 SECRET_HEADERS = KEY_HEADERS | {

@@ -75,7 +75,7 @@ from __future__ import annotations
 import enum
 import struct
 
-from ._errors import RemoteProtocolError
+from trio_bridge._errors import RemoteProtocolError
 
 VERSION = 1
 HEADER = struct.Struct("!BBII")

@@ -25,9 +25,9 @@ from typing import Any
 import httpx
 import trio
 
-from ._errors import BridgeError
-from ._h11 import h11
-from ._sockio import receive_some, send_all
+from trio_bridge._errors import BridgeError
+from trio_bridge.http._h11 import h11
+from trio_bridge.http._sockio import receive_some, send_all
 
 _READ = 256 * 1024
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._config import parse_hostport
+from trio_bridge._config import parse_hostport
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig

@@ -39,7 +39,7 @@ from typing import Protocol
 
 import trio
 
-from ._errors import (
+from trio_bridge._errors import (
     HeadTooLarge,
     LocalProtocolError,
     RelayClosed,
@@ -47,8 +47,8 @@ from ._errors import (
     RemoteProtocolError,
     StreamReset,
 )
-from ._frames import MAX_MESSAGE, MAX_PAYLOAD, Payload, ResetCode
-from ._protocol import (
+from trio_bridge.relay._frames import MAX_MESSAGE, MAX_PAYLOAD, Payload, ResetCode
+from trio_bridge.relay._protocol import (
     Data,
     GoAway,
     Hello,

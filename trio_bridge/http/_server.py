@@ -41,7 +41,7 @@ from http import HTTPStatus
 import attrs
 import trio
 
-from ._errors import (
+from trio_bridge._errors import (
     BadBody,
     BodyTooSlow,
     BridgeError,
@@ -50,10 +50,10 @@ from ._errors import (
     RelayClosed,
     RemoteProtocolError,
 )
-from ._h11 import h11
-from ._http import error_body
-from ._sockio import receive_some, write_now
-from ._ws import WebSocket, accept_websocket
+from trio_bridge.http._h11 import h11
+from trio_bridge.http._messages import error_body
+from trio_bridge.http._sockio import receive_some, write_now
+from trio_bridge.http._ws import WebSocket, accept_websocket
 
 log = logging.getLogger("trio_bridge.server")
 

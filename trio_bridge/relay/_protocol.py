@@ -76,8 +76,8 @@ from typing import Any, NoReturn
 
 import attrs
 
-from ._errors import HeadTooLarge, LocalProtocolError, RemoteProtocolError
-from ._frames import (
+from trio_bridge._errors import HeadTooLarge, LocalProtocolError, RemoteProtocolError
+from trio_bridge.relay._frames import (
     FLAG_END_STREAM,
     MAX_PAYLOAD,
     MAX_WINDOW,

@@ -40,8 +40,8 @@ from typing import Any
 import attrs
 import tomli_w
 
-from ._errors import ConfigError
-from ._limits import KeyLimits
+from trio_bridge._errors import ConfigError
+from trio_bridge.accounts._limits import KeyLimits
 
 RELOAD_INTERVAL = 0.5
 _ID_ALPHABET = string.ascii_lowercase + string.digits

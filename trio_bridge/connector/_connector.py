@@ -30,11 +30,9 @@ import attrs
 import httpx
 import trio
 
-from ._admin import AdminApp
-from ._asgi import serve_app
-from ._backoff import Backoff
-from ._config import Config
-from ._errors import (
+from trio_bridge._backoff import Backoff
+from trio_bridge._config import Config
+from trio_bridge._errors import (
     BridgeError,
     ConfigError,
     QueueFull,
@@ -45,8 +43,29 @@ from ._errors import (
     StreamReset,
     listening,
 )
-from ._frames import MAX_MESSAGE, ResetCode
-from ._http import (
+from trio_bridge._notify import Notifier
+from trio_bridge._observe import (
+    Facts,
+    Metrics,
+    RecentStats,
+    bridge_outcome,
+    is_error,
+    log_request,
+    quiet_third_party_loggers,
+    reset_reason,
+    status_class,
+)
+from trio_bridge._version import __version__
+from trio_bridge.accounts._keys import SecretEntry, SecretStore, admin_token, check_private
+from trio_bridge.accounts._limits import KeyLimits, Limiter
+from trio_bridge.accounts._usage import UsageSniffer
+from trio_bridge.accounts._usagestore import KnownModels, UsageStore, utc_day
+from trio_bridge.admin._admin import AdminApp
+from trio_bridge.admin._inspect import Inspector, RequestRecord, scrub
+from trio_bridge.admin._ui import Pages
+from trio_bridge.connector._slots import FairSlots
+from trio_bridge.http._asgi import serve_app
+from trio_bridge.http._messages import (
     KEY_HEADERS,
     MODEL_LISTS,
     REQUEST_ID,
@@ -59,31 +78,12 @@ from ._http import (
     presented_key,
     strip_hop_by_hop,
 )
-from ._inspect import Inspector, RequestRecord, scrub
-from ._keys import SecretEntry, SecretStore, admin_token, check_private
-from ._limits import KeyLimits, Limiter
-from ._observe import (
-    Facts,
-    Metrics,
-    RecentStats,
-    bridge_outcome,
-    is_error,
-    log_request,
-    quiet_third_party_loggers,
-    reset_reason,
-    status_class,
-)
-from ._protocol import GoAway, Hello, RequestHead, ResponseHead, Session
-from ._relay import Relay, RelayStream
-from ._service import Notifier
-from ._slots import FairSlots
-from ._target import BadTarget, LLMBase, check_method
-from ._ui import Pages
-from ._upstream import H11Transport, close_response
-from ._usage import UsageSniffer
-from ._usagestore import KnownModels, UsageStore, utc_day
-from ._version import __version__
-from ._ws import WebSocket, connect_websocket
+from trio_bridge.http._target import BadTarget, LLMBase, check_method
+from trio_bridge.http._upstream import H11Transport, close_response
+from trio_bridge.http._ws import WebSocket, connect_websocket
+from trio_bridge.relay._frames import MAX_MESSAGE, ResetCode
+from trio_bridge.relay._protocol import GoAway, Hello, RequestHead, ResponseHead, Session
+from trio_bridge.relay._relay import Relay, RelayStream
 
 log = logging.getLogger("trio_bridge.connector")
 

@@ -1,5 +1,5 @@
 """The connector's LLM slots: at most ``max_concurrent`` requests at the LLM, the others waiting
-in a bounded :class:`~trio_bridge._limits.FairQueue` (weighted round-robin over API keys).
+in a bounded :class:`~trio_bridge.accounts._limits.FairQueue` (weighted round-robin over API keys).
 
 Cancellation: a waiter that is cancelled (client gone, deadline) leaves the queue; a slot handed
 to a waiter that was cancelled at the same moment is passed on, never lost.
@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ._errors import QueueFull
-from ._limits import FairQueue
+from trio_bridge._errors import QueueFull
+from trio_bridge.accounts._limits import FairQueue
 
 
 class _Waiter:

@@ -34,18 +34,18 @@ import attrs
 import httpx
 import trio
 
-from . import _service as service
-from ._broker import Broker
-from ._config import Config, load_config, parse_duration, parse_hostport
-from ._connector import Connector, probe_relay, read_secret_file
-from ._errors import ConfigError, leaves, listening
-from ._http import MODEL_LISTS, model_ids
-from ._keys import SecretStore, check_route_patterns
-from ._limits import KeyLimits
-from ._observe import setup_logging, terminal_safe
-from ._testmodel import MODEL_ID, TestModel
-from ._usagestore import check_writable, read_rows, utc_day
-from ._version import __version__
+from trio_bridge._config import Config, load_config, parse_duration, parse_hostport
+from trio_bridge._errors import ConfigError, leaves, listening
+from trio_bridge._observe import setup_logging, terminal_safe
+from trio_bridge._version import __version__
+from trio_bridge.accounts._keys import SecretStore, check_route_patterns
+from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._usagestore import check_writable, read_rows, utc_day
+from trio_bridge.broker._broker import Broker
+from trio_bridge.cli import _service as service
+from trio_bridge.cli._testmodel import MODEL_ID, TestModel
+from trio_bridge.connector._connector import Connector, probe_relay, read_secret_file
+from trio_bridge.http._messages import MODEL_LISTS, model_ids
 
 log = logging.getLogger("trio_bridge.cli")
 

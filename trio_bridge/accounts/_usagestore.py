@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._backoff import Backoff
+from trio_bridge._backoff import Backoff
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
