@@ -541,3 +541,137 @@ async def test_a_peer_that_reads_slowly_but_steadily_keeps_its_relay(
         assert got == size
         assert broker.closed_reason is None and connector.closed_reason is None
         nursery.cancel_scope.cancel()
+
+
+# -- wait_flushed: a drain's "the resets are on the wire" -------------------------------------
+
+
+class GatedTransport(MemTransport):
+    """A transport whose sends, once ``gated``, each wait for a permit (``allow``): the test
+    decides when a write reaches the wire."""
+
+    def __init__(self, inner: MemTransport) -> None:
+        super().__init__(inner._send, inner._receive)
+        self.gated = False
+        self.written: list[bytes] = []
+        self._permits = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def allow(self, n: int = 1) -> None:
+        self._permits += n
+        self._lot.unpark_all()
+
+    async def send_message(self, data: bytes, *more: bytes) -> None:
+        while self.gated and self._permits == 0:
+            await self._lot.park()
+        if self.gated:
+            self._permits -= 1
+        await super().send_message(data, *more)
+        self.written.append(b"".join((data, *more)))
+
+
+async def gated_pair(
+    nursery: trio.Nursery,
+) -> tuple[Relay, Relay, GatedTransport]:
+    """Two relays; the connector's writes pass the returned gate."""
+    ta, tb = transport_pair(1000)
+    gate = GatedTransport(tb)
+    broker = Relay(ta, Session(opener=True, window=4096), ping_interval=1.0)
+    connector = Relay(gate, Session(opener=False, window=4096), ping_interval=1.0)
+    nursery.start_soon(broker.run)
+    await nursery.start(connector.run)
+    while broker.peer is None:
+        await trio.sleep(0.01)
+    gate.gated = True
+    return broker, connector, gate
+
+
+async def test_wait_flushed_returns_once_what_was_queued_is_written(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    flushed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        broker, connector, gate = await gated_pair(nursery)
+        connector.send_status(ready=False)
+        connector.send_goaway("draining")
+
+        async def wait() -> None:
+            await connector.wait_flushed()
+            flushed.set()
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not flushed.is_set()  # the write is held at the gate
+        gate.allow()
+        with trio.fail_after(1):
+            await flushed.wait()
+        assert b"draining" in gate.written[-1]
+        await trio.testing.wait_all_tasks_blocked()
+        assert broker.peer_goaway == "draining" and not broker.peer_ready
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_flushed_waits_for_frames_queued_behind_a_write_in_progress(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    flushed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        _, connector, gate = await gated_pair(nursery)
+        connector.send_status(ready=False)
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds it, at the gate
+        connector.send_goaway("draining")  # queued behind it
+
+        async def wait() -> None:
+            await connector.wait_flushed()
+            flushed.set()
+
+        nursery.start_soon(wait)
+        gate.allow()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not flushed.is_set()  # the STATUS is out, the GOAWAY not yet
+        gate.allow()
+        with trio.fail_after(1):
+            await flushed.wait()
+        assert b"draining" in gate.written[-1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_flushed_is_not_held_by_frames_queued_after_the_call(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A busy relay never has an empty queue: the wait is for what was queued before it."""
+    flushed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        _, connector, gate = await gated_pair(nursery)
+        connector.send_goaway("draining")
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds it, at the gate
+
+        async def wait() -> None:
+            await connector.wait_flushed()
+            flushed.set()
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        connector.send_status(ready=False)  # after the call
+        written = len(gate.written)
+        gate.allow()
+        with trio.fail_after(1):
+            await flushed.wait()
+        # the GOAWAY is out; the STATUS still waits at the gate
+        assert len(gate.written) == written + 1 and b"draining" in gate.written[-1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_wait_flushed_returns_at_once_on_a_closed_relay(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        _, connector, _gate = await gated_pair(nursery)
+        connector.send_goaway("draining")  # never written: the gate stays shut
+        connector.close("test")
+        with trio.fail_after(1):
+            await connector.wait_flushed()
+        await connector.wait_closed()
+        with trio.fail_after(1):
+            await connector.wait_flushed()
+        nursery.cancel_scope.cancel()

@@ -118,6 +118,10 @@ class _Writer:
         self._has_data = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
         self._flushed = trio.lowlevel.ParkingLot()
+        # frames taken off the queue for writing / whose write completed, since the start:
+        # counted per message (by the writer), not per frame (put_nowait stays as it is)
+        self._taken = 0
+        self._written = 0
         #: when the write in progress began (None: none is)
         self.writing_since: float | None = None
         self.closed: str | None = None
@@ -166,16 +170,21 @@ class _Writer:
         self._space.unpark_all()
         self._flushed.unpark_all()
 
-    async def flush(self) -> None:
-        """Wait until everything queued so far was written."""
-        while (self._frames or self.writing_since is not None) and self.closed is None:
+    async def wait_flushed(self) -> None:
+        """Return once every frame queued before the call was written to the transport, or
+        the writer closed (what it held is dropped then). Frames queued after the call do
+        not hold it up."""
+        target = self._taken + len(self._frames)
+        if self._written >= target or self.closed is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        while self._written < target and self.closed is None:
             await self._flushed.park()
 
     async def run(self) -> None:
         frames = self._frames
         while True:
             while not frames:
-                self._flushed.unpark_all()
                 await self._has_data.park()
             if self._queued <= MAX_MESSAGE:
                 parts = list(frames)
@@ -189,12 +198,16 @@ class _Writer:
                     parts.append(f)
                     size += len(f)
             self._queued -= size
+            self._taken += len(parts)
             if self._space:
                 self._space.unpark_all()
             self.writing_since = trio.current_time()
             # the frames as parts: the transport joins them with its own header, one copy
             await self._transport.send_message(*parts)
             self.writing_since = None
+            self._written = self._taken
+            if self._flushed:
+                self._flushed.unpark_all()
 
 
 class RelayStream:
@@ -517,6 +530,18 @@ class Relay:
         if self.closed_reason is None and not self.session.goaway_sent:
             self.send_frame(self.session.send_goaway(reason))
 
+    async def wait_flushed(self) -> None:
+        """Return once every frame queued before the call (RESETs from :meth:`reset_all`, a
+        GOAWAY, a STATUS) was written to the transport; at once if the relay is closed (what
+        its writer held was dropped: the peer learns nothing more from this relay).
+
+        A drain calls it instead of sleeping for its frames to go out. It waits as long as
+        the peer does not read: callers bound it with their own deadline (``move_on_after``).
+
+        Cancellation: safe; cancelling the wait changes nothing in the writer.
+        """
+        await self._writer.wait_flushed()
+
     async def wait_closed(self) -> None:
         """Return once ``run`` has finished (its streams failed, the transport closed)."""
         await self._ended.wait()
@@ -654,7 +679,7 @@ class Relay:
         midway would leave half a message on the transport); at most a second."""
         with trio.move_on_after(1):
             self.send_frame(self.session.send_goaway(reason))
-            await self._writer.flush()
+            await self._writer.wait_flushed()
 
     async def _handshake(self) -> Hello:
         role = "broker" if self.session.opener else "connector"
