@@ -675,3 +675,55 @@ async def test_wait_flushed_returns_at_once_on_a_closed_relay(
         with trio.fail_after(1):
             await connector.wait_flushed()
         nursery.cancel_scope.cancel()
+
+
+# -- control frames on a closed writer: no-ops, and run() returns its reason ------------------
+
+
+async def run_keeping_reason(
+    relay: Relay,
+    reasons: list[str],
+    *,
+    task_status: trio.TaskStatus[Hello] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    reasons.append(await relay.run(task_status=task_status))
+
+
+async def test_close_right_after_close_telling_peer_returns_the_reason(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The GOAWAY of close_telling_peer is queued by a task that starts after close(): on the
+    closed writer it is dropped, and run() returns the close's reason (it raised
+    ExceptionGroup([RelayClosed]))."""
+    reasons: list[str] = []
+    pair = Pair(never_answer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pair.broker.run)
+        await nursery.start(run_keeping_reason, pair.connector, reasons)
+        pair.connector.close_telling_peer("going")
+        pair.connector.close("gone")
+        with trio.fail_after(5):
+            await pair.connector.wait_closed()
+        nursery.cancel_scope.cancel()
+    assert reasons == ["gone"]
+
+
+async def test_a_protocol_error_after_the_owner_closed_the_relay_returns_the_reason(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One message: GOAWAY (the owner's hook closes the relay on it), then a frame that breaks
+    the protocol. The GOAWAY we would answer with meets a closed writer: a no-op, and run()
+    returns the owner's reason."""
+    reasons: list[str] = []
+    ta, tb = transport_pair(1000)
+    victim = Relay(ta, Session(opener=True, window=4096), ping_interval=1.0)
+    victim.on_change = lambda r: r.close("peer going away") if r.peer_draining else None
+    peer = HostilePeer(tb, Session(opener=False, window=4096))
+    async with trio.open_nursery() as nursery:
+        await tb.send_message(peer.session.send_hello(role="connector"))
+        await nursery.start(run_keeping_reason, victim, reasons)
+        garbage = encode_frame(FrameType.DATA, 2, b"x")  # DATA on a stream never opened
+        await tb.send_message(peer.session.send_goaway("draining") + garbage)
+        with trio.fail_after(5):
+            await victim.wait_closed()
+    assert reasons == ["peer going away"]

@@ -27,6 +27,8 @@ stream then fails with :class:`StreamReset` (code RELAY_LOST) and its ``on_reset
 
 Error handling: transport errors become :class:`RelayClosed`; a protocol violation by the peer
 sends GOAWAY with the reason and closes the relay. Per-stream violations reset that stream only.
+Control frames (PING, PONG, WINDOW, RESET, STATUS, GOAWAY) queued once the writer closed are
+dropped, never an error: ``run`` returns its reason whichever task closed the relay first.
 """
 
 from __future__ import annotations
@@ -524,11 +526,11 @@ class Relay:
         if models is not None:
             self.local_models = models
         if self.closed_reason is None and self.session.hello_sent:
-            self.send_frame(self.session.send_status(ready=ready, models=models))
+            self._send_control(self.session.send_status(ready=ready, models=models))
 
     def send_goaway(self, reason: str) -> None:
         if self.closed_reason is None and not self.session.goaway_sent:
-            self.send_frame(self.session.send_goaway(reason))
+            self._send_control(self.session.send_goaway(reason))
 
     async def wait_flushed(self) -> None:
         """Return once every frame queued before the call (RESETs from :meth:`reset_all`, a
@@ -607,8 +609,16 @@ class Relay:
 
     # -- for its streams: the only part of the relay a RelayStream uses --
     def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame for the single writer (never blocks)."""
+        """Queue an encoded frame (a head, DATA) for the single writer (never blocks); raises
+        RelayClosed once the writer closed."""
         self._writer.put_nowait(frame)
+
+    def _send_control(self, frame: bytes) -> None:
+        """Queue a control frame (PING, PONG, WINDOW, RESET, STATUS, GOAWAY); a no-op once the
+        writer closed: the relay is ending, and nothing more reaches the peer through it."""
+        writer = self._writer
+        if writer.closed is None:
+            writer.put_nowait(frame)
 
     @property
     def writer_has_space(self) -> bool:
@@ -627,7 +637,7 @@ class Relay:
         nothing: its streams are failing with RELAY_LOST, and a reader that consumes what
         was buffered before the loss must not see RelayClosed from here."""
         if self.closed_reason is None:
-            self.send_frame(self.session.send_window_update(stream_id, increment))
+            self._send_control(self.session.send_window_update(stream_id, increment))
 
     def stream_ended(self, stream: RelayStream) -> None:
         """A stream finished both ways: it leaves the relay."""
@@ -658,7 +668,7 @@ class Relay:
         stream.fail(code, reason)
         self._streams.pop(stream.id, None)
         if self.closed_reason is None:
-            self.send_frame(self.session.send_reset(stream.id, code, reason))
+            self._send_control(self.session.send_reset(stream.id, code, reason))
         if self.on_change is not None:
             self.on_change(self)
 
@@ -678,7 +688,7 @@ class Relay:
         """Tell the peer why, through the single writer (never beside it: a write of its cut
         midway would leave half a message on the transport); at most a second."""
         with trio.move_on_after(1):
-            self.send_frame(self.session.send_goaway(reason))
+            self._send_control(self.session.send_goaway(reason))
             await self._writer.wait_flushed()
 
     async def _handshake(self) -> Hello:
@@ -753,7 +763,7 @@ class Relay:
             elif isinstance(ev, Reset | StreamError):
                 self._on_reset(ev)
             elif isinstance(ev, Ping):  # the session keeps their number within its budget
-                self.send_frame(self.session.send_pong(ev.opaque))
+                self._send_control(self.session.send_pong(ev.opaque))
             elif isinstance(ev, GoAway | Status):
                 self._on_peer_state(ev)
             # Pong: nothing to do, _last_received is already updated
@@ -765,7 +775,7 @@ class Relay:
             level = logging.DEBUG if ev.code == ResetCode.REFUSED else logging.WARNING
             log.log(level, "stream %d reset: %s", ev.stream_id, ev.reason,
                     extra={"relay": self.name})  # fmt: skip
-            self.send_frame(self.session.send_reset(ev.stream_id, ev.code, ev.reason))
+            self._send_control(self.session.send_reset(ev.stream_id, ev.code, ev.reason))
         stream = self._streams.pop(ev.stream_id, None)
         if stream is None:
             return
@@ -836,7 +846,7 @@ class Relay:
                 return
             self._ping_counter += 1
             self.session.new_interval(interval)
-            self.send_frame(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
+            self._send_control(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
 
 def _rid(stream: RelayStream) -> str:
