@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import h11
 import httpx
@@ -13,7 +17,13 @@ import pytest
 import trio
 from netutil import free_port
 
-from trio_bridge.http._upstream import H11Transport, _open_tcp, close_response
+from trio_bridge.http._upstream import (
+    H11Transport,
+    _Conn,
+    _open_tcp,
+    _ResponseStream,
+    close_response,
+)
 
 
 class Server:
@@ -196,3 +206,59 @@ async def test_connect_failures_are_httpx_connect_errors() -> None:
     async with httpx.AsyncClient(transport=H11Transport(connect_timeout=2)) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{free_port()}/")
+
+
+# -- closing over TLS: every shielded close has a deadline ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for a self-signed certificate for "llm.test"."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI missing")
+    d: Path = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=llm.test",
+         "-addext", "subjectAltName=DNS:llm.test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server, ssl.create_default_context(cafile=str(cert))
+
+
+async def test_closing_a_partial_answer_over_tls_to_an_llm_that_stopped_reading_is_bounded(
+    autojump_clock: trio.abc.Clock, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """An https local_url whose server stopped reading: the TLS close (close_notify) never
+    gets out. close_response gives up after its second instead of blocking the drain for
+    ever (a shielded scope without a deadline inside it did)."""
+    server_ctx, client_ctx = tls_contexts
+    # no buffering: a write waits until the other side reads it
+    client_raw, server_raw = trio.testing.lockstep_stream_pair()
+    client = trio.SSLStream(client_raw, client_ctx, server_hostname="llm.test")
+    server = trio.SSLStream(server_raw, server_ctx, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    # the server never reads again; an answer in progress is given up (cancelled request)
+    conn = _Conn(client)
+    response = httpx.Response(
+        200, stream=_ResponseStream(H11Transport(), ("https", "llm.test", 443), conn)
+    )
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+
+        async def unblock_after_a_minute() -> None:
+            # a close that never ends would hang the test: read it out, so the test fails
+            await trio.sleep(60)
+            await server_raw.receive_some()
+
+        nursery.start_soon(unblock_after_a_minute)
+        await close_response(response)
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - t0 <= 1.5
+    with pytest.raises(trio.ClosedResourceError):  # cut short, the connection is closed
+        await client_raw.send_all(b"x")

@@ -30,6 +30,9 @@ from trio_bridge.http._h11 import h11
 from trio_bridge.http._sockio import receive_some, send_all
 
 _READ = 256 * 1024
+#: how long closing a connection may take (a TLS close_notify to a server that stopped
+#: reading would wait for ever)
+CLOSE_TIMEOUT = 1.0
 
 
 class _Conn:
@@ -54,7 +57,10 @@ class _Conn:
         return bool(readable)
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
+        """Close the connection, shielded so a cancelled request still tells the LLM, and
+        bounded (``CLOSE_TIMEOUT``): a TLS close to a server that stopped reading never
+        finishes; cut short, the socket is closed all the same (trio closes it)."""
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             try:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, OSError):
@@ -109,7 +115,7 @@ async def close_response(response: httpx.Response) -> None:
     stream = response.stream
     if isinstance(stream, _ResponseStream) and stream.release():
         return
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
+    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
         await response.aclose()
 
 
