@@ -727,3 +727,34 @@ async def test_a_protocol_error_after_the_owner_closed_the_relay_returns_the_rea
         with trio.fail_after(5):
             await victim.wait_closed()
     assert reasons == ["peer going away"]
+
+
+class SlowClose(MemTransport):
+    """A transport whose close takes an hour (a close handshake with a peer that stopped
+    reading)."""
+
+    def __init__(self, inner: MemTransport) -> None:
+        super().__init__(inner._send, inner._receive)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await trio.sleep(3600)
+
+
+async def test_a_transport_close_that_hangs_does_not_hold_run_for_ever(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ta, tb = transport_pair(1000)
+    broker = Relay(ta, Session(opener=True, window=4096), ping_interval=1.0)
+    connector = Relay(SlowClose(tb), Session(opener=False, window=4096), ping_interval=1.0)
+    reasons: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.run)
+        await nursery.start(run_keeping_reason, connector, reasons)
+        t0 = trio.current_time()
+        connector.close("done")
+        await connector.wait_closed()
+        elapsed = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    assert reasons == ["done"]
+    assert elapsed <= 5

@@ -159,7 +159,7 @@ class Inspector:
 
     # -- recording (the connector's request path) --
     def start(self, request_id: str, method: str, path: str) -> RequestRecord:
-        rec = RequestRecord(next(self._seq), request_id, time.time(), method, path)
+        rec = RequestRecord(next(self._seq), request_id, time.time(), method, path)  # wall clock
         key = f"{rec.seq}:{request_id}"
         self._records[key] = rec
         while len(self._records) > self._max_records:
@@ -190,8 +190,9 @@ class Inspector:
 
     def state(self, what: str, state: str) -> None:
         """A relay or the LLM changed state (for the up/down timeline)."""
-        self.timeline.append((time.time(), what, state))
-        self._send({"type": "state", "time": time.time(), "what": what, "state": state})
+        now = time.time()  # wall clock: shown on the admin page
+        self.timeline.append((now, what, state))
+        self._send({"type": "state", "time": now, "what": what, "state": state})
 
     def _forget_bodies(self, rec: RequestRecord) -> None:
         if rec.request_body is None and rec.response_body is None:

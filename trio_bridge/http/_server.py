@@ -602,8 +602,7 @@ async def serve_http(
             _log_crash(exc)
         finally:
             admission.leave(peer)
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
+            with trio.move_on_after(1, shield=True):
                 try:
                     await conn.stream.aclose()
                 except (trio.BrokenResourceError, OSError):

@@ -157,8 +157,7 @@ class WebSocket:
             self._ws.receive_data(bytes(data))
 
     async def aclose(self) -> None:
-        with trio.move_on_after(2) as cs:
-            cs.shield = True
+        with trio.move_on_after(2, shield=True):
             if self._closed is None:
                 try:
                     await self._send(CloseConnection(code=1000))
@@ -232,7 +231,7 @@ async def connect_websocket(
         await _upgrade_answer(stream, ws)
         return WebSocket(stream, ws, max_message)
     except BaseException:
-        with trio.CancelScope(shield=True):
+        with trio.move_on_after(1, shield=True):  # a TLS close may never end
             await stream.aclose()
         raise
 

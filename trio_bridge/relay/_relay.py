@@ -69,6 +69,9 @@ from trio_bridge.relay._protocol import (
 log = logging.getLogger("trio_bridge.relay")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: how long run() gives the transport's close when it ends (the WebSocket bounds its own close
+#: handshake at 2 s; this is the backstop for any transport)
+TRANSPORT_CLOSE_TIMEOUT = 3.0
 #: bytes the writer may hold (see the module docstring). The connector's side: data and
 #: response heads wait below high_water, so the rest is control frames (a RESET per stream at
 #: most, from an honest broker). The broker's side also holds request heads, which do not wait:
@@ -600,7 +603,10 @@ class Relay:
             self._streams.clear()
             if self.on_change is not None:
                 self.on_change(self)  # before the close handshake, which may take a while
-            with trio.CancelScope(shield=True):
+            # shielded: the close runs even when run() was cancelled; bounded: a close
+            # handshake with a peer that stopped reading never ends (the transport is
+            # closed all the same when it is cut short)
+            with trio.move_on_after(TRANSPORT_CLOSE_TIMEOUT, shield=True):
                 await self._transport.aclose()
             self._ended.set()
         if not started:
