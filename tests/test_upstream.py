@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import resource
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -262,3 +264,57 @@ async def test_closing_a_partial_answer_over_tls_to_an_llm_that_stopped_reading_
     assert trio.current_time() - t0 <= 1.5
     with pytest.raises(trio.ClosedResourceError):  # cut short, the connection is closed
         await client_raw.send_all(b"x")
+
+
+# -- descriptors past 1024: keep-alive works at any number ------------------------------------
+
+
+@pytest.fixture
+def descriptors_past_1024() -> Iterator[None]:
+    """Every descriptor below 1030 taken (on /dev/null), so the sockets the test opens get
+    numbers select() cannot take. The soft RLIMIT_NOFILE is raised for it when needed and
+    restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2048
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    taken: list[int] = []
+    try:
+        while not taken or taken[-1] < 1030:
+            taken.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def streamed(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def test_keep_alive_works_on_descriptors_past_1024(descriptors_past_1024: None) -> None:
+    """A streamed body cannot be sent again, so the idle connection is checked before it is
+    reused: a check by select() failed past descriptor 1024, and keep-alive silently
+    stopped (every request on a new connection)."""
+    async with serve() as (server, url, client):
+        answers = [(await client.post(url + "/id", content=streamed(b"x"))).text for _ in range(3)]
+        idle = client._transport._idle[("http", "127.0.0.1", int(url.rsplit(":", 1)[1]))][0]
+        assert idle.stream.socket.fileno() >= 1024  # type: ignore[attr-defined]
+    assert answers == ["1"] * 3
+    assert server.connections == 1
+
+
+async def test_an_idle_connection_the_server_closed_is_seen_past_descriptor_1024(
+    descriptors_past_1024: None,
+) -> None:
+    async with serve() as (_server, url, client):
+        assert (await client.get(url + "/id-then-close")).text == "1"
+        idle = client._transport._idle[("http", "127.0.0.1", int(url.rsplit(":", 1)[1]))][0]
+        assert idle.stream.socket.fileno() >= 1024  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(idle.stream.socket)  # type: ignore[attr-defined]
+        answer = await client.post(url + "/id", content=streamed(b"x"))
+        assert answer.status_code == 200 and answer.text == "2"  # not an error: a new one

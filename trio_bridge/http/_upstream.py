@@ -35,6 +35,22 @@ _READ = 256 * 1024
 CLOSE_TIMEOUT = 1.0
 
 
+if hasattr(select, "poll"):
+
+    def _readable_now(fd: int) -> bool:
+        """True if ``fd`` has something to read, or was closed or broken; one poll() call.
+        Not select(): it cannot take a descriptor past FD_SETSIZE (1024), and a connector
+        with many connections gets such descriptors."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))  # POLLIN, or POLLHUP / POLLERR (always reported)
+
+else:  # pragma: no cover - Windows: no poll(), and its select() takes any socket
+
+    def _readable_now(fd: int) -> bool:
+        return bool(select.select([fd], [], [], 0)[0])
+
+
 class _Conn:
     __slots__ = ("h11", "stream")
 
@@ -49,12 +65,14 @@ class _Conn:
             sock = getattr(getattr(self.stream, "transport_stream", None), "socket", None)
         if sock is None:
             return False
+        fd = sock.fileno()
+        if fd < 0:
+            return True  # closed here
         # an idle keep-alive connection is never readable, unless it was closed (EOF)
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            return _readable_now(fd)
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     async def aclose(self) -> None:
         """Close the connection, shielded so a cancelled request still tells the LLM, and
@@ -264,7 +282,7 @@ class H11Transport(httpx.AsyncBaseTransport):
 
     async def _idle_conn(self, key: tuple[str, str, int], *, check: bool) -> _Conn | None:
         """The most recently used idle connection to ``key`` (with ``check``: one the
-        server has not closed; a select() call each)."""
+        server has not closed; a poll() call each)."""
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
