@@ -40,6 +40,9 @@ from trio_bridge._errors import RelayClosed, RelayRejected, RemoteProtocolError
 from trio_bridge.http._sockio import receive_some, send_all
 
 _READ = 256 * 1024
+#: what is kept of the body of a refused upgrade (an error message: the rest is dropped, and
+#: the dialer stops reading there, whatever the server goes on sending)
+MAX_REJECTION_BODY = 4096
 
 
 class WebSocket:
@@ -237,7 +240,9 @@ async def connect_websocket(
 
 
 async def _upgrade_answer(stream: trio.abc.Stream, ws: WSConnection) -> None:
-    """Read the server's answer to our upgrade request: return on 101, else raise."""
+    """Read the server's answer to our upgrade request: return on 101, else raise
+    (:class:`RelayRejected` with at most ``MAX_REJECTION_BODY`` bytes of the body: reading
+    stops there)."""
     status = 0
     body = b""
     while True:
@@ -256,8 +261,8 @@ async def _upgrade_answer(stream: trio.abc.Stream, ws: WSConnection) -> None:
                     if not event.has_body:
                         raise RelayRejected(status)
                 elif isinstance(event, RejectData):
-                    body += event.data
-                    if event.body_finished:
+                    body += event.data[: MAX_REJECTION_BODY - len(body)]
+                    if event.body_finished or len(body) >= MAX_REJECTION_BODY:
                         raise RelayRejected(status, body)
         except WsError as exc:
             raise RemoteProtocolError(f"bad WebSocket upgrade answer: {exc}") from None
