@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import trio
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from trio_bridge.admin._inspect import Inspector, redact
+from trio_bridge.admin._inspect import Inspector, RequestRecord, redact
 from trio_bridge.testing import Lab, open_lab
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -66,6 +68,77 @@ def test_captured_bodies_are_bounded_in_size_count_and_bytes() -> None:
         recs.append(rec)
     # 3 x 8 bytes, at most 2 records and 15 bytes: only the newest keeps its body
     assert [r.request_body is not None for r in recs] == [False, False, True]
+
+
+def test_evicting_a_record_in_progress_leaves_the_captured_total_alone() -> None:
+    """A record pushed off the list while its request is still running held bodies that were
+    never counted (they count when it finishes): the total went to -2000, and then
+    max_captured_bytes bounded nothing."""
+    ins = Inspector(capture_bodies=True, max_records=1, max_body_bytes=4096)
+    rec = ins.start("r1", "POST", "/x")
+    rec.request_body, _ = ins.capture(b"x" * 2000, None)
+    ins.start("r2", "POST", "/x")  # r1, in progress, leaves the list
+    assert ins.captured_bytes == 0
+    ins.finish(rec)  # it finishes unlisted: nobody can see its bodies, none is kept
+    assert rec.request_body is None and ins.captured_bytes == 0
+
+
+class CaptureAccounting(RuleBasedStateMachine):
+    """Random sequences of requests starting, capturing body bytes, finishing, and being
+    evicted (from the list, by later starts; from the captured set, by the bounds): the
+    captured total is the sum of what the listed, finished records hold, within its bounds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ins = Inspector(
+            capture_bodies=True,
+            max_records=4,
+            max_body_bytes=1000,
+            max_captured=3,
+            max_captured_bytes=2500,
+        )
+        self.running: list[RequestRecord] = []
+
+    @rule()
+    def start(self) -> None:  # past max_records, the oldest record leaves the list
+        self.running.append(self.ins.start(f"r{len(self.running)}", "POST", "/x"))
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), size=st.integers(0, 1500), answer=st.booleans())
+    def capture(self, data: st.DataObject, size: int, answer: bool) -> None:
+        rec = data.draw(st.sampled_from(self.running))
+        if answer:
+            rec.response_body, rec.response_truncated = self.ins.capture(
+                b"a" * size, rec.response_body
+            )
+        else:
+            rec.request_body, rec.request_truncated = self.ins.capture(
+                b"q" * size, rec.request_body
+            )
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        rec = data.draw(st.sampled_from(self.running))
+        self.running.remove(rec)
+        self.ins.finish(rec)
+
+    @invariant()
+    def the_total_is_what_the_kept_records_hold(self) -> None:
+        ins = self.ins
+        listed = {id(r) for r in ins._records.values()}
+        kept = [r for r in ins._records.values() if r not in self.running and _held(r)]
+        assert ins.captured_bytes == sum(map(_held, kept))
+        assert 0 <= ins.captured_bytes <= ins.max_captured_bytes
+        assert len(ins._captured) <= ins.max_captured
+        assert all(id(r) in listed for r in ins._captured)
+
+
+def _held(rec: RequestRecord) -> int:
+    return len(rec.request_body or b"") + len(rec.response_body or b"")
+
+
+TestCaptureAccounting = CaptureAccounting.TestCase
 
 
 async def test_an_llm_error_is_listed_as_an_error_with_the_model_asked_for() -> None:

@@ -9,7 +9,9 @@ bounded channels: a subscriber that cannot keep up loses events, never slows a r
 Bodies are kept only when the operator opts in (``[inspector] capture_bodies = true``): in
 memory, never on disk and never sent to the broker; at most ``max_body_bytes`` (64 KiB) of each
 request and answer, at most ``max_captured`` (100) requests and ``max_captured_bytes``
-(16 MiB) in all, the oldest dropped first.
+(16 MiB) in all, the oldest dropped first. Those bounds hold the bodies of finished requests
+(a request in progress holds at most ``max_body_bytes`` of each body); a record pushed off the
+list while its request runs keeps none.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class RequestRecord:
     #: to replay: what went to the LLM (method, target, headers without the user's key)
     target: str = ""
     forward_headers: Headers = attrs.field(factory=list, repr=False)
+    #: the Inspector's bookkeeping: still in its list; body bytes counted in its captured
+    #: total (None: not among the captured records)
+    _listed: bool = attrs.field(default=True, init=False, repr=False)
+    _counted: int | None = attrs.field(default=None, init=False, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """The list view's fields (no headers, no bodies)."""
@@ -151,11 +157,18 @@ class Inspector:
         self.max_captured_bytes = max_captured_bytes
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
         self._max_records = max_records
+        # finished records that keep bodies, oldest first; invariant: _captured_bytes is the
+        # sum of their _counted (what they hold), every one of them is listed in _records
         self._captured: deque[RequestRecord] = deque()
         self._captured_bytes = 0
         self._seq = itertools.count(1)
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.timeline: deque[tuple[float, str, str]] = deque(maxlen=1000)
+
+    @property
+    def captured_bytes(self) -> int:
+        """Bytes of the bodies kept for finished requests (bounded by max_captured_bytes)."""
+        return self._captured_bytes
 
     # -- recording (the connector's request path) --
     def start(self, request_id: str, method: str, path: str) -> RequestRecord:
@@ -164,20 +177,30 @@ class Inspector:
         self._records[key] = rec
         while len(self._records) > self._max_records:
             _, old = self._records.popitem(last=False)
+            old._listed = False
+            if old._counted is not None:
+                self._captured.remove(old)  # at most max_captured records: a short scan
             self._forget_bodies(old)
         self._publish("start", rec)
         return rec
 
     def finish(self, rec: RequestRecord) -> None:
+        """The request ended: its captured bodies join the kept ones (the oldest dropped
+        past max_captured / max_captured_bytes). A record that left the list while its
+        request ran keeps none: nobody could see them."""
         if rec.request_body is not None or rec.response_body is not None:
-            size = len(rec.request_body or b"") + len(rec.response_body or b"")
-            self._captured.append(rec)
-            self._captured_bytes += size
-            while self._captured and (
-                len(self._captured) > self.max_captured
-                or self._captured_bytes > self.max_captured_bytes
-            ):
-                self._forget_bodies(self._captured.popleft())
+            if not rec._listed:
+                self._forget_bodies(rec)
+            elif rec._counted is None:
+                size = len(rec.request_body or b"") + len(rec.response_body or b"")
+                rec._counted = size
+                self._captured.append(rec)
+                self._captured_bytes += size
+                while self._captured and (
+                    len(self._captured) > self.max_captured
+                    or self._captured_bytes > self.max_captured_bytes
+                ):
+                    self._forget_bodies(self._captured.popleft())
         self._publish("end", rec)
 
     def capture(self, data: bytes, kept: bytes | None) -> tuple[bytes, bool]:
@@ -195,9 +218,14 @@ class Inspector:
         self._send({"type": "state", "time": now, "what": what, "state": state})
 
     def _forget_bodies(self, rec: RequestRecord) -> None:
+        """Drop ``rec``'s bodies; the total loses what it counted for them (nothing for a
+        request in progress: its bodies count when it finishes). The caller takes it out of
+        ``_captured``."""
+        if rec._counted is not None:
+            self._captured_bytes -= rec._counted
+            rec._counted = None
         if rec.request_body is None and rec.response_body is None:
             return
-        self._captured_bytes -= len(rec.request_body or b"") + len(rec.response_body or b"")
         rec.request_body = rec.response_body = None
         rec.forward_headers = []
 
