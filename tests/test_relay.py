@@ -758,3 +758,52 @@ async def test_a_transport_close_that_hangs_does_not_hold_run_for_ever(
         nursery.cancel_scope.cancel()
     assert reasons == ["done"]
     assert elapsed <= 5
+
+
+class BufferedTransport(MemTransport):
+    """Like a WebSocket after one big read: the messages that came together are handed out
+    without a schedule point, one per call."""
+
+    def __init__(self, inner: MemTransport) -> None:
+        super().__init__(inner._send, inner._receive)
+        self.ready: list[bytes] = []
+
+    async def receive_message(self) -> bytes:
+        if self.ready:
+            return self.ready.pop(0)
+        return await super().receive_message()
+
+
+async def test_many_small_messages_read_at_once_do_not_hold_the_loop(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """4 000 messages of one one-byte DATA frame each, all buffered: the reader lets other
+    tasks run every EVENTS_PER_TURN events across messages too, so a task that looks while
+    they are being read sees them half done."""
+    seen: set[int] = set()
+
+    async def handler(stream: RelayStream) -> None:
+        while True:
+            await stream.receive_data()
+            seen.add(stream.bytes_received)
+            stream.take_ready()
+
+    ta, tb = transport_pair(1000)
+    buffered = BufferedTransport(ta)
+    victim = Relay(buffered, Session(opener=False, window=64 * 1024), ping_interval=1.0,
+                   handler=handler)  # fmt: skip
+    peer = HostilePeer(tb, Session(opener=True, window=64 * 1024))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(victim.run)
+        peer.session.receive_data(await tb.receive_message())
+        peer.session.next_event()
+        await tb.send_message(peer.session.send_hello(role="broker"))
+        sid, wire = peer.session.open_stream(head(), end_stream=False)
+        await tb.send_message(wire)
+        await trio.sleep(0.1)
+        buffered.ready = [peer.session.send_data(sid, b"x") for _ in range(4000)]
+        await tb.send_message(peer.session.send_ping(b"12345678"))  # wakes the reader
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert max(seen) == 4000
+    assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]

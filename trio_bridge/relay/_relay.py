@@ -6,8 +6,8 @@ Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
   events to :class:`RelayStream` objects. It never blocks on a stream: each stream's buffer is
   bounded by the credit window it granted, so a slow consumer stalls only itself. It hands on
   at most ``EVENTS_PER_TURN`` events before it lets other tasks run (a message may hold
-  100 000 tiny frames); the session's budgets end a flood of frames that do no work (a
-  protocol error: GOAWAY with the reason, then close).
+  100 000 tiny frames, and one read many messages); the session's budgets end a flood of
+  frames that do no work (a protocol error: GOAWAY with the reason, then close).
 - the **writer**: the only task that touches the socket for sending. Frames are appended to
   its queue synchronously; it sends everything that is ready as one WebSocket message
   (coalescing), at most ``MAX_MESSAGE`` bytes. Data senders wait while more than
@@ -737,23 +737,29 @@ class Relay:
     async def _read_loop(self) -> None:
         receive = self._transport.receive_message
         session = self.session
+        budget = EVENTS_PER_TURN
         while True:
-            while self._dispatch_pending():
-                # a message of many frames: the rest after the other tasks had a turn
+            budget = self._dispatch_pending(budget)
+            if not budget:
+                # EVENTS_PER_TURN events handed on, from one message of many frames or from
+                # many messages (a transport hands out what one read brought without a
+                # schedule point): the rest after the other tasks had a turn
                 await trio.lowlevel.checkpoint()
+                budget = EVENTS_PER_TURN
+                continue
             data = await receive()
             self._last_received = trio.current_time()
             session.receive_data(data)
 
-    def _dispatch_pending(self) -> bool:
+    def _dispatch_pending(self, budget: int) -> int:
         """Hand the events the session parsed to their streams (or act on them), at most
-        ``EVENTS_PER_TURN``; True if more may be waiting."""
+        ``budget``; what is left of it (0: more may be waiting)."""
         streams = self._streams
         next_event = self.session.next_event
-        for _ in range(EVENTS_PER_TURN):
+        for i in range(budget):
             ev = next_event()
             if ev is None:
-                return False
+                return budget - i
             if isinstance(ev, Data):  # the hot path first
                 if (stream := streams.get(ev.stream_id)) is not None:
                     stream.deliver(ev.data, ev.end_stream)
@@ -773,7 +779,7 @@ class Relay:
             elif isinstance(ev, GoAway | Status):
                 self._on_peer_state(ev)
             # Pong: nothing to do, _last_received is already updated
-        return True
+        return 0
 
     def _on_reset(self, ev: Reset | StreamError) -> None:
         if isinstance(ev, StreamError):  # the peer broke a stream's rules: we reset it
