@@ -353,3 +353,38 @@ async def test_a_write_loop_sharing_one_scope_is_cut_by_the_send_timeout_too() -
         assert outcome == [(True, True)] and hits == ["send_timeout"]
         await s.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_body_of_many_tiny_chunks_read_at_once_does_not_hold_the_loop() -> None:
+    """4 000 one-byte chunks arrive in one read: h11 hands them out one by one with no wait
+    (each receive_body returns at once), but every CHUNKS_PER_TURN of them the reader lets
+    other tasks run: a task that looks meanwhile sees the body half read."""
+    client, server = trio.testing.memory_stream_pair()
+    received = [0]
+    seen: set[int] = set()
+    done = trio.Event()
+
+    async def handler(req: Request) -> None:
+        while chunk := await req.receive_body():
+            received[0] += len(chunk)
+        done.set()
+        await req.respond(200, [(b"content-length", b"0")], end=True)
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.add(received[0])
+            await trio.lowlevel.checkpoint()
+
+    conn = _Connection(server, LIMITS, "http", lambda _limit: None)
+    body = b"1\r\nx\r\n" * 4000 + b"0\r\n\r\n"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.serve, lambda r: handler(r), "127.0.0.1")
+            await client.send_all(
+                b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + body
+            )
+            nursery.start_soon(watch)
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert received[0] == 4000
+    assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]

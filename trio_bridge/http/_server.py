@@ -59,6 +59,9 @@ log = logging.getLogger("trio_bridge.server")
 
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _READ = 256 * 1024
+#: body parts receive_body hands out before it lets other tasks run: one read may hold tens of
+#: thousands of tiny chunks, each returned without a wait
+CHUNKS_PER_TURN = 256
 _HEAD_ERRORS = {
     431: "request head too large",
     501: "unsupported Transfer-Encoding",
@@ -109,6 +112,7 @@ class Request:
         "_conn",
         "_ended",
         "_h11",
+        "_parts",
         "_started",
         "client",
         "headers",
@@ -124,6 +128,7 @@ class Request:
     ) -> None:
         self._conn = conn
         self._h11 = h
+        self._parts = 0  # body parts handed out (a schedule point every CHUNKS_PER_TURN)
         self.method: str = event.method.decode("ascii")
         self.target: bytes = event.target
         self.headers: list[tuple[bytes, bytes]] = list(event.headers)
@@ -160,6 +165,9 @@ class Request:
                 raise BadBody("malformed request body (framing)") from None
             if isinstance(event, h11.Data):
                 self._conn.body_received += len(event.data)
+                self._parts += 1
+                if not self._parts % CHUNKS_PER_TURN:
+                    await trio.lowlevel.checkpoint()
                 return event.data  # h11 hands out a fresh object: no need to copy it again
             if isinstance(event, h11.EndOfMessage):
                 return b""
