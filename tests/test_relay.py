@@ -807,3 +807,47 @@ async def test_many_small_messages_read_at_once_do_not_hold_the_loop(
         nursery.cancel_scope.cancel()
     assert max(seen) == 4000
     assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]
+
+
+async def test_a_reader_of_many_buffered_chunks_lets_other_tasks_run(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """4 000 one-byte chunks wait in a stream (its reader was busy): receive_data hands each
+    out at once, but every CHUNKS_PER_TURN of them lets other tasks run."""
+    consumed = [0]
+    seen: set[int] = set()
+    all_here = trio.Event()
+    done = trio.Event()
+
+    async def handler(stream: RelayStream) -> None:
+        await all_here.wait()
+        while await stream.receive_data():
+            consumed[0] += 1
+        done.set()
+
+    async def watch() -> None:
+        await all_here.wait()
+        while True:
+            seen.add(consumed[0])
+            if done.is_set():
+                return
+            await trio.lowlevel.checkpoint()
+
+    pair = Pair(handler, window=64 * 1024)
+    async with trio.open_nursery() as nursery:
+        await pair.start(nursery)
+        stream = pair.broker.open_stream(head(), end_stream=False)
+        for _ in range(4000):
+            await stream.send_data(b"x")
+        await stream.end()
+        with trio.fail_after(5):
+            while pair.connector.buffered < 4000:
+                await trio.sleep(0.01)
+        nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+        all_here.set()
+        with trio.fail_after(5):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert consumed[0] == 4000
+    assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]
