@@ -195,7 +195,7 @@ async def test_headers_key_removed_request_id_everywhere_hop_by_hop_dropped(
 async def test_upstream_api_key_replaces_the_users_key(up: tuple[Upstream, str]) -> None:
     app, url = up
     async with open_bridge(url) as b:
-        b.connector._upstream_auth = (b"authorization", b"Bearer upstream-secret")
+        b.connector.forwarder.upstream_auth = (b"authorization", b"Bearer upstream-secret")
         async with httpx.AsyncClient() as client:
             await client.get(b.base_url + "/headers", headers=auth(b))
     seen = [(k.lower(), v) for k, v in app.forwarded()[-1]["headers"]]
@@ -300,7 +300,7 @@ async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502() -> None:
             # if the LLM dies between two probes, the request that finds out gets a 502 (on
             # a loaded machine the next probe may mark it down first: then pretend again)
             for _ in range(20):
-                b.connector._set_llm(True, "pretend")
+                b.connector.llm.set(True, "pretend")
                 await trio.sleep(0.05)
                 r = await client.get(b.base_url + "/v1/models", headers=auth(b))
                 if r.status_code != 503:

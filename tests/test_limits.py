@@ -261,6 +261,22 @@ async def test_an_expired_key_is_refused_like_a_revoked_one(lab: Lab) -> None:
     assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
 
 
+def test_minute_windows_run_on_the_monotonic_clock_not_the_wall_clock() -> None:
+    """A wall clock stepped back an hour (NTP, a VM resumed) neither keeps a key limited nor
+    resets its daily budget; only ``now`` (trio's clock) moves the minute windows."""
+    lim, key = Limiter(), KeyLimits(rpm=1, tokens_per_day=100)
+    noon = 10 * DAY + DAY / 2
+    assert lim.admit("k", key, 5.0, wall=noon) is None
+    lim.finish("k", 60, 5.5, wall=noon)
+    assert lim.admit("k", key, 6.0, wall=noon - 3600) is not None  # one per minute
+    assert lim.admit("k", key, 66.0, wall=noon - 3600) is None  # a minute later by trio's clock
+    lim.finish("k", 60, 66.5, wall=noon - 3600)
+    refusal = lim.admit("k", key, 130.0, wall=noon - 3599)
+    assert refusal is not None and refusal.limit == "tokens_per_day"  # same UTC day
+    assert lim.headers("k", key, 130.0)  # reading the headers never resets the day
+    assert lim.snapshot("k", key, 130.0, wall=noon)["tokens_today"] == 120
+
+
 async def test_a_daily_token_budget_is_enforced_from_real_usage(lab: Lab) -> None:
     _, key = lab.keys.add("budget", limits=KeyLimits(tokens_per_day=20))
     url, client = await start(lab)

@@ -241,7 +241,10 @@ async def test_no_secret_appears_in_logs_metrics_status_or_errors(
     caplog.set_level(logging.DEBUG)
     async with open_bridge(url) as b, httpx.AsyncClient() as client:
         upstream_secret = "upstream-key-s3cr3t-value"
-        b.connector._upstream_auth = (b"authorization", f"Bearer {upstream_secret}".encode())
+        b.connector.forwarder.upstream_auth = (
+            b"authorization",
+            f"Bearer {upstream_secret}".encode(),
+        )
         secrets = [b.api_key, b.lab.token, upstream_secret, b.api_key.split("_", 2)[2]]
         wrong = b.api_key[:-5] + "XXXXX"
         outputs = []
@@ -312,7 +315,7 @@ def test_status_command_prints_a_table_and_json(tmp_path: object) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
-def test_the_direct_request_line_equals_the_formatters_line(fmt: str) -> None:
+async def test_the_direct_request_line_equals_the_formatters_line(fmt: str) -> None:
     """The end-of-request line skips the logging machinery while the role's own handler is
     its only destination; it must be the line the formatter writes, and any other handler
     (an application's, a test's caplog) must still get records."""
@@ -353,26 +356,25 @@ def test_the_direct_request_line_equals_the_formatters_line(fmt: str) -> None:
         root.setLevel(saved[1])
 
 
-def test_recent_stats_keep_requests_and_errors_per_step_in_fixed_memory(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_recent_stats_keep_requests_and_errors_per_step_in_fixed_memory(
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The broker page's picture of the last minutes: per step, oldest first, steps without
-    requests as zeros, nothing older than the window."""
+    requests as zeros, nothing older than the window (on trio's clock)."""
     from trio_bridge import _observe
 
-    clock = [1000.0]
-    monkeypatch.setattr(_observe.time, "monotonic", lambda: clock[0])
+    await trio.sleep_until(1000.0)
     stats = _observe.RecentStats(step=10, length=6)
     stats.add(0.1, None, False)
     stats.add(0.1, None, True)
-    clock[0] = 1025.0
+    await trio.sleep_until(1025.0)
     stats.add(0.1, 0.01, False)
     series = stats.series()
     assert series["step_s"] == 10
     assert series["requests"] == [0, 0, 0, 2, 0, 1]
     assert series["errors"] == [0, 0, 0, 1, 0, 0]
-    clock[0] = 1065.0  # the first requests left the window (six steps of 10 s)
+    await trio.sleep_until(1065.0)  # the first requests left the window (six steps of 10 s)
     assert stats.series()["requests"] == [0, 1, 0, 0, 0, 0]
-    clock[0] = 5000.0
+    await trio.sleep_until(5000.0)
     assert stats.series()["requests"] == [0] * 6
     assert len(stats._buckets) == 6

@@ -345,7 +345,7 @@ def test_text_log_lines_escape_control_characters_and_quote_forged_fields() -> N
     assert "\\u001b[2J" in line
 
 
-def test_request_lines_cap_what_came_from_outside() -> None:
+async def test_request_lines_cap_what_came_from_outside() -> None:
     from trio_bridge._observe import Facts
 
     facts = Facts("rid", "GET", "/" + "a" * 100_000)

@@ -120,7 +120,7 @@ async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: 
     """2 000 requests with a wrong key: at most KEY_FAILURES_PER_WINDOW are answered 401 and
     logged one by one in a window; the rest get 429 and no line of their own. A valid key
     still gets through on the same relay."""
-    from trio_bridge.connector._connector import KEY_FAILURES_PER_WINDOW
+    from trio_bridge.connector._body import KEY_FAILURES_PER_WINDOW
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

@@ -16,6 +16,7 @@ from collections import deque
 from typing import Any
 
 import attrs
+import trio
 
 _STD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -174,12 +175,13 @@ def quiet_third_party_loggers() -> None:
 class Facts:
     """What one role knows about one request, for its end-of-request log line, its metrics
     and (connector) its inspector entry: the same record in both roles. Times are
-    ``time.monotonic()``; the log line gets ``duration_ms`` and ``ttfb_ms`` from them."""
+    ``trio.current_time()`` (a test's clock); the log line gets ``duration_ms`` and ``ttfb_ms``
+    from them."""
 
     request_id: str
     method: str
     path: str
-    started: float = attrs.field(factory=time.monotonic)
+    started: float = attrs.field(factory=trio.current_time)
     route: str | None = None
     connector: str | None = None
     key_id: str | None = None
@@ -195,7 +197,7 @@ class Facts:
 
     @property
     def duration(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
+        return (self.ended or trio.current_time()) - self.started
 
     @property
     def ttfb(self) -> float | None:
@@ -494,20 +496,22 @@ class RecentStats:
         self._step = step
         #: a ring of [requests, errors] per step; slot ``i % length`` holds step ``i``
         self._buckets = [[0, 0] for _ in range(length)]
-        self._newest = int(time.monotonic() // step)
+        self._newest: int | None = None  # the first request or view sets it
 
     def _advance(self, now: float) -> list[int]:
         """The bucket of ``now`` (buckets of steps since the newest one emptied first)."""
         step = int(now // self._step)
         ring = self._buckets
-        if step > self._newest:
+        if self._newest is None:
+            self._newest = step
+        elif step > self._newest:
             for i in range(self._newest + 1, min(step, self._newest + len(ring)) + 1):
                 ring[i % len(ring)] = [0, 0]
             self._newest = step
         return ring[step % len(ring)]
 
     def add(self, duration: float, ttfb: float | None, error: bool) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         self._items.append((now, duration, ttfb, error))
         bucket = self._advance(now)
         bucket[0] += 1
@@ -516,9 +520,10 @@ class RecentStats:
     def series(self) -> dict[str, Any]:
         """Requests and errors per step, oldest first; ``end``: the Unix time the newest step
         ends at (it is the one in progress)."""
-        now = time.monotonic()
+        now = trio.current_time()
         self._advance(now)
         ring, newest = self._buckets, self._newest
+        assert newest is not None
         steps = [ring[i % len(ring)] for i in range(newest - len(ring) + 1, newest + 1)]
         return {
             "step_s": self._step,
@@ -528,7 +533,7 @@ class RecentStats:
         }
 
     def summary(self) -> dict[str, Any]:
-        cutoff = time.monotonic() - self.window
+        cutoff = trio.current_time() - self.window
         items = [i for i in self._items if i[0] >= cutoff]
         durations = sorted(i[1] for i in items)
         ttfbs = sorted(i[2] for i in items if i[2] is not None)

@@ -1,5 +1,9 @@
 """Per-key limits and the fair queue, as pure code (no trio, no I/O; time is passed in).
 
+Two clocks are passed in: ``now`` runs the minute windows (``trio.current_time()``: monotonic,
+under a test's clock; a step of the wall clock changes nothing), ``wall`` the UTC day of the
+daily budgets (``time.time()``; it defaults to ``now``, for tests that need one clock).
+
 Limits of an API key (keys file, per key or in ``[defaults]``)::
 
     concurrency         requests of this key in progress at once
@@ -126,24 +130,31 @@ class Limiter:
     def __init__(self) -> None:
         self._keys: dict[str, _KeyState] = {}
 
-    def _state(self, key_id: str, now: float) -> _KeyState:
+    def _state(self, key_id: str, now: float, wall: float | None = None) -> _KeyState:
         st = self._keys.get(key_id)
         if st is None:
             st = self._keys[key_id] = _KeyState()
         st.requests.expire(now)
         st.tokens.expire(now)
-        day = int(now // DAY)
-        if st.day != day:
-            st.day, st.tokens_today = day, 0
+        if wall is not None:  # None: the day's budget is not looked at
+            day = int(wall // DAY)
+            if st.day != day:
+                st.day, st.tokens_today = day, 0
         return st
 
-    def seed_today(self, key_id: str, tokens: int, now: float) -> None:
+    def seed_today(self, key_id: str, tokens: int, wall: float) -> None:
         """Tokens a key already used today (from the usage store, after a restart)."""
-        self._state(key_id, now).tokens_today += tokens
+        st = self._keys.setdefault(key_id, _KeyState())
+        day = int(wall // DAY)
+        if st.day != day:
+            st.day, st.tokens_today = day, 0
+        st.tokens_today += tokens
 
-    def admit(self, key_id: str, limits: KeyLimits, now: float) -> Refusal | None:
+    def admit(
+        self, key_id: str, limits: KeyLimits, now: float, *, wall: float | None = None
+    ) -> Refusal | None:
         """Count a new request of ``key_id`` in, or say why not (nothing is counted then)."""
-        st = self._state(key_id, now)
+        st = self._state(key_id, now, now if wall is None else wall)
         if limits.concurrency is not None and st.in_flight >= limits.concurrency:
             return Refusal(
                 "concurrency",
@@ -171,15 +182,15 @@ class Limiter:
                 "tokens_per_day",
                 f"daily token budget used up: {limits.tokens_per_day} tokens per day for this "
                 "API key (resets at 00:00 UTC)",
-                _ceil(DAY - now % DAY),
+                _ceil(DAY - (now if wall is None else wall) % DAY),
             )
         st.in_flight += 1
         st.requests.add(now, 1)
         return None
 
-    def finish(self, key_id: str, tokens: int, now: float) -> None:
+    def finish(self, key_id: str, tokens: int, now: float, *, wall: float | None = None) -> None:
         """A request of ``key_id`` ended having used ``tokens`` (prompt + completion)."""
-        st = self._state(key_id, now)
+        st = self._state(key_id, now, now if wall is None else wall)
         st.in_flight = max(0, st.in_flight - 1)
         st.tokens.add(now, tokens)
         st.tokens_today += tokens
@@ -205,9 +216,11 @@ class Limiter:
             ]
         return out
 
-    def snapshot(self, key_id: str, limits: KeyLimits, now: float) -> dict[str, int | None]:
+    def snapshot(
+        self, key_id: str, limits: KeyLimits, now: float, *, wall: float | None = None
+    ) -> dict[str, int | None]:
         """What is left now (for ``/_bridge/usage``); None where there is no limit."""
-        st = self._state(key_id, now)
+        st = self._state(key_id, now, now if wall is None else wall)
 
         def left(limit: int | None, used: int) -> int | None:
             return None if limit is None else max(0, limit - used)
