@@ -318,3 +318,44 @@ async def test_an_idle_connection_the_server_closed_is_seen_past_descriptor_1024
             await trio.lowlevel.wait_readable(idle.stream.socket)  # type: ignore[attr-defined]
         answer = await client.post(url + "/id", content=streamed(b"x"))
         assert answer.status_code == 200 and answer.text == "2"  # not an error: a new one
+
+
+# -- an answer of many tiny chunks read at once -----------------------------------------------
+
+
+async def test_an_answer_of_many_tiny_chunks_read_at_once_does_not_hold_the_loop() -> None:
+    """4 000 one-byte chunks in one read: h11 hands them out without a wait, but every
+    CHUNKS_PER_TURN of them the answer's iterator lets other tasks run."""
+    client_end, llm_end = trio.testing.memory_stream_pair()
+    answer = h11.Connection(h11.SERVER)
+    answer.receive_data(b"GET / HTTP/1.1\r\nhost: llm\r\n\r\n")
+    answer.next_event()
+    answer.next_event()
+    wire = answer.send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+    for _ in range(4000):
+        wire += answer.send(h11.Data(data=b"x"))  # type: ignore[operator]
+    wire += answer.send(h11.EndOfMessage())  # type: ignore[operator]
+    await llm_end.send_all(wire)  # type: ignore[arg-type]
+    transport = H11Transport()
+    response = await transport._exchange(
+        ("http", "llm", 80), _Conn(client_end), b"GET", b"/", [(b"host", b"llm")], b""
+    )
+    got = [0]
+    seen: set[int] = set()
+    done = trio.Event()
+
+    async def watch() -> None:
+        while True:
+            seen.add(got[0])
+            if done.is_set():
+                return
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async for chunk in response.stream:  # type: ignore[union-attr]
+                got[0] += len(chunk)
+            done.set()
+    assert got[0] == 4000
+    assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]

@@ -33,6 +33,8 @@ _READ = 256 * 1024
 #: how long closing a connection may take (a TLS close_notify to a server that stopped
 #: reading would wait for ever)
 CLOSE_TIMEOUT = 1.0
+#: chunks an answer's iterator hands out before it lets other tasks run
+CHUNKS_PER_TURN = 256
 
 
 if hasattr(select, "poll"):
@@ -86,24 +88,36 @@ class _Conn:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
+    """The body of an answer, chunk by chunk as it comes (its own async iterator, not an async
+    generator: nothing to finalise when a caller stops early)."""
+
     def __init__(self, transport: H11Transport, key: tuple[str, str, int], conn: _Conn) -> None:
         self._transport = transport
         self._key = key
         self._conn = conn
         self._complete = False
         self._closed = False
+        self._calls = 0  # of __anext__ (a schedule point every CHUNKS_PER_TURN)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        while True:
-            event = await _next_event(conn)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._complete = True
-                return
-            else:
-                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the LLM")
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The next chunk. Cancellation: a chunk is taken only after the last schedule
+        point; a cancelled read leaves the connection unusable (closed, never kept)."""
+        self._calls += 1
+        if not self._calls % CHUNKS_PER_TURN:
+            # one read may hold thousands of tiny chunks, each handed out without a wait
+            await trio.lowlevel.checkpoint()
+        if self._complete:
+            raise StopAsyncIteration
+        event = await _next_event(self._conn)
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self._complete = True
+            raise StopAsyncIteration
+        raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} from the LLM")
 
     def release(self) -> bool:
         """Give a complete answer's connection back for the next request, without waiting:
