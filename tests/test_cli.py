@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netutil import free_port, wait_port
@@ -296,3 +297,36 @@ def test_broker_and_connector_processes_with_config_files(tmp_path: Path) -> Non
         "[a-z0-9]{8}", conn_lines[-1]["key_id"]
     )
     assert os.path.exists(broker_dir / "tokens.toml")
+
+
+def test_the_backstop_says_its_last_words_then_exits_0_after_grace_plus_6(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/service.md: a backstop ends the process shutdown_grace + 6 s after the first
+    signal; the connector's pending usage is written first, from the timer's thread."""
+    from trio_bridge.cli import _cli
+
+    timers: list[tuple[float, Any]] = []
+
+    class Timer:
+        def __init__(self, seconds: float, fn: Any) -> None:
+            timers.append((seconds, fn))
+            self.daemon = False
+
+        def start(self) -> None:
+            pass
+
+    order: list[str] = []
+
+    def exit_now(code: int) -> None:
+        order.append(f"exit {code}")
+
+    monkeypatch.setattr(_cli.threading, "Timer", Timer)
+    monkeypatch.setattr(_cli.os, "_exit", exit_now)
+    _cli._backstop(10 + _cli.BACKSTOP_AFTER_GRACE, lambda: order.append("usage written"))
+    [(seconds, fire)] = timers
+    assert seconds == 16
+    fire()
+    assert order == ["usage written", "exit 0"]
+    docs = (Path(__file__).parent.parent / "docs" / "service.md").read_text()
+    assert f"`shutdown_grace` + {_cli.BACKSTOP_AFTER_GRACE:g} s" in docs

@@ -171,6 +171,26 @@ async def test_a_failed_flush_at_shutdown_does_not_raise(tmp_path: Path) -> None
     store.close()
 
 
+def test_the_hard_stop_writes_what_is_pending_from_its_own_thread(tmp_path: Path) -> None:
+    """The backstop's last act runs on a timer thread while the event loop may be stuck: the
+    rows not yet flushed reach the file without trio; a flush holding the file makes it give
+    up after its timeout instead of hanging the exit."""
+    store = UsageStore(tmp_path / "usage.sqlite3")
+    record(store)
+    record(store, key="k2")
+    done: list[bool] = []
+    thread = threading.Thread(target=lambda: done.append(store.write_now(timeout=1)))
+    thread.start()
+    thread.join(5)
+    assert done == [True]
+    assert sorted(r["key_id"] for r in read_rows(store.path)) == ["k1", "k2"]
+    record(store, key="k3")
+    with store._lock:  # a flush in progress, stuck in SQLite
+        assert store.write_now(timeout=0.05) is False
+    assert store.write_now(timeout=1) is True
+    store.close()
+
+
 def test_kept_batches_are_bounded(tmp_path: Path) -> None:
     store = UsageStore(tmp_path / "usage.sqlite3", max_pending_rows=10)
     for i in range(30):

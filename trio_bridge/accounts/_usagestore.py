@@ -348,13 +348,34 @@ class UsageStore:
     # -- writing (worker threads) --
     def _write(self, batch: dict[Key, list[int]]) -> None:
         with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            self._write_locked(batch)
+
+    def _write_locked(self, batch: dict[Key, list[int]]) -> None:
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(_UPSERT, [(*k, *v) for k, v in batch.items()])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def write_now(self, timeout: float = 2.0) -> bool:
+        """Write what is pending, from any thread and without the event loop: the hard-stop
+        backstop's last act (the loop may be stuck). Waits at most ``timeout`` seconds for a
+        flush in progress (whose batch it cannot know: lost if that flush never ends). True
+        if nothing is left unwritten."""
+        if not self._pending:
+            return True
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
+            batch, self._pending = self._pending, defaultdict(_zeros)
+            self._write_locked(batch)
+        except (sqlite3.Error, OSError):
+            return False
+        finally:
+            self._lock.release()
+        return True
 
     async def flush(self) -> bool:
         """Write what was counted since the last flush (in a worker thread; the summary is

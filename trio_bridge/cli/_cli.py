@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
             trio.run(_run_until_signal, lambda: broker.serve(), broker.drain, grace)
         elif args.command == "connector":
             connector = Connector(config)
-            trio.run(_run_until_signal, connector.run, connector.drain, grace)
+            trio.run(_run_until_signal, connector.run, connector.drain, grace, connector.last_words)
         elif args.command == "demo":
             demo = _Demo(config, args)
-            trio.run(_run_until_signal, demo.run, demo.drain, grace)
+            trio.run(_run_until_signal, demo.run, demo.drain, grace, demo.last_words)
         elif args.command == "test-model":
             trio.run(_run_until_signal, lambda: _test_model(args))
     except ConfigError as exc:
@@ -320,11 +320,14 @@ async def _run_until_signal(
     fn: Callable[[], Awaitable[Any]],
     graceful: Callable[[], Awaitable[Any]] | None = None,
     grace: float = 0.0,
+    last_words: Callable[[], object] | None = None,
 ) -> None:
     """Run ``fn`` until it returns or SIGINT/SIGTERM arrives.
 
     The first signal starts ``graceful`` (a drain that makes ``fn`` return) if given, else
-    cancels at once; a second signal, or ``grace`` + 10 s after the first, cancels everything.
+    cancels at once; a second signal, or ``grace`` + 3 s after the first, cancels everything;
+    ``grace`` + 6 s after the first, the backstop ends the process (exit status 0, as for any
+    stop that was asked for) after ``last_words`` (the connector writes its pending usage).
     """
     async with trio.open_nursery() as nursery:
 
@@ -337,7 +340,7 @@ async def _run_until_signal(
                         break
                     log.info("received %s; draining (again to stop now)", name)
                     nursery.cancel_scope.deadline = trio.current_time() + grace + 3
-                    _backstop(grace + 6)
+                    _backstop(grace + BACKSTOP_AFTER_GRACE, last_words)
                     nursery.start_soon(graceful)
                 nursery.cancel_scope.cancel()
 
@@ -346,12 +349,22 @@ async def _run_until_signal(
         nursery.cancel_scope.cancel()
 
 
-def _backstop(seconds: float) -> None:
+#: the backstop ends the process this long after shutdown_grace (docs/service.md)
+BACKSTOP_AFTER_GRACE = 6.0
+
+
+def _backstop(seconds: float, last_words: Callable[[], object] | None = None) -> None:
     """End the process after ``seconds`` even if the event loop cannot (a peer that stopped
-    reading can hold hypercorn's shielded send forever)."""
+    reading can hold hypercorn's shielded send forever); ``last_words`` first (from the timer's
+    thread: it must not need the event loop)."""
 
     def hard_stop() -> None:
         log.error("shutdown did not finish in %.0fs: hard stop", seconds)
+        if last_words is not None:
+            try:
+                last_words()
+            except Exception:
+                log.exception("before the hard stop")
         logging.shutdown()
         os._exit(0)
 
@@ -938,6 +951,10 @@ class _Demo:
         self.broker: Broker | None = None
         self.connector: Connector | None = None
         self._done = trio.Event()
+
+    def last_words(self) -> None:
+        if self.connector is not None:
+            self.connector.last_words()
 
     async def drain(self) -> None:
         """What a standalone broker and connector do on their first signal, together: the

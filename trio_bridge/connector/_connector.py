@@ -311,6 +311,12 @@ class Connector:
         self._up_or_stopping.set()
         self.keeper.stop("connector stopping")
 
+    def last_words(self) -> None:
+        """Before a hard stop (any thread, the event loop possibly stuck): write the usage
+        not yet written."""
+        if self.usage_store is not None and not self.usage_store.write_now():
+            log.error("usage not written before the hard stop (the file is busy or failing)")
+
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: tell every broker we take no new requests (GOAWAY), let in-flight
         requests finish for up to ``grace`` seconds (``shutdown_grace``), then :meth:`stop`."""
