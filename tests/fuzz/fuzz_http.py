@@ -16,25 +16,17 @@ own rules (method, routing, target). Invariants:
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
 import atheris
 
 with atheris.instrument_imports():
-    from trio_bridge._config import BrokerConfig, Config
-    from trio_bridge.accounts._keys import SecretStore
-    from trio_bridge.broker._broker import Broker
+    from trio_bridge.broker._rules import route_of
     from trio_bridge.http._server import _HeadError, _parse_head
     from trio_bridge.http._target import BadTarget, LLMBase, check_method, check_target
 
-_DIR = tempfile.mkdtemp(prefix="fuzz-http-")
-BROKER = Broker(
-    Config(broker=BrokerConfig(route_domain="llm.example"), base_dir=_DIR),
-    SecretStore(Path(_DIR) / "tokens.toml", "tbc"),
-)
+ROUTE_DOMAIN = "llm.example"
 LLM = LLMBase("http://127.0.0.1:11434/base")
 
 
@@ -60,7 +52,7 @@ def one_input(data: bytes) -> None:
     req = SimpleNamespace(target=event.target, headers=list(event.headers))
     try:
         check_method(event.method.decode("ascii"))
-        _, target = BROKER._route(req)  # type: ignore[arg-type]
+        _, target = route_of(req, ROUTE_DOMAIN)  # type: ignore[arg-type]
         check_target(target)
     except BadTarget:
         return

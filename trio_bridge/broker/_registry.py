@@ -19,6 +19,7 @@ from trio_bridge._errors import QueueFull
 from trio_bridge.relay._relay import Relay
 
 DEFAULT_ROUTE = "default"
+MAX_ANNOUNCED = 10_000  # model names remembered as announced (see Registry.announced)
 
 
 @attrs.define(eq=False)
@@ -110,6 +111,7 @@ class Registry:
         self._last_seen: dict[str, float] = {}  # route → when a connector of it was last here
         #: when the broker started serving (set by Broker.serve; else the first question)
         self.born: float | None = None
+        self._announced: set[str] = set()  # models connectors announced (bounded)
 
     def add(self, handle: ConnectorHandle) -> None:
         self._by_route.setdefault(handle.route, []).append(handle)
@@ -123,6 +125,7 @@ class Registry:
     def _drop(self, handle: ConnectorHandle) -> None:
         handles = self._by_route.get(handle.route, [])
         if handle in handles:
+            self._remember(handle.models)
             handles.remove(handle)
             self._last_seen[handle.route] = trio.current_time()
         if not handles:
@@ -147,6 +150,24 @@ class Registry:
         """``route`` as a metric label: itself if a connector of it was ever here (routes are
         bounded by tokens), else "unknown" (any client can name any route in a path)."""
         return route if route in self._last_seen else "unknown"
+
+    def announced(self, model: str) -> bool:
+        """True if a connector announced ``model`` (one connected now, or one that left since
+        the broker started and had said it): names a client merely asked for are not."""
+        if model in self._announced:
+            return True
+        for handles in self._by_route.values():
+            for h in handles:
+                if h.models is not None and model in h.models:
+                    self._remember(h.models)
+                    return True
+        return False
+
+    def _remember(self, models: tuple[str, ...] | None) -> None:
+        for m in models or ():
+            if len(self._announced) >= MAX_ANNOUNCED:
+                return
+            self._announced.add(m)
 
     def seen_within(self, route: str, seconds: float) -> bool:
         """True if ``route`` has a connector, had one in the last ``seconds``, or the registry
