@@ -19,7 +19,7 @@ from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.broker._broker import Broker
 from trio_bridge.broker._registry import ConnectorHandle
 from trio_bridge.http._server import _Connection
-from trio_bridge.relay._frames import ResetCode
+from trio_bridge.relay._frames import FrameType, ResetCode, encode_frame
 from trio_bridge.relay._protocol import ResponseHead, Session
 from trio_bridge.relay._relay import Relay, RelayStream
 
@@ -210,6 +210,27 @@ async def test_an_answer_longer_than_its_content_length_is_the_connectors_fault(
     assert answer == b""  # the server can answer nothing more on it: the connection closes
     [line] = request_lines(caplog)
     assert line.outcome == "bad_answer"  # type: ignore[attr-defined]
+
+
+async def test_a_malformed_response_frame_costs_the_relay_and_the_client_gets_a_502(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    async def malformed(stream: RelayStream) -> None:
+        frame = encode_frame(FrameType.RESPONSE, stream.id, b'{"status": "200"}')
+        stream._relay.send_frame(frame)  # past the connector's own session
+        await trio.sleep_forever()
+
+    caplog.set_level(logging.INFO)
+    broker = make_broker(tmp_path)
+    async with trio.open_nursery() as nursery:
+        handle = await add_connector(nursery, broker, malformed)
+        status, _ = parse(await exchange(nursery, broker, post()))
+        nursery.cancel_scope.cancel()
+    assert status == 502
+    assert handle.relay.closed_reason is not None
+    [line] = request_lines(caplog)
+    assert line.outcome == "bridge_error"  # type: ignore[attr-defined]
+    assert "RESPONSE: status must be" in line.reset  # type: ignore[attr-defined]
 
 
 # -- metric labels: only models a connector announced ------------------------------------------

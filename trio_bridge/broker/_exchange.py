@@ -121,17 +121,26 @@ class Exchange:
         self.shutdown = ""  # why the broker aborted it (see abort)
 
     async def run(self) -> None:
-        """Relay the request and its answer, then account for it. Raises nothing the
-        server must handle but ClientDisconnected (the server then closes the connection)."""
+        """The request's story: check its head → its route and model → a connector with
+        room → the request on a relay stream → the answer to the client → account for it
+        (metrics, recent figures, the request's log line).
+
+        Error handling: every failure becomes the request's outcome; only
+        ClientDisconnected (an answer written to a client that left) reaches the server,
+        which then closes the connection.
+        Cancellation: :meth:`abort` cancels the request scope and answers (see there); a
+        cancel from outside (the server stopping) resets the stream (CANCEL) and counts the
+        request as ``cancelled``.
+        """
         svc, facts = self.svc, self.facts
         if svc.draining:
             facts.outcome = await self._error(503, "the broker is shutting down; retry", 1)
             log_request("broker", facts)
             return
-        svc.enter(self)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                svc.enter(self)  # from here on abort() can reach it
                 try:
                     facts.outcome = await self._relay()
                 except BadBody as exc:
