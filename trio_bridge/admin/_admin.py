@@ -214,14 +214,12 @@ class AdminApp:
             )
             return
         if scope["type"] != "http":
-            return
+            return  # noqa: ASYNC910  a scope type we do not serve: nothing to do
         path = scope["path"]
-        if (
-            self.pages is not None
-            and path not in _OWN
-            and await self.pages.handle(scope, receive, send)
-        ):
-            return
+        if self.pages is not None and path not in _OWN:
+            answered = await self.pages.handle(scope, receive, send)
+            if answered:
+                return
         if scope["method"] not in ("GET", "HEAD"):
             await send_simple(send, 405, _JSON, b'{"error": "method not allowed"}')
         elif path == "/healthz":

@@ -164,16 +164,17 @@ class Request:
         if h.they_are_waiting_for_100_continue and not self._started:
             go_on = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             await self._conn.send_all(h.send(go_on))  # type: ignore[arg-type]
-        while True:
+        while True:  # noqa: ASYNC913  each turn returns, raises, or reads (a checkpoint)
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError:
                 raise BadBody("malformed request body (framing)") from None
             if isinstance(event, h11.Data):
                 self._conn.body_received += len(event.data)
-                return event.data  # h11 hands out a fresh object: no need to copy it again
+                # h11 hands out a fresh object: no need to copy it again
+                return event.data  # noqa: ASYNC910  fast path: a part was buffered
             if isinstance(event, h11.EndOfMessage):
-                return b""
+                return b""  # noqa: ASYNC910  fast path: the end was buffered
             if event is h11.NEED_DATA:
                 data = await self._conn.receive_body_bytes()
                 h.receive_data(data)
@@ -231,6 +232,8 @@ class Request:
         self._ended = end
         if out:
             await self._conn.send_all(out, within)  # type: ignore[arg-type]
+        else:
+            await trio.lowlevel.checkpoint()  # nothing to send: a checkpoint all the same
 
     @property
     def send_timed_out(self) -> bool:
@@ -323,7 +326,7 @@ class _Connection:
         try:
             return bytes(await receive_some(self.stream, _READ))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return b""
+            return b""  # noqa: ASYNC910  broken: read as EOF, and the callers stop there
 
     async def read_head(self, first: bool) -> bytes | None:
         """The next request head (up to and including its blank line), or None if the client
@@ -361,7 +364,7 @@ class _Connection:
             raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
         if b"\r\n " in head or b"\r\n\t" in head:
             raise _HeadError(400, "obsolete line folding in the request head", "bad_head")
-        return head
+        return head  # noqa: ASYNC910  fast path: a pipelined head was buffered
 
     async def _rest_of_head(self) -> int | None:
         """Read until the head is complete (within ``head_timeout``): where it ends in the
@@ -369,11 +372,7 @@ class _Connection:
         lim = self.limits
         buf = self.buf
         with trio.move_on_after(lim.head_timeout) as cs:
-            searched = 0
-            while True:
-                end = buf.find(b"\r\n\r\n", max(0, searched - 3))
-                if end >= 0:
-                    return end + 4
+            while True:  # read_head found no end in the buffer: read first, then look
                 if b"\n\n" in buf or b"\n\r\n" in buf:
                     raise _HeadError(400, "bare LF line ending in the request head", "bad_head")
                 if len(buf) > lim.max_header_bytes:
@@ -383,6 +382,9 @@ class _Connection:
                 if not data:
                     return None
                 buf += data
+                end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+                if end >= 0:
+                    return end + 4
         assert cs.cancelled_caught
         raise _HeadError(408, "request head not received in time", "head_timeout")
 
@@ -391,7 +393,7 @@ class _Connection:
         if self.buf:
             data = bytes(self.buf)
             self.buf.clear()
-            return data
+            return data  # noqa: ASYNC910  fast path: body bytes that came with the head
         lim = self.limits
         now = trio.current_time()
         if not self.body_started:
@@ -469,6 +471,7 @@ class _Connection:
         """The answer went out before the upload ended: read (and drop) the rest of the body,
         bounded, so the client gets to read our answer before we close."""
         with trio.move_on_after(LINGER_SECONDS):
+            await trio.lowlevel.checkpoint()  # the loop may not run (LINGER_BYTES read)
             while self.body_received < LINGER_BYTES:
                 try:
                     if not await request.receive_body():
@@ -476,7 +479,7 @@ class _Connection:
                 except ClientError:  # gone, or a broken body: stop reading either way
                     return
 
-    async def refuse(self, status: int, message: str, limit: str = "") -> None:
+    async def refuse(self, status: int, message: str, limit: str = "") -> None:  # noqa: ASYNC910
         """Answer ``status`` with an OpenAI-shaped error and close (no request was parsed)."""
         body = error_body(message, "invalid_request_error", "bad_request")
         reason = _REASONS.get(status, b"Error")
@@ -487,7 +490,8 @@ class _Connection:
         if limit:
             self.on_limit(limit)
         log.debug("refused with %d (%s)", status, limit or "bad request")
-        with trio.move_on_after(1):
+        # ASYNC910/912: a write that fails at once ends it, with nothing to wait for
+        with trio.move_on_after(1):  # noqa: ASYNC912  bounds a write that blocks
             try:
                 await self.stream.send_all(head + body)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -568,11 +572,11 @@ def _log_crash(exc: Exception) -> None:
 async def _start_tls(conn: _Connection, ssl_context: ssl.SSLContext) -> bool:
     """The TLS handshake, bounded by ``head_timeout``; False if it did not complete."""
     tls = trio.SSLStream(conn.stream, ssl_context, server_side=True, https_compatible=True)
-    with trio.move_on_after(conn.limits.head_timeout) as cs:
+    with trio.move_on_after(conn.limits.head_timeout) as cs:  # noqa: ASYNC912  bounds a wait
         try:
             await tls.do_handshake()
         except (trio.BrokenResourceError, OSError):
-            return False
+            return False  # noqa: ASYNC910  it failed at once: nothing to wait for
     if cs.cancelled_caught:
         conn.on_limit("head_timeout")
         return False
@@ -596,7 +600,7 @@ async def serve_http(
     admission = _Admission(limits)
     scheme = "https" if ssl_context is not None else "http"
 
-    async def connection(stream: trio.SocketStream) -> None:
+    async def connection(stream: trio.SocketStream) -> None:  # noqa: ASYNC910  a task's body
         try:
             peer = stream.socket.getpeername()[0]
         except OSError:
@@ -613,7 +617,7 @@ async def serve_http(
             _log_crash(exc)
         finally:
             admission.leave(peer)
-            with trio.move_on_after(1, shield=True):
+            with trio.move_on_after(1, shield=True):  # noqa: ASYNC912  bounds a close that blocks
                 try:
                     await conn.stream.aclose()
                 except (trio.BrokenResourceError, OSError):

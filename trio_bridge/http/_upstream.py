@@ -76,11 +76,11 @@ class _Conn:
         except (OSError, ValueError):
             return True
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: ASYNC910  a close that fails at once ends it
         """Close the connection, shielded so a cancelled request still tells the LLM, and
         bounded (``CLOSE_TIMEOUT``): a TLS close to a server that stopped reading never
         finishes; cut short, the socket is closed all the same (trio closes it)."""
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):  # noqa: ASYNC912  bounds a wait
             try:
                 await self.stream.aclose()
             except (trio.BrokenResourceError, OSError):
@@ -135,7 +135,7 @@ class _ResponseStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         if self.release():
-            return
+            return  # noqa: ASYNC910  fast path: the connection goes back, nothing to wait for
         self._closed = True
         await self._conn.aclose()
 
@@ -146,7 +146,7 @@ async def close_response(response: httpx.Response) -> None:
     second) so that a cancelled request still tells the LLM."""
     stream = response.stream
     if isinstance(stream, _ResponseStream) and stream.release():
-        return
+        return  # noqa: ASYNC910  fast path (every request): see the docstring
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
         await response.aclose()
 
@@ -161,7 +161,7 @@ async def _next_event(conn: _Conn) -> Any:
         if event is not h11.NEED_DATA:
             if isinstance(event, h11.ConnectionClosed):
                 raise httpx.RemoteProtocolError("the LLM server closed the connection early")
-            return event
+            return event  # noqa: ASYNC910  fast path: it was buffered
         # closed or broken before a byte of the answer came: the server may have closed an
         # idle connection as we used it (the caller sends the request again if it can)
         nothing_yet = h.their_state is h11.SEND_RESPONSE and not h.trailing_data[0]
@@ -301,9 +301,9 @@ class H11Transport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()
             if not check or not conn.is_stale():
-                return conn
+                return conn  # noqa: ASYNC910  fast path: the request's exchange checkpoints
             await conn.aclose()
-        return None
+        return None  # noqa: ASYNC910  fast path: the caller connects (a checkpoint)
 
     async def _exchange(
         self,
@@ -349,11 +349,14 @@ class H11Transport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
+        """Close the idle connections; answers in progress close their own. Cancellation:
+        everything is closed all the same (each close is shielded)."""
         self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
                 await conn.aclose()
+        await trio.lowlevel.checkpoint()  # a checkpoint even with nothing to close
 
 
 class _NothingReceived(BridgeError):

@@ -161,7 +161,10 @@ class _Writer:
     def has_space(self) -> bool:
         return self.closed is None and self._queued < self._high_water
 
-    async def wait_space(self) -> None:
+    async def wait_space(self) -> None:  # noqa: ASYNC910  fast path: room now, no wait
+        """Wait while ``high_water`` bytes or more are queued; RelayClosed once closed.
+        Below it (every data frame asks) it returns at once, without a schedule point: a
+        sender that keeps sending fills the writer and then waits here."""
         while self._queued >= self._high_water:
             if self.closed is not None:
                 raise RelayClosed(self.closed)
@@ -186,8 +189,10 @@ class _Writer:
         if self._written >= target or self.closed is not None:
             await trio.lowlevel.checkpoint()
             return
-        while self._written < target and self.closed is None:
+        while True:
             await self._flushed.park()
+            if self._written >= target or self.closed is not None:
+                return
 
     async def run(self) -> None:
         frames = self._frames
@@ -254,15 +259,21 @@ class RelayStream:
 
     # -- receiving --
     async def receive_response_head(self) -> ResponseHead:
+        """The response head (waits for it); at once, without a schedule point, when it is
+        here already. Raises the stream's StreamReset if it was reset first."""
         while self.response_head is None:
             if self.reset_error is not None:
                 raise self.reset_error
             await self._lot.park()
-        return self.response_head
+        return self.response_head  # noqa: ASYNC910  fast path: the head is here
 
     async def receive_data(self) -> bytes:
         """The next body chunk; b"" once the peer ended the stream (a reset that arrives
         after the peer's END does not take back what was complete).
+
+        A chunk already buffered is returned without waiting (nor a schedule point, but one
+        every ``CHUNKS_PER_TURN`` calls: the chunks a stream holds are bounded by its window,
+        not their number).
 
         Cancellation: a chunk is taken only after the last schedule point, so a cancelled
         call loses nothing."""
@@ -271,13 +282,13 @@ class RelayStream:
             await trio.lowlevel.checkpoint()
         while not self._chunks:
             if self.recv_done:
-                return b""
+                return b""  # noqa: ASYNC910  fast path: the end is here
             if self.reset_error is not None:
                 raise self.reset_error
             await self._lot.park()
         chunk = self._chunks.pop(0)
         self._consumed(len(chunk))
-        return chunk
+        return chunk  # noqa: ASYNC910  fast path: a chunk was buffered
 
     def take_ready(self) -> tuple[bytes, bool]:
         """Everything buffered now, without waiting, and whether that is the end of the
@@ -330,7 +341,7 @@ class RelayStream:
             self.bytes_sent += len(data)
             if end_stream:
                 self._sent_end()
-            return
+            return  # noqa: ASYNC910  fast path: one frame within credit and writer room
         session = self._relay.session
         view = memoryview(data)
         while True:
@@ -694,7 +705,7 @@ class Relay:
         log.warning("closing the relay: %s", reason, extra={"relay": self.name})
         self.close(reason)
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self) -> None:  # noqa: ASYNC910  a task's body: nobody awaits it
         try:
             await self._writer.run()
         except RelayClosed as exc:
@@ -826,10 +837,10 @@ class Relay:
             return
         self._nursery.start_soon(self._run_handler, stream)
 
-    async def _run_handler(self, stream: RelayStream) -> None:
+    async def _run_handler(self, stream: RelayStream) -> None:  # noqa: ASYNC910  a task's body
         assert self._handler is not None
         try:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope() as scope:  # noqa: ASYNC912  on_reset cancels the handler
                 stream.on_reset = scope.cancel
                 if stream.reset_error is None:
                     await self._handler(stream)
