@@ -210,6 +210,7 @@ async def test_an_answer_longer_than_its_content_length_is_the_connectors_fault(
     assert answer == b""  # the server can answer nothing more on it: the connection closes
     [line] = request_lines(caplog)
     assert line.outcome == "bad_answer"  # type: ignore[attr-defined]
+    assert not hasattr(line, "status")  # none went out
 
 
 async def test_a_malformed_response_frame_costs_the_relay_and_the_client_gets_a_502(

@@ -395,14 +395,14 @@ class Exchange:
         body that broke its framing did not: the connection then just closes)."""
         if self.stream is not None:
             self.stream.reset(ResetCode.PROTOCOL_ERROR, "bad answer: " + why)
-        self.facts.reset = why
-        log.warning("the connector sent a bad answer: %s", why, extra={
-            "request_id": self.request_id, "route": self.facts.route,
-            "connector": self.facts.connector})  # fmt: skip
+        facts = self.facts
+        facts.reset = why
+        extra = {"request_id": self.request_id, "route": facts.route, "connector": facts.connector}
+        log.warning("the connector sent a bad answer: %s", why, extra=extra)
         try:
             await self._error(502, "the LLM's connector sent a bad answer")
         except ClientDisconnected:
-            pass
+            facts.status = facts.head_at = None  # nothing went out
         return "bad_answer"
 
     def abort(self, reason: str) -> None:
@@ -414,6 +414,7 @@ class Exchange:
             self.nursery.cancel_scope.cancel(reason=reason)
 
     async def _shut_down(self) -> str:
+        """After :meth:`abort`: 503 if nothing went out yet, else the answer ends short."""
         if self.stream is not None:  # the connector stops first
             self.stream.reset(ResetCode.SHUTDOWN, self.shutdown)
         self.facts.reset = self.shutdown
