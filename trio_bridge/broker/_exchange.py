@@ -38,12 +38,13 @@ from trio_bridge._errors import (
     StreamReset,
 )
 from trio_bridge._observe import Facts, bridge_outcome, log_request
-from trio_bridge.broker._exchanges import RETRY_AFTER_NOT_READY, Candidates, Exchanges
+from trio_bridge.broker._exchanges import Exchanges
 from trio_bridge.broker._registry import DEFAULT_ROUTE
 from trio_bridge.broker._rules import (
     Refusal,
     head_refusal,
     model_list_answer,
+    model_not_found,
     route_of,
     with_length,
 )
@@ -61,9 +62,6 @@ MAX_ATTEMPTS = 3
 _RETRY = "retry elsewhere"
 #: what _respond returns when a fallback model may be tried (nothing reached the client)
 _FALLBACK = "fall back"
-#: a route with no connector for this long (or never, since the broker started this long ago)
-#: gets 503 at once instead of waiting queue_timeout for one
-ROUTE_MEMORY = 60.0
 _INITIAL_BODY = MAX_PAYLOAD  # bodies up to this size travel with the head in one message
 WATCH_AFTER = 0.02  # watch for client disconnects once an answer takes longer than this
 _RESET_STATUS = {
@@ -182,10 +180,13 @@ class Exchange:
             check_target(target)
         except BadTarget as exc:
             return await self._error(exc.status, str(exc))
-        picked = await self._pick_candidates(route, first)
-        if isinstance(picked, str):
-            return picked  # answered with an error
-        model, candidates, served = picked
+        unknown = svc.unknown_route(route)
+        if unknown is not None:
+            return await self._error(*unknown)
+        model, candidates, served = svc.candidates(route, first, self.body_done)
+        if not candidates:
+            facts.model = model
+            return await self._error(*model_not_found(model, served))
         self.merge_models = (
             req.method == "GET" and target.split("?", 1)[0] in MODEL_LISTS and served is not None
             and len({n for names in served.values() for n in names}) > 1
@@ -221,28 +222,6 @@ class Exchange:
             parts.append(chunk)
             self.body_size += len(chunk)
         return b"".join(parts)
-
-    async def _pick_candidates(self, route: str, first: bytes) -> Candidates | str:
-        """The route's model candidates (see :meth:`Exchanges.candidates`), or the outcome of
-        the 503 (route unknown) or 404 (model not served there) answered instead."""
-        svc = self.svc
-        if not svc.registry.seen_within(route, max(ROUTE_MEMORY, svc.queue_timeout)):
-            # Waiting queue_timeout only helps across short gaps (a connector re-dialling).
-            return await self._error(
-                503,
-                f"no connector serves route {route!r} (none connected recently); retry later",
-                RETRY_AFTER_NOT_READY,
-            )
-        model, candidates, served = svc.candidates(route, first, self.body_done)
-        if candidates:
-            return model, candidates, served
-        self.facts.model = model
-        return await self._error(
-            404,
-            f"the model {str(model)[:128]!r} does not exist on this route; available: "
-            + ", ".join(sorted(served or ())[:50]),
-            code="model_not_found",
-        )
 
     async def _to_route(
         self, route: str, head: RequestHead, first: bytes, model: str | None, *, last: bool

@@ -25,6 +25,9 @@ from trio_bridge.broker._registry import DEFAULT_ROUTE, ConnectorHandle, Registr
 from trio_bridge.broker._rules import LimitHits, Refusal, Trust
 from trio_bridge.http._messages import request_model
 
+#: a route with no connector for this long (or never, since the broker started this long ago)
+#: gets 503 at once instead of waiting queue_timeout for one
+ROUTE_MEMORY = 60.0
 MAX_ROUTE_STATS = 100  # routes with recent figures on the admin page
 RETRY_AFTER_NOT_READY = 5
 #: the metric label of a model no connector announced and no alias names (any client can
@@ -98,6 +101,14 @@ class Exchanges:
         """Abort every request in flight (see ``Exchange.abort``)."""
         for ex in list(self._live):
             ex.abort(reason)
+
+    def unknown_route(self, route: str) -> Refusal | None:
+        """A 503 for a route no connector served recently, or None: waiting queue_timeout
+        only helps across short gaps (a connector re-dialling)."""
+        if self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
+            return None
+        return Refusal(503, f"no connector serves route {route!r} (none connected recently); "
+                       "retry later", RETRY_AFTER_NOT_READY)  # fmt: skip
 
     def candidates(self, route: str, first: bytes, body_done: bool) -> Candidates:
         """(the requested model, the models to try in order, what the route serves). An empty

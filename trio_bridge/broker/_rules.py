@@ -177,6 +177,17 @@ class Refusal(NamedTuple):
     status: int
     message: str
     retry_after: int | None = None
+    code: str | None = None  # the error's code (else one from the status)
+
+
+def model_not_found(model: str | None, served: dict[str, list[str]] | None) -> Refusal:
+    """The 404 for a model no connector of the route serves, naming those that are."""
+    return Refusal(
+        404,
+        f"the model {str(model)[:128]!r} does not exist on this route; available: "
+        + ", ".join(sorted(served or ())[:50]),
+        code="model_not_found",
+    )
 
 
 def head_refusal(
