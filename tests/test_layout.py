@@ -19,6 +19,7 @@ LAYERS = {
     "broker": 4,
     "connector": 4,
     "cli": 5,
+    "testing": 6,
     "top": 6,
 }
 #: pure code over bytes and values: no trio, no sockets, no threads, no HTTP client

@@ -19,10 +19,10 @@ import pytest
 import trio
 from netutil import free_port
 
+from trio_bridge._net import TCP
 from trio_bridge.http._upstream import (
     H11Transport,
     _Conn,
-    _open_tcp,
     _ResponseStream,
     close_response,
 )
@@ -195,7 +195,7 @@ async def test_connects_to_an_address_or_a_name(host: str) -> None:
     listen_host = "::1" if host == "::1" else "127.0.0.1"
     listeners = await trio.open_tcp_listeners(0, host=listen_host)
     port = listeners[0].socket.getsockname()[1]
-    stream = await _open_tcp(host, port)
+    stream = await TCP.open_stream(host, port)
     peer = await listeners[0].accept()
     await stream.send_all(b"ping")
     assert await peer.receive_some(10) == b"ping"

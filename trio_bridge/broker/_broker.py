@@ -24,6 +24,7 @@ import trio
 
 from trio_bridge._config import Config, parse_hostport
 from trio_bridge._errors import ConfigError, listening
+from trio_bridge._net import TCP, Network
 from trio_bridge._notify import Notifier
 from trio_bridge._observe import Metrics, RecentStats
 from trio_bridge._version import __version__
@@ -49,8 +50,12 @@ class Broker:
     """The broker role: the public server's handler (relay endpoint and relayed requests),
     the connector registry, and its state."""
 
-    def __init__(self, config: Config, tokens: SecretStore | None = None) -> None:
+    def __init__(
+        self, config: Config, tokens: SecretStore | None = None, *, network: Network = TCP
+    ) -> None:
         self.config = config
+        #: where it listens (the machine's TCP; tests: trio_bridge.testing.MemoryNetwork)
+        self.network = network
         bc = config.broker
         self.tokens = tokens or SecretStore(config.path(bc.connector_tokens_file), "tbc")
         self.registry = Registry(max_queue=bc.max_queue)
@@ -110,7 +115,9 @@ class Broker:
                 hosts = [bc.admin_listen, *bc.admin_hosts]
                 admin = AdminApp(self.metrics, self.ready, self.status, self._pages(), hosts=hosts)
                 with listening("broker.admin_listen", bc.admin_listen):
-                    self.admin_address = await nursery.start(serve_app, admin, bc.admin_listen)
+                    self.admin_address = await nursery.start(
+                        partial(serve_app, admin, bc.admin_listen, network=self.network)
+                    )
             ssl_context = self._ssl_context()
             host, port = parse_hostport(listen or bc.listen)
             with listening("broker.listen", listen or bc.listen):
@@ -123,6 +130,7 @@ class Broker:
                         self.server_limits(),
                         ssl_context=ssl_context,
                         on_limit=self.limit_hit,
+                        network=self.network,
                     )
                 )
             scheme = "https" if ssl_context is not None else "http"

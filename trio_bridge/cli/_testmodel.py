@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from trio_bridge._net import TCP, Network
 from trio_bridge.http._asgi import Receive, Scope, Send, lifespan, read_body, send_simple, serve_app
 from trio_bridge.http._messages import error_body
 
@@ -83,9 +84,10 @@ class TestModel:
         self,
         listen: str = "127.0.0.1:0",
         *,
+        network: Network = TCP,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        await serve_app(self, listen, task_status=task_status)
+        await serve_app(self, listen, network=network, task_status=task_status)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -14,12 +14,14 @@ import logging
 import os
 import sqlite3
 import time
+from functools import partial
 from typing import Any
 
 import trio
 
 from trio_bridge._config import Config
 from trio_bridge._errors import ConfigError, listening
+from trio_bridge._net import TCP, Network
 from trio_bridge._notify import Notifier
 from trio_bridge._observe import Metrics, quiet_third_party_loggers
 from trio_bridge._version import __version__
@@ -92,10 +94,14 @@ class Connector:
         keys: SecretStore | None = None,
         token: str | None = None,
         upstream_key: str | None = None,
+        network: Network = TCP,
     ) -> None:
+        """``network``: how the brokers and the LLM are reached (the machine's TCP; tests:
+        trio_bridge.testing.MemoryNetwork)."""
         c = config.connector
         quiet_third_party_loggers()
         self.config = config
+        self.network = network
         self.limits = config.limits
         self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
         self.name = c.name or os.uname().nodename
@@ -123,6 +129,7 @@ class Connector:
         self.transport = H11Transport(
             connect_timeout=float(config.limits.connect_timeout),
             max_idle=min(c.max_concurrent, 32),
+            network=network,
         )
         self.llm = LLMWatch(config, self.transport, upstream_auth, self._llm_changed)
         self.usage_store = (
@@ -158,6 +165,7 @@ class Connector:
             inspector=self.inspector,
             on_change=self._relays_changed,
             token=token,
+            network=network,
         )
         self.metrics.in_flight.labels("connector").set_function(lambda: self.in_flight)
         self.metrics.queued.labels("connector").set_function(lambda: self.slots.queued)
@@ -280,7 +288,9 @@ class Connector:
                         hosts=[c.admin_listen, *c.admin_hosts],
                     )
                     with listening("connector.admin_listen", c.admin_listen):
-                        self.admin_address = await outer.start(serve_app, admin, c.admin_listen)
+                        self.admin_address = await outer.start(
+                            partial(serve_app, admin, c.admin_listen, network=self.network)
+                        )
                     log.info("admin endpoint on http://%s:%d", *self.admin_address)
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     await self.llm.first_look()

@@ -30,6 +30,7 @@ from trio_bridge._errors import (
     RelayRejected,
     RemoteProtocolError,
 )
+from trio_bridge._net import TCP, Network
 from trio_bridge._observe import Metrics
 from trio_bridge.accounts._keys import check_private
 from trio_bridge.admin._inspect import Inspector
@@ -86,8 +87,10 @@ class RelayKeeper:
         inspector: Inspector,
         on_change: Callable[[], None],
         token: str | None = None,
+        network: Network = TCP,
     ) -> None:
         c = config.connector
+        self._network = network
         self.config = config
         self.name = name
         self._llm = llm
@@ -180,6 +183,7 @@ class RelayKeeper:
                     headers=[(b"authorization", b"Bearer " + token.encode())],
                     max_message=MAX_MESSAGE + 1024,
                     ssl_context=self._ssl_context,
+                    network=self._network,
                 )
             try:
                 return await self._serve(url, ws, token)

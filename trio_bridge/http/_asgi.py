@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import trio
 
 from trio_bridge._config import parse_hostport
+from trio_bridge._net import TCP, Network
+from trio_bridge.http._server import Handler, Request, ServerLimits, serve_http
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -47,9 +50,19 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 5.0,
     keep_alive: float = 15.0,
+    network: Network = TCP,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port)."""
+    """Serve ``app`` on ``listen`` (port 0 allowed); started value: the bound (host, port).
+    On TCP with hypercorn; on another ``network`` (in memory, for tests) with our own server
+    (:func:`asgi_handler`: HTTP only, no lifespan, no shutdown trigger)."""
+    if network is not TCP:
+        host, port = parse_hostport(listen)
+        limits = ServerLimits(keep_alive_timeout=keep_alive)
+        await serve_http(
+            asgi_handler(app), host, port, limits, network=network, task_status=task_status
+        )
+        return
     # imported here: hypercorn takes ~0.1 s to import, which the CLI's other commands
     # (keys, tokens, usage, check) need not pay
     from hypercorn.trio import serve
@@ -101,3 +114,55 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         parts.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(parts)
+
+
+def asgi_handler(app: App) -> Handler:
+    """An ASGI app (HTTP only) as a handler of our own HTTP/1.1 server
+    (:func:`~trio_bridge.http._server.serve_http`): for a network hypercorn cannot listen on
+    (``trio_bridge.testing.MemoryNetwork``). The body comes as ``http.request`` messages, then
+    ``http.disconnect`` once the client has gone; the answer's framing is h11's."""
+
+    async def handle(req: Request) -> None:
+        raw_path, _, query = req.target.partition(b"?")
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": req.method,
+            "scheme": req.scheme,
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": "",
+            "headers": req.headers,
+            "client": (req.client, 0),
+            "server": None,
+        }
+        body_done = False
+        head: tuple[int, list[tuple[bytes, bytes]]] | None = None
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_done
+            if not body_done:
+                chunk = bytes(await req.receive_body())
+                body_done = not chunk
+                return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
+            await req.wait_disconnect()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal head
+            if message["type"] == "http.response.start":
+                head = (message["status"], list(message.get("headers", [])))
+                await trio.lowlevel.checkpoint()
+            elif message["type"] == "http.response.body":
+                body, more = message.get("body", b""), message.get("more_body", False)
+                if head is not None:
+                    (status, headers), head = head, None
+                    await req.respond(status, headers, body, end=not more)
+                else:
+                    await req.send(body, end=not more)
+
+        await app(scope, receive, send)
+
+    return handle

@@ -53,6 +53,7 @@ from trio_bridge._errors import (
     RelayClosed,
     RemoteProtocolError,
 )
+from trio_bridge._net import TCP, Network, listener_address, peer_address
 from trio_bridge.http._h11 import h11
 from trio_bridge.http._messages import error_body
 from trio_bridge.http._sockio import receive_some, write_now
@@ -595,17 +596,19 @@ async def serve_http(
     *,
     ssl_context: ssl.SSLContext | None = None,
     on_limit: Callable[[str], None] = lambda _name: None,
+    network: Network = TCP,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``handler`` on host:port (port 0 allowed) until cancelled; started value: the
-    bound (host, port). ``ssl_context``: serve TLS (handshake bounded by ``head_timeout``)."""
-    listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=1024)
+    """Serve ``handler`` on host:port (port 0 allowed) of ``network`` until cancelled;
+    started value: the bound (host, port). ``ssl_context``: serve TLS (handshake bounded by
+    ``head_timeout``)."""
+    listeners = await network.open_listeners(host, port)
     admission = _Admission(limits)
     scheme = "https" if ssl_context is not None else "http"
 
-    async def connection(stream: trio.SocketStream) -> None:  # noqa: ASYNC910  a task's body
+    async def connection(stream: trio.abc.Stream) -> None:  # noqa: ASYNC910  a task's body
         try:
-            peer = stream.socket.getpeername()[0]
+            peer = peer_address(stream)
         except OSError:
             await stream.aclose()
             return
@@ -627,6 +630,5 @@ async def serve_http(
                     pass
 
     async with trio.open_nursery() as nursery:
-        sockname = listeners[0].socket.getsockname()
         nursery.start_soon(trio.serve_listeners, connection, listeners)
-        task_status.started((sockname[0], sockname[1]))
+        task_status.started(listener_address(listeners[0]))

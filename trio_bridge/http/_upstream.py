@@ -18,9 +18,7 @@ never put back in the pool), so the LLM sees the disconnect and stops generating
 # ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
-import ipaddress
 import select
-import socket
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -29,6 +27,7 @@ import httpx
 import trio
 
 from trio_bridge._errors import BridgeError
+from trio_bridge._net import TCP, Network
 from trio_bridge.http._h11 import h11
 from trio_bridge.http._sockio import receive_some, send_all
 
@@ -192,7 +191,9 @@ class H11Transport(httpx.AsyncBaseTransport):
         connect_timeout: float = 5.0,
         max_idle: int = 32,
         ssl_context: ssl.SSLContext | None = None,
+        network: Network = TCP,
     ) -> None:
+        self._network = network
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._ssl_context = ssl_context
@@ -212,7 +213,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         scheme, host, port = key
         try:
             with trio.fail_after(self._connect_timeout):
-                stream: trio.abc.Stream = await _open_tcp(host, port)
+                stream = await self._network.open_stream(host, port)
                 if scheme == "https":
                     ctx = self._ssl_context or ssl.create_default_context()
                     tls = trio.SSLStream(stream, ctx, server_hostname=host)
@@ -364,24 +365,6 @@ class H11Transport(httpx.AsyncBaseTransport):
 
 class _NothingReceived(BridgeError):
     pass
-
-
-async def _open_tcp(host: str, port: int) -> trio.SocketStream:
-    """``trio.open_tcp_stream(host, port)``, without its resolver and happy-eyeballs tasks
-    when ``host`` is an IP address (the usual ``local_url``): a new connection costs ~120
-    instead of ~280 µs of CPU (measured, accept and close included), and under a burst of new
-    streams the connector opens many. Raises OSError when the connection fails."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:  # a name: resolve it, try each address
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 async def _send(conn: _Conn, data: bytes, *, first: bool = False) -> None:

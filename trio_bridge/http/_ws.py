@@ -40,6 +40,7 @@ from wsproto.utilities import LocalProtocolError as WsLocalError
 from wsproto.utilities import RemoteProtocolError as WsError
 
 from trio_bridge._errors import RelayClosed, RelayRejected, RemoteProtocolError
+from trio_bridge._net import TCP, Network
 from trio_bridge.http._sockio import receive_some, send_all
 
 _READ = 256 * 1024
@@ -213,9 +214,10 @@ async def connect_websocket(
     headers: list[tuple[bytes, bytes]],
     max_message: int,
     ssl_context: ssl.SSLContext | None = None,
+    network: Network = TCP,
 ) -> WebSocket:
-    """Dial ``url`` (ws:// or wss://) and complete the upgrade; no timeout of its own (wrap
-    it in ``trio.fail_after``). Raises :class:`RelayRejected` for a non-101 answer,
+    """Dial ``url`` (ws:// or wss://) on ``network`` and complete the upgrade; no timeout of
+    its own (wrap it in ``trio.fail_after``). Raises :class:`RelayRejected` for a non-101 answer,
     ``OSError`` / ``trio.BrokenResourceError`` (an ``ssl.SSLError`` as its cause for TLS
     failures) when the connection fails, :class:`RemoteProtocolError` for a broken answer."""
 
@@ -224,7 +226,7 @@ async def connect_websocket(
     host = parts.hostname or ""
     port = parts.port or (443 if secure else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    stream = await network.open_stream(host, port)
     try:
         if secure:
             tls = trio.SSLStream(

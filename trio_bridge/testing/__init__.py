@@ -23,6 +23,12 @@ Or build your own:
 Everything runs on 127.0.0.1 with port 0 (unless you pass a port, e.g. to restart a broker on
 the same address) and is torn down structurally when the ``async with`` block ends.
 
+**Without sockets:** pass ``network=MemoryNetwork()`` to :func:`open_bridge` or
+:func:`open_lab`: broker, connector, test model and your client (``bridge.client()``, an
+``httpx.AsyncClient``; ``openai.AsyncOpenAI(http_client=bridge.client(), ...)``) talk through
+memory, the whole bridge runs in one process with no port, and a test may run on trio's
+``autojump_clock``: timeouts, backoffs and windows of minutes pass in no real time.
+
 **Use an async client inside these tests** (``openai.AsyncOpenAI``, ``httpx.AsyncClient``):
 the bridge runs in the test's own event loop, so a synchronous client (``openai.OpenAI``,
 ``requests``, ``httpx.get``) blocks the loop and the bridge can never answer it; the test
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -52,10 +59,25 @@ from trio_bridge._config import (
     RelayConfig,
     structure,
 )
+from trio_bridge._net import TCP, Network
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.broker._broker import Broker
 from trio_bridge.cli._testmodel import TestModel
 from trio_bridge.connector._connector import Connector
+from trio_bridge.http._upstream import H11Transport
+from trio_bridge.testing._memory import MemoryNetwork
+
+__all__ = [
+    "Bridge",
+    "Lab",
+    "MemoryNetwork",
+    "RunningBroker",
+    "RunningConnector",
+    "RunningModel",
+    "open_bridge",
+    "open_lab",
+    "run_test_model",
+]
 
 
 @attrs.define
@@ -120,9 +142,10 @@ class Lab:
     """Start brokers, connectors and test models in one nursery; they share a connector token
     (``token``, allowed on every route) and an API key (``api_key``)."""
 
-    def __init__(self, nursery: trio.Nursery, directory: Path) -> None:
+    def __init__(self, nursery: trio.Nursery, directory: Path, network: Network = TCP) -> None:
         self.nursery = nursery
         self.dir = directory
+        self.network = network
         self.tokens = SecretStore(directory / "tokens.toml", "tbc")
         # a lab's connectors may serve any route; tests of route binding add their own tokens
         _, self.token = self.tokens.add("lab-connector", routes=("*",))
@@ -167,7 +190,7 @@ class Lab:
 
         async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
             with running.stop:
-                await model.serve(listen, task_status=task_status)
+                await model.serve(listen, network=self.network, task_status=task_status)
 
         host, port = await self.nursery.start(run)
         running.url = f"http://{host}:{port}"
@@ -181,7 +204,8 @@ class Lab:
         limits: dict[str, Any] | None = None,
         relay: dict[str, Any] | None = None,
     ) -> RunningBroker:
-        b = Broker(self.config(broker=broker, limits=limits, relay=relay), self.tokens)
+        config = self.config(broker=broker, limits=limits, relay=relay)
+        b = Broker(config, self.tokens, network=self.network)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -220,7 +244,7 @@ class Lab:
             relay=relay,
             inspector=inspector,
         )
-        c = Connector(config, keys=self.keys, token=token or self.token)
+        c = Connector(config, keys=self.keys, token=token or self.token, network=self.network)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run() -> None:
@@ -241,12 +265,17 @@ class Lab:
                             await trio.sleep(0.005)
         return RunningConnector(c, scope, done)
 
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` on this lab's network (``kwargs`` go to it)."""
+        return httpx.AsyncClient(transport=H11Transport(network=self.network), **kwargs)
+
 
 @asynccontextmanager
-async def open_lab() -> AsyncIterator[Lab]:
+async def open_lab(*, network: Network = TCP) -> AsyncIterator[Lab]:
+    """A :class:`Lab`; ``network``: ``MemoryNetwork()`` for one without sockets."""
     with tempfile.TemporaryDirectory(prefix="trio-bridge-lab-") as tmp:
         async with trio.open_nursery() as nursery:
-            yield Lab(nursery, Path(tmp))
+            yield Lab(nursery, Path(tmp), network)
             nursery.cancel_scope.cancel()
 
 
@@ -264,6 +293,10 @@ class Bridge:
     @property
     def openai_base_url(self) -> str:
         return self.base_url + "/v1"
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` that reaches this bridge (on its network: TCP, or memory)."""
+        return self.lab.client(**kwargs)
 
     @property
     def broker(self) -> Broker:
@@ -316,13 +349,15 @@ async def open_bridge(
     connector: dict[str, Any] | None = None,
     broker: dict[str, Any] | None = None,
     token_delay: float = 0.005,
+    network: Network = TCP,
 ) -> AsyncIterator[Bridge]:
     """Start broker + connector in this process (and a test model if no ``upstream_url``).
 
     ``limits``, ``relay``, ``connector`` and ``broker`` override config sections, with the
-    same keys and units as ``bridge.toml``.
+    same keys and units as ``bridge.toml``. ``network``: ``MemoryNetwork()`` to run without
+    sockets (then call it with :meth:`Bridge.client`).
     """
-    async with open_lab() as lab:
+    async with open_lab(network=network) as lab:
         model: TestModel | None = None
         if upstream_url is None:
             running_model = await lab.start_test_model(token_delay=token_delay)
