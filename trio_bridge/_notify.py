@@ -61,7 +61,7 @@ class Notifier:
     async def watchdog_loop(self, status: Callable[[], str] | None = None) -> None:
         """Send WATCHDOG=1 (and the current STATUS) from the event loop until cancelled."""
         if self.address is None:
-            return
+            return  # noqa: ASYNC910  not run by systemd: nothing to send
         interval = self.watchdog_interval or 5.0
         while True:
             lines = ["WATCHDOG=1"] if self.watchdog_interval else []

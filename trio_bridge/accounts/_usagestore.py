@@ -289,12 +289,12 @@ class UsageStore:
                 del self._summary[key_id]
 
     # -- the summary (read once, off the loop) --
-    async def load(self) -> None:
+    async def load(self) -> None:  # noqa: ASYNC910  loaded: nothing to wait for
         """Read the last ``WINDOW_DAYS`` days of the file into the summary, once, in a worker
         thread (later calls return at once; concurrent ones wait for the first).
         Cancellation: the read is not interrupted (it finishes in its thread first)."""
         if self.loaded:
-            return
+            return  # noqa: ASYNC910  loaded: nothing to wait for
         if self._loading is not None:
             await self._loading.wait()
             return

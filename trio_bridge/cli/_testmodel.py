@@ -94,7 +94,7 @@ class TestModel:
             await lifespan(receive, send)
             return
         if scope["type"] != "http":
-            return
+            return  # noqa: ASYNC910  not HTTP: nothing to answer
         body = await read_body(receive, 64 * 1024 * 1024)
         if body is None:
             return

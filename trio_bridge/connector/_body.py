@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
 
 import attrs
 import trio
@@ -72,23 +71,35 @@ class BodyRules:
         )
 
 
-async def body_chunks(stream: RelayStream, rules: BodyRules) -> AsyncIterator[bytes]:
-    """The request body as it comes, held to ``rules`` (raises :class:`TooLarge`,
-    :class:`TooSlow`)."""
-    size = 0
-    started = trio.current_time()
-    latest = started + rules.within
-    while True:
-        with trio.move_on_at(min(started + rules.grace + size / rules.rate, latest)) as slow:
-            chunk = await stream.receive_data()
+class BodyChunks:
+    """The request body as it comes (an async iterator, not an async generator: nothing of it
+    is left for the garbage collector to finish), held to ``rules``: raises
+    :class:`TooLarge`, :class:`TooSlow`. Each chunk waits on the stream: a checkpoint."""
+
+    __slots__ = ("latest", "rules", "size", "started", "stream")
+
+    def __init__(self, stream: RelayStream, rules: BodyRules) -> None:
+        self.stream, self.rules = stream, rules
+        self.size = 0
+        self.started = trio.current_time()
+        self.latest = self.started + rules.within
+
+    def __aiter__(self) -> BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        rules = self.rules
+        due = min(self.started + rules.grace + self.size / rules.rate, self.latest)
+        with trio.move_on_at(due) as slow:
+            chunk = await self.stream.receive_data()
         if slow.cancelled_caught:
             raise TooSlow
         if not chunk:
-            return
-        size += len(chunk)
-        if size > rules.max_body:
+            raise StopAsyncIteration
+        self.size += len(chunk)
+        if self.size > rules.max_body:
             raise TooLarge
-        yield chunk
+        return chunk
 
 
 #: failed key checks one relay may cause in KEY_FAILURE_WINDOW seconds; beyond, invalid keys
@@ -165,11 +176,11 @@ async def read_whole(
         if len(body) > rules.max_body:
             raise TooLarge
         guard.take(len(body), key_id)
-        return body
+        return body  # noqa: ASYNC910  all here already: the LLM call checkpoints
     parts: list[bytes] = []
     taken = 0
     try:
-        async for chunk in body_chunks(stream, rules):
+        async for chunk in BodyChunks(stream, rules):
             guard.take(len(chunk), key_id)
             taken += len(chunk)
             parts.append(chunk)

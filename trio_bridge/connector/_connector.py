@@ -330,19 +330,20 @@ class Connector:
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: tell every broker we take no new requests (GOAWAY), let in-flight
         requests finish for up to ``grace`` seconds (``shutdown_grace``), then :meth:`stop`."""
+        await trio.lowlevel.checkpoint()
         if grace is None:
             grace = float(self.limits.shutdown_grace)
         self.draining = True
         log.info("draining: no new requests; waiting for %d in flight", self.in_flight)
         self.keeper.goaway("connector draining")
         self.notifier.stopping(f"draining; {self.in_flight} in flight")
-        with trio.move_on_after(grace):
+        with trio.move_on_after(grace):  # noqa: ASYNC912  waits only while requests are in flight
             if self.in_flight:
                 await self._drained.wait()  # set when the last stream leaves its relay
         if self.in_flight:
             log.warning("grace period over: aborting %d requests", self.in_flight)
         reset = self.keeper.reset_all(ResetCode.SHUTDOWN, "connector shutting down")
-        with trio.move_on_after(FLUSH_TIMEOUT):  # the resets reach the brokers first
+        with trio.move_on_after(FLUSH_TIMEOUT):  # noqa: ASYNC912  waits only for relays that were up; the resets reach the brokers first
             for relay in reset:
                 await relay.wait_flushed()
         self.stop()

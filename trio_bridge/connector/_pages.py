@@ -89,6 +89,7 @@ def usage_summary(conn: Connector) -> dict[str, Any]:
 async def replay(conn: Connector, seq_text: str) -> tuple[int, dict[str, Any]]:
     """Send a captured request to the LLM again (from the admin page; not through a broker);
     the answer becomes a new inspector entry."""
+    await trio.lowlevel.checkpoint()  # an admin action: whatever it answers
     ins, fw = conn.inspector, conn.forwarder
     old = ins.get(_seq(seq_text.strip("/")))
     if old is None:

@@ -158,6 +158,7 @@ class RelayKeeper:
         """Dial ``url`` and serve on it; re-dial forever with backoff (refusals slowly)."""
         backoff = Backoff()
         slow = Backoff(base=5.0, cap=60.0, floor=5.0)  # refusals need a human: every 5-60 s
+        await trio.lowlevel.checkpoint()
         while not self.stopping:
             end = await self._one_relay(url)
             if end.up_for is not None:
@@ -190,18 +191,20 @@ class RelayKeeper:
             finally:
                 await ws.aclose()
         except RelayRejected as exc:
-            return RelayEnd(_rejection(url, exc), refused=True)
+            end = RelayEnd(_rejection(url, exc), refused=True)
         except ConfigError as exc:  # the token file went missing, empty or readable
-            return RelayEnd(f"connector token: {exc}", refused=True)
+            end = RelayEnd(f"connector token: {exc}", refused=True)
         except trio.TooSlowError:
-            return RelayEnd(f"cannot reach broker: no answer within {self._connect_timeout:g}s")
+            end = RelayEnd(f"cannot reach broker: no answer within {self._connect_timeout:g}s")
         except (OSError, trio.BrokenResourceError) as exc:  # ssl.SSLError is an OSError
-            return RelayEnd(f"cannot reach broker: {_connect_failure(exc)}")
+            end = RelayEnd(f"cannot reach broker: {_connect_failure(exc)}")
         except (RelayClosed, RemoteProtocolError) as exc:
-            return RelayEnd(f"relay handshake failed: {exc}")
+            end = RelayEnd(f"relay handshake failed: {exc}")
         except Exception as exc:
             log.exception("relay failed unexpectedly", extra={"broker": url})
-            return RelayEnd(f"unexpected error: {exc!r}")
+            end = RelayEnd(f"unexpected error: {exc!r}")
+        await trio.lowlevel.checkpoint()  # a dial that failed at once (no token) included
+        return end
 
     def _new_relay(self, url: str, ws: WebSocket) -> Relay:
         c, rc = self.config.connector, self.config.relay
@@ -237,6 +240,7 @@ class RelayKeeper:
         """The hello, then serve until the relay ends."""
         relay = self._new_relay(url, ws)
         if self.stopping:
+            await trio.lowlevel.checkpoint()
             return RelayEnd("connector stopping")
         async with trio.open_nursery() as nursery:
             try:
@@ -311,6 +315,7 @@ async def probe_relay(
     on). Returns (ok, a one-line diagnosis); never raises for a network or broker problem.
     No timeout of its own: bound it with a cancel scope (``trio.move_on_after``)."""
     ws = None
+    failure = ""
     try:
         ws = await connect_websocket(
             url,
@@ -323,16 +328,19 @@ async def probe_relay(
         while (event := session.next_event()) is None:
             session.receive_data(await ws.receive_message())
     except RelayRejected as exc:
-        return False, _rejection(url, exc)
+        failure = _rejection(url, exc)
     except (OSError, trio.BrokenResourceError) as exc:
-        return False, f"cannot reach broker: {_connect_failure(exc)}"
+        failure = f"cannot reach broker: {_connect_failure(exc)}"
     except RelayClosed as exc:
-        return False, f"the broker closed the connection during the handshake ({exc.reason})"
+        failure = f"the broker closed the connection during the handshake ({exc.reason})"
     except RemoteProtocolError as exc:
-        return False, f"not a trio-bridge relay endpoint ({exc})"
+        failure = f"not a trio-bridge relay endpoint ({exc})"
     finally:
         if ws is not None:
             await ws.aclose()
+    await trio.lowlevel.checkpoint()
+    if failure:
+        return False, failure
     if isinstance(event, GoAway):
         return False, f"broker refused the relay: {event.reason}"
     if isinstance(event, Hello):

@@ -27,8 +27,8 @@ from trio_bridge._observe import Facts, bridge_outcome
 from trio_bridge.accounts._keys import SecretEntry
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._usage import UsageSniffer
-from trio_bridge.admin._inspect import scrub
-from trio_bridge.connector._body import BodyRefused, RelayGuard, TooLarge, body_chunks, read_whole
+from trio_bridge.admin._inspect import Inspector, RequestRecord, scrub
+from trio_bridge.connector._body import BodyChunks, BodyRefused, RelayGuard, TooLarge, read_whole
 from trio_bridge.connector._selfservice import USAGE_PATH, answer_usage
 from trio_bridge.http._messages import (
     REQUEST_ID,
@@ -90,7 +90,7 @@ class RelayedRequest:
         self.first_chunk: float | None = None
         self.last_chunk: float | None = None
 
-    async def run(self) -> None:
+    async def run(self) -> None:  # noqa: ASYNC910  each step awaits, or answered (awaited) before it raised
         """Key → limits → body → LLM slot → LLM → answer; then release and account."""
         try:
             try:
@@ -126,7 +126,7 @@ class RelayedRequest:
         rec.key_id, rec.key_name = entry.id, entry.name
         rec.request_headers = scrub(head.headers)
         self.limits = fw.keys.limits_for(entry)
-        return entry
+        return entry  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
 
     async def _check_target(self) -> httpx.URL:
         """The LLM's URL for this request: the one rule for what may reach the LLM (the
@@ -141,7 +141,7 @@ class RelayedRequest:
             not declared.isdigit() or int(declared) > self.fw.body_rules.max_body
         ):
             await self.refuse(413, "request body too large")
-        return url
+        return url  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
 
     async def admit(self, limits: KeyLimits, shown: KeyLimits) -> None:
         """Count the request in under the key's ``limits``, or answer 429 (rate-limit
@@ -151,7 +151,7 @@ class RelayedRequest:
         refusal = limiter.admit(self.key_id, limits, now, wall=time.time())
         if refusal is None:
             self.admitted = True
-            return
+            return  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
         self.facts.limit = refusal.limit
         self.fw.accounting.limit_hit(refusal.limit)
         await self.refuse(
@@ -178,10 +178,10 @@ class RelayedRequest:
             if limits.models:
                 self.model = await self._allowed_model(content)
         else:
-            content = body_chunks(stream, self.fw.body_rules)
+            content = BodyChunks(stream, self.fw.body_rules)
         if self.fw.inspector.capture_bodies:
             content = self._captured(content)
-        return content
+        return content  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
 
     async def _allowed_model(self, body: bytes) -> str | None:
         limits = self.limits
@@ -198,7 +198,7 @@ class RelayedRequest:
                 f"{', '.join(limits.models)})",
                 code="model_not_allowed",
             )
-        return model
+        return model  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
 
     async def _take_slot(self) -> None:
         """An LLM slot (fairly, by key); one deadline for the wait in the queue and the LLM's
@@ -208,7 +208,7 @@ class RelayedRequest:
         if fw.slots.try_acquire():  # a free slot (the usual case): no scope, no wait
             self.slot = True
             self.rec.queue_wait_ms = 0.0
-            return
+            return  # noqa: ASYNC910  a free slot: the LLM call right after checkpoints
         queued_at = trio.current_time()
         try:
             with trio.fail_at(self.first_byte_by):
@@ -250,7 +250,7 @@ class RelayedRequest:
             return await self.reply_error(504, "the LLM did not start answering in time")
         if isinstance(exc, BodyRefused):  # part of the body may have gone: no answer fits
             self.stream.reset(exc.code, exc.message)
-            return "too_large" if isinstance(exc, TooLarge) else "refused"
+            return "too_large" if isinstance(exc, TooLarge) else "refused"  # noqa: ASYNC910  the LLM call raised after reading part of the body
         if isinstance(exc, httpx.ConnectError):
             self.fw.llm.failed(f"ConnectError: {exc}")
             return await self.reply_error(502, "the LLM server is unreachable")
@@ -285,9 +285,9 @@ class RelayedRequest:
             stream.reset(
                 ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}"
             )
-            return "upstream_error"
+            return "upstream_error"  # noqa: ASYNC910  the LLM failed mid-answer: it was read from (awaited)
         except StreamReset as exc:
-            return "client_gone" if exc.code == ResetCode.CANCEL else "reset"
+            return "client_gone" if exc.code == ResetCode.CANCEL else "reset"  # noqa: ASYNC910  the reset came while sending (awaited)
         finally:
             await close_response(response)
 
@@ -307,7 +307,7 @@ class RelayedRequest:
         # token every few ms does not move it each time, and it never fires early.
         slack = min(idle / 100, 1.0)
         reading = False  # the first turn sets the deadline
-        with trio.CancelScope() as deadline:
+        with trio.CancelScope() as deadline:  # noqa: ASYNC912  every turn awaits the LLM's next chunk
             while True:
                 now = trio.current_time()
                 if not reading or deadline.deadline < now + idle:
@@ -335,10 +335,10 @@ class RelayedRequest:
         if deadline.cancelled_caught:
             if reading:
                 stream.reset(ResetCode.TIMEOUT, "the LLM stalled (idle timeout)")
-                return "idle_timeout"
+                return "idle_timeout"  # noqa: ASYNC910  reached after awaiting the LLM's chunks
             stream.reset(ResetCode.TIMEOUT, "the client stopped reading (stall timeout)")
-            return "client_stalled"
-        return "ok"
+            return "client_stalled"  # noqa: ASYNC910  reached after awaiting the LLM's chunks
+        return "ok"  # noqa: ASYNC910  reached after awaiting the LLM's chunks
 
     # -- answers the connector makes itself --
     async def refuse(
@@ -393,17 +393,8 @@ class RelayedRequest:
         if isinstance(content, bytes):
             rec.request_body, rec.request_truncated = inspector.capture(content, None)
             return content
-
-        async def tee(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                if not rec.request_truncated:
-                    rec.request_body, rec.request_truncated = inspector.capture(
-                        chunk, rec.request_body
-                    )
-                yield chunk
-
         rec.request_body = b""
-        return tee(content)
+        return _Tee(content, rec, inspector)
 
     def _give_back(self) -> None:
         self.guard.give(self.held, self.key_id)
@@ -435,3 +426,26 @@ class RelayedRequest:
             self.fw.limiter.finish(
                 self.key_id, prompt + completion, trio.current_time(), wall=time.time()
             )
+
+
+class _Tee:
+    """A streamed request body as it goes to the LLM, its start kept for the inspector."""
+
+    __slots__ = ("chunks", "inspector", "rec")
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], rec: RequestRecord, inspector: Inspector
+    ) -> None:
+        self.chunks, self.rec, self.inspector = chunks, rec, inspector
+
+    def __aiter__(self) -> _Tee:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self.chunks)
+        rec = self.rec
+        if not rec.request_truncated:
+            rec.request_body, rec.request_truncated = self.inspector.capture(
+                chunk, rec.request_body
+            )
+        return chunk

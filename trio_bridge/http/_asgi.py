@@ -162,6 +162,8 @@ def asgi_handler(app: App) -> Handler:
                     await req.respond(status, headers, body, end=not more)
                 else:
                     await req.send(body, end=not more)
+            else:  # an extension this server does not offer: ignored
+                await trio.lowlevel.checkpoint()
 
         await app(scope, receive, send)
 

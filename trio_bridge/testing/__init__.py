@@ -256,14 +256,14 @@ class Lab:
 
         self.nursery.start_soon(run)
         if wait:
-            with trio.fail_after(10):
+            with trio.fail_after(10):  # noqa: ASYNC912  polls with sleeps until registered
                 while len(c.relays) < len(urls):  # noqa: ASYNC110
                     await trio.sleep(0.005)
                 for b in brokers:
                     if isinstance(b, RunningBroker):
                         while not any(r.name == c.name for r in b.broker.registry.relays()):  # noqa: ASYNC110
                             await trio.sleep(0.005)
-        return RunningConnector(c, scope, done)
+        return RunningConnector(c, scope, done)  # noqa: ASYNC910  started the connector's task (wait=False)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` on this lab's network (``kwargs`` go to it)."""
@@ -327,7 +327,7 @@ class Bridge:
         await old.stop()
         await trio.sleep(down_for)
         self.running_broker = await self.lab.start_broker(f"{old.host}:{old.port}")
-        with trio.fail_after(30):
+        with trio.fail_after(30):  # noqa: ASYNC912  polls with sleeps until registered
             while not self.running_broker.broker.registry.relays():  # noqa: ASYNC110
                 await trio.sleep(0.01)
 
