@@ -4,7 +4,10 @@ trio's autojump clock: the fault paths run in no real time and the same way ever
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -52,7 +55,7 @@ async def test_an_hour_of_reconnect_backoff_passes_in_no_real_time(
     """The broker is gone for ten virtual minutes: the connector keeps dialling with backoff
     and is back within its backoff's cap of the broker's return."""
     started = time.monotonic()
-    async with open_bridge(network=MemoryNetwork(), broker={"admin_listen": ""}) as b:
+    async with open_bridge(network=MemoryNetwork()) as b:
         t0 = trio.current_time()
         await b.restart_broker(down_for=600)
         back = trio.current_time() - t0
@@ -65,3 +68,17 @@ async def test_an_hour_of_reconnect_backoff_passes_in_no_real_time(
             )
             assert r.status_code == 200
     assert time.monotonic() - started < 10  # real seconds
+
+
+async def test_the_documented_memory_example_runs_as_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    page = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    section = page.split("**No sockets, no waiting:**", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(code.group(1), "docs/testing.md", "exec"), namespace)
+    started = time.monotonic()
+    await namespace["test_my_client_rides_out_an_outage"](autojump_clock)
+    assert time.monotonic() - started < 10
