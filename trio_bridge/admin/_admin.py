@@ -26,9 +26,6 @@ loopback (:class:`AdminGuard`, before the admin token is looked at):
   ``admin_hosts``. Anything else: 403 ``cross_site_refused``, with or without an admin token.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import ipaddress

@@ -11,9 +11,6 @@ Host that is not its own and a state-changing request without a same-origin proo
 ``_admin.AdminGuard``): the page's script sends ``X-Trio-Bridge-Admin: 1`` with its POSTs.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import hmac

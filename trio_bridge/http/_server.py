@@ -28,9 +28,6 @@ cancelled mid-answer leaves the connection aborted (closed without the terminati
 client never mistakes a truncated answer for a complete one.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import contextlib

@@ -13,9 +13,6 @@ Cancellation: a request cancelled before its response completes closes its conne
 never put back in the pool), so the LLM sees the disconnect and stops generating.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import select

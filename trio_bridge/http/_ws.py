@@ -13,9 +13,6 @@ WebSocket protocol or the relay's limits (message size, fragments, text messages
 HTTP status.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import ssl

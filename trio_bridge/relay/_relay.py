@@ -31,9 +31,6 @@ Control frames (PING, PONG, WINDOW, RESET, STATUS, GOAWAY) queued once the write
 dropped, never an error: ``run`` returns its reason whichever task closed the relay first.
 """
 
-# The noqa comments for ASYNC9xx here are flake8-async's (.ci/check): ruff takes them for
-# invalid codes, and its --fix would strip them.
-# ruff: noqa: RUF100, RUF102
 from __future__ import annotations
 
 import logging
