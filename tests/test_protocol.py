@@ -638,7 +638,7 @@ def assert_sane(ev: Event) -> None:
         assert ev.reason.isprintable() or not ev.reason
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # a shared machine: no per-example timing
 @given(
     st.booleans(),
     st.lists(

@@ -123,7 +123,7 @@ class _RequestLines:
         )
 
     def write(self, fields: dict[str, Any]) -> None:
-        now = time.time()
+        now = time.time()  # wall clock
         if self.json:
             line = _ENCODE({"ts": _utc(now), "t": round(now, 3), "level": "info",
                             "logger": request_log.name, "msg": "request", **fields})  # fmt: skip
@@ -527,7 +527,7 @@ class RecentStats:
         steps = [ring[i % len(ring)] for i in range(newest - len(ring) + 1, newest + 1)]
         return {
             "step_s": self._step,
-            "end": time.time() + ((newest + 1) * self._step - now),
+            "end": time.time() + ((newest + 1) * self._step - now),  # wall clock
             "requests": [b[0] for b in steps],
             "errors": [b[1] for b in steps],
         }

@@ -28,6 +28,7 @@ import datetime as dt
 import fnmatch
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -39,6 +40,7 @@ from typing import Any
 
 import attrs
 import tomli_w
+import trio
 
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._limits import KeyLimits
@@ -53,7 +55,7 @@ _ROUTE_PATTERN = re.compile(r"^[A-Za-z0-9_*?-][A-Za-z0-9_*?-]{0,62}$")
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)  # wall clock
 
 
 def _iso(t: dt.datetime) -> str:
@@ -80,7 +82,7 @@ class SecretEntry:
     def expired(self, now: float | None = None) -> bool:
         if not self.expires:
             return False
-        return (time.time() if now is None else now) >= _parse_iso(self.expires)
+        return (time.time() if now is None else now) >= _parse_iso(self.expires)  # wall clock
 
     def allows_route(self, route: str) -> bool:
         """True if this (connector token) entry may serve ``route``."""
@@ -162,7 +164,7 @@ class SecretStore:
         self._by_id: dict[str, SecretEntry] = {}
         self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
-        self._checked = 0.0
+        self._checked = -math.inf
         self.reload()
 
     # -- reading --
@@ -205,14 +207,14 @@ class SecretStore:
             stamp = None
         self._by_id = {e.id: e for e in self._read()}
         self._stamp = stamp
-        self._checked = time.monotonic()
+        self._checked = -math.inf  # the next maybe_reload (on trio's clock) looks again
 
     def maybe_reload(self) -> None:
-        """Re-read the file if it changed (cheap: one stat at most every RELOAD_INTERVAL)."""
-        now = time.monotonic()
+        """Re-read the file if it changed (cheap: one stat at most every RELOAD_INTERVAL of
+        trio's clock; call it from trio)."""
+        now = trio.current_time()
         if now - self._checked < RELOAD_INTERVAL:
             return
-        self._checked = now
         try:
             st = os.stat(self.path)
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -223,6 +225,7 @@ class SecretStore:
                 self.reload()
             except ConfigError:
                 pass  # keep serving with the last good set; `check` reports the problem
+        self._checked = now
 
     def entries(self) -> list[SecretEntry]:
         """Every entry in the file, expired ones included, oldest first."""
@@ -243,7 +246,7 @@ class SecretStore:
 
     def active_ids(self) -> set[str]:
         """Ids of the entries that are valid now (not expired)."""
-        now = time.time()
+        now = time.time()  # wall clock
         return {e.id for e in self._by_id.values() if not e.expired(now)}
 
     def __len__(self) -> int:
@@ -264,7 +267,7 @@ class SecretStore:
 
     # -- writing (CLI) --
     def _write(self, entries: list[SecretEntry], defaults: KeyLimits | None = None) -> None:
-        now = time.time()
+        now = time.time()  # wall clock
         keep = [e for e in entries if not e.expired(now)]  # expired entries are dropped
         doc: dict[str, Any] = {}
         defaults_doc = _limits_toml(self._defaults if defaults is None else defaults)

@@ -300,7 +300,7 @@ class UsageStore:
             return
         self._loading = trio.Event()
         try:
-            since = utc_day(time.time() - (WINDOW_DAYS - 1) * 86400)
+            since = utc_day(time.time() - (WINDOW_DAYS - 1) * 86400)  # wall clock
             try:
                 rows = await trio.to_thread.run_sync(self._read_window, since)
             except (sqlite3.Error, OSError) as exc:
@@ -449,7 +449,7 @@ class UsageStore:
                 else:
                     delay = retry.next_delay()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with trio.move_on_after(5, shield=True):
                 await self.flush()
 
     # -- reading (the event loop: memory only) --

@@ -60,7 +60,7 @@ class Broker:
         self.tokens = tokens or SecretStore(config.path(bc.connector_tokens_file), "tbc")
         self.registry = Registry(max_queue=bc.max_queue)
         self.relay_path = bc.relay_path
-        self.started = time.time()  # shown to people
+        self.started = time.time()  # wall clock: shown to people
         self.admin_address: tuple[str, int] | None = None
         self.metrics = Metrics("broker")
         self.notifier = Notifier()
@@ -232,7 +232,7 @@ class Broker:
         for route, r in routes.items():
             r["queued"] = self.registry.queued_for(route)
         return {
-            "now": time.time(),  # shown to people
+            "now": time.time(),  # wall clock: shown to people
             "draining": self.draining,
             "in_flight": self.in_flight,
             "queued": self.registry.queued,

@@ -183,7 +183,7 @@ class RelayEndpoint:
             route=hello.route or DEFAULT_ROUTE,
             token_id=entry.id,
             capacity=hello.capacity or hello.max_streams,
-            connected_since=time.time(),  # shown to people
+            connected_since=time.time(),  # wall clock: shown to people
         )
         relay.on_change = lambda _relay: self.registry.changed(handle)
         self.registry.add(handle)

@@ -234,7 +234,8 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError(f"--expires: {exc} (or days: 30d)") from None
             if args.expires.endswith("d"):
                 seconds *= 24
-            until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds)
+            now = dt.datetime.now(dt.UTC).replace(microsecond=0)  # wall clock
+            until = now + dt.timedelta(seconds=seconds)
             changes["expires"] = until.isoformat().replace("+00:00", "Z")
     return changes
 
@@ -455,7 +456,7 @@ def _ms(v: float | None) -> str:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "-"
-    s = max(0, int(time.time() - ts))
+    s = max(0, int(time.time() - ts))  # wall clock
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
@@ -635,7 +636,7 @@ def _list_keys(s: SecretStore, config: Config) -> None:
     if not entries:
         print(f"(no keys in {s.path})")
         return
-    today = utc_day(time.time())
+    today = utc_day(time.time())  # wall clock
     used: dict[str, list[int]] = {}
     if config.connector.usage_file:
         for r in read_rows(config.path(config.connector.usage_file), since_day=today):
@@ -661,7 +662,7 @@ def _usage(config: Config, args: argparse.Namespace) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*d?\s*", args.since)
     if not m:
         raise ConfigError(f"--since: expected days such as 7d, got {args.since!r}")
-    since = utc_day(time.time() - int(m.group(1)) * 86400)
+    since = utc_day(time.time() - int(m.group(1)) * 86400)  # wall clock
     if args.config is None:
         print(
             f"# no -c given: using {config.path(config.connector.usage_file).resolve()} "
@@ -720,7 +721,7 @@ def _list_entries(s: SecretStore, store: str) -> None:
         return
     extra = "ROUTES" if store == "tokens" else ""
     print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<21} {extra}".rstrip())
-    now = time.time()
+    now = time.time()  # wall clock
     for e in entries:
         expires = e.expires or "-"
         if e.expired(now):

@@ -171,7 +171,7 @@ class TestModel:
             return
         tokens, finish = reply_tokens(prompt, max_tokens)
         model = str(req.get("model") or MODEL_ID)
-        created = int(time.time())
+        created = int(time.time())  # wall clock
         cid = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(
             f"{prompt}{created}".encode()
         ).hexdigest()[:24]

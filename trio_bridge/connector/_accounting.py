@@ -125,7 +125,7 @@ class Accounting:
                 estimated=estimated,
                 error=is_error(facts.outcome, facts.status),
                 refused=facts.outcome == "refused",
-                now=time.time(),
+                now=time.time(),  # wall clock
             )
         self._metrics(req, reset_code)
         self._inspected(req, prompt, completion, estimated)

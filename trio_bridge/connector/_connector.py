@@ -106,7 +106,7 @@ class Connector:
         self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
         self.name = c.name or os.uname().nodename
         self.local_url = c.local_url.rstrip("/")
-        self.started = time.time()
+        self.started = time.time()  # wall clock
         self.draining = False
         self.admin_address: tuple[str, int] | None = None
         self.metrics = Metrics("connector")
@@ -140,7 +140,7 @@ class Connector:
         self.accounting = Accounting(c.route, self.metrics, self.inspector, self.usage_store)
         self.limiter = Limiter()
         if self.usage_store is not None:  # daily budgets go on where they were
-            wall = time.time()
+            wall = time.time()  # wall clock
             for key_id, tokens in self.usage_store.tokens_on(utc_day(wall)).items():
                 self.limiter.seed_today(key_id, tokens, wall)
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self.accounting.waited)
@@ -307,7 +307,7 @@ class Connector:
                     task_status.started()
                 outer.cancel_scope.cancel()  # every relay ended after stop()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with trio.move_on_after(2, shield=True):
                 await self.transport.aclose()
                 if self.usage_store is not None:
                     await self.usage_store.flush()  # what ended after the last flush

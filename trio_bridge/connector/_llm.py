@@ -47,7 +47,7 @@ class LLMWatch:
         self._headers = [upstream_auth] if upstream_auth is not None else []
         self._on_change = on_change
         self.ready = False
-        self.since = time.time()
+        self.since = time.time()  # wall clock
         self.last_error = NOT_PROBED
         self.models: tuple[str, ...] | None = self._configured
         self._probe_now = trio.Event()
@@ -101,7 +101,7 @@ class LLMWatch:
         if up == self.ready and self.last_error != NOT_PROBED:
             return
         self.ready = up
-        self.since = time.time()
+        self.since = time.time()  # wall clock
         self.last_error = "" if up else reason
         if up:
             log.info("LLM is up: %s", reason, extra={"llm": self.local_url})

@@ -42,7 +42,7 @@ def pages(conn: Connector) -> Pages:
             },
             "/api/usage": lambda q: usage_summary(conn),
             "/api/timeline": lambda q: {
-                "now": time.time(),
+                "now": time.time(),  # wall clock
                 "since": conn.started,
                 "events": [{"time": t, "what": w, "state": st} for t, w, st in ins.timeline],
                 "queue": {"waiting": conn.slots.queued, "at_llm": conn.slots.busy},
@@ -66,7 +66,7 @@ def usage_summary(conn: Connector) -> dict[str, Any]:
             for k, models in conn.usage.items()
         }
         return {"stored": False, "periods": {"since start": {"keys": per_key, "models": {}}}}
-    now = time.time()
+    now = time.time()  # wall clock
     rows = conn.usage_store.rows(since_day=utc_day(now - 29 * 86400))
     periods: dict[str, Any] = {}
     for label, days in (("today", 0), ("7 days", 6), ("30 days", 29)):

@@ -106,7 +106,7 @@ class RelayKeeper:
         self._connect_timeout = float(config.limits.connect_timeout)
         self.relays: dict[str, Relay] = {}
         self.guards: dict[str, RelayGuard] = {}
-        now = time.time()
+        now = time.time()  # wall clock
         self.states: dict[str, dict[str, Any]] = {
             url: {"state": "connecting", "since": now, "last_error": "", "reconnects": 0}
             for url in c.broker_urls
@@ -269,7 +269,7 @@ class RelayKeeper:
         if st["state"] != "connecting":
             st["reconnects"] += 1
             self._metrics.reconnects.labels("connector", url).inc()
-        st.update(state="connected", since=time.time())
+        st.update(state="connected", since=time.time())  # wall clock
         self._metrics.relay_connected.labels("connector", url).set(1)
         log.info("relay connected", extra={"broker": url})
         self._inspector.state(url, "up")
@@ -279,7 +279,7 @@ class RelayKeeper:
     def _down(self, url: str, reason: str, delay: float) -> None:
         st = self.states[url]
         if st["state"] == "connected" or not st["last_error"]:
-            st["since"] = time.time()
+            st["since"] = time.time()  # wall clock
         st.update(state="reconnecting", last_error=reason, next_attempt_in=round(delay, 3))
         self._metrics.relay_connected.labels("connector", url).set(0)
         self._inspector.state(url, "down")

@@ -148,7 +148,7 @@ class RelayedRequest:
         headers from ``shown``)."""
         limiter = self.fw.limiter
         now = trio.current_time()
-        refusal = limiter.admit(self.key_id, limits, now, wall=time.time())
+        refusal = limiter.admit(self.key_id, limits, now, wall=time.time())  # wall clock
         if refusal is None:
             self.admitted = True
             return  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
@@ -424,7 +424,10 @@ class RelayedRequest:
             self.admitted = False
             prompt, completion, _ = self.tokens()
             self.fw.limiter.finish(
-                self.key_id, prompt + completion, trio.current_time(), wall=time.time()
+                self.key_id,
+                prompt + completion,
+                trio.current_time(),
+                wall=time.time(),  # wall clock
             )
 
 

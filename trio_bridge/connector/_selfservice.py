@@ -41,7 +41,7 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
     limits = req.limits
     await req.admit(attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None), limits)
     store = req.fw.usage_store
-    wall = time.time()
+    wall = time.time()  # wall clock
     rows: list[dict[str, Any]] = []
     if store is not None:
         with trio.move_on_after(5):  # the summary is read at start, in a worker thread
