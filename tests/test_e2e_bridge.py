@@ -1,5 +1,7 @@
 """End to end over real loopback sockets: the broker's h11 server, the wsproto relay, and a real
-upstream."""
+upstream. The fault paths (an LLM that is down, hangs, stalls or dies; clients that leave;
+revoked keys and tokens; timeouts) run the same bridge in memory on the autojump clock
+(``MemoryNetwork``), where they take no real time and come out the same every run."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from functools import partial
@@ -19,9 +20,11 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
+from conftest import memory_upstream
 from upstream import GZIP_BODY, SSE_BYTES, Upstream, run_upstream
 
-from trio_bridge.testing import Bridge, open_bridge, open_lab
+from trio_bridge.testing import Bridge, MemoryNetwork, open_bridge, open_lab
 
 
 @pytest.fixture
@@ -232,13 +235,15 @@ async def test_missing_or_wrong_key_is_401_and_never_reaches_the_llm(
     assert app.forwarded() == []
 
 
-async def test_revoked_key_is_refused_without_restart(bridge: Bridge) -> None:
-    async with httpx.AsyncClient() as client:
+async def test_revoked_key_is_refused_without_restart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_bridge.accounts._keys import SecretStore
+
+    async with open_bridge(network=MemoryNetwork()) as bridge, bridge.client() as client:
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
         assert r.status_code == 200
         # revoke through a second store object on the same file, like the CLI would
-        from trio_bridge.accounts._keys import SecretStore
-
         SecretStore(bridge.keys.path, "tbk").revoke("lab-user")
         await trio.sleep(0.6)  # the running store re-checks the file at most every 0.5 s
         r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
@@ -286,99 +291,114 @@ async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, 
     assert all(req["size"] <= 1 << 20 for req in app.forwarded())
 
 
-async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # bound but not listening: connection refused
-        async with open_bridge(f"http://127.0.0.1:{port}") as b, httpx.AsyncClient() as client:
-            # the connector's probe found the LLM down and told the broker: 503 at once
-            r = await client.get(b.base_url + "/v1/models", headers=auth(b))
-            assert r.status_code == 503
-            assert r.json()["error"]["code"] == "service_unavailable"
-            assert "not ready" in r.json()["error"]["message"]
-            assert int(r.headers["retry-after"]) > 0
-            # if the LLM dies between two probes, the request that finds out gets a 502 (on
-            # a loaded machine the next probe may mark it down first: then pretend again)
-            for _ in range(20):
-                b.connector.llm.set(True, "pretend")
-                await trio.sleep(0.05)
-                r = await client.get(b.base_url + "/v1/models", headers=auth(b))
-                if r.status_code != 503:
-                    break
-            assert r.status_code == 502
-            assert r.json()["error"]["code"] == "upstream_unavailable"
-            assert b.connector.llm_ready is False
-
-
-async def test_no_first_byte_in_time_is_504(up: tuple[Upstream, str]) -> None:
-    _, url = up
+async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # nothing listens on that port of the memory network: connection refused
     async with (
-        open_bridge(url, limits={"first_byte_timeout": "300ms"}) as b,
-        httpx.AsyncClient() as client,
+        open_bridge("http://127.0.0.1:30000", network=MemoryNetwork()) as b,
+        b.client() as client,
     ):
+        # the connector's probe found the LLM down and told the broker: 503 at once
+        r = await client.get(b.base_url + "/v1/models", headers=auth(b))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert "not ready" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) > 0
+        # if the LLM dies between two probes, the request that finds out gets a 502
+        b.connector.llm.set(True, "pretend")
+        await trio.testing.wait_all_tasks_blocked()  # the broker hears it (no probe meanwhile)
+        r = await client.get(b.base_url + "/v1/models", headers=auth(b))
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_unavailable"
+        assert b.connector.llm_ready is False
+
+
+async def test_no_first_byte_in_time_is_504(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    async with (
+        memory_upstream(net) as (_, url),
+        open_bridge(url, limits={"first_byte_timeout": "300ms"}, network=net) as b,
+        b.client() as client,
+    ):
+        t0 = trio.current_time()
         r = await client.get(b.base_url + "/slow-head?s=5", headers=auth(b))
         assert r.status_code == 504
         assert r.json()["error"]["code"] == "upstream_timeout"
-        r = await client.get(b.base_url + "/slow-head?s=0.05", headers=auth(b))
+        assert trio.current_time() - t0 == pytest.approx(0.3)  # at first_byte_timeout
+        r = await client.get(b.base_url + "/slow-head?s=0.29", headers=auth(b))
         assert r.status_code == 200 and r.content == b"late"
 
 
-@pytest.mark.parametrize("path", ["/stall", "/die"])
+@pytest.mark.parametrize(("path", "cut_after"), [("/stall", 0.5), ("/die", 0.2)])
 async def test_llm_failing_mid_stream_aborts_the_client_response(
-    up: tuple[Upstream, str],
-    path: str,
+    autojump_clock: trio.testing.MockClock, path: str, cut_after: float
 ) -> None:
-    _, url = up
+    """/stall: a chunk, then silence (cut at idle_timeout); /die: a chunk, 0.2 s, then the
+    LLM's connection breaks."""
+    net = MemoryNetwork()
     async with (
-        open_bridge(url, limits={"idle_timeout": "500ms"}) as b,
-        httpx.AsyncClient() as client,
+        memory_upstream(net) as (_, url),
+        open_bridge(url, limits={"idle_timeout": "500ms"}, network=net) as b,
+        b.client() as client,
     ):
         got = b""
+        t0 = trio.current_time()
         with pytest.raises(httpx.RemoteProtocolError):
             async with client.stream("GET", b.base_url + path, headers=auth(b)) as r:
                 assert r.status_code == 200
                 async for chunk in r.aiter_raw():
                     got += chunk
         assert got == b"data: first\n\n"
+        assert trio.current_time() - t0 == pytest.approx(cut_after, abs=0.01)
         # and the bridge keeps serving
         r2 = await client.get(b.base_url + "/sse", headers=auth(b))
         assert r2.content == b"".join(SSE_BYTES)
 
 
-async def test_the_idle_timeout_counts_from_the_last_token(up: tuple[Upstream, str]) -> None:
+async def test_the_idle_timeout_counts_from_the_last_token(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """A stream whose tokens keep coming outlives idle_timeout many times over (the deadline
     moves with the tokens, if lazily); the stalled stream above is cut after it."""
-    _, url = up
+    net = MemoryNetwork()
     async with (
-        open_bridge(url, limits={"idle_timeout": "300ms"}) as b,
-        httpx.AsyncClient() as client,
+        memory_upstream(net) as (_, url),
+        open_bridge(url, limits={"idle_timeout": "300ms"}, network=net) as b,
+        b.client() as client,
     ):
         events = 0
-        with trio.move_on_after(1.5):  # five idle_timeouts of tokens every 10 ms
+        with trio.move_on_after(10):  # 33 idle_timeouts of tokens every 10 ms
             async with client.stream("GET", b.base_url + "/forever", headers=auth(b)) as r:
                 async for chunk in r.aiter_raw():
                     events += chunk.count(b"data: ")
-        assert events > 50
+        assert events >= 990  # every token of the 10 s
 
 
-async def upstream_closed_soon(app: Upstream, client_left_at: float) -> None:
+async def upstream_closed_at_once(app: Upstream, client_left_at: float) -> None:
     with trio.fail_after(5):
         await app.disconnected.wait()
     assert app.disconnect_time is not None
     delay = app.disconnect_time - client_left_at
-    assert delay < 1.0, f"upstream closed {delay:.3f}s after the client left"
+    assert delay < 0.001, f"upstream closed {delay:.3f}s after the client left"
 
 
-async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstream, str]) -> None:
-    app, url = up
-    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+async def test_client_disconnect_closes_the_upstream_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    async with (
+        memory_upstream(net) as (app, url),
+        open_bridge(url, network=net) as b,
+        b.client() as client,
+    ):
         async with client.stream("GET", b.base_url + "/forever", headers=auth(b)) as r:
             n = 0
             async for _ in r.aiter_raw():
                 n += 1
                 if n == 3:
                     break
-        await upstream_closed_soon(app, trio.current_time())
+        await upstream_closed_at_once(app, trio.current_time())
         # nothing left in flight on either side
         with trio.fail_after(2):
             while b.connector.relays and next(iter(b.connector.relays.values())).in_flight:
@@ -386,18 +406,22 @@ async def test_client_disconnect_closes_the_upstream_connection(up: tuple[Upstre
 
 
 async def test_client_disconnect_before_the_answer_starts_closes_the_upstream_connection(
-    up: tuple[Upstream, str],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """The LLM is still processing the prompt (no response head yet) when the client leaves."""
-    app, url = up
-    async with open_bridge(url) as b, httpx.AsyncClient() as client:
+    net = MemoryNetwork()
+    async with (
+        memory_upstream(net) as (app, url),
+        open_bridge(url, network=net) as b,
+        b.client() as client,
+    ):
         with trio.move_on_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(client.get, b.base_url + "/hang", headers=auth(b)))
                 await app.forever_started.wait()
-                await trio.sleep(0.1)
+                await trio.sleep(60)  # a long prompt
                 nursery.cancel_scope.cancel()  # the client gives up and closes its connection
-        await upstream_closed_soon(app, trio.current_time())
+        await upstream_closed_at_once(app, trio.current_time())
 
 
 async def test_hundred_concurrent_streams_all_complete() -> None:
@@ -462,19 +486,22 @@ async def test_stalled_reader_neither_stalls_others_nor_buffers_without_bound(
 
 
 async def test_revoked_connector_token_closes_its_relay_and_refuses_reconnects(
-    bridge: Bridge,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    [relay] = [h.relay for h in bridge.broker.registry.connectors()]
-    bridge.broker.tokens.revoke("lab-connector")
-    with trio.fail_after(5):
-        while bridge.broker.registry.relays():
-            await trio.sleep(0.05)
-    assert relay.closed_reason == "connector token revoked"
-    await trio.sleep(1.5)  # the connector re-dials and is refused with 401
-    assert bridge.broker.registry.relays() == []
-    async with httpx.AsyncClient() as client:
-        r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
-    assert r.status_code == 503 and r.headers["retry-after"]
+    async with open_bridge(network=MemoryNetwork()) as bridge:
+        [relay] = [h.relay for h in bridge.broker.registry.connectors()]
+        bridge.broker.tokens.revoke("lab-connector")
+        with trio.fail_after(5):
+            while bridge.broker.registry.relays():
+                await trio.sleep(0.05)
+        assert relay.closed_reason == "connector token revoked"
+        await trio.sleep(600)  # ten minutes: the connector re-dials and is refused each time
+        assert bridge.broker.registry.relays() == []
+        [state] = bridge.connector.relay_states.values()
+        assert "401" in state["last_error"], state
+        async with bridge.client() as client:
+            r = await client.get(bridge.base_url + "/v1/models", headers=auth(bridge))
+        assert r.status_code == 503 and r.headers["retry-after"]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")
@@ -531,23 +558,27 @@ async def test_wss_relay_and_https_to_a_broker_with_its_own_certificate(tmp_path
         assert r.status_code == 200
 
 
-async def test_a_long_stream_outlives_the_keep_alive_timeout() -> None:
+async def test_a_long_stream_outlives_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Regression: a per-read timeout or the keep-alive timer must never cut an answer that is
     still streaming while the client (rightly) sends nothing."""
     async with (
-        open_bridge(token_delay=0.05, limits={"keep_alive_timeout": "1s"}) as b,
-        httpx.AsyncClient(timeout=30) as client,
+        open_bridge(
+            token_delay=0.05, limits={"keep_alive_timeout": "1s"}, network=MemoryNetwork()
+        ) as b,
+        b.client() as client,
     ):
         body = {
             "model": "m",
             "stream": True,
-            "messages": [{"role": "user", "content": "count to 70"}],
-        }  # ~3.5 s
+            "messages": [{"role": "user", "content": "count to 1200"}],
+        }  # 60 s: 60 keep-alive timeouts
         async with client.stream(
             "POST", b.base_url + "/v1/chat/completions", json=body, headers=auth(b)
         ) as r:
             raw = b"".join([c async for c in r.aiter_raw()])
-    assert raw.endswith(b"data: [DONE]\n\n") and b'" 70"' in raw
+    assert raw.endswith(b"data: [DONE]\n\n") and b'" 1200"' in raw
 
 
 async def test_expect_100_continue_gets_a_continue_before_the_body_is_sent(
