@@ -252,8 +252,9 @@ class SecretStore:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def verify(self, presented: str) -> SecretEntry | None:
-        """The entry matching a presented secret, or None. Constant time in the secret."""
+    def lookup(self, presented: str) -> SecretEntry | None:
+        """The entry whose secret was presented, expired or not (the caller tells an expired
+        one apart: :meth:`SecretEntry.expired`), or None. Constant time in the secret."""
         self.maybe_reload()
         if not presented or len(presented) > MAX_PRESENTED:
             return None
@@ -261,14 +262,23 @@ class SecretStore:
         entry = self._by_id.get(ident) if ident is not None else None
         expected = entry.sha256 if entry is not None else "0" * 64
         ok = hmac.compare_digest(_digest(presented), expected)
-        if not ok or entry is None or entry.expired():
+        return entry if ok else None
+
+    def verify(self, presented: str) -> SecretEntry | None:
+        """The valid (not expired) entry matching a presented secret, or None."""
+        entry = self.lookup(presented)
+        if entry is None or entry.expired():
             return None
         return entry
 
     # -- writing (CLI) --
     def _write(self, entries: list[SecretEntry], defaults: KeyLimits | None = None) -> None:
+        """Write ``entries``: an expired one stays (listed as expired, its user told so, it
+        can be extended) unless a newer entry of its name replaced it (a rotation's old
+        secret, an expired key added again)."""
         now = time.time()  # wall clock
-        keep = [e for e in entries if not e.expired(now)]  # expired entries are dropped
+        last = {e.name: i for i, e in enumerate(entries)}  # entries come oldest first
+        keep = [e for i, e in enumerate(entries) if not e.expired(now) or i == last[e.name]]
         doc: dict[str, Any] = {}
         defaults_doc = _limits_toml(self._defaults if defaults is None else defaults)
         if defaults_doc:
@@ -321,7 +331,9 @@ class SecretStore:
     def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
         """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
         self.reload()
-        matches = [e for e in self.entries() if name in (e.name, e.id) and not e.expired()]
+        named = [e for e in self.entries() if name in (e.name, e.id)]
+        # the valid entries of that name; if it has only expired ones, its newest (extend it)
+        matches = [e for e in named if not e.expired()] or named[-1:]
         if not matches:
             raise ConfigError(f"{self.path}: no entry named {name!r}")
         expires = changes.pop("expires", None)
@@ -355,7 +367,8 @@ class SecretStore:
         """A new secret for ``name`` (same routes); the current one stays valid for ``grace``
         seconds. Returns (new entry, the secret to show once, when the old one expires)."""
         self.reload()
-        current = [e for e in self.entries() if e.name == name and not e.expired()]
+        named = [e for e in self.entries() if e.name == name]
+        current = [e for e in named if not e.expired()] or named[-1:]  # an expired key too
         if not current:
             raise ConfigError(f"{self.path}: no entry named {name!r}")
         until = _iso(_now() + dt.timedelta(seconds=grace))

@@ -631,8 +631,9 @@ def _limits_text(limits: KeyLimits) -> str:
 
 
 def _list_keys(s: SecretStore, config: Config) -> None:
-    """Keys with their limits (defaults applied) and today's usage from the usage store."""
-    entries = [e for e in s.entries() if not e.expired()]
+    """Keys with their limits (defaults applied) and today's usage from the usage store; an
+    expired key is listed as such (``keys set NAME --expires …`` extends it)."""
+    entries = s.entries()
     if not entries:
         print(f"(no keys in {s.path})")
         return
@@ -644,10 +645,12 @@ def _list_keys(s: SecretStore, config: Config) -> None:
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
     print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<21} {'TODAY':<22} LIMITS")
+    now = time.time()  # wall clock
     for e in entries:
         req, tok = used.get(e.id, [0, 0])
+        expires = f"{e.expires} (expired)" if e.expired(now) else (e.expires or "-")
         print(
-            f"{e.name:<20} {e.id:<9} {e.expires or '-':<21} "
+            f"{e.name:<20} {e.id:<9} {expires:<21} "
             f"{f'{req} req, {tok} tokens':<22} {_limits_text(s.limits_for(e)) or '-'}"
         )
     if s.defaults.limited or s.defaults.models:

@@ -114,7 +114,16 @@ class RelayedRequest:
     async def _check_key(self) -> SecretEntry:
         fw, head = self.fw, self.head
         presented = presented_key(head.headers)
-        entry = fw.keys.verify(presented) if presented is not None else None
+        entry = fw.keys.lookup(presented) if presented is not None else None
+        if entry is not None and entry.expired():
+            self.key_id = self.facts.key_id = self.rec.key_id = entry.id
+            self.rec.key_name = entry.name
+            await self.refuse(
+                401,
+                f"this API key expired at {entry.expires}; ask the operator to extend it or "
+                "for a new one",
+                code="key_expired",
+            )
         if entry is None:
             if not self.guard.key_failed(trio.current_time()):
                 self.facts.limit = "key_failures"
