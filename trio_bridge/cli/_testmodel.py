@@ -1,7 +1,9 @@
 """The built-in test model: a small deterministic OpenAI-compatible (and Ollama-style) server.
 
 It is **not an LLM**: it answers every chat with a fixed sentence that echoes the last user
-message, or, when asked to "count to N", with "1 2 3 … N" (handy for long streams). Tokens are
+message, or, when asked to "count to N", with "1 2 3 … N" (handy for long streams); asked to
+"fail with NNN" (a status from 400 to 599), it answers that error, as an LLM server in trouble
+would (for tests of what a client, the bridge's logs and metrics make of it). Tokens are
 words, streamed at a steady pace (``token_delay``). Used by ``python -m trio_bridge demo`` when
 no real LLM answers, and by the test suite (``trio_bridge.testing``).
 
@@ -165,6 +167,10 @@ class TestModel:
             prompt = str(users[-1]) if users else ""
         else:
             prompt = str(req.get("prompt", ""))
+        if (failure := _FAIL.fullmatch(prompt.strip())) and 400 <= int(failure[1]) <= 599:
+            status = int(failure[1])
+            await _error(send, status, f"failing as asked ({status})", code="test_failure")
+            return
         max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
         if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             await _error(send, 400, "'max_tokens' must be a positive integer")
@@ -319,8 +325,11 @@ async def _json(send: Send, status: int, doc: Any) -> None:
     )
 
 
+_FAIL = re.compile(r"fail with (\d{3})", re.I)
+
+
 async def _error(send: Send, status: int, message: str, code: str = "invalid_request") -> None:
-    body = error_body(message, "invalid_request_error", code)
+    body = error_body(message, "server_error" if status >= 500 else "invalid_request_error", code)
     await send_simple(
         send,
         status,

@@ -25,8 +25,6 @@ from trio_bridge.relay._frames import ResetCode
 if TYPE_CHECKING:
     from trio_bridge.connector._request import RelayedRequest
 
-#: the inspector's outcome for a 5xx answer of the LLM's own (relayed as it was)
-LLM_ERROR = "llm_error"
 #: request bodies up to this size are read for their "model" when the answer names none
 _MODEL_SCAN_LIMIT = 256 * 1024
 _CANCEL_OUTCOME: dict[int, str] = {
@@ -164,10 +162,6 @@ class Accounting:
                     rec.tokens_per_second = round(completion / (last - first), 1)
         rec.status = facts.status
         rec.outcome = facts.outcome or ""
-        if rec.outcome == "ok" and (facts.status or 0) >= 500:
-            # relayed as it was, and an error by its status (is_error): say so where an
-            # operator scans for trouble (the log line and the metrics keep outcome "ok")
-            rec.outcome = LLM_ERROR
         rec.reset = facts.reset or ""
         rec.model = req.model or rec.model or facts.model or ""
         rec.duration_ms = round(facts.duration * 1000, 3)

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from trio_bridge.connector._forwarder import Forwarder
 
 _DROP_DOWNSTREAM = frozenset({REQUEST_ID})
+#: the outcome of an answer of the LLM's own with a 5xx status (relayed as it was)
+LLM_ERROR = "llm_error"
 _NO_LIMITS = KeyLimits()
 Content = bytes | AsyncIterator[bytes]
 
@@ -289,7 +291,8 @@ class RelayedRequest:
             await stream.end()
             if sniffer.active:
                 fw.accounting.answer_counted(self)
-            return "ok"
+            # relayed as it was: the LLM's own error is an error in every view
+            return LLM_ERROR if response.status_code >= 500 else "ok"
         except httpx.HTTPError as exc:
             stream.reset(
                 ResetCode.UPSTREAM_ERROR, f"the LLM failed mid-response: {type(exc).__name__}"
