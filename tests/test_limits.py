@@ -19,14 +19,14 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from conftest import memory_upstream
 from netutil import free_port
-from upstream import run_upstream
 
 from trio_bridge._errors import QueueFull
 from trio_bridge.accounts._limits import DAY, FairQueue, KeyLimits, Limiter, duration_text
 from trio_bridge.accounts._usagestore import UsageStore, read_rows, utc_day
 from trio_bridge.connector._slots import FairSlots
-from trio_bridge.testing import Lab, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, open_lab
 
 CHAT = "/v1/chat/completions"
 PY = sys.executable
@@ -188,27 +188,38 @@ async def test_a_full_queue_refuses_at_once_and_a_cancelled_waiter_frees_its_pla
     assert slots.busy == 0 and slots.queued == 0
 
 
-# -- through the bridge ------------------------------------------------------------------------
+# -- through the bridge, in memory on the autojump clock -----------------------------------------
 
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
-    async with open_lab() as lab:
+    async with open_lab(network=MemoryNetwork()) as lab:
         yield lab
 
 
 async def start(lab: Lab, **connector: object) -> tuple[str, httpx.AsyncClient]:
     model = await lab.start_test_model(token_delay=0.001)
     rb = await lab.start_broker()
-    await lab.start_connector([rb], model.url, connector=dict(connector))
-    return rb.url, httpx.AsyncClient(timeout=30)
+    rc = await lab.start_connector([rb], model.url, connector=dict(connector))
+    # the usage summary is read in a worker thread, which the autojump clock does not wait
+    # for: read before the test's minutes start counting
+    assert rc.connector.usage_store is not None
+    await rc.connector.usage_store.load()
+    return rb.url, lab.client()
 
 
 async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_understands(
-    lab: Lab,
+    lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     _, key = lab.keys.add("limited", limits=KeyLimits(rpm=2, tokens_per_minute=10_000))
     url, client = await start(lab)
+    sdk = openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key=key, max_retries=0, http_client=lab.client()
+    )
+    # the SDK's first call reads the platform in a worker thread, which the autojump clock
+    # does not wait for (it runs on meanwhile): made before the minute counts, then let go
+    await sdk.models.list()
+    await trio.sleep(60)
     async with client:
         auth = {"Authorization": f"Bearer {key}"}
         r = await client.post(url + CHAT, json=chat(), headers=auth)
@@ -216,10 +227,11 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
         assert r.headers["x-ratelimit-limit-requests"] == "2"
         assert r.headers["x-ratelimit-remaining-requests"] == "1"
         assert r.headers["x-ratelimit-limit-tokens"] == "10000"
+        await trio.sleep(20)
         await client.post(url + CHAT, json=chat(), headers=auth)
         r = await client.post(url + CHAT, json=chat(), headers=auth)
         assert r.status_code == 429
-        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["retry-after"] == "40"  # the first request leaves the window in 40 s
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
         error = r.json()["error"]
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
@@ -229,18 +241,28 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
             url + CHAT, json=chat(), headers={"Authorization": f"Bearer {lab.api_key}"}
         )
         assert r.status_code == 200
-    sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        await trio.sleep(35)  # not yet: the window slides, it does not reset
+        r = await client.post(url + CHAT, json=chat(), headers=auth)
+        assert r.status_code == 429
+        await trio.sleep(int(r.headers["retry-after"]))  # as told
+        r = await client.post(url + CHAT, json=chat(), headers=auth)
+        assert r.status_code == 200
+        r = await client.post(url + CHAT, json=chat(), headers=auth)
+        assert r.status_code == 429  # the second one (at 20 s) is still in the window
     with pytest.raises(openai.RateLimitError) as info:
         await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 429
+    await sdk.close()
 
 
-async def test_a_model_outside_the_allowlist_is_403_and_never_reaches_the_llm(lab: Lab) -> None:
+async def test_a_model_outside_the_allowlist_is_403_and_never_reaches_the_llm(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     _, key = lab.keys.add("coder", limits=KeyLimits(models=("qwen2.5-coder*",)))
-    async with run_upstream() as (app, llm):
+    async with memory_upstream(lab.network) as (app, llm):
         rb = await lab.start_broker()
         await lab.start_connector([rb], llm)
-        async with httpx.AsyncClient() as client:
+        async with lab.client() as client:
             auth = {"Authorization": f"Bearer {key}"}
             r = await client.post(rb.url + "/echo", json=chat(model="llama3:70b"), headers=auth)
             assert r.status_code == 403
@@ -253,7 +275,9 @@ async def test_a_model_outside_the_allowlist_is_403_and_never_reaches_the_llm(la
             assert len(app.forwarded()) == 1
 
 
-async def test_an_expired_key_is_refused_like_a_revoked_one(lab: Lab) -> None:
+async def test_an_expired_key_is_refused_like_a_revoked_one(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     _, key = lab.keys.add("temp", expires="2020-01-01T00:00:00Z")
     url, client = await start(lab)
     async with client:
@@ -277,7 +301,9 @@ def test_minute_windows_run_on_the_monotonic_clock_not_the_wall_clock() -> None:
     assert lim.snapshot("k", key, 130.0, wall=noon)["tokens_today"] == 120
 
 
-async def test_a_daily_token_budget_is_enforced_from_real_usage(lab: Lab) -> None:
+async def test_a_daily_token_budget_is_enforced_from_real_usage(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     _, key = lab.keys.add("budget", limits=KeyLimits(tokens_per_day=20))
     url, client = await start(lab)
     async with client:
@@ -292,7 +318,9 @@ async def test_a_daily_token_budget_is_enforced_from_real_usage(lab: Lab) -> Non
     assert usage["now"]["tokens_today"] >= 20 and usage["now"]["tokens_left_today"] == 0
 
 
-async def test_self_service_usage_shows_the_keys_own_limits_and_usage(lab: Lab) -> None:
+async def test_self_service_usage_shows_the_keys_own_limits_and_usage(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     entry, key = lab.keys.add("alice", limits=KeyLimits(rpm=100, concurrency=3))
     url, client = await start(lab, usage_flush_interval="100ms")
     async with client:
@@ -319,7 +347,9 @@ async def test_self_service_usage_shows_the_keys_own_limits_and_usage(lab: Lab) 
     assert key not in r.text and lab.api_key not in r.text
 
 
-async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(lab: Lab) -> None:
+async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """Through the real bridge: one LLM slot, a greedy key with 8 streams queued, then a modest
     key's request: it is served after at most one greedy turn, not after all 8."""
     _, greedy = lab.keys.add("greedy")
@@ -328,7 +358,7 @@ async def test_requests_beyond_the_llms_slots_wait_fairly_at_the_connector(lab: 
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url, connector={"max_concurrent": 1})
     order: list[str] = []
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with lab.client() as client:
 
         async def one(name: str, key: str) -> None:
             r = await client.post(
