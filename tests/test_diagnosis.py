@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -98,3 +100,72 @@ async def test_an_llm_error_is_an_error_in_the_connectors_log_metrics_and_inspec
         and not re.search(r'outcome="(ok|client_gone|refused)"', line)  # the docs' query
     ]
     assert len(errors) == 1 and 'outcome="llm_error"' in errors[0] and errors[0].endswith(" 1.0")
+
+
+async def chat_as(b: Any, client: httpx.AsyncClient, key: str, prompt: str) -> httpx.Response:
+    return await client.post(
+        b.base_url + CHAT,
+        json={"model": "m", "messages": [{"role": "user", "content": prompt}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+async def test_a_bridge_made_error_names_its_cause_in_the_log_line(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 504 or 502 the connector made says why in its log line (``reason``), not only in
+    the user's body."""
+    async with open_bridge(network=MemoryNetwork(), limits={"first_byte_timeout": "2s"}) as b:
+        caplog.set_level(logging.INFO, "trio_bridge")
+        async with b.client() as client:
+            r = await client.post(
+                b.base_url + CHAT,
+                json={"model": "m", "messages": [{"role": "user", "content": "wait 10 s"}]},
+                headers={"Authorization": f"Bearer {b.api_key}"},
+            )
+    assert r.status_code == 504
+    [line] = [
+        rec
+        for rec in caplog.records
+        if rec.name == "trio_bridge.request" and getattr(rec, "role", "") == "connector"
+    ]
+    assert getattr(line, "status", None) == 504
+    assert "did not start answering in time" in str(getattr(line, "reason", ""))
+
+
+async def test_a_corrupt_keys_file_is_said_at_once_and_the_last_good_keys_stay(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_bridge(network=MemoryNetwork()) as b:
+        caplog.set_level(logging.INFO, "trio_bridge")
+        async with b.client() as client:
+            good = b.keys.path.read_text()
+            b.keys.path.write_text("this is [not toml\n")
+            await trio.sleep(2)  # past the file's re-check interval
+            r = await chat_as(b, client, b.api_key, "hello")
+            assert r.status_code == 200  # the last good keys are in force
+            errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+            assert len(errors) == 1 and str(b.keys.path) in errors[0].getMessage()
+            doc = b.connector.status()
+            assert doc["ready"] and any("keys file" in p for p in doc["problems"])
+            r = await client.get(b.connector_admin_url + "/readyz")
+            assert r.status_code == 200 and r.json()["problems"] == doc["problems"]
+            await trio.sleep(2)
+            await chat_as(b, client, b.api_key, "again")  # no second error line for it
+            assert len([rec for rec in caplog.records if rec.levelno >= logging.ERROR]) == 1
+            b.keys.path.write_text(good)
+            _, key = SecretStore(b.keys.path, "tbk").add("dave")  # a good file again
+            await trio.sleep(2)
+            assert (await chat_as(b, client, key, "hi")).status_code == 200
+            assert b.connector.status()["problems"] == []
+
+
+async def test_not_ready_says_why(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_bridge(network=MemoryNetwork()) as b:
+        assert b.model is not None
+        await b.running_broker.stop()
+        await trio.sleep(1)
+        why = b.connector.not_ready_because()
+        assert len(why) == 1 and why[0].startswith("no relay to a broker is up (")
+        text = _cli.format_status(b.connector.status())
+        assert "NOT READY (no relay to a broker is up" in text

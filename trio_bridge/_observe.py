@@ -190,6 +190,8 @@ class Facts:
     outcome: str | None = None
     reset: str | None = None
     limit: str | None = None  # the key limit that refused it (connector)
+    #: why the bridge answered an error itself (its message to the user, without the request)
+    reason: str | None = None
     head_at: float | None = None  # when the response head went out
     ended: float | None = None
     bytes_in: int = 0
@@ -211,7 +213,7 @@ class Facts:
         out: dict[str, Any] = {"request_id": self.request_id, "method": self.method,
                                "path": path}  # fmt: skip
         for name in ("route", "connector", "key_id", "model", "status", "outcome", "reset",
-                     "limit"):  # fmt: skip
+                     "limit", "reason"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 if type(value) is str and len(value) > 128:

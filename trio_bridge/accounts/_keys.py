@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
+import logging
 import hmac
 import math
 import os
@@ -44,6 +45,8 @@ import trio
 
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._limits import KeyLimits
+
+log = logging.getLogger("trio_bridge.keys")
 
 RELOAD_INTERVAL = 0.5
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -165,6 +168,10 @@ class SecretStore:
         self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = -math.inf
+        #: why the file could not be re-read (the last good entries are in force); None if fine
+        self.reload_error: str | None = None
+        #: the file's stamp when it last failed to read (False: it did not)
+        self._bad_stamp: tuple[int, int, int] | None | bool = False
         self.reload()
 
     # -- reading --
@@ -211,7 +218,9 @@ class SecretStore:
 
     def maybe_reload(self) -> None:
         """Re-read the file if it changed (cheap: one stat at most every RELOAD_INTERVAL of
-        trio's clock; call it from trio)."""
+        trio's clock; call it from trio). A file that cannot be read keeps the last good
+        entries in force: said once at error level, and in :attr:`reload_error` until a good
+        file is read."""
         now = trio.current_time()
         if now - self._checked < RELOAD_INTERVAL:
             return
@@ -220,11 +229,23 @@ class SecretStore:
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None
-        if stamp != self._stamp:
+        if stamp != self._stamp and stamp != self._bad_stamp:
             try:
                 self.reload()
-            except ConfigError:
-                pass  # keep serving with the last good set; `check` reports the problem
+            except ConfigError as exc:
+                self._bad_stamp = stamp
+                self.reload_error = str(exc)
+                log.error(
+                    "%s cannot be read, the %d entries read before stay in force until it "
+                    "is fixed: %s",
+                    self.path,
+                    len(self._by_id),
+                    exc,
+                )
+            else:
+                if self.reload_error is not None:
+                    log.info("%s is readable again (%d entries)", self.path, len(self._by_id))
+                self.reload_error, self._bad_stamp = None, False
         self._checked = now
 
     def entries(self) -> list[SecretEntry]:

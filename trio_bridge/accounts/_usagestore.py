@@ -209,6 +209,8 @@ class UsageStore:
         self._known: frozenset[str] = frozenset()
         self._unlisted: set[str] = set()
         self.flush_failures = 0
+        #: why the last flush failed (None: it did not); its rows wait in memory
+        self.last_error: str | None = None
         self.rows_dropped = 0
         self._failures_metric: Any = None
         self._dropped_metric: Any = None
@@ -391,6 +393,7 @@ class UsageStore:
         except (sqlite3.Error, OSError) as exc:
             self._requeue(batch)
             self.flush_failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
             if self._failures_metric is not None:
                 self._failures_metric.inc()
             log.warning(
@@ -404,6 +407,7 @@ class UsageStore:
             return False
         except Exception as exc:  # a batch that cannot be written at all: not kept for ever
             self.flush_failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
             self.rows_dropped += len(batch)
             if self._failures_metric is not None:
                 self._failures_metric.inc()
@@ -411,6 +415,9 @@ class UsageStore:
                 self._dropped_metric.inc(len(batch))
             log.error("usage flush failed (%s); %d rows dropped", type(exc).__name__, len(batch))
             return False
+        if self.last_error is not None:
+            log.info("usage flush works again (%s)", self.path)
+            self.last_error = None
         return True
 
     def _requeue(self, batch: dict[Key, list[int]]) -> None:

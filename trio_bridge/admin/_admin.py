@@ -164,11 +164,14 @@ class AdminApp:
         pages: Pages | None = None,
         *,
         hosts: Iterable[str] = (),
+        detail: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """``hosts``: the names this endpoint answers to beyond loopback names and IP
-        literals (``admin_listen`` and ``admin_hosts``)."""
+        literals (``admin_listen`` and ``admin_hosts``); ``detail``: what ``/readyz`` says
+        beside ``ready`` (why not, and problems that do not stop it serving)."""
         self.metrics = metrics
         self.ready = ready
+        self.detail = detail
         self.status = status
         self.pages = pages
         self.guard = AdminGuard(hosts)
@@ -226,7 +229,7 @@ class AdminApp:
             await send_simple(send, 200, _JSON, b'{"status": "alive"}')
         elif path == "/readyz":
             ok = self.ready()
-            body = json.dumps({"ready": ok}).encode()
+            body = json.dumps({"ready": ok, **(self.detail() if self.detail else {})}).encode()
             await send_simple(send, 200 if ok else 503, _JSON, body)
         elif path == "/status":
             body = json.dumps(self.status(), indent=1).encode()

@@ -465,9 +465,11 @@ def format_status(doc: dict[str, Any]) -> str:
     lines = []
     recent = doc.get("recent", {})
     lat, ttfb = recent.get("latency", {}), recent.get("time_to_first_byte", {})
+    why = "; ".join(doc.get("not_ready_because") or [])
+    ready = "READY" if doc.get("ready") else "NOT READY" + (f" ({why})" if why else "")
     lines.append(
         f"{doc.get('role', '?')} {doc.get('name', '')} v{doc.get('version', '?')}  "
-        f"{'READY' if doc.get('ready') else 'NOT READY'}  in flight {doc.get('in_flight', 0)}"
+        f"{ready}  in flight {doc.get('in_flight', 0)}"
         + (f"  queued {doc['queued']}" if "queued" in doc else "")
         + f"  up {_ago(doc.get('started'))}"
     )
@@ -482,8 +484,12 @@ def format_status(doc: dict[str, Any]) -> str:
         llm = doc["llm"]
         state = "up" if llm.get("up") else f"DOWN ({llm.get('last_error', '')})"
         lines.append(f"LLM {llm.get('url')}: {state} for {_ago(llm.get('since'))}")
+    for problem in doc.get("problems", []):
+        lines.append(f"PROBLEM: {problem}")
     for relay in doc.get("relays", []):
-        err = f"  last error: {relay['last_error']}" if relay.get("last_error") else ""
+        # the error that took it down, while it is down (a relay up again has none to show)
+        down = relay.get("state") != "connected" and relay.get("last_error")
+        err = f"  last error: {relay['last_error']}" if down else ""
         lines.append(
             f"relay {relay['broker']}: {relay['state']} for {_ago(relay.get('since'))}, "
             f"reconnects {relay.get('reconnects', 0)}, in flight {relay.get('in_flight', 0)}{err}"

@@ -3,7 +3,8 @@
 It is **not an LLM**: it answers every chat with a fixed sentence that echoes the last user
 message, or, when asked to "count to N", with "1 2 3 … N" (handy for long streams); asked to
 "fail with NNN" (a status from 400 to 599), it answers that error, as an LLM server in trouble
-would (for tests of what a client, the bridge's logs and metrics make of it). Tokens are
+would, and asked to "wait N s" (up to an hour) it says nothing for N seconds before it answers
+(for tests of what a client, the bridge's timeouts, logs and metrics make of it). Tokens are
 words, streamed at a steady pace (``token_delay``). Used by ``python -m trio_bridge demo`` when
 no real LLM answers, and by the test suite (``trio_bridge.testing``).
 
@@ -167,6 +168,8 @@ class TestModel:
             prompt = str(users[-1]) if users else ""
         else:
             prompt = str(req.get("prompt", ""))
+        if (wait := _WAIT.fullmatch(prompt.strip())) and float(wait[1]) <= 3600:
+            await trio.sleep(float(wait[1]))
         if (failure := _FAIL.fullmatch(prompt.strip())) and 400 <= int(failure[1]) <= 599:
             status = int(failure[1])
             await _error(send, status, f"failing as asked ({status})", code="test_failure")
@@ -326,6 +329,7 @@ async def _json(send: Send, status: int, doc: Any) -> None:
 
 
 _FAIL = re.compile(r"fail with (\d{3})", re.I)
+_WAIT = re.compile(r"wait (\d+(?:\.\d+)?) ?s", re.I)
 
 
 async def _error(send: Send, status: int, message: str, code: str = "invalid_request") -> None:

@@ -218,11 +218,40 @@ class Connector:
         """Relay up to at least one broker AND the LLM answers (and not draining)."""
         return bool(self.relays) and self.llm.ready and not self.draining
 
+    def not_ready_because(self) -> list[str]:
+        """Why :meth:`ready` is False (empty when it is True)."""
+        why = []
+        if self.draining:
+            why.append("draining")
+        if not self.relays:
+            errors = [st["last_error"] for st in self.relay_states.values() if st["last_error"]]
+            why.append("no relay to a broker is up" + (f" ({errors[0]})" if errors else ""))
+        if not self.llm.ready:
+            why.append(f"the LLM is down ({self.llm.last_error})")
+        return why
+
+    def problems(self) -> list[str]:
+        """What is wrong without stopping it serving (the keys file, the usage store)."""
+        out = []
+        if self.keys.reload_error is not None:
+            out.append(f"keys file: {self.keys.reload_error} (the last good keys are in force)")
+        store = self.usage_store
+        if store is not None and store.last_error is not None:
+            out.append(f"usage store: {store.last_error} (rows kept in memory, retried)")
+        return out
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` says beside ``ready``."""
+        return {"not_ready_because": self.not_ready_because(), "problems": self.problems()}
+
     def status_line(self) -> str:
         n = len(self.config.connector.broker_urls)
         state = "draining; " if self.draining else ""
         llm = "up" if self.llm.ready else "DOWN"
-        return f"{state}relays {len(self.relays)}/{n} up; LLM {llm}; in flight {self.in_flight}"
+        line = f"{state}relays {len(self.relays)}/{n} up; LLM {llm}; in flight {self.in_flight}"
+        if problems := self.problems():
+            line += f"; {len(problems)} problem(s): {problems[0]}"
+        return line
 
     def status(self) -> dict[str, Any]:
         llm = self.llm
@@ -252,6 +281,7 @@ class Connector:
             "max_concurrent": self.config.connector.max_concurrent,
             "recent": self.stats.summary(),
             "tokens": self.accounting.tokens_status(),
+            **self.readiness(),
         }
 
     # -- changes --
@@ -286,6 +316,7 @@ class Connector:
                         self.status,
                         pages(self),
                         hosts=[c.admin_listen, *c.admin_hosts],
+                        detail=self.readiness,
                     )
                     with listening("connector.admin_listen", c.admin_listen):
                         self.admin_address = await outer.start(

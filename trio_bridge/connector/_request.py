@@ -377,8 +377,10 @@ class RelayedRequest:
         code: str | None = None,
         extra: list[tuple[bytes, bytes]] | None = None,
     ) -> str:
-        """Answer with a bridge-made error; its outcome."""
+        """Answer with a bridge-made error; its outcome. The message is the log line's
+        ``reason`` too."""
         self.facts.status = status
+        self.facts.reason = message
         _, headers, body = error_response(
             status, message, self.facts.request_id, retry_after=retry_after, code=code
         )
