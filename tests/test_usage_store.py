@@ -20,6 +20,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import memory_upstream
 
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._usagestore import (
@@ -30,7 +31,7 @@ from trio_bridge.accounts._usagestore import (
     read_rows,
     utc_day,
 )
-from trio_bridge.testing import Lab, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, RunningConnector, open_lab
 
 CHAT = "/v1/chat/completions"
 #: the columns of a row an older release wrote
@@ -56,6 +57,14 @@ def record(store: UsageStore, key: str = "k1", model: str = "m", now: float | No
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
+    """A lab in memory, for tests on the autojump clock."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        yield lab
+
+
+@pytest.fixture
+async def tcp_lab() -> AsyncIterator[Lab]:
+    """A lab on loopback sockets and the real clock, for a test that measures the loop."""
     async with open_lab() as lab:
         yield lab
 
@@ -257,51 +266,70 @@ async def test_the_summary_is_loaded_once_off_the_loop_and_folds_old_junk(
     store.close()
 
 
-# -- through the connector ----------------------------------------------------------------------
+# -- through the connector (in memory, on the autojump clock) -----------------------------------
+#
+# The store reads and writes its file in worker threads, which the autojump clock does not wait
+# for (it jumps on to the next deadline meanwhile): these tests read the summary before their
+# time counts (usage_loaded), and wait for a write on a thread's event, never on a deadline.
+
+
+async def usage_loaded(rc: RunningConnector) -> None:
+    store = rc.connector.usage_store
+    assert store is not None
+    await store.load()
 
 
 async def start(lab: Lab, **connector: object) -> tuple[Any, str]:
     model = await lab.start_test_model(token_delay=0.001)
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url, connector=dict(connector))
+    await usage_loaded(rc)
     return rc, rb.url
 
 
-async def test_a_failing_usage_file_never_stops_the_connector(lab: Lab) -> None:
+async def test_a_failing_usage_file_never_stops_the_connector(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rc, url = await start(lab, usage_flush_interval="100ms")
     store = rc.connector.usage_store
     assert store is not None
     write, broken = store._write, True
+    failed, written = threading.Event(), threading.Event()
 
     def flaky(batch: dict[tuple[str, str, str], list[int]]) -> None:
         if broken:
+            failed.set()
             raise sqlite3.OperationalError("database or disk is full")
         write(batch)
+        written.set()
 
     store._write = flaky  # type: ignore[method-assign]
     auth = {"Authorization": f"Bearer {lab.api_key}"}
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with lab.client() as client:
         for _ in range(3):
             assert (await client.post(url + CHAT, json=chat(), headers=auth)).status_code == 200
             await trio.sleep(0.3)
+        assert await trio.to_thread.run_sync(failed.wait, 10)
         failures = rc.connector.metrics.registry.get_sample_value(
             "trio_bridge_usage_flush_failures_total"
         )
         assert failures is not None and failures >= 1
         assert read_rows(store.path) == []
+        # served while its usage cannot be written
+        assert (await client.post(url + CHAT, json=chat(), headers=auth)).status_code == 200
         broken = False
-        with trio.fail_after(10):
-            while not read_rows(store.path):
-                await trio.sleep(0.1)
+        assert await trio.to_thread.run_sync(written.wait, 10)
         assert (await client.post(url + CHAT, json=chat(), headers=auth)).status_code == 200
     assert sum(r["requests"] for r in read_rows(store.path)) >= 3
 
 
-async def test_echoed_model_names_do_not_grow_the_store(lab: Lab) -> None:
+async def test_echoed_model_names_do_not_grow_the_store(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """The test model lists one model and answers for any name (like llama.cpp)."""
     rc, url = await start(lab)
     auth = {"Authorization": f"Bearer {lab.api_key}"}
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with lab.client() as client:
         for i in range(60):
             r = await client.post(url + CHAT, json=chat(model=f"made-up-{i}"), headers=auth)
             assert r.status_code == 200
@@ -311,11 +339,13 @@ async def test_echoed_model_names_do_not_grow_the_store(lab: Lab) -> None:
     assert sum(row["requests"] for row in store.rows()) == 61  # each one still counted
 
 
-async def test_usage_of_one_key_never_shows_another(lab: Lab) -> None:
+async def test_usage_of_one_key_never_shows_another(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     a_entry, a = lab.keys.add("alice")
     _, b = lab.keys.add("bob")
     rc, url = await start(lab)
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with lab.client() as client:
         for key, n in ((a, 2), (b, 5)):
             for _ in range(n):
                 r = await client.post(
@@ -331,13 +361,15 @@ async def test_usage_of_one_key_never_shows_another(lab: Lab) -> None:
     del rc, a_entry
 
 
-async def test_usage_is_a_request_of_its_key_and_its_limits_apply(lab: Lab) -> None:
+async def test_usage_is_a_request_of_its_key_and_its_limits_apply(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     _, one = lab.keys.add("one-at-a-time", limits=KeyLimits(concurrency=1))
     _, few = lab.keys.add("few", limits=KeyLimits(rpm=2))
     model = await lab.start_test_model(token_delay=0.05)
     rb = await lab.start_broker()
-    await lab.start_connector([rb], model.url)
-    async with httpx.AsyncClient(timeout=30) as client:
+    await usage_loaded(await lab.start_connector([rb], model.url))
+    async with lab.client() as client:
         auth = {"Authorization": f"Bearer {one}"}
         async with client.stream(
             "POST", rb.url + CHAT, json=chat("count to 20", stream=True), headers=auth
@@ -364,13 +396,13 @@ async def test_usage_is_a_request_of_its_key_and_its_limits_apply(lab: Lab) -> N
 
 
 async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
-    lab: Lab,
+    tcp_lab: Lab,
 ) -> None:
     """100 000 rows of junk model names from an older release, ten parallel calls: each answer
     is built from the key's bounded summary, and the loop keeps turning (reading the rows of
     the file took ~0.5 s per call here, on the loop)."""
-    me = next(e.id for e in lab.keys.entries() if e.name == "lab-user")
-    db = connect(lab.dir / "usage.sqlite3")
+    me = next(e.id for e in tcp_lab.keys.entries() if e.name == "lab-user")
+    db = connect(tcp_lab.dir / "usage.sqlite3")
     now = time.time()
     db.executemany(
         f"INSERT INTO usage ({OLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -380,11 +412,14 @@ async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
         ],
     )
     db.close()
-    rc, url = await start(lab)
+    model = await tcp_lab.start_test_model(token_delay=0.001)
+    rb = await tcp_lab.start_broker()
+    rc = await tcp_lab.start_connector([rb], model.url)
+    url = rb.url
     store = rc.connector.usage_store
     with trio.fail_after(10):
         await store.load()
-    auth = {"Authorization": f"Bearer {lab.api_key}"}
+    auth = {"Authorization": f"Bearer {tcp_lab.api_key}"}
     watch = LoopWatch()
     answers: list[httpx.Response] = []
     async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
@@ -466,7 +501,9 @@ async def test_a_summary_that_cannot_be_read_leaves_flushing_alone(tmp_path: Pat
 # -- what usage counts: every request of a key, refusals and errors apart -------------------------
 
 
-async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(lab: Lab) -> None:
+async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """A 429 (here: over the key's concurrency, refused before its body is read) is a request
     of its key, counted as refused (the bridge said no), not as an error (nothing failed):
     ``usage``, ``/_bridge/usage`` and the metrics agree on that."""
@@ -474,8 +511,9 @@ async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(lab
     model = await lab.start_test_model(token_delay=0.02)
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url)
+    await usage_loaded(rc)
     auth = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with lab.client() as client:
         async with client.stream(
             "POST", rb.url + CHAT, json=chat("count to 20", stream=True), headers=auth
         ) as streaming:
@@ -495,16 +533,16 @@ async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(lab
     assert sum(row["requests"] for row in rows) == 2
 
 
-async def test_an_answer_the_llm_breaks_off_counts_as_an_error(lab: Lab) -> None:
+async def test_an_answer_the_llm_breaks_off_counts_as_an_error(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """Errors in usage follow the metrics' rule: a 5xx, or an answer that broke off (the
     status was 200)."""
-    from upstream import run_upstream
-
-    async with run_upstream() as (_, llm):
+    async with memory_upstream(lab.network) as (_, llm):
         rb = await lab.start_broker()
         rc = await lab.start_connector([rb], llm)
         auth = {"Authorization": f"Bearer {lab.api_key}"}
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with lab.client() as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.post(rb.url + "/die", json=chat(), headers=auth)
             with trio.fail_after(5):
