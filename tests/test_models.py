@@ -1,5 +1,6 @@
 """Models across connectors: routing by the request's model, preferred boxes, one merged model
-list (the key still checked by a connector), aliases with fallbacks, old connectors beside."""
+list (the key still checked by a connector), aliases with fallbacks, old connectors beside.
+In memory, on the autojump clock."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import trio
-from upstream import run_upstream
+import trio.testing
+from conftest import memory_upstream
 
 from trio_bridge.relay._frames import FrameDecoder
 from trio_bridge.relay._protocol import Session, _decode_hello
-from trio_bridge.testing import Lab, RunningBroker, RunningModel, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, RunningBroker, RunningModel, open_lab
 
 CHAT = "/v1/chat/completions"
 
@@ -23,7 +25,8 @@ def chat(model: str, prompt: str = "count to 3", stream: bool = False) -> dict[s
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
-    async with open_lab() as lab:
+    """A lab in memory, for tests on the autojump clock."""
+    async with open_lab(network=MemoryNetwork()) as lab:
         yield lab
 
 
@@ -47,7 +50,9 @@ def served_by(models: dict[str, RunningModel]) -> dict[str, int]:
     }
 
 
-async def test_requests_go_to_a_connector_that_serves_their_model(lab: Lab) -> None:
+async def test_requests_go_to_a_connector_that_serves_their_model(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker()
     models = await boxes(
         lab,
@@ -55,7 +60,7 @@ async def test_requests_go_to_a_connector_that_serves_their_model(lab: Lab) -> N
         {"big": (("qwen2.5-coder:32b",), 0), "laptop": (("qwen2.5-coder:7b", "nomic"), 0)},
     )
     auth = {"Authorization": f"Bearer {lab.api_key}"}
-    async with httpx.AsyncClient() as client:
+    async with lab.client() as client:
         for model, n in (("qwen2.5-coder:32b", 3), ("qwen2.5-coder:7b", 2), ("nomic", 1)):
             for _ in range(n):
                 r = await client.post(rb.url + CHAT, json=chat(model), headers=auth)
@@ -64,22 +69,26 @@ async def test_requests_go_to_a_connector_that_serves_their_model(lab: Lab) -> N
     assert served_by(models) == {"big": 3, "laptop": 3}
 
 
-async def test_an_unknown_model_is_404_at_once_naming_the_models(lab: Lab) -> None:
+async def test_an_unknown_model_is_404_at_once_naming_the_models(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker(broker={"queue_timeout": "30s"})
     models = await boxes(lab, rb, {"a": (("m1",), 0), "b": (("m2", "m3"), 0)})
-    async with httpx.AsyncClient() as client:
+    async with lab.client() as client:
         t0 = trio.current_time()
         r = await client.post(
             rb.url + CHAT, json=chat("gpt-4"), headers={"Authorization": f"Bearer {lab.api_key}"}
         )
-        assert trio.current_time() - t0 < 2
+        assert trio.current_time() - t0 == 0  # at once: not after the queue_timeout (30 s)
     assert r.status_code == 404
     error = r.json()["error"]
     assert error["code"] == "model_not_found" and "m1, m2, m3" in error["message"]
     assert served_by(models) == {"a": 0, "b": 0}
 
 
-async def test_the_preferred_box_takes_requests_while_it_is_up(lab: Lab) -> None:
+async def test_the_preferred_box_takes_requests_while_it_is_up(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker(broker={"queue_timeout": "10s"})
     model_big = await lab.start_test_model(models=("coder",), token_delay=0.01)
     model_small = await lab.start_test_model(models=("coder",), token_delay=0.01)
@@ -90,7 +99,7 @@ async def test_the_preferred_box_takes_requests_while_it_is_up(lab: Lab) -> None
     await lab.start_connector([rb], other.url, connector={"name": "other"})
     auth = {"Authorization": f"Bearer {lab.api_key}"}
     statuses: list[int] = []
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with lab.client() as client:
 
         async def load(n: int) -> None:
             for _ in range(n):
@@ -123,13 +132,15 @@ async def test_the_preferred_box_takes_requests_while_it_is_up(lab: Lab) -> None
     assert statuses.count(200) >= len(statuses) - 4, statuses
 
 
-async def test_an_alias_falls_back_to_the_next_model_before_the_first_byte(lab: Lab) -> None:
+async def test_an_alias_falls_back_to_the_next_model_before_the_first_byte(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker(
         broker={"aliases": {"coder": ["coder:32b", "coder:7b"], "nothing": ["x", "y"]}}
     )
     models = await boxes(lab, rb, {"big": (("coder:32b",), 0), "small": (("coder:7b",), 0)})
     auth = {"Authorization": f"Bearer {lab.api_key}"}
-    async with httpx.AsyncClient() as client:
+    async with lab.client() as client:
         r = await client.post(rb.url + CHAT, json=chat("coder"), headers=auth)
         assert r.status_code == 200 and r.json()["model"] == "coder:32b"  # the first choice
         models["big"].stop.cancel()  # the big box's LLM dies; its connector still says "up"
@@ -141,10 +152,12 @@ async def test_an_alias_falls_back_to_the_next_model_before_the_first_byte(lab: 
     assert served_by({"small": models["small"]}) == {"small": 1}
 
 
-async def test_merged_model_list_needs_a_valid_key(lab: Lab) -> None:
+async def test_merged_model_list_needs_a_valid_key(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker()
     await boxes(lab, rb, {"a": (("m1", "shared"), 0), "b": (("m2", "shared"), 0)})
-    async with httpx.AsyncClient() as client:
+    async with lab.client() as client:
         bad = await client.get(rb.url + "/v1/models", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401
         assert "m1" not in bad.text and "shared" not in bad.text
@@ -157,14 +170,16 @@ async def test_merged_model_list_needs_a_valid_key(lab: Lab) -> None:
     assert {m["name"] for m in tags.json()["models"]} == {"m1", "m2", "shared"}
 
 
-async def test_an_old_connector_that_names_no_models_serves_anything(lab: Lab) -> None:
+async def test_an_old_connector_that_names_no_models_serves_anything(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     rb = await lab.start_broker()
     models = await boxes(lab, rb, {"new": (("m1",), 0)})
-    async with run_upstream() as (old_llm, old_url):  # answers neither /v1/models nor /api/tags
+    async with memory_upstream(lab.network) as (old_llm, old_url):  # no /v1/models, /api/tags
         await lab.start_connector([rb], old_url, connector={"name": "old"})
         relays = {r.name: r for r in rb.broker.registry.relays()}
         assert relays["old"].models is None and relays["new"].models == ("m1",)
-        async with httpx.AsyncClient() as client:
+        async with lab.client() as client:
             auth = {"Authorization": f"Bearer {lab.api_key}"}
             r = await client.post(rb.url + "/echo", json=chat("legacy-model"), headers=auth)
             assert r.status_code == 200  # no 404: the old connector may serve it
@@ -190,14 +205,19 @@ def test_a_hello_without_models_means_anything_and_with_them_round_trips() -> No
     assert b"models" not in old  # the wire format of older releases, byte for byte
 
 
-async def test_no_fallback_once_the_first_byte_went_out(lab: Lab) -> None:
+async def test_no_fallback_once_the_first_byte_went_out(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """The first candidate's LLM answers a head and a chunk, then dies: the client gets an
     aborted answer; the next candidate is never tried (the client already has bytes)."""
     rb = await lab.start_broker(broker={"aliases": {"coder": ["big", "small"]}})
-    async with run_upstream() as (big_llm, big_url), run_upstream() as (small_llm, small_url):
+    async with (
+        memory_upstream(lab.network) as (big_llm, big_url),
+        memory_upstream(lab.network) as (small_llm, small_url),
+    ):
         await lab.start_connector([rb], big_url, connector={"name": "a", "models": ["big"]})
         await lab.start_connector([rb], small_url, connector={"name": "b", "models": ["small"]})
-        async with httpx.AsyncClient() as client:
+        async with lab.client() as client:
             with pytest.raises(httpx.RemoteProtocolError):  # the response is cut, not complete
                 await client.post(
                     rb.url + "/die",  # the upstream's path: a head, one chunk, then it dies
