@@ -1,15 +1,18 @@
 """Trust between tenants: tokens bound to routes, nothing secret crosses to another connector,
-tokens rotate without a restart. Each test plays the attacker against real sockets."""
+tokens rotate without a restart. Each test plays the attacker: against real sockets where it
+is about what crosses them (paths, headers, keys, a forged broker); in memory on the autojump
+clock where it is about refusals, retries and rotations over time."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
 import trio
+import trio.testing
+from conftest import memory_upstream
 from trio_websocket import ConnectionClosed, serve_websocket
 from upstream import Upstream, run_upstream
 
@@ -17,11 +20,18 @@ from trio_bridge import Connector
 from trio_bridge._backoff import Backoff
 from trio_bridge.relay._frames import FLAG_END_STREAM, FrameDecoder, FrameType, encode_frame
 from trio_bridge.relay._protocol import RequestHead, Session
-from trio_bridge.testing import Lab, RunningBroker, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, RunningBroker, open_lab
 
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
+    """A lab in memory, for tests on the autojump clock."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        yield lab
+
+
+@pytest.fixture
+async def tcp_lab() -> AsyncIterator[Lab]:
     async with open_lab() as lab:
         yield lab
 
@@ -49,8 +59,13 @@ def last_error(rc_connector: Connector) -> str:
     return str(next(iter(rc_connector.relay_states.values()))["last_error"])
 
 
-async def test_a_token_for_route_a_cannot_serve_route_b(lab: Lab) -> None:
-    async with run_upstream() as (alice_llm, alice_url), run_upstream() as (bob_llm, bob_url):
+async def test_a_token_for_route_a_cannot_serve_route_b(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        memory_upstream(lab.network) as (alice_llm, alice_url),
+        memory_upstream(lab.network) as (bob_llm, bob_url),
+    ):
         _, alice_token = lab.tokens.add("alice", routes=("alice",))
         _, bob_token = lab.tokens.add("bob", routes=("bob",))
         rb = await lab.start_broker()
@@ -71,7 +86,7 @@ async def test_a_token_for_route_a_cannot_serve_route_b(lab: Lab) -> None:
         assert "route 'alice' is not allowed" in error and "bob" in error
         assert bob_token not in error
         assert [r.name for r in rb.broker.registry.relays("alice")] == ["alice"]
-        async with httpx.AsyncClient() as client:
+        async with lab.client() as client:
             for _ in range(5):
                 r = await client.get(
                     rb.url + "/r/alice/headers",
@@ -83,10 +98,15 @@ async def test_a_token_for_route_a_cannot_serve_route_b(lab: Lab) -> None:
         # and the refusal is retried slowly (5-60 s), not in a loop
         state = next(iter(thief.connector.relay_states.values()))
         assert state["next_attempt_in"] >= 5.0
+        before = refused(rb, "route_not_allowed")
+        await trio.sleep(600)
+        retries = refused(rb, "route_not_allowed") - before
+        assert 600 / 60 <= retries <= 600 / 5, retries
+        assert [r.name for r in rb.broker.registry.relays("alice")] == ["alice"]
 
 
 async def test_a_token_written_before_route_binding_serves_the_default_route_only(
-    lab: Lab, tmp_path: Path
+    lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     # A tokens file as the previous release wrote it: no "routes" key.
     _, legacy_token = lab.tokens.add("legacy")
@@ -108,7 +128,9 @@ async def test_a_token_written_before_route_binding_serves_the_default_route_onl
     assert ok.connector.relays
 
 
-async def test_glob_routes_and_changing_them_closes_relays_no_longer_allowed(lab: Lab) -> None:
+async def test_glob_routes_and_changing_them_closes_relays_no_longer_allowed(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     _, token = lab.tokens.add("team", routes=("team-*",))
     rb = await lab.start_broker()
     model = await lab.start_test_model()
@@ -123,11 +145,13 @@ async def test_glob_routes_and_changing_them_closes_relays_no_longer_allowed(lab
     await wait_for(lambda: "not allowed" in last_error(rc.connector))
 
 
-async def test_a_wrong_relay_path_reaches_no_connector(lab: Lab, up: tuple[Upstream, str]) -> None:
+async def test_a_wrong_relay_path_reaches_no_connector(
+    tcp_lab: Lab, up: tuple[Upstream, str]
+) -> None:
     app, url = up
-    rb = await lab.start_broker()
-    await lab.start_connector([rb], url)  # an honest connector on the default route
-    lost = await lab.start_connector(
+    rb = await tcp_lab.start_broker()
+    await tcp_lab.start_connector([rb], url)  # an honest connector on the default route
+    lost = await tcp_lab.start_connector(
         [f"ws://{rb.host}:{rb.port}/wrong/path"],
         url,
         connector={"name": "lost"},
@@ -147,7 +171,7 @@ async def test_a_wrong_relay_path_reaches_no_connector(lab: Lab, up: tuple[Upstr
         }
         for path in ("/wrong/path", "/_bridge/relay/x", "/v1/realtime"):
             r = await client.get(
-                rb.url + path, headers={**upgrade, "Authorization": f"Bearer {lab.token}"}
+                rb.url + path, headers={**upgrade, "Authorization": f"Bearer {tcp_lab.token}"}
             )
             assert r.status_code == 404, path
             assert "/_bridge/relay" in r.json()["error"]["message"]
@@ -157,17 +181,17 @@ async def test_a_wrong_relay_path_reaches_no_connector(lab: Lab, up: tuple[Upstr
 
 
 async def test_a_connector_token_sent_as_an_api_key_is_never_forwarded(
-    lab: Lab, up: tuple[Upstream, str]
+    tcp_lab: Lab, up: tuple[Upstream, str]
 ) -> None:
     app, url = up
-    rb = await lab.start_broker()
-    rc = await lab.start_connector([rb], url)
+    rb = await tcp_lab.start_broker()
+    rc = await tcp_lab.start_connector([rb], url)
     async with httpx.AsyncClient() as client:
         for header in ("Authorization", "x-api-key"):
-            value = f"Bearer {lab.token}" if header == "Authorization" else lab.token
+            value = f"Bearer {tcp_lab.token}" if header == "Authorization" else tcp_lab.token
             r = await client.post(rb.url + "/v1/chat/completions", headers={header: value})
             assert r.status_code == 401
-            assert lab.token not in r.text
+            assert tcp_lab.token not in r.text
             assert "connector token" in r.json()["error"]["message"]
     assert app.forwarded() == []
     requests = rc.connector.metrics.registry.get_sample_value(
@@ -193,14 +217,14 @@ SPOOFED = {
 
 @pytest.mark.parametrize("trusted", [False, True])
 async def test_spoofed_forwarding_and_bridge_headers_are_stripped(
-    lab: Lab, up: tuple[Upstream, str], trusted: bool
+    tcp_lab: Lab, up: tuple[Upstream, str], trusted: bool
 ) -> None:
     app, url = up
-    rb = await lab.start_broker(broker={"trusted_proxies": ["127.0.0.0/8"] if trusted else []})
-    await lab.start_connector([rb], url)
+    rb = await tcp_lab.start_broker(broker={"trusted_proxies": ["127.0.0.0/8"] if trusted else []})
+    await tcp_lab.start_connector([rb], url)
     async with httpx.AsyncClient() as client:
         r = await client.get(
-            rb.url + "/headers", headers={"Authorization": f"Bearer {lab.api_key}", **SPOOFED}
+            rb.url + "/headers", headers={"Authorization": f"Bearer {tcp_lab.api_key}", **SPOOFED}
         )
         assert r.status_code == 200
     seen = dict(app.forwarded()[-1]["headers"])
@@ -218,7 +242,9 @@ async def test_spoofed_forwarding_and_bridge_headers_are_stripped(
                 assert name.lower() not in seen, name
 
 
-async def test_a_rotated_token_is_picked_up_from_the_file_without_a_restart(lab: Lab) -> None:
+async def test_a_rotated_token_is_picked_up_from_the_file_without_a_restart(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     entry, token = lab.tokens.add("home", routes=("default",))
     token_file = lab.dir / "connector.token"
     token_file.write_text(token + "\n")
@@ -233,7 +259,7 @@ async def test_a_rotated_token_is_picked_up_from_the_file_without_a_restart(lab:
             "token_file": "connector.token",
         }
     )
-    connector = Connector(config, keys=lab.keys)  # reads the token from the file
+    connector = Connector(config, keys=lab.keys, network=lab.network)  # token: from the file
     lab.nursery.start_soon(connector.run)
     await wait_for(lambda: [r.token_id for r in rb.broker.registry.relays()] == [entry.id])
 
@@ -245,7 +271,7 @@ async def test_a_rotated_token_is_picked_up_from_the_file_without_a_restart(lab:
     os.chmod(tmp, 0o600)
     tmp.replace(token_file)
     await wait_for(lambda: [r.token_id for r in rb.broker.registry.relays()] == [new_entry.id])
-    async with httpx.AsyncClient() as client:
+    async with lab.client() as client:
         r = await client.get(
             rb.url + "/v1/models", headers={"Authorization": f"Bearer {lab.api_key}"}
         )
@@ -265,7 +291,7 @@ def test_refused_dials_are_retried_every_5_to_60_seconds() -> None:
 
 
 async def test_a_hostile_broker_cannot_get_past_the_connectors_keys(
-    lab: Lab, up: tuple[Upstream, str]
+    tcp_lab: Lab, up: tuple[Upstream, str]
 ) -> None:
     """A broker that forges requests for a route the connector never registered, with forged
     bridge headers, no key, or the connector's own token as the key: the LLM sees none."""
@@ -282,7 +308,7 @@ async def test_a_hostile_broker_cannot_get_past_the_connectors_keys(
             await ws.send_message(session.send_hello(role="broker"))
             heads = [
                 [(b"x-trio-bridge-route", b"other")],
-                [(b"authorization", b"Bearer " + lab.token.encode())],
+                [(b"authorization", b"Bearer " + tcp_lab.token.encode())],
                 [(b"x-api-key", b"tbk_aaaaaaaa_forged")],
             ]
             batch = b""
@@ -307,7 +333,7 @@ async def test_a_hostile_broker_cannot_get_past_the_connectors_keys(
 
     async with trio.open_nursery() as nursery:
         listener = await nursery.start(serve_websocket, evil_broker, "127.0.0.1", 0, None)
-        await lab.start_connector(
+        await tcp_lab.start_connector(
             [f"ws://127.0.0.1:{listener.port}/_bridge/relay"], url, wait=False
         )
         with trio.fail_after(10):
