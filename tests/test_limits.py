@@ -275,14 +275,14 @@ async def test_a_model_outside_the_allowlist_is_403_and_never_reaches_the_llm(
             assert len(app.forwarded()) == 1
 
 
-async def test_an_expired_key_is_refused_like_a_revoked_one(
+async def test_an_expired_key_is_refused_and_told_it_expired(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     _, key = lab.keys.add("temp", expires="2020-01-01T00:00:00Z")
     url, client = await start(lab)
     async with client:
         r = await client.post(url + CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"})
-    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_expired"
 
 
 def test_minute_windows_run_on_the_monotonic_clock_not_the_wall_clock() -> None:
