@@ -27,8 +27,8 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
-import logging
 import hmac
+import logging
 import math
 import os
 import re
@@ -171,7 +171,7 @@ class SecretStore:
         #: why the file could not be re-read (the last good entries are in force); None if fine
         self.reload_error: str | None = None
         #: the file's stamp when it last failed to read (False: it did not)
-        self._bad_stamp: tuple[int, int, int] | None | bool = False
+        self._bad_stamp: tuple[int, int, int] | bool | None = False
         self.reload()
 
     # -- reading --
