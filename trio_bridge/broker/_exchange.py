@@ -221,7 +221,7 @@ class Exchange:
                 break
             parts.append(chunk)
             self.body_size += len(chunk)
-        return b"".join(parts)
+        return b"".join(parts)  # noqa: ASYNC910  each turn awaits the body
 
     async def _to_route(
         self, route: str, head: RequestHead, first: bytes, model: str | None, *, last: bool
@@ -299,13 +299,13 @@ class Exchange:
         if self.bad_body:
             return await self._error(400, self.bad_body)
         if self.client_gone:
-            return "client_gone"
+            return "client_gone"  # noqa: ASYNC910  the reset came while awaiting the answer
         if may_retry and exc.code == ResetCode.REFUSED:
-            return _RETRY
+            return _RETRY  # noqa: ASYNC910  the reset came while awaiting the answer
         if self.too_large:
             return await self._error(413, "request body too large")
         if may_fall_back:
-            return _FALLBACK  # nothing reached the client: the next candidate model
+            return _FALLBACK  # noqa: ASYNC910  the reset came while awaiting the answer; nothing reached the client: the next candidate model
         status, message = _RESET_STATUS.get(
             exc.code,
             (502, "the connector failed to answer"),  # type: ignore[call-overload]
@@ -382,7 +382,7 @@ class Exchange:
             await self._error(502, "the LLM's connector sent a bad answer")
         except ClientDisconnected:
             facts.status = facts.head_at = None  # nothing went out
-        return "bad_answer"
+        return "bad_answer"  # noqa: ASYNC910  the bad answer came from an await; the error reply awaited unless gone
 
     def abort(self, reason: str) -> None:
         """Stop the request now (the broker stops): its scope is cancelled with ``reason``;
@@ -398,7 +398,7 @@ class Exchange:
             self.stream.reset(ResetCode.SHUTDOWN, self.shutdown)
         self.facts.reset = self.shutdown
         if self.req.answer_started:
-            return "aborted"  # the server closes the connection without the answer's end
+            return "aborted"  # noqa: ASYNC910  after abort(): the request's scope was cancelled; the server closes the connection without the answer's end
         return await self._error(503, "the broker is shutting down; retry", 1)
 
     def _start_reader(self) -> None:
@@ -431,10 +431,10 @@ class Exchange:
         except BadBody as exc:
             self.bad_body = str(exc)
             self._client_gone(str(exc))
-            return
+            return  # noqa: ASYNC910  a task's body: the body read awaited
         except ClientDisconnected as exc:
             self._client_gone(str(exc))
-            return
+            return  # noqa: ASYNC910  a task's body: the body read awaited
         await req.wait_disconnect()
         self._client_gone("client disconnected")
 

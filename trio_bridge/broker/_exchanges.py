@@ -90,7 +90,7 @@ class Exchanges:
         if not self._live and self._idle is not None:
             self._idle.set()
 
-    async def wait_idle(self) -> None:
+    async def wait_idle(self) -> None:  # noqa: ASYNC910  nothing in flight: nothing to wait for
         """Return once no request is in flight."""
         while self._live:
             if self._idle is None or self._idle.is_set():
@@ -127,7 +127,7 @@ class Exchanges:
         """A connector of ``route`` with a free slot, reserved (waiting in the route's queue up
         to ``queue_timeout``), or why there is none."""
         if self.registry.not_ready(route) and not self.queue_when_not_ready:
-            return Refusal(503, "the LLM behind this route is not ready; retry later",
+            return Refusal(503, "the LLM behind this route is not ready; retry later",  # noqa: ASYNC910  refused at once, by rule
                            RETRY_AFTER_NOT_READY)  # fmt: skip
         waited = trio.current_time()
         # a free connector (the usual case) is taken without a cancel scope for the wait
@@ -138,15 +138,15 @@ class Exchanges:
                     handle = await self.registry.acquire(route, model)
         except QueueFull:
             self.limit_hit("queue")
-            return Refusal(503, "too many requests are waiting for this route; retry later", 1)
+            return Refusal(503, "too many requests are waiting for this route; retry later", 1)  # noqa: ASYNC910  the queue is full: refused at once
         m = self.metrics
         m.child(m.queue_wait, "broker", self.registry.metric_label(route)).observe(
             trio.current_time() - waited
         )
         if handle is None:
-            return Refusal(503, "no connector is available for this route; retry later",
+            return Refusal(503, "no connector is available for this route; retry later",  # noqa: ASYNC910  the wait for a connector (awaited) ran out
                            max(1, int(self.queue_timeout)))  # fmt: skip
-        return handle
+        return handle  # noqa: ASYNC910  a free connector: taken without waiting
 
     def account(self, facts: Facts, reset_code: int | None) -> None:
         """Count a finished request in the metrics and the recent figures."""

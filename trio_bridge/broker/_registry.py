@@ -250,7 +250,7 @@ class Registry:
         """
         h = self.try_acquire(route, model)
         if h is not None:
-            return h
+            return h  # noqa: ASYNC910  a free connector: taken without waiting
         if len(self._waiters) >= self.max_queue:
             raise QueueFull
         w = _Waiter(route, model)

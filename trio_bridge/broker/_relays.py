@@ -158,7 +158,7 @@ class RelayEndpoint:
         token = presented_key(req.headers)
         entry = self.tokens.verify(token) if token is not None else None
         if entry is not None:
-            return entry
+            return entry  # noqa: ASYNC910  a valid token: the upgrade that follows awaits
         client = self.trust.client_address(req)
         ident = secret_id(token) if token is not None else None
         counted = [f"addr {client}"] + ([f"id {ident}"] if ident is not None else [])
