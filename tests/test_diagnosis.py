@@ -169,3 +169,43 @@ async def test_not_ready_says_why(autojump_clock: trio.testing.MockClock) -> Non
         assert len(why) == 1 and why[0].startswith("no relay to a broker is up (")
         text = _cli.format_status(b.connector.status())
         assert "NOT READY (no relay to a broker is up" in text
+
+
+async def test_the_docs_error_rate_agrees_with_status_on_the_same_traffic(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """docs/operating.md's error-rate query (on the broker's requests_total) and the Grafana
+    panel's (the same expression) count what /status counts as errors: LLM errors, a
+    connector's own 502/504, and no refusals."""
+    page = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
+    excluded = re.search(r'outcome!~"([a-z_|]+)"', page)
+    assert excluded is not None
+    dashboard = (Path(__file__).parent.parent / "conf" / "grafana-dashboard.json").read_text()
+    assert f'outcome!~\\"{excluded[1]}\\"' in dashboard  # the panel uses the same rule
+    async with open_bridge(network=MemoryNetwork(), limits={"first_byte_timeout": "2s"}) as b:
+        async with b.client() as client:
+            statuses = [
+                (await chat_as(b, client, key, prompt)).status_code
+                for key, prompt in (
+                    (b.api_key, "hello"),
+                    (b.api_key, "fail with 500"),
+                    (b.api_key, "wait 5 s"),  # the connector's 504
+                    ("tbk_wrongkey_xxxxxxxxxxxxxxxx", "hello"),  # refused: no error
+                    (b.api_key, "fail with 503"),
+                )
+            ]
+        assert statuses == [200, 500, 504, 401, 503]
+        text = generate_latest(b.broker.metrics.registry).decode()
+        status = b.broker.status()
+    total = errors = 0.0
+    for line in text.splitlines():
+        if line.startswith("trio_bridge_requests_total{") and 'role="broker"' in line:
+            n = float(line.rsplit(" ", 1)[1])
+            total += n
+            outcome = re.search(r'outcome="([a-z_]+)"', line)
+            assert outcome is not None
+            if not re.fullmatch(excluded[1], outcome[1]):
+                errors += n
+    assert (total, errors) == (5, 3)
+    recent = status["recent"]
+    assert recent["requests"] == 5 and round(recent["error_rate"] * 5) == 3

@@ -55,6 +55,9 @@ from trio_bridge.relay._frames import MAX_PAYLOAD, ResetCode
 from trio_bridge.relay._protocol import RequestHead, ResponseHead
 from trio_bridge.relay._relay import RelayStream
 
+#: the outcome of a 5xx answer relayed from a connector
+UPSTREAM_ERROR = "upstream_error"
+
 log = logging.getLogger("trio_bridge.broker")
 
 MAX_ATTEMPTS = 3
@@ -281,7 +284,9 @@ class Exchange:
             # client sees an incomplete response, never a complete one.
             self.facts.reset = exc.reason
             return "client_gone" if self.client_gone else "aborted"
-        return "ok"
+        # a 5xx from behind the relay (the connector's line of the same request id says
+        # whether the LLM or the connector made it): an error in every view
+        return UPSTREAM_ERROR if head.status >= 500 else "ok"
 
     async def _response_head(self, stream: RelayStream) -> ResponseHead:
         # Most small answers are back within a couple of milliseconds: only then start
@@ -446,8 +451,10 @@ class Exchange:
     async def _error(
         self, status: int, message: str, retry_after: int | None = None, code: str | None = None
     ) -> str:
-        """Answer with an OpenAI-shaped error the broker made: its outcome."""
+        """Answer with an OpenAI-shaped error the broker made: its outcome (the message is
+        the log line's ``reason`` too)."""
         self.facts.status = status
+        self.facts.reason = message
         self.facts.head_at = trio.current_time()
         s, h, body = error_response(
             status, message, self.request_id, retry_after=retry_after, code=code
