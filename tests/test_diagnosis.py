@@ -16,7 +16,7 @@ from prometheus_client import generate_latest
 
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.cli import _cli
-from trio_bridge.testing import MemoryNetwork, open_bridge
+from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab
 
 PAST = "2020-01-01T00:00:00Z"
 CHAT = "/v1/chat/completions"
@@ -209,3 +209,29 @@ async def test_the_docs_error_rate_agrees_with_status_on_the_same_traffic(
     assert (total, errors) == (5, 3)
     recent = status["recent"]
     assert recent["requests"] == 5 and round(recent["error_rate"] * 5) == 3
+
+
+async def test_a_request_whose_llm_is_unreachable_is_retried_on_another_connector(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two connectors on one route; one's LLM goes away. The request that finds it gone
+    (nothing was sent to any LLM yet) goes to the other connector instead of a 502, and the
+    broken one is not tried again while its LLM is down."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        broker = await lab.start_broker()
+        healthy, doomed = await lab.start_test_model(), await lab.start_test_model()
+        await lab.start_connector([broker], doomed.url, connector={"name": "bad"})
+        await lab.start_connector([broker], healthy.url, connector={"name": "good"})
+        doomed.stop.cancel()  # its LLM is gone; the connector does not know yet
+        await trio.sleep(0.1)
+        async with lab.client() as client:
+            statuses = []
+            for _ in range(6):
+                r = await client.post(
+                    broker.url + CHAT,
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {lab.api_key}"},
+                )
+                statuses.append(r.status_code)
+        assert statuses == [200] * 6
+        assert [r.method for r in healthy.model.requests].count("POST") == 6

@@ -235,6 +235,8 @@ class Exchange:
         for _attempt in range(MAX_ATTEMPTS):
             handle = await self.svc.acquire(route, model)
             if isinstance(handle, Refusal):
+                if self.body_done and not last:
+                    return _FALLBACK  # none for this model now: the next candidate's
                 return await self._error(*handle)
             self.facts.connector = handle.name
             try:

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 _DROP_DOWNSTREAM = frozenset({REQUEST_ID})
 #: the outcome of an answer of the LLM's own with a 5xx status (relayed as it was)
 LLM_ERROR = "llm_error"
+#: the outcome of a request handed back to the broker because the LLM could not be reached
+LLM_UNREACHABLE = "llm_unreachable"
 _NO_LIMITS = KeyLimits()
 Content = bytes | AsyncIterator[bytes]
 
@@ -263,7 +265,15 @@ class RelayedRequest:
             self.stream.reset(exc.code, exc.message)
             return "too_large" if isinstance(exc, TooLarge) else "refused"  # noqa: ASYNC910  the LLM call raised after reading part of the body
         if isinstance(exc, httpx.ConnectError):
-            self.fw.llm.failed(f"ConnectError: {exc}")
+            self.fw.llm.failed(f"ConnectError: {exc}")  # the brokers hear it first (STATUS)
+            if self.body is not None:
+                # Nothing reached any LLM and the broker holds the whole body: REFUSED lets
+                # it take the request to another connector of the route (or say none is
+                # ready), instead of a 502 from this one.
+                self.facts.reason = "the LLM server is unreachable"
+                self.stream.reset(ResetCode.REFUSED, "the LLM server is unreachable")
+                await trio.lowlevel.checkpoint()
+                return LLM_UNREACHABLE
             return await self.reply_error(502, "the LLM server is unreachable")
         if isinstance(exc, httpx.TimeoutException):
             return await self.reply_error(502, "connecting to the LLM timed out")
