@@ -125,10 +125,12 @@ class Connector:
         upstream_auth = _upstream_auth(config, upstream_key)
         # httpx's models on a lean h11 transport (httpcore's pool costs ~0.5 ms per request),
         # called directly: no cookies, redirects or auth to apply, and an AsyncClient's
-        # per-request bookkeeping was a third of what httpx cost.
+        # per-request bookkeeping was a third of what httpx cost. As many idle connections
+        # are kept as requests may be at the LLM at once: a burst of max_concurrent streams
+        # finds them open (capped at 32, a burst of 100 opened ~68 new ones each time).
         self.transport = H11Transport(
             connect_timeout=float(config.limits.connect_timeout),
-            max_idle=min(c.max_concurrent, 32),
+            max_idle=c.max_concurrent,
             network=network,
         )
         self.llm = LLMWatch(config, self.transport, upstream_auth, self._llm_changed)
