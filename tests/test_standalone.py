@@ -1,5 +1,7 @@
 """The connector stands alone: what a hostile broker can make it hold is bounded in size and
-time, it cannot pin the LLM's slots, and it cannot flood the connector's log."""
+time, it cannot pin the LLM's slots, and it cannot flood the connector's log. In memory on the
+autojump clock (tests/fakebroker.py's broker on a memory listener), but for a public client's
+flood of tiny chunks, which needs a socket that pushes back."""
 
 from __future__ import annotations
 
@@ -7,21 +9,63 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from fakebroker import FakeBroker, open_fake_broker
-from upstream import run_upstream
+import trio.testing
+from conftest import memory_upstream, usage_summary_read
+from fakebroker import FakeBroker
+from hostilebroker import MAX_MESSAGE_SIZE, HostileBroker
+from trio_websocket import WebSocketServer
 
+from trio_bridge._net import Network, listener_address
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.relay._protocol import RequestHead
-from trio_bridge.testing import Lab, RunningConnector, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, RunningConnector, open_lab
 
 
 @pytest.fixture
 async def lab() -> AsyncIterator[Lab]:
+    """A lab in memory, for tests on the autojump clock."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        yield lab
+
+
+@pytest.fixture
+async def tcp_lab() -> AsyncIterator[Lab]:
     async with open_lab() as lab:
         yield lab
+
+
+@asynccontextmanager
+async def open_fake_broker(
+    network: Network, *, window: int = 256 * 1024
+) -> AsyncIterator[FakeBroker]:
+    """tests/fakebroker.py's ``open_fake_broker``, its server listening on ``network``. It
+    never answers the connector's pings: a relay to it is dropped after 2.5 ping intervals
+    (12.5 s in a lab) without a frame from it; these tests end before (in virtual time)."""
+    fb = FakeBroker()
+    hb = HostileBroker(window=window, max_streams=100_000)
+    [listener] = await network.open_listeners("127.0.0.1", 0)
+    host, port = listener_address(listener)
+    fb.url = hb.url = f"ws://{host}:{port}/_bridge/relay"
+    server = WebSocketServer(
+        hb.handler,
+        [listener],  # type: ignore[list-item]
+        message_queue_size=1,
+        max_message_size=MAX_MESSAGE_SIZE,
+        disconnect_timeout=1,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+
+        async def first() -> None:
+            await fb._read(await hb.accept())
+
+        nursery.start_soon(first)
+        yield fb
+        nursery.cancel_scope.cancel()
 
 
 def auth(key: str) -> list[tuple[bytes, bytes]]:
@@ -35,16 +79,18 @@ async def connect(lab: Lab, fb: FakeBroker, llm: str, **options: object) -> Runn
     return rc
 
 
-async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> None:
+async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """40 streams of a key with a model allowlist send 512 KiB each and never end: the relay's
     budget (8 MiB here, half of it for one key) refuses what is beyond it at once (429 / 503),
     the rest is cut at
     first_byte_timeout (408); an honest request through another broker is served meanwhile."""
     _, key = lab.keys.add("coder", limits=KeyLimits(models=("m*",)))
     async with (
-        run_upstream() as (app, llm),
-        open_fake_broker() as fb,
-        open_fake_broker() as honest_broker,
+        memory_upstream(lab.network) as (app, llm),
+        open_fake_broker(lab.network) as fb,
+        open_fake_broker(lab.network) as honest_broker,
     ):
         rc = await lab.start_connector(
             [fb.url, honest_broker.url], llm, wait=False,
@@ -79,11 +125,13 @@ async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(lab: Lab) -> 
     assert [r["path"] for r in app.forwarded()] == ["/echo"]
 
 
-async def test_a_broker_that_grants_no_credit_cannot_pin_the_llm_slots(lab: Lab) -> None:
+async def test_a_broker_that_grants_no_credit_cannot_pin_the_llm_slots(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """The LLM is down (every call fails at once) and the broker grants 1 byte of credit:
     each 502 waits for credit that never comes, but no LLM slot is held meanwhile, and each
     such stream is reset after stall_timeout."""
-    async with open_fake_broker(window=1) as fb:
+    async with open_fake_broker(lab.network, window=1) as fb:
         rc = await connect(
             lab, fb, "http://127.0.0.1:9",
             connector={"max_concurrent": 2},
@@ -103,8 +151,13 @@ async def test_a_broker_that_grants_no_credit_cannot_pin_the_llm_slots(lab: Lab)
     assert {fb.status[s] for s in sids} == {502}
 
 
-async def test_a_slow_reader_answer_frees_its_slot_after_the_stall_timeout(lab: Lab) -> None:
-    async with run_upstream() as (_, llm), open_fake_broker(window=1) as fb:
+async def test_a_slow_reader_answer_frees_its_slot_after_the_stall_timeout(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        memory_upstream(lab.network) as (_, llm),
+        open_fake_broker(lab.network, window=1) as fb,
+    ):
         rc = await connect(lab, fb, llm, connector={"max_concurrent": 1},
                            limits={"stall_timeout": "1s"})  # fmt: skip
         await fb.request(RequestHead("GET", "/big?n=1000000", auth(lab.api_key), "r1"))
@@ -116,7 +169,9 @@ async def test_a_slow_reader_answer_frees_its_slot_after_the_stall_timeout(lab: 
                 await trio.sleep(0.05)
 
 
-async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: Lab) -> None:
+async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """2 000 requests with a wrong key: at most KEY_FAILURES_PER_WINDOW are answered 401 and
     logged one by one in a window; the rest get 429 and no line of their own. A valid key
     still gets through on the same relay."""
@@ -128,7 +183,7 @@ async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: 
     request_log.addHandler(handler)
     request_log.setLevel(logging.INFO)
     try:
-        async with run_upstream() as (_, llm), open_fake_broker() as fb:
+        async with memory_upstream(lab.network) as (_, llm), open_fake_broker(lab.network) as fb:
             await connect(lab, fb, llm)
             bad = auth("tbk_AAAAAAAA_" + "x" * 43)
             sids = []
@@ -147,11 +202,13 @@ async def test_failed_key_checks_from_a_broker_are_throttled_and_summed_up(lab: 
     assert lines <= 2 * KEY_FAILURES_PER_WINDOW + 1, lines
 
 
-async def test_a_body_over_max_body_read_whole_for_its_model_is_413(lab: Lab) -> None:
+async def test_a_body_over_max_body_read_whole_for_its_model_is_413(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """A key with a model allowlist makes the connector read the body whole: past max_body
     that is a 413, not a traceback and a 502."""
     _, key = lab.keys.add("coder", limits=KeyLimits(models=("m*",)))
-    async with run_upstream() as (app, llm), open_fake_broker() as fb:
+    async with memory_upstream(lab.network) as (app, llm), open_fake_broker(lab.network) as fb:
         await connect(lab, fb, llm, limits={"max_body": "100KiB"})
         sid = await fb.request(RequestHead("POST", "/echo", auth(key), "r1"), b" " * 200_000)
         with trio.fail_after(10):
@@ -160,11 +217,16 @@ async def test_a_body_over_max_body_read_whole_for_its_model_is_413(lab: Lab) ->
     assert app.forwarded() == []
 
 
-async def test_a_broker_that_takes_no_usage_answer_cannot_pin_the_key(lab: Lab) -> None:
+async def test_a_broker_that_takes_no_usage_answer_cannot_pin_the_key(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """GET /_bridge/usage through a broker that grants no credit: reset after stall_timeout,
     so the key's concurrency is free again through an honest broker."""
     _, key = lab.keys.add("k", limits=KeyLimits(concurrency=1))
-    async with open_fake_broker(window=1) as hostile, open_fake_broker() as honest:
+    async with (
+        open_fake_broker(lab.network, window=1) as hostile,
+        open_fake_broker(lab.network) as honest,
+    ):
         rc = await lab.start_connector(
             [hostile.url, honest.url], "http://127.0.0.1:9", wait=False,
             limits={"stall_timeout": "1s"},
@@ -172,6 +234,7 @@ async def test_a_broker_that_takes_no_usage_answer_cannot_pin_the_key(lab: Lab) 
         with trio.fail_after(10):
             await hostile.connected.wait()
             await honest.connected.wait()
+        await usage_summary_read(rc.connector, autojump_clock)
         await hostile.request(RequestHead("GET", "/_bridge/usage", auth(key), "pin"))
         with trio.fail_after(5):
             while rc.connector.in_flight == 0:
@@ -184,11 +247,13 @@ async def test_a_broker_that_takes_no_usage_answer_cannot_pin_the_key(lab: Lab) 
             assert (await honest.wait_answers([sid]))[sid] == 200
 
 
-async def test_one_key_cannot_take_the_whole_body_budget_of_a_relay(lab: Lab) -> None:
+async def test_one_key_cannot_take_the_whole_body_budget_of_a_relay(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
     """A key may hold at most half of its relay's body budget: its own excess gets 429, and
     another key's request still goes through."""
     _, greedy = lab.keys.add("greedy", limits=KeyLimits(models=("m*",)))
-    async with run_upstream() as (_, llm), open_fake_broker() as fb:
+    async with memory_upstream(lab.network) as (_, llm), open_fake_broker(lab.network) as fb:
         await connect(lab, fb, llm, relay={"max_buffered": "4MiB"},
                       limits={"first_byte_timeout": "5s"})  # fmt: skip
         part = b" " * (900 * 1024)
@@ -210,14 +275,14 @@ async def test_one_key_cannot_take_the_whole_body_budget_of_a_relay(lab: Lab) ->
 
 
 async def test_a_public_client_cannot_cost_a_connector_its_relay_with_tiny_chunks(
-    lab: Lab,
+    tcp_lab: Lab,
 ) -> None:
     """A chunked upload of 1-byte chunks without a key: the connector answers 401 and resets
     at once, and the DATA frames still on their way (one per chunk) are the honest crossing of
     that reset, within the stream's credit: not a flood that drops the relay."""
-    model = await lab.start_test_model()
-    rb = await lab.start_broker()
-    rc = await lab.start_connector([rb], model.url)
+    model = await tcp_lab.start_test_model()
+    rb = await tcp_lab.start_broker()
+    rc = await tcp_lab.start_connector([rb], model.url)
     relay = next(iter(rc.connector.relays.values()))
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n"
