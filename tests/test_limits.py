@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from conftest import memory_upstream
+from conftest import memory_upstream, usage_summary_read
 from netutil import free_port
 
 from trio_bridge._errors import QueueFull
@@ -197,14 +197,13 @@ async def lab() -> AsyncIterator[Lab]:
         yield lab
 
 
-async def start(lab: Lab, **connector: object) -> tuple[str, httpx.AsyncClient]:
+async def start(
+    lab: Lab, clock: trio.testing.MockClock, **connector: object
+) -> tuple[str, httpx.AsyncClient]:
     model = await lab.start_test_model(token_delay=0.001)
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url, connector=dict(connector))
-    # the usage summary is read in a worker thread, which the autojump clock does not wait
-    # for: read before the test's minutes start counting
-    assert rc.connector.usage_store is not None
-    await rc.connector.usage_store.load()
+    await usage_summary_read(rc.connector, clock)  # before the test's minutes count
     return rb.url, lab.client()
 
 
@@ -212,7 +211,7 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     _, key = lab.keys.add("limited", limits=KeyLimits(rpm=2, tokens_per_minute=10_000))
-    url, client = await start(lab)
+    url, client = await start(lab, autojump_clock)
     sdk = openai.AsyncOpenAI(
         base_url=url + "/v1", api_key=key, max_retries=0, http_client=lab.client()
     )
@@ -279,7 +278,7 @@ async def test_an_expired_key_is_refused_and_told_it_expired(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     _, key = lab.keys.add("temp", expires="2020-01-01T00:00:00Z")
-    url, client = await start(lab)
+    url, client = await start(lab, autojump_clock)
     async with client:
         r = await client.post(url + CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "key_expired"
@@ -305,7 +304,7 @@ async def test_a_daily_token_budget_is_enforced_from_real_usage(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     _, key = lab.keys.add("budget", limits=KeyLimits(tokens_per_day=20))
-    url, client = await start(lab)
+    url, client = await start(lab, autojump_clock)
     async with client:
         auth = {"Authorization": f"Bearer {key}"}
         statuses = []
@@ -322,7 +321,7 @@ async def test_self_service_usage_shows_the_keys_own_limits_and_usage(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     entry, key = lab.keys.add("alice", limits=KeyLimits(rpm=100, concurrency=3))
-    url, client = await start(lab, usage_flush_interval="100ms")
+    url, client = await start(lab, autojump_clock, usage_flush_interval="100ms")
     async with client:
         auth = {"Authorization": f"Bearer {key}"}
         for stream in (False, True):

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import memory_upstream
+from conftest import memory_upstream, usage_summary_read
 
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._usagestore import (
@@ -31,7 +31,7 @@ from trio_bridge.accounts._usagestore import (
     read_rows,
     utc_day,
 )
-from trio_bridge.testing import Lab, MemoryNetwork, RunningConnector, open_lab
+from trio_bridge.testing import Lab, MemoryNetwork, open_lab
 
 CHAT = "/v1/chat/completions"
 #: the columns of a row an older release wrote
@@ -269,28 +269,22 @@ async def test_the_summary_is_loaded_once_off_the_loop_and_folds_old_junk(
 # -- through the connector (in memory, on the autojump clock) -----------------------------------
 #
 # The store reads and writes its file in worker threads, which the autojump clock does not wait
-# for (it jumps on to the next deadline meanwhile): these tests read the summary before their
-# time counts (usage_loaded), and wait for a write on a thread's event, never on a deadline.
+# for (it jumps on to the next deadline meanwhile): these tests read the summary first, the
+# clock held (usage_summary_read), and wait for a write on a thread's event, not a deadline.
 
 
-async def usage_loaded(rc: RunningConnector) -> None:
-    store = rc.connector.usage_store
-    assert store is not None
-    await store.load()
-
-
-async def start(lab: Lab, **connector: object) -> tuple[Any, str]:
+async def start(lab: Lab, clock: trio.testing.MockClock, **connector: object) -> tuple[Any, str]:
     model = await lab.start_test_model(token_delay=0.001)
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url, connector=dict(connector))
-    await usage_loaded(rc)
+    await usage_summary_read(rc.connector, clock)
     return rc, rb.url
 
 
 async def test_a_failing_usage_file_never_stops_the_connector(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
-    rc, url = await start(lab, usage_flush_interval="100ms")
+    rc, url = await start(lab, autojump_clock, usage_flush_interval="100ms")
     store = rc.connector.usage_store
     assert store is not None
     write, broken = store._write, True
@@ -327,7 +321,7 @@ async def test_echoed_model_names_do_not_grow_the_store(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The test model lists one model and answers for any name (like llama.cpp)."""
-    rc, url = await start(lab)
+    rc, url = await start(lab, autojump_clock)
     auth = {"Authorization": f"Bearer {lab.api_key}"}
     async with lab.client() as client:
         for i in range(60):
@@ -344,7 +338,7 @@ async def test_usage_of_one_key_never_shows_another(
 ) -> None:
     a_entry, a = lab.keys.add("alice")
     _, b = lab.keys.add("bob")
-    rc, url = await start(lab)
+    rc, url = await start(lab, autojump_clock)
     async with lab.client() as client:
         for key, n in ((a, 2), (b, 5)):
             for _ in range(n):
@@ -368,7 +362,8 @@ async def test_usage_is_a_request_of_its_key_and_its_limits_apply(
     _, few = lab.keys.add("few", limits=KeyLimits(rpm=2))
     model = await lab.start_test_model(token_delay=0.05)
     rb = await lab.start_broker()
-    await usage_loaded(await lab.start_connector([rb], model.url))
+    rc = await lab.start_connector([rb], model.url)
+    await usage_summary_read(rc.connector, autojump_clock)
     async with lab.client() as client:
         auth = {"Authorization": f"Bearer {one}"}
         async with client.stream(
@@ -511,7 +506,7 @@ async def test_a_request_refused_by_a_limit_is_in_usage_as_a_refused_request(
     model = await lab.start_test_model(token_delay=0.02)
     rb = await lab.start_broker()
     rc = await lab.start_connector([rb], model.url)
-    await usage_loaded(rc)
+    await usage_summary_read(rc.connector, autojump_clock)
     auth = {"Authorization": f"Bearer {key}"}
     async with lab.client() as client:
         async with client.stream(
