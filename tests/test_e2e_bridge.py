@@ -291,7 +291,7 @@ async def test_body_over_the_limit_is_413_before_forwarding(up: tuple[Upstream, 
     assert all(req["size"] <= 1 << 20 for req in app.forwarded())
 
 
-async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502(
+async def test_llm_down_is_503_not_ready_also_for_the_request_that_finds_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # nothing listens on that port of the memory network: connection refused
@@ -305,12 +305,14 @@ async def test_llm_down_is_503_not_ready_and_a_failed_connect_is_502(
         assert r.json()["error"]["code"] == "service_unavailable"
         assert "not ready" in r.json()["error"]["message"]
         assert int(r.headers["retry-after"]) > 0
-        # if the LLM dies between two probes, the request that finds out gets a 502
+        # if the LLM dies between two probes, the request that finds out is handed back to
+        # the broker (REFUSED: nothing reached an LLM), which has no other connector for it
+        # and says the route's LLM is not ready
         b.connector.llm.set(True, "pretend")
         await trio.testing.wait_all_tasks_blocked()  # the broker hears it (no probe meanwhile)
         r = await client.get(b.base_url + "/v1/models", headers=auth(b))
-        assert r.status_code == 502
-        assert r.json()["error"]["code"] == "upstream_unavailable"
+        assert r.status_code == 503
+        assert "not ready" in r.json()["error"]["message"]
         assert b.connector.llm_ready is False
 
 

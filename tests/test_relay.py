@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 from memtransport import MemTransport, transport_pair
 
 from trio_bridge._errors import QueueFull, RelayClosed, StreamReset
@@ -18,7 +19,7 @@ from trio_bridge.relay._frames import (
     encode_frame,
 )
 from trio_bridge.relay._protocol import Hello, RequestHead, ResponseHead, Session
-from trio_bridge.relay._relay import Relay, RelayStream
+from trio_bridge.relay._relay import Liveness, Relay, RelayStream
 
 
 class Pair:
@@ -851,3 +852,39 @@ async def test_a_reader_of_many_buffered_chunks_lets_other_tasks_run(
         nursery.cancel_scope.cancel()
     assert consumed[0] == 4000
     assert any(0 < n < 4000 for n in seen), sorted(seen)[:5]
+
+
+async def test_one_liveness_timer_serves_every_relay_and_pings_only_quiet_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A role's relays share one Liveness task (no pinger task per relay); a relay that keeps
+    receiving sends no PING, a quiet one does, and a silent peer is still declared dead."""
+    liveness = Liveness(1.0)
+    pairs = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(liveness.run)
+        for _ in range(3):
+            ta, tb = transport_pair(1000)
+            broker = Relay(ta, Session(opener=True), ping_interval=1.0, liveness=liveness)
+            connector = Relay(tb, Session(opener=False), ping_interval=1.0)
+            nursery.start_soon(broker.run)
+            await nursery.start(connector.run)
+            pairs.append((broker, connector, ta))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(liveness) == 3
+        for broker, _, _ in pairs:
+            assert broker._nursery is not None and len(broker._nursery.child_tasks) == 1  # writer
+        busy, _, _ = pairs[0]
+        quiet, _, _ = pairs[1]
+        talker = pairs[0][1]
+        for _ in range(40):  # 10 s of STATUS frames, four a second, to the busy relay
+            talker.send_status(ready=True)
+            await trio.sleep(0.25)
+        assert busy._ping_counter == 0  # it heard its peer all along
+        assert quiet._ping_counter >= 3  # nothing but PINGs either way: it probes too
+        doomed, _, transport = pairs[2]
+        transport.blackhole = True  # nothing from its peer reaches it any more
+        await trio.sleep(4)
+        assert doomed.closed_reason is not None and "ping timeout" in doomed.closed_reason
+        assert len(liveness) == 2
+        nursery.cancel_scope.cancel()

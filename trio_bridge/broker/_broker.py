@@ -111,6 +111,7 @@ class Broker:
         bc = self.config.broker
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.relays.watch_tokens)
+            nursery.start_soon(self.relays.liveness.run)
             if bc.admin_listen:
                 hosts = [bc.admin_listen, *bc.admin_hosts]
                 admin = AdminApp(self.metrics, self.ready, self.status, self._pages(), hosts=hosts)

@@ -27,7 +27,7 @@ from trio_bridge.http._messages import error_body, presented_key
 from trio_bridge.http._server import Request
 from trio_bridge.relay._frames import MAX_MESSAGE
 from trio_bridge.relay._protocol import Hello, Session
-from trio_bridge.relay._relay import HANDSHAKE_TIMEOUT, Relay
+from trio_bridge.relay._relay import HANDSHAKE_TIMEOUT, Liveness, Relay
 
 log = logging.getLogger("trio_bridge.broker")
 
@@ -105,6 +105,8 @@ class RelayEndpoint:
         self.metrics = metrics
         self.trust = trust
         self.failures = FailureWindows(config.broker.max_token_failures)
+        #: one liveness timer for every connector's relay (run by the broker)
+        self.liveness = Liveness(float(config.relay.ping_interval))
 
     async def serve(self, req: Request) -> None:
         """A connector's WebSocket upgrade: its token, then the hello, then the relay serves
@@ -121,6 +123,7 @@ class RelayEndpoint:
             ping_interval=float(rc.ping_interval),
             max_buffered=int(rc.max_buffered),
             accept=judge,
+            liveness=self.liveness,
         )
         extra = {"peer": req.client, "token_id": entry.id}
         async with trio.open_nursery() as nursery:

@@ -328,6 +328,7 @@ class Connector:
                 with trio.move_on_after(float(self.limits.connect_timeout)):
                     await self.llm.first_look()
                 outer.start_soon(self.llm.run)
+                outer.start_soon(self.keeper.liveness.run)
                 if self.usage_store is not None:
                     outer.start_soon(self.usage_store.run)
                 outer.start_soon(self.notifier.watchdog_loop, self.status_line)

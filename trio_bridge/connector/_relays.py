@@ -39,7 +39,7 @@ from trio_bridge.connector._llm import LLMWatch
 from trio_bridge.http._ws import WebSocket, connect_websocket
 from trio_bridge.relay._frames import MAX_MESSAGE
 from trio_bridge.relay._protocol import GoAway, Hello, Session
-from trio_bridge.relay._relay import Relay, RelayStream
+from trio_bridge.relay._relay import Liveness, Relay, RelayStream
 
 log = logging.getLogger("trio_bridge.connector")
 
@@ -111,6 +111,8 @@ class RelayKeeper:
             url: {"state": "connecting", "since": now, "last_error": "", "reconnects": 0}
             for url in c.broker_urls
         }
+        #: one liveness timer for all the relays (run by the connector)
+        self.liveness = Liveness(float(config.relay.ping_interval))
         self.connected = trio.Event()  # set once the first relay is up
         self.stopping = False
         self.draining = False
@@ -229,6 +231,7 @@ class RelayKeeper:
             max_buffered=int(rc.max_buffered),
             handler=handle,
             on_change=lambda r: self._changed(url, r),
+            liveness=self.liveness,
         )
 
     def _changed(self, url: str, relay: Relay) -> None:

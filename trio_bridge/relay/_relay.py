@@ -16,7 +16,9 @@ Tasks of one :class:`Relay` (all in the nursery of :meth:`Relay.run`):
   the queue passes ``max_queued`` bytes (each frame counted with ``FRAME_OVERHEAD`` for its
   object), or once a write has been blocked for ``2.5 × ping_interval`` (what the peer's own
   pinger allows us before it gives up on us).
-- the **pinger**: sends PING every ``ping_interval``; if nothing at all has been received for
+- **liveness**, every ``ping_interval`` (:meth:`Relay.tick`, from the role's one shared
+  :class:`Liveness` timer, or the relay's own): PING if nothing was received in the last
+  interval (a relay with traffic sends none); if nothing at all has been received for
   ``2.5 × ping_interval`` the relay is declared dead. Each tick renews the session's budgets
   (:meth:`Session.new_interval`).
 - on the connector, one **handler** task per incoming stream, each in its own cancel scope
@@ -469,8 +471,11 @@ class Relay:
         accept: Callable[[Hello], str | None] | None = None,
         models: tuple[str, ...] | None = None,
         priority: int = 0,
+        liveness: Liveness | None = None,
     ) -> None:
         self.session = session
+        #: the role's shared liveness timer (None: this relay runs its own)
+        self._liveness = liveness
         #: received body bytes waiting in this relay's streams; above ``max_buffered`` the
         #: stream holding the most (the slowest reader) is reset
         self.buffered = 0
@@ -604,7 +609,11 @@ class Relay:
                         hello = await self._handshake()
                     task_status.started(hello)
                     started = True
-                    nursery.start_soon(self._pinger)
+                    self.session.new_interval(self.ping_interval)  # budgets per interval
+                    if self._liveness is not None:
+                        self._liveness.add(self)
+                    else:
+                        nursery.start_soon(self._pinger)
                     await self._read_loop()
                 except trio.TooSlowError:
                     self.close("handshake timeout")
@@ -616,6 +625,8 @@ class Relay:
                     await self._goaway(str(exc))
                     self.close(f"protocol error: {exc}")
         finally:
+            if self._liveness is not None:
+                self._liveness.discard(self)
             reason = self.closed_reason or "closed"
             self.closed_reason = reason
             self._writer.close(reason)
@@ -859,34 +870,70 @@ class Relay:
                     stream.reset(ResetCode.CANCEL, "handler ended early")
 
     async def _pinger(self) -> None:
+        """This relay's own liveness timer, when the role gave it no shared one."""
+        while True:
+            await trio.sleep(self.ping_interval)
+            self.tick(trio.current_time())
+
+    def tick(self, now: float) -> None:
+        """One look at this relay, every ``ping_interval`` (its own timer, or the role's
+        :class:`Liveness`): renew the session's budgets; close it if nothing came for
+        2.5 intervals, or if a write has been blocked that long; PING the peer only if
+        nothing came in the last interval (a relay with traffic needs no probe: the peer
+        answers every PING, so each side hears the other either way)."""
         interval = self.ping_interval
         dead_after = 2.5 * interval
-        self.session.new_interval(interval)  # budgets for an interval of this length
-        while True:
-            await trio.sleep(interval)
-            now = trio.current_time()
-            silent = now - self._last_received
-            if silent > dead_after:
-                self.close(f"no answer for {silent:.1f}s (ping timeout)")
-                return
-            since = self._writer.writing_since
-            if since is not None and now - since > dead_after:
-                # it keeps sending but does not read: as dead as a silent one, and a GOAWAY
-                # would wait behind the blocked write
-                reason = f"peer not reading: a write blocked for {now - since:.1f}s"
-                log.warning("closing the relay: %s", reason, extra={"relay": self.name})
-                self.close(reason)
-                return
+        silent = now - self._last_received
+        if silent > dead_after:
+            self.close(f"no answer for {silent:.1f}s (ping timeout)")
+            return
+        since = self._writer.writing_since
+        if since is not None and now - since > dead_after:
+            # it keeps sending but does not read: as dead as a silent one, and a GOAWAY
+            # would wait behind the blocked write
+            reason = f"peer not reading: a write blocked for {now - since:.1f}s"
+            log.warning("closing the relay: %s", reason, extra={"relay": self.name})
+            self.close(reason)
+            return
+        self.session.new_interval(interval)
+        if silent >= interval:
             self._ping_counter += 1
-            self.session.new_interval(interval)
             self._send_control(self.session.send_ping(struct.pack("!Q", self._ping_counter)))
 
+
+class Liveness:
+    """One timer for every relay of a role (instead of a task each): every ``interval`` it
+    calls :meth:`Relay.tick` on each relay that is up. Run :meth:`run` in the role's nursery and
+    pass it to each :class:`Relay` (``liveness=``); a relay adds itself once its handshake is
+    done and leaves when it ends."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._relays: dict[Relay, None] = {}  # insertion-ordered
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def add(self, relay: Relay) -> None:
+        self._relays[relay] = None
+
+    def discard(self, relay: Relay) -> None:
+        self._relays.pop(relay, None)
+
+    async def run(self) -> None:
+        """Tick every relay every ``interval`` until cancelled."""
+        while True:
+            await trio.sleep(self.interval)
+            now = trio.current_time()
+            for relay in list(self._relays):
+                relay.tick(now)
 
 def _rid(stream: RelayStream) -> str:
     return stream.request_head.request_id if stream.request_head is not None else "-"
 
 
 __all__ = [
+    "Liveness",
     "MessageTransport",
     "Relay",
     "RelayStream",
