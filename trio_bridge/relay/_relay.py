@@ -928,6 +928,7 @@ class Liveness:
             for relay in list(self._relays):
                 relay.tick(now)
 
+
 def _rid(stream: RelayStream) -> str:
     return stream.request_head.request_id if stream.request_head is not None else "-"
 
