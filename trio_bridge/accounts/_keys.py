@@ -168,6 +168,8 @@ class SecretStore:
         self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = -math.inf
+        #: counts the reads of the file (what was checked against it is current while same)
+        self.generation = 0
         #: why the file could not be re-read (the last good entries are in force); None if fine
         self.reload_error: str | None = None
         #: the file's stamp when it last failed to read (False: it did not)
@@ -215,6 +217,12 @@ class SecretStore:
         self._by_id = {e.id: e for e in self._read()}
         self._stamp = stamp
         self._checked = -math.inf  # the next maybe_reload (on trio's clock) looks again
+        self.generation += 1
+
+    def next_expiry(self, now: float) -> float:
+        """The Unix time the next entry expires after ``now`` (inf: none will)."""
+        times = [_parse_iso(e.expires) for e in self._by_id.values() if e.expires]
+        return min((x for x in times if x > now), default=math.inf)
 
     def maybe_reload(self) -> None:
         """Re-read the file if it changed (cheap: one stat at most every RELOAD_INTERVAL of

@@ -12,6 +12,7 @@ out, or no longer allows its route is closed, telling the connector why.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 
@@ -198,27 +199,38 @@ class RelayEndpoint:
 
     async def watch_tokens(self) -> None:
         """Close relays whose connector token was revoked, expired (after a rotation) or no
-        longer allows their route (checked every second). Runs until cancelled."""
+        longer allows their route. Looked at every second, but the connectors are gone
+        through only when the tokens file changed or a token's expiry passed (a relay's token
+        was checked when it dialled): thousands of idle relays cost nothing here. Runs until
+        cancelled."""
+        generation, recheck_at = -1, -math.inf
         while True:
             await trio.sleep(TOKEN_CHECK_EVERY)
             self.tokens.maybe_reload()
-            valid = self.tokens.active_ids()
-            for h in self.registry.connectors():
-                entry = self.tokens.get(h.token_id)
-                if entry is None:
-                    why = "connector token revoked"
-                elif h.token_id not in valid:
-                    why = "connector token expired (rotated)"
-                elif not entry.allows_route(h.route):
-                    why = f"connector token no longer allows route {h.route!r}"
-                else:
-                    continue
-                log.warning(
-                    "closing relay: %s",
-                    why,
-                    extra={"connector": h.name, "token_id": h.token_id},
-                )
-                h.relay.close_telling_peer(why)
+            now = time.time()  # wall clock: expiry times are dates
+            if self.tokens.generation == generation and now < recheck_at:
+                continue
+            generation, recheck_at = self.tokens.generation, self.tokens.next_expiry(now)
+            self._close_unauthorised()
+
+    def _close_unauthorised(self) -> None:
+        valid = self.tokens.active_ids()
+        for h in self.registry.connectors():
+            entry = self.tokens.get(h.token_id)
+            if entry is None:
+                why = "connector token revoked"
+            elif h.token_id not in valid:
+                why = "connector token expired (rotated)"
+            elif not entry.allows_route(h.route):
+                why = f"connector token no longer allows route {h.route!r}"
+            else:
+                continue
+            log.warning(
+                "closing relay: %s",
+                why,
+                extra={"connector": h.name, "token_id": h.token_id},
+            )
+            h.relay.close_telling_peer(why)
 
 
 async def _deny(req: Request, status: int, message: str) -> None:
