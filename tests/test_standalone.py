@@ -128,12 +128,22 @@ async def test_bodies_without_an_end_are_bounded_in_bytes_and_time(
 async def test_a_broker_that_grants_no_credit_cannot_pin_the_llm_slots(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The LLM is down (every call fails at once) and the broker grants 1 byte of credit:
-    each 502 waits for credit that never comes, but no LLM slot is held meanwhile, and each
-    such stream is reset after stall_timeout."""
+    """The LLM fails every call at once (it hangs up without an answer) and the broker grants
+    1 byte of credit: each 502 waits for credit that never comes, but no LLM slot is held
+    meanwhile, and each such stream is reset after stall_timeout. (An LLM that refuses the
+    connection is not this case: that request is handed back to the broker, REFUSED.)"""
+    [llm] = await lab.network.open_listeners("127.0.0.1", 0)
+
+    async def hang_up() -> None:
+        while True:
+            stream = await llm.accept()
+            await stream.aclose()
+
+    lab.nursery.start_soon(hang_up)
+    host, port = listener_address(llm)
     async with open_fake_broker(lab.network, window=1) as fb:
         rc = await connect(
-            lab, fb, "http://127.0.0.1:9",
+            lab, fb, f"http://{host}:{port}",
             connector={"max_concurrent": 2},
             limits={"stall_timeout": "1s", "connect_timeout": "1s"},
         )  # fmt: skip
