@@ -218,7 +218,7 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
     # the SDK's first call reads the platform in a worker thread, which the autojump clock
     # does not wait for (it runs on meanwhile): made before the minute counts, then let go
     await sdk.models.list()
-    await trio.sleep(60)
+    await trio.sleep(61)
     async with client:
         auth = {"Authorization": f"Bearer {key}"}
         r = await client.post(url + CHAT, json=chat(), headers=auth)
@@ -226,11 +226,13 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
         assert r.headers["x-ratelimit-limit-requests"] == "2"
         assert r.headers["x-ratelimit-remaining-requests"] == "1"
         assert r.headers["x-ratelimit-limit-tokens"] == "10000"
-        await trio.sleep(20)
+        # (the waits stay off the window's exact edges, where float sums of the clock may
+        # fall either side of them)
+        await trio.sleep(20.5)
         await client.post(url + CHAT, json=chat(), headers=auth)
         r = await client.post(url + CHAT, json=chat(), headers=auth)
         assert r.status_code == 429
-        assert r.headers["retry-after"] == "40"  # the first request leaves the window in 40 s
+        assert r.headers["retry-after"] == "40"  # the first request leaves it in 39.5 s
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
         error = r.json()["error"]
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
@@ -243,11 +245,12 @@ async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_under
         await trio.sleep(35)  # not yet: the window slides, it does not reset
         r = await client.post(url + CHAT, json=chat(), headers=auth)
         assert r.status_code == 429
+        assert r.headers["retry-after"] == "5"  # 4.5 s
         await trio.sleep(int(r.headers["retry-after"]))  # as told
         r = await client.post(url + CHAT, json=chat(), headers=auth)
         assert r.status_code == 200
         r = await client.post(url + CHAT, json=chat(), headers=auth)
-        assert r.status_code == 429  # the second one (at 20 s) is still in the window
+        assert r.status_code == 429  # the second one (at 20.5 s) is still in the window
     with pytest.raises(openai.RateLimitError) as info:
         await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 429
