@@ -438,3 +438,29 @@ async def test_drain_stops_serving_only_once_its_resets_reached_the_connector(
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     assert codes == [ResetCode.SHUTDOWN]
+
+
+async def test_a_reset_while_the_model_list_is_read_is_an_outcome_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock
+) -> None:
+    """(From an outside review.) A connector that resets its /v1/models answer after the head
+    gets the client a 502, not an ExceptionGroup out of Exchange.run and an empty reply."""
+
+    async def head_then_reset(stream: RelayStream) -> None:
+        await stream.send_response(ResponseHead(200, [(b"content-type", b"application/json")]))
+        await trio.sleep(0.5)
+        stream.reset(ResetCode.UPSTREAM_ERROR, "the LLM failed mid-response")
+
+    caplog.set_level(logging.INFO)
+    broker = make_broker(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await add_connector(nursery, broker, head_then_reset, name="a", models=("m1",))
+        await add_connector(nursery, broker, head_then_reset, name="b", models=("m2",))
+        answer = await exchange(
+            nursery, broker, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert answer.startswith(b"HTTP/1.1 502")
+    [line] = request_lines(caplog)
+    assert line.outcome == "bridge_error"  # type: ignore[attr-defined]

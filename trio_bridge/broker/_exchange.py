@@ -96,6 +96,7 @@ class Exchange:
         "facts",
         "merge_models",
         "nursery",
+        "queued",
         "reader_started",
         "req",
         "request_id",
@@ -115,6 +116,8 @@ class Exchange:
         self.body_size = 0
         self.body_done = req.body_done
         self.reader_started = False  # the task reading the rest of the body / watching
+        #: the wait in the route's queue, while there is one (a client that leaves ends it)
+        self.queued: trio.CancelScope | None = None
         self.client_gone = False
         self.bad_body = ""
         self.too_large = False
@@ -135,8 +138,10 @@ class Exchange:
         """
         svc, facts = self.svc, self.facts
         if svc.draining:
-            facts.outcome = await self._error(503, "the broker is shutting down; retry", 1)
-            log_request("broker", facts)
+            try:
+                facts.outcome = await self._error(503, "the broker is shutting down; retry", 1)
+            finally:
+                self._account()  # counted like any answer
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -233,7 +238,12 @@ class Exchange:
         from its stream; a stream the connector REFUSED was never processed, so it goes to
         another one (we hold the body)."""
         for _attempt in range(MAX_ATTEMPTS):
-            handle = await self.svc.acquire(route, model)
+            handle = await self.svc.acquire(route, model, self._waiting)
+            self.queued = None
+            if self.client_gone:  # it left while queued: nothing was sent anywhere
+                if not isinstance(handle, Refusal):
+                    self.svc.registry.release(handle)
+                return "client_gone"
             if isinstance(handle, Refusal):
                 if self.body_done and not last:
                     return _FALLBACK  # none for this model now: the next candidate's
@@ -352,8 +362,11 @@ class Exchange:
     async def _merged_models(self, stream: RelayStream, head: ResponseHead) -> str:
         """A connector accepted the key for ``/v1/models`` (``/api/tags``): answer with the
         models of every connector of the route instead of that one's list."""
-        while await stream.receive_data():  # read and dropped (bounded by the window)
-            pass
+        try:
+            while await stream.receive_data():  # read and dropped (bounded by the window)
+                pass
+        except StreamReset as exc:  # nothing went to the client yet: say why
+            return await self._answer_reset(exc, False, False)
         route = self.facts.route or DEFAULT_ROUTE
         path = self.req.path.removeprefix(f"/r/{self.facts.route or ''}")
         served = self.svc.registry.models(route) or {}
@@ -445,8 +458,17 @@ class Exchange:
         await req.wait_disconnect()
         self._client_gone("client disconnected")
 
+    def _waiting(self, scope: trio.CancelScope) -> None:
+        """About to wait in the route's queue: a client that leaves meanwhile gives its place
+        up at once (with the whole body here, the reader watches for it)."""
+        self.queued = scope
+        if self.body_done:
+            self._start_reader()
+
     def _client_gone(self, reason: str) -> None:
         self.client_gone = True
+        if self.queued is not None:
+            self.queued.cancel()
         if self.stream is not None:
             self.stream.reset(ResetCode.CANCEL, reason)
 
@@ -463,6 +485,8 @@ class Exchange:
         )
         if not self.body_done:
             h.append((b"connection", b"close"))
+        if self.stream is None:
+            self.facts.bytes_out = len(body)  # else: what the stream brought (see _account)
         await self.req.respond(s, h, body, end=True)
         return bridge_outcome(status)
 

@@ -7,6 +7,7 @@ into this module, never the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -123,9 +124,15 @@ class Exchanges:
             candidates = [c for c in candidates if c in served]
         return model, candidates, served
 
-    async def acquire(self, route: str, model: str | None) -> ConnectorHandle | Refusal:
+    async def acquire(
+        self,
+        route: str,
+        model: str | None,
+        waiting: Callable[[trio.CancelScope], None] | None = None,
+    ) -> ConnectorHandle | Refusal:
         """A connector of ``route`` with a free slot, reserved (waiting in the route's queue up
-        to ``queue_timeout``), or why there is none."""
+        to ``queue_timeout``), or why there is none. ``waiting``: told the wait's scope when
+        there is a wait (cancelling it ends the wait: no connector)."""
         if self.registry.not_ready(route) and not self.queue_when_not_ready:
             return Refusal(503, "the LLM behind this route is not ready; retry later",  # noqa: ASYNC910  refused at once, by rule
                            RETRY_AFTER_NOT_READY)  # fmt: skip
@@ -134,7 +141,9 @@ class Exchanges:
         handle = self.registry.try_acquire(route, model)
         try:
             if handle is None:
-                with trio.CancelScope(deadline=waited + self.queue_timeout):
+                with trio.CancelScope(deadline=waited + self.queue_timeout) as wait:
+                    if waiting is not None:
+                        waiting(wait)
                     handle = await self.registry.acquire(route, model)
         except QueueFull:
             self.limit_hit("queue")

@@ -61,6 +61,9 @@ class _Conn:
 
     def is_stale(self) -> bool:
         """True if the server closed the idle connection (or sent something unasked)."""
+        peer_closed = getattr(self.stream, "peer_closed", None)  # a stream without a socket
+        if peer_closed is not None:
+            return bool(peer_closed)
         sock = getattr(self.stream, "socket", None)
         if sock is None:  # TLS: look at the socket underneath
             sock = getattr(getattr(self.stream, "transport_stream", None), "socket", None)

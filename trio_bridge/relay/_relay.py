@@ -591,10 +591,17 @@ class Relay:
         self._nursery.start_soon(goaway_then_close)
 
     def close(self, reason: str) -> None:
-        """Tear the relay down (idempotent; does not wait)."""
+        """Tear the relay down (idempotent; does not wait). Its streams learn why (RELAY_LOST)
+        before its tasks are cancelled, so their handlers end knowing it; what they buffered
+        stays readable until :meth:`run` fails them."""
         if self.closed_reason is None:
             self.closed_reason = reason
         self._writer.close(reason)
+        for stream in self._streams.values():
+            if stream.reset_error is None:
+                stream.reset_error = StreamReset(
+                    ResetCode.RELAY_LOST, f"relay lost: {self.closed_reason}"
+                )
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 

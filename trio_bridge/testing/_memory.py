@@ -11,13 +11,34 @@ import trio.testing
 from trio_bridge._net import Listener, refused
 
 
+class _Ends:
+    """What the two ends of one connection know of each other."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = [False, False]
+
+
 class MemoryStream(trio.abc.HalfCloseableStream):
     """One end of an in-memory connection (trio's memory streams); ``peer``: the other end's
-    address, as a socket's ``getpeername`` would say."""
+    address, as a socket's ``getpeername`` would say; :attr:`peer_closed`: the other end was
+    closed (what a kept-alive connection's staleness check looks at, as the kernel's EOF)."""
 
-    def __init__(self, stapled: trio.StapledStream, peer: str) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        stapled: trio.StapledStream,  # type: ignore[type-arg]
+        peer: str,
+        ends: _Ends,
+        side: int,
+    ) -> None:
         self._stapled = stapled
         self.peer = peer
+        self._ends, self._side = ends, side
+
+    @property
+    def peer_closed(self) -> bool:
+        return self._ends.closed[1 - self._side]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stapled.send_all(data)
@@ -32,6 +53,7 @@ class MemoryStream(trio.abc.HalfCloseableStream):
         return await self._stapled.receive_some(max_bytes)
 
     async def aclose(self) -> None:
+        self._ends.closed[self._side] = True
         await self._stapled.aclose()
 
 
@@ -44,11 +66,12 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     def connect(self) -> MemoryStream:
         """The client's end of a new connection (the server's is queued for accept)."""
         a, b = trio.testing.memory_stream_pair()
+        ends = _Ends()
         try:
-            self._send.send_nowait(MemoryStream(b, "127.0.0.1"))
+            self._send.send_nowait(MemoryStream(b, "127.0.0.1", ends, 1))
         except (trio.WouldBlock, trio.ClosedResourceError):
             raise refused(*self.address) from None
-        return MemoryStream(a, self.address[0])
+        return MemoryStream(a, self.address[0], ends, 0)
 
     async def accept(self) -> trio.abc.Stream:
         try:
@@ -57,9 +80,17 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
             raise trio.ClosedResourceError("listener closed") from None
 
     async def aclose(self) -> None:
+        """Stop listening; connections not accepted yet are closed (their clients see the
+        connection end, as a TCP reset would tell them)."""
         if self.network.listening.get(self.address) is self:
             del self.network.listening[self.address]
         self._send.close()
+        while True:
+            try:
+                pending = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            await pending.aclose()
         await self._receive.aclose()
 
 
