@@ -525,3 +525,20 @@ def test_a_usage_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('[connector]\nusage_file = "/proc/nope/usage.sqlite3"\n')
     with pytest.raises(ConfigError, match=r"connector.usage_file: cannot open /proc/nope"):
         Connector(load_config(tmp_path / "c.toml"), token="tbc_aaaaaaaa_x")
+
+
+def test_a_client_that_waits_exactly_retry_after_is_let_in() -> None:
+    """Retry-After is whole seconds up to the moment the oldest request leaves the window;
+    float rounding at that exact edge must not refuse the client that waited just that."""
+    refused_at_the_edge = 0
+    for i in range(1000):
+        lim, key = Limiter(), KeyLimits(rpm=1)
+        t0 = 1000.0 + i * 0.001237  # many float offsets
+        assert lim.admit("k", key, t0) is None
+        lim.finish("k", 0, t0)
+        later = t0 + 1 + i % 50  # a whole number of seconds later: Retry-After lands on the edge
+        refusal = lim.admit("k", key, later)
+        assert refusal is not None
+        if lim.admit("k", key, later + refusal.retry_after) is not None:
+            refused_at_the_edge += 1
+    assert refused_at_the_edge == 0

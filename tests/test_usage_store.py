@@ -390,6 +390,7 @@ async def test_usage_is_a_request_of_its_key_and_its_limits_apply(
         assert statuses == [200, 200, 429]
 
 
+@pytest.mark.slow  # measures the loop's stalls in real time: alone, not beside 4 workers
 async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
     tcp_lab: Lab,
 ) -> None:
