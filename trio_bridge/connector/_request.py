@@ -4,8 +4,8 @@ It runs in its stream's own cancel scope (see ``relay/_relay.py``), which also h
 the LLM: when the broker resets the stream (client gone) or the relay is lost, the scope is
 cancelled and the upstream connection closed, so the LLM stops generating.
 
-Each step either lets the request go on or answers it and raises :class:`Answered` with the
-outcome; :meth:`RelayedRequest.run` reads top to bottom. What a request holds (the key's
+Each check either lets the request go on or gives the :class:`Refusal` that answers it;
+:meth:`RelayedRequest._serve` reads top to bottom. What a request holds (the key's
 counters, body bytes in its relay's budget, an LLM slot) is released in one place, at its end.
 
 httpx exceptions are mapped here and only here: before the response head they become an
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
+import attrs
 import httpx
 import trio
 
-from trio_bridge._errors import BridgeError, QueueFull, StreamReset
+from trio_bridge._errors import QueueFull, StreamReset
 from trio_bridge._observe import Facts, bridge_outcome
 from trio_bridge.accounts._keys import SecretEntry
 from trio_bridge.accounts._limits import KeyLimits
@@ -57,12 +58,15 @@ _NO_LIMITS = KeyLimits()
 Content = bytes | AsyncIterator[bytes]
 
 
-class Answered(BridgeError):
-    """The request was answered (or reset) before it reached its end: ``outcome`` says how."""
+@attrs.frozen
+class Refusal:
+    """How a request is answered when a check stops it: an OpenAI-shaped error."""
 
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
+    status: int
+    message: str
+    retry_after: int | None = None
+    code: str | None = None
+    extra: list[tuple[bytes, bytes]] | None = None
 
 
 class RelayedRequest:
@@ -94,147 +98,155 @@ class RelayedRequest:
         self.first_chunk: float | None = None
         self.last_chunk: float | None = None
 
-    async def run(self) -> None:  # noqa: ASYNC910  each step awaits, or answered (awaited) before it raised
-        """Key → limits → body → LLM slot → LLM → answer; then release and account."""
+    async def run(self) -> None:
+        """Serve the request, then release what it holds and account for it."""
         try:
-            try:
-                entry = await self._check_key()
-                if self.facts.path == USAGE_PATH:  # answered here, not by the LLM
-                    self.facts.outcome = await answer_usage(self, entry)
-                    return
-                self.counted = True  # whatever the answer, a request of this key in its usage
-                url = await self._check_target()
-                await self.admit(self.limits, self.limits)  # before anything of the body
-                content = await self._take_body()
-                await self._take_slot()
-                self.facts.outcome = await self._call_llm(url, content)
-            except Answered as answered:
-                self.facts.outcome = answered.outcome
+            self.facts.outcome = await self._serve()
         finally:
             self._release()
             self.fw.accounting.ended(self)
 
+    async def _serve(self) -> str:
+        """Key → limits → body → LLM slot → LLM → answer: the outcome. Each check either
+        lets the request go on or gives the :class:`Refusal` that is its answer."""
+        entry = self._check_key()
+        if isinstance(entry, Refusal):
+            return await self.answer(entry)
+        if self.facts.path == USAGE_PATH:  # answered here, not by the LLM
+            return await answer_usage(self, entry)
+        self.counted = True  # whatever the answer, a request of this key in its usage
+        url = self._check_target()
+        if isinstance(url, Refusal):
+            return await self.answer(url)
+        if refusal := self.admit(self.limits, self.limits):  # before anything of the body
+            return await self.answer(refusal)
+        content = await self._take_body()
+        if isinstance(content, Refusal):
+            return await self.answer(content)
+        if refusal := await self._take_slot():
+            return await self.answer(refusal)
+        return await self._call_llm(url, content)
+
     # -- the steps, in order --
-    async def _check_key(self) -> SecretEntry:
+    def _check_key(self) -> SecretEntry | Refusal:
         fw, head = self.fw, self.head
         presented = presented_key(head.headers)
         entry = fw.keys.lookup(presented) if presented is not None else None
-        if entry is not None and entry.expired():
-            self.key_id = self.facts.key_id = self.rec.key_id = entry.id
-            self.rec.key_name = entry.name
-            await self.refuse(
+        if entry is None:
+            if not self.guard.key_failed(trio.current_time()):
+                self.facts.limit = "key_failures"
+                fw.accounting.limit_hit("key_failures")
+                return Refusal(429, "too many failed key checks; retry later", retry_after=5)
+            return Refusal(401, "missing API key" if presented is None else "invalid API key")
+        self.key_id = self.facts.key_id = entry.id
+        rec = self.rec
+        rec.key_id, rec.key_name = entry.id, entry.name
+        if entry.expired():
+            return Refusal(
                 401,
                 f"this API key expired at {entry.expires}; ask the operator to extend it or "
                 "for a new one",
                 code="key_expired",
             )
-        if entry is None:
-            if not self.guard.key_failed(trio.current_time()):
-                self.facts.limit = "key_failures"
-                fw.accounting.limit_hit("key_failures")
-                await self.refuse(429, "too many failed key checks; retry later", retry_after=5)
-            await self.refuse(401, "missing API key" if presented is None else "invalid API key")
-        self.key_id = self.facts.key_id = entry.id
-        rec = self.rec
-        rec.key_id, rec.key_name = entry.id, entry.name
         rec.request_headers = scrub(head.headers)
         self.limits = fw.keys.limits_for(entry)
-        return entry  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
+        return entry
 
-    async def _check_target(self) -> httpx.URL:
+    def _check_target(self) -> httpx.URL | Refusal:
         """The LLM's URL for this request: the one rule for what may reach the LLM (the
         broker's word is not taken), and a declared length within max_body."""
         try:
             check_method(self.head.method, self.fw.methods)
             url = self.fw.url_for(self.head.target)
         except BadTarget as exc:
-            await self.refuse(exc.status, str(exc))
+            return Refusal(exc.status, str(exc))
         declared = header(self.head.headers, b"content-length")
         if declared is not None and (
             not declared.isdigit() or int(declared) > self.fw.body_rules.max_body
         ):
-            await self.refuse(413, "request body too large")
-        return url  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
+            return Refusal(413, "request body too large")
+        return url
 
-    async def admit(self, limits: KeyLimits, shown: KeyLimits) -> None:
-        """Count the request in under the key's ``limits``, or answer 429 (rate-limit
-        headers from ``shown``)."""
+    def admit(self, limits: KeyLimits, shown: KeyLimits) -> Refusal | None:
+        """Count the request in under the key's ``limits``, or the 429 (rate-limit headers
+        from ``shown``)."""
         limiter = self.fw.limiter
         now = trio.current_time()
         refusal = limiter.admit(self.key_id, limits, now, wall=time.time())  # wall clock
         if refusal is None:
             self.admitted = True
-            return  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
+            return None
         self.facts.limit = refusal.limit
         self.fw.accounting.limit_hit(refusal.limit)
-        await self.refuse(
+        return Refusal(
             429,
             refusal.message,
             retry_after=refusal.retry_after,
             extra=limiter.headers(self.key_id, shown, now),
         )
 
-    async def _take_body(self) -> Content:
+    async def _take_body(self) -> Content | Refusal:
         """The body to send on: read whole when it is all here or the key has a model
         allowlist (which needs the "model" before anything is sent), else streamed as it
-        comes. Answers 413 / 408 / 429 / 503 (:class:`BodyRefused`), 400 (no readable model)
-        and 403 (a model the key may not use)."""
+        comes. Refused: 413 / 408 / 429 / 503 (:class:`BodyRefused`), 400 (no readable
+        model) and 403 (a model the key may not use)."""
         stream, limits = self.stream, self.limits
         content: Content
         if stream.recv_done or limits.models:
             try:
                 content = await read_whole(stream, self.fw.body_rules, self.guard, self.key_id)
             except BodyRefused as exc:
-                await self.refuse(exc.status, exc.message)
+                return Refusal(exc.status, exc.message)  # noqa: ASYNC910  raised from a read
             self.held = len(content)  # given back at the end
             self.body = content
             if limits.models:
-                self.model = await self._allowed_model(content)
+                model = self._allowed_model(content)
+                if isinstance(model, Refusal):
+                    self._give_back()  # refused: nothing is held for it
+                    return model
+                self.model = model
         else:
             content = BodyChunks(stream, self.fw.body_rules)
         if self.fw.inspector.capture_bodies:
             content = self._captured(content)
-        return content  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
+        return content  # noqa: ASYNC910  all here already: the LLM call right after awaits
 
-    async def _allowed_model(self, body: bytes) -> str | None:
+    def _allowed_model(self, body: bytes) -> str | Refusal | None:
         limits = self.limits
         try:
             model = declared_model(body, header(self.head.headers, b"content-encoding"))
         except ModelUnknown as exc:
-            self._give_back()  # refused: nothing is held for it
-            await self.refuse(400, str(exc), code="model_unknown")
+            return Refusal(400, str(exc), code="model_unknown")
         if not limits.allows_model(model):
-            self._give_back()
-            await self.refuse(
+            return Refusal(
                 403,
                 f"this API key may not use model {str(model)[:128]!r} (allowed: "
                 f"{', '.join(limits.models)})",
                 code="model_not_allowed",
             )
-        return model  # noqa: ASYNC910  a step's fast path: run() goes on to the LLM call
+        return model
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self) -> Refusal | None:
         """An LLM slot (fairly, by key); one deadline for the wait in the queue and the LLM's
-        first byte together. Answers 429 (queue full) or 504 (no slot in time)."""
+        first byte together. Refused: 429 (queue full) or 504 (no slot in time)."""
         fw = self.fw
         self.first_byte_by = trio.current_time() + fw.first_byte_timeout
         if fw.slots.try_acquire():  # a free slot (the usual case): no scope, no wait
             self.slot = True
             self.rec.queue_wait_ms = 0.0
-            return  # noqa: ASYNC910  a free slot: the LLM call right after checkpoints
+            return None  # noqa: ASYNC910  a free slot: the LLM call right after awaits
         queued_at = trio.current_time()
         try:
             with trio.fail_at(self.first_byte_by):
                 await fw.slots.acquire(self.key_id, self.limits.priority)
         except QueueFull:
             fw.accounting.limit_hit("queue")
-            await self.refuse(
-                429, "the LLM is busy and its queue is full; retry shortly", retry_after=1
-            )
+            return Refusal(429, "the LLM is busy and its queue is full; retry shortly", 1)  # noqa: ASYNC910  raised from the wait
         except trio.TooSlowError:
-            await self.refuse(504, "the LLM did not start answering in time (queued)")
+            return Refusal(504, "the LLM did not start answering in time (queued)")  # noqa: ASYNC910  the wait ran out
         self.slot = True
         self.rec.queue_wait_ms = round((trio.current_time() - queued_at) * 1000, 3)
+        return None
 
     async def _call_llm(self, url: httpx.URL, content: Content) -> str:
         """Send the request to the LLM and stream its answer back. The LLM slot is held for
@@ -363,20 +375,15 @@ class RelayedRequest:
         return "ok"  # noqa: ASYNC910  reached after awaiting the LLM's chunks
 
     # -- answers the connector makes itself --
-    async def refuse(
-        self,
-        status: int,
-        message: str,
-        *,
-        retry_after: int | None = None,
-        code: str | None = None,
-        extra: list[tuple[bytes, bytes]] | None = None,
-    ) -> NoReturn:
-        """Answer with a bridge-made error and end the request here (raises Answered)."""
-        outcome = await self.reply_error(
-            status, message, retry_after=retry_after, code=code, extra=extra
+    async def answer(self, refusal: Refusal) -> str:
+        """Answer with a bridge-made error: its outcome."""
+        return await self.reply_error(
+            refusal.status,
+            refusal.message,
+            retry_after=refusal.retry_after,
+            code=refusal.code,
+            extra=refusal.extra,
         )
-        raise Answered(outcome)
 
     async def reply_error(
         self,

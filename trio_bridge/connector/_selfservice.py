@@ -39,7 +39,9 @@ def totals(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
     """Admit the request under the key's request limits, then answer; its outcome."""
     limits = req.limits
-    await req.admit(attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None), limits)
+    refusal = req.admit(attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None), limits)
+    if refusal is not None:
+        return await req.answer(refusal)
     store = req.fw.usage_store
     wall = time.time()  # wall clock
     rows: list[dict[str, Any]] = []
