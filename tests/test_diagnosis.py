@@ -235,3 +235,39 @@ async def test_a_request_whose_llm_is_unreachable_is_retried_on_another_connecto
                 statuses.append(r.status_code)
         assert statuses == [200] * 6
         assert [r.method for r in healthy.model.requests].count("POST") == 6
+
+
+async def test_a_connector_whose_answers_keep_failing_is_ejected_for_a_while(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two connectors on one route; five answers in a row from one fail (its health check
+    still passes). It then gets no new request for a while (as Envoy's outlier detection),
+    the other takes them, status says so, and it is tried again later."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        broker = await lab.start_broker()
+        good, bad = await lab.start_test_model(), await lab.start_test_model()
+        await lab.start_connector([broker], bad.url, connector={"name": "bad"})
+        await lab.start_connector([broker], good.url, connector={"name": "good"})
+        async with lab.client() as client:
+
+            async def ask(prompt: str) -> int:
+                r = await client.post(
+                    broker.url + CHAT,
+                    json={"model": "m", "messages": [{"role": "user", "content": prompt}]},
+                    headers={"Authorization": f"Bearer {lab.api_key}"},
+                )
+                return r.status_code
+
+            # one at a time, the first connector (equal priority and load) is asked each time:
+            # five answers of its LLM fail in a row
+            statuses = [await ask("fail with 500") for _ in range(5)]
+            assert statuses == [500] * 5
+            doc = broker.broker.status()
+            [bad_doc] = [c for c in doc["routes"]["default"] if c["connector"] == "bad"]
+            assert bad_doc["failed"] == 5 and bad_doc["ejected_for_s"] > 0
+            assert [await ask("hello") for _ in range(4)] == [200] * 4
+            assert [r.method for r in bad.model.requests].count("POST") == 5
+            assert [r.method for r in good.model.requests].count("POST") == 4
+            await trio.sleep(11)  # the ejection (10 s) is over: the bad box is tried again
+            assert await ask("hello") == 200
+            assert [r.method for r in bad.model.requests].count("POST") == 6

@@ -33,7 +33,7 @@ from trio_bridge.admin._admin import AdminApp
 from trio_bridge.admin._ui import Pages
 from trio_bridge.broker._exchange import Exchange
 from trio_bridge.broker._exchanges import Exchanges
-from trio_bridge.broker._registry import Registry
+from trio_bridge.broker._registry import ConnectorHandle, Registry
 from trio_bridge.broker._relays import RelayEndpoint
 from trio_bridge.broker._rules import LimitHits, Trust
 from trio_bridge.http._asgi import serve_app
@@ -196,6 +196,7 @@ class Broker:
                     "in_flight": h.in_flight,
                     "capacity": h.capacity,
                     "connected_since": h.connected_since,
+                    **_health(h),
                 }
             )
         return {
@@ -224,6 +225,7 @@ class Broker:
                     "in_flight": h.in_flight,
                     "capacity": h.capacity,
                     "connected_since": h.connected_since,
+                    **_health(h),
                 }
             )
         for route, stats in self.route_stats.items():
@@ -274,3 +276,13 @@ class Broker:
         )
         ssl_context.set_alpn_protocols(["http/1.1"])
         return ssl_context
+
+
+def _health(h: ConnectorHandle) -> dict[str, Any]:
+    """A connector's passive health, for status and the broker page."""
+    left = h.ejected_until - trio.current_time()
+    return {
+        "answers": h.answers,
+        "failed": h.failed,
+        "ejected_for_s": round(left, 1) if left > 0 else 0,
+    }

@@ -57,6 +57,8 @@ from trio_bridge.relay._relay import RelayStream
 
 #: the outcome of a 5xx answer relayed from a connector
 UPSTREAM_ERROR = "upstream_error"
+#: outcomes that count against a connector's health (with its 502/504 resets)
+_FAILED = frozenset({UPSTREAM_ERROR, "bad_answer"})
 
 log = logging.getLogger("trio_bridge.broker")
 
@@ -269,6 +271,12 @@ class Exchange:
             outcome = await self._respond(
                 may_retry=self.body_done, may_fall_back=self.body_done and not last
             )
+            if outcome in _FAILED or (
+                outcome == "bridge_error" and self.facts.status in (502, 504)
+            ):
+                handle.answered(False, trio.current_time())
+            elif outcome == "ok":
+                handle.answered(True, trio.current_time())
             if outcome != _RETRY:
                 return outcome
         return await self._error(503, "every connector refused; retry", 1)

@@ -9,6 +9,7 @@ connector eligible (:meth:`Registry.changed`), through the relay's ``on_change``
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 
@@ -18,7 +19,13 @@ import trio
 from trio_bridge._errors import QueueFull
 from trio_bridge.relay._relay import Relay
 
+log = logging.getLogger("trio_bridge.broker")
 DEFAULT_ROUTE = "default"
+#: passive health: failed answers in a row that eject a connector, for how long at first
+#: (seconds; doubled at each ejection in a row), at most
+EJECT_AFTER = 5
+EJECT_FOR = 10.0
+EJECT_MAX = 300.0
 MAX_ANNOUNCED = 10_000  # model names remembered as announced (see Registry.announced)
 
 
@@ -35,6 +42,40 @@ class ConnectorHandle:
     connected_since: float
     #: requests promised to it that have not opened their stream yet
     reserved: int = 0
+    #: passive health (as Envoy's outlier detection): answers that failed in a row, and
+    #: until when (trio's clock) it gets no new request after too many of them
+    failures_in_a_row: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    answers: int = 0
+    failed: int = 0
+
+    def answered(self, ok: bool, now: float) -> None:
+        """An answer from this connector ended: a failure (a 5xx from behind it, a broken
+        answer, no answer in time) or not. EJECT_AFTER failures in a row keep new requests
+        away from it for EJECT_FOR seconds, doubling with each ejection (at most
+        EJECT_MAX); a good answer resets the count and the doubling."""
+        self.answers += 1
+        if ok:
+            self.failures_in_a_row = 0
+            self.ejections = 0
+            return
+        self.failed += 1
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= EJECT_AFTER:
+            self.ejections += 1
+            self.failures_in_a_row = 0
+            self.ejected_until = now + min(EJECT_MAX, EJECT_FOR * 2 ** (self.ejections - 1))
+            log.warning(
+                "connector %s ejected for %.0f s: its last %d answers failed",
+                self.name,
+                self.ejected_until - now,
+                EJECT_AFTER,
+                extra={"connector": self.name, "route": self.route},
+            )
+
+    def ejected(self, now: float) -> bool:
+        return now < self.ejected_until
 
     @property
     def in_flight(self) -> int:
@@ -186,11 +227,14 @@ class Registry:
         first (a preferred box takes requests while it is up and has room), then the least
         load."""
         best: ConnectorHandle | None = None
+        now = trio.current_time()
+        ejected = False
         for h in self._by_route.get(route, ()):
             if not h.usable or not h.serves(model):
                 continue
-            if best is None or (-h.priority, h.load) < (-best.priority, best.load):
-                best = h
+            key = (h.ejected(now), -h.priority, h.load)  # an ejected one only if all are
+            if best is None or key < (ejected, -best.priority, best.load):
+                best, ejected = h, key[0]
         return best
 
     def one_model_set(self, route: str) -> bool:
