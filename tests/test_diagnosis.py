@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.cli import _cli
+from trio_bridge.cli._status import format_status
 from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab
 
 PAST = "2020-01-01T00:00:00Z"
@@ -167,7 +168,7 @@ async def test_not_ready_says_why(autojump_clock: trio.testing.MockClock) -> Non
         await trio.sleep(1)
         why = b.connector.not_ready_because()
         assert len(why) == 1 and why[0].startswith("no relay to a broker is up (")
-        text = _cli.format_status(b.connector.status())
+        text = format_status(b.connector.status())
         assert "NOT READY (no relay to a broker is up" in text
 
 

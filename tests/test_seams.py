@@ -355,7 +355,7 @@ async def test_request_lines_cap_what_came_from_outside() -> None:
 
 
 def test_status_output_is_terminal_safe() -> None:
-    from trio_bridge.cli._cli import format_status
+    from trio_bridge.cli._status import format_status
 
     doc = {
         "role": "connector",

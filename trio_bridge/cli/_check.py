@@ -1,0 +1,234 @@
+"""``check``: one line per setting a role needs (OK / WARN / FAIL), before it runs."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sqlite3
+import ssl
+
+import httpx
+import trio
+
+from trio_bridge._config import Config, parse_hostport
+from trio_bridge._errors import ConfigError
+from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.accounts._usagestore import check_writable
+from trio_bridge.connector._connector import probe_relay, read_secret_file
+from trio_bridge.http._messages import MODEL_LISTS, model_ids
+
+log = logging.getLogger("trio_bridge.cli")
+
+
+class _Report:
+    """Lines of a `check`: OK / WARN / FAIL, one line each; exit 1 on any FAIL."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def ok(self, what: str, text: str) -> None:
+        print(f"OK    {what}: {text}")
+
+    def warn(self, what: str, text: str) -> None:
+        print(f"WARN  {what}: {text}")
+
+    def fail(self, what: str, text: str) -> None:
+        print(f"FAIL  {what}: {text}")
+        self.failed = True
+
+
+def _roles_to_check(config: Config, role: str | None) -> list[str]:
+    if role is not None:
+        if config.sections and role not in config.sections:
+            raise ConfigError(
+                f"{config.source} has no [{role}] section: pass the {role}'s config file"
+            )
+        return [role]
+    roles: list[str] = [r for r in ("broker", "connector") if r in config.sections]
+    if not roles:
+        raise ConfigError(
+            f"{config.source} has neither a [broker] nor a [connector] section: say which "
+            "role to check (trio-bridge check broker|connector -c FILE)"
+        )
+    return roles
+
+
+async def run_check(config: Config, role: str | None) -> int:
+    roles = _roles_to_check(config, role)
+    report = _Report()
+    report.ok("config", f"{config.source} is valid")
+    for r in roles:
+        if r == "broker":
+            _check_broker(config, report)
+        else:
+            await _check_connector(config, report)
+    return 1 if report.failed else 0  # noqa: ASYNC910  every check awaited its probe
+
+
+def _check_listen(report: _Report, option: str, value: str) -> None:
+    host, port = parse_hostport(value)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why = "address already in use (is it already running? or change it)"
+        report.fail(option, f"cannot listen on {value}: {why}")
+    else:
+        report.ok(option, f"{value} is free to listen on")
+
+
+def _check_broker(config: Config, report: _Report) -> None:
+    bc = config.broker
+    path = config.path(bc.connector_tokens_file)
+    try:
+        tokens = SecretStore(path, "tbc")
+    except ConfigError as exc:
+        report.fail("broker.connector_tokens_file", str(exc))
+    else:
+        active = tokens.active_ids()
+        if not active:
+            report.warn(
+                "broker.connector_tokens_file",
+                f"{path}: no connector tokens yet: trio-bridge tokens add NAME "
+                f"--route ROUTE -c {config.source}",
+            )
+        for e in tokens.entries():
+            if e.id in active:
+                report.ok("connector token", f"{e.name} (id {e.id}) may serve: {e.route_text}")
+    _check_listen(report, "broker.listen", bc.listen)
+    if bc.admin_listen:
+        _check_listen(report, "broker.admin_listen", bc.admin_listen)
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(bc, name)
+        if value and not config.path(value).is_file():
+            report.fail(f"broker.{name}", f"{config.path(value)}: no such file")
+    host, _ = parse_hostport(bc.listen)
+    if host not in ("127.0.0.1", "::1", "localhost") and not (bc.behind_tls_proxy or bc.tls_cert):
+        report.warn(
+            "broker.listen",
+            f"{bc.listen} without TLS: API keys would cross the network in clear. Put "
+            "Caddy or nginx in front (conf/) and set broker.behind_tls_proxy = true, or "
+            "listen on 127.0.0.1.",
+        )
+
+
+async def _check_connector(config: Config, report: _Report) -> None:
+    cc = config.connector
+    path = config.path(cc.api_keys_file)
+    try:
+        n = len(SecretStore(path, "tbk").active_ids())
+    except ConfigError as exc:
+        report.fail("connector.api_keys_file", str(exc))
+    else:
+        if n:
+            report.ok("connector.api_keys_file", f"{path}: {n} API key{'s' * (n != 1)}")
+        else:
+            report.warn(
+                "connector.api_keys_file",
+                f"{path}: no API keys yet (every request will get 401): trio-bridge keys add "
+                f"NAME -c {config.source}",
+            )
+    if cc.usage_file:  # a real write (the file itself is not created: see check_writable)
+        usage = config.path(cc.usage_file)
+        try:
+            with trio.fail_after(15):
+                done = await trio.to_thread.run_sync(check_writable, usage, abandon_on_cancel=True)
+        except (sqlite3.Error, OSError, trio.TooSlowError) as exc:
+            why = "no answer in 15 s" if isinstance(exc, trio.TooSlowError) else str(exc)
+            report.fail("connector.usage_file", f"{usage}: cannot write: {why}")
+        else:
+            report.ok("connector.usage_file", f"{usage}: {done}")
+    token: str | None = None
+    try:
+        token = os.environ.get("TRIO_BRIDGE_TOKEN") or read_secret_file(
+            config.path(cc.token_file), "connector.token_file"
+        )
+    except ConfigError as exc:
+        report.fail("connector token", str(exc))
+    else:
+        source = "TRIO_BRIDGE_TOKEN" if os.environ.get("TRIO_BRIDGE_TOKEN") else "token_file"
+        report.ok("connector token", f"read from {source}")
+    await _check_llm(config, report)
+    ca = config.path(cc.broker_ca_file) if cc.broker_ca_file else None
+    if ca is not None and not ca.is_file():
+        report.fail("connector.broker_ca_file", f"{ca}: no such file")
+        return
+    ssl_context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    for url in cc.broker_urls:
+        if token is None:
+            report.fail(f"broker {url}", "not tried: no connector token")
+            continue
+        timeout = float(config.limits.connect_timeout)
+        ok, text = False, f"no relay answer within {timeout:g}s (is this the broker's address?)"
+        if url.startswith("wss://"):
+            text = (
+                f"no relay answer within {timeout:g}s (is this the broker's address? wss:// "
+                "needs TLS there: a broker without TLS takes ws://)"
+            )
+        with trio.move_on_after(timeout):
+            ok, text = await probe_relay(url, token, route=cc.route, ssl_context=ssl_context)
+        (report.ok if ok else report.fail)(f"broker {url}", text)
+
+
+async def _check_llm(config: Config, report: _Report) -> None:
+    """The LLM answers its health probe, and looks like an LLM API (it lists models)."""
+    cc = config.connector
+    base = cc.local_url.rstrip("/")
+    headers = {}
+    try:
+        key = os.environ.get("TRIO_BRIDGE_UPSTREAM_KEY") or (
+            read_secret_file(config.path(cc.upstream_api_key_file), "upstream_api_key_file")
+            if cc.upstream_api_key_file
+            else None
+        )
+    except ConfigError as exc:
+        report.fail("connector.upstream_api_key_file", str(exc))
+        key = None
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    async with httpx.AsyncClient(
+        timeout=float(config.limits.connect_timeout), trust_env=False, headers=headers
+    ) as client:
+        try:
+            health = await client.get(base + cc.health_path)
+        except httpx.HTTPError as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            report.fail(f"LLM {base}", f"not answering ({why})")
+            return
+        if health.status_code >= 500:
+            report.fail(f"LLM {base}", f"{cc.health_path} answered HTTP {health.status_code}")
+            return
+        models = await _list_models(client, base)
+    if models is None:
+        report.fail(
+            f"LLM {base}",
+            f"an HTTP server answers ({cc.health_path}: HTTP {health.status_code}) but it does "
+            "not look like an LLM API: neither /v1/models nor /api/tags lists models "
+            "(wrong port? an API key it wants: upstream_api_key_file?)",
+        )
+    else:
+        shown = ", ".join(models[:5]) + (f" (+{len(models) - 5} more)" if len(models) > 5 else "")
+        report.ok(f"LLM {base}", f"answers; models: {shown or '(none listed)'}")
+
+
+async def _list_models(client: httpx.AsyncClient, base: str) -> list[str] | None:
+    """Model ids from OpenAI's /v1/models or Ollama's /api/tags; None if neither answers."""
+    for path in MODEL_LISTS:
+        try:
+            r = await client.get(base + path)
+        except httpx.HTTPError:
+            continue
+        if (ids := model_ids(path, r.status_code, r.content)) is not None:
+            return ids  # noqa: ASYNC910  each turn awaits a GET
+    return None  # noqa: ASYNC910  each turn awaits a GET
+
+
+async def first_model(url: str) -> str | None:
+    async with httpx.AsyncClient(timeout=1.5, trust_env=False) as client:
+        ids = await _list_models(client, url.rstrip("/"))
+    return ids[0] if ids else None
