@@ -272,3 +272,72 @@ async def test_a_connector_whose_answers_keep_failing_is_ejected_for_a_while(
             await trio.sleep(11)  # the ejection (10 s) is over: the bad box is tried again
             assert await ask("hello") == 200
             assert [r.method for r in bad.model.requests].count("POST") == 6
+
+
+def test_a_revoked_secret_stays_listed_as_revoked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A revoked key or token is kept (hash only, marked revoked, for 30 days) so that
+    `list` says what happened to it and a refusal can name it; it never works again."""
+    cfg = tmp_path / "bridge.toml"
+    cfg.write_text(
+        '[connector]\napi_keys_file = "keys.toml"\nusage_file = ""\n'
+        '[broker]\nconnector_tokens_file = "tokens.toml"\n'
+    )
+    keys = SecretStore(tmp_path / "keys.toml", "tbk")
+    alice, _ = keys.add("alice")
+    tokens = SecretStore(tmp_path / "tokens.toml", "tbc")
+    box, _ = tokens.add("box1")
+    assert _cli.main(["keys", "revoke", "alice", "-c", str(cfg)]) == 0
+    assert _cli.main(["tokens", "revoke", "box1", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    assert _cli.main(["keys", "list", "-c", str(cfg)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("alice")]
+    assert alice.id in line and "revoked" in line
+    assert _cli.main(["tokens", "list", "-c", str(cfg)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("box1")]
+    assert box.id in line and "revoked" in line
+    fresh = SecretStore(tmp_path / "keys.toml", "tbk")
+    revoked = fresh.get(alice.id)
+    assert revoked is not None and not revoked.usable() and alice.id not in fresh.active_ids()
+    # what is revoked stays revoked: not extended, not rotated, not revoked twice
+    for argv in (["set", "alice", "--expires", "none"], ["rotate", "alice"], ["revoke", "alice"]):
+        assert _cli.main(["keys", *argv, "-c", str(cfg)]) == 2
+        assert "revoked" in capsys.readouterr().err
+    # the name is free again: a new key of that name is a new entry beside the revoked one
+    keys.add("alice")
+    assert [e.revoked != "" for e in SecretStore(tmp_path / "keys.toml", "tbk").entries()] == [
+        True,
+        False,
+    ]
+
+
+async def test_a_revoked_key_is_told_so_and_the_refusals_name_the_ids(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_bridge(network=MemoryNetwork()) as b:
+        entry, key = b.keys.add("dave")
+        SecretStore(b.keys.path, "tbk").revoke("dave")
+        await trio.sleep(1)  # a running store looks at its file at most twice a second
+        caplog.set_level(logging.INFO, "trio_bridge")
+        async with b.client() as client:
+            r = await client.post(
+                b.base_url + CHAT,
+                json={"model": "m", "messages": []},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "key_revoked"
+        lines = [rec for rec in caplog.records if rec.name == "trio_bridge.request"]
+        assert any(getattr(rec, "key_id", None) == entry.id for rec in lines)
+        # a relay dialled with a revoked connector token: the refusal names the token id
+        [token_entry] = b.broker.tokens.entries()
+        b.broker.tokens.revoke(token_entry.name)
+        with trio.fail_after(60):
+            while not any(
+                getattr(rec, "token_id", None) == token_entry.id
+                and "revoked" in rec.getMessage()
+                and "refused" in rec.getMessage()
+                for rec in caplog.records
+            ):
+                await trio.sleep(0.5)

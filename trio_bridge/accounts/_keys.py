@@ -51,6 +51,8 @@ log = logging.getLogger("trio_bridge.keys")
 RELOAD_INTERVAL = 0.5
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LEN = 8
+#: how long a revoked entry stays in the file (listed as revoked, named in refusals)
+REVOKED_KEPT = 30 * 86400.0
 MAX_PRESENTED = 256  # longer presented keys are rejected before hashing
 DEFAULT_ROUTE = "default"
 #: route patterns: route-name characters plus the glob characters ``*`` and ``?``
@@ -81,11 +83,18 @@ class SecretEntry:
     expires: str = ""
     #: API keys: this key's own limits (unset ones come from the file's [defaults])
     limits: KeyLimits = KeyLimits()
+    #: ISO time it was revoked ("" = it was not): kept, hash only, for REVOKED_KEPT so that
+    #: lists and refusals can say what happened to it; it never works again
+    revoked: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         if not self.expires:
             return False
         return (time.time() if now is None else now) >= _parse_iso(self.expires)  # wall clock
+
+    def usable(self, now: float | None = None) -> bool:
+        """Neither revoked nor expired."""
+        return not self.revoked and not self.expired(now)
 
     def allows_route(self, route: str) -> bool:
         """True if this (connector token) entry may serve ``route``."""
@@ -196,14 +205,23 @@ class SecretStore:
                 expires = str(item.get("expires", ""))
                 if expires:
                     _parse_iso(expires)
+                revoked = str(item.get("revoked", ""))
+                if revoked:
+                    _parse_iso(revoked)
                 limits = limits_from(item, f"{self.path}: keys.{i}")
                 entries.append(
-                    SecretEntry(**fields, routes=tuple(routes), expires=expires, limits=limits)
+                    SecretEntry(
+                        **fields,
+                        routes=tuple(routes),
+                        expires=expires,
+                        limits=limits,
+                        revoked=revoked,
+                    )
                 )
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(
                     f"{self.path}: keys.{i}: needs {', '.join(_FIELDS)} "
-                    "(routes: a list of strings; expires: an ISO time)"
+                    "(routes: a list of strings; expires, revoked: ISO times)"
                 ) from None
         self._defaults = limits_from(data.get("defaults", {}), f"{self.path}: defaults")
         return entries
@@ -257,7 +275,7 @@ class SecretStore:
         self._checked = now
 
     def entries(self) -> list[SecretEntry]:
-        """Every entry in the file, expired ones included, oldest first."""
+        """Every entry in the file, expired and revoked ones included, oldest first."""
         return sorted(self._by_id.values(), key=lambda e: e.created)
 
     def get(self, ident: str) -> SecretEntry | None:
@@ -274,16 +292,16 @@ class SecretStore:
         return entry.limits.merged_over(self._defaults)
 
     def active_ids(self) -> set[str]:
-        """Ids of the entries that are valid now (not expired)."""
+        """Ids of the entries that are valid now (neither expired nor revoked)."""
         now = time.time()  # wall clock
-        return {e.id for e in self._by_id.values() if not e.expired(now)}
+        return {e.id for e in self._by_id.values() if e.usable(now)}
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def lookup(self, presented: str) -> SecretEntry | None:
-        """The entry whose secret was presented, expired or not (the caller tells an expired
-        one apart: :meth:`SecretEntry.expired`), or None. Constant time in the secret."""
+        """The entry whose secret was presented, expired or revoked or not (the caller tells
+        them apart: :meth:`SecretEntry.usable`), or None. Constant time in the secret."""
         self.maybe_reload()
         if not presented or len(presented) > MAX_PRESENTED:
             return None
@@ -294,9 +312,9 @@ class SecretStore:
         return entry if ok else None
 
     def verify(self, presented: str) -> SecretEntry | None:
-        """The valid (not expired) entry matching a presented secret, or None."""
+        """The valid (not expired, not revoked) entry matching a presented secret, or None."""
         entry = self.lookup(presented)
-        if entry is None or entry.expired():
+        if entry is None or not entry.usable():
             return None
         return entry
 
@@ -304,10 +322,19 @@ class SecretStore:
     def _write(self, entries: list[SecretEntry], defaults: KeyLimits | None = None) -> None:
         """Write ``entries``: an expired one stays (listed as expired, its user told so, it
         can be extended) unless a newer entry of its name replaced it (a rotation's old
-        secret, an expired key added again)."""
+        secret, an expired key added again); a revoked one stays REVOKED_KEPT."""
         now = time.time()  # wall clock
-        last = {e.name: i for i, e in enumerate(entries)}  # entries come oldest first
-        keep = [e for i, e in enumerate(entries) if not e.expired(now) or i == last[e.name]]
+        live = [e for e in entries if not e.revoked]
+        last = {e.name: i for i, e in enumerate(live)}  # entries come oldest first
+        keep = [
+            e
+            for e in entries
+            if (
+                _parse_iso(e.revoked) > now - REVOKED_KEPT
+                if e.revoked
+                else not e.expired(now) or e is live[last[e.name]]
+            )
+        ]
         doc: dict[str, Any] = {}
         defaults_doc = _limits_toml(self._defaults if defaults is None else defaults)
         if defaults_doc:
@@ -330,7 +357,7 @@ class SecretStore:
         if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(f"invalid name {name!r} (letters, digits, '-', '_', '.')")
         self.reload()
-        if any(e.name == name and not e.expired() for e in self._by_id.values()):
+        if any(e.name == name and e.usable() for e in self._by_id.values()):
             raise ConfigError(
                 f"{self.path}: {name!r} exists already (revoke it first, or rotate it)"
             )
@@ -360,11 +387,9 @@ class SecretStore:
     def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
         """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
         self.reload()
-        named = [e for e in self.entries() if name in (e.name, e.id)]
+        named = self._named(name)
         # the valid entries of that name; if it has only expired ones, its newest (extend it)
         matches = [e for e in named if not e.expired()] or named[-1:]
-        if not matches:
-            raise ConfigError(f"{self.path}: no entry named {name!r}")
         expires = changes.pop("expires", None)
         updated = []
         for e in self.entries():
@@ -385,18 +410,15 @@ class SecretStore:
     def set_routes(self, name: str, routes: tuple[str, ...]) -> list[SecretEntry]:
         """Bind the entries named ``name`` to ``routes`` (connector tokens)."""
         self.reload()
-        if not any(e.name == name for e in self._by_id.values()):
-            raise ConfigError(f"{self.path}: no entry named {name!r}")
-        self._write(
-            [attrs.evolve(e, routes=routes) if e.name == name else e for e in self.entries()]
-        )
-        return [e for e in self.entries() if e.name == name]
+        named = self._named(name)
+        self._write([attrs.evolve(e, routes=routes) if e in named else e for e in self.entries()])
+        return [e for e in self.entries() if e.name == name and not e.revoked]
 
     def rotate(self, name: str, grace: float) -> tuple[SecretEntry, str, str]:
         """A new secret for ``name`` (same routes); the current one stays valid for ``grace``
         seconds. Returns (new entry, the secret to show once, when the old one expires)."""
         self.reload()
-        named = [e for e in self.entries() if e.name == name]
+        named = [e for e in self._named(name) if e.name == name]
         current = [e for e in named if not e.expired()] or named[-1:]  # an expired key too
         if not current:
             raise ConfigError(f"{self.path}: no entry named {name!r}")
@@ -410,12 +432,27 @@ class SecretStore:
         return entry, secret, until
 
     def revoke(self, name: str) -> SecretEntry:
+        """Revoke every unrevoked entry named ``name`` (or with that id): they stay in the
+        file marked revoked (REVOKED_KEPT), so lists and refusals can name them."""
         self.reload()
-        matches = [e for e in self._by_id.values() if name in (e.name, e.id)]
-        if not matches:
+        matches = self._named(name)
+        when = _iso(_now())
+        self._write([attrs.evolve(e, revoked=when) if e in matches else e for e in self.entries()])
+        return attrs.evolve(matches[0], revoked=when)
+
+    def _named(self, name: str) -> list[SecretEntry]:
+        """The unrevoked entries named ``name`` (or with that id), oldest first; a
+        ConfigError that says why if there is none."""
+        named = [e for e in self.entries() if name in (e.name, e.id)]
+        if not named:
             raise ConfigError(f"{self.path}: no entry named {name!r}")
-        self._write([e for e in self.entries() if e not in matches])
-        return matches[0]
+        matches = [e for e in named if not e.revoked]
+        if not matches:
+            raise ConfigError(
+                f"{self.path}: {name!r} was revoked at {named[-1].revoked}; a revoked secret "
+                "never works again: add a new one"
+            )
+        return matches
 
 
 _FIELDS = ("name", "id", "sha256", "created")
@@ -427,6 +464,8 @@ def _as_toml(e: SecretEntry) -> dict[str, Any]:
         doc["routes"] = list(e.routes)
     if e.expires:
         doc["expires"] = e.expires
+    if e.revoked:
+        doc["revoked"] = e.revoked
     doc.update(_limits_toml(e.limits))
     return doc
 

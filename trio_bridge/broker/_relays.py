@@ -160,11 +160,11 @@ class RelayEndpoint:
         ``max_token_failures`` a minute on either, further bad tokens get 429 and no log line
         of their own: guessing is slowed where it comes from, never the fleet."""
         token = presented_key(req.headers)
-        entry = self.tokens.verify(token) if token is not None else None
-        if entry is not None:
+        entry = self.tokens.lookup(token) if token is not None else None
+        if entry is not None and entry.usable():
             return entry  # noqa: ASYNC910  a valid token: the upgrade that follows awaits
         client = self.trust.client_address(req)
-        ident = secret_id(token) if token is not None else None
+        ident = entry.id if entry is not None else secret_id(token) if token else None
         counted = [f"addr {client}"] + ([f"id {ident}"] if ident is not None else [])
         limited = any(self.failures.exceeded(c) for c in counted)
         for c in counted:
@@ -175,8 +175,18 @@ class RelayEndpoint:
             await _deny(req, 429, "too many refused connector tokens; retry later")
             return None
         self.metrics.relays_refused.labels("broker", "bad_token").inc()
-        log.warning("relay refused: bad connector token", extra={"peer": client})
-        await _deny(req, 401, "invalid connector token")
+        if entry is None:
+            log.warning("relay refused: bad connector token", extra={"peer": client})
+            await _deny(req, 401, "invalid connector token")
+            return None
+        why = f"revoked at {entry.revoked}" if entry.revoked else f"expired at {entry.expires}"
+        log.warning(
+            "relay refused: connector token %r %s",
+            entry.name,
+            why,
+            extra={"peer": client, "token_id": entry.id},
+        )
+        await _deny(req, 401, f"this connector token was {why}: ask the broker's operator")
         return None
 
     def _register(self, relay: Relay, hello: Hello, entry: SecretEntry) -> ConnectorHandle:
@@ -217,7 +227,7 @@ class RelayEndpoint:
         valid = self.tokens.active_ids()
         for h in self.registry.connectors():
             entry = self.tokens.get(h.token_id)
-            if entry is None:
+            if entry is None or entry.revoked:
                 why = "connector token revoked"
             elif h.token_id not in valid:
                 why = "connector token expired (rotated)"

@@ -16,7 +16,7 @@ import attrs
 
 from trio_bridge._config import Config, parse_duration
 from trio_bridge._errors import ConfigError
-from trio_bridge.accounts._keys import SecretStore, check_route_patterns
+from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_route_patterns
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._usagestore import read_rows, utc_day
 
@@ -230,7 +230,7 @@ def _list_keys(s: SecretStore, config: Config) -> None:
     now = time.time()  # wall clock
     for e in entries:
         req, tok = used.get(e.id, [0, 0])
-        expires = f"{e.expires} (expired)" if e.expired(now) else (e.expires or "-")
+        expires = _expiry_text(e, now)
         print(
             f"{e.name:<20} {e.id:<9} {expires:<21} "
             f"{f'{req} req, {tok} tokens':<22} {_limits_text(s.limits_for(e)) or '-'}"
@@ -299,6 +299,12 @@ def usage_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _expiry_text(e: SecretEntry, now: float) -> str:
+    if e.revoked:
+        return f"revoked {e.revoked}"
+    return f"{e.expires} (expired)" if e.expired(now) else (e.expires or "-")
+
+
 def _list_entries(s: SecretStore, store: str) -> None:
     entries = s.entries()
     if not entries:
@@ -308,8 +314,6 @@ def _list_entries(s: SecretStore, store: str) -> None:
     print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<21} {extra}".rstrip())
     now = time.time()  # wall clock
     for e in entries:
-        expires = e.expires or "-"
-        if e.expired(now):
-            expires += " (expired)"
+        expires = _expiry_text(e, now)
         routes = e.route_text if store == "tokens" else ""
         print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<21} {routes}".rstrip())

@@ -141,6 +141,12 @@ class RelayedRequest:
         self.key_id = self.facts.key_id = entry.id
         rec = self.rec
         rec.key_id, rec.key_name = entry.id, entry.name
+        if entry.revoked:
+            return Refusal(
+                401,
+                f"this API key was revoked at {entry.revoked}; ask the operator for a new one",
+                code="key_revoked",
+            )
         if entry.expired():
             return Refusal(
                 401,
