@@ -15,6 +15,7 @@ import trio.testing
 from prometheus_client import generate_latest
 
 from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.broker._registry import BORN_GRACE
 from trio_bridge.cli import _cli
 from trio_bridge.cli._status import format_status
 from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab
@@ -341,3 +342,27 @@ async def test_a_revoked_key_is_told_so_and_the_refusals_name_the_ids(
                 for rec in caplog.records
             ):
                 await trio.sleep(0.5)
+
+
+async def test_a_broker_without_connectors_says_so_and_answers_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A freshly started broker waits for connectors only while they may still be re-dialling
+    (BORN_GRACE), never the whole queue_timeout; `status` says it has none. /readyz stays
+    200: connectors dial the same port, through the same load balancer."""
+    async with open_lab(network=MemoryNetwork()) as lab:
+        rb = await lab.start_broker(broker={"queue_timeout": "60s"})
+        async with lab.client() as client:
+            t0 = trio.current_time()
+            r = await client.get(rb.url + "/v1/models", headers={"Authorization": "Bearer x"})
+            assert r.status_code == 503
+            assert trio.current_time() - t0 <= BORN_GRACE  # not the 60 s queue_timeout
+            await trio.sleep(BORN_GRACE)
+            t0 = trio.current_time()
+            r = await client.get(rb.url + "/v1/models", headers={"Authorization": "Bearer x"})
+            assert r.status_code == 503 and trio.current_time() - t0 < 0.1
+            assert "no connector" in r.json()["error"]["message"]
+        status = rb.broker.status()
+        assert status["ready"] is True
+        assert any("no connector is connected" in p for p in status["problems"])
+        assert "no connector is connected" in format_status(status)

@@ -114,7 +114,14 @@ class Broker:
             nursery.start_soon(self.relays.liveness.run)
             if bc.admin_listen:
                 hosts = [bc.admin_listen, *bc.admin_hosts]
-                admin = AdminApp(self.metrics, self.ready, self.status, self._pages(), hosts=hosts)
+                admin = AdminApp(
+                    self.metrics,
+                    self.ready,
+                    self.status,
+                    self._pages(),
+                    hosts=hosts,
+                    detail=self.readiness,
+                )
                 with listening("broker.admin_listen", bc.admin_listen):
                     self.admin_address = await nursery.start(
                         partial(serve_app, admin, bc.admin_listen, network=self.network)
@@ -173,7 +180,29 @@ class Broker:
         self._stop.set()
 
     def ready(self) -> bool:
+        """Serving (not draining). Not tied to connectors: they dial this same port, often
+        through the same load balancer, which would keep them out while it is not ready."""
         return not self.draining
+
+    def problems(self) -> list[str]:
+        """What keeps requests from being served though the broker is ready."""
+        found = []
+        relays = self.registry.connectors()
+        if not relays:
+            found.append(
+                "no connector is connected: every API request gets 503 (connectors dial "
+                "this broker's public port at /_bridge/relay with a token from `trio-bridge "
+                "tokens add`)"
+            )
+        elif not any(h.ready for h in relays):
+            found.append(f"no connector's LLM is ready ({len(relays)} connected)")
+        if self.tokens.reload_error is not None:
+            found.append(f"connector tokens file: {self.tokens.reload_error}")
+        return found
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` says beside ``ready``."""
+        return {"problems": self.problems()}
 
     def status_line(self) -> str:
         relays = self.registry.connectors()
@@ -208,6 +237,7 @@ class Broker:
             "queued": self.registry.queued,
             "routes": routes,
             "recent": self.stats.summary(),
+            "problems": self.problems(),
         }
 
     def routes_overview(self) -> dict[str, Any]:

@@ -106,10 +106,16 @@ class Exchanges:
     def unknown_route(self, route: str) -> Refusal | None:
         """A 503 for a route no connector served recently, or None: waiting queue_timeout
         only helps across short gaps (a connector re-dialling)."""
-        if self.registry.seen_within(route, max(ROUTE_MEMORY, self.queue_timeout)):
+        if self._wait_until(route) is not None:
             return None
+        if not self.registry.connectors():
+            return Refusal(503, "no connector is connected to this broker; retry later",
+                           RETRY_AFTER_NOT_READY)  # fmt: skip
         return Refusal(503, f"no connector serves route {route!r} (none connected recently); "
                        "retry later", RETRY_AFTER_NOT_READY)  # fmt: skip
+
+    def _wait_until(self, route: str) -> float | None:
+        return self.registry.wait_until(route, max(ROUTE_MEMORY, self.queue_timeout))
 
     def candidates(self, route: str, first: bytes, body_done: bool) -> Candidates:
         """(the requested model, the models to try in order, what the route serves). An empty
@@ -141,7 +147,9 @@ class Exchanges:
         handle = self.registry.try_acquire(route, model)
         try:
             if handle is None:
-                with trio.CancelScope(deadline=waited + self.queue_timeout) as wait:
+                until = self._wait_until(route)
+                deadline = min(waited + self.queue_timeout, waited if until is None else until)
+                with trio.CancelScope(deadline=deadline) as wait:
                     if waiting is not None:
                         waiting(wait)
                     handle = await self.registry.acquire(route, model)

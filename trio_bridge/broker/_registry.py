@@ -26,6 +26,9 @@ DEFAULT_ROUTE = "default"
 EJECT_AFTER = 5
 EJECT_FOR = 10.0
 EJECT_MAX = 300.0
+#: how long a freshly started broker waits for connectors it never saw (they re-dial a
+#: restarted broker within their first backoff steps); later a route with none gets 503 at once
+BORN_GRACE = 10.0
 MAX_ANNOUNCED = 10_000  # model names remembered as announced (see Registry.announced)
 
 
@@ -210,17 +213,21 @@ class Registry:
                 return
             self._announced.add(m)
 
-    def seen_within(self, route: str, seconds: float) -> bool:
-        """True if ``route`` has a connector, had one in the last ``seconds``, or the registry
-        is younger than that (connectors re-dial a restarted broker within seconds)."""
+    def wait_until(self, route: str, memory: float) -> float | None:
+        """Until when (trio's clock) a request may wait for a connector of ``route``: inf if
+        it has one or had one in the last ``memory`` seconds (queue_timeout alone bounds the
+        wait), the end of BORN_GRACE while the broker is young (connectors re-dial a
+        restarted broker within seconds), else None: none is to be expected, answer now."""
         if self._by_route.get(route):
-            return True
+            return math.inf
         now = trio.current_time()
         if self.born is None:
             self.born = now
-        if now - self.born < seconds:
-            return True
-        return now - self._last_seen.get(route, -math.inf) < seconds
+        if now - self._last_seen.get(route, -math.inf) < memory:
+            return math.inf
+        if now - self.born < BORN_GRACE:
+            return self.born + BORN_GRACE
+        return None
 
     def pick(self, route: str, model: str | None = None) -> ConnectorHandle | None:
         """The eligible connector of ``route`` that serves ``model``: the highest priority
