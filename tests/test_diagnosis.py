@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -366,3 +367,38 @@ async def test_a_broker_without_connectors_says_so_and_answers_at_once(
         assert status["ready"] is True
         assert any("no connector is connected" in p for p in status["problems"])
         assert "no connector is connected" in format_status(status)
+
+
+async def test_check_asks_a_running_role_instead_of_failing_on_its_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check` while the roles run: the ports in use are theirs (asked on the admin port), and
+    what they say of themselves is in the report (a connector whose LLM is down: FAIL)."""
+    from trio_bridge.cli._check import run_check
+
+    async with open_lab() as lab:
+        model = await lab.start_test_model()
+        rb = await lab.start_broker()
+        rc = await lab.start_connector([rb], model.url)
+        assert rb.broker.admin_address is not None and rc.connector.admin_address is not None
+        b_admin = "{}:{}".format(*rb.broker.admin_address)
+        c_admin = "{}:{}".format(*rc.connector.admin_address)
+        config = attrs.evolve(
+            lab.config(
+                broker={"listen": f"127.0.0.1:{rb.port}", "admin_listen": b_admin},
+                connector={"admin_listen": c_admin, "local_url": model.url},
+            ),
+            sections=("broker",),
+        )
+        assert await run_check(config, "broker") == 0
+        out = capsys.readouterr().out
+        assert f"OK    broker.listen: 127.0.0.1:{rb.port} is served by the running broker" in out
+        assert "OK    running broker: ready" in out
+        model.stop.cancel()
+        rc.connector.llm.failed("test: the LLM stopped")
+        with trio.fail_after(10):
+            while rc.connector.llm.ready:
+                await trio.sleep(0.05)
+        assert await run_check(attrs.evolve(config, sections=("connector",)), "connector") == 1
+        out = capsys.readouterr().out
+        assert "FAIL  running connector: NOT READY: the LLM is down" in out

@@ -8,14 +8,17 @@ import os
 import socket
 import sqlite3
 import ssl
+from typing import Any
 
 import httpx
 import trio
 
 from trio_bridge._config import Config, parse_hostport
 from trio_bridge._errors import ConfigError
+from trio_bridge._version import __version__
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._usagestore import check_writable
+from trio_bridge.cli._status import admin_headers, ago
 from trio_bridge.connector._connector import probe_relay, read_secret_file
 from trio_bridge.http._messages import MODEL_LISTS, model_ids
 
@@ -60,14 +63,70 @@ async def run_check(config: Config, role: str | None) -> int:
     report = _Report()
     report.ok("config", f"{config.source} is valid")
     for r in roles:
+        running = await _ask_running(config, r, report)
         if r == "broker":
-            _check_broker(config, report)
+            _check_broker(config, report, running)
         else:
             await _check_connector(config, report)
+        if running is not None:
+            _report_running(report, r, running)
     return 1 if report.failed else 0  # noqa: ASYNC910  every check awaited its probe
 
 
-def _check_listen(report: _Report, option: str, value: str) -> None:
+async def _ask_running(config: Config, role: str, report: _Report) -> dict[str, Any] | None:
+    """The /status of this role if it runs already (asked on its admin port), else None."""
+    listen = config.broker.admin_listen if role == "broker" else config.connector.admin_listen
+    if not listen:
+        return None
+    base = f"http://{listen}"
+    try:
+        headers = admin_headers(config, role)
+    except ConfigError as exc:
+        report.fail(f"{role}.admin_token_file", str(exc))
+        headers = {}
+    async with httpx.AsyncClient(timeout=3, trust_env=False, headers=headers) as client:
+        try:
+            r = await client.get(base + "/status")
+        except httpx.HTTPError:
+            return None  # not running (or not answering): the checks below say what they find
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = None
+    if r.status_code == 401:
+        report.warn(
+            f"running {role}",
+            f"{base} answers 401: give this command the admin token (admin_token_file in "
+            "the config, or TRIO_BRIDGE_ADMIN_TOKEN) to ask it how it is",
+        )
+        return None
+    if r.status_code != 200 or not isinstance(doc, dict) or doc.get("role") != role:
+        return None  # something else listens there: the listen check says the port is taken
+    return doc
+
+
+def _report_running(report: _Report, role: str, doc: dict[str, Any]) -> None:
+    """What the running role says of itself: one line for its state, one per reason it is not
+    ready (FAIL) and per problem it has (WARN)."""
+    since = doc.get("started")
+    up = f", up {ago(since)}" if since else ""
+    version = doc.get("version")
+    if doc.get("ready"):
+        report.ok(f"running {role}", f"ready (v{version}{up})")
+    for why in doc.get("not_ready_because") or (["not ready"] if not doc.get("ready") else []):
+        report.fail(f"running {role}", f"NOT READY: {why}")
+    for problem in doc.get("problems", []):
+        report.warn(f"running {role}", problem)
+    if version and version != __version__:
+        report.warn(
+            f"running {role}",
+            f"it runs v{version}, this is v{__version__}: restart it to run this version",
+        )
+
+
+def _check_listen(
+    report: _Report, option: str, value: str, running: dict[str, Any] | None = None
+) -> None:
     host, port = parse_hostport(value)
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
@@ -75,14 +134,20 @@ def _check_listen(report: _Report, option: str, value: str) -> None:
             sock.bind((host, port))
     except OSError as exc:
         why = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE and running is not None:
+            report.ok(option, f"{value} is served by the running {running['role']}")
+            return
         if exc.errno == errno.EADDRINUSE:
-            why = "address already in use (is it already running? or change it)"
+            why = (
+                "address already in use by another program (a running broker would have "
+                "answered on its admin port; give it one with admin_listen) or change it"
+            )
         report.fail(option, f"cannot listen on {value}: {why}")
     else:
         report.ok(option, f"{value} is free to listen on")
 
 
-def _check_broker(config: Config, report: _Report) -> None:
+def _check_broker(config: Config, report: _Report, running: dict[str, Any] | None) -> None:
     bc = config.broker
     path = config.path(bc.connector_tokens_file)
     try:
@@ -100,9 +165,9 @@ def _check_broker(config: Config, report: _Report) -> None:
         for e in tokens.entries():
             if e.id in active:
                 report.ok("connector token", f"{e.name} (id {e.id}) may serve: {e.route_text}")
-    _check_listen(report, "broker.listen", bc.listen)
+    _check_listen(report, "broker.listen", bc.listen, running)
     if bc.admin_listen:
-        _check_listen(report, "broker.admin_listen", bc.admin_listen)
+        _check_listen(report, "broker.admin_listen", bc.admin_listen, running)
     for name in ("tls_cert", "tls_key"):
         value = getattr(bc, name)
         if value and not config.path(value).is_file():
@@ -191,8 +256,11 @@ async def _check_llm(config: Config, report: _Report) -> None:
         key = None
     if key:
         headers["authorization"] = f"Bearer {key}"
+    # the connector's own probes wait this long (LLMWatch): check and status agree
+    connect = float(config.limits.connect_timeout)
+    wait = connect + 5
     async with httpx.AsyncClient(
-        timeout=float(config.limits.connect_timeout), trust_env=False, headers=headers
+        timeout=httpx.Timeout(wait, connect=connect), trust_env=False, headers=headers
     ) as client:
         try:
             health = await client.get(base + cc.health_path)
@@ -203,7 +271,16 @@ async def _check_llm(config: Config, report: _Report) -> None:
         if health.status_code >= 500:
             report.fail(f"LLM {base}", f"{cc.health_path} answered HTTP {health.status_code}")
             return
-        models = await _list_models(client, base)
+        try:
+            models = await _list_models(client, base)
+        except httpx.TimeoutException:
+            report.warn(
+                f"LLM {base}",
+                f"answers {cc.health_path} (HTTP {health.status_code}) but its model list did "
+                f"not answer within {wait:g} s (a model still loading? an overloaded LLM?); "
+                "the connector waits as long and serves it meanwhile",
+            )
+            return
     if models is None:
         report.fail(
             f"LLM {base}",
@@ -217,18 +294,28 @@ async def _check_llm(config: Config, report: _Report) -> None:
 
 
 async def _list_models(client: httpx.AsyncClient, base: str) -> list[str] | None:
-    """Model ids from OpenAI's /v1/models or Ollama's /api/tags; None if neither answers."""
+    """Model ids from OpenAI's /v1/models or Ollama's /api/tags; None if neither lists
+    models; TimeoutException if neither did and one of them timed out."""
+    timed_out: httpx.TimeoutException | None = None
     for path in MODEL_LISTS:
         try:
             r = await client.get(base + path)
+        except httpx.TimeoutException as exc:
+            timed_out = exc
+            continue
         except httpx.HTTPError:
             continue
         if (ids := model_ids(path, r.status_code, r.content)) is not None:
             return ids  # noqa: ASYNC910  each turn awaits a GET
+    if timed_out is not None:
+        raise timed_out
     return None  # noqa: ASYNC910  each turn awaits a GET
 
 
 async def first_model(url: str) -> str | None:
     async with httpx.AsyncClient(timeout=1.5, trust_env=False) as client:
-        ids = await _list_models(client, url.rstrip("/"))
+        try:
+            ids = await _list_models(client, url.rstrip("/"))
+        except httpx.TimeoutException:
+            return None
     return ids[0] if ids else None

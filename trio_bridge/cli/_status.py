@@ -13,13 +13,22 @@ import httpx
 
 from trio_bridge._config import Config
 from trio_bridge._observe import terminal_safe
+from trio_bridge.accounts._keys import admin_token
 
 log = logging.getLogger("trio_bridge.cli")
 
 
+def admin_headers(config: Config, role: str | None) -> dict[str, str]:
+    """The Authorization a role's admin port wants, from its config (none if it has no
+    ``admin_token_file`` and TRIO_BRIDGE_ADMIN_TOKEN is unset)."""
+    section = config.broker if role == "broker" else config.connector
+    token = admin_token(config, section.admin_token_file) if role else None
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def status_command(config: Config, args: argparse.Namespace) -> int:
     if args.url:
-        targets = [args.url.rstrip("/")]
+        targets = [(args.url.rstrip("/"), admin_headers(config, args.role))]
     else:
         listens = {"broker": config.broker.admin_listen, "connector": config.connector.admin_listen}
         roles = (
@@ -27,13 +36,13 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
             if args.role
             else [r for r in ("connector", "broker") if config.configures(r)]
         )
-        targets = [f"http://{listens[r]}" for r in roles if listens[r]]
+        targets = [(f"http://{listens[r]}", admin_headers(config, r)) for r in roles if listens[r]]
     if args.ready:
-        return _ready(targets)
+        return _ready([base for base, _ in targets])
     shown = 0
-    for base in targets:
+    for base, headers in targets:
         try:
-            r = httpx.get(base + "/status", timeout=3, trust_env=False)
+            r = httpx.get(base + "/status", timeout=3, trust_env=False, headers=headers)
             doc = r.json()
         except (httpx.HTTPError, ValueError) as exc:
             if args.role or args.url:
@@ -47,7 +56,7 @@ def status_command(config: Config, args: argparse.Namespace) -> int:
         shown += 1
         print(json.dumps(doc, indent=1) if args.json else format_status(doc))
     if not shown:
-        print("no role answered at " + ", ".join(targets), file=sys.stderr)
+        print("no role answered at " + ", ".join(b for b, _ in targets), file=sys.stderr)
         return 1
     return 0
 
@@ -69,7 +78,7 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms" if v >= 10 else f"{v:.1f}ms"
 
 
-def _ago(ts: float | None) -> str:
+def ago(ts: float | None) -> str:
     if not ts:
         return "-"
     s = max(0, int(time.time() - ts))  # wall clock
@@ -87,7 +96,7 @@ def format_status(doc: dict[str, Any]) -> str:
         f"{doc.get('role', '?')} {doc.get('name', '')} v{doc.get('version', '?')}  "
         f"{ready}  in flight {doc.get('in_flight', 0)}"
         + (f"  queued {doc['queued']}" if "queued" in doc else "")
-        + f"  up {_ago(doc.get('started'))}"
+        + f"  up {ago(doc.get('started'))}"
     )
     lines.append(
         f"last {int(recent.get('window_s', 0) // 60)} min: {recent.get('requests', 0)} requests, "
@@ -99,7 +108,7 @@ def format_status(doc: dict[str, Any]) -> str:
     if "llm" in doc:
         llm = doc["llm"]
         state = "up" if llm.get("up") else f"DOWN ({llm.get('last_error', '')})"
-        lines.append(f"LLM {llm.get('url')}: {state} for {_ago(llm.get('since'))}")
+        lines.append(f"LLM {llm.get('url')}: {state} for {ago(llm.get('since'))}")
     for problem in doc.get("problems", []):
         lines.append(f"PROBLEM: {problem}")
     for relay in doc.get("relays", []):
@@ -107,7 +116,7 @@ def format_status(doc: dict[str, Any]) -> str:
         down = relay.get("state") != "connected" and relay.get("last_error")
         err = f"  last error: {relay['last_error']}" if down else ""
         lines.append(
-            f"relay {relay['broker']}: {relay['state']} for {_ago(relay.get('since'))}, "
+            f"relay {relay['broker']}: {relay['state']} for {ago(relay.get('since'))}, "
             f"reconnects {relay.get('reconnects', 0)}, in flight {relay.get('in_flight', 0)}{err}"
         )
     for route, conns in doc.get("routes", {}).items():
@@ -117,7 +126,7 @@ def format_status(doc: dict[str, Any]) -> str:
             )
             lines.append(
                 f"route {route}: {c['connector']} ({flags}) in flight {c['in_flight']}/"
-                f"{c['capacity']}, connected {_ago(c.get('connected_since'))}"
+                f"{c['capacity']}, connected {ago(c.get('connected_since'))}"
             )
     for key, models in doc.get("tokens", {}).items():
         for model, t in models.items():
