@@ -153,10 +153,10 @@ def test_check_reports_a_config_error_in_one_line_with_exit_2(tmp_path: Path) ->
 
 
 def test_check_says_whether_llm_and_broker_answer(tmp_path: Path) -> None:
-    dead = free_port()
+    dead, dead_too = free_port(), free_port()
     (tmp_path / "bridge.toml").write_text(
         f'[connector]\nlocal_url = "http://127.0.0.1:{dead}"\n'
-        f'broker_urls = ["ws://127.0.0.1:{dead}/_bridge/relay"]\n'
+        f'broker_urls = ["ws://127.0.0.1:{dead_too}/_bridge/relay"]\n'
     )
     r = run("check", "-c", str(tmp_path / "bridge.toml"))
     assert r.returncode == 1

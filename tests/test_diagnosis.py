@@ -15,10 +15,13 @@ import trio
 import trio.testing
 from prometheus_client import generate_latest
 
+from trio_bridge._config import load_config
+from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.broker._registry import BORN_GRACE
 from trio_bridge.cli import _cli
 from trio_bridge.cli._status import format_status
+from trio_bridge.connector._llm import A_BROKER
 from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab
 
 PAST = "2020-01-01T00:00:00Z"
@@ -402,3 +405,28 @@ async def test_check_asks_a_running_role_instead_of_failing_on_its_port(
         assert await run_check(attrs.evolve(config, sections=("connector",)), "connector") == 1
         out = capsys.readouterr().out
         assert "FAIL  running connector: NOT READY: the LLM is down" in out
+
+
+async def test_a_local_url_that_reaches_the_broker_is_named(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """local_url set to the broker's address: refused when the config is read if it is
+    broker_urls' address, and named in not_ready_because when it reaches the broker by
+    another name (the broker answers the health probe itself, through this very connector)."""
+    network = MemoryNetwork()
+    async with open_lab(network=network) as lab:
+        rb = await lab.start_broker()
+        # the same listener under another name, as a public DNS name would be
+        network.listening[("broker.example", rb.port)] = network.listening[("127.0.0.1", rb.port)]
+        rc = await lab.start_connector([rb], f"http://broker.example:{rb.port}")
+        with trio.fail_after(60):
+            while rc.connector.llm.last_error != A_BROKER:
+                await trio.sleep(0.5)
+        assert any("reaches a trio-bridge broker" in w for w in rc.connector.not_ready_because())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[connector]\nbroker_urls = ["wss://llm.example.com/_bridge/relay"]\n'
+        'local_url = "https://LLM.example.com:443"\n'
+    )
+    with pytest.raises(ConfigError, match="is the broker's address"):
+        load_config(str(cfg))

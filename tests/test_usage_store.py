@@ -441,7 +441,7 @@ async def test_usage_with_many_old_rows_answers_without_stalling_the_connector(
 def run_check(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     (tmp_path / "c.toml").write_text(
         '[connector]\nbroker_urls = ["ws://127.0.0.1:1/_bridge/relay"]\n'
-        'local_url = "http://127.0.0.1:1"\n'
+        'local_url = "http://127.0.0.1:2"\n'
     )
     return subprocess.run(
         [PY, "-m", "trio_bridge", "check", "-c", str(tmp_path / "c.toml")],

@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -118,6 +119,33 @@ def _check_format(_inst: object, attribute: attrs.Attribute[Any], value: str) ->
 def _check_url(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"{attribute.name}: invalid URL {value!r} (use http://host:port)")
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """(host, port) of an http(s)/ws(s) URL, with the scheme's default port and the
+    loopback names folded (localhost, 127.0.0.1 and ::1 are one host here)."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", "::1") or host.startswith("127."):
+        host = "loopback"
+    default = 443 if parts.scheme in ("https", "wss") else 80
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = default
+    return host, port
+
+
+def _check_local_url(inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    _check_url(inst, attribute, value)
+    for broker in inst.broker_urls:
+        if _host_port(value) == _host_port(broker):
+            raise ValueError(
+                f"{attribute.name}: {value} is the broker's address ({broker}), not the LLM's: "
+                "the connector would send each request back to the broker. Set local_url to "
+                "the LLM server beside the connector (e.g. http://127.0.0.1:11434 for Ollama, "
+                ":8080 for llama.cpp, :8000 for vLLM)"
+            )
 
 
 def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
@@ -247,7 +275,7 @@ class ConnectorConfig:
         factory=lambda: ["ws://127.0.0.1:8080/_bridge/relay"], validator=_check_ws_urls
     )
     token_file: str = "connector.token"
-    local_url: str = attrs.field(default="http://127.0.0.1:11434", validator=_check_url)
+    local_url: str = attrs.field(default="http://127.0.0.1:11434", validator=_check_local_url)
     admin_listen: str = attrs.field(default="127.0.0.1:9181", validator=_check_hostport)
     api_keys_file: str = "keys.toml"
     #: a file holding a token the admin endpoint then requires (except /healthz, /readyz)

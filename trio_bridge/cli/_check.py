@@ -20,6 +20,7 @@ from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._usagestore import check_writable
 from trio_bridge.cli._status import admin_headers, ago
 from trio_bridge.connector._connector import probe_relay, read_secret_file
+from trio_bridge.connector._llm import A_BROKER
 from trio_bridge.http._messages import MODEL_LISTS, model_ids
 
 log = logging.getLogger("trio_bridge.cli")
@@ -77,7 +78,7 @@ async def _ask_running(config: Config, role: str, report: _Report) -> dict[str, 
     """The /status of this role if it runs already (asked on its admin port), else None."""
     listen = config.broker.admin_listen if role == "broker" else config.connector.admin_listen
     if not listen:
-        return None
+        return None  # noqa: ASYNC910  no admin port: nothing to ask
     base = f"http://{listen}"
     try:
         headers = admin_headers(config, role)
@@ -281,6 +282,15 @@ async def _check_llm(config: Config, report: _Report) -> None:
                 "the connector waits as long and serves it meanwhile",
             )
             return
+        if models is None:
+            try:
+                relay = await client.get(base + "/_bridge/relay")
+            except httpx.HTTPError:
+                pass
+            else:
+                if relay.status_code == 400 and b"the relay endpoint" in relay.content[:200]:
+                    report.fail(f"LLM {base}", A_BROKER)
+                    return
     if models is None:
         report.fail(
             f"LLM {base}",

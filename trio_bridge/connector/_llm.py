@@ -24,6 +24,12 @@ from trio_bridge.http._upstream import H11Transport
 log = logging.getLogger("trio_bridge.connector")
 
 NOT_PROBED = "not probed yet"
+#: why the LLM is not ready when local_url reaches a broker (by another name than broker_urls':
+#: the same name is refused when the config is read)
+A_BROKER = (
+    "local_url reaches a trio-bridge broker (its relay endpoint answered), not an LLM: set "
+    "[connector] local_url to the LLM server's own address"
+)
 
 
 class LLMWatch:
@@ -51,6 +57,8 @@ class LLMWatch:
         self.last_error = NOT_PROBED
         self.models: tuple[str, ...] | None = self._configured
         self._probe_now = trio.Event()
+        #: local_url answered as a broker does (looked at again by each probe)
+        self._a_broker = False
 
     async def first_look(self) -> None:
         """Probe once and learn the models (bound it with a deadline)."""
@@ -93,9 +101,22 @@ class LLMWatch:
             return False, "health probe timed out"  # noqa: ASYNC910  the GET raised (it awaited)
         except httpx.HTTPError as exc:
             return False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__  # noqa: ASYNC910  the GET raised (it awaited)
+        if status >= 500 or self._a_broker:  # a broker answers 503 while this is not ready
+            self._a_broker = await self._answers_as_a_broker()
+            if self._a_broker:
+                return False, A_BROKER
         if status >= 500:
             return False, f"health probe answered HTTP {status}"
         return True, f"answers HTTP {status}"
+
+    async def _answers_as_a_broker(self) -> bool:
+        """True if local_url answers a plain GET of the relay path as a broker does (a broker
+        answers the health probe too: through this very connector, with a 401)."""
+        try:
+            status, body = await self._get(self.local_url + "/_bridge/relay")
+        except (trio.TooSlowError, httpx.HTTPError):
+            return False  # noqa: ASYNC910  the GET raised (it awaited)
+        return status == 400 and b"the relay endpoint" in body[:200]
 
     def set(self, up: bool, reason: str) -> None:
         if up == self.ready and self.last_error != NOT_PROBED:
@@ -117,6 +138,10 @@ class LLMWatch:
     async def learn_models(self) -> None:  # noqa: ASYNC910  configured models: nothing to ask
         """What the LLM serves, told on when it changes; unknown (None) changes nothing."""
         models = self._configured or await self._discover_models()
+        if models is None and not self._configured and await self._answers_as_a_broker():
+            self._a_broker = True
+            self.set(False, A_BROKER)
+            return  # noqa: ASYNC910  the GETs awaited
         if models is None or models == self.models:
             return  # noqa: ASYNC910  configured models: nothing to ask
         self.models = models
