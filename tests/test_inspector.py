@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from trio_bridge.admin._inspect import Inspector, RequestRecord, redact
+from trio_bridge.broker._registry import EJECT_AFTER
 from trio_bridge.testing import Lab, open_lab
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -327,6 +328,14 @@ async def test_the_broker_page_shows_routes_and_connectors(lab: Lab, driver: Any
     assert bars
     OUTPUT.mkdir(exist_ok=True)
     await in_browser(driver.save_screenshot, str(OUTPUT / "broker-overview.png"))
+    # a connector whose answers keep failing is shown ejected, with its failure count
+    [handle] = rb.broker.registry.connectors()
+    for _ in range(EJECT_AFTER):
+        handle.answered(False, trio.current_time())
+    await in_browser(driver.refresh)
+    await in_browser(wait_for, driver, "body[data-ready='1']", 10)
+    row = await in_browser(wait_for, driver, "tr[data-connector='gpu-box']", 5)
+    assert "ejected" in row.text and f" / {EJECT_AFTER}" in row.text
 
 
 async def test_the_broker_page_shows_errors_over_time_and_explains_empty_aliases(

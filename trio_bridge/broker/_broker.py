@@ -267,6 +267,7 @@ class Broker:
         return {
             "now": time.time(),  # wall clock: shown to people
             "draining": self.draining,
+            "problems": self.problems(),
             "in_flight": self.in_flight,
             "queued": self.registry.queued,
             "aliases": self.aliases,

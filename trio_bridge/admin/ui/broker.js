@@ -43,6 +43,14 @@ function seriesChart(name, s) {
                              el("span", {}, "now"))));
 }
 
+// ready / LLM down / draining, and "ejected" while its recent answers failed (no new request
+// goes to it for a while: passive health)
+function connectorState(c) {
+  const text = c.draining ? "draining" : !c.ready ? "LLM down"
+    : c.ejected_for_s > 0 ? `ejected (${Math.ceil(c.ejected_for_s)} s more): its last answers failed` : "ready";
+  return el("td", {class: text === "ready" ? "outcome-ok" : "outcome-bad", "data-state": ""}, text);
+}
+
 async function refresh() {
   const doc = await getJSON("/api/routes");
   document.getElementById("badges").replaceChildren(
@@ -63,9 +71,13 @@ async function refresh() {
   document.querySelector("#connectors tbody").replaceChildren(...routes.flatMap(([route, r]) =>
     r.connectors.map(c => el("tr", {"data-connector": c.name}, el("td", {}, c.name), el("td", {}, route),
       el("td", {}, c.models === null ? "any" : c.models.join(", ")),
-      el("td", {class: c.ready && !c.draining ? "outcome-ok" : "outcome-bad"}, c.draining ? "draining" : c.ready ? "ready" : "LLM down"),
+      connectorState(c),
       el("td", {class: "num"}, c.priority), el("td", {class: "num"}, c.in_flight),
-      el("td", {class: "num"}, c.capacity), el("td", {}, ago(c.connected_since))))));
+      el("td", {class: "num"}, c.capacity),
+      el("td", {class: c.failed ? "num outcome-bad" : "num"}, `${c.answers} / ${c.failed}`),
+      el("td", {}, ago(c.connected_since))))));
+  document.getElementById("problems").replaceChildren(...(doc.problems || []).map(p =>
+    el("li", {class: "outcome-bad"}, p)));
   const aliases = Object.entries(doc.aliases);
   document.getElementById("aliases").replaceChildren(...(aliases.length
     ? aliases.map(([a, chain]) => el("tr", {}, el("td", {}, a), el("td", {}, chain.join(" → "))))
