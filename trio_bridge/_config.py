@@ -148,6 +148,34 @@ def _check_local_url(inst: Any, attribute: attrs.Attribute[Any], value: str) -> 
             )
 
 
+def redact_url(url: str) -> str:
+    """``url`` without its password (for messages: a store URL may carry one)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _check_store(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value == "":
+        return  # this connector's own files
+    shown = redact_url(value)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+        db = parts.path.strip("/")
+    except ValueError:
+        port, db, parts = None, "x", urllib.parse.urlsplit("")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or (db and not db.isdigit()):
+        raise ValueError(
+            f"{attribute.name}: invalid store {shown!r} (use redis://host:6379/0, or "
+            'rediss://host:6380/0 for TLS; "" keeps this connector\'s own files)'
+        )
+    del port
+
+
 def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
     if not value:
         raise ValueError(f"{attribute.name}: at least one broker URL is needed")
@@ -315,6 +343,19 @@ class ConnectorConfig:
     notify_ready: str = attrs.field(
         default="relay", validator=attrs.validators.in_(("relay", "start"))
     )
+    #: the pool's shared store (docs/pool.md): API keys, limits, limit windows and usage of
+    #: every connector naming it; "redis://host:6379/0" or "rediss://…" (TLS). "" (default):
+    #: this connector's own files (api_keys_file, usage_file)
+    store: str = attrs.field(default="", validator=_check_store)
+    #: the store's password (mode 0600), or TRIO_BRIDGE_STORE_PASSWORD; "" = none or in the URL
+    store_password_file: str = ""
+    #: CA bundle (PEM) to verify a rediss:// store with (a private CA); default: system CAs
+    store_ca_file: str = ""
+    #: the store unreachable: "open" admits on this connector's own counts meanwhile,
+    #: "closed" refuses new requests (503 store_unavailable); docs/pool.md
+    on_store_failure: str = attrs.field(
+        default="open", validator=attrs.validators.in_(("open", "closed"))
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -332,6 +373,44 @@ class InspectorConfig:
     max_captured_bytes: Size = attrs.field(default=Size(16 * 1024 * 1024), validator=_positive)
 
 
+def _check_new_users(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in {"approve", "auto"}:
+        raise ValueError(f"{attribute.name}: invalid value {value!r} (approve or auto)")
+
+
+@attrs.frozen(kw_only=True)
+class PortalConfig:
+    """``[portal]``: the self-service portal at ``/_bridge/portal/`` (docs/portal.md); off
+    unless ``enabled``. Sign-in with OpenID Connect; needs ``pip install 'trio-bridge[portal]'``."""
+
+    enabled: bool = False
+    #: where users reach the portal's broker, as they type it, e.g. "https://llm.example.com/"
+    #: or "https://llm.example.com/r/team/" (the redirect URI is this + "_bridge/portal/callback")
+    public_url: str = ""
+    #: the OpenID provider's issuer URL (its discovery document is under it)
+    issuer: str = ""
+    client_id: str = ""
+    #: a file holding the client secret (mode 0600); "" for a public client (PKCE only)
+    client_secret_file: str = ""
+    token_auth: str = "client_secret_basic"  # or "client_secret_post"
+    scopes: list[str] = attrs.field(factory=lambda: ["openid", "email", "profile"])
+    #: who may sign in: an email in one of these domains, one of these addresses, or a member
+    #: of one of these groups (``groups_claim`` of the ID token)
+    allowed_domains: list[str] = attrs.field(factory=list)
+    allowed_emails: list[str] = attrs.field(factory=list)
+    allowed_groups: list[str] = attrs.field(factory=list)
+    groups_claim: str = "groups"
+    #: "approve": a new user waits for the operator (``trio-bridge users approve``); "auto":
+    #: a new user may make a key at once (with the keys file's [defaults] limits)
+    new_users: str = attrs.field(default="approve", validator=_check_new_users)
+    #: users, sessions and the audit log (SQLite), and the key that signs session cookies
+    users_file: str = "portal.sqlite3"
+    secret_file: str = "portal.secret"
+    session_ttl: Duration = attrs.field(default=Duration(12 * 3600), validator=_positive)
+    #: the model named in the snippets and the chat page ("" : the LLM's first)
+    model: str = ""
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     broker: BrokerConfig = attrs.field(factory=BrokerConfig)
@@ -340,6 +419,7 @@ class Config:
     relay: RelayConfig = attrs.field(factory=RelayConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
     inspector: InspectorConfig = attrs.field(factory=InspectorConfig)
+    portal: PortalConfig = attrs.field(factory=PortalConfig)
     #: directory relative paths are resolved against (not a TOML key)
     base_dir: str = attrs.field(default=".", metadata={"internal": True})
     #: the sections the file had (not a TOML key): which roles it configures

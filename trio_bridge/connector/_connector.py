@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -41,6 +41,9 @@ from trio_bridge.http._asgi import serve_app
 from trio_bridge.http._upstream import H11Transport
 from trio_bridge.relay._frames import ResetCode
 from trio_bridge.relay._relay import Relay, RelayStream
+
+if TYPE_CHECKING:
+    from trio_bridge.connector._portal import Portal
 
 __all__ = ["KEY_FAILURES_PER_WINDOW", "Connector", "open_usage_store", "probe_relay",
            "read_secret_file"]  # fmt: skip
@@ -82,6 +85,30 @@ def _upstream_auth(config: Config, upstream_key: str | None) -> tuple[bytes, byt
             else None
         )
     return (b"authorization", b"Bearer " + upstream_key.encode()) if upstream_key else None
+
+
+def is_portal(target: str) -> bool:
+    path = target.split("?", 1)[0]
+    return path == "/_bridge/portal" or path.startswith("/_bridge/portal/")
+
+
+def _open_portal(config: Config, conn: Connector) -> Portal | None:
+    """The portal when ``[portal] enabled`` (its libraries are the ``[portal]`` extra)."""
+    if not config.portal.enabled:
+        return None
+    try:
+        from trio_bridge.connector._portal import Portal
+    except ImportError as exc:
+        raise ConfigError(
+            f"portal: enabled, but {exc.name} is missing: pip install 'trio-bridge[portal]'"
+        ) from None
+    return Portal(
+        config,
+        keys=conn.keys,
+        limiter=conn.limiter,
+        usage_store=conn.usage_store,
+        models=lambda: conn.llm.models,
+    )
 
 
 class Connector:
@@ -158,11 +185,13 @@ class Connector:
             usage_store=self.usage_store,
             upstream_auth=upstream_auth,
         )
+        #: the self-service portal (``[portal]``; None when off)
+        self.portal = _open_portal(config, self)
         self.keeper = RelayKeeper(
             config,
             name=self.name,
             llm=self.llm,
-            handler=self.forwarder.handle_stream,
+            handler=self.handle_stream,
             metrics=self.metrics,
             inspector=self.inspector,
             on_change=self._relays_changed,
@@ -213,7 +242,12 @@ class Connector:
         return self.keeper.read_token()
 
     async def handle_stream(self, stream: RelayStream, guard: RelayGuard | None = None) -> None:
-        """One relayed request, start to end (see :class:`RelayedRequest`)."""
+        """One relayed request, start to end (see :class:`RelayedRequest`); the portal's
+        pages (``/_bridge/portal/``) are answered by the portal."""
+        head = stream.request_head
+        if self.portal is not None and head is not None and is_portal(head.target):
+            await self.portal.handle(stream)
+            return
         await self.forwarder.handle_stream(stream, guard)
 
     def ready(self) -> bool:
@@ -343,6 +377,8 @@ class Connector:
         finally:
             with trio.move_on_after(2, shield=True):
                 await self.transport.aclose()
+                if self.portal is not None:
+                    await self.portal.aclose()
                 if self.usage_store is not None:
                     await self.usage_store.flush()  # what ended after the last flush
 

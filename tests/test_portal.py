@@ -1,0 +1,439 @@
+"""The self-service portal (issue 28) against a real OpenID provider (``oidc-provider`` run by
+node, tests/oidc_provider.py): sign-in through the broker with httpx following the provider's
+redirects and submitting its login form; the refusals; keys made, rotated and revoked by their
+user and used with the ``openai`` SDK; the operator's side (CLI, admin API, audit log)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import attrs
+import httpx
+import pytest
+import trio
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from tests.oidc_provider import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    installed_script,
+    run_provider,
+    signing_key,
+)
+from trio_bridge._config import Config, PortalConfig, structure
+from trio_bridge._errors import ConfigError
+from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.accounts._users import UserStore
+from trio_bridge.connector._connector import Connector
+from trio_bridge.testing import Lab, RunningBroker, open_lab
+
+USERS = {
+    "alice": {"email": "alice@example.com", "name": "Alice", "groups": ["staff"]},
+    "bob": {"email": "bob@elsewhere.org", "name": "Bob", "groups": []},
+    "carol": {"email": "carol@elsewhere.org", "name": "Carol", "groups": ["llm-users"]},
+}
+
+
+@attrs.define
+class Env:
+    lab: Lab
+    broker: RunningBroker
+    issuer: str
+    key: RSAKey
+    model_url: str
+    provider: tuple[trio.CancelScope, trio.Event]
+    connector: Connector | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event | None = None
+
+    @property
+    def base(self) -> str:
+        return self.broker.url + "/_bridge/portal/"
+
+    def config(self, **portal: Any) -> Config:
+        conf = self.lab.config(
+            connector={
+                "broker_urls": [self.broker.relay_url],
+                "local_url": self.model_url,
+                "name": "lab-connector",
+            }
+        )
+        (self.lab.dir / "client.secret").write_text(CLIENT_SECRET + "\n")
+        (self.lab.dir / "client.secret").chmod(0o600)
+        values = {
+            "enabled": True,
+            "public_url": self.broker.url + "/",
+            "issuer": self.issuer,
+            "client_id": CLIENT_ID,
+            "client_secret_file": "client.secret",
+            "allowed_domains": ["example.com"],
+            "allowed_groups": ["llm-users"],
+            "new_users": "auto",
+            **portal,
+        }
+        return attrs.evolve(conf, portal=structure(values, PortalConfig, source="portal"))
+
+    async def start(self, **portal: Any) -> Connector:
+        conn = Connector(self.config(**portal), keys=self.lab.keys, token=self.lab.token)
+        self.scope, self.done = trio.CancelScope(), trio.Event()
+        scope, done = self.scope, self.done
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await conn.run()
+            finally:
+                done.set()
+
+        self.lab.nursery.start_soon(run)
+        with trio.fail_after(10):
+            while not any(r.name == conn.name for r in self.broker.broker.registry.relays()):
+                await trio.sleep(0.01)
+        self.connector = conn
+        return conn
+
+    async def stop(self) -> None:
+        assert self.connector is not None and self.scope is not None and self.done is not None
+        self.connector.stop()
+        with trio.move_on_after(5):
+            await self.done.wait()
+        self.scope.cancel()
+        await self.done.wait()
+
+    @property
+    def users(self) -> UserStore:
+        assert self.connector is not None and self.connector.portal is not None
+        return self.connector.portal.users
+
+
+def redirect_uris(broker_url: str) -> list[str]:
+    return [
+        broker_url + "/_bridge/portal/callback",
+        broker_url + "/r/default/_bridge/portal/callback",
+    ]
+
+
+async def start_provider(
+    lab: Lab, broker_url: str, keys: list[RSAKey], port: int = 0
+) -> tuple[str, trio.CancelScope, trio.Event]:
+    """The provider in the lab's nursery: (issuer, its scope, set once it stopped)."""
+    scope, done = trio.CancelScope(), trio.Event()
+
+    async def serve(*, task_status: trio.TaskStatus[str]) -> None:
+        try:
+            with scope:
+                uris = redirect_uris(broker_url)
+                async with run_provider(
+                    redirect_uris=uris, users=USERS, keys=keys, port=port
+                ) as issuer:
+                    task_status.started(issuer)
+                    await trio.sleep_forever()
+        finally:
+            done.set()
+
+    issuer = await lab.nursery.start(serve)
+    return issuer, scope, done
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    installed_script()  # skips (saying why) without node and npm
+    key = signing_key("k1")
+    async with open_lab() as lab:
+        model = await lab.start_test_model(token_delay=0.002)
+        broker = await lab.start_broker()
+        issuer, scope, done = await start_provider(lab, broker.url, [key])
+        e = Env(lab, broker, issuer, key, model.url, provider=(scope, done))
+        yield e
+        if e.connector is not None:
+            await e.stop()
+
+
+def client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(follow_redirects=True, timeout=10)
+
+
+async def sign_in(c: httpx.AsyncClient, base: str, login: str) -> httpx.Response:
+    """Through the provider's own login form, as a browser would: the last answer."""
+    r = await c.get(base + "login")
+    assert r.status_code == 200, r.text
+    m = re.search(r'<form[^>]*action="([^"]+)"', r.text)
+    assert m is not None, r.text
+    return await c.post(
+        urljoin(str(r.url), m.group(1)),
+        data={"prompt": "login", "login": login, "password": "anything"},
+    )
+
+
+async def callback_url(c: httpx.AsyncClient, base: str, login: str) -> str:
+    """Sign in at the provider but stop before the portal's callback: its URL."""
+    c.follow_redirects = True
+    r = await c.get(base + "login")
+    action = re.search(r'<form[^>]*action="([^"]+)"', r.text)
+    assert action is not None
+    c.follow_redirects = False
+    url = urljoin(str(r.url), action.group(1))
+    data = {"prompt": "login", "login": login, "password": "x"}
+    r = await c.post(url, data=data)
+    while not r.headers["location"].startswith(base + "callback"):
+        r = await c.get(urljoin(str(r.url), r.headers["location"]))
+        assert r.status_code in (302, 303), r.text
+    c.follow_redirects = True
+    return str(r.headers["location"])
+
+
+def csrf_of(page: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert m is not None, page
+    return m.group(1)
+
+
+async def post(c: httpx.AsyncClient, env: Env, path: str, page: str, **form: str) -> httpx.Response:
+    return await c.post(
+        env.base + path,
+        data={"csrf": csrf_of(page), **form},
+        headers={"origin": env.broker.url},
+    )
+
+
+def shown_key(page: str) -> str:
+    m = re.search(r'<pre id="secret"><code>([^<]+)</code>', page)
+    assert m is not None, page
+    return m.group(1)
+
+
+# -- off by default, and its settings --
+async def test_the_portal_is_off_unless_configured() -> None:
+    async with open_lab() as lab:
+        model = await lab.start_test_model()
+        broker = await lab.start_broker()
+        await lab.start_connector([broker], model.url)
+        async with lab.client() as c:
+            r = await c.get(broker.url + "/_bridge/portal/")
+        assert r.status_code == 401  # an API path like any other: the key check answers
+        assert r.json()["error"]["message"] == "missing API key"
+
+
+def test_an_enabled_portal_that_lets_nobody_in_is_a_config_error(tmp_path: Path) -> None:
+    conf = structure(
+        {"portal": {"enabled": True, "public_url": "https://x/", "issuer": "https://i",
+                    "client_id": "c"}},
+        Config,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="nobody may sign in"):
+        Connector(
+            attrs.evolve(conf, base_dir=str(tmp_path)), keys=SecretStore(tmp_path / "k", "tbk")
+        )
+    with pytest.raises(ConfigError, match="new_users"):
+        structure({"portal": {"new_users": "sometimes"}}, Config)
+
+
+# -- sign-in --
+async def test_signing_in_through_the_provider_opens_the_users_page(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        r = await sign_in(c, env.base, "alice")
+        assert r.status_code == 200
+        assert str(r.url) == env.base
+        assert "alice@example.com" in r.text and "Create my key" in r.text
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        cookie = next(v for k, v in r.history[-1].headers.multi_items() if k == "set-cookie"
+                      and v.startswith("tb_portal="))  # fmt: skip
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "Path=/_bridge/portal/" in cookie
+    events = [e["event"] for e in env.users.audit_log()]
+    assert events == ["signin"]
+
+
+async def test_a_member_of_an_allowed_group_signs_in_through_a_route_path(env: Env) -> None:
+    await env.start(public_url=env.broker.url + "/r/default/")
+    async with client() as c:
+        r = await sign_in(c, env.broker.url + "/r/default/_bridge/portal/", "carol")
+        assert r.status_code == 200, r.text
+        assert "carol@elsewhere.org" in r.text
+
+
+async def test_a_user_outside_the_allowed_domains_is_refused(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        r = await sign_in(c, env.base, "bob")
+        assert r.status_code == 403
+        assert "may not use this service" in r.text
+        r = await c.get(env.base)
+        assert 'id="signin"' in r.text  # no session
+    (entry,) = env.users.audit_log()
+    assert entry["event"] == "signin_refused" and entry["email"] == "bob@elsewhere.org"
+
+
+async def test_a_wrong_state_is_refused(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        url = await callback_url(c, env.base, "alice")
+        wrong = re.sub(r"state=[^&]+", "state=forged", url)
+        r = await c.get(wrong)
+        assert r.status_code == 400 and "wrong state" in r.text
+        r = await c.get(env.base)
+        assert 'id="signin"' in r.text
+
+
+async def test_a_callback_from_another_browser_is_refused(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        url = await callback_url(c, env.base, "alice")
+    async with client() as other:  # no login cookie: login CSRF
+        r = await other.get(url)
+        assert r.status_code == 400 and "wrong state" in r.text
+
+
+async def test_a_replayed_code_is_refused(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        url = await callback_url(c, env.base, "alice")
+        login_cookie = c.cookies.get("tb_portal_login")
+        r = await c.get(url)
+        assert r.status_code == 200 and "alice@example.com" in r.text
+        c.cookies.set("tb_portal_login", login_cookie or "", path="/_bridge/portal/")
+        r = await c.get(url)
+        assert r.status_code == 400 and "used already" in r.text
+
+
+class _Tamper(httpx.AsyncBaseTransport):
+    """Between the portal and the provider's token endpoint: the ID token replaced."""
+
+    def __init__(self, change: Callable[[str], str]) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.change = change
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        r = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/token"):
+            return r
+        await r.aread()
+        doc = json.loads(r.content)
+        if "id_token" in doc:
+            doc["id_token"] = self.change(doc["id_token"])
+        return httpx.Response(r.status_code, json=doc)
+
+
+def _payload(token: str) -> dict[str, Any]:
+    import base64
+
+    part = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))))
+
+
+async def _sign_in_with_token_changed(env: Env, change: Callable[[str], str]) -> httpx.Response:
+    conn = await env.start()
+    assert conn.portal is not None
+    conn.portal.oidc.http = httpx.AsyncClient(transport=_Tamper(change), timeout=10)
+    async with client() as c:
+        return await sign_in(c, env.base, "alice")
+
+
+async def test_an_id_token_with_a_bad_signature_is_refused(env: Env) -> None:
+    forger = signing_key("k1")  # the provider's key id, another key
+
+    def forge(token: str) -> str:
+        return jwt.encode({"alg": "RS256", "kid": "k1"}, _payload(token), forger)
+
+    r = await _sign_in_with_token_changed(env, forge)
+    assert r.status_code == 400
+    assert "signature is not the identity provider" in r.text
+    assert [e["event"] for e in env.users.audit_log()] == []
+
+
+async def test_an_id_token_for_another_audience_is_refused(env: Env) -> None:
+    def for_another(token: str) -> str:  # signed by the provider's own key, for another client
+        claims = {**_payload(token), "aud": "another-client"}
+        return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, env.key)
+
+    r = await _sign_in_with_token_changed(env, for_another)
+    assert r.status_code == 400
+    assert "ID token was refused" in r.text and "aud" in r.text
+
+
+async def test_an_expired_id_token_is_refused(env: Env) -> None:
+    def expired(token: str) -> str:
+        claims = _payload(token)
+        claims["exp"] = claims["iat"] - 3600
+        return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, env.key)
+
+    r = await _sign_in_with_token_changed(env, expired)
+    assert r.status_code == 400 and "ID token was refused" in r.text
+
+
+# -- sessions --
+async def test_an_expired_session_asks_to_sign_in_again(env: Env) -> None:
+    await env.start(session_ttl="1s")
+    async with client() as c:
+        r = await sign_in(c, env.base, "alice")
+        assert "Create my key" in r.text
+        await trio.sleep(1.2)
+        r = await c.get(env.base)
+        assert 'id="expired"' in r.text and "Create my key" not in r.text
+        r = await post(c, env, "key", r.text.replace('id="signin"', 'name="csrf" value="x"'),
+                       action="create")  # fmt: skip
+        assert r.status_code == 401
+
+
+async def test_a_cross_site_post_is_refused(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        csrf = csrf_of(page)
+        evil = {"origin": "https://evil.example"}
+        r = await c.post(env.base + "key", data={"csrf": csrf, "action": "create"}, headers=evil)
+        assert r.status_code == 403 and "another site" in r.text
+        r = await c.post(env.base + "key", data={"csrf": csrf, "action": "create"},
+                         headers={"sec-fetch-site": "cross-site"})  # fmt: skip
+        assert r.status_code == 403
+        r = await c.post(env.base + "key", data={"csrf": "guessed", "action": "create"},
+                         headers={"origin": env.broker.url})  # fmt: skip
+        assert r.status_code == 403 and "stale" in r.text
+        assert env.lab.keys.entries()[-1].name == "lab-user"  # no key was made
+
+
+async def test_sessions_survive_a_connector_restart(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        await sign_in(c, env.base, "alice")
+        await env.stop()
+        await env.start()
+        r = await c.get(env.base)
+        assert "alice@example.com" in r.text and "Create my key" in r.text
+
+
+async def test_signing_out_ends_the_session(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        r = await post(c, env, "logout", page)
+        assert 'id="signin"' in r.text
+        c.cookies.clear()
+        r = await c.get(env.base)
+        assert 'id="signin"' in r.text
+
+
+@pytest.mark.slow
+async def test_a_provider_that_rotates_its_signing_key_is_followed(env: Env) -> None:
+    conn = await env.start()
+    assert conn.portal is not None
+    async with client() as c:
+        assert "alice@example.com" in (await sign_in(c, env.base, "alice")).text
+    port = int(env.issuer.rsplit(":", 1)[1])
+    conn.portal.oidc.jwks_refresh = 0.0
+    # the provider comes back with a new key (new kid) on the same address
+    scope, done = env.provider
+    scope.cancel()
+    await done.wait()
+    await start_provider(env.lab, env.broker.url, [signing_key("k2")], port)
+    async with client() as c:
+        assert "alice@example.com" in (await sign_in(c, env.base, "alice")).text
+    assert conn.portal.oidc.keys is not None
+    assert [k.kid for k in conn.portal.oidc.keys.keys] == ["k2"]
