@@ -164,16 +164,15 @@ def _check_store(_inst: object, attribute: attrs.Attribute[Any], value: str) -> 
     shown = redact_url(value)
     try:
         parts = urllib.parse.urlsplit(value)
-        port = parts.port
+        _ = parts.port  # a port that is not a number raises ValueError
         db = parts.path.strip("/")
     except ValueError:
-        port, db, parts = None, "x", urllib.parse.urlsplit("")
+        db, parts = "x", urllib.parse.urlsplit("")
     if parts.scheme not in ("redis", "rediss") or not parts.hostname or (db and not db.isdigit()):
         raise ValueError(
             f"{attribute.name}: invalid store {shown!r} (use redis://host:6379/0, or "
             'rediss://host:6380/0 for TLS; "" keeps this connector\'s own files)'
         )
-    del port
 
 
 def _check_ws_urls(_inst: object, attribute: attrs.Attribute[Any], value: list[str]) -> None:
