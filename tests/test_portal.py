@@ -14,6 +14,7 @@ from urllib.parse import urljoin
 
 import attrs
 import httpx
+import openai
 import pytest
 import trio
 from joserfc import jwt
@@ -437,3 +438,72 @@ async def test_a_provider_that_rotates_its_signing_key_is_followed(env: Env) -> 
         assert "alice@example.com" in (await sign_in(c, env.base, "alice")).text
     assert conn.portal.oidc.keys is not None
     assert [k.kid for k in conn.portal.oidc.keys.keys] == ["k2"]
+
+
+# -- the user's page: their own key, limits, usage --
+async def _chat(env: Env, key: str) -> str:
+    async with openai.AsyncOpenAI(
+        base_url=env.broker.url + "/v1", api_key=key, max_retries=0
+    ) as ai:
+        r = await ai.chat.completions.create(
+            model="test", messages=[{"role": "user", "content": "hello there"}]
+        )
+    return r.choices[0].message.content or ""
+
+
+async def test_a_user_makes_their_key_uses_it_and_sees_their_usage(env: Env) -> None:
+    env.lab.keys.set_defaults({"rpm": 100, "tokens_per_day": 100_000})
+    await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        r = await post(c, env, "key", page, action="create")
+        assert r.status_code == 200
+        key = shown_key(r.text)
+        assert key.startswith("tbk_") and "shown only once" in r.text
+        assert key in r.text.split('id="snippets"')[1]  # the snippets carry it
+        page = (await c.get(env.base)).text
+        assert key not in page and "shown only once" not in page  # once
+        assert re.search(r"Requests per minute</td><td class=num>100</td>", page)
+        assert await _chat(env, key)
+        with trio.fail_after(5):
+            while "Today</td><td class=num>1<" not in (page := (await c.get(env.base)).text):
+                await trio.sleep(0.05)
+        assert '<svg class="chart"' in page
+        assert re.search(r"Requests per minute</td><td class=num>100</td><td class=num>99<", page)
+    entry = env.lab.keys.entries()[-1]
+    assert entry.name == "u1-alice_example.com" and entry.limits.rpm is None  # [defaults]
+    assert [e["event"] for e in env.users.audit_log()] == ["key_created", "signin"]
+
+
+async def test_rotating_stops_the_old_key_and_revoking_stops_the_key(env: Env) -> None:
+    await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        page = (await post(c, env, "key", page, action="create")).text
+        old = shown_key(page)
+        page = (await post(c, env, "key", page, action="rotate")).text
+        new = shown_key(page)
+        assert new != old
+        with pytest.raises(openai.AuthenticationError):
+            await _chat(env, old)
+        assert await _chat(env, new)
+        page = (await post(c, env, "key", page, action="revoke")).text
+        assert "You have no key" in page and "Create my key" in page
+        with pytest.raises(openai.AuthenticationError, match="revoked"):
+            await _chat(env, new)
+    events = [e["event"] for e in env.users.audit_log()]
+    assert events == ["key_revoked", "key_rotated", "key_created", "signin"]
+    assert all("tbk_" not in e["detail"] for e in env.users.audit_log())
+
+
+async def test_a_new_user_waits_for_approval_before_making_a_key(env: Env) -> None:
+    await env.start(new_users="approve")
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        assert 'id="pending"' in page and "Create my key" not in page
+        r = await post(c, env, "key", page, action="create")
+        assert r.status_code == 403
+        user = env.users.find("alice@example.com")
+        env.users.set_state(user.id, "active")
+        page = (await c.get(env.base)).text
+        assert "Create my key" in page
