@@ -1,10 +1,32 @@
 """Every failure names its cause: what a user, an operator's CLI and the logs say when something
-is wrong (issue: diagnosis), checked as they would see it."""
+is wrong (issue: diagnosis), checked as they would see it.
+
+The faults an operator met, one test (or more) each:
+
+1. an expired key: ``test_an_expired_key_*`` (listed, extendable, 401 ``key_expired``, id logged)
+2. a usage file that cannot be written (disk full): tests/test_usage_store.py
+   ``test_a_failing_usage_file_never_stops_the_connector`` (served, counted, in ``problems``,
+   cleared when written) and ``test_check_fails_on_a_usage_file_sqlite_cannot_write``
+3. a broken LLM in a pool: ``test_a_connector_whose_answers_keep_failing_is_ejected_*``,
+   ``test_a_request_whose_llm_is_unreachable_is_retried_on_another_connector``
+4. 5xx counted as ok: ``test_an_llm_error_is_an_error_*``, ``test_the_docs_error_rate_*``
+5. error lines without a reason: ``test_a_bridge_made_error_names_its_cause_in_the_log_line``
+6. a corrupt keys file: ``test_a_corrupt_keys_file_*``
+7. a broker without connectors: ``test_a_broker_without_connectors_says_so_*``
+8. ``check`` on a running role: ``test_check_asks_a_running_role_*``
+9. a slow model list: ``test_check_and_status_agree_on_an_llm_whose_model_list_is_slow``
+10. ``local_url`` pointing at the broker: ``test_a_local_url_that_reaches_the_broker_is_named``
+11. revoked keys and tokens: ``test_a_revoked_*`` (listed, 401 ``key_revoked``, refusals name
+    the id, refused relay dials not counted as requests); a stale last error:
+    ``test_status_shows_a_relays_last_error_only_while_it_is_down``; not ready, and why:
+    ``test_not_ready_says_why``
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +37,7 @@ import trio
 import trio.testing
 from prometheus_client import generate_latest
 
-from trio_bridge._config import load_config
+from trio_bridge._config import Duration, load_config
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.broker._registry import BORN_GRACE
@@ -346,6 +368,8 @@ async def test_a_revoked_key_is_told_so_and_the_refusals_name_the_ids(
                 for rec in caplog.records
             ):
                 await trio.sleep(0.5)
+        # refused relay dials are not API requests: the broker counted the user's one only
+        assert b.broker.status()["recent"]["requests"] == 1
 
 
 async def test_a_broker_without_connectors_says_so_and_answers_at_once(
@@ -430,3 +454,62 @@ async def test_a_local_url_that_reaches_the_broker_is_named(
     )
     with pytest.raises(ConfigError, match="is the broker's address"):
         load_config(str(cfg))
+
+
+def test_status_shows_a_relays_last_error_only_while_it_is_down() -> None:
+    doc: dict[str, Any] = {
+        "role": "connector",
+        "ready": True,
+        "relays": [
+            {"broker": "ws://a/_bridge/relay", "state": "connected", "last_error": "old"},
+            {"broker": "ws://b/_bridge/relay", "state": "reconnecting", "last_error": "refused"},
+        ],
+    }
+    text = format_status(doc)
+    [a] = [line for line in text.splitlines() if "ws://a/" in line]
+    [b] = [line for line in text.splitlines() if "ws://b/" in line]
+    assert "old" not in a and "last error: refused" in b
+
+
+@pytest.mark.slow  # a real wait of connect_timeout + 5 s (the connector's own)
+async def test_check_and_status_agree_on_an_llm_whose_model_list_is_slow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An LLM that answers its health path at once but its model list slowly (a model still
+    loading) is up for the connector, and a WARN naming the wait for `check`: not a FAIL
+    saying it is no LLM at all."""
+    from trio_bridge.cli._check import _check_llm, _Report
+
+    async def handler(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some()
+            if not chunk:
+                return
+            head += chunk
+        if b"/v1/models" in head or b"/api/tags" in head:
+            await trio.sleep(30)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        base = load_config(None)
+        outs = []
+        for health_path in ("/health", "/v1/models"):  # llama.cpp's; the default
+            config = attrs.evolve(
+                base,
+                connector=attrs.evolve(
+                    base.connector, local_url=f"http://127.0.0.1:{port}", health_path=health_path
+                ),
+                limits=attrs.evolve(base.limits, connect_timeout=Duration(0.5)),
+            )
+            report = _Report()
+            with trio.fail_after(20):
+                await _check_llm(config, report)
+            outs.append((report.failed, capsys.readouterr().out))
+        nursery.cancel_scope.cancel()
+    (failed, out), (failed_too, out_too) = outs
+    assert not failed and "WARN  LLM" in out and "did not answer within 5.5 s" in out
+    # the health probe itself is slow: down for both, with the same wait named
+    assert failed_too and "no answer to /v1/models within 5.5 s" in out_too

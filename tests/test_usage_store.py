@@ -309,11 +309,15 @@ async def test_a_failing_usage_file_never_stops_the_connector(
         )
         assert failures is not None and failures >= 1
         assert read_rows(store.path) == []
+        # said where an operator looks: status / readyz problems, and `check` tests a write
+        [problem] = rc.connector.status()["problems"]
+        assert problem.startswith("usage store: OperationalError: database or disk is full")
         # served while its usage cannot be written
         assert (await client.post(url + CHAT, json=chat(), headers=auth)).status_code == 200
         broken = False
         assert await trio.to_thread.run_sync(written.wait, 10)
         assert (await client.post(url + CHAT, json=chat(), headers=auth)).status_code == 200
+        assert rc.connector.status()["problems"] == []  # written again: the problem is gone
     assert sum(r["requests"] for r in read_rows(store.path)) >= 3
 
 

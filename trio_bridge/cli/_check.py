@@ -265,6 +265,13 @@ async def _check_llm(config: Config, report: _Report) -> None:
     ) as client:
         try:
             health = await client.get(base + cc.health_path)
+        except httpx.TimeoutException:
+            report.fail(
+                f"LLM {base}",
+                f"no answer to {cc.health_path} within {wait:g} s (the connector waits as long "
+                "and reports the LLM down meanwhile)",
+            )
+            return
         except httpx.HTTPError as exc:
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             report.fail(f"LLM {base}", f"not answering ({why})")
