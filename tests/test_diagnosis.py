@@ -188,6 +188,25 @@ async def test_a_corrupt_keys_file_is_said_at_once_and_the_last_good_keys_stay(
             assert b.connector.status()["problems"] == []
 
 
+async def test_a_corrupt_tokens_file_is_a_broker_problem_and_its_relays_stay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_bridge(network=MemoryNetwork()) as b:
+        path = b.broker.tokens.path
+        good = path.read_text()
+        path.write_text("this is [not toml\n")
+        await trio.sleep(3)  # past the broker's look at its tokens file
+        assert b.broker.registry.connectors()  # the relay dialled with a good token stays
+        [problem] = b.broker.status()["problems"]
+        assert problem.startswith(f"connector tokens file: {path}: invalid TOML")
+        async with b.client() as client:
+            r = await client.get(b.broker_admin_url + "/readyz")
+        assert r.status_code == 200 and r.json()["problems"] == [problem]
+        path.write_text(good)
+        await trio.sleep(3)
+        assert b.broker.status()["problems"] == []
+
+
 async def test_not_ready_says_why(autojump_clock: trio.testing.MockClock) -> None:
     async with open_bridge(network=MemoryNetwork()) as b:
         assert b.model is not None
