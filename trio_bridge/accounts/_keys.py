@@ -186,15 +186,25 @@ class SecretStore:
         self.reload()
 
     # -- reading --
-    def _read(self) -> list[SecretEntry]:
+    def _load(self) -> dict[str, Any] | None:
+        """The document (the file's TOML), or None if there is none yet."""
         check_private(self.path)
         try:
             with self.path.open("rb") as f:
-                data = tomllib.load(f)
+                return tomllib.load(f)
         except FileNotFoundError:
-            return []
+            return None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{self.path}: invalid TOML: {exc}") from None
+
+    def _save(self, data: bytes) -> None:
+        """Replace the document with ``data`` (TOML)."""
+        atomic_write(self.path, data)
+
+    def _read(self) -> list[SecretEntry]:
+        data = self._load()
+        if data is None:
+            return []
         entries = []
         for i, item in enumerate(data.get("keys", [])):
             try:
@@ -341,7 +351,7 @@ class SecretStore:
             doc["defaults"] = defaults_doc
         doc["keys"] = [_as_toml(e) for e in keep]
         header = b"# Managed by trio-bridge: SHA-256 hashes only. Edit with the CLI.\n"
-        atomic_write(self.path, header + tomli_w.dumps(doc).encode())
+        self._save(header + tomli_w.dumps(doc).encode())
         self.reload()
 
     def add(

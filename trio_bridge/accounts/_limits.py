@@ -162,34 +162,15 @@ class Limiter:
         """Count a new request of ``key_id`` in, or say why not (nothing is counted then)."""
         st = self._state(key_id, now, now if wall is None else wall)
         if limits.concurrency is not None and st.in_flight >= limits.concurrency:
-            return Refusal(
-                "concurrency",
-                f"this API key has {st.in_flight} requests in progress (limit "
-                f"{limits.concurrency}); retry when one finishes",
-                1,
-            )
+            return limit_refusal("concurrency", limits, in_flight=st.in_flight)
         if limits.rpm is not None and st.requests.total >= limits.rpm:
             wait = st.requests.reset_in(now, st.requests.total - limits.rpm + 1)
-            return Refusal(
-                "requests",
-                f"rate limit reached: {limits.rpm} requests per minute for this API key",
-                _ceil(wait),
-            )
+            return limit_refusal("requests", limits, wait=wait)
         if limits.tokens_per_minute is not None and st.tokens.total >= limits.tokens_per_minute:
             wait = st.tokens.reset_in(now, st.tokens.total - limits.tokens_per_minute + 1)
-            return Refusal(
-                "tokens",
-                f"rate limit reached: {limits.tokens_per_minute} tokens per minute for this "
-                "API key",
-                _ceil(wait),
-            )
+            return limit_refusal("tokens", limits, wait=wait)
         if limits.tokens_per_day is not None and st.tokens_today >= limits.tokens_per_day:
-            return Refusal(
-                "tokens_per_day",
-                f"daily token budget used up: {limits.tokens_per_day} tokens per day for this "
-                "API key (resets at 00:00 UTC)",
-                _ceil(DAY - (now if wall is None else wall) % DAY),
-            )
+            return limit_refusal("tokens_per_day", limits, wall=now if wall is None else wall)
         st.in_flight += 1
         st.requests.add(now, 1)
         return None
@@ -204,23 +185,12 @@ class Limiter:
     def headers(self, key_id: str, limits: KeyLimits, now: float) -> list[tuple[bytes, bytes]]:
         """OpenAI's rate-limit headers for a key with per-minute limits (after admission)."""
         st = self._state(key_id, now)
-        out: list[tuple[bytes, bytes]] = []
-        for kind, limit, window in (
-            ("requests", limits.rpm, st.requests),
-            ("tokens", limits.tokens_per_minute, st.tokens),
-        ):
-            if limit is None:
-                continue
-            reset = window.reset_in(now, 1) if window.total else 0.0
-            out += [
-                (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-                (
-                    f"x-ratelimit-remaining-{kind}".encode(),
-                    str(max(0, limit - window.total)).encode(),
-                ),
-                (f"x-ratelimit-reset-{kind}".encode(), duration_text(reset).encode()),
-            ]
-        return out
+        requests, tokens = st.requests, st.tokens
+        return ratelimit_headers(
+            limits,
+            (requests.total, requests.reset_in(now, 1) if requests.total else 0.0),
+            (tokens.total, tokens.reset_in(now, 1) if tokens.total else 0.0),
+        )
 
     def snapshot(
         self, key_id: str, limits: KeyLimits, now: float, *, wall: float | None = None
@@ -241,6 +211,59 @@ class Limiter:
             "tokens_today": st.tokens_today,
             "tokens_left_today": left(limits.tokens_per_day, st.tokens_today),
         }
+
+
+def limit_refusal(
+    limit: str, limits: KeyLimits, *, in_flight: int = 0, wait: float = 0.0, wall: float = 0.0
+) -> Refusal:
+    """The refusal for ``limit`` ("concurrency", "requests", "tokens", "tokens_per_day"):
+    ``in_flight`` the key's requests in progress, ``wait`` seconds until the window has room,
+    ``wall`` the Unix time (the daily budget resets at 00:00 UTC). The words are the same
+    whether one connector counted or the pool's store did."""
+    if limit == "concurrency":
+        return Refusal(
+            limit,
+            f"this API key has {in_flight} requests in progress (limit {limits.concurrency}); "
+            "retry when one finishes",
+            1,
+        )
+    if limit == "requests":
+        return Refusal(
+            limit, f"rate limit reached: {limits.rpm} requests per minute for this API key",
+            _ceil(wait),
+        )  # fmt: skip
+    if limit == "tokens":
+        return Refusal(
+            limit,
+            f"rate limit reached: {limits.tokens_per_minute} tokens per minute for this API key",
+            _ceil(wait),
+        )
+    return Refusal(
+        "tokens_per_day",
+        f"daily token budget used up: {limits.tokens_per_day} tokens per day for this API key "
+        "(resets at 00:00 UTC)",
+        _ceil(DAY - wall % DAY),
+    )
+
+
+def ratelimit_headers(
+    limits: KeyLimits, requests: tuple[int, float], tokens: tuple[int, float]
+) -> list[tuple[bytes, bytes]]:
+    """OpenAI's rate-limit headers for the per-minute limits a key has: ``requests`` and
+    ``tokens`` are (used in the window, seconds until the oldest leaves it)."""
+    out: list[tuple[bytes, bytes]] = []
+    for kind, limit, (used, reset) in (
+        ("requests", limits.rpm, requests),
+        ("tokens", limits.tokens_per_minute, tokens),
+    ):
+        if limit is None:
+            continue
+        out += [
+            (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
+            (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, limit - used)).encode()),
+            (f"x-ratelimit-reset-{kind}".encode(), duration_text(reset).encode()),
+        ]
+    return out
 
 
 def _ceil(seconds: float) -> int:
