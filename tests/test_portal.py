@@ -31,6 +31,7 @@ from trio_bridge._config import Config, PortalConfig, structure
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._users import UserStore
+from trio_bridge.cli._cli import main
 from trio_bridge.connector._connector import Connector
 from trio_bridge.testing import Lab, RunningBroker, open_lab
 
@@ -507,3 +508,81 @@ async def test_a_new_user_waits_for_approval_before_making_a_key(env: Env) -> No
         env.users.set_state(user.id, "active")
         page = (await c.get(env.base)).text
         assert "Create my key" in page
+
+
+# -- the operator: CLI, admin page, audit log --
+async def _refused_within_a_second(env: Env, key: str) -> None:
+    """The connector looks at the keys file at most every RELOAD_INTERVAL (0.5 s)."""
+    with trio.fail_after(1.5):
+        while True:
+            try:
+                await _chat(env, key)
+            except openai.AuthenticationError as exc:
+                assert "revoked" in str(exc)
+                return
+            await trio.sleep(0.1)
+
+
+async def _cli(env: Env, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    conf = env.lab.dir / "connector.toml"
+    conf.write_text("[connector]\n")
+    capsys.readouterr()
+    code = await trio.to_thread.run_sync(main, ["users", *args, "-c", str(conf)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+async def test_the_operator_approves_sets_limits_and_blocks_users_from_the_cli(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await env.start(new_users="approve")
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        assert 'id="pending"' in page
+        out = await _cli(env, capsys, "list")
+        assert re.search(r"alice@example.com\s+pending", out)
+        assert "approved alice@example.com" in await _cli(
+            env, capsys, "approve", "alice@example.com"
+        )
+        page = (await c.get(env.base)).text
+        key = shown_key((await post(c, env, "key", page, action="create")).text)
+        assert '"rpm": 7' in await _cli(env, capsys, "set", "alice@example.com", "--rpm", "7")
+        env.lab.keys.reload()  # the CLI wrote the file
+        assert env.lab.keys.entries()[-1].limits.rpm == 7
+        assert "Requests per minute</td><td class=num>7<" in (await c.get(env.base)).text
+        assert await _chat(env, key)
+        out = await _cli(env, capsys, "block", "1")
+        assert re.match(r"blocked alice@example.com; key \w+ revoked", out), out
+        await _refused_within_a_second(env, key)
+        assert 'id="signin"' in (await c.get(env.base)).text  # the session ended
+        r = await c.get(env.base + "login")  # still signed in at the provider: straight back
+        assert r.status_code == 403 and "blocked" in r.text
+    out = await _cli(env, capsys, "audit")
+    events = [line.split()[2] for line in out.splitlines()]
+    assert events == ["signin_refused", "user_blocked", "user_limits", "key_created",
+                      "user_approved", "signin"]  # fmt: skip
+    assert key.rsplit("_", 1)[1] not in out  # key ids only, never a secret
+    listed = json.loads(await _cli(env, capsys, "list", "--json"))
+    assert listed[0]["state"] == "blocked" and listed[0]["key"] is None
+
+
+async def test_the_admin_page_lists_users_and_blocks_one(env: Env) -> None:
+    conn = await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        key = shown_key((await post(c, env, "key", page, action="create")).text)
+    host, port = conn.admin_address or ("", 0)
+    admin = f"http://{host}:{port}"
+    async with httpx.AsyncClient() as c:
+        doc = (await c.get(admin + "/api/users")).json()
+        assert doc["enabled"] and doc["users"][0]["email"] == "alice@example.com"
+        assert doc["users"][0]["key"] == env.lab.keys.entries()[-1].id
+        assert [e["event"] for e in doc["audit"]] == ["key_created", "signin"]
+        r = await c.post(admin + "/api/users/block/1")
+        assert r.status_code == 403  # no same-origin proof
+        r = await c.post(admin + "/api/users/block/1", headers={"x-trio-bridge-admin": "1"})
+        assert r.status_code == 200 and "blocked" in r.json()["done"]
+    with pytest.raises(openai.AuthenticationError):
+        await _chat(env, key)
+    assert env.users.audit_log()[0]["actor"] == "admin page"

@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from trio_bridge._errors import ConfigError
+from trio_bridge.accounts._keys import SecretStore
 
 PENDING, ACTIVE, BLOCKED = "pending", "active", "blocked"
 #: how long a sign-in may take at the provider (its state is single-use and dies after this)
@@ -292,3 +293,35 @@ class UserStore:
                     (email, limit),
                 )
             return [dict(r) for r in rows]
+
+
+# -- what the operator does (the CLI and the admin page) --
+def block(users: UserStore, keys: SecretStore, user: User, actor: str) -> str:
+    """Block ``user``: their sessions end, their key is revoked (in force within a second in
+    a running connector). What was done, in words."""
+    users.set_state(user.id, BLOCKED)
+    revoked = ""
+    if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
+        entry = keys.revoke(user.key_name)
+        revoked = entry.id
+    users.audit("user_blocked", user.email, actor, f"key {revoked} revoked" if revoked else "")
+    return f"blocked {user.email}" + (f"; key {revoked} revoked" if revoked else "")
+
+
+def approve(users: UserStore, user: User, actor: str) -> str:
+    users.set_state(user.id, ACTIVE)
+    users.audit("user_approved", user.email, actor)
+    return f"approved {user.email}: they can make their key on the portal"
+
+
+def set_limits(
+    users: UserStore, keys: SecretStore, user: User, changes: dict[str, Any], actor: str
+) -> str:
+    """Set limits for ``user`` and their current key."""
+    limits = {k: list(v) if k == "models" else v for k, v in {**user.limits, **changes}.items()}
+    limits = {k: v for k, v in limits.items() if v is not None and v != []}
+    users.set_limits(user.id, limits)
+    if any(e.name == user.key_name and e.usable() for e in keys.entries()):
+        keys.set_limits(user.key_name, dict(changes))
+    users.audit("user_limits", user.email, actor, json.dumps(limits, sort_keys=True))
+    return f"{user.email}: limits {json.dumps(limits, sort_keys=True)}"

@@ -14,6 +14,7 @@ Host that is not its own and a state-changing request without a same-origin proo
 from __future__ import annotations
 
 import hmac
+import inspect
 import json
 import mimetypes
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,8 @@ Api = Callable[[dict[str, list[str]]], Any]
 
 
 class Pages:
-    """The pages of one role. ``apis``: GET path → function(query) returning JSON-able data;
+    """The pages of one role. ``apis``: GET path → function(query) returning JSON-able data
+    (or an awaitable of it);
     ``actions``: POST path prefix → async function(rest of path) returning (status, data)."""
 
     def __init__(
@@ -81,7 +83,10 @@ class Pages:
             await _static(send, path[4:])
             return True
         if method == "GET" and path in self.apis:
-            await _json(send, 200, self.apis[path](query))
+            doc = self.apis[path](query)
+            if inspect.isawaitable(doc):  # one that reads a file (in a worker thread)
+                doc = await doc
+            await _json(send, 200, doc)
             return True
         if method == "GET" and path.startswith("/api/requests/") and self.details:
             doc = self.details(path.rsplit("/", 1)[1])

@@ -32,6 +32,7 @@ from trio_bridge.cli._demo import DEMO_PORT, Demo
 from trio_bridge.cli._status import status_command
 from trio_bridge.cli._stores import limit_options, store_command, usage_command
 from trio_bridge.cli._testmodel import MODEL_ID, TestModel
+from trio_bridge.cli._users import add_users_parser, users_command
 from trio_bridge.connector._connector import Connector
 
 log = logging.getLogger("trio_bridge.cli")
@@ -155,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
                     default="24h",
                     help="how long the old secret stays valid (default 24h; 0 ends it now)",
                 )
+    add_users_parser(sub)
     return p
 
 
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(getattr(args, "config", None))
         if args.command in ("keys", "tokens"):
             return store_command(config, args)
+        if args.command == "users":
+            return users_command(config, args)
         setup_logging(config.log.level, config.log.format)
         if args.command == "check":
             return trio.run(run_check, config, args.role)

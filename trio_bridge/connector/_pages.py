@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import admin_token
 from trio_bridge.accounts._usagestore import utc_day
+from trio_bridge.accounts._users import approve, block
 from trio_bridge.admin._inspect import scrub
 from trio_bridge.admin._ui import Pages
 from trio_bridge.http._messages import REQUEST_ID, new_request_id
@@ -41,6 +43,7 @@ def pages(conn: Connector) -> Pages:
                 "capture_bodies": ins.capture_bodies,
             },
             "/api/usage": lambda q: usage_summary(conn),
+            "/api/users": lambda q: portal_users(conn),
             "/api/timeline": lambda q: {
                 "now": time.time(),  # wall clock
                 "since": conn.started,
@@ -52,8 +55,51 @@ def pages(conn: Connector) -> Pages:
         },
         details=lambda seq: r.detail() if (r := ins.get(_seq(seq))) else None,
         events=ins.subscription,
-        actions={"/api/replay/": lambda seq: replay(conn, seq)},
+        actions={
+            "/api/replay/": lambda seq: replay(conn, seq),
+            "/api/users/": lambda rest: user_action(conn, rest),
+        },
     )
+
+
+async def portal_users(conn: Connector) -> dict[str, Any]:
+    """The portal's users and its audit log (``enabled: false`` when there is no portal)."""
+    portal = conn.portal
+    if portal is None:
+        await trio.lowlevel.checkpoint()
+        return {"enabled": False, "users": [], "audit": []}
+    users, audit = await trio.to_thread.run_sync(
+        lambda: (portal.users.users(), portal.users.audit_log(100))
+    )
+    docs = []
+    for u in users:
+        doc = u.doc()
+        key = portal.current_key(u)
+        doc["key"] = key.id if key else None
+        docs.append(doc)
+    return {"enabled": True, "users": docs, "audit": audit}
+
+
+async def user_action(conn: Connector, rest: str) -> tuple[int, dict[str, Any]]:
+    """``POST /api/users/<approve|block>/<id>`` from the admin page: (status, what was done)."""
+    portal = conn.portal
+    action, _, ident = rest.strip("/").partition("/")
+    if portal is None or action not in ("approve", "block") or not ident.isdigit():
+        await trio.lowlevel.checkpoint()
+        return 404, {"error": "no such user action (is [portal] enabled?)"}
+
+    def act() -> str:
+        assert portal is not None
+        user = portal.users.find(ident)
+        if action == "approve":
+            return approve(portal.users, user, "admin page")
+        return block(portal.users, portal.keys, user, "admin page")
+
+    try:
+        done = await trio.to_thread.run_sync(act)
+    except ConfigError as exc:
+        return 404, {"error": str(exc)}  # noqa: ASYNC910  raised from the worker thread (awaited)
+    return 200, {"done": done}
 
 
 def usage_summary(conn: Connector) -> dict[str, Any]:
