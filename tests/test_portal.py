@@ -5,6 +5,7 @@ user and used with the ``openai`` SDK; the operator's side (CLI, admin API, audi
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +34,7 @@ from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._users import UserStore
 from trio_bridge.cli._cli import main
 from trio_bridge.connector._connector import Connector
-from trio_bridge.testing import Lab, RunningBroker, open_lab
+from trio_bridge.testing import Lab, RunningBroker, RunningModel, open_lab
 
 USERS = {
     "alice": {"email": "alice@example.com", "name": "Alice", "groups": ["staff"]},
@@ -48,7 +49,7 @@ class Env:
     broker: RunningBroker
     issuer: str
     key: RSAKey
-    model_url: str
+    model: RunningModel
     provider: tuple[trio.CancelScope, trio.Event]
     connector: Connector | None = None
     scope: trio.CancelScope | None = None
@@ -62,7 +63,7 @@ class Env:
         conf = self.lab.config(
             connector={
                 "broker_urls": [self.broker.relay_url],
-                "local_url": self.model_url,
+                "local_url": self.model.url,
                 "name": "lab-connector",
             }
         )
@@ -151,7 +152,7 @@ async def env() -> AsyncIterator[Env]:
         model = await lab.start_test_model(token_delay=0.002)
         broker = await lab.start_broker()
         issuer, scope, done = await start_provider(lab, broker.url, [key])
-        e = Env(lab, broker, issuer, key, model.url, provider=(scope, done))
+        e = Env(lab, broker, issuer, key, model, provider=(scope, done))
         yield e
         if e.connector is not None:
             await e.stop()
@@ -586,3 +587,48 @@ async def test_the_admin_page_lists_users_and_blocks_one(env: Env) -> None:
     with pytest.raises(openai.AuthenticationError):
         await _chat(env, key)
     assert env.users.audit_log()[0]["actor"] == "admin page"
+
+
+# -- snippets and the chat page --
+async def test_the_snippets_name_the_base_url_and_the_model(env: Env) -> None:
+    await env.start(public_url=env.broker.url + "/r/default/", model="my-model")
+    base = env.broker.url + "/r/default/_bridge/portal/"
+    v1 = env.broker.url + "/r/default/v1"
+    async with client() as c:
+        page = (await sign_in(c, base, "alice")).text
+    snippets = page.split('id="snippets"')[1]
+    for ident, want in (
+        ("curl", f"curl {v1}/chat/completions"),
+        ("sdk", f'OpenAI(base_url="{v1}", api_key="YOUR_KEY")'),
+        ("cline", f"Base URL:     {v1}"),
+        ("continue", f"apiBase: {v1}"),
+    ):
+        m = re.search(f'<pre id="snippet-{ident}"><code>(.*?)</code></pre>', snippets, re.S)
+        assert m is not None, ident
+        text = html.unescape(m.group(1))
+        assert want in text and "my-model" in text, (ident, text)
+
+
+async def test_the_chat_page_and_its_script_are_served_under_the_strict_csp(env: Env) -> None:
+    await env.start(model="my-model")
+    async with client() as c:
+        await sign_in(c, env.base, "alice")
+        r = await c.get(env.base + "chat")
+        conf = re.search(r'data-conf="([^"]+)"', r.text)
+        assert conf is not None
+        assert json.loads(html.unescape(conf.group(1))) == {
+            "url": env.broker.url + "/v1/chat/completions",
+            "model": "my-model",
+        }
+        assert 'id="chat-stop"' in r.text
+        csp = r.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe" not in csp
+        assert re.findall(r"<script(?![^>]*\bsrc=)", r.text) == []  # no inline script
+        assert " style=" not in r.text
+        js = await c.get(env.base + "ui/portal-chat.js")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert "AbortController" in js.text
+        assert (await c.get(env.base + "ui/connector.js")).status_code == 404  # portal's only
+        c.cookies.clear()
+        r = await c.get(env.base + "chat")
+        assert 'id="signin"' in r.text  # signed-in users only

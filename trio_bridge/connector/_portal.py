@@ -57,7 +57,7 @@ LOGIN_COOKIE = "tb_portal_login"
 MAX_FORM = 16 * 1024
 CSP = (
     b"default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
-    b"connect-src 'self'; form-action 'self' https: http:; frame-ancestors 'none'; "
+    b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
     b"base-uri 'none'"
 )
 
