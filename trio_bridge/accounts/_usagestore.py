@@ -50,7 +50,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -173,6 +173,41 @@ MAX_RETRY_INTERVAL = 60.0
 
 def _zeros() -> list[int]:
     return [0] * len(COLUMNS)
+
+
+class UsageBook(Protocol):
+    """Where a connector counts its usage: this file (:class:`UsageStore`) or the pool's
+    shared store (``accounts/_pool.py``)."""
+
+    last_error: str | None
+
+    @property
+    def loaded(self) -> bool: ...
+
+    def record(
+        self,
+        key_id: str,
+        model: str,
+        *,
+        prompt: int,
+        completion: int,
+        estimated: bool,
+        error: bool,
+        now: float,
+        refused: bool = False,
+    ) -> None: ...
+
+    async def load(self) -> None: ...
+
+    async def flush(self) -> bool: ...
+
+    def write_now(self, timeout: float = 2.0) -> bool: ...
+
+    def rows(
+        self, *, since_day: str = "", key_ids: list[str] | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    def tokens_on(self, day: str) -> dict[str, int]: ...
 
 
 class UsageStore:

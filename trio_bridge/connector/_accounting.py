@@ -17,7 +17,7 @@ from trio_bridge._observe import (
     reset_reason,
     status_class,
 )
-from trio_bridge.accounts._usagestore import UsageStore
+from trio_bridge.accounts._usagestore import UsageBook
 from trio_bridge.admin._inspect import Inspector
 from trio_bridge.http._messages import ModelUnknown, declared_model
 from trio_bridge.relay._frames import ResetCode
@@ -54,7 +54,7 @@ class Accounting:
         route: str,
         metrics: Metrics,
         inspector: Inspector,
-        usage_store: UsageStore | None,
+        usage_store: UsageBook | None,
     ) -> None:
         self.route = route
         self.metrics = metrics

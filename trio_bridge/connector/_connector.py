@@ -27,7 +27,8 @@ from trio_bridge._observe import Metrics, quiet_third_party_loggers
 from trio_bridge._version import __version__
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._limits import Limiter
-from trio_bridge.accounts._usagestore import KnownModels, UsageStore, utc_day
+from trio_bridge.accounts._pool import PoolStore
+from trio_bridge.accounts._usagestore import KnownModels, UsageBook, UsageStore, utc_day
 from trio_bridge.admin._admin import AdminApp
 from trio_bridge.admin._inspect import Inspector
 from trio_bridge.connector._accounting import Accounting
@@ -130,13 +131,23 @@ class Connector:
         self.config = config
         self.network = network
         self.limits = config.limits
-        self.keys = keys or SecretStore(config.path(c.api_keys_file), "tbk")
+        self.metrics = Metrics("connector")
+        #: the pool's shared store (connector.store): keys, limits and usage live there
+        self.pool = (
+            PoolStore(config, models=lambda: self.llm.models, registry=self.metrics.registry)
+            if c.store
+            else None
+        )
+        self.keys = (
+            self.pool.keys
+            if self.pool is not None
+            else keys or SecretStore(config.path(c.api_keys_file), "tbk")
+        )
         self.name = c.name or os.uname().nodename
         self.local_url = c.local_url.rstrip("/")
         self.started = time.time()  # wall clock
         self.draining = False
         self.admin_address: tuple[str, int] | None = None
-        self.metrics = Metrics("connector")
         self.notifier = Notifier()
         self._drained = trio.Event()  # draining, and the last request ended
         self._up_or_stopping = trio.Event()  # a first relay is up, or stop() came first
@@ -163,11 +174,14 @@ class Connector:
         self.llm = LLMWatch(config, self.transport, upstream_auth, self._llm_changed)
         self.usage_store = (
             open_usage_store(config, models=lambda: self.llm.models, metrics=self.metrics)
-            if c.usage_file
+            if c.usage_file and self.pool is None
             else None
         )
-        self.accounting = Accounting(c.route, self.metrics, self.inspector, self.usage_store)
-        self.limiter = Limiter()
+        #: where usage is counted: the pool's store, else the usage file (or nowhere)
+        self.usage_book: UsageBook | None = self.pool or self.usage_store
+        self.accounting = Accounting(c.route, self.metrics, self.inspector, self.usage_book)
+        # with a pool, this connector's own counts serve only while the store is unreachable
+        self.limiter = self.pool.local if self.pool is not None else Limiter()
         if self.usage_store is not None:  # daily budgets go on where they were
             wall = time.time()  # wall clock
             for key_id, tokens in self.usage_store.tokens_on(utc_day(wall)).items():
@@ -182,8 +196,9 @@ class Connector:
             llm=self.llm,
             inspector=self.inspector,
             accounting=self.accounting,
-            usage_store=self.usage_store,
+            usage_store=self.usage_book,
             upstream_auth=upstream_auth,
+            pool=self.pool,
         )
         #: the self-service portal (``[portal]``; None when off)
         self.portal = _open_portal(config, self)
@@ -268,9 +283,12 @@ class Connector:
 
     def problems(self) -> list[str]:
         """What is wrong without stopping it serving (the keys file, the usage store)."""
-        out = []
-        if self.keys.reload_error is not None:
-            out.append(f"keys file: {self.keys.reload_error} (the last good keys are in force)")
+        if self.pool is not None:  # the pool's store (and its keys)
+            out = self.pool.problems()
+        elif self.keys.reload_error is not None:
+            out = [f"keys file: {self.keys.reload_error} (the last good keys are in force)"]
+        else:
+            out = []
         store = self.usage_store
         if store is not None and store.last_error is not None:
             out.append(f"usage store: {store.last_error} (rows kept in memory, retried)")
@@ -363,6 +381,8 @@ class Connector:
                     await self.llm.first_look()
                 outer.start_soon(self.llm.run)
                 outer.start_soon(self.keeper.liveness.run)
+                if self.pool is not None:  # the keys read (or tried) before any relay
+                    await outer.start(self.pool.run)
                 if self.usage_store is not None:
                     outer.start_soon(self.usage_store.run)
                 outer.start_soon(self.notifier.watchdog_loop, self.status_line)
@@ -394,6 +414,8 @@ class Connector:
     def last_words(self) -> None:
         """Before a hard stop (any thread, the event loop possibly stuck): write the usage
         not yet written."""
+        if self.pool is not None and not self.pool.write_now():
+            log.error("usage not written to the pool store before the hard stop")
         if self.usage_store is not None and not self.usage_store.write_now():
             log.error("usage not written before the hard stop (the file is busy or failing)")
 

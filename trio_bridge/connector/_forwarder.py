@@ -12,7 +12,8 @@ import httpx
 from trio_bridge._config import Config
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._limits import Limiter
-from trio_bridge.accounts._usagestore import UsageStore
+from trio_bridge.accounts._pool import PoolStore
+from trio_bridge.accounts._usagestore import UsageBook
 from trio_bridge.admin._inspect import Inspector, RequestRecord
 from trio_bridge.connector._accounting import Accounting
 from trio_bridge.connector._body import BodyRules, RelayGuard
@@ -44,14 +45,17 @@ class Forwarder:
         llm: LLMWatch,
         inspector: Inspector,
         accounting: Accounting,
-        usage_store: UsageStore | None,
+        usage_store: UsageBook | None,
         upstream_auth: tuple[bytes, bytes] | None,
+        pool: PoolStore | None = None,
     ) -> None:
+        """``pool``: the pool's shared store (admissions go there; ``limiter`` is then its
+        local stand-in while the store is unreachable); ``usage_store``: where usage goes."""
         c, lim = config.connector, config.limits
         self.route = c.route
         self.keys, self.limiter, self.slots = keys, limiter, slots
         self.transport, self.llm, self.inspector = transport, llm, inspector
-        self.accounting, self.usage_store = accounting, usage_store
+        self.accounting, self.usage_store, self.pool = accounting, usage_store, pool
         #: sent to the LLM with every request (the LLM's own key, never the user's)
         self.upstream_auth = upstream_auth
         self.methods = frozenset(c.methods)

@@ -26,7 +26,8 @@ import trio
 from trio_bridge._errors import QueueFull, StreamReset
 from trio_bridge._observe import Facts, bridge_outcome
 from trio_bridge.accounts._keys import SecretEntry
-from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._limits import KeyLimits, ratelimit_headers
+from trio_bridge.accounts._pool import STORE_DOWN, Admission
 from trio_bridge.accounts._usage import UsageSniffer
 from trio_bridge.admin._inspect import Inspector, RequestRecord, scrub
 from trio_bridge.connector._body import BodyChunks, BodyRefused, RelayGuard, TooLarge, read_whole
@@ -88,6 +89,8 @@ class RelayedRequest:
         self.counted = False
         #: what it holds, released at its end
         self.admitted = False
+        #: the pool's answer (a pooled admission); None: this connector's own limiter
+        self.pooled: Admission | None = None
         self.held = 0
         self.slot = False
         self.first_byte_by = 0.0
@@ -118,7 +121,12 @@ class RelayedRequest:
         url = self._check_target()
         if isinstance(url, Refusal):
             return await self.answer(url)
-        if refusal := self.admit(self.limits, self.limits):  # before anything of the body
+        refusal = (  # before anything of the body
+            self.admit(self.limits, self.limits)
+            if self.fw.pool is None
+            else await self.admit_pooled()
+        )
+        if refusal is not None:
             return await self.answer(refusal)
         content = await self._take_body()
         if isinstance(content, Refusal):
@@ -190,6 +198,30 @@ class RelayedRequest:
             retry_after=refusal.retry_after,
             extra=limiter.headers(self.key_id, shown, now),
         )
+
+    async def admit_pooled(self) -> Refusal | None:
+        """:meth:`admit` in the pool's shared store (one round trip): the 429 of a limit of
+        the pool, or the 503 of a store that cannot be reached with on_store_failure =
+        "closed"."""
+        pool = self.fw.pool
+        assert pool is not None
+        self.pooled = decision = await pool.admit(self.key_id, self.limits)
+        refusal = decision.refusal
+        if refusal is None:
+            self.admitted = True
+            return None
+        self.facts.limit = refusal.limit
+        self.fw.accounting.limit_hit(refusal.limit)
+        if refusal.limit == STORE_DOWN:
+            return Refusal(503, refusal.message, refusal.retry_after, code=STORE_DOWN)
+        return Refusal(429, refusal.message, refusal.retry_after, extra=self._pooled_headers())
+
+    def _pooled_headers(self) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of a pooled admission (as the store counted them)."""
+        d = self.pooled
+        if d is None or not d.shared:
+            return self.fw.limiter.headers(self.key_id, self.limits, trio.current_time())
+        return ratelimit_headers(self.limits, d.requests, d.tokens)
 
     async def _take_body(self) -> Content | Refusal:
         """The body to send on: read whole when it is all here or the key has a model
@@ -307,7 +339,11 @@ class RelayedRequest:
             headers = strip_hop_by_hop(raw_headers, also=_DROP_DOWNSTREAM)
             headers.append((REQUEST_ID, self.head.request_id.encode()))
             if self.limits.rpm is not None or self.limits.tokens_per_minute is not None:
-                headers += fw.limiter.headers(self.key_id, self.limits, trio.current_time())
+                headers += (
+                    fw.limiter.headers(self.key_id, self.limits, trio.current_time())
+                    if self.pooled is None
+                    else self._pooled_headers()
+                )
             await stream.send_response(ResponseHead(response.status_code, headers))
             self.rec.response_headers = scrub(headers)
             self.sniffer = sniffer = UsageSniffer(
@@ -460,6 +496,10 @@ class RelayedRequest:
         if self.admitted:
             self.admitted = False
             prompt, completion, _ = self.tokens()
+            if self.pooled is not None:
+                assert self.fw.pool is not None
+                self.fw.pool.finish(self.key_id, prompt + completion, shared=self.pooled.shared)
+                return
             self.fw.limiter.finish(
                 self.key_id,
                 prompt + completion,
