@@ -356,18 +356,24 @@ def med(rounds: list[float]) -> float:
     return statistics.median(rounds)
 
 
-def prepare(d: Path, llm_port: int, pub_port: int, env: dict[str, str] | None = None) -> str:
+def prepare(
+    d: Path, llm_port: int, pub_port: int, env: dict[str, str] | None = None, streams: int = 2000
+) -> str:
     """Config files for a broker on ``pub_port`` and a connector in front of the fake LLM on
-    ``llm_port`` in ``d``, with a connector token and an API key; returns the key."""
+    ``llm_port`` in ``d`` (room for ``streams`` at once), with a connector token and an API
+    key; returns the key."""
     (d / "broker.toml").write_text(
         f'[broker]\nlisten = "127.0.0.1:{pub_port}"\n[limits]\nmax_body = "32MiB"\n'
         # every benchmark client comes from 127.0.0.1
-        "max_connections_per_address = 5000\n"
+        f"max_connections_per_address = {max(5000, streams + 100)}\n"
+        f"max_connections = {max(10000, streams + 200)}\n"
+        f"max_requests = {max(1000, streams + 100)}\n"
+        f"[relay]\nmax_streams = {streams}\n"
     )
     (d / "connector.toml").write_text(
         f'[connector]\nbroker_urls = ["ws://127.0.0.1:{pub_port}/_bridge/relay"]\n'
-        f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = 2000\n'
-        '[limits]\nmax_body = "32MiB"\n[relay]\nmax_streams = 2000\n'
+        f'local_url = "http://127.0.0.1:{llm_port}"\nmax_concurrent = {streams}\n'
+        f'[limits]\nmax_body = "32MiB"\n[relay]\nmax_streams = {streams}\n'
     )
 
     def new_secret(store: str, config: str) -> str:
@@ -403,6 +409,7 @@ async def running_bridge(
     env: dict[str, str],
     wrap: Callable[[str, Path], list[str]] = lambda role, d: [],
     seconds: float = 30,
+    streams: int = 2000,
 ) -> AsyncIterator[tuple[Path, dict[str, subprocess.Popen[bytes]], int, list[tuple[bytes, bytes]]]]:
     """The fake LLM, a broker and a connector (each role's command prefixed by ``wrap(role,
     dir)``, e.g. valgrind) in a fresh directory, up and warmed with 100 requests at ``c``:
@@ -410,7 +417,7 @@ async def running_bridge(
     unless KEEP is set) on exit."""
     d = Path(tempfile.mkdtemp(prefix="tb-bench-"))
     llm_port, pub_port = free_port(), free_port()
-    key = prepare(d, llm_port, pub_port, env)
+    key = prepare(d, llm_port, pub_port, env, streams)
     procs = {
         "llm": start([PY, str(HERE / "fakellm.py"), str(llm_port)], d / "llm.log"),
         "broker": start(
