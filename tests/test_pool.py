@@ -8,8 +8,10 @@ nothing asserts a duration except the issue's "refused on the other box within a
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -335,3 +337,47 @@ async def test_a_store_over_tls(tmp_path: Path) -> None:
         async with pool.lab.client() as client:
             statuses = [(await pool.post(client, i % 2, key)).status_code for i in range(4)]
         assert statuses == [200, 200, 200, 429]
+
+
+async def test_keys_import_moves_a_keys_file_and_its_usage_in_and_the_cli_reads_the_store(
+    tmp_path: Path,
+) -> None:
+    from trio_bridge.accounts._keys import SecretStore
+    from trio_bridge.accounts._usagestore import UsageStore, utc_day
+
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        keys = SecretStore(tmp_path / "keys.toml", "tbk")
+        alice, _ = keys.add("alice", limits=KeyLimits(rpm=7))
+        usage = UsageStore(tmp_path / "usage.sqlite3")
+        usage.record(alice.id, "m", prompt=3, completion=4, estimated=False, error=False,
+                     now=time.time())  # fmt: skip
+        assert await usage.flush()
+        usage.close()
+        config = tmp_path / "bridge.toml"
+        config.write_text(f'[connector]\nstore = "{redis.url}"\n')
+
+        async def cli(*args: str) -> str:
+            done = await trio.run_process(
+                [sys.executable, "-m", "trio_bridge", *args, "-c", str(config)],
+                capture_stdout=True,
+                capture_stderr=True,
+                cwd=tmp_path,
+            )
+            return str(done.stdout.decode())
+
+        out = await cli("keys", "import")
+        assert "1 keys imported" in out and "1 usage rows imported" in out
+        again = await cli("keys", "import")
+        assert "0 keys imported" in again and "imported before" in again
+        listed = await cli("keys", "list")
+        assert "alice" in listed and "rpm 7" in listed and "1 req, 7 tokens" in listed
+        rows = json.loads(await cli("usage", "--format", "json"))
+        assert [(r["key"], r["day"], r["requests"], r["completion_tokens"]) for r in rows] == [
+            ("alice", utc_day(time.time()), 1, 4)
+        ]
+        await cli("keys", "add", "bob", "--tpd", "1k")
+        assert "bob" in await cli("keys", "list")
+    finally:
+        await redis.kill()

@@ -53,7 +53,7 @@ import trio
 from trio_bridge._backoff import Backoff
 from trio_bridge._config import Config, redact_url
 from trio_bridge._errors import ConfigError
-from trio_bridge.accounts._keys import SecretStore, check_private
+from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_private
 from trio_bridge.accounts._limits import KeyLimits, Limiter, Refusal, limit_refusal
 from trio_bridge.accounts._usagestore import COLUMNS, MAX_MODEL, OTHER, utc_day
 
@@ -329,6 +329,17 @@ class PoolKeys(SecretStore):
     @property
     def version(self) -> bytes:
         return self._version
+
+    def merge(self, entries: list[SecretEntry], defaults: KeyLimits) -> list[SecretEntry]:
+        """Add the ``entries`` whose ids it does not hold (``keys import``); ``defaults``
+        apply if it has none. Returns the entries added."""
+        self.reload()
+        have = {e.id for e in self.entries()}
+        new = [e for e in entries if e.id not in have]
+        mine = self.defaults if self.defaults != KeyLimits() else defaults
+        if new or mine != self.defaults:
+            self._write([*self.entries(), *new], mine)
+        return new
 
     @property
     def document(self) -> bytes | None:

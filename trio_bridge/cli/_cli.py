@@ -133,9 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         else:
             actions.append(("set", "change a key's limits or expiry ('none' clears a limit)"))
             actions.append(("defaults", "limits for every key that does not set its own"))
+            actions.append(("import", "move a keys file and its usage into connector.store"))
         for action, help in actions:
             a = ssub.add_parser(action, help=help, description=help)
-            if action not in ("list", "defaults"):
+            if action == "import":
+                a.add_argument("file", nargs="?", help="keys file (default: api_keys_file)")
+                a.add_argument("--usage", help="usage file (default: usage_file; '' for none)")
+            elif action not in ("list", "defaults"):
                 a.add_argument("name")
             a.add_argument("-c", "--config", help="path to bridge.toml")
             if store == "keys" and action in ("add", "set", "defaults"):

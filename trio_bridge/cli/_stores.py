@@ -18,6 +18,7 @@ from trio_bridge._config import Config, parse_duration
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_route_patterns
 from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._pool import StoreCLI
 from trio_bridge.accounts._usagestore import read_rows, utc_day
 
 log = logging.getLogger("trio_bridge.cli")
@@ -92,6 +93,8 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, Any]:
 def store_command(config: Config, args: argparse.Namespace) -> int:
     """``keys …`` (API keys, on the connector) and ``tokens …`` (connector tokens, broker)."""
     store, action, name = args.command, args.action, str(getattr(args, "name", ""))
+    if action == "import":
+        return _import_keys(config, args)
     s = _open_store(config, args)
     routes = check_route_patterns(getattr(args, "routes", None) or [])
     changes = _limit_changes(args) if store == "keys" else {}
@@ -142,6 +145,8 @@ def _open_store(config: Config, args: argparse.Namespace) -> SecretStore:
             f"{config.source} has no [{role}] section: {store} live on the {role} "
             f"({other} on the other side); pass the {role}'s config file with -c"
         )
+    if store == "keys" and config.connector.store:  # the pool's store holds them
+        return StoreCLI(config).keys()
     if store == "keys":
         path, prefix = config.path(config.connector.api_keys_file), "tbk"
     else:
@@ -221,8 +226,8 @@ def _list_keys(s: SecretStore, config: Config) -> None:
         return
     today = utc_day(time.time())  # wall clock
     used: dict[str, list[int]] = {}
-    if config.connector.usage_file:
-        for r in read_rows(config.path(config.connector.usage_file), since_day=today):
+    if config.connector.store or config.connector.usage_file:
+        for r in _usage_rows(config, today):
             u = used.setdefault(r["key_id"], [0, 0])
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
@@ -242,7 +247,7 @@ def _list_keys(s: SecretStore, config: Config) -> None:
 def usage_command(config: Config, args: argparse.Namespace) -> int:
     if config.sections and "connector" not in config.sections:
         raise ConfigError(f"{config.source} has no [connector] section: usage lives there")
-    if not config.connector.usage_file:
+    if not config.connector.usage_file and not config.connector.store:
         raise ConfigError("connector.usage_file is empty: this connector keeps no usage")
     m = re.fullmatch(r"\s*(\d+)\s*d?\s*", args.since)
     if not m:
@@ -254,7 +259,11 @@ def usage_command(config: Config, args: argparse.Namespace) -> int:
             "(the built-in default)",
             file=sys.stderr,
         )
-    keys = SecretStore(config.path(config.connector.api_keys_file), "tbk")
+    keys = (
+        StoreCLI(config).keys()
+        if config.connector.store
+        else SecretStore(config.path(config.connector.api_keys_file), "tbk")
+    )
     names = {e.id: e.name for e in keys.entries()}
     wanted = None
     if args.key:
@@ -262,7 +271,7 @@ def usage_command(config: Config, args: argparse.Namespace) -> int:
         wanted |= {k for k in args.key if k not in names.values()}  # ids of deleted keys
     rows = [
         {"day": r["day"], "key": names.get(r["key_id"], "(revoked)"), **r}
-        for r in read_rows(config.path(config.connector.usage_file), since_day=since)
+        for r in _usage_rows(config, since)
         if wanted is None or r["key_id"] in wanted
     ]
     columns = ["day", "key", "key_id", "model", "requests", "prompt_tokens",
@@ -296,6 +305,42 @@ def usage_command(config: Config, args: argparse.Namespace) -> int:
                 "(a limit's 429, the model allowlist, a bad request); ERRORS: failed (a 5xx, "
                 "an answer broken off)"
             )
+    return 0
+
+
+def _usage_rows(config: Config, since_day: str) -> list[dict[str, Any]]:
+    """Usage rows since ``since_day``: the pool's store's, else the usage file's."""
+    if config.connector.store:
+        return StoreCLI(config).usage_rows(since_day)
+    return read_rows(config.path(config.connector.usage_file), since_day=since_day)
+
+
+def _import_keys(config: Config, args: argparse.Namespace) -> int:
+    """``keys import``: a keys file (and a usage file) into the pool's store. Keys already
+    in the store stay as they are; the file's ``[defaults]`` apply if the store has none. The
+    same usage file imported twice is counted once."""
+    if not config.connector.store:
+        raise ConfigError(
+            'keys import: connector.store is not set (e.g. store = "redis://127.0.0.1:6379/0")'
+        )
+    cli = StoreCLI(config)
+    source = SecretStore(config.path(args.file or config.connector.api_keys_file), "tbk")
+    if not len(source) and not args.file:
+        print(f"# {source.path}: no keys to import", file=sys.stderr)
+    new = cli.keys().merge(source.entries(), source.defaults)
+    print(
+        f"{len(new)} keys imported from {source.path} into {cli.where} "
+        f"({len(source) - len(new)} were there already)"
+    )
+    usage_file = args.usage if args.usage is not None else config.connector.usage_file
+    if usage_file:
+        rows = read_rows(config.path(usage_file))
+        if not rows:
+            print(f"no usage in {config.path(usage_file)}")
+        elif cli.import_usage(rows):
+            print(f"{len(rows)} usage rows imported from {config.path(usage_file)}")
+        else:
+            print(f"{config.path(usage_file)}: these usage rows were imported before (skipped)")
     return 0
 
 
