@@ -14,8 +14,9 @@ the code, verifies the ID token, checks who may sign in, and starts a session.
 Sessions: a random id in a cookie signed with HMAC-SHA256 by ``secret_file``'s key, HttpOnly,
 SameSite=Lax, Secure when ``public_url`` is https, Path scoped to the portal (the LLM never sees
 it); kept hashed in the users file with their expiry (``session_ttl``), so they survive a
-restart. Every POST needs the session's CSRF token and a same-origin ``Origin`` (or
-``Sec-Fetch-Site: same-origin``).
+restart. Every POST needs the session's CSRF token and ``Sec-Fetch-Site: same-origin`` (or,
+from a client without it, an ``Origin`` that is ``public_url``'s); another site's ``Origin`` is
+refused either way.
 
 Blocking work (the users file, the keys file) runs in worker threads.
 """
@@ -356,15 +357,12 @@ class PortalRequest:
     def _check_csrf(self, session: Session | None) -> Answer | None:
         p = self.portal
         origin = header(self.head.headers, b"origin")
-        fetch_site = header(self.head.headers, b"sec-fetch-site")
-        same_origin = (
-            origin.decode("latin-1").rstrip("/") == p.origin
-            if origin is not None
-            else fetch_site == b"same-origin"
-        )
-        if not same_origin or (
-            fetch_site is not None and fetch_site not in (b"same-origin", b"none")
-        ):
+        site = header(self.head.headers, b"sec-fetch-site")
+        # A browser's Sec-Fetch-Site is authoritative; without it (older browsers, scripts)
+        # the Origin must be ours. An Origin that is someone else's is refused either way.
+        ours = origin is not None and origin.decode("latin-1").rstrip("/") == p.origin
+        same_origin = site == b"same-origin" if site is not None else ours
+        if not same_origin or (origin not in (None, b"null") and not ours):
             log.warning("portal: a cross-site POST was refused")
             return self._page(
                 403, pages.message("Refused", "A change from another site was refused.", p.base)
@@ -482,7 +480,7 @@ class PortalRequest:
             (b"content-length", str(len(answer.body)).encode()),
             (b"cache-control", b"no-store"),
             (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"),
+            (b"referrer-policy", b"same-origin"),
             (b"content-security-policy", CSP),
             (REQUEST_ID, self.head.request_id.encode()),
             *answer.headers,

@@ -35,7 +35,7 @@ def _layout(title: str, body: str, base: str, *, script: str = "") -> str:
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title>"
+        f'<title>{escape(title)}</title><link rel="icon" href="data:,">'
         f'<link rel="stylesheet" href="{escape(base)}ui/portal.css">{s}</head>'
         f'<body><header><a class="brand" href="{escape(base)}">trio-bridge</a>'
         f"<span>{escape(title)}</span></header><main>{body}</main></body></html>"
