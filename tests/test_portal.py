@@ -632,3 +632,28 @@ async def test_the_chat_page_and_its_script_are_served_under_the_strict_csp(env:
         c.cookies.clear()
         r = await c.get(env.base + "chat")
         assert 'id="signin"' in r.text  # signed-in users only
+
+
+async def test_over_https_the_cookies_are_secure_and_scoped_to_the_portal(env: Env) -> None:
+    await env.start(public_url="https://llm.example.com/r/team/")
+    async with httpx.AsyncClient() as c:
+        r = await c.get(env.base + "login")
+    assert r.status_code == 303
+    assert r.headers["location"].startswith(env.issuer + "/auth?")
+    assert (
+        "redirect_uri=https%3A%2F%2Fllm.example.com%2Fr%2Fteam%2F_bridge%2Fportal%2Fcallback"
+        in (r.headers["location"])
+    )
+    assert "code_challenge_method=S256" in r.headers["location"]
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith("tb_portal_login=")
+    for part in ("HttpOnly", "SameSite=Lax", "Secure", "Path=/r/team/_bridge/portal/"):
+        assert part in cookie
+
+
+async def test_sign_ins_in_progress_are_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("trio_bridge.accounts._users.MAX_LOGINS", 2)
+    await env.start()
+    async with httpx.AsyncClient() as c:
+        statuses = [(await c.get(env.base + "login")).status_code for _ in range(3)]
+    assert statuses == [303, 303, 503]

@@ -31,6 +31,8 @@ from trio_bridge.accounts._keys import SecretStore
 PENDING, ACTIVE, BLOCKED = "pending", "active", "blocked"
 #: how long a sign-in may take at the provider (its state is single-use and dies after this)
 LOGIN_TTL = 600.0
+#: sign-ins in progress at once (started, not back from the provider yet)
+MAX_LOGINS = 10_000
 #: audit entries kept (the oldest are dropped)
 AUDIT_KEPT = 10_000
 
@@ -247,13 +249,19 @@ class UserStore:
             db.execute("DELETE FROM sessions WHERE id_hash = ?", (_hash(session_id),))
 
     # -- sign-ins in progress --
-    def start_login(self, state: str, nonce: str, verifier: str) -> None:
+    def start_login(self, state: str, nonce: str, verifier: str) -> bool:
+        """Keep a sign-in's state (hashed), nonce and verifier for LOGIN_TTL; False when
+        MAX_LOGINS are in progress already (a flood of sign-in starts stays bounded)."""
         now = time.time()  # wall clock
         with self._db() as db:
             db.execute("DELETE FROM logins WHERE created < ?", (now - LOGIN_TTL,))
+            (count,) = db.execute("SELECT count(*) FROM logins").fetchone()
+            if count >= MAX_LOGINS:
+                return False
             db.execute(
                 "INSERT INTO logins VALUES (?, ?, ?, ?)", (_hash(state), nonce, verifier, now)
             )
+        return True
 
     def take_login(self, state: str) -> tuple[str, str] | None:
         """(nonce, PKCE verifier) of the sign-in with that state, once: the state is gone

@@ -1,4 +1,4 @@
-"""``trio-bridge users list|approve|block|unblock|set|audit``: the portal's users (docs/portal.md),
+"""``trio-bridge users list|approve|block|set|audit``: the portal's users (docs/portal.md),
 from the connector's ``[portal] users_file`` and keys file; works while the connector runs (both
 files are shared: a blocked user's key is refused within a second)."""
 

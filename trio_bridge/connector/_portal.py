@@ -248,7 +248,9 @@ class PortalRequest:
     async def _login(self) -> Answer:
         p = self.portal
         url, state, nonce, verifier = await p.oidc.authorization_url()
-        await trio.to_thread.run_sync(p.users.start_login, state, nonce, verifier)
+        if not await trio.to_thread.run_sync(p.users.start_login, state, nonce, verifier):
+            busy = "Too many sign-ins are in progress; try again in a few minutes."
+            return self._refused(503, "Busy", busy)
         cookie = self._cookie(LOGIN_COOKIE, p.sign(state), max_age=600)
         return Answer(303, b"", [(b"location", url.encode()), (b"set-cookie", cookie)])
 
@@ -491,11 +493,3 @@ class PortalRequest:
             await stream.send_data(answer.body, end_stream=True)
         if stalled.cancelled_caught:
             stream.reset(ResetCode.TIMEOUT, "the broker took no answer (stall timeout)")
-
-
-def open_portal(config: Config, **parts: Any) -> Portal | None:
-    """The connector's portal, or None when ``[portal]`` is off; ConfigError when it is on but
-    the extra (authlib, joserfc) is missing or a setting is wrong."""
-    if not config.portal.enabled:
-        return None
-    return Portal(config, **parts)
