@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpx
 import pytest
@@ -619,3 +620,48 @@ async def test_a_reset_relay_connection_is_redialled(
             while connector.relay_states[rb.relay_url]["reconnects"] < 1:
                 await trio.sleep(0.05)
         assert await get_models(client, rb.url, lab.api_key) == 200
+
+
+async def test_a_draining_broker_tells_its_connectors_and_refuses_new_relays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shutdown is written down (stop accepting → tell the peer → drain): a draining broker
+    sends each connector GOAWAY (it logs the broker's reason, not a lost connection) and
+    answers a relay dialled meanwhile with 503, so a load balancer's other brokers get it."""
+    async with open_bridge(network=MemoryNetwork()) as b:
+        [relay] = list(b.connector.relays.values())
+        statuses = []
+
+        async def slow_request() -> None:  # keeps the drain going
+            async with b.client(timeout=60) as client:
+                r = await client.post(
+                    b.base_url + "/v1/chat/completions",
+                    json={"model": "m", "messages": [{"role": "user", "content": "wait 10 s"}]},
+                    headers={"Authorization": f"Bearer {b.api_key}"},
+                )
+                statuses.append(r.status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_request)
+            with trio.fail_after(5):
+                while not b.broker.in_flight:
+                    await trio.sleep(0.01)
+            nursery.start_soon(partial(b.broker.drain, grace=30))
+            with trio.fail_after(5):
+                while relay.peer_goaway is None:
+                    await trio.sleep(0.01)
+            assert relay.peer_goaway == "broker draining"
+            async with b.client() as client:
+                r = await client.get(
+                    b.base_url + "/_bridge/relay",
+                    headers={
+                        "Authorization": f"Bearer {b.lab.token}",
+                        "Connection": "Upgrade",
+                        "Upgrade": "websocket",
+                        "Sec-WebSocket-Version": "13",
+                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    },
+                )
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert "draining" in r.json()["error"]["message"]
+        assert statuses == [200]  # the request in flight was finished

@@ -166,6 +166,7 @@ class Broker:
             grace = float(self.config.limits.shutdown_grace)
         exchanges = self.exchanges
         exchanges.draining = True
+        self.relays.go_away("broker draining")
         self.notifier.stopping(f"draining; {self.in_flight} in flight")
         log.info("draining: refusing new requests; %d in flight", self.in_flight)
         with trio.move_on_after(grace):

@@ -108,10 +108,22 @@ class RelayEndpoint:
         self.failures = FailureWindows(config.broker.max_token_failures)
         #: one liveness timer for every connector's relay (run by the broker)
         self.liveness = Liveness(float(config.relay.ping_interval))
+        #: set by :meth:`go_away` (the broker drains): new relays are refused with 503
+        self.going_away: str | None = None
+
+    def go_away(self, reason: str) -> None:
+        """Tell every connector this broker is going (GOAWAY with ``reason``: its streams in
+        flight finish; it knows the coming close is planned), and refuse new relays."""
+        self.going_away = reason
+        for h in self.registry.connectors():
+            h.relay.send_goaway(reason)
 
     async def serve(self, req: Request) -> None:
         """A connector's WebSocket upgrade: its token, then the hello, then the relay serves
         until it ends (its connector registered meanwhile)."""
+        if self.going_away is not None:  # a load balancer's other brokers are to get it
+            await _deny(req, 503, f"{self.going_away}: dial again later", retry_after=5)
+            return
         entry = await self._connector_token(req)
         if entry is None:
             return
@@ -243,11 +255,13 @@ class RelayEndpoint:
             h.relay.close_telling_peer(why)
 
 
-async def _deny(req: Request, status: int, message: str) -> None:
+async def _deny(req: Request, status: int, message: str, retry_after: int | None = None) -> None:
     body = error_body(message, "invalid_request_error", "relay_refused")
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await req.respond(status, headers, body, end=True)
