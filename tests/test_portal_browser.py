@@ -70,7 +70,13 @@ async def test_sign_in_get_a_key_use_it_chat_stop_and_revoke_in_a_browser(
     with trio.fail_after(5):
         while not (await in_browser(usage_today)).startswith("Today 1 "):
             await trio.sleep(0.1)
-    await in_browser(shot, d, "5-usage")
+
+    def usage_shot() -> None:  # the whole page: usage, chart, snippets
+        d.set_window_size(1500, 2400)
+        shot(d, "5-usage-and-snippets")
+        d.set_window_size(1500, 1000)
+
+    await in_browser(usage_shot)
 
     completed, disconnects = model.completed_streams, model.disconnects
 

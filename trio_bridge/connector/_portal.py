@@ -114,6 +114,11 @@ class Portal:
         self.base = self.public_url + "_bridge/portal/"
         self.cookie_path = parts.path.rstrip("/") + PORTAL_PATH + "/"
         self.secure = parts.scheme == "https"
+        if not self.secure and (parts.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "portal: public_url is plain http: session cookies cannot be Secure and travel "
+                "in clear; put the broker behind TLS and use https://"
+            )
         self.keys, self.limiter, self.usage_store = keys, limiter, usage_store
         self.models = models
         self.users = UserStore(config.path(pc.users_file))
@@ -457,6 +462,7 @@ class PortalRequest:
             today=totals(r for r in rows if r["day"] == today),
             month=totals(rows),
             by_day=rows,
+            day=today,
             stored=store is not None,
         )
 

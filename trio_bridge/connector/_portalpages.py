@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import mimetypes
 from collections.abc import Iterable
@@ -79,26 +80,35 @@ def _num(value: Any) -> str:
     return "no limit" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _chart(by_day: Iterable[dict[str, Any]]) -> str:
-    """Tokens per day, last 30 days, as SVG bars (attributes, not styles: the CSP allows it)."""
-    days: dict[str, int] = {}
+def _chart(by_day: Iterable[dict[str, Any]], today: str) -> str:
+    """Tokens per day over the last 30 days, as SVG bars (attributes, not styles: the CSP
+    allows them), one slot per day, today on the right."""
+    tokens: dict[str, int] = {}
     for r in by_day:
-        days[r["day"]] = days.get(r["day"], 0) + r["prompt_tokens"] + r["completion_tokens"]
-    if not days:
+        tokens[r["day"]] = tokens.get(r["day"], 0) + r["prompt_tokens"] + r["completion_tokens"]
+    if not tokens:
         return '<p class="note">No usage in the last 30 days.</p>'
-    top = max(days.values()) or 1
-    ordered = sorted(days.items())[-30:]
-    w = 18
+    last = dt.date.fromisoformat(today)
+    days = [(last - dt.timedelta(days=29 - i)).isoformat() for i in range(30)]
+    top = max(tokens.values()) or 1
+    w = 20
     bars = []
-    for i, (day, tokens) in enumerate(ordered):
-        h = max(1, round(100 * tokens / top))
+    for i, day in enumerate(days):
+        n = tokens.get(day, 0)
+        h = round(100 * n / top) if n else 0
         bars.append(
-            f'<rect x="{i * w}" y="{110 - h}" width="{w - 4}" height="{h}" class="bar">'
-            f"<title>{escape(day)}: {tokens:,} tokens</title></rect>"
+            f'<rect x="{i * w + 2}" y="{100 - h}" width="{w - 4}" height="{max(h, 1)}" '
+            f'class="{"bar" if n else "bar none"}"><title>{escape(day)}: {n:,} tokens</title>'
+            "</rect>"
         )
+    labels = (
+        f'<text x="0" y="114" class="axis">{escape(days[0][5:])}</text>'
+        f'<text x="{30 * w}" y="114" class="axis end">{escape(days[-1][5:])} (today)</text>'
+        f'<text x="0" y="10" class="axis">{top:,} tokens</text>'
+    )
     return (
-        f'<svg class="chart" viewBox="0 0 {max(1, len(ordered)) * w} 112" role="img" '
-        f'aria-label="tokens per day">{"".join(bars)}</svg>'
+        f'<svg class="chart" viewBox="0 0 {30 * w} 118" role="img" '
+        f'aria-label="tokens per day, last 30 days">{"".join(bars)}{labels}</svg>'
     )
 
 
@@ -153,6 +163,7 @@ def user_page(
     today: dict[str, int],
     month: dict[str, int],
     by_day: list[dict[str, Any]],
+    day: str,
     stored: bool,
 ) -> str:
     parts = [
@@ -212,7 +223,7 @@ def user_page(
         parts.append(
             f'<section id="usage"><h2>Usage</h2><table><tr><th></th><th class=num>requests</th>'
             f"<th class=num>tokens</th><th class=num>errors</th></tr>{use}</table>"
-            f"{_chart(by_day)}{note}</section>"
+            f"{_chart(by_day, day)}{note}</section>"
         )
         parts.append(snippets(public_url, model, secret))
         parts.append(
