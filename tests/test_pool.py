@@ -381,3 +381,14 @@ async def test_keys_import_moves_a_keys_file_and_its_usage_in_and_the_cli_reads_
         assert "bob" in await cli("keys", "list")
     finally:
         await redis.kill()
+
+
+async def test_concurrency_1_never_refuses_a_sequential_client_of_one_box(tmp_path: Path) -> None:
+    """The box gives the request's place back in its next admission (it sets its own count
+    in the store): no race with the write of the end."""
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("one-at-a-time", limits=KeyLimits(concurrency=1))
+        await start_boxes(pool, n=1)
+        async with pool.lab.client() as client:
+            statuses = [(await pool.post(client, 0, key)).status_code for _ in range(10)]
+        assert statuses == [200] * 10

@@ -68,6 +68,8 @@ PREFIX = "tb:"
 ROUND_TRIP_TIMEOUT = 1.0
 #: keys' version polled, heartbeat renewed, usage summary refreshed this often
 SYNC_INTERVAL = 0.5
+#: ends and usage are written this long after a request ended, with whatever ended meanwhile
+WRITE_DELAY = 0.05
 #: a connector whose heartbeat is this old counts no request in flight any more
 ALIVE_TTL = 15
 #: the usage summary (admin page, /_bridge/usage) is re-read this often
@@ -81,9 +83,11 @@ RETRY_BASE, RETRY_MAX = 0.25, 5.0
 STORE_DOWN = "store_unavailable"
 
 # KEYS: flight, rpm, tpm, day; ARGV: instance, concurrency, rpm, tpm, tpd (0: no limit),
-# the heartbeat prefix. Returns {code, a, b, c, d}: 0 admitted (a requests in the window
-# now, b ms until one leaves it, c tokens in the window, d ms until some leave it); 1
-# concurrency (a in flight); 2 requests, 3 tokens (a in the window, b ms until there is
+# the heartbeat prefix, this instance's requests of the key in flight (it counts them
+# itself: the value is set, never added to, so a lost or late write cannot drift).
+# Returns {code, a, b, c, d}: 0 admitted (a requests in the window now, b ms until one
+# leaves it, c tokens in the window, d ms until some leave it; only for the limits set);
+# 1 concurrency (a in flight); 2 requests, 3 tokens (a in the window, b ms until there is
 # room); 4 the day's tokens (a used).
 ADMIT = """
 local t = redis.call('TIME')
@@ -115,49 +119,77 @@ local function reset_ms(items, need)
 end
 local conc, rpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5])
+local mine = tonumber(ARGV[7])
+local function hold(n)
+  if n > 0 then
+    redis.call('HSET', KEYS[1], ARGV[1], n)
+    redis.call('EXPIRE', KEYS[1], 86400)
+  else
+    redis.call('HDEL', KEYS[1], ARGV[1])
+  end
+end
 if conc > 0 then
   local h = redis.call('HGETALL', KEYS[1])
-  local n = 0
+  local n = mine
   for i = 1, #h, 2 do
-    if redis.call('EXISTS', ARGV[6] .. h[i]) == 1 then
-      n = n + tonumber(h[i + 1])
-    else
-      redis.call('HDEL', KEYS[1], h[i])
+    if h[i] ~= ARGV[1] then
+      if redis.call('EXISTS', ARGV[6] .. h[i]) == 1 then
+        n = n + tonumber(h[i + 1])
+      else
+        redis.call('HDEL', KEYS[1], h[i])
+      end
     end
   end
-  if n >= conc then return {1, n, 0, 0, 0} end
+  if n >= conc then
+    hold(mine)
+    return {1, n, 0, 0, 0}
+  end
 end
-local requests, ritems = window(KEYS[2])
-if rpm > 0 and requests >= rpm then
-  return {2, requests, reset_ms(ritems, requests - rpm + 1), 0, 0}
+local requests, ritems = 0, {}
+if rpm > 0 then
+  requests, ritems = window(KEYS[2])
+  if requests >= rpm then
+    hold(mine)
+    return {2, requests, reset_ms(ritems, requests - rpm + 1), 0, 0}
+  end
 end
-local tokens, titems = window(KEYS[3])
-if tpm > 0 and tokens >= tpm then
-  return {3, tokens, reset_ms(titems, tokens - tpm + 1), 0, 0}
+local tokens, titems = 0, {}
+if tpm > 0 then
+  tokens, titems = window(KEYS[3])
+  if tokens >= tpm then
+    hold(mine)
+    return {3, tokens, reset_ms(titems, tokens - tpm + 1), 0, 0}
+  end
 end
 if tpd > 0 then
   local used = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if used >= tpd then return {4, used, 0, 0, 0} end
+  if used >= tpd then
+    hold(mine)
+    return {4, used, 0, 0, 0}
+  end
 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('EXPIRE', KEYS[1], 86400)
+hold(mine + 1)
 redis.call('HINCRBY', KEYS[2], sec, 1)
 redis.call('EXPIRE', KEYS[2], 61)
-ritems[#ritems + 1] = {sec, 1}
+local rreset = 0
+if rpm > 0 then
+  ritems[#ritems + 1] = {sec, 1}
+  rreset = reset_ms(ritems, 1)
+end
 local treset = 0
 if tokens > 0 then treset = reset_ms(titems, 1) end
-return {0, requests + 1, reset_ms(ritems, 1), tokens, treset}
+return {0, requests + 1, rreset, tokens, treset}
 """
 
-# KEYS: flight, tpm, day; ARGV: instance, tokens, requests that ended (their places in
-# flight given back)
+# KEYS: flight, tpm, day; ARGV: instance, tokens, this instance's requests of the key in
+# flight now (set, as in ADMIT)
 FINISH = """
 local sec = tonumber(redis.call('TIME')[1])
-local ended = tonumber(ARGV[3])
-if ended > 0 then
-  if redis.call('HINCRBY', KEYS[1], ARGV[1], -ended) <= 0 then
-    redis.call('HDEL', KEYS[1], ARGV[1])
-  end
+local mine = tonumber(ARGV[3])
+if mine > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], mine)
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
 end
 local tokens = tonumber(ARGV[2])
 if tokens > 0 then
@@ -394,6 +426,7 @@ class PoolStore:
         self._models = models or (lambda: None)
         self._errors = _store_errors()
         self._admit = self.client.register_script(ADMIT)
+        self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest()
         self._finish = self.client.register_script(FINISH)
         #: what ended and was not written yet: key id -> [requests ended that the store
         #: admitted, tokens]; tokens per (key id, day)
@@ -403,6 +436,8 @@ class PoolStore:
         #: requests in flight here that the store admitted, per key (told again to a store
         #: that lost them: a restart without persistence)
         self._flight: dict[str, int] = defaultdict(int)
+        #: admissions of a key sent to the store and not answered yet
+        self._admitting: dict[str, int] = defaultdict(int)
         #: keys this connector admitted requests of (bounded by the number of API keys)
         self._seen: set[str] = set()
         self._wake = trio.Event()
@@ -434,6 +469,7 @@ class PoolStore:
         next tell of this connector's flight sets it right)."""
         wall = time.time()  # wall clock
         if self.up:
+            mine = self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
             args = (
                 self.instance,
                 limits.concurrency or 0,
@@ -441,6 +477,7 @@ class PoolStore:
                 limits.tokens_per_minute or 0,
                 limits.tokens_per_day or 0,
                 PREFIX + "alive:",
+                mine,
             )
             keys = (
                 _key(key_id, "flight"),
@@ -449,16 +486,21 @@ class PoolStore:
                 _key(key_id, "day:" + utc_day(wall)),
             )
             answer: Any = None
+            self._admitting[key_id] += 1
             try:
                 with trio.move_on_after(ROUND_TRIP_TIMEOUT):
-                    answer = await self._admit(keys=keys, args=args)
+                    answer = await self._run_admit(keys, args)
             except self._errors as exc:
                 self._failed(exc)
-            else:
-                if answer is None:
-                    self._failed(TimeoutError(f"no answer in {ROUND_TRIP_TIMEOUT:g} s"))
+            finally:
+                if self._admitting[key_id] <= 1:
+                    del self._admitting[key_id]
                 else:
-                    return self._decision(key_id, limits, answer, wall)
+                    self._admitting[key_id] -= 1
+            if answer is not None:
+                return self._decision(key_id, limits, answer, wall)
+            if self.up:  # no answer in time (a failure was said already)
+                self._failed(TimeoutError(f"no answer in {ROUND_TRIP_TIMEOUT:g} s"))
         await trio.lowlevel.checkpoint()
         if self.policy == "closed":
             return Admission(
@@ -468,6 +510,15 @@ class PoolStore:
             )  # fmt: skip
         refusal = self.local.admit(key_id, limits, trio.current_time(), wall=wall)
         return Admission(refusal, shared=False)
+
+    async def _run_admit(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """EVALSHA of the admission script (loaded again into a store that lost it)."""
+        from coredis.exceptions import NoScriptError
+
+        try:
+            return await self.client.evalsha(self._admit_sha, keys, args)
+        except NoScriptError:
+            return await self._admit(keys=keys, args=args)
 
     def _decision(self, key_id: str, limits: KeyLimits, answer: Any, wall: float) -> Admission:
         code, a, b, c, d = (int(x) for x in answer)
@@ -643,6 +694,7 @@ class PoolStore:
                         retry.attempt = 0
                         with trio.move_on_after(SYNC_INTERVAL):
                             await self._wake.wait()
+                            await trio.sleep(WRITE_DELAY)  # what ends meanwhile goes along
                         self._wake = trio.Event()
                     else:
                         await trio.sleep(retry.next_delay())
@@ -752,15 +804,14 @@ class PoolStore:
             per_key[key_id].setdefault(today, 0)
         async with client.pipeline(transaction=False) as p:
             for key_id, days in per_key.items():
-                n_ended = ended.get(key_id, 0)  # given back once, with the first day's tokens
+                mine = self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
                 for day, n_tokens in days.items():
                     self._finish(
                         keys=(_key(key_id, "flight"), _key(key_id, "tpm"),
                               _key(key_id, "day:" + day)),
-                        args=(self.instance, n_tokens, n_ended),
+                        args=(self.instance, n_tokens, mine),
                         client=p,
                     )  # fmt: skip
-                    n_ended = 0
             for (day, key_id, model), counts in usage.items():
                 for column, n in zip(COLUMNS, counts, strict=True):
                     if n:
