@@ -20,6 +20,10 @@ from trio_bridge.relay._relay import RelayStream
 
 log = logging.getLogger("trio_bridge.connector")
 
+#: a body that declares at most this is read whole before its request takes an LLM slot (a
+#: slow client then holds none while its body crawls in); larger ones (uploads) stream
+WHOLE_BEFORE_SLOT = 1024 * 1024
+
 
 class BodyRefused(BridgeError):
     """A request body the connector stops reading: answered ``status`` (or reset with

@@ -30,7 +30,14 @@ from trio_bridge.accounts._limits import KeyLimits, ratelimit_headers
 from trio_bridge.accounts._pool import STORE_DOWN, Admission
 from trio_bridge.accounts._usage import UsageSniffer
 from trio_bridge.admin._inspect import Inspector, RequestRecord, scrub
-from trio_bridge.connector._body import BodyChunks, BodyRefused, RelayGuard, TooLarge, read_whole
+from trio_bridge.connector._body import (
+    WHOLE_BEFORE_SLOT,
+    BodyChunks,
+    BodyRefused,
+    RelayGuard,
+    TooLarge,
+    read_whole,
+)
 from trio_bridge.connector._selfservice import USAGE_PATH, answer_usage
 from trio_bridge.http._messages import (
     REQUEST_ID,
@@ -224,13 +231,20 @@ class RelayedRequest:
         return ratelimit_headers(self.limits, d.requests, d.tokens)
 
     async def _take_body(self) -> Content | Refusal:
-        """The body to send on: read whole when it is all here or the key has a model
-        allowlist (which needs the "model" before anything is sent), else streamed as it
-        comes. Refused: 413 / 408 / 429 / 503 (:class:`BodyRefused`), 400 (no readable
-        model) and 403 (a model the key may not use)."""
+        """The body to send on: read whole when it is all here, when it declares at most
+        WHOLE_BEFORE_SLOT bytes (every chat request: a body that crawls in then holds no LLM
+        slot meanwhile) or the key has a model allowlist (which needs the "model" before
+        anything is sent), else streamed as it comes (an upload). Refused: 413 / 408 / 429 /
+        503 (:class:`BodyRefused`), 400 (no readable model) and 403 (a model the key may not
+        use)."""
         stream, limits = self.stream, self.limits
         content: Content
-        if stream.recv_done or limits.models:
+        declared = header(self.head.headers, b"content-length")  # digits: _check_target
+        if (
+            stream.recv_done
+            or limits.models
+            or (declared is not None and int(declared) <= WHOLE_BEFORE_SLOT)
+        ):
             try:
                 content = await read_whole(stream, self.fw.body_rules, self.guard, self.key_id)
             except BodyRefused as exc:
