@@ -637,6 +637,11 @@ class PoolStore:
             )
         if self.keys.reload_error is not None:
             out.append(f"pool keys: {self.keys.reload_error} (the last good keys are in force)")
+        if self.rows_dropped:
+            out.append(
+                f"pool usage: {self.rows_dropped} usage rows dropped while the store was "
+                f"unreachable (more than {MAX_PENDING_ROWS} waited)"
+            )
         return out
 
     # -- reads from memory (admin page, /_bridge/usage) --
