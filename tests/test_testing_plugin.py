@@ -81,3 +81,18 @@ def test_the_documented_example_runs_as_written(pytester: pytest.Pytester) -> No
     pytester.makepyfile(test_my_client=code.group(1))
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=len(re.findall(r"^async def test_", code.group(1), re.M)))
+
+
+def test_the_lab_is_usable_without_pytest() -> None:
+    """`trio_bridge.testing` (open_bridge, open_lab, MemoryNetwork) imports without pytest: the
+    fixtures live in the plugin module pytest loads by its entry point."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"  # any `import pytest` now fails
+        "from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab\n"
+        "print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
