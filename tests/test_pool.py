@@ -392,3 +392,25 @@ async def test_concurrency_1_never_refuses_a_sequential_client_of_one_box(tmp_pa
         async with pool.lab.client() as client:
             statuses = [(await pool.post(client, 0, key)).status_code for _ in range(10)]
         assert statuses == [200] * 10
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ('store = "http://10.0.0.2:6379"', "connector.store: invalid store 'http://10.0.0.2:6379'"),
+        ('store = "redis://:hunter2@h/x"', "invalid store 'redis://:***@h/x'"),
+        ('on_store_failure = "maybe"', "on_store_failure"),
+    ],
+)
+def test_a_wrong_store_setting_is_one_line_naming_the_key_and_no_password(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    from trio_bridge._config import load_config
+    from trio_bridge._errors import ConfigError
+
+    path = tmp_path / "bridge.toml"
+    path.write_text(f"[connector]\n{value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert said in str(err.value) and "hunter2" not in str(err.value)
+    assert "\n" not in str(err.value)

@@ -498,7 +498,7 @@ class PoolStore:
                 else:
                     self._admitting[key_id] -= 1
             if answer is not None:
-                return self._decision(key_id, limits, answer, wall)
+                return self._decision(key_id, limits, answer, wall)  # noqa: ASYNC910  the store answered (awaited)
             if self.up:  # no answer in time (a failure was said already)
                 self._failed(TimeoutError(f"no answer in {ROUND_TRIP_TIMEOUT:g} s"))
         await trio.lowlevel.checkpoint()
@@ -707,7 +707,7 @@ class PoolStore:
             with trio.move_on_after(2, shield=True):
                 await self._last_flush()
 
-    async def _last_flush(self) -> None:
+    async def _last_flush(self) -> None:  # noqa: ASYNC910  the write awaits (or raised trying)
         """What waits, written on a new connection (this one's tasks were cancelled with
         :meth:`run`); said in one line if it cannot be."""
         if self.write_now() or not self.reached:
@@ -770,7 +770,7 @@ class PoolStore:
         except self._errors as exc:
             self._requeue(ended, tokens, usage)
             self._failed(exc)
-            return False
+            return False  # noqa: ASYNC910  the write was awaited (it raised)
         if not was_up:
             self.up = self.reached = True
             if self._up_metric is not None:
