@@ -194,6 +194,30 @@ async def test_a_response_head_the_broker_cannot_use_is_a_502_and_the_connectors
     assert any("connector sent a bad answer" in m for m in warned), warned
 
 
+async def test_an_answer_that_breaks_its_framing_midway_is_the_connectors_fault(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
+) -> None:
+    """The head went out; a later chunk runs past its Content-Length: a bad answer from the
+    connector (its stream reset, a warning), not a client that went away."""
+
+    async def too_long_later(stream: RelayStream) -> None:
+        await stream.send_response(ResponseHead(200, [(b"content-length", b"2")]))
+        await trio.sleep(1)  # the head is written on its own
+        await stream.send_data(b"four", end_stream=True)
+
+    caplog.set_level(logging.INFO)
+    broker = make_broker(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await add_connector(nursery, broker, too_long_later)
+        answer = await exchange(nursery, broker, post())
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 200 ")  # the head went out; the connection then closed
+    [line] = request_lines(caplog)
+    assert line.outcome == "bad_answer"  # type: ignore[attr-defined]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("does not match its framing" in m for m in warned), warned
+
+
 async def test_an_answer_longer_than_its_content_length_is_the_connectors_fault(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -127,6 +127,12 @@ class ClientError(BridgeError):
     """About the public client of a request (the broker's side)."""
 
 
+class UnsendableAnswer(BridgeError):
+    """An answer HTTP/1.1 cannot carry: a head the server refuses (nothing of it was written:
+    the connection can still answer), or body data that breaks the head's framing (the
+    connection cannot go on). Not the client's doing: the fault of whoever made the answer."""
+
+
 class ClientDisconnected(ClientError):
     """The client closed its connection (or broke the protocol) before its body was read."""
 

@@ -31,11 +31,11 @@ import trio
 
 from trio_bridge._errors import (
     BadBody,
-    BridgeError,
     ClientDisconnected,
     HeadTooLarge,
     RelayClosed,
     StreamReset,
+    UnsendableAnswer,
 )
 from trio_bridge._observe import Facts, bridge_outcome, log_request
 from trio_bridge.broker._exchanges import Exchanges
@@ -76,10 +76,6 @@ _RESET_STATUS = {
     ResetCode.SHUTDOWN: (503, "the connector is shutting down; retry"),
     ResetCode.RELAY_LOST: (502, "the connection to the LLM's connector was lost"),
 }
-
-
-class _BadAnswer(BridgeError):
-    """The connector's answer cannot be sent to the client as HTTP/1.1."""
 
 
 class Exchange:
@@ -155,7 +151,7 @@ class Exchange:
                     facts.outcome = await self._error(400, str(exc))
                 except ClientDisconnected:
                     facts.outcome = "client_gone"
-                except _BadAnswer as exc:
+                except UnsendableAnswer as exc:
                     facts.outcome = await self._bad_answer(str(exc))
                 nursery.cancel_scope.cancel()  # the reader, if it still runs
             if self.shutdown and facts.outcome is None:
@@ -387,14 +383,12 @@ class Exchange:
     async def _send_head(
         self, head: ResponseHead, headers: list[tuple[bytes, bytes]], body: bytes, end: bool
     ) -> None:
-        """The connector's head (with ``headers``) and ``body`` to the client; _BadAnswer if
-        HTTP/1.1 cannot carry them (the server refused them before writing anything)."""
+        """The connector's head (with ``headers``) and ``body`` to the client;
+        UnsendableAnswer if HTTP/1.1 cannot carry them (nothing was written)."""
         try:
             await self.req.respond(head.status, headers, body, end=end)
-        except ClientDisconnected as exc:
-            if self.req.answer_started:
-                raise  # the client went away during the write
-            raise _BadAnswer(f"status {head.status}: {exc}") from None
+        except UnsendableAnswer as exc:
+            raise UnsendableAnswer(f"status {head.status}: {exc}") from None
 
     async def _bad_answer(self, why: str) -> str:
         """The connector's answer could not go out: reset its stream, log why, and answer
@@ -406,9 +400,11 @@ class Exchange:
         facts.reset = why
         extra = {"request_id": self.request_id, "route": facts.route, "connector": facts.connector}
         log.warning("the connector sent a bad answer: %s", why, extra=extra)
+        if self.req.answer_started:  # its head went out: the connection just closes
+            return "bad_answer"  # noqa: ASYNC910  the bad answer came from an await
         try:
             await self._error(502, "the LLM's connector sent a bad answer")
-        except ClientDisconnected:
+        except (ClientDisconnected, UnsendableAnswer):
             facts.status = facts.head_at = None  # nothing went out
         return "bad_answer"  # noqa: ASYNC910  the bad answer came from an await; the error reply awaited unless gone
 

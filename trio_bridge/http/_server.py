@@ -49,6 +49,7 @@ from trio_bridge._errors import (
     ClientError,
     RelayClosed,
     RemoteProtocolError,
+    UnsendableAnswer,
 )
 from trio_bridge._net import TCP, Network, listener_address, peer_address
 from trio_bridge.http._h11 import h11
@@ -209,8 +210,8 @@ class Request:
                 out += h.send(h11.Data(data=body))  # type: ignore[operator]
             if end:
                 out += h.send(h11.EndOfMessage())  # type: ignore[operator]
-        except h11.LocalProtocolError:
-            raise ClientDisconnected("invalid response head from the connector") from None
+        except h11.LocalProtocolError as exc:
+            raise UnsendableAnswer(f"HTTP/1.1 cannot carry this head: {exc}") from None
         self._started = True
         self._ended = end
         await self._conn.send_all(out)  # type: ignore[arg-type]
@@ -229,7 +230,7 @@ class Request:
             if end:
                 out += h.send(h11.EndOfMessage())  # type: ignore[operator]
         except h11.LocalProtocolError:
-            raise ClientDisconnected("response body does not match its framing") from None
+            raise UnsendableAnswer("response body does not match its framing") from None
         self._ended = end
         if out:
             await self._conn.send_all(out, within)  # type: ignore[arg-type]
@@ -453,6 +454,9 @@ class _Connection:
                     await self.refuse(400, str(exc), "bad_body")
                 return
             except ClientDisconnected:
+                return
+            except UnsendableAnswer as exc:  # a handler's answer HTTP/1.1 cannot carry: closed
+                log.warning("answer not sent, connection closed: %s", exc)
                 return
             if self.websocket is not None:
                 return
