@@ -239,44 +239,45 @@ async def test_usage_totals_equal_the_requests_made_on_both_boxes(tmp_path: Path
         assert sum(r["requests"] for r in pool.store(1).rows()) == 9  # box 1 sees box 0's
 
 
-async def _serve_through_outage(pool: Pool, key: str) -> tuple[list[int], list[int]]:
-    """Requests before, during and after the store is killed: (statuses while it is down,
-    statuses after it is back)."""
-    during, after = [], []
-    async with pool.lab.client() as client:
-        for i in range(6):
-            assert (await pool.post(client, i % 2, key)).status_code == 200
-        await pool.flushed()  # what the store then loses with its restart is Redis's to keep
-        await pool.redis.kill()
-        for i in range(10):
-            r = await pool.post(client, i % 2, key)
-            during.append(r.status_code)
-            if r.status_code != 200:
-                assert r.json()["error"]["code"] == "store_unavailable"
-                assert r.headers["retry-after"] == "1"
-        assert all(not pool.store(c).up for c in (0, 1))
-        await pool.redis.start()
-        await wait_for(lambda: all(pool.store(c).up for c in (0, 1)))
-        for i in range(4):
-            after.append((await pool.post(client, i % 2, key)).status_code)
-    return during, after
-
-
 async def test_store_killed_under_load_open_policy_keeps_serving_and_reconciles(
     tmp_path: Path,
 ) -> None:
     async with open_pool(tmp_path) as pool:
-        entry, key = pool.lab.keys.add("steady", limits=KeyLimits(rpm=1000))
+        entry, key = pool.lab.keys.add("steady", limits=KeyLimits(rpm=100_000))
         await start_boxes(pool)
         box = pool.boxes[0].connector
-        during, after = await _serve_through_outage(pool, key)
-        assert during == [200] * 10 and after == [200] * 4  # open: served on local counts
+        answers: list[tuple[float, int]] = []  # (when it ended, status)
+        stop = trio.Event()
+
+        async def load(client: httpx.AsyncClient, box: int) -> None:
+            while not stop.is_set():
+                r = await pool.post(client, box, key)
+                answers.append((trio.current_time(), r.status_code))
+
+        async with pool.lab.client() as client, trio.open_nursery() as nursery:
+            for worker in range(4):  # four clients at once, over both boxes
+                nursery.start_soon(load, client, worker % 2)
+            await wait_for(lambda: len(answers) >= 20)
+            await pool.redis.kill()
+            killed_at = trio.current_time()
+            await wait_for(lambda: all(not pool.store(c).up for c in (0, 1)))
+            n = len(answers)
+            await wait_for(lambda: len(answers) >= n + 20)  # served on local counts
+            await pool.redis.start()
+            await wait_for(lambda: all(pool.store(c).up for c in (0, 1)))
+            n = len(answers)
+            await wait_for(lambda: len(answers) >= n + 20)
+            stop.set()
+        assert {status for _, status in answers} == {200}, "open: nothing refused, no error"
         await pool.flushed()
-        # the store came back empty (no persistence): what was counted during the outage
-        # and after is in it, nothing lost
+        # the store came back empty (no persistence): what ended from shortly after the kill
+        # on (waiting in memory, then written) is all in it; what was written before the
+        # kill went with Redis (docs/pool.md)
         rows = await pool.usage()
         assert {r["key_id"] for r in rows} == {entry.id}
-        assert sum(r["requests"] for r in rows) == 14
+        stored = sum(r["requests"] for r in rows)
+        after_kill = sum(1 for t, _ in answers if t > killed_at + 0.2)
+        assert after_kill >= 40 and after_kill <= stored <= len(answers)
         assert box.problems() == []
         up = box.metrics.registry.get_sample_value("trio_bridge_store_up")
         failures = box.metrics.registry.get_sample_value("trio_bridge_store_failures_total")
