@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +417,52 @@ def test_a_wrong_store_setting_is_one_line_naming_the_key_and_no_password(
         load_config(str(path))
     assert said in str(err.value) and "hunter2" not in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def _registered(broker: RunningBroker, name: str) -> bool:
+    return any(r.name == name for r in broker.broker.registry.relays())
+
+
+async def test_two_connector_processes_admit_exactly_rpm_across_both(tmp_path: Path) -> None:
+    """The issue's set-up as an operator runs it: two `trio-bridge connector` processes (each
+    with its own broker, the same route, the same store) and one key with rpm 10."""
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("shared", limits=KeyLimits(rpm=10))
+        await pool.push_keys()
+        model = await pool.lab.start_test_model(token_delay=0.001)
+        token = tmp_path / "connector.token"
+        token.write_text(pool.lab.token)
+        os.chmod(token, 0o600)
+        processes = []
+        try:
+            for i in range(2):
+                broker = await pool.lab.start_broker()
+                pool.brokers.append(broker)
+                config = tmp_path / f"box{i}.toml"
+                config.write_text(
+                    f'[connector]\nbroker_urls = ["{broker.relay_url}"]\n'
+                    f'token_file = "{token}"\nlocal_url = "{model.url}"\n'
+                    f'admin_listen = ""\nname = "proc{i}"\nstore = "{pool.redis.url}"\n'
+                )
+                processes.append(
+                    await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "trio_bridge", "connector", "-c", str(config)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+                await wait_for(partial(_registered, broker, f"proc{i}"), 20)
+            async with pool.lab.client() as client:
+                statuses = [(await pool.post(client, i % 2, key)).status_code for i in range(20)]
+            assert statuses.count(200) == 10 and statuses.count(429) == 10, statuses
+            assert statuses[0::2].count(200) == 5 and statuses[1::2].count(200) == 5
+        finally:
+            for p in processes:
+                p.terminate()
+            with trio.move_on_after(10):
+                for p in processes:
+                    await p.wait()
+            for p in processes:
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
