@@ -421,6 +421,7 @@ async def test_signing_out_ends_the_session(env: Env) -> None:
         c.cookies.clear()
         r = await c.get(env.base)
         assert 'id="signin"' in r.text
+    assert [e["event"] for e in env.users.audit_log()] == ["signout", "signin"]
 
 
 @pytest.mark.slow

@@ -391,6 +391,7 @@ class PortalRequest:
         if self.path == "logout":
             session_id = p.unsign(self.cookies.get(SESSION_COOKIE, "")) or ""
             await trio.to_thread.run_sync(p.users.end_session, session_id)
+            await trio.to_thread.run_sync(p.users.audit, "signout", user.email, "user")
             return Answer(
                 303,
                 b"",
