@@ -1,13 +1,15 @@
 """Benchmark: the bridge vs a direct connection to the same fast fake LLM, measured in one run.
 
-    python bench/run.py [--quick] [--out bench/results]
+    python bench/run.py [--quick] [--runs 3] [--out bench/results]
 
 Starts, on 127.0.0.1, ``bench/fakellm.py`` (trio + h11), a broker and a connector (separate
 processes, default settings, JSON logs at level info), then measures each figure directly and
 through the bridge, interleaved round by round, and prints medians over the rounds with the
 ratio bridge/direct. Writes the table as Markdown and JSON. Every load loop is bounded in count
 and in time. The client is a lean h11 client with one keep-alive connection per task, so its
-own cost is small and the same on both paths.
+own cost is small and the same on both paths. ``--runs N``: N whole runs, each with a fresh
+bridge, and the median of each figure over them; the table marks each figure with its target
+(✓ met, ✗ not).
 """
 
 from __future__ import annotations
@@ -605,34 +607,84 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
         stop(procs.values(), 10)
 
 
+#: the targets of the figures (what the README's table shows beside them): (kind, value)
+#: added: bridge - direct at most; ratio: bridge / direct at most; ratio_min: at least;
+#: sum: broker + connector at most; most: the bridge's figure at most; no_errors
+TARGETS: dict[str, tuple[str, float]] = {
+    "latency c=1 p50": ("added", 1.0),
+    "latency c=10 p99": ("added", 5.0),
+    "stream c=100 first event p99": ("ratio", 3.0),
+    "stream c=100 largest gap p99": ("added", 2.0),
+    "throughput c=64": ("ratio_min", 0.25),
+    "cpu per request c=10": ("sum", 500.0),
+    "10 MB upload": ("ratio", 2.0),
+    "RSS per idle open stream (both roles)": ("most", 32.0),
+}
+
+
+def _target(name: str, r: dict[str, Any]) -> str:
+    """The target of figure ``name`` and whether ``r`` meets it (✓ / ✗), or ""."""
+    if name.endswith("concurrent streams (50 chunks each)"):
+        return "no errors " + ("✓" if r["errors"] == 0 else "✗")
+    if name not in TARGETS:
+        return ""
+    kind, v = TARGETS[name]
+    if kind == "added":
+        return f"≤ +{v:g} {r['unit']} " + ("✓" if r["bridge"] - r["direct"] <= v else "✗")
+    if kind == "ratio":
+        return f"≤ {v:g}× " + ("✓" if r["bridge"] / r["direct"] <= v else "✗")
+    if kind == "ratio_min":
+        return f"≥ {v:g}× " + ("✓" if r["bridge"] / r["direct"] >= v else "✗")
+    if kind == "sum":
+        return f"≤ {v:g} µs " + ("✓" if r["broker"] + r["connector"] <= v else "✗")
+    return f"≤ {v:g} {r['unit']} " + ("✓" if r["bridge"] <= v else "✗")
+
+
 def table(res: dict[str, Any]) -> str:
-    rows = ["| figure | direct | bridge | bridge − direct | ratio |", "|---|---|---|---|---|"]
+    rows = [
+        "| figure | direct | bridge | bridge − direct | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in res.items():
-        unit = r["unit"]
+        unit, target = r["unit"], _target(name, r)
         if "direct" in r:
             d, b = r["direct"], r["bridge"]
-            rows.append(f"| {name} ({unit}) | {d:.3f} | {b:.3f} | {b - d:+.3f} | {b / d:.2f}× |")
+            rows.append(
+                f"| {name} ({unit}) | {d:.3f} | {b:.3f} | {b - d:+.3f} | {b / d:.2f}× | {target} |"
+            )
         elif "broker" in r:
             # direct: the fake LLM's own CPU per request (one HTTP hop on trio + h11, no
             # features), for scale: the bridge's path has four such hops
             llm = f"fake LLM {r['fake LLM']:.0f}" if "fake LLM" in r else ""
             rows.append(
                 f"| {name} ({unit}) | {llm} | broker {r['broker']:.0f} + connector "
-                f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | |"
+                f"{r['connector']:.0f} = {r['broker'] + r['connector']:.0f} | | | {target} |"
             )
         elif "on" in r:
             rows.append(
                 f"| {name} ({unit}) | | off {r['off']:.0f}, on {r['on']:.0f} "
-                f"({r['on'] - r['off']:+.0f}) | | |"
+                f"({r['on'] - r['off']:+.0f}) | | | |"
             )
         elif unit == "completed":
             rows.append(
-                f"| {name} | | {r['bridge']} complete, {r['errors']} errors in "
-                f"{r['seconds']:.1f} s | | |"
+                f"| {name} | | {r['bridge']:.0f} complete, {r['errors']:.0f} errors in "
+                f"{r['seconds']:.1f} s | | | {target} |"
             )
         else:
-            rows.append(f"| {name} ({unit}) | | {r['bridge']:.3f} | | |")
+            rows.append(f"| {name} ({unit}) | | {r['bridge']:.3f} | | | {target} |")
     return "\n".join(rows)
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure's numbers over whole runs (each its own fresh bridge)."""
+    out: dict[str, Any] = {}
+    for name, first in runs[0].items():
+        fig: dict[str, Any] = {"unit": first["unit"], "runs": len(runs)}
+        for field, value in first.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                fig[field] = med([r[name][field] for r in runs if name in r])
+        out[name] = fig
+    return out
 
 
 def main() -> None:
@@ -642,16 +694,23 @@ def main() -> None:
     ap.add_argument(
         "--limits-only", action="store_true", help="only the cost of per-key limits (on vs off)"
     )
+    ap.add_argument(
+        "--runs", type=int, default=1, help="whole runs (a fresh bridge each): the medians"
+    )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
-        t = time.monotonic()
-        res = trio.run(bench, args, Path(tmp))
+    t = time.monotonic()
+    runs = []
+    for _ in range(max(1, args.runs)):
+        with tempfile.TemporaryDirectory(prefix="tb-bench-") as tmp:
+            runs.append(trio.run(bench, args, Path(tmp)))
+    res = combine(runs) if len(runs) > 1 else runs[0]
     md = table(res)
     meta = {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "quick": args.quick,
+        "runs": len(runs),
         "seconds": round(time.monotonic() - t),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
