@@ -428,8 +428,9 @@ class PoolStore:
         self._admit = self.client.register_script(ADMIT)
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest()
         self._finish = self.client.register_script(FINISH)
-        #: what ended and was not written yet: key id -> [requests ended that the store
-        #: admitted, tokens]; tokens per (key id, day)
+        #: what ended and was not written yet: requests the store had admitted, per key
+        #: id (the key's in-flight count is set again); tokens per (key id, UTC day); usage
+        #: rows per (day, key id, model)
         self._ended: dict[str, int] = defaultdict(int)
         self._tokens: dict[tuple[str, str], int] = defaultdict(int)
         self._usage: dict[tuple[str, str, str], list[int]] = defaultdict(_zeros)
