@@ -466,3 +466,20 @@ async def test_two_connector_processes_admit_exactly_rpm_across_both(tmp_path: P
                 if p.returncode is None:
                     p.kill()
                     await p.wait()
+
+
+async def test_self_service_usage_shows_what_is_left_across_the_pool(tmp_path: Path) -> None:
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("alice", limits=KeyLimits(rpm=10, tokens_per_day=10_000))
+        await start_boxes(pool)
+        async with pool.lab.client() as client:
+            for i in range(4):
+                assert (await pool.post(client, i % 2, key)).status_code == 200
+            await pool.flushed()
+            r = await client.get(
+                pool.brokers[1].url + "/_bridge/usage", headers={"Authorization": f"Bearer {key}"}
+            )
+        now = r.json()["now"]
+        # 4 chats on both boxes, and this request itself, in the pool's minute
+        assert now["requests_this_minute"] == 5 and now["requests_left_this_minute"] == 5
+        assert now["tokens_today"] > 0 and now["tokens_left_today"] == 10_000 - now["tokens_today"]

@@ -396,6 +396,24 @@ def _zeros() -> list[int]:
     return [0] * len(COLUMNS)
 
 
+def _snapshot(
+    limits: KeyLimits, in_flight: int, requests: int, tokens: int, today: int
+) -> dict[str, int | None]:
+    def left(limit: int | None, used: int) -> int | None:
+        return None if limit is None else max(0, limit - used)
+
+    return {
+        "in_flight": in_flight,
+        "concurrency_left": left(limits.concurrency, in_flight),
+        "requests_this_minute": requests,
+        "requests_left_this_minute": left(limits.rpm, requests),
+        "tokens_this_minute": tokens,
+        "tokens_left_this_minute": left(limits.tokens_per_minute, tokens),
+        "tokens_today": today,
+        "tokens_left_today": left(limits.tokens_per_day, today),
+    }
+
+
 class PoolStore:
     """One connector's side of the pool's store: admissions, ends, usage, the keys.
 
@@ -532,6 +550,32 @@ class PoolStore:
         window = (a, b / 1000)
         return Admission(refusal, True, window if code == 2 else (0, 0.0),
                          window if code == 3 else (0, 0.0))  # fmt: skip
+
+    async def snapshot(self, key_id: str, limits: KeyLimits) -> dict[str, int | None]:
+        """What is left now for ``key_id`` across the pool (for ``/_bridge/usage``), as
+        :meth:`Limiter.snapshot` says it for one box: one pipeline; this box's own counts
+        while the store is unreachable."""
+        wall = time.time()  # wall clock
+        if self.up:
+            try:
+                with trio.fail_after(ROUND_TRIP_TIMEOUT):
+                    async with self.client.pipeline(transaction=False) as p:
+                        clock = p.time()
+                        flight = p.hgetall(_key(key_id, "flight"))
+                        rpm = p.hgetall(_key(key_id, "rpm"))
+                        tpm = p.hgetall(_key(key_id, "tpm"))
+                        day = p.get(_key(key_id, "day:" + utc_day(wall)))
+                    sec = int((await clock).timestamp())
+                    in_flight = sum(int(v) for v in (await flight).values())
+                    requests = sum(int(v) for s, v in (await rpm).items() if int(s) > sec - 60)
+                    tokens = sum(int(v) for s, v in (await tpm).items() if int(s) > sec - 60)
+                    today = int((await day) or 0)
+            except self._errors:
+                pass  # said by the next round trip of the request path; this box's counts
+            else:
+                return _snapshot(limits, in_flight, requests, tokens, today)
+        await trio.lowlevel.checkpoint()
+        return self.local.snapshot(key_id, limits, trio.current_time(), wall=wall)
 
     def holding(self, key_id: str) -> int:
         """Requests of ``key_id`` in flight here that the store admitted."""

@@ -206,13 +206,13 @@ class RelayedRequest:
             extra=limiter.headers(self.key_id, shown, now),
         )
 
-    async def admit_pooled(self) -> Refusal | None:
-        """:meth:`admit` in the pool's shared store (one round trip): the 429 of a limit of
-        the pool, or the 503 of a store that cannot be reached with on_store_failure =
-        "closed"."""
+    async def admit_pooled(self, limits: KeyLimits | None = None) -> Refusal | None:
+        """:meth:`admit` in the pool's shared store (one round trip), under ``limits`` (the
+        key's by default): the 429 of a limit of the pool, or the 503 of a store that cannot
+        be reached with on_store_failure = "closed"."""
         pool = self.fw.pool
         assert pool is not None
-        self.pooled = decision = await pool.admit(self.key_id, self.limits)
+        self.pooled = decision = await pool.admit(self.key_id, limits or self.limits)
         refusal = decision.refusal
         if refusal is None:
             self.admitted = True

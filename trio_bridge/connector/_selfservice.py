@@ -39,7 +39,9 @@ def totals(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
 async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
     """Admit the request under the key's request limits, then answer; its outcome."""
     limits = req.limits
-    refusal = req.admit(attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None), limits)
+    counted = attrs.evolve(limits, tokens_per_minute=None, tokens_per_day=None)
+    pool = req.fw.pool
+    refusal = req.admit(counted, limits) if pool is None else await req.admit_pooled(counted)
     if refusal is not None:
         return await req.answer(refusal)
     store = req.fw.usage_store
@@ -64,7 +66,11 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             "models": list(limits.models) or None,
             "priority": limits.priority,
         },
-        "now": req.fw.limiter.snapshot(entry.id, limits, trio.current_time(), wall=wall),
+        "now": (
+            req.fw.limiter.snapshot(entry.id, limits, trio.current_time(), wall=wall)
+            if pool is None
+            else await pool.snapshot(entry.id, limits)
+        ),
         "today": totals(r for r in rows if r["day"] == today),
         "last_30_days": totals(rows),
         "by_day": [{k: v for k, v in r.items() if k != "key_id"} for r in rows],
