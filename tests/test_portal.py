@@ -658,3 +658,14 @@ async def test_sign_ins_in_progress_are_bounded(env: Env, monkeypatch: pytest.Mo
     async with httpx.AsyncClient() as c:
         statuses = [(await c.get(env.base + "login")).status_code for _ in range(3)]
     assert statuses == [303, 303, 503]
+
+
+async def test_a_provider_that_cannot_be_reached_is_a_502_page_that_says_so(env: Env) -> None:
+    await env.start()
+    scope, done = env.provider
+    scope.cancel()
+    await done.wait()
+    async with client() as c:
+        r = await c.get(env.base + "login")
+    assert r.status_code == 502
+    assert "discovery document could not be read" in r.text

@@ -400,7 +400,7 @@ class PortalConfig:
     allowed_groups: list[str] = attrs.field(factory=list)
     groups_claim: str = "groups"
     #: "approve": a new user waits for the operator (``trio-bridge users approve``); "auto":
-    #: a new user may make a key at once (with the keys file's [defaults] limits)
+    #: a new user may make their key at once, one click on their page ([defaults] limits)
     new_users: str = attrs.field(default="approve", validator=_check_new_users)
     #: users, sessions and the audit log (SQLite), and the key that signs session cookies
     users_file: str = "portal.sqlite3"

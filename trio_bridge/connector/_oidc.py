@@ -41,7 +41,13 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
 
 
 class SignInFailed(BridgeError):
-    """A sign-in that cannot go on; the message is shown to the user."""
+    """A sign-in that cannot go on; the message is shown to the user. ``status``: 502 when
+    the provider could not be reached or answered nonsense, 400 when it refused or its token
+    failed a check."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class OIDCClient:
@@ -85,9 +91,9 @@ class OIDCClient:
             r.raise_for_status()
             doc = r.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise SignInFailed(f"the identity provider's {what} could not be read") from exc
+            raise SignInFailed(f"the identity provider's {what} could not be read", 502) from exc
         if not isinstance(doc, dict):
-            raise SignInFailed(f"the identity provider's {what} is not a JSON object")
+            raise SignInFailed(f"the identity provider's {what} is not a JSON object", 502)
         return doc
 
     async def discover(self) -> dict[str, Any]:
@@ -97,10 +103,12 @@ class OIDCClient:
                 self.issuer + "/.well-known/openid-configuration", "discovery document"
             )
             if str(doc.get("issuer", "")).rstrip("/") != self.issuer:
-                raise SignInFailed("the identity provider names another issuer than configured")
+                raise SignInFailed(
+                    "the identity provider names another issuer than configured", 502
+                )
             for field in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
                 if not isinstance(doc.get(field), str):
-                    raise SignInFailed(f"the identity provider's discovery lacks {field}")
+                    raise SignInFailed(f"the identity provider's discovery lacks {field}", 502)
             self.meta = doc
         return self.meta  # noqa: ASYNC910  fetched before: nothing to wait for
 
@@ -110,7 +118,9 @@ class OIDCClient:
         try:
             keys = KeySet.import_key_set(doc)  # type: ignore[arg-type]
         except (JoseError, ValueError, KeyError, TypeError) as exc:
-            raise SignInFailed("the identity provider's signing keys (JWKS) are unusable") from exc
+            raise SignInFailed(
+                "the identity provider's signing keys (JWKS) are unusable", 502
+            ) from exc
         self.keys, self._keys_fetched = keys, trio.current_time()
         return keys
 
@@ -155,7 +165,9 @@ class OIDCClient:
             )
             doc = r.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise SignInFailed("the identity provider's token endpoint did not answer") from exc
+            raise SignInFailed(
+                "the identity provider's token endpoint did not answer", 502
+            ) from exc
         if r.status_code != 200 or not isinstance(doc, dict):
             error = doc.get("error", r.status_code) if isinstance(doc, dict) else r.status_code
             raise SignInFailed(f"the identity provider refused the sign-in ({error})")
@@ -185,7 +197,7 @@ class OIDCClient:
             r.raise_for_status()
             info = r.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise SignInFailed("the identity provider's userinfo could not be read") from exc
+            raise SignInFailed("the identity provider's userinfo could not be read", 502) from exc
         if not isinstance(info, dict) or info.get("sub") != claims["sub"]:
             raise SignInFailed("the identity provider's userinfo is about another user")
         return {**info, **claims}

@@ -215,7 +215,8 @@ class PortalRequest:
         try:
             answer = await self._serve()
         except SignInFailed as exc:
-            answer = self._page(400, pages.message("Sign-in failed", str(exc), self.portal.base))
+            status = exc.status
+            answer = self._page(status, pages.message("Sign-in failed", str(exc), self.portal.base))
         try:
             await self._send(answer)
         except StreamReset:
