@@ -669,3 +669,29 @@ async def test_a_provider_that_cannot_be_reached_is_a_502_page_that_says_so(env:
         r = await c.get(env.base + "login")
     assert r.status_code == 502
     assert "discovery document could not be read" in r.text
+
+
+def test_the_users_command_before_the_portal_ever_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "connector.toml"
+    conf.write_text("[connector]\n")
+    assert main(["users", "list", "-c", str(conf)]) == 0
+    assert "no portal users yet" in capsys.readouterr().out
+    assert main(["users", "block", "a@b.c", "-c", str(conf)]) == 2
+    assert "no portal users file" in capsys.readouterr().err
+    assert not (tmp_path / "portal.sqlite3").exists()
+
+
+async def test_a_provider_that_never_answers_is_a_504_page_within_the_deadline(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trio_bridge.connector._portal.DEADLINE", 0.5)
+    (silent,) = await trio.open_tcp_listeners(0, host="127.0.0.1")  # accepts, never answers
+    port = silent.socket.getsockname()[1]
+    await env.start(issuer=f"http://127.0.0.1:{port}")
+    async with client() as c:
+        with trio.fail_after(5):
+            r = await c.get(env.base + "login")
+    assert r.status_code == 504 and "did not answer in time" in r.text
+    await silent.aclose()

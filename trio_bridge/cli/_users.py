@@ -51,7 +51,13 @@ def _when(t: float) -> str:
 def users_command(config: Config, args: argparse.Namespace) -> int:
     if args.config is None:
         print("# no -c given: using the built-in defaults' files", file=sys.stderr)
-    users = UserStore(config.path(config.portal.users_file))
+    path = config.path(config.portal.users_file)
+    if not path.exists():
+        if args.action in ("list", "audit"):
+            print(f"no portal users yet ({path} does not exist: has the portal run?)")
+            return 0
+        raise ConfigError(f"{path}: no portal users file (has the portal run?)")
+    users = UserStore(path)
     keys = SecretStore(config.path(config.connector.api_keys_file), "tbk")
     if args.action == "list":
         docs = [_listed(u, keys) for u in users.users()]

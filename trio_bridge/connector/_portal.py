@@ -56,6 +56,8 @@ PORTAL_PATH = "/_bridge/portal"
 SESSION_COOKIE = "tb_portal"
 LOGIN_COOKIE = "tb_portal_login"
 MAX_FORM = 16 * 1024
+#: one portal request, the identity provider's answers included, ends within this (seconds)
+DEADLINE = 30
 CSP = (
     b"default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
     b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
@@ -213,7 +215,11 @@ class PortalRequest:
 
     async def run(self) -> None:  # noqa: ASYNC910  a reset comes from a send (awaited)
         try:
-            answer = await self._serve()
+            with trio.fail_after(DEADLINE):  # the provider's endpoints and the files together
+                answer = await self._serve()
+        except trio.TooSlowError:
+            log.warning("portal: a request took more than %d s (the identity provider?)", DEADLINE)
+            answer = self._refused(504, "Too slow", "The sign-in service did not answer in time.")
         except SignInFailed as exc:
             status = exc.status
             answer = self._page(status, pages.message("Sign-in failed", str(exc), self.portal.base))
