@@ -102,9 +102,7 @@ async def bench(n: int, hold: float) -> dict[str, object]:
             async with trio.open_nursery() as nursery:
                 for i, s in enumerate(socks):
                     nursery.start_soon(to_the_end, i, s)
-        res["complete"] = sum(
-            1 for g in got if g.startswith(b"HTTP/1.1 200") and b"[DONE]" in g
-        )
+        res["complete"] = sum(1 for g in got if g.startswith(b"HTTP/1.1 200") and b"[DONE]" in g)
         res["failed"] = n - res["complete"]  # type: ignore[operator]
     return res
 
