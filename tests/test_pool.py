@@ -483,3 +483,18 @@ async def test_self_service_usage_shows_what_is_left_across_the_pool(tmp_path: P
         # 4 chats on both boxes, and this request itself, in the pool's minute
         assert now["requests_this_minute"] == 5 and now["requests_left_this_minute"] == 5
         assert now["tokens_today"] > 0 and now["tokens_left_today"] == 10_000 - now["tokens_today"]
+
+
+async def test_the_admin_page_shows_the_pools_usage(tmp_path: Path) -> None:
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("alice")
+        await start_boxes(pool)
+        async with pool.lab.client() as client:
+            for i in range(3):
+                assert (await pool.post(client, i % 2, key)).status_code == 200
+            await pool.flushed()
+            await wait_for(lambda: sum(r["requests"] for r in pool.store(0).rows()) == 3)
+            host, port = pool.boxes[0].connector.admin_address or ("", 0)
+            page = (await client.get(f"http://{host}:{port}/api/usage")).json()
+        assert page["stored"] is True
+        assert page["periods"]["today"]["keys"]["alice"]["requests"] == 3  # box 1's too

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -107,7 +107,8 @@ def _open_portal(config: Config, conn: Connector) -> Portal | None:
         config,
         keys=conn.keys,
         limiter=conn.limiter,
-        usage_store=conn.usage_store,
+        # the portal reads load(), loaded and rows(), which the pool's store has too
+        usage_store=cast("UsageStore | None", conn.usage_store),
         models=lambda: conn.llm.models,
     )
 
@@ -172,19 +173,20 @@ class Connector:
             network=network,
         )
         self.llm = LLMWatch(config, self.transport, upstream_auth, self._llm_changed)
-        self.usage_store = (
+        self._usage_file = (
             open_usage_store(config, models=lambda: self.llm.models, metrics=self.metrics)
             if c.usage_file and self.pool is None
             else None
         )
-        #: where usage is counted: the pool's store, else the usage file (or nowhere)
-        self.usage_book: UsageBook | None = self.pool or self.usage_store
-        self.accounting = Accounting(c.route, self.metrics, self.inspector, self.usage_book)
+        #: where usage is counted and read (pages, /_bridge/usage): the pool's store, else
+        #: the usage file (None: nowhere)
+        self.usage_store: UsageBook | None = self.pool or self._usage_file
+        self.accounting = Accounting(c.route, self.metrics, self.inspector, self.usage_store)
         # with a pool, this connector's own counts serve only while the store is unreachable
         self.limiter = self.pool.local if self.pool is not None else Limiter()
-        if self.usage_store is not None:  # daily budgets go on where they were
+        if self._usage_file is not None:  # daily budgets go on where they were
             wall = time.time()  # wall clock
-            for key_id, tokens in self.usage_store.tokens_on(utc_day(wall)).items():
+            for key_id, tokens in self._usage_file.tokens_on(utc_day(wall)).items():
                 self.limiter.seed_today(key_id, tokens, wall)
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self.accounting.waited)
         self.forwarder = Forwarder(
@@ -196,7 +198,7 @@ class Connector:
             llm=self.llm,
             inspector=self.inspector,
             accounting=self.accounting,
-            usage_store=self.usage_book,
+            usage_store=self.usage_store,
             upstream_auth=upstream_auth,
             pool=self.pool,
         )
@@ -289,7 +291,7 @@ class Connector:
             out = [f"keys file: {self.keys.reload_error} (the last good keys are in force)"]
         else:
             out = []
-        store = self.usage_store
+        store = self._usage_file
         if store is not None and store.last_error is not None:
             out.append(f"usage store: {store.last_error} (rows kept in memory, retried)")
         return out
@@ -383,8 +385,8 @@ class Connector:
                 outer.start_soon(self.keeper.liveness.run)
                 if self.pool is not None:  # the keys read (or tried) before any relay
                     await outer.start(self.pool.run)
-                if self.usage_store is not None:
-                    outer.start_soon(self.usage_store.run)
+                if self._usage_file is not None:
+                    outer.start_soon(self._usage_file.run)
                 outer.start_soon(self.notifier.watchdog_loop, self.status_line)
                 if c.notify_ready == "start":
                     self.notifier.ready(self.status_line())
@@ -399,8 +401,8 @@ class Connector:
                 await self.transport.aclose()
                 if self.portal is not None:
                     await self.portal.aclose()
-                if self.usage_store is not None:
-                    await self.usage_store.flush()  # what ended after the last flush
+                if self._usage_file is not None:
+                    await self._usage_file.flush()  # what ended after the last flush
 
     def stop(self) -> None:
         """Close every relay cleanly (WebSocket close handshake) and make ``run`` return.
@@ -416,7 +418,7 @@ class Connector:
         not yet written."""
         if self.pool is not None and not self.pool.write_now():
             log.error("usage not written to the pool store before the hard stop")
-        if self.usage_store is not None and not self.usage_store.write_now():
+        if self._usage_file is not None and not self._usage_file.write_now():
             log.error("usage not written before the hard stop (the file is busy or failing)")
 
     async def drain(self, grace: float | None = None) -> None:
