@@ -498,3 +498,19 @@ async def test_the_admin_page_shows_the_pools_usage(tmp_path: Path) -> None:
             page = (await client.get(f"http://{host}:{port}/api/usage")).json()
         assert page["stored"] is True
         assert page["periods"]["today"]["keys"]["alice"]["requests"] == 3  # box 1's too
+
+
+async def test_keys_changed_in_a_worker_thread_of_a_box_reach_the_pool(tmp_path: Path) -> None:
+    """How the portal changes keys (trio.to_thread): a key made on box 0 works on box 1, and
+    revoked there, is refused on box 0."""
+    async with open_pool(tmp_path) as pool:
+        pool.lab.keys.add("first")
+        await start_boxes(pool)
+        keys0, keys1 = pool.boxes[0].connector.keys, pool.boxes[1].connector.keys
+        entry, secret = await trio.to_thread.run_sync(lambda: keys0.add("portal-user"))
+        await wait_for(lambda: keys1.get(entry.id) is not None, 2)
+        async with pool.lab.client() as client:
+            assert (await pool.post(client, 1, secret)).status_code == 200
+            await trio.to_thread.run_sync(keys1.revoke, "portal-user")
+            await wait_for(lambda: bool((e := keys0.get(entry.id)) and e.revoked), 2)
+            assert (await pool.post(client, 0, secret)).status_code == 401

@@ -294,15 +294,16 @@ def _why(exc: BaseException) -> str:
 class PoolKeys(SecretStore):
     """The API keys of a pool: the keys file's document, kept in the store (hashes only).
 
-    In a connector, :meth:`apply` gives it each new version that :class:`PoolStore` read;
-    for the CLI, ``fetch`` and ``put`` read and write the store (each a short ``trio.run``).
-    ``path`` is the store's address (no password), for messages."""
+    In a connector, :meth:`apply` gives it each new version that :class:`PoolStore` read, and
+    ``fetch`` and ``put`` work from trio's worker threads (the portal changes keys there);
+    for the CLI they are each a short ``trio.run``. ``fetch`` may return None (nothing read:
+    the document in force stays). ``path`` is the store's address (no password)."""
 
     def __init__(
         self,
         where: str,
         *,
-        fetch: Callable[[], tuple[bytes | None, bytes]] | None = None,
+        fetch: Callable[[], tuple[bytes | None, bytes] | None] | None = None,
         put: Callable[[bytes, bytes], int] | None = None,
     ) -> None:
         self._fetch, self._put = fetch, put
@@ -332,8 +333,9 @@ class PoolKeys(SecretStore):
             )
 
     def reload(self) -> None:
-        if self._fetch is not None:
-            self._doc, self._version = self._fetch()
+        fetched = self._fetch() if self._fetch is not None else None
+        if fetched is not None:
+            self._doc, self._version = fetched
         self._by_id = {e.id: e for e in self._read()}
         self.generation += 1
 
@@ -434,7 +436,7 @@ class PoolStore:
         self._config = config
         self.client = store_client(config)
         self.instance = secrets.token_hex(6)
-        self.keys = PoolKeys(self.where)
+        self.keys = PoolKeys(self.where, fetch=self._fetch_keys, put=self._put_keys)
         self.local = Limiter()  # counts while the store is unreachable
         self.up = False
         self.reached = False  # reached at least once since the start
@@ -550,6 +552,24 @@ class PoolStore:
         window = (a, b / 1000)
         return Admission(refusal, True, window if code == 2 else (0, 0.0),
                          window if code == 3 else (0, 0.0))  # fmt: skip
+
+    def _fetch_keys(self) -> tuple[bytes | None, bytes] | None:
+        """The keys document, read from a worker thread (None elsewhere: the one in force)."""
+        try:
+            return trio.from_thread.run(fetch_keys, self.client)  # type: ignore[no-any-return]
+        except RuntimeError:  # not in a trio worker thread (the connector's own start)
+            return None
+        except self._errors as exc:
+            raise ConfigError(f"pool store {self.where}: {_why(exc)}") from None
+
+    def _put_keys(self, data: bytes, version: bytes) -> int:
+        """Write the keys document from a worker thread (the portal's key changes)."""
+        try:
+            return int(trio.from_thread.run(put_keys, self.client, data, version))
+        except RuntimeError:
+            raise ConfigError(f"{self.where}: keys are changed from a worker thread") from None
+        except self._errors as exc:
+            raise ConfigError(f"pool store {self.where}: {_why(exc)}") from None
 
     async def snapshot(self, key_id: str, limits: KeyLimits) -> dict[str, int | None]:
         """What is left now for ``key_id`` across the pool (for ``/_bridge/usage``), as
