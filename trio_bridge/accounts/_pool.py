@@ -19,8 +19,13 @@ Each admission is ONE round trip: :data:`ADMIT`, a Lua script run by EVALSHA, ch
 counts concurrency, requests per minute, tokens per minute and tokens per day atomically,
 on the store's clock (``TIME``: one clock for the whole pool). The end of a request is not
 on its path: :meth:`PoolStore.finish` and :meth:`PoolStore.record` only count in memory;
-:meth:`PoolStore.run` writes them at once in one pipeline (what ended meanwhile goes in the
-same one), and polls the keys' version and renews the heartbeat every SYNC_INTERVAL.
+:meth:`PoolStore.run` writes them WRITE_DELAY later in one pipeline (with whatever ended
+meanwhile), and polls the keys' version and renews the heartbeat every SYNC_INTERVAL.
+
+A box's requests in flight are counted by the box itself and *set* in the store (by the
+admission script and by the end's), never added to: a late write, a lost answer or a store
+that restarted empty cannot make the count drift for longer than the box's next write, and
+a sequential client of one box never races the write of its previous request's end.
 
 The store unreachable (a round trip that fails or takes longer than ROUND_TRIP_TIMEOUT):
 one error line, ``problems`` in ``/readyz`` and ``status``, the gauge ``trio_bridge_store_up``
