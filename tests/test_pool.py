@@ -514,3 +514,21 @@ async def test_keys_changed_in_a_worker_thread_of_a_box_reach_the_pool(tmp_path:
             await trio.to_thread.run_sync(keys1.revoke, "portal-user")
             await wait_for(lambda: bool((e := keys0.get(entry.id)) and e.revoked), 2)
             assert (await pool.post(client, 0, secret)).status_code == 401
+
+
+async def test_a_store_without_keys_is_a_problem_that_says_how_to_fill_it(tmp_path: Path) -> None:
+    async with open_pool(tmp_path) as pool:
+        broker = await pool.lab.start_broker()
+        pool.brokers.append(broker)
+        model = await pool.lab.start_test_model()
+        rc = await pool.lab.start_connector(
+            [broker], model.url, connector={"store": pool.redis.url, "name": "box"}
+        )
+        pool.boxes.append(rc)
+        [problem] = rc.connector.problems()
+        assert "holds no API keys yet" in problem and "keys import" in problem
+        async with pool.lab.client() as client:
+            r = await pool.post(client, 0, pool.lab.api_key)  # the lab's key: not imported
+        assert r.status_code == 401
+        await pool.push_keys()
+        await wait_for(lambda: rc.connector.problems() == [], 2)

@@ -705,6 +705,11 @@ class PoolStore:
                 f"({self.last_error or 'not reached yet'}; on_store_failure = {self.policy}: "
                 f"{policy})"
             )
+        elif self.keys.document is None:
+            out.append(
+                f"pool store {self.where} holds no API keys yet: every request gets 401 "
+                "(`trio-bridge keys import` moves a keys file in; `keys add` makes one)"
+            )
         if self.keys.reload_error is not None:
             out.append(f"pool keys: {self.keys.reload_error} (the last good keys are in force)")
         if self.rows_dropped:
