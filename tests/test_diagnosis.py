@@ -36,6 +36,7 @@ import pytest
 import trio
 import trio.testing
 from prometheus_client import generate_latest
+from redisserver import RedisServer, needs_redis
 
 from trio_bridge._config import Duration, load_config
 from trio_bridge._errors import ConfigError
@@ -532,3 +533,39 @@ async def test_check_and_status_agree_on_an_llm_whose_model_list_is_slow(
     assert not failed and "WARN  LLM" in out and "did not answer within 5.5 s" in out
     # the health probe itself is slow: down for both, with the same wait named
     assert failed_too and "no answer to /v1/models within 5.5 s" in out_too
+
+
+@needs_redis
+async def test_check_asks_the_pools_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `store`, `check` makes a real round trip to it (the password the connector uses)
+    and says whether it holds the pool's keys; a wrong password or a store that is down is a
+    FAIL naming the store without the password."""
+    from trio_bridge.cli._check import _check_store, _Report
+
+    server = RedisServer(tmp_path, password="s3cret-pass")
+    await server.start()
+    try:
+        base = load_config(None)
+
+        def with_store(url: str) -> Any:
+            return attrs.evolve(base, connector=attrs.evolve(base.connector, store=url))
+
+        good = f"redis://:s3cret-pass@127.0.0.1:{server.port}/0"
+        for url, failed, said in (
+            (good, False, "holds no API keys yet"),
+            (f"redis://:wrong@127.0.0.1:{server.port}/0", True, "FAIL  connector.store"),
+        ):
+            report = _Report()
+            await _check_store(with_store(url), report)
+            out = capsys.readouterr().out
+            assert report.failed is failed and said in out, out
+            assert "s3cret-pass" not in out and "wrong" not in out
+        await server.kill()
+        report = _Report()
+        await _check_store(with_store(good), report)
+        out = capsys.readouterr().out
+        assert report.failed and "FAIL  connector.store: redis://:***@127.0.0.1" in out, out
+    finally:
+        await server.kill()

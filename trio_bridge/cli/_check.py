@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from trio_bridge._config import Config, parse_hostport
-from trio_bridge._errors import ConfigError
+from trio_bridge._errors import ConfigError, leaves
 from trio_bridge._version import __version__
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._usagestore import check_writable
@@ -183,15 +183,52 @@ def _check_broker(config: Config, report: _Report, running: dict[str, Any] | Non
         )
 
 
+async def _check_store(config: Config, report: _Report) -> None:
+    """The pool's store answers (a real round trip, with the password and TLS the connector
+    uses) and holds its keys."""
+    from trio_bridge._config import redact_url
+    from trio_bridge.accounts._pool import _store_errors, _why, fetch_keys, store_client
+
+    where = redact_url(config.connector.store)
+    try:
+        client = store_client(config)
+    except ConfigError as exc:
+        report.fail("connector.store", str(exc))
+        return
+    errors = _store_errors()
+    try:
+        with trio.fail_after(5):
+            async with client:
+                await client.ping()
+                document, _version = await fetch_keys(client)
+    except (*errors, BaseExceptionGroup) as exc:  # coredis's client raises inside a group
+        found = leaves(exc)
+        if not all(isinstance(e, errors) for e in found):
+            raise
+        why = "no answer in 5 s" if isinstance(found[0], trio.TooSlowError) else _why(found[0])
+        report.fail("connector.store", f"{where}: {why}")
+        return
+    if document is None:
+        report.warn(
+            "connector.store",
+            f"{where} answers but holds no API keys yet: trio-bridge keys add NAME (or keys "
+            f"import) -c {config.source}",
+        )
+    else:
+        report.ok("connector.store", f"{where} answers and holds the pool's API keys")
+
+
 async def _check_connector(config: Config, report: _Report) -> None:
     cc = config.connector
     path = config.path(cc.api_keys_file)
     try:
-        n = len(SecretStore(path, "tbk").active_ids())
+        n = 0 if cc.store else len(SecretStore(path, "tbk").active_ids())
     except ConfigError as exc:
         report.fail("connector.api_keys_file", str(exc))
     else:
-        if n:
+        if cc.store:  # the keys live in the pool's store
+            await _check_store(config, report)
+        elif n:
             report.ok("connector.api_keys_file", f"{path}: {n} API key{'s' * (n != 1)}")
         else:
             report.warn(
