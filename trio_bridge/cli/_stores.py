@@ -135,6 +135,13 @@ def store_command(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def open_keys(config: Config) -> SecretStore:
+    """The connector's API keys: the pool's store's when it has one, else its keys file."""
+    if config.connector.store:
+        return StoreCLI(config).keys()
+    return SecretStore(config.path(config.connector.api_keys_file), "tbk")
+
+
 def _open_store(config: Config, args: argparse.Namespace) -> SecretStore:
     """The secret store the command is about, from the config of the role it lives on."""
     store = args.command

@@ -14,7 +14,7 @@ from trio_bridge._config import Config
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._users import User, UserStore, approve, block, set_limits
-from trio_bridge.cli._stores import _limit_changes, limit_options
+from trio_bridge.cli._stores import _limit_changes, limit_options, open_keys
 
 
 def add_users_parser(sub: Any) -> None:
@@ -58,7 +58,7 @@ def users_command(config: Config, args: argparse.Namespace) -> int:
             return 0
         raise ConfigError(f"{path}: no portal users file (has the portal run?)")
     users = UserStore(path)
-    keys = SecretStore(config.path(config.connector.api_keys_file), "tbk")
+    keys = open_keys(config)
     if args.action == "list":
         docs = [_listed(u, keys) for u in users.users()]
         if args.json:
