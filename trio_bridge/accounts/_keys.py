@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import functools
 import hashlib
 import hmac
 import logging
@@ -34,10 +35,12 @@ import os
 import re
 import secrets
 import string
+import threading
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import tomli_w
@@ -148,7 +151,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically, mode 0600. Run as root, the new file keeps the
     owner of the file it replaces (or of its directory), so a service user can still read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
@@ -167,8 +170,24 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """A change (read the file, change, write it) made whole under the store's lock: the
+    portal and the admin page change keys from several worker threads at once."""
+
+    @functools.wraps(method)
+    def locked(self: SecretStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class SecretStore:
-    """Hashes of the secrets in one managed file; ``prefix`` is ``"tbk"`` or ``"tbc"``."""
+    """Hashes of the secrets in one managed file; ``prefix`` is ``"tbk"`` or ``"tbc"``.
+    Its changes may come from several threads (the portal's): each is whole under a lock."""
 
     def __init__(self, path: Path, prefix: str) -> None:
         self.path = path
@@ -183,6 +202,7 @@ class SecretStore:
         self.reload_error: str | None = None
         #: the file's stamp when it last failed to read (False: it did not)
         self._bad_stamp: tuple[int, int, int] | bool | None = False
+        self._lock = threading.RLock()
         self.reload()
 
     # -- reading --
@@ -354,6 +374,7 @@ class SecretStore:
         self._save(header + tomli_w.dumps(doc).encode())
         self.reload()
 
+    @_locked
     def add(
         self,
         name: str,
@@ -394,6 +415,7 @@ class SecretStore:
         self._write([*keep, entry])
         return entry, secret
 
+    @_locked
     def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
         """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
         self.reload()
@@ -411,12 +433,14 @@ class SecretStore:
         self._write(updated)
         return next(e for e in self.entries() if e.id == matches[-1].id)
 
+    @_locked
     def set_defaults(self, changes: dict[str, Any]) -> KeyLimits:
         self.reload()
         defaults = attrs.evolve(self._defaults, **changes)
         self._write(self.entries(), defaults)
         return self._defaults
 
+    @_locked
     def set_routes(self, name: str, routes: tuple[str, ...]) -> list[SecretEntry]:
         """Bind the entries named ``name`` to ``routes`` (connector tokens)."""
         self.reload()
@@ -424,6 +448,7 @@ class SecretStore:
         self._write([attrs.evolve(e, routes=routes) if e in named else e for e in self.entries()])
         return [e for e in self.entries() if e.name == name and not e.revoked]
 
+    @_locked
     def rotate(self, name: str, grace: float) -> tuple[SecretEntry, str, str]:
         """A new secret for ``name`` (same routes); the current one stays valid for ``grace``
         seconds. Returns (new entry, the secret to show once, when the old one expires)."""
@@ -441,6 +466,7 @@ class SecretStore:
         entry, secret = self._new(name, current[-1].routes, [*others, *old], current[-1].limits)
         return entry, secret, until
 
+    @_locked
     def revoke(self, name: str) -> SecretEntry:
         """Revoke every unrevoked entry named ``name`` (or with that id): they stay in the
         file marked revoked (REVOKED_KEPT), so lists and refusals can name them."""

@@ -208,7 +208,14 @@ class UserStore:
             ).fetchall()
         if not rows:
             raise ConfigError(f"{self.path}: no portal user {who!r} (see: trio-bridge users list)")
-        return _user(rows[0])
+        by_id = [r for r in rows if str(r["id"]) == who]
+        if len(rows) > 1 and not by_id:  # two provider accounts with one address
+            ids = ", ".join(str(r["id"]) for r in rows)
+            raise ConfigError(
+                f"{self.path}: {len(rows)} users have the address {who!r} (numbers {ids}): "
+                "name one by its number"
+            )
+        return _user((by_id or rows)[0])
 
     def set_state(self, user_id: int, state: str) -> None:
         """Set a user's state; blocking one also ends their sessions."""
@@ -249,19 +256,21 @@ class UserStore:
             db.execute("DELETE FROM sessions WHERE id_hash = ?", (_hash(session_id),))
 
     # -- sign-ins in progress --
-    def start_login(self, state: str, nonce: str, verifier: str) -> bool:
-        """Keep a sign-in's state (hashed), nonce and verifier for LOGIN_TTL; False when
-        MAX_LOGINS are in progress already (a flood of sign-in starts stays bounded)."""
+    def start_login(self, state: str, nonce: str, verifier: str) -> None:
+        """Keep a sign-in's state (hashed), nonce and verifier for LOGIN_TTL. At most
+        MAX_LOGINS are kept: beyond, the oldest is dropped (anyone may start sign-ins, so a
+        flood of them must neither grow the file nor keep everyone else out)."""
         now = time.time()  # wall clock
         with self._db() as db:
             db.execute("DELETE FROM logins WHERE created < ?", (now - LOGIN_TTL,))
-            (count,) = db.execute("SELECT count(*) FROM logins").fetchone()
-            if count >= MAX_LOGINS:
-                return False
+            db.execute(
+                "DELETE FROM logins WHERE rowid NOT IN "
+                "(SELECT rowid FROM logins ORDER BY created DESC LIMIT ?)",
+                (MAX_LOGINS - 1,),
+            )
             db.execute(
                 "INSERT INTO logins VALUES (?, ?, ?, ?)", (_hash(state), nonce, verifier, now)
             )
-        return True
 
     def take_login(self, state: str) -> tuple[str, str] | None:
         """(nonce, PKCE verifier) of the sign-in with that state, once: the state is gone
