@@ -25,7 +25,10 @@ meanwhile), and polls the keys' version and renews the heartbeat every SYNC_INTE
 A box's requests in flight are counted by the box itself and *set* in the store (by the
 admission script and by the end's), never added to: a late write, a lost answer or a store
 that restarted empty cannot make the count drift for longer than the box's next write, and
-a sequential client of one box never races the write of its previous request's end.
+a sequential client of one box never races the write of its previous request's end. Each
+such write carries the box's next sequence number and the store applies only a newer one
+than it holds (answers of concurrent admissions may arrive in any order); a count that
+included admissions since refused is written again at once (no phantom in flight).
 
 The store unreachable (a round trip that fails or takes longer than ROUND_TRIP_TIMEOUT):
 one error line, ``problems`` in ``/readyz`` and ``status``, the gauge ``trio_bridge_store_up``
@@ -87,9 +90,13 @@ RETRY_BASE, RETRY_MAX = 0.25, 5.0
 #: the refusal while the store is unreachable and on_store_failure = "closed"
 STORE_DOWN = "store_unavailable"
 
-# KEYS: flight, rpm, tpm, day; ARGV: instance, concurrency, rpm, tpm, tpd (0: no limit),
-# the heartbeat prefix, this instance's requests of the key in flight (it counts them
-# itself: the value is set, never added to, so a lost or late write cannot drift).
+# KEYS: flight, rpm, tpm, day, fseq; ARGV: instance, concurrency, rpm, tpm, tpd (0: no
+# limit), the heartbeat prefix, this instance's requests of the key in flight or being
+# admitted (it counts them itself: the value is set, never added to, so a lost or late write
+# cannot drift), the write's sequence number. A write older than the last one applied
+# (fseq: instance -> sequence; a late answer, another connection) sets nothing: the newer
+# value already counts this admission (as being admitted), so the check uses it.
+# A refusal sets nothing (the connector writes its count again soon after).
 # Returns {code, a, b, c, d}: 0 admitted (a requests in the window now, b ms until one
 # leaves it, c tokens in the window, d ms until some leave it; only for the limits set);
 # 1 concurrency (a in flight); 2 requests, 3 tokens (a in the window, b ms until there is
@@ -124,14 +131,10 @@ local function reset_ms(items, need)
 end
 local conc, rpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5])
-local mine = tonumber(ARGV[7])
-local function hold(n)
-  if n > 0 then
-    redis.call('HSET', KEYS[1], ARGV[1], n)
-    redis.call('EXPIRE', KEYS[1], 86400)
-  else
-    redis.call('HDEL', KEYS[1], ARGV[1])
-  end
+local mine, seq = tonumber(ARGV[7]), tonumber(ARGV[8])
+local newer = seq > tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+if not newer then
+  mine = math.max(0, tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') - 1)
 end
 if conc > 0 then
   local h = redis.call('HGETALL', KEYS[1])
@@ -142,11 +145,11 @@ if conc > 0 then
         n = n + tonumber(h[i + 1])
       else
         redis.call('HDEL', KEYS[1], h[i])
+        redis.call('HDEL', KEYS[5], h[i])
       end
     end
   end
   if n >= conc then
-    hold(mine)
     return {1, n, 0, 0, 0}
   end
 end
@@ -154,7 +157,6 @@ local requests, ritems = 0, {}
 if rpm > 0 then
   requests, ritems = window(KEYS[2])
   if requests >= rpm then
-    hold(mine)
     return {2, requests, reset_ms(ritems, requests - rpm + 1), 0, 0}
   end
 end
@@ -162,18 +164,21 @@ local tokens, titems = 0, {}
 if tpm > 0 then
   tokens, titems = window(KEYS[3])
   if tokens >= tpm then
-    hold(mine)
     return {3, tokens, reset_ms(titems, tokens - tpm + 1), 0, 0}
   end
 end
 if tpd > 0 then
   local used = tonumber(redis.call('GET', KEYS[4]) or '0')
   if used >= tpd then
-    hold(mine)
     return {4, used, 0, 0, 0}
   end
 end
-hold(mine + 1)
+if newer then
+  redis.call('HSET', KEYS[5], ARGV[1], seq)
+  redis.call('EXPIRE', KEYS[5], 86400)
+  redis.call('HSET', KEYS[1], ARGV[1], mine + 1)
+  redis.call('EXPIRE', KEYS[1], 86400)
+end
 redis.call('HINCRBY', KEYS[2], sec, 1)
 redis.call('EXPIRE', KEYS[2], 61)
 local rreset = 0
@@ -186,15 +191,20 @@ if tokens > 0 then treset = reset_ms(titems, 1) end
 return {0, requests + 1, rreset, tokens, treset}
 """
 
-# KEYS: flight, tpm, day; ARGV: instance, tokens, this instance's requests of the key in
-# flight now (set, as in ADMIT)
+# KEYS: flight, tpm, day, fseq; ARGV: instance, tokens, this instance's requests of the key
+# in flight or being admitted now (set, as in ADMIT, unless a newer write was applied), the
+# write's sequence number
 FINISH = """
 local sec = tonumber(redis.call('TIME')[1])
-local mine = tonumber(ARGV[3])
-if mine > 0 then
-  redis.call('HSET', KEYS[1], ARGV[1], mine)
-else
-  redis.call('HDEL', KEYS[1], ARGV[1])
+local mine, seq = tonumber(ARGV[3]), tonumber(ARGV[4])
+if seq > tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') then
+  redis.call('HSET', KEYS[4], ARGV[1], seq)
+  redis.call('EXPIRE', KEYS[4], 86400)
+  if mine > 0 then
+    redis.call('HSET', KEYS[1], ARGV[1], mine)
+  else
+    redis.call('HDEL', KEYS[1], ARGV[1])
+  end
 end
 local tokens = tonumber(ARGV[2])
 if tokens > 0 then
@@ -466,6 +476,9 @@ class PoolStore:
         self._admitting: dict[str, int] = defaultdict(int)
         #: keys this connector admitted requests of (bounded by the number of API keys)
         self._seen: set[str] = set()
+        #: the sequence number of this connector's writes of its counts in flight (the
+        #: store applies a write only if it is newer than the last one it applied)
+        self._seq = 0
         self._wake = trio.Event()
         self._summary: list[dict[str, Any]] = []
         self._summary_at = -1e9
@@ -491,11 +504,10 @@ class PoolStore:
         """Count a new request of ``key_id`` in, in the store (one round trip), or say why
         not. The store unreachable: ``open`` counts on this connector alone, ``closed``
         refuses (503). Cancellation: nothing is counted if it is cancelled before the
-        answer (a script the store ran then still counted it; the heartbeat's expiry or the
-        next tell of this connector's flight sets it right)."""
+        answer (a script the store ran then still counted it: this connector's count of the
+        key is written again with the next write)."""
         wall = time.time()  # wall clock
         if self.up:
-            mine = self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
             args = (
                 self.instance,
                 limits.concurrency or 0,
@@ -503,13 +515,15 @@ class PoolStore:
                 limits.tokens_per_minute or 0,
                 limits.tokens_per_day or 0,
                 PREFIX + "alive:",
-                mine,
+                self._mine(key_id),
+                self._next_seq(),
             )
             keys = (
                 _key(key_id, "flight"),
                 _key(key_id, "rpm"),
                 _key(key_id, "tpm"),
                 _key(key_id, "day:" + utc_day(wall)),
+                _key(key_id, "fseq"),
             )
             answer: Any = None
             self._admitting[key_id] += 1
@@ -523,6 +537,10 @@ class PoolStore:
                     del self._admitting[key_id]
                 else:
                     self._admitting[key_id] -= 1
+                if answer is None or int(answer[0]) != 0:
+                    # counted as being admitted by writes sent meanwhile (or admitted by a
+                    # script whose answer never came): this count is set again soon
+                    self._recount(key_id)
             if answer is not None:
                 return self._decision(key_id, limits, answer, wall)  # noqa: ASYNC910  the store answered (awaited)
             if self.up:  # no answer in time (a failure was said already)
@@ -536,6 +554,19 @@ class PoolStore:
             )  # fmt: skip
         refusal = self.local.admit(key_id, limits, trio.current_time(), wall=wall)
         return Admission(refusal, shared=False)
+
+    def _mine(self, key_id: str) -> int:
+        """This connector's requests of ``key_id`` in flight or being admitted."""
+        return self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _recount(self, key_id: str) -> None:
+        """Set this connector's count of ``key_id`` in the store again with the next write."""
+        self._ended[key_id] += 0
+        self._wake.set()
 
     async def _run_admit(self, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """EVALSHA of the admission script (loaded again into a store that lost it)."""
@@ -884,12 +915,11 @@ class PoolStore:
             per_key[key_id].setdefault(today, 0)
         async with client.pipeline(transaction=False) as p:
             for key_id, days in per_key.items():
-                mine = self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
                 for day, n_tokens in days.items():
                     self._finish(
                         keys=(_key(key_id, "flight"), _key(key_id, "tpm"),
-                              _key(key_id, "day:" + day)),
-                        args=(self.instance, n_tokens, mine),
+                              _key(key_id, "day:" + day), _key(key_id, "fseq")),
+                        args=(self.instance, n_tokens, self._mine(key_id), self._next_seq()),
                         client=p,
                     )  # fmt: skip
             for (day, key_id, model), counts in usage.items():
@@ -906,14 +936,15 @@ class PoolStore:
         if not self._seen:
             await trio.lowlevel.checkpoint()
             return
+        today = utc_day(time.time())  # wall clock
         async with self.client.pipeline(transaction=False) as p:
             for key_id in self._seen:
-                n = self._flight.get(key_id, 0)
-                if n:
-                    p.hset(_key(key_id, "flight"), {self.instance: n})
-                    p.expire(_key(key_id, "flight"), 86400)
-                else:
-                    p.hdel(_key(key_id, "flight"), [self.instance])
+                self._finish(
+                    keys=(_key(key_id, "flight"), _key(key_id, "tpm"),
+                          _key(key_id, "day:" + today), _key(key_id, "fseq")),
+                    args=(self.instance, 0, self._mine(key_id), self._next_seq()),
+                    client=p,
+                )  # fmt: skip
 
     async def _read_summary(self) -> None:
         now = time.time()  # wall clock
