@@ -3,26 +3,39 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
+import math
 import threading
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 from joserfc import jwt
+from joserfc.jwk import KeySet, RSAKey
 
+from tests.oidc_provider import signing_key
 from tests.test_portal import (
     Env,
     _payload,
     _sign_in_with_token_changed,
     _Tamper,
     client,
+    csrf_of,
     env,
+    post,
     sign_in,
 )
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
-from trio_bridge.accounts._users import UserStore
+from trio_bridge.accounts._users import UserStore, block
+from trio_bridge.connector._oidc import OIDCClient, SignInFailed
 
 __all__ = ["env"]  # the fixture, imported for the tests below
 
@@ -136,3 +149,163 @@ def test_an_address_two_accounts_share_is_ambiguous_for_the_operator(tmp_path: P
     with pytest.raises(ConfigError, match="2 users"):
         users.find("alice@example.com")
     assert users.find("2").sub == "sub-2"
+
+
+# -- a blocked user keeping access --
+async def test_a_post_held_open_across_a_block_makes_no_key(env: Env) -> None:
+    """Held up: the portal looks the session up before it reads the form, but the broker
+    sends nothing on before it has the body's first 64 KiB (or its end), and a form is at most
+    16 KiB: a user cannot keep a POST open across their block and get a key after it."""
+    await env.start()
+    blocked = trio.Event()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        csrf = csrf_of(page)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"action=create&"
+            await blocked.wait()
+            yield f"csrf={csrf}".encode()
+
+        async with trio.open_nursery() as nursery:
+            answer: list[httpx.Response] = []
+
+            async def send() -> None:
+                answer.append(
+                    await c.post(
+                        env.base + "key",
+                        content=body(),
+                        headers={
+                            "origin": env.broker.url,
+                            "content-type": "application/x-www-form-urlencoded",
+                        },
+                    )
+                )
+
+            nursery.start_soon(send)
+            await trio.sleep(0.3)  # the POST is in, its body not finished
+            user = env.users.find("alice@example.com")
+            await trio.to_thread.run_sync(block, env.users, env.lab.keys, user, "operator")
+            blocked.set()
+        (r,) = answer
+    assert r.status_code in (401, 403), r.text
+    assert "shown only once" not in r.text
+    env.lab.keys.reload()
+    assert not [e for e in env.lab.keys.entries() if e.name == user.key_name and e.usable()]
+
+
+# -- ID token checks (held up): joserfc against a key set in hand, no provider needed --
+def _oidc_with(key: RSAKey) -> OIDCClient:
+    oidc = OIDCClient("https://id.example", "portal", None, "https://x/cb", scopes=["openid"])
+    oidc.keys = KeySet([key])
+    oidc._keys_fetched = math.inf  # fetched "just now": no refresh (and no network)
+    return oidc
+
+
+def _claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {"iss": "https://id.example", "aud": "portal", "sub": "u1", "iat": now,
+            "exp": now + 300, "nonce": "n1", "email": "a@example.com"}  # fmt: skip
+    return {k: v for k, v in {**base, **changes}.items() if v is not None}
+
+
+def _b64(doc: dict[str, Any] | bytes) -> str:
+    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _hs256(claims: dict[str, Any], secret: bytes) -> str:
+    signing = f"{_b64({'alg': 'HS256', 'kid': 'k1'})}.{_b64(claims)}"
+    mac = hmac.new(secret, signing.encode(), hashlib.sha256).digest()
+    return f"{signing}.{_b64(mac)}"
+
+
+async def test_forged_id_tokens_are_refused() -> None:
+    key = signing_key("k1")
+    oidc = _oidc_with(key)
+    good = jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(), key)
+    assert (await oidc.verify_id_token(good, "n1"))["sub"] == "u1"
+    forged = [
+        f"{_b64({'alg': 'none', 'kid': 'k1'})}.{_b64(_claims())}.",  # alg none
+        _hs256(_claims(), key.as_pem(private=False)),  # the public key as HMAC secret
+        jwt.encode({"alg": "RS256", "kid": "k9"}, _claims(), signing_key("k9")),  # other kid
+        jwt.encode({"alg": "RS256"}, _claims(), signing_key("k1")),  # no kid, other key
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(iss="https://id.example.evil"), key),
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(aud=["portal", "other"]), key),
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(nonce=None), key),
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(nonce="n2"), key),
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(exp=int(time.time()) - 120), key),
+        jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(sub=None), key),
+        "not.a.token",
+    ]
+    for token in forged:
+        with pytest.raises(SignInFailed):
+            await oidc.verify_id_token(token, "n1")
+    with_azp = jwt.encode({"alg": "RS256", "kid": "k1"}, _claims(aud=["portal", "other"],
+                                                                  azp="portal"), key)  # fmt: skip
+    assert (await oidc.verify_id_token(with_azp, "n1"))["azp"] == "portal"
+
+
+# -- the audit log --
+def test_refused_sign_ins_cannot_push_the_key_events_out_of_the_audit_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a public provider (Google), anyone with an account there can be refused as often
+    as they like; each refusal was one more entry in one shared window of AUDIT_KEPT, so
+    enough of them erased who made, rotated and revoked keys and who was blocked."""
+    monkeypatch.setattr("trio_bridge.accounts._users.AUDIT_KEPT", 3)
+    users = UserStore(tmp_path / "portal.sqlite3")
+    users.audit("key_created", "alice@example.com", "user", "key tbk_1")
+    users.audit("user_blocked", "alice@example.com", "operator")
+    for i in range(10):
+        users.audit("signin_refused", f"x{i}@gmail.com", "portal", "not allowed")
+    events = [e["event"] for e in users.audit_log()]
+    assert events.count("signin_refused") == 3  # still bounded
+    assert "key_created" in events and "user_blocked" in events
+
+
+async def test_create_pressed_twice_at_once_is_one_key_and_a_409_not_a_crash(env: Env) -> None:
+    """A double click: both POSTs saw no key; the second's add raised ConfigError (the name
+    exists) out of the handler: a 502 and a traceback (the pool store's compare-and-set
+    failing did the same)."""
+    await env.start()
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        statuses: list[int] = []
+
+        async def create() -> None:
+            r = await post(c, env, "key", page, action="create")
+            statuses.append(r.status_code)
+
+        for _ in range(3):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(create)
+            page = (await post(c, env, "key", (await c.get(env.base)).text, action="revoke")).text
+    assert set(statuses) <= {200, 409}, statuses
+    assert [r.ejections for r in env.broker.broker.registry.relays()] == [0]
+
+
+async def test_a_block_that_lands_between_the_session_check_and_the_key_change_wins(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The POST's session said 'active'; the operator's block (state, then revoke what is
+    there) ran before the key was made: the new key outlived the block."""
+    conn = await env.start()
+    assert conn.portal is not None
+    portal = conn.portal
+    async with client() as c:
+        page = (await sign_in(c, env.base, "alice")).text
+        user = env.users.find("alice@example.com")
+        looked = portal.current_key
+
+        def block_meanwhile(u: Any) -> Any:
+            found = looked(u)
+            block(env.users, env.lab.keys, user, "operator")  # the operator, right now
+            return found
+
+        monkeypatch.setattr(portal, "current_key", block_meanwhile)
+        r = await post(c, env, "key", page, action="create")
+        assert "shown only once" not in r.text
+    env.lab.keys.reload()
+    assert not [e for e in env.lab.keys.entries() if e.name == user.key_name and e.usable()]

@@ -179,7 +179,7 @@ def _locked(method: _F) -> _F:
 
     @functools.wraps(method)
     def locked(self: SecretStore, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        with self.lock:
             return method(self, *args, **kwargs)
 
     return locked  # type: ignore[return-value]
@@ -202,7 +202,8 @@ class SecretStore:
         self.reload_error: str | None = None
         #: the file's stamp when it last failed to read (False: it did not)
         self._bad_stamp: tuple[int, int, int] | bool | None = False
-        self._lock = threading.RLock()
+        #: held by each change; a caller may hold it across a check and its change
+        self.lock = threading.RLock()
         self.reload()
 
     # -- reading --

@@ -33,7 +33,7 @@ PENDING, ACTIVE, BLOCKED = "pending", "active", "blocked"
 LOGIN_TTL = 600.0
 #: sign-ins in progress at once (started, not back from the provider yet)
 MAX_LOGINS = 10_000
-#: audit entries kept (the oldest are dropped)
+#: audit entries kept of each kind of event (the oldest of that kind are dropped)
 AUDIT_KEPT = 10_000
 
 _SCHEMA = """
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS audit (
     actor TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS audit_event ON audit (event, seq);
 """
 
 
@@ -217,6 +218,12 @@ class UserStore:
             )
         return _user((by_id or rows)[0])
 
+    def state_of(self, user_id: int) -> str | None:
+        """A user's state now (None: no such user)."""
+        with self._db() as db:
+            row = db.execute("SELECT state FROM users WHERE id = ?", (user_id,)).fetchone()
+        return None if row is None else str(row["state"])
+
     def set_state(self, user_id: int, state: str) -> None:
         """Set a user's state; blocking one also ends their sessions."""
         with self._db() as db:
@@ -295,8 +302,12 @@ class UserStore:
                 "INSERT INTO audit (time, event, email, actor, detail) VALUES (?, ?, ?, ?, ?)",
                 (now, event, email, actor, detail),
             )
+            # kept per kind of event: a flood of one (refused sign-ins, which anyone with an
+            # account at the provider can cause) never pushes out the others
             db.execute(
-                "DELETE FROM audit WHERE seq <= (SELECT max(seq) FROM audit) - ?", (AUDIT_KEPT,)
+                "DELETE FROM audit WHERE event = ? AND seq NOT IN "
+                "(SELECT seq FROM audit WHERE event = ? ORDER BY seq DESC LIMIT ?)",
+                (event, event, AUDIT_KEPT),
             )
 
     def audit_log(self, limit: int = 200, email: str | None = None) -> list[dict[str, Any]]:
@@ -316,11 +327,13 @@ class UserStore:
 def block(users: UserStore, keys: SecretStore, user: User, actor: str) -> str:
     """Block ``user``: their sessions end, their key is revoked (in force within a second in
     a running connector). What was done, in words."""
-    users.set_state(user.id, BLOCKED)
     revoked = ""
-    if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
-        entry = keys.revoke(user.key_name)
-        revoked = entry.id
+    with keys.lock:  # a key change of the portal reads the state under it (Portal.change_key)
+        users.set_state(user.id, BLOCKED)
+        keys.reload()
+        if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
+            entry = keys.revoke(user.key_name)
+            revoked = entry.id
     users.audit("user_blocked", user.email, actor, f"key {revoked} revoked" if revoked else "")
     return f"blocked {user.email}" + (f"; key {revoked} revoked" if revoked else "")
 

@@ -181,6 +181,22 @@ class Portal:
     def key_ids(self, user: User) -> list[str]:
         return [e.id for e in self.keys.entries() if e.name == user.key_name]
 
+    def change_key(self, user: User, action: str) -> tuple[str, SecretEntry, str | None] | None:
+        """Create, rotate or revoke ``user``'s key (a worker thread): (audit event, entry,
+        secret to show); None if they are no longer active. Their state is read again under
+        the keys' lock, which a block holds from its state change to its revocation: a key
+        is never made for a user being blocked (ConfigError: the key changed meanwhile)."""
+        with self.keys.lock:
+            if self.users.state_of(user.id) != ACTIVE:
+                return None
+            if action == "create":
+                entry, secret = self.keys.add(user.key_name, limits=self.user_limits(user))
+                return "key_created", entry, secret
+            if action == "rotate":
+                entry, secret, _ = self.keys.rotate(user.key_name, 0.0)
+                return "key_rotated", entry, secret
+            return "key_revoked", self.keys.revoke(user.key_name), None
+
     def user_limits(self, user: User) -> KeyLimits:
         doc: dict[str, Any] = dict(user.limits)
         if "models" in doc:
@@ -417,26 +433,21 @@ class PortalRequest:
                 pages.message("Not yet", "Your account waits for the operator's approval.", p.base),
             )
         action = self.form.get("action", "")
-        current = p.current_key(user)
-        secret = None
-        if action == "create" and current is None:
-            entry, secret = await trio.to_thread.run_sync(
-                lambda: p.keys.add(user.key_name, limits=p.user_limits(user))
-            )
-            event = "key_created"
-        elif action == "rotate" and current is not None:
-            entry, secret, _ = await trio.to_thread.run_sync(p.keys.rotate, user.key_name, 0.0)
-            event = "key_rotated"
-        elif action == "revoke" and current is not None:
-            entry = await trio.to_thread.run_sync(p.keys.revoke, user.key_name)
-            event = "key_revoked"
-        else:
+        has_key = p.current_key(user) is not None
+        done = None
+        if (action == "create" and not has_key) or (action in ("rotate", "revoke") and has_key):
+            try:
+                done = await trio.to_thread.run_sync(p.change_key, user, action)
+            except ConfigError:  # the key changed meanwhile (a double click, another box)
+                done = None
+        if done is None:
             return self._page(  # noqa: ASYNC910  a refusal: sent by run() right after (awaits)
                 409,
                 pages.message(
                     "Nothing done", "Your key changed meanwhile: reload the page.", p.base
                 ),
             )
+        event, entry, secret = done
         await trio.to_thread.run_sync(p.users.audit, event, user.email, "user", f"key {entry.id}")
         log.info("portal: user %d: %s (key %s)", user.id, event, entry.id)
         return self._page(200, await self._user_page(session, secret=secret))
