@@ -26,6 +26,7 @@ from tests.test_portal import (
     _payload,
     _sign_in_with_token_changed,
     _Tamper,
+    callback_url,
     client,
     csrf_of,
     env,
@@ -309,3 +310,25 @@ async def test_a_block_that_lands_between_the_session_check_and_the_key_change_w
         assert "shown only once" not in r.text
     env.lab.keys.reload()
     assert not [e for e in env.lab.keys.entries() if e.name == user.key_name and e.usable()]
+
+
+# -- two sign-ins in two tabs --
+async def test_a_sign_in_started_in_another_tab_meanwhile_does_not_spoil_the_first(
+    env: Env,
+) -> None:
+    """One login cookie held one state: a second tab's sign-in replaced it and the first
+    tab came back to 'wrong state' (safe, but a user with two tabs of an expired session
+    could not sign in from the first). A state from another browser is still refused."""
+    await env.start()
+    async with client() as c:
+        first = await callback_url(c, env.base, "alice")
+        c.follow_redirects = False
+        assert (await c.get(env.base + "login")).status_code == 303  # tab 2 starts
+        c.follow_redirects = True
+        r = await c.get(first)
+        assert r.status_code == 200 and "alice@example.com" in r.text
+        r = await c.get(first)  # and each state once only
+        assert r.status_code == 400
+    async with client() as other:
+        r = await other.get(first)
+        assert r.status_code == 400 and "wrong state" in r.text

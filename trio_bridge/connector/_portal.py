@@ -8,8 +8,9 @@ the admin pages' strict CSP, with the portal's CSS and script from ``admin/ui/``
 
 Sign-in: OpenID Connect (``_oidc``). ``GET login`` makes a state, nonce and PKCE verifier
 (kept hashed, single-use, in the users file) and a short-lived cookie binding the state to the
-browser; ``GET callback`` takes them back once (a wrong or replayed state is refused), trades
-the code, verifies the ID token, checks who may sign in, and starts a session.
+browser (the states of up to LOGIN_TABS sign-ins, one per tab); ``GET callback`` takes them
+back once (a wrong or replayed state is refused), trades the code, verifies the ID token,
+checks who may sign in, and starts a session.
 
 Sessions: a random id in a cookie signed with HMAC-SHA256 by ``secret_file``'s key, HttpOnly,
 SameSite=Lax, Secure when ``public_url`` is https, Path scoped to the portal (the LLM never sees
@@ -56,6 +57,8 @@ PORTAL_PATH = "/_bridge/portal"
 SESSION_COOKIE = "tb_portal"
 LOGIN_COOKIE = "tb_portal_login"
 MAX_FORM = 16 * 1024
+#: sign-ins in progress one browser may have (one per tab): their states, in the login cookie
+LOGIN_TABS = 4
 #: one portal request, the identity provider's answers included, ends within this (seconds)
 DEADLINE = 30
 CSP = (
@@ -229,6 +232,8 @@ class PortalRequest:
         self.method = head.method
         self.cookies = _cookies(header(head.headers, b"cookie"))
         self.form: dict[str, str] = {}
+        #: the states of this browser's other sign-ins in progress (callback)
+        self.other_logins: list[str] = []
 
     async def run(self) -> None:  # noqa: ASYNC910  a reset comes from a send (awaited)
         try:
@@ -278,7 +283,10 @@ class PortalRequest:
         p = self.portal
         url, state, nonce, verifier = await p.oidc.authorization_url()
         await trio.to_thread.run_sync(p.users.start_login, state, nonce, verifier)
-        cookie = self._cookie(LOGIN_COOKIE, p.sign(state), max_age=600)
+        # the states of this browser's sign-ins in progress (another tab's too), '-' apart
+        earlier = [s for s in (p.unsign(self.cookies.get(LOGIN_COOKIE, "")) or "").split("-") if s]
+        states = [*earlier[-(LOGIN_TABS - 1) :], state]
+        cookie = self._cookie(LOGIN_COOKIE, p.sign("-".join(states)), max_age=600)
         return Answer(303, b"", [(b"location", url.encode()), (b"set-cookie", cookie)])
 
     async def _callback(self) -> Answer:
@@ -287,8 +295,8 @@ class PortalRequest:
         if "error" in q:
             raise SignInFailed(f"the identity provider said: {q['error'][:80]}")
         state, code = q.get("state", ""), q.get("code", "")
-        bound = p.unsign(self.cookies.get(LOGIN_COOKIE, ""))
-        if not state or not code or bound is None or bound.encode() != state.encode():
+        bound = (p.unsign(self.cookies.get(LOGIN_COOKIE, "")) or "").split("-")
+        if not state or not code or state not in bound:
             log.warning("portal: a sign-in came back with a state this browser did not start")
             return self._refused(  # noqa: ASYNC910  a refusal: sent by run() right after (awaits)
                 400,
@@ -304,6 +312,7 @@ class PortalRequest:
                 "This sign-in was used already or took too long. Start again.",
             )
         nonce, verifier = taken
+        self.other_logins = [s for s in bound if s and s != state]  # other tabs'
         claims = await p.oidc.exchange(code, nonce, verifier)
         return await self._signed_in(claims)
 
@@ -357,7 +366,7 @@ class PortalRequest:
             [
                 (b"location", p.base.encode()),
                 (b"set-cookie", self._cookie(SESSION_COOKIE, p.sign(session_id))),
-                (b"set-cookie", self._cookie(LOGIN_COOKIE, "", max_age=0)),
+                (b"set-cookie", self._login_cookie_left()),
             ],
         )
 
@@ -496,6 +505,13 @@ class PortalRequest:
         if max_age is not None:  # the session's own: until the browser closes (we expire it)
             parts.append(f"Max-Age={max_age}")
         return "; ".join(parts).encode()
+
+    def _login_cookie_left(self) -> bytes:
+        """The login cookie once a sign-in came back: other tabs' states, or none."""
+        if not self.other_logins:
+            return self._cookie(LOGIN_COOKIE, "", max_age=0)
+        signed = self.portal.sign("-".join(self.other_logins))
+        return self._cookie(LOGIN_COOKIE, signed, max_age=600)
 
     def _page(self, status: int, html: str) -> Answer:
         return Answer(status, html.encode())
