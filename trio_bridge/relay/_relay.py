@@ -31,15 +31,17 @@ Error handling: transport errors become :class:`RelayClosed`; a protocol violati
 sends GOAWAY with the reason and closes the relay. Per-stream violations reset that stream only.
 Control frames (PING, PONG, WINDOW, RESET, STATUS, GOAWAY) queued once the writer closed are
 dropped, never an error: ``run`` returns its reason whichever task closed the relay first.
+
+Modules: this one has :class:`Relay` (and :class:`Liveness`); the writer is in
+:mod:`~trio_bridge.relay._writer`, a stream in :mod:`~trio_bridge.relay._stream`; the rules
+(frames, streams, windows) are the sans-IO :mod:`~trio_bridge.relay._protocol`.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 import trio
 
@@ -51,7 +53,7 @@ from trio_bridge._errors import (
     RemoteProtocolError,
     StreamReset,
 )
-from trio_bridge.relay._frames import MAX_MESSAGE, MAX_PAYLOAD, Payload, ResetCode
+from trio_bridge.relay._frames import MAX_PAYLOAD, ResetCode
 from trio_bridge.relay._protocol import (
     Data,
     GoAway,
@@ -61,385 +63,30 @@ from trio_bridge.relay._protocol import (
     RequestHead,
     Reset,
     Response,
-    ResponseHead,
     Session,
     Status,
     StreamError,
     WindowUpdate,
 )
+from trio_bridge.relay._stream import RelayStream
+from trio_bridge.relay._writer import (
+    MAX_QUEUED,
+    MAX_QUEUED_OPENER,
+    MessageTransport,
+    Writer,
+)
 
 log = logging.getLogger("trio_bridge.relay")
+
+StreamHandler = Callable[[RelayStream], Awaitable[None]]
 
 HANDSHAKE_TIMEOUT = 10.0
 #: how long run() gives the transport's close when it ends (the WebSocket bounds its own close
 #: handshake at 2 s; this is the backstop for any transport)
 TRANSPORT_CLOSE_TIMEOUT = 3.0
-#: bytes the writer may hold (see the module docstring). The connector's side: data and
-#: response heads wait below high_water, so the rest is control frames (a RESET per stream at
-#: most, from an honest broker). The broker's side also holds request heads, which do not wait:
-#: public requests in progress (max_requests) times their heads (max_header_bytes) bound them.
-MAX_QUEUED = 4 * 1024 * 1024
-MAX_QUEUED_OPENER = 64 * 1024 * 1024
-#: what a queued frame costs beyond its bytes (a bytes object and its slot in the queue)
-FRAME_OVERHEAD = 64
 #: events the reader hands on before it lets other tasks run: a 1 MiB message may hold 100 000
 #: frames, and reading them all in one go would hold the event loop for a tenth of a second
 EVENTS_PER_TURN = 256
-#: chunks RelayStream.receive_data hands out before it lets other tasks run: a stream whose
-#: reader was busy may hold a window's worth of tiny chunks, each returned without a wait
-CHUNKS_PER_TURN = 256
-
-
-class MessageTransport(Protocol):
-    """What a relay needs from a WebSocket: whole binary messages both ways."""
-
-    async def send_message(self, data: bytes, *more: bytes) -> None:
-        """Send ``data`` (and ``more``, joined to it) as one message."""
-        ...
-
-    async def receive_message(self) -> bytes:
-        """The next message; raises RelayClosed when the connection is gone."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _Writer:
-    """Single owner of the transport's send side; coalesces queued frames into messages.
-
-    Resource handling: it holds at most ``max_queued`` bytes (frames counted with
-    ``FRAME_OVERHEAD``); the frame that would pass that drops the whole queue, closes the
-    writer and calls ``on_overflow`` with the reason (the relay then closes).
-    """
-
-    def __init__(
-        self,
-        transport: MessageTransport,
-        high_water: int,
-        max_queued: int,
-        on_overflow: Callable[[str], None],
-    ) -> None:
-        self._transport = transport
-        self._high_water = high_water
-        self._max_queued = max_queued
-        self._on_overflow = on_overflow
-        self._frames: deque[bytes] = deque()
-        self._queued = 0
-        self._has_data = trio.lowlevel.ParkingLot()
-        self._space = trio.lowlevel.ParkingLot()
-        self._flushed = trio.lowlevel.ParkingLot()
-        # frames taken off the queue for writing / whose write completed, since the start:
-        # counted per message (by the writer), not per frame (put_nowait stays as it is)
-        self._taken = 0
-        self._written = 0
-        #: when the write in progress began (None: none is)
-        self.writing_since: float | None = None
-        self.closed: str | None = None
-
-    @property
-    def queued(self) -> int:
-        """Bytes of the frames waiting to be sent."""
-        return self._queued
-
-    def put_nowait(self, frame: bytes) -> None:
-        if self.closed is not None:
-            raise RelayClosed(self.closed)
-        if not frame:
-            return
-        frames = self._frames
-        frames.append(frame)
-        self._queued += len(frame)
-        if self._queued + FRAME_OVERHEAD * len(frames) > self._max_queued:
-            self._overflow()
-        elif self._has_data:
-            self._has_data.unpark()
-
-    def _overflow(self) -> None:
-        reason = f"peer not reading: more than {self._max_queued} bytes waiting to be sent"
-        self.close(reason)
-        self._on_overflow(reason)
-
-    @property
-    def has_space(self) -> bool:
-        return self.closed is None and self._queued < self._high_water
-
-    async def wait_space(self) -> None:  # noqa: ASYNC910  fast path: room now, no wait
-        """Wait while ``high_water`` bytes or more are queued; RelayClosed once closed.
-        Below it (every data frame asks) it returns at once, without a schedule point: a
-        sender that keeps sending fills the writer and then waits here."""
-        while self._queued >= self._high_water:
-            if self.closed is not None:
-                raise RelayClosed(self.closed)
-            await self._space.park()
-        if self.closed is not None:
-            raise RelayClosed(self.closed)
-
-    def close(self, reason: str) -> None:
-        """Nothing more is sent: what is queued is dropped, waiters wake."""
-        if self.closed is None:
-            self.closed = reason
-        self._frames.clear()
-        self._queued = 0
-        self._space.unpark_all()
-        self._flushed.unpark_all()
-
-    async def wait_flushed(self) -> None:
-        """Return once every frame queued before the call was written to the transport, or
-        the writer closed (what it held is dropped then). Frames queued after the call do
-        not hold it up."""
-        target = self._taken + len(self._frames)
-        if self._written >= target or self.closed is not None:
-            await trio.lowlevel.checkpoint()
-            return
-        while True:
-            await self._flushed.park()
-            if self._written >= target or self.closed is not None:
-                return
-
-    async def run(self) -> None:
-        frames = self._frames
-        while True:
-            while not frames:
-                await self._has_data.park()
-            if self._queued <= MAX_MESSAGE:
-                parts = list(frames)
-                frames.clear()
-                size = self._queued
-            else:
-                parts = []
-                size = 0
-                while frames and size + len(frames[0]) <= MAX_MESSAGE:
-                    f = frames.popleft()
-                    parts.append(f)
-                    size += len(f)
-            self._queued -= size
-            self._taken += len(parts)
-            if self._space:
-                self._space.unpark_all()
-            self.writing_since = trio.current_time()
-            # the frames as parts: the transport joins them with its own header, one copy
-            await self._transport.send_message(*parts)
-            self.writing_since = None
-            self._written = self._taken
-            if self._flushed:
-                self._flushed.unpark_all()
-
-
-class RelayStream:
-    """One request/response exchange on a relay, as seen by one side.
-
-    Receiving methods raise :class:`StreamReset` once the stream was reset (by either side or
-    because the relay was lost). ``on_reset``, when set by the owner of the stream, runs once
-    on such a reset, so work that is not waiting on the stream (an upstream HTTP call, a write
-    to a client) can be cancelled.
-    """
-
-    def __init__(self, relay: Relay, stream_id: int, request_head: RequestHead | None = None):
-        self.id = stream_id
-        self.request_head = request_head
-        self.response_head: ResponseHead | None = None
-        #: called once when the stream is reset (by either side or with its relay)
-        self.on_reset: Callable[[], None] | None = None
-        self.reset_error: StreamReset | None = None
-        self.send_done = False  # our END went out
-        self.recv_done = False  # the peer's END arrived
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self._relay = relay
-        # a list, not a deque: it rarely holds more than a chunk or two, and an empty deque
-        # costs ~0.6 KiB per stream (a list 56 bytes), on both sides of every open stream
-        self._chunks: list[bytes] = []
-        self._held = 0  # bytes in _chunks counted in the relay's `buffered`
-        self._counted = True
-        self._unacked = 0
-        self._calls = 0  # of receive_data (a schedule point every CHUNKS_PER_TURN)
-        self._lot = trio.lowlevel.ParkingLot()
-
-    @property
-    def finished(self) -> bool:
-        return self.reset_error is not None or (self.send_done and self.recv_done)
-
-    # -- receiving --
-    async def receive_response_head(self) -> ResponseHead:
-        """The response head (waits for it); at once, without a schedule point, when it is
-        here already. Raises the stream's StreamReset if it was reset first."""
-        while self.response_head is None:
-            if self.reset_error is not None:
-                raise self.reset_error
-            await self._lot.park()
-        return self.response_head  # noqa: ASYNC910  fast path: the head is here
-
-    async def receive_data(self) -> bytes:
-        """The next body chunk; b"" once the peer ended the stream (a reset that arrives
-        after the peer's END does not take back what was complete).
-
-        A chunk already buffered is returned without waiting (nor a schedule point, but one
-        every ``CHUNKS_PER_TURN`` calls: the chunks a stream holds are bounded by its window,
-        not their number).
-
-        Cancellation: a chunk is taken only after the last schedule point, so a cancelled
-        call loses nothing."""
-        self._calls += 1
-        if not self._calls % CHUNKS_PER_TURN:
-            await trio.lowlevel.checkpoint()
-        while not self._chunks:
-            if self.recv_done:
-                return b""  # noqa: ASYNC910  fast path: the end is here
-            if self.reset_error is not None:
-                raise self.reset_error
-            await self._lot.park()
-        chunk = self._chunks.pop(0)
-        self._consumed(len(chunk))
-        return chunk  # noqa: ASYNC910  fast path: a chunk was buffered
-
-    def take_ready(self) -> tuple[bytes, bool]:
-        """Everything buffered now, without waiting, and whether that is the end of the
-        body (so a writer can send it in one piece)."""
-        chunks = self._chunks
-        if not chunks:
-            return b"", self.recv_done
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._consumed(len(data))
-        return data, self.recv_done
-
-    def _consumed(self, n: int) -> None:
-        if self._counted:
-            self._held -= n
-            self._relay.unhold(n)
-        if not self.recv_done:
-            self._unacked += n
-            if self._unacked >= self._relay.grant_threshold:
-                increment, self._unacked = self._unacked, 0
-                self._relay.grant(self.id, increment)
-
-    # -- sending --
-    async def send_response(self, head: ResponseHead, *, end_stream: bool = False) -> None:
-        self._check_sendable()
-        await self._wait_space()
-        self._check_sendable()
-        self._relay.send_frame(
-            self._relay.session.send_response(self.id, head, end_stream=end_stream)
-        )
-        if end_stream:
-            self._sent_end()
-
-    def can_send(self, n: int) -> bool:
-        """True if ``send_data`` of ``n`` bytes (≤ MAX_PAYLOAD) will not wait."""
-        relay = self._relay
-        return (
-            self.reset_error is None
-            and not self.send_done
-            and n <= MAX_PAYLOAD
-            and relay.writer_has_space
-            and relay.session.send_window(self.id) >= n
-        )
-
-    async def send_data(self, data: Payload, *, end_stream: bool = False) -> None:
-        """Send ``data`` (any size), waiting for credit as needed."""
-        if data and self.can_send(len(data)):  # the common case: one frame, no wait
-            relay = self._relay
-            relay.send_frame(relay.session.send_data(self.id, data, end_stream=end_stream))
-            self.bytes_sent += len(data)
-            if end_stream:
-                self._sent_end()
-            return  # noqa: ASYNC910  fast path: one frame within credit and writer room
-        session = self._relay.session
-        view = memoryview(data)
-        while True:
-            self._check_sendable()
-            window = session.send_window(self.id)
-            if window <= 0 and view:
-                await self._lot.park()
-                continue
-            await self._wait_space()
-            self._check_sendable()
-            window = session.send_window(self.id)
-            n = min(len(view), window, MAX_PAYLOAD)
-            last = n == len(view)
-            if n == 0 and not (last and end_stream):
-                return
-            self._relay.send_frame(
-                session.send_data(self.id, view[:n], end_stream=end_stream and last)
-            )
-            self.bytes_sent += n
-            view = view[n:]
-            if last:
-                if end_stream:
-                    self._sent_end()
-                return
-
-    async def end(self) -> None:
-        await self.send_data(b"", end_stream=True)
-
-    def reset(self, code: int, reason: str) -> None:
-        """Reset the stream (no-op if it already finished). Never blocks."""
-        if self.finished:
-            return
-        self._relay.reset_stream(self, code, reason)
-
-    async def _wait_space(self) -> None:
-        """Wait for room in the writer; a dead relay is this stream's reset (RELAY_LOST)."""
-        try:
-            await self._relay.wait_writer_space()
-        except RelayClosed as exc:
-            self.fail(ResetCode.RELAY_LOST, f"relay lost: {exc.reason}")
-            raise self.reset_error from None  # type: ignore[misc]
-
-    def _check_sendable(self) -> None:
-        if self.reset_error is not None:
-            raise self.reset_error
-        if self.send_done:
-            raise LocalProtocolError("stream already ended")
-
-    def _sent_end(self) -> None:
-        self.send_done = True
-        if self.recv_done:
-            self._relay.stream_ended(self)
-
-    # -- called by the relay (its reader, its teardown, flow control) --
-    @property
-    def held(self) -> int:
-        """Received bytes waiting here that count in the relay's ``buffered``."""
-        return self._held
-
-    def wake(self) -> None:
-        """Wake the tasks waiting on this stream (new credit arrived)."""
-        self._lot.unpark_all()
-
-    def deliver(self, data: bytes, end: bool) -> None:
-        if data:
-            self._chunks.append(data)
-            self.bytes_received += len(data)
-            if self._counted:
-                self._held += len(data)
-                self._relay.hold(len(data))
-        if end:
-            self.recv_done = True
-            if self.send_done:
-                self._relay.stream_ended(self)
-        self._lot.unpark_all()
-
-    def fail(self, code: int, reason: str) -> None:
-        if self.reset_error is None:
-            self.reset_error = StreamReset(code, reason)
-        self.detach()
-        if not self.recv_done:
-            self._chunks.clear()  # an incomplete body: nobody will use it
-        self._lot.unpark_all()
-        if self.on_reset is not None:
-            on_reset, self.on_reset = self.on_reset, None
-            on_reset()
-
-    def detach(self) -> None:
-        """The stream leaves its relay: its buffered bytes stop counting there."""
-        if self._counted:
-            self._relay.unhold(self._held)
-            self._held = 0
-            self._counted = False
-
-
-StreamHandler = Callable[[RelayStream], Awaitable[None]]
 
 
 class Relay:
@@ -505,7 +152,7 @@ class Relay:
             max_queued = MAX_QUEUED_OPENER if session.opener else MAX_QUEUED
         if max_queued < high_water + 2 * MAX_PAYLOAD:
             raise ValueError("max_queued must leave room for a frame above high_water")
-        self._writer = _Writer(transport, high_water, max_queued, self._writer_overflow)
+        self._writer = Writer(transport, high_water, max_queued, self._writer_overflow)
         self._handler = handler
         #: called (synchronously) when streams end, readiness or draining change, or the
         #: relay closes: an owner's hook, e.g. the broker's registry
