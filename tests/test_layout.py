@@ -25,6 +25,7 @@ LAYERS = {
 #: pure code over bytes and values: no trio, no sockets, no threads, no HTTP client
 SANS_IO = [
     "relay/_frames.py",
+    "relay/_heads.py",
     "relay/_protocol.py",
     "http/_messages.py",
     "http/_target.py",  # httpx.URL only: a value, no I/O

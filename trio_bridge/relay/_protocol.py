@@ -70,9 +70,7 @@ events on in slices so that such a message cannot hold the event loop either).
 from __future__ import annotations
 
 import json
-import operator
-import re
-from typing import Any, NoReturn
+from typing import Any
 
 import attrs
 
@@ -95,8 +93,16 @@ from trio_bridge.relay._frames import (
     encode_reset,
     encode_window,
 )
-
-Headers = list[tuple[bytes, bytes]]
+from trio_bridge.relay._heads import (
+    RequestHead,
+    ResponseHead,
+    decode_request_head,
+    decode_response_head,
+    encode_request_head,
+    encode_response_head,
+    load_json,
+    printable,
+)
 
 DEFAULT_WINDOW = 256 * 1024
 #: PINGs, PONGs, STATUS and GOAWAY frames (each) a peer may send per interval (see "Budgets")
@@ -108,20 +114,6 @@ BUDGET_INTERVAL = 5.0
 #: streams whose leftover receive credit is remembered after we reset them
 MAX_GONE_CREDIT = 4096
 _CONTROL = (FrameType.PING, FrameType.PONG, FrameType.STATUS, FrameType.GOAWAY)
-
-
-@attrs.define(slots=True)
-class RequestHead:
-    method: str
-    target: str
-    headers: Headers
-    request_id: str
-
-
-@attrs.define(slots=True)
-class ResponseHead:
-    status: int
-    headers: Headers
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -222,117 +214,11 @@ Event = (
 )
 
 
-# ---- head (de)serialisation (the rule: see the module docstring) -------------------------
-
-MAX_TARGET = 16 * 1024  # as _target.MAX_TARGET
-_ID = r"[A-Za-z0-9._:\-]{1,128}"
-_METHOD = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}"  # an RFC 9110 token
-_TARGET = rf"[\x21-\x7e]{{1,{MAX_TARGET}}}"
-#: method, target and id joined by spaces (none of them may hold one): one match for the three
-_REQUEST_LINE = re.compile(rf"{_METHOD} {_TARGET} {_ID}\Z")
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_first, _second = operator.itemgetter(0), operator.itemgetter(1)
-
-
-def _headers_to_json(headers: Headers) -> list[list[str]]:
-    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers]
-
-
-def _headers_from_json(value: Any, what: str) -> Headers:
-    if type(value) is not list:
-        raise RemoteProtocolError(f"{what}: headers must be a list")
-    out: Headers = []
-    for item in value:
-        if type(item) is not list or len(item) != 2:
-            raise RemoteProtocolError(f"{what}: each header must be [name, value]")
-        name, val = item
-        if type(name) is not str or type(val) is not str or not name:
-            raise RemoteProtocolError(f"{what}: each header must be [name, value]")
-        try:
-            out.append((name.encode("ascii"), val.encode("latin-1")))
-        except UnicodeEncodeError:
-            raise RemoteProtocolError(
-                f"{what}: a header name outside ASCII or a value outside latin-1"
-            ) from None
-    if out:  # all names, then all values, at once (half the cost of a check per header)
-        if b"".join(map(_first, out)).translate(None, _TCHAR):
-            raise RemoteProtocolError(f"{what}: a header name that is not a token")
-        values = b"".join(map(_second, out))
-        # CR, LF, NUL as ints: `b"\r" in values` raises and swallows a TypeError each time
-        if 13 in values or 10 in values or 0 in values:
-            raise RemoteProtocolError(f"{what}: CR, LF or NUL in a header value")
-    return out
-
-
-def _load_json(payload: bytes, what: str) -> dict[str, Any]:
-    try:
-        # decoded here, strictly: json.loads would guess UTF-16/32 and let surrogates pass
-        obj = json.loads(payload.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise RemoteProtocolError(f"{what}: invalid JSON (or nested too deep)") from None
-    if type(obj) is not dict:
-        raise RemoteProtocolError(f"{what}: not a JSON object")
-    return obj
-
-
-def _printable(value: Any, limit: int = 256) -> bool:
-    """Text of at most ``limit`` characters, none of them a control or format character, a
-    separator other than the space, or a lone surrogate."""
-    return type(value) is str and len(value) <= limit and value.isprintable()
-
-
-# one encoder for every head (json.dumps with arguments builds a new one per call)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def encode_request_head(head: RequestHead) -> bytes:
-    return _ENCODE(
-        {
-            "method": head.method,
-            "target": head.target,
-            "headers": _headers_to_json(head.headers),
-            "id": head.request_id,
-        }
-    ).encode()
-
-
-def decode_request_head(payload: bytes) -> RequestHead:
-    obj = _load_json(payload, "REQUEST")
-    method, target, request_id = obj.get("method"), obj.get("target"), obj.get("id")
-    if not (type(method) is str and type(target) is str and type(request_id) is str):
-        raise RemoteProtocolError("REQUEST: method, target and id must be strings")
-    if not _REQUEST_LINE.match(f"{method} {target} {request_id}"):
-        _refuse_request_line(method, request_id)
-    return RequestHead(
-        method, target, _headers_from_json(obj.get("headers"), "REQUEST"), request_id
-    )
-
-
-def _refuse_request_line(method: str, request_id: str) -> NoReturn:
-    """Say which of method, target and id broke the rule."""
-    if not re.fullmatch(_ID, request_id):
-        raise RemoteProtocolError("REQUEST: id must be 1-128 of [A-Za-z0-9._:-]")
-    if not re.fullmatch(_METHOD, method):
-        raise RemoteProtocolError("REQUEST: method must be an HTTP token of at most 32 characters")
-    raise RemoteProtocolError(
-        f"REQUEST: target must be 1-{MAX_TARGET} characters of printable ASCII"
-    )
-
-
-def encode_response_head(head: ResponseHead) -> bytes:
-    return _ENCODE({"status": head.status, "headers": _headers_to_json(head.headers)}).encode()
-
-
-def decode_response_head(payload: bytes) -> ResponseHead:
-    obj = _load_json(payload, "RESPONSE")
-    status = obj.get("status")
-    if type(status) is not int or not 100 <= status <= 999:
-        raise RemoteProtocolError("RESPONSE: status must be an integer 100..999")
-    return ResponseHead(status, _headers_from_json(obj.get("headers"), "RESPONSE"))
+# ---- the hello ---------------------------------------------------------------------------
 
 
 def _decode_hello(payload: bytes) -> Hello:
-    obj = _load_json(payload, "HELLO")
+    obj = load_json(payload, "HELLO")
     version = obj.get("version")
     if type(version) is not int:
         raise RemoteProtocolError("HELLO: version must be an integer")
@@ -351,7 +237,7 @@ def _decode_hello(payload: bytes) -> Hello:
         obj.get("route", ""),
         obj.get("ready", True),
     )
-    if not (_printable(role) and _printable(name) and _printable(route)):
+    if not (printable(role) and printable(name) and printable(route)):
         raise RemoteProtocolError("HELLO: role, name and route must be short printable text")
     if not isinstance(ready, bool):
         raise RemoteProtocolError("HELLO: ready must be a boolean")
@@ -375,7 +261,7 @@ MAX_MODELS = 1000
 
 
 def _model_name(m: Any) -> bool:
-    return _printable(m) and m != ""
+    return printable(m) and m != ""
 
 
 def _decode_models(value: Any, what: str) -> tuple[str, ...] | None:
@@ -734,7 +620,7 @@ class Session:
         if not self.opener:
             raise RemoteProtocolError("STATUS from the broker")
         self._control(FrameType.STATUS)
-        obj = _load_json(f.payload, "STATUS")
+        obj = load_json(f.payload, "STATUS")
         ready = obj.get("ready")
         if not isinstance(ready, bool):
             raise RemoteProtocolError("STATUS: ready must be a boolean")
@@ -821,3 +707,32 @@ class Session:
     def peer_window(self) -> int:
         assert self.peer_hello is not None
         return self.peer_hello.window
+
+
+__all__ = [
+    "BUDGET_INTERVAL",
+    "DEFAULT_WINDOW",
+    "MAX_CONTROL_PER_INTERVAL",
+    "MAX_GONE_CREDIT",
+    "MAX_MODELS",
+    "MAX_NOOP_PER_INTERVAL",
+    "Data",
+    "Event",
+    "GoAway",
+    "Hello",
+    "Ping",
+    "Pong",
+    "Request",
+    "RequestHead",
+    "Reset",
+    "Response",
+    "ResponseHead",
+    "Session",
+    "Status",
+    "StreamError",
+    "WindowUpdate",
+    "decode_request_head",
+    "decode_response_head",
+    "encode_request_head",
+    "encode_response_head",
+]
