@@ -4,6 +4,7 @@ store restarted empty. Two :class:`PoolStore` objects in one process stand for t
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ import trio
 from redisserver import RedisServer, needs_redis
 
 from trio_bridge.accounts._limits import KeyLimits
+from trio_bridge.accounts._usagestore import utc_day
 from trio_bridge.testing import Lab, open_lab
 
 pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not installed")
@@ -25,13 +27,20 @@ pytestmark = needs_redis
 
 @asynccontextmanager
 async def two_boxes(
-    tmp_path: Path, limits: KeyLimits
+    tmp_path: Path, limits: KeyLimits, *, proxy: SlowAnswers | None = None
 ) -> AsyncIterator[tuple[Lab, RedisServer, str, list[PoolStore]]]:
     redis = RedisServer(tmp_path)
     await redis.start()
     try:
         async with open_lab() as lab:
-            config = lab.config(connector={"store": redis.url})
+            url = redis.url
+            if proxy is not None:
+                proxy.target = redis.port
+                lab.nursery.start_soon(proxy.serve)
+                while not proxy.port:
+                    await trio.sleep(0.01)
+                url = url.replace(str(redis.port), str(proxy.port))
+            config = lab.config(connector={"store": url})
             entry, _ = lab.keys.add("raced", limits=limits)
             async with store_client(config) as client:
                 assert await put_keys(client, lab.keys.path.read_bytes(), b"") > 0
@@ -85,3 +94,80 @@ async def test_a_burst_on_two_boxes_never_exceeds_concurrency_nor_leaves_phantom
             decision = await box.admit(key_id, limits)
             assert decision.refusal is None, decision.refusal
             box.finish(key_id, 0, shared=True)
+
+
+class SlowAnswers:
+    """A TCP proxy before the store that holds its answers back from the moment the
+    connector sends a command mentioning ``trigger`` until :meth:`release`: the store runs
+    every command at once, the connector does not hear of it (a store or network that
+    turned slow right then)."""
+
+    def __init__(self) -> None:
+        self.target = self.port = 0
+        self.trigger = b""
+        self.flowing = trio.Event()
+        self.flowing.set()
+
+    def release(self) -> None:
+        self.flowing.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._pipe, client, upstream, False, nursery.cancel_scope)
+            nursery.start_soon(self._pipe, upstream, client, True, nursery.cancel_scope)
+
+    async def _pipe(
+        self, src: trio.SocketStream, dst: trio.SocketStream, answers: bool, scope: trio.CancelScope
+    ) -> None:
+        try:
+            async for data in src:
+                if not answers and self.trigger and self.trigger in data:
+                    self.trigger = b""  # once
+                    self.flowing = trio.Event()
+                while answers and not self.flowing.is_set():
+                    await self.flowing.wait()
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def usage_requests(lab: Lab, redis: RedisServer) -> int:
+    from trio_bridge.accounts._pool import read_usage
+
+    async with store_client(lab.config(connector={"store": redis.url})) as client:
+        return sum(r["requests"] for r in await read_usage(client))
+
+
+async def test_a_slow_store_does_not_count_usage_twice(tmp_path: Path) -> None:
+    """A write of usage and tokens that the store ran but answered late (after the connector
+    gave up waiting) is not counted a second time when the store answers in time again."""
+    proxy = SlowAnswers()
+    async with two_boxes(tmp_path, KeyLimits(), proxy=proxy) as (lab, redis, key_id, boxes):
+        box = boxes[0]
+        proxy.trigger = key_id.encode()  # the write of this key's usage: heard of late
+        box.record(key_id, "m", now=time.time(), prompt=3, completion=4, estimated=False,
+                   error=False)  # fmt: skip
+        box.finish(key_id, 7, shared=False)
+        await wait_until(lambda: not box.up, 5)
+        assert await usage_requests(lab, redis) == 1  # the store ran it
+        proxy.release()
+        await wait_until(lambda: box.up, 10)
+        assert await box.flush()
+        assert await usage_requests(lab, redis) == 1
+        async with store_client(lab.config(connector={"store": redis.url})) as client:
+            day = await client.get(f"tb:k:{key_id}:day:{utc_day(time.time())}")
+        assert int(day or 0) == 7
+
+
+async def wait_until(predicate: Any, seconds: float) -> None:
+    with trio.fail_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)

@@ -224,6 +224,45 @@ redis.call('SET', KEYS[1], ARGV[1])
 return redis.call('INCR', KEYS[2])
 """
 
+# A batch of what ended and the usage (one call per sync). KEYS: this connector's last batch
+# applied; ARGV: the key prefix, the instance, the batch's number, the batch (JSON: "flight":
+# [key id, in flight or being admitted, sequence] as in FINISH; "tokens": [key id, UTC day,
+# tokens]; "usage": [day, field, count]). A batch is applied once: one that the store ran but
+# whose answer never came is sent again as it was, and then only its counts in flight (newer
+# than the last applied) are set.
+WRITE = """
+local prefix, instance, number = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local b = cjson.decode(ARGV[4])
+local fresh = number > tonumber(redis.call('GET', KEYS[1]) or '0')
+local sec = tonumber(redis.call('TIME')[1])
+for _, f in ipairs(b.flight) do
+  local k = prefix .. 'k:' .. f[1] .. ':'
+  if f[3] > tonumber(redis.call('HGET', k .. 'fseq', instance) or '0') then
+    redis.call('HSET', k .. 'fseq', instance, f[3])
+    redis.call('EXPIRE', k .. 'fseq', 86400)
+    if f[2] > 0 then
+      redis.call('HSET', k .. 'flight', instance, f[2])
+      redis.call('EXPIRE', k .. 'flight', 86400)
+    else
+      redis.call('HDEL', k .. 'flight', instance)
+    end
+  end
+end
+if not fresh then return 0 end
+redis.call('SET', KEYS[1], number, 'EX', 604800)
+for _, t in ipairs(b.tokens) do
+  local k = prefix .. 'k:' .. t[1] .. ':'
+  redis.call('HINCRBY', k .. 'tpm', sec, t[3])
+  redis.call('EXPIRE', k .. 'tpm', 61)
+  redis.call('INCRBY', k .. 'day:' .. t[2], t[3])
+  redis.call('EXPIRE', k .. 'day:' .. t[2], 172800)
+end
+for _, u in ipairs(b.usage) do
+  redis.call('HINCRBY', prefix .. 'usage:' .. u[1], u[2], u[3])
+end
+return 1
+"""
+
 _LIMIT_OF_CODE = {1: "concurrency", 2: "requests", 3: "tokens", 4: "tokens_per_day"}
 KEYS_DOC, KEYS_VERSION = PREFIX + "keys", PREFIX + "keys:v"
 
@@ -409,6 +448,18 @@ class Admission:
     tokens: tuple[int, float] = (0, 0.0)
 
 
+@attrs.define
+class _Batch:
+    """What ended and the usage, as one call of :data:`WRITE` (sent again as it is until the
+    store answers: it applies a batch once)."""
+
+    number: int
+    payload: bytes
+    ends: int
+    tokens: int
+    rows: int
+
+
 def _zeros() -> list[int]:
     return [0] * len(COLUMNS)
 
@@ -463,12 +514,18 @@ class PoolStore:
         self._admit = self.client.register_script(ADMIT)
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest()
         self._finish = self.client.register_script(FINISH)
+        self._write_batch = self.client.register_script(WRITE)
         #: what ended and was not written yet: requests the store had admitted, per key
         #: id (the key's in-flight count is set again); tokens per (key id, UTC day); usage
         #: rows per (day, key id, model)
         self._ended: dict[str, int] = defaultdict(int)
         self._tokens: dict[tuple[str, str], int] = defaultdict(int)
         self._usage: dict[tuple[str, str, str], list[int]] = defaultdict(_zeros)
+        #: a batch sent whose answer never came (the store may have applied it): sent again
+        #: as it is before anything else (at most one; what ends meanwhile waits above)
+        self._unsent: _Batch | None = None
+        self._batches = 0
+        self._writing = trio.Lock()
         #: requests in flight here that the store admitted, per key (told again to a store
         #: that lost them: a restart without persistence)
         self._flight: dict[str, int] = defaultdict(int)
@@ -782,7 +839,7 @@ class PoolStore:
     def write_now(self, timeout: float = 2.0) -> bool:
         """Hard stop (the loop may be stuck): what was not written yet cannot be written
         from here. True if nothing is left."""
-        return not (self._ended or self._tokens or self._usage)
+        return not (self._unsent or self._ended or self._tokens or self._usage)
 
     # -- the connection's life --
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -819,22 +876,19 @@ class PoolStore:
         if self.write_now() or not self.reached:
             await trio.lowlevel.checkpoint()
             return
-        ended, tokens, usage = self._ended, self._tokens, self._usage
         client = store_client(self._config)
         try:
             async with client:
-                await self._write(ended, tokens, usage, client=client)
+                await self._write_all(client)
         except self._errors as exc:
+            unsent = self._unsent or _Batch(0, b"", 0, 0, 0)
             log.warning(
                 "pool store %s: %d usage rows and %d token counts not written at the stop (%s)",
                 self.where,
-                len(usage),
-                len(tokens),
+                len(self._usage) + unsent.rows,
+                len(self._tokens) + unsent.tokens,
                 _why(exc),
             )
-        else:
-            self._ended, self._tokens = defaultdict(int), defaultdict(int)
-            self._usage = defaultdict(_zeros)
 
     async def flush(self) -> bool:
         """Write what waits (if the store is up); True if nothing is left."""
@@ -847,13 +901,10 @@ class PoolStore:
     async def _sync(self) -> bool:
         """One round trip: what ended, the usage, the heartbeat, the keys' version (and the
         keys and usage summary when due). False if the store did not answer."""
-        ended, tokens, usage = self._ended, self._tokens, self._usage
-        self._ended, self._tokens = defaultdict(int), defaultdict(int)
-        self._usage = defaultdict(_zeros)
         was_up = self.up
         try:
             with trio.fail_after(ROUND_TRIP_TIMEOUT * 2):
-                alive, version = await self._write(ended, tokens, usage)
+                alive, version, (ends, tokens, rows) = await self._write_all(self.client)
                 if not alive or not was_up:  # the store lost this connector's flight (or
                     await self._tell_flight()  # it was unreachable): say it again
                 if version != self.keys.version or not self.keys.loaded:
@@ -874,7 +925,6 @@ class PoolStore:
                 if trio.current_time() - self._summary_at >= SUMMARY_INTERVAL:
                     await self._read_summary()
         except self._errors as exc:
-            self._requeue(ended, tokens, usage)
             self._failed(exc)
             return False  # noqa: ASYNC910  the write was awaited (it raised)
         if not was_up:
@@ -886,9 +936,9 @@ class PoolStore:
                     "pool store %s reachable again: %d ends, %d token counts and %d usage rows "
                     "that waited written; the store counts the limits again",
                     self.where,
-                    sum(ended.values()),
-                    len(tokens),
-                    len(usage),
+                    ends,
+                    tokens,
+                    rows,
                 )
             else:
                 log.info("pool store %s: %d API keys", self.where, len(self.keys))
@@ -896,36 +946,52 @@ class PoolStore:
             self.last_error = None
         return True
 
-    async def _write(
-        self,
-        ended: dict[str, int],
-        tokens: dict[tuple[str, str], int],
-        usage: dict[tuple[str, str, str], list[int]],
-        *,
-        client: Any = None,
-    ) -> tuple[bool, bytes]:
-        """Ends, usage and the heartbeat in one pipeline: (the heartbeat was there, the keys'
+    def _take_batch(self) -> _Batch:
+        """What waits (ends, tokens, usage), taken as the next batch."""
+        ended, tokens, usage = self._ended, self._tokens, self._usage
+        self._ended, self._tokens = defaultdict(int), defaultdict(int)
+        self._usage = defaultdict(_zeros)
+        flight = [[k, self._mine(k), self._next_seq()] for k in {*ended, *(k for k, _ in tokens)}]
+        self._batches += 1
+        payload = {
+            "flight": flight,
+            "tokens": [[k, day, n] for (k, day), n in tokens.items() if n],
+            "usage": [
+                [day, f"{key_id}\t{model}\t{column}", n]
+                for (day, key_id, model), counts in usage.items()
+                for column, n in zip(COLUMNS, counts, strict=True)
+                if n
+            ],
+        }
+        # an empty list must stay a JSON array for cjson: "[]", never "{}"
+        blob = json.dumps(payload, separators=(",", ":")).encode()
+        return _Batch(self._batches, blob, sum(ended.values()), len(tokens), len(usage))
+
+    async def _write_all(self, client: Any) -> tuple[bool, bytes, tuple[int, int, int]]:
+        """The batch that may not have been written (again, as it was), then what waits:
+        (the heartbeat was there, the keys' version, (ends, token counts, usage rows))."""
+        async with self._writing:  # one at a time (run's and flush's)
+            written = (0, 0, 0)
+            if (unsent := self._unsent) is not None:
+                await self._write(unsent, client)
+                written = (unsent.ends, unsent.tokens, unsent.rows)
+                self._unsent = None
+            self._unsent = batch = self._take_batch()
+            alive, version = await self._write(batch, client)
+            self._unsent = None
+        return alive, version, (written[0] + batch.ends, written[1] + batch.tokens,
+                                written[2] + batch.rows)  # fmt: skip
+
+    async def _write(self, batch: _Batch, client: Any) -> tuple[bool, bytes]:
+        """A batch and the heartbeat in one pipeline: (the heartbeat was there, the keys'
         version)."""
-        client = client or self.client
-        today = utc_day(time.time())  # wall clock
-        per_key: dict[str, dict[str, int]] = defaultdict(dict)
-        for (key_id, day), n in tokens.items():
-            per_key[key_id][day] = n
-        for key_id in ended:
-            per_key[key_id].setdefault(today, 0)
         async with client.pipeline(transaction=False) as p:
-            for key_id, days in per_key.items():
-                for day, n_tokens in days.items():
-                    self._finish(
-                        keys=(_key(key_id, "flight"), _key(key_id, "tpm"),
-                              _key(key_id, "day:" + day), _key(key_id, "fseq")),
-                        args=(self.instance, n_tokens, self._mine(key_id), self._next_seq()),
-                        client=p,
-                    )  # fmt: skip
-            for (day, key_id, model), counts in usage.items():
-                for column, n in zip(COLUMNS, counts, strict=True):
-                    if n:
-                        p.hincrby(usage_key(day), f"{key_id}\t{model}\t{column}", n)
+            if batch.ends or batch.tokens or batch.rows:
+                self._write_batch(
+                    keys=(PREFIX + "wrote:" + self.instance,),
+                    args=(PREFIX, self.instance, batch.number, batch.payload),
+                    client=p,
+                )
             alive = p.set(PREFIX + "alive:" + self.instance, b"1", ex=ALIVE_TTL, get=True)
             version = p.get(KEYS_VERSION)
         return (await alive) is not None, (await version) or b""
@@ -953,25 +1019,6 @@ class PoolStore:
             answers = [p.hgetall(usage_key(day)) for day in days]
         self._summary = rows_from([(day, await a) for day, a in zip(days, answers, strict=True)])
         self._summary_at = trio.current_time()
-
-    def _requeue(
-        self,
-        ended: dict[str, int],
-        tokens: dict[tuple[str, str], int],
-        usage: dict[tuple[str, str, str], list[int]],
-    ) -> None:
-        """Put what a failed write carried back in front of what came since (bounded)."""
-        for k, n in ended.items():
-            self._ended[k] += n
-        for kd, n in tokens.items():
-            self._tokens[kd] += n
-        for key, counts in usage.items():
-            if key not in self._usage and len(self._usage) >= MAX_PENDING_ROWS:
-                self.rows_dropped += 1
-                continue
-            row = self._usage[key]
-            for i, n in enumerate(counts):
-                row[i] += n
 
 
 def rows_from(days: list[tuple[str, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
