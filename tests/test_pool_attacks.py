@@ -20,7 +20,7 @@ from trio_bridge.testing import Lab, open_lab
 
 pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not installed")
 
-from trio_bridge.accounts._pool import PoolStore, put_keys, store_client
+from trio_bridge.accounts._pool import PoolStore, fetch_keys, put_keys, store_client
 
 pytestmark = needs_redis
 
@@ -171,3 +171,47 @@ async def wait_until(predicate: Any, seconds: float) -> None:
     with trio.fail_after(seconds):
         while not predicate():
             await trio.sleep(0.01)
+
+
+async def test_a_box_away_while_the_store_restarted_empty_sees_the_next_revocation(
+    tmp_path: Path,
+) -> None:
+    """The store restarted empty while box B could not reach it; box A wrote the keys back
+    and an operator revoked a key at once: B must not take the new document for the one it
+    holds because the version counter, started again, reached the same number."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with open_lab() as lab:
+            config = lab.config(connector={"store": redis.url})
+            lab.keys.add("alice")
+            async with store_client(config) as client:
+                assert await put_keys(client, lab.keys.path.read_bytes(), b"") > 0
+            bob, _ = lab.keys.add("bob")
+            async with store_client(config) as client:
+                _, version = await fetch_keys(client)
+                assert await put_keys(client, lab.keys.path.read_bytes(), version) > 0
+            box_a, box_b = PoolStore(config), PoolStore(config)
+            async with trio.open_nursery() as nursery, box_b.client:
+                await nursery.start(box_a.run)
+                assert await box_b._sync()  # B read the keys (bob valid), then lost the store
+                assert (e := box_b.keys.get(bob.id)) is not None and not e.revoked
+                await redis.kill()
+                await redis.start()  # empty
+                await wait_until(lambda: box_a.up, 10)  # A wrote its keys back
+                lab.keys.revoke("bob")  # the operator, at once
+                async with store_client(config) as client:
+                    while (await fetch_keys(client))[0] is None:
+                        await trio.sleep(0.01)
+                    _, version = await fetch_keys(client)
+                    assert await put_keys(client, lab.keys.path.read_bytes(), version) > 0
+                for _ in range(3):  # B reaches the store again
+                    if await box_b._sync():
+                        break
+                    await trio.sleep(0.3)
+                assert box_b.up
+                assert await box_b._sync()
+                assert (e := box_b.keys.get(bob.id)) is not None and e.revoked
+                nursery.cancel_scope.cancel()
+    finally:
+        await redis.kill()

@@ -5,8 +5,9 @@ every connector that names the same ``connector.store`` (Redis; ``pip install
 What lives where (every name under ``tb:``; a store may hold one pool per database)::
 
     tb:keys                 the keys document: the keys file's TOML (SHA-256 hashes only)
-    tb:keys:v               its version, bumped by every write; each connector polls it
-                            every SYNC_INTERVAL and re-reads the document when it changed
+    tb:keys:v               its version, new with every write (a counter, tb:keys:v:n, and
+                            a random token); each connector polls it every SYNC_INTERVAL
+                            and re-reads the document when it changed
     tb:alive:<instance>     a connector process's heartbeat (expires after ALIVE_TTL)
     tb:k:<id>:flight        hash: connector instance -> requests of key <id> in progress
                             there (an instance whose heartbeat expired counts for nothing)
@@ -216,12 +217,16 @@ end
 return 1
 """
 
-# KEYS: document, version; ARGV: the new document, the version it replaces ("" = none)
+# KEYS: document, version, write counter; ARGV: the new document, the version it replaces
+# ("" = none), a random token. A version is the counter and the token: one that a store
+# restarted empty counts again never equals one a connector read before the restart.
 PUT_KEYS = """
 local v = redis.call('GET', KEYS[2]) or ''
 if v ~= ARGV[2] then return -1 end
 redis.call('SET', KEYS[1], ARGV[1])
-return redis.call('INCR', KEYS[2])
+local n = redis.call('INCR', KEYS[3])
+redis.call('SET', KEYS[2], n .. '.' .. ARGV[3])
+return n
 """
 
 # A batch of what ended and the usage (one call per sync). KEYS: this connector's last batch
@@ -1046,7 +1051,8 @@ async def put_keys(client: Any, data: bytes, version: bytes) -> int:
     """Replace the keys document if its version is still ``version``: the new version, or
     -1 if another write came first."""
     script = client.register_script(PUT_KEYS)
-    return int(await script(keys=(KEYS_DOC, KEYS_VERSION), args=(data, version)))
+    keys = (KEYS_DOC, KEYS_VERSION, KEYS_VERSION + ":n")
+    return int(await script(keys=keys, args=(data, version, secrets.token_hex(8))))
 
 
 async def read_usage(client: Any, since_day: str = "") -> list[dict[str, Any]]:
