@@ -332,3 +332,59 @@ async def test_a_sign_in_started_in_another_tab_meanwhile_does_not_spoil_the_fir
     async with client() as other:
         r = await other.get(first)
         assert r.status_code == 400 and "wrong state" in r.text
+
+
+def test_two_stores_of_one_keys_file_lose_no_change(tmp_path: Path) -> None:
+    """The connector (the portal's key changes) and ``trio-bridge keys|users`` (another
+    process) share the keys file: two stores on one file stand for the two processes."""
+    path = tmp_path / "keys.toml"
+    stores = [SecretStore(path, "tbk"), SecretStore(path, "tbk")]
+    stores[0].add("victim")
+    start = threading.Barrier(9)
+
+    def add(i: int) -> None:
+        start.wait()
+        stores[i % 2].add(f"user{i}")
+
+    def revoke() -> None:
+        start.wait()
+        stores[1].revoke("victim")
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    threads.append(threading.Thread(target=revoke))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = {e.name for e in SecretStore(path, "tbk").entries() if e.usable()}
+    assert names == {f"user{i}" for i in range(8)}
+
+
+async def test_the_identity_provider_down_does_not_take_the_llm_out_of_rotation(
+    env: Env,
+) -> None:
+    """The portal's honest 502 'provider unreachable' pages counted as the connector's
+    failures: with the identity provider down, five visits to the sign-in page (anyone's)
+    made the broker eject the connector, for LLM requests too, doubling each time."""
+    await env.start()
+    scope, done = env.provider
+    scope.cancel()
+    await done.wait()
+    async with client() as c:
+        for _ in range(6):
+            assert (await c.get(env.base + "login")).status_code == 502
+    assert [r.ejections for r in env.broker.broker.registry.relays()] == [0]
+
+
+async def test_a_crafted_error_in_a_callback_link_is_not_shown_as_the_portals_words(
+    env: Env,
+) -> None:
+    """Anyone could mail a link to the portal's own callback with ``error=`` set to 80
+    characters of their choice ('your account is suspended, call …'), shown on the
+    portal's page. An OAuth error code is a short token (RFC 6749 4.1.2.1): only that shows."""
+    await env.start()
+    async with client() as c:
+        r = await c.get(env.base + "callback", params={"error": "Call +1 555 0100 now"})
+        assert r.status_code == 400 and "555" not in r.text
+        r = await c.get(env.base + "callback", params={"error": "access_denied"})
+        assert r.status_code == 400 and "access_denied" in r.text

@@ -24,7 +24,9 @@ effect on a running process without a restart.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -38,7 +40,7 @@ import string
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -174,12 +176,13 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _locked(method: _F) -> _F:
-    """A change (read the file, change, write it) made whole under the store's lock: the
-    portal and the admin page change keys from several worker threads at once."""
+    """A change (read the file, change, write it) made whole under :meth:`SecretStore.changing`:
+    the portal and the admin page change keys from several worker threads at once, and
+    ``trio-bridge keys|users`` from another process meanwhile."""
 
     @functools.wraps(method)
     def locked(self: SecretStore, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
+        with self.changing():
             return method(self, *args, **kwargs)
 
     return locked  # type: ignore[return-value]
@@ -202,9 +205,44 @@ class SecretStore:
         self.reload_error: str | None = None
         #: the file's stamp when it last failed to read (False: it did not)
         self._bad_stamp: tuple[int, int, int] | bool | None = False
-        #: held by each change; a caller may hold it across a check and its change
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # see changing()
+        self._flocked = False  # this store holds the file's lock (under self.lock)
         self.reload()
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Held by each change; a caller may hold it across a check and its changes (no other
+        thread, nor another process's store of this file, changes the keys meanwhile)."""
+        with self.lock, self._file_lock():
+            yield
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive flock on ``.<name>.lock`` beside the file, for one change (held
+        under :attr:`lock`; a store that is not a file, or a lock file it cannot open, has
+        the thread lock only)."""
+        if self._flocked or not isinstance(self.path, Path):
+            yield
+            return
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            if os.geteuid() == 0 and self.path.exists():  # the service user's, like the file
+                owner = os.stat(self.path)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._flocked = True
+            try:
+                yield
+            finally:
+                self._flocked = False
+        finally:
+            os.close(fd)  # the flock goes with it
 
     # -- reading --
     def _load(self) -> dict[str, Any] | None:

@@ -328,7 +328,7 @@ def block(users: UserStore, keys: SecretStore, user: User, actor: str) -> str:
     """Block ``user``: their sessions end, their key is revoked (in force within a second in
     a running connector). What was done, in words."""
     revoked = ""
-    with keys.lock:  # a key change of the portal reads the state under it (Portal.change_key)
+    with keys.changing():  # the portal reads the state under it (Portal.change_key)
         users.set_state(user.id, BLOCKED)
         keys.reload()
         if any(e.name == user.key_name and not e.revoked for e in keys.entries()):

@@ -60,6 +60,15 @@ UPSTREAM_ERROR = "upstream_error"
 #: outcomes that count against a connector's health (with its 502/504 resets)
 _FAILED = frozenset({UPSTREAM_ERROR, "bad_answer"})
 
+
+def _is_portal(target: str) -> bool:
+    """A request for a connector's self-service portal (``/_bridge/portal/``, issue 28): its
+    5xx pages (the identity provider down or slow) are no failure of the connector's LLM,
+    so they never count toward ejecting it (anyone may ask for them)."""
+    path = target.split("?", 1)[0]
+    return path == "/_bridge/portal" or path.startswith("/_bridge/portal/")
+
+
 log = logging.getLogger("trio_bridge.broker")
 
 MAX_ATTEMPTS = 3
@@ -267,7 +276,9 @@ class Exchange:
             outcome = await self._respond(
                 may_retry=self.body_done, may_fall_back=self.body_done and not last
             )
-            if outcome in _FAILED or (
+            if _is_portal(head.target):
+                pass  # the portal's answers say nothing of the LLM's health (see _is_portal)
+            elif outcome in _FAILED or (
                 outcome == "bridge_error" and self.facts.status in (502, 504)
             ):
                 handle.answered(False, trio.current_time())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -189,7 +190,7 @@ class Portal:
         secret to show); None if they are no longer active. Their state is read again under
         the keys' lock, which a block holds from its state change to its revocation: a key
         is never made for a user being blocked (ConfigError: the key changed meanwhile)."""
-        with self.keys.lock:
+        with self.keys.changing():
             if self.users.state_of(user.id) != ACTIVE:
                 return None
             if action == "create":
@@ -292,8 +293,9 @@ class PortalRequest:
     async def _callback(self) -> Answer:
         p = self.portal
         q = self.query
-        if "error" in q:
-            raise SignInFailed(f"the identity provider said: {q['error'][:80]}")
+        if "error" in q:  # an OAuth error code (RFC 6749 4.1.2.1), not free text (a link's)
+            code = q["error"] if re.fullmatch(r"[a-z_]{1,40}", q["error"]) else "an error"
+            raise SignInFailed(f"the identity provider said: {code}")
         state, code = q.get("state", ""), q.get("code", "")
         bound = (p.unsign(self.cookies.get(LOGIN_COOKIE, "")) or "").split("-")
         if not state or not code or state not in bound:
