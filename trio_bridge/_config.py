@@ -149,13 +149,17 @@ def _check_local_url(inst: Any, attribute: attrs.Attribute[Any], value: str) -> 
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password (for messages: a store URL may carry one)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """``url`` without its password (for messages: a store URL may carry one). Whatever
+    stands before the last "@" is the user and password, even when the password holds a
+    "/", "?" or "#" (then urlsplit sees no password at all)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not colon and not any(c in userinfo for c in "/?#"):
+        return url  # a user name alone
+    return f"{scheme}://{user if colon else ''}:***@{host}"
 
 
 def _check_store(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
