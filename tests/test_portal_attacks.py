@@ -388,3 +388,18 @@ async def test_a_crafted_error_in_a_callback_link_is_not_shown_as_the_portals_wo
         assert r.status_code == 400 and "555" not in r.text
         r = await c.get(env.base + "callback", params={"error": "access_denied"})
         assert r.status_code == 400 and "access_denied" in r.text
+
+
+def test_one_user_signing_in_in_a_loop_keeps_a_bounded_number_of_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signed in at the provider, GET login comes straight back with a new session: a script
+    looping it added a row per turn, kept until session_ttl (12 h)."""
+    monkeypatch.setattr("trio_bridge.accounts._users.SESSIONS_PER_USER", 3)
+    users = UserStore(tmp_path / "portal.sqlite3")
+    user, _ = users.sign_in("sub-1", "alice@example.com", "Alice", (), "active")
+    for i in range(10):
+        users.new_session(user.id, f"s{i}", "csrf", 3600)
+    with users._db() as db:
+        assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 3
+    assert users.session("s9") is not None and users.session("s0") is None

@@ -33,6 +33,8 @@ PENDING, ACTIVE, BLOCKED = "pending", "active", "blocked"
 LOGIN_TTL = 600.0
 #: sign-ins in progress at once (started, not back from the provider yet)
 MAX_LOGINS = 10_000
+#: sessions kept per user (their newest; a script signing in in a loop adds no more)
+SESSIONS_PER_USER = 20
 #: audit entries kept of each kind of event (the oldest of that kind are dropped)
 AUDIT_KEPT = 10_000
 
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS audit_event ON audit (event, seq);
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id);
 """
 
 
@@ -243,6 +246,11 @@ class UserStore:
             db.execute(
                 "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
                 (_hash(session_id), user_id, csrf, now, now + ttl),
+            )
+            db.execute(
+                "DELETE FROM sessions WHERE user_id = ? AND rowid NOT IN (SELECT rowid FROM "
+                "sessions WHERE user_id = ? ORDER BY created DESC, rowid DESC LIMIT ?)",
+                (user_id, user_id, SESSIONS_PER_USER),
             )
 
     def session(self, session_id: str) -> Session | None:
