@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -33,9 +34,11 @@ from tests.test_portal import (
     post,
     sign_in,
 )
+from trio_bridge._config import Config, structure
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._users import UserStore, block
+from trio_bridge.connector._connector import Connector
 from trio_bridge.connector._oidc import OIDCClient, SignInFailed
 
 __all__ = ["env"]  # the fixture, imported for the tests below
@@ -403,3 +406,20 @@ def test_one_user_signing_in_in_a_loop_keeps_a_bounded_number_of_sessions(
     with users._db() as db:
         assert db.execute("SELECT count(*) FROM sessions").fetchone()[0] == 3
     assert users.session("s9") is not None and users.session("s0") is None
+
+
+def test_an_identity_provider_over_plain_http_off_loopback_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """Over http:// anyone on the path can answer the JWKS and the token endpoint: their own
+    keys, their own ID token, signed in as anyone (and the client secret read on the way)."""
+    conf = structure(
+        {"portal": {"enabled": True, "public_url": "https://llm.example.com/",
+                    "issuer": "http://id.example.com/realms/staff", "client_id": "c",
+                    "allowed_domains": ["example.com"]}},
+        Config,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="issuer"):
+        Connector(
+            attrs.evolve(conf, base_dir=str(tmp_path)), keys=SecretStore(tmp_path / "k", "tbk")
+        )

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import attrs
 import trio
@@ -67,6 +67,10 @@ CSP = (
     b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
     b"base-uri 'none'"
 )
+
+
+def _loopback(url: SplitResult) -> bool:
+    return (url.hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
 def load_secret(path: Path) -> bytes:
@@ -113,6 +117,12 @@ class Portal:
             )
         if not pc.public_url.startswith(("https://", "http://")):
             raise ConfigError(f"portal.public_url: invalid URL {pc.public_url!r}")
+        issuer = urlsplit(pc.issuer)
+        if issuer.scheme != "https" and (issuer.scheme != "http" or not _loopback(issuer)):
+            raise ConfigError(
+                f"portal.issuer: {pc.issuer!r}: must be https:// (over http:// anyone on the "
+                "way could hand out their own signing keys); http:// on loopback only"
+            )
         self.cfg = pc
         self.public_url = pc.public_url.rstrip("/") + "/"
         parts = urlsplit(self.public_url)
@@ -120,7 +130,7 @@ class Portal:
         self.base = self.public_url + "_bridge/portal/"
         self.cookie_path = parts.path.rstrip("/") + PORTAL_PATH + "/"
         self.secure = parts.scheme == "https"
-        if not self.secure and (parts.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
+        if not self.secure and not _loopback(parts):
             log.warning(
                 "portal: public_url is plain http: session cookies cannot be Secure and travel "
                 "in clear; put the broker behind TLS and use https://"
