@@ -235,3 +235,30 @@ def test_a_password_with_url_delimiters_is_never_shown(tmp_path: Path, url: str)
         load_config(str(path))
     except ConfigError as exc:
         assert "def" not in str(exc)
+
+
+async def test_the_daily_budget_is_counted_on_the_stores_clock_not_a_boxs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Box A spends the key's day; box B's clock is a day ahead (as any skew is around
+    midnight): B must refuse too, and B's tokens count on the store's day."""
+    import trio_bridge.accounts._pool as pool_module
+
+    limits = KeyLimits(tokens_per_day=10)
+    async with two_boxes(tmp_path, limits) as (_, _, key_id, boxes):
+        box_a, box_b = boxes
+        decision = await box_a.admit(key_id, limits)
+        assert decision.refusal is None
+        box_a.finish(key_id, 10, shared=True)
+        assert await box_a.flush()
+
+        class Ahead:
+            @staticmethod
+            def time() -> float:
+                return time.time() + 86400
+
+        monkeypatch.setattr(pool_module, "time", Ahead)  # box B's clock (only B runs now)
+        decision = await box_b.admit(key_id, limits)
+        assert decision.refusal is not None and decision.refusal.limit == "tokens_per_day"
+        monkeypatch.undo()
+        assert (await box_b.snapshot(key_id, limits))["tokens_today"] == 10

@@ -91,10 +91,27 @@ RETRY_BASE, RETRY_MAX = 0.25, 5.0
 #: the refusal while the store is unreachable and on_store_failure = "closed"
 STORE_DOWN = "store_unavailable"
 
-# KEYS: flight, rpm, tpm, day, fseq; ARGV: instance, concurrency, rpm, tpm, tpd (0: no
+# The UTC day (YYYY-MM-DD) of a Unix second, on the store's clock (days from civil, H. Hinnant)
+DAY_LUA = """
+local function utc_day(sec)
+  local z = math.floor(sec / 86400) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, doy - math.floor((153 * mp + 2) / 5) + 1)
+end
+"""
+
+# KEYS: flight, rpm, tpm, fseq; ARGV: instance, concurrency, rpm, tpm, tpd (0: no
 # limit), the heartbeat prefix, this instance's requests of the key in flight or being
 # admitted (it counts them itself: the value is set, never added to, so a lost or late write
-# cannot drift), the write's sequence number. A write older than the last one applied
+# cannot drift), the write's sequence number, the prefix of the key's day keys (the day is
+# the store's: one clock for the pool). A write older than the last one applied
 # (fseq: instance -> sequence; a late answer, another connection) sets nothing: the newer
 # value already counts this admission (as being admitted), so the check uses it.
 # A refusal sets nothing (the connector writes its count again soon after).
@@ -102,7 +119,9 @@ STORE_DOWN = "store_unavailable"
 # leaves it, c tokens in the window, d ms until some leave it; only for the limits set);
 # 1 concurrency (a in flight); 2 requests, 3 tokens (a in the window, b ms until there is
 # room); 4 the day's tokens (a used).
-ADMIT = """
+ADMIT = (
+    DAY_LUA
+    + """
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec + tonumber(t[2]) / 1000000
@@ -133,7 +152,7 @@ end
 local conc, rpm = tonumber(ARGV[2]), tonumber(ARGV[3])
 local tpm, tpd = tonumber(ARGV[4]), tonumber(ARGV[5])
 local mine, seq = tonumber(ARGV[7]), tonumber(ARGV[8])
-local newer = seq > tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+local newer = seq > tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
 if not newer then
   mine = math.max(0, tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') - 1)
 end
@@ -146,7 +165,7 @@ if conc > 0 then
         n = n + tonumber(h[i + 1])
       else
         redis.call('HDEL', KEYS[1], h[i])
-        redis.call('HDEL', KEYS[5], h[i])
+        redis.call('HDEL', KEYS[4], h[i])
       end
     end
   end
@@ -169,14 +188,14 @@ if tpm > 0 then
   end
 end
 if tpd > 0 then
-  local used = tonumber(redis.call('GET', KEYS[4]) or '0')
+  local used = tonumber(redis.call('GET', ARGV[9] .. utc_day(sec)) or '0')
   if used >= tpd then
     return {4, used, 0, 0, 0}
   end
 end
 if newer then
-  redis.call('HSET', KEYS[5], ARGV[1], seq)
-  redis.call('EXPIRE', KEYS[5], 86400)
+  redis.call('HSET', KEYS[4], ARGV[1], seq)
+  redis.call('EXPIRE', KEYS[4], 86400)
   redis.call('HSET', KEYS[1], ARGV[1], mine + 1)
   redis.call('EXPIRE', KEYS[1], 86400)
 end
@@ -191,31 +210,7 @@ local treset = 0
 if tokens > 0 then treset = reset_ms(titems, 1) end
 return {0, requests + 1, rreset, tokens, treset}
 """
-
-# KEYS: flight, tpm, day, fseq; ARGV: instance, tokens, this instance's requests of the key
-# in flight or being admitted now (set, as in ADMIT, unless a newer write was applied), the
-# write's sequence number
-FINISH = """
-local sec = tonumber(redis.call('TIME')[1])
-local mine, seq = tonumber(ARGV[3]), tonumber(ARGV[4])
-if seq > tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') then
-  redis.call('HSET', KEYS[4], ARGV[1], seq)
-  redis.call('EXPIRE', KEYS[4], 86400)
-  if mine > 0 then
-    redis.call('HSET', KEYS[1], ARGV[1], mine)
-  else
-    redis.call('HDEL', KEYS[1], ARGV[1])
-  end
-end
-local tokens = tonumber(ARGV[2])
-if tokens > 0 then
-  redis.call('HINCRBY', KEYS[2], sec, tokens)
-  redis.call('EXPIRE', KEYS[2], 61)
-  redis.call('INCRBY', KEYS[3], tokens)
-  redis.call('EXPIRE', KEYS[3], 172800)
-end
-return 1
-"""
+)
 
 # KEYS: document, version, write counter; ARGV: the new document, the version it replaces
 # ("" = none), a random token. A version is the counter and the token: one that a store
@@ -231,15 +226,19 @@ return n
 
 # A batch of what ended and the usage (one call per sync). KEYS: this connector's last batch
 # applied; ARGV: the key prefix, the instance, the batch's number, the batch (JSON: "flight":
-# [key id, in flight or being admitted, sequence] as in FINISH; "tokens": [key id, UTC day,
-# tokens]; "usage": [day, field, count]). A batch is applied once: one that the store ran but
-# whose answer never came is sent again as it was, and then only its counts in flight (newer
-# than the last applied) are set.
-WRITE = """
+# [key id, in flight or being admitted, sequence] as in ADMIT; "tokens": [key id, tokens],
+# counted in the store's minute and UTC day; "usage": [day, field, count]). A batch is
+# applied once: one that the store ran but whose answer never came is sent again as it was,
+# and then only its counts in flight (newer than the last applied) are set; number 0: only
+# the counts in flight.
+WRITE = (
+    DAY_LUA
+    + """
 local prefix, instance, number = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local b = cjson.decode(ARGV[4])
 local fresh = number > tonumber(redis.call('GET', KEYS[1]) or '0')
 local sec = tonumber(redis.call('TIME')[1])
+local today = utc_day(sec)
 for _, f in ipairs(b.flight) do
   local k = prefix .. 'k:' .. f[1] .. ':'
   if f[3] > tonumber(redis.call('HGET', k .. 'fseq', instance) or '0') then
@@ -257,16 +256,17 @@ if not fresh then return 0 end
 redis.call('SET', KEYS[1], number, 'EX', 604800)
 for _, t in ipairs(b.tokens) do
   local k = prefix .. 'k:' .. t[1] .. ':'
-  redis.call('HINCRBY', k .. 'tpm', sec, t[3])
+  redis.call('HINCRBY', k .. 'tpm', sec, t[2])
   redis.call('EXPIRE', k .. 'tpm', 61)
-  redis.call('INCRBY', k .. 'day:' .. t[2], t[3])
-  redis.call('EXPIRE', k .. 'day:' .. t[2], 172800)
+  redis.call('INCRBY', k .. 'day:' .. today, t[2])
+  redis.call('EXPIRE', k .. 'day:' .. today, 172800)
 end
 for _, u in ipairs(b.usage) do
   redis.call('HINCRBY', prefix .. 'usage:' .. u[1], u[2], u[3])
 end
 return 1
 """
+)
 
 _LIMIT_OF_CODE = {1: "concurrency", 2: "requests", 3: "tokens", 4: "tokens_per_day"}
 KEYS_DOC, KEYS_VERSION = PREFIX + "keys", PREFIX + "keys:v"
@@ -518,7 +518,6 @@ class PoolStore:
         self._errors = _store_errors()
         self._admit = self.client.register_script(ADMIT)
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest()
-        self._finish = self.client.register_script(FINISH)
         self._write_batch = self.client.register_script(WRITE)
         #: what ended and was not written yet: requests the store had admitted, per key
         #: id (the key's in-flight count is set again); tokens per (key id, UTC day); usage
@@ -579,12 +578,12 @@ class PoolStore:
                 PREFIX + "alive:",
                 self._mine(key_id),
                 self._next_seq(),
+                _key(key_id, "day:"),
             )
             keys = (
                 _key(key_id, "flight"),
                 _key(key_id, "rpm"),
                 _key(key_id, "tpm"),
-                _key(key_id, "day:" + utc_day(wall)),
                 _key(key_id, "fseq"),
             )
             answer: Any = None
@@ -671,8 +670,8 @@ class PoolStore:
 
     async def snapshot(self, key_id: str, limits: KeyLimits) -> dict[str, int | None]:
         """What is left now for ``key_id`` across the pool (for ``/_bridge/usage``), as
-        :meth:`Limiter.snapshot` says it for one box: one pipeline; this box's own counts
-        while the store is unreachable."""
+        :meth:`Limiter.snapshot` says it for one box: one pipeline, then the day's tokens (the
+        store's day); this box's own counts while the store is unreachable."""
         wall = time.time()  # wall clock
         if self.up:
             try:
@@ -682,8 +681,8 @@ class PoolStore:
                         flight = p.hgetall(_key(key_id, "flight"))
                         rpm = p.hgetall(_key(key_id, "rpm"))
                         tpm = p.hgetall(_key(key_id, "tpm"))
-                        day = p.get(_key(key_id, "day:" + utc_day(wall)))
                     sec = int((await clock).timestamp())
+                    day = self.client.get(_key(key_id, "day:" + utc_day(sec)))  # its clock
                     in_flight = sum(int(v) for v in (await flight).values())
                     requests = sum(int(v) for s, v in (await rpm).items() if int(s) > sec - 60)
                     tokens = sum(int(v) for s, v in (await tpm).items() if int(s) > sec - 60)
@@ -956,11 +955,14 @@ class PoolStore:
         ended, tokens, usage = self._ended, self._tokens, self._usage
         self._ended, self._tokens = defaultdict(int), defaultdict(int)
         self._usage = defaultdict(_zeros)
-        flight = [[k, self._mine(k), self._next_seq()] for k in {*ended, *(k for k, _ in tokens)}]
+        per_key: dict[str, int] = defaultdict(int)
+        for (k, _day), n in tokens.items():
+            per_key[k] += n
+        flight = [[k, self._mine(k), self._next_seq()] for k in {*ended, *per_key}]
         self._batches += 1
         payload = {
             "flight": flight,
-            "tokens": [[k, day, n] for (k, day), n in tokens.items() if n],
+            "tokens": [[k, n] for k, n in per_key.items() if n],
             "usage": [
                 [day, f"{key_id}\t{model}\t{column}", n]
                 for (day, key_id, model), counts in usage.items()
@@ -1007,15 +1009,12 @@ class PoolStore:
         if not self._seen:
             await trio.lowlevel.checkpoint()
             return
-        today = utc_day(time.time())  # wall clock
-        async with self.client.pipeline(transaction=False) as p:
-            for key_id in self._seen:
-                self._finish(
-                    keys=(_key(key_id, "flight"), _key(key_id, "tpm"),
-                          _key(key_id, "day:" + today), _key(key_id, "fseq")),
-                    args=(self.instance, 0, self._mine(key_id), self._next_seq()),
-                    client=p,
-                )  # fmt: skip
+        flight = [[k, self._mine(k), self._next_seq()] for k in self._seen]
+        payload = json.dumps({"flight": flight, "tokens": [], "usage": []}).encode()
+        await self._write_batch(
+            keys=(PREFIX + "wrote:" + self.instance,),
+            args=(PREFIX, self.instance, 0, payload),
+        )
 
     async def _read_summary(self) -> None:
         now = time.time()  # wall clock
