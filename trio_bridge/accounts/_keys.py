@@ -232,9 +232,10 @@ class SecretStore:
             yield
             return
         try:
-            if os.geteuid() == 0 and self.path.exists():  # the service user's, like the file
-                owner = os.stat(self.path)
-                os.fchown(fd, owner.st_uid, owner.st_gid)
+            if os.geteuid() == 0:  # the service user's, as atomic_write makes the file
+                owner = os.stat(self.path if self.path.exists() else self.path.parent)
+                with contextlib.suppress(OSError):
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._flocked = True
             try:
