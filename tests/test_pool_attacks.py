@@ -262,3 +262,50 @@ async def test_the_daily_budget_is_counted_on_the_stores_clock_not_a_boxs(
         assert decision.refusal is not None and decision.refusal.limit == "tokens_per_day"
         monkeypatch.undo()
         assert (await box_b.snapshot(key_id, limits))["tokens_today"] == 10
+
+
+async def test_a_usage_file_imported_again_after_it_grew_counts_each_request_once(
+    tmp_path: Path,
+) -> None:
+    """`keys import` run again after the box went on counting into its usage file (the
+    connectors were switched to the store a little later): the rows imported before are not
+    added a second time, what came since is."""
+    import sys
+
+    from trio_bridge.accounts._keys import SecretStore
+    from trio_bridge.accounts._pool import read_usage
+    from trio_bridge.accounts._usagestore import UsageStore
+
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        keys = SecretStore(tmp_path / "keys.toml", "tbk")
+        alice, _ = keys.add("alice")
+        config = tmp_path / "bridge.toml"
+        config.write_text(f'[connector]\nstore = "{redis.url}"\n')
+
+        async def one_request_and_import() -> None:
+            usage = UsageStore(tmp_path / "usage.sqlite3")
+            usage.record(alice.id, "m", prompt=3, completion=4, estimated=False, error=False,
+                         now=time.time())  # fmt: skip
+            assert await usage.flush()
+            usage.close()
+            await trio.run_process(
+                [sys.executable, "-m", "trio_bridge", "keys", "import", "-c", str(config)],
+                capture_stdout=True,
+                cwd=tmp_path,
+            )
+
+        await one_request_and_import()
+        await one_request_and_import()  # the file now holds 2 requests
+        async with store_client(lab_free_config(config)) as client:
+            rows = await read_usage(client)
+        assert [(r["requests"], r["completion_tokens"]) for r in rows] == [(2, 8)]
+    finally:
+        await redis.kill()
+
+
+def lab_free_config(path: Path) -> Any:
+    from trio_bridge._config import load_config
+
+    return load_config(str(path))

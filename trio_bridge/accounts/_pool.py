@@ -15,6 +15,9 @@ What lives where (every name under ``tb:``; a store may hold one pool per databa
     tb:k:<id>:tpm           hash: Unix second -> tokens counted in it (the last 60 s)
     tb:k:<id>:day:<day>     tokens of key <id> on that UTC day
     tb:usage:<day>          hash: "<key id> TAB <model> TAB <column>" -> count
+    tb:wrote:<instance>     the number of the last batch of ends and usage applied
+    tb:imported             hash: "<day> TAB <key id> TAB <model> TAB <column>" -> the
+                            count that ``keys import`` added from a usage file
 
 Each admission is ONE round trip: :data:`ADMIT`, a Lua script run by EVALSHA, checks and
 counts concurrency, requests per minute, tokens per minute and tokens per day atomically,
@@ -267,6 +270,24 @@ end
 return 1
 """
 )
+
+# KEYS: what was imported of each usage count; ARGV: the key prefix, the counts (JSON: [day,
+# key id, model, column, count]). Each count adds what it grew by since it was last imported.
+# Returns how many counts added something.
+IMPORT = """
+local added = 0
+for _, r in ipairs(cjson.decode(ARGV[2])) do
+  local field = r[2] .. '\t' .. r[3] .. '\t' .. r[4]
+  local seen = r[1] .. '\t' .. field
+  local before = tonumber(redis.call('HGET', KEYS[1], seen) or '0')
+  if r[5] > before then
+    redis.call('HINCRBY', ARGV[1] .. 'usage:' .. r[1], field, r[5] - before)
+    redis.call('HSET', KEYS[1], seen, r[5])
+    added = added + 1
+  end
+end
+return added
+"""
 
 _LIMIT_OF_CODE = {1: "concurrency", 2: "requests", 3: "tokens", 4: "tokens_per_day"}
 KEYS_DOC, KEYS_VERSION = PREFIX + "keys", PREFIX + "keys:v"
@@ -1094,22 +1115,23 @@ class StoreCLI:
         return list(self._run(lambda c: read_usage(c, since_day)))
 
     def import_usage(self, rows: list[dict[str, Any]]) -> bool:
-        """Add a usage file's rows to the pool's usage (False: these very rows were imported
-        before, nothing added)."""
-        blob = json.dumps(rows, sort_keys=True).encode()
-        marker = PREFIX + "imported:" + hashlib.sha256(blob).hexdigest()[:32]
+        """Add a usage file's rows to the pool's usage (False: nothing new, every row was
+        imported before). The store keeps what it imported of each row (tb:imported): a row
+        imported again adds only what it grew by since, so the same file, or the same file
+        grown, never counts a request twice."""
+        counts = [
+            [r["day"], r["key_id"], r["model"], column, r[column]]
+            for r in rows
+            for column in COLUMNS
+            if r[column]
+        ]
 
         async def add(client: Any) -> bool:
-            from coredis.tokens import PureToken
-
-            if not await client.set(marker, b"1", condition=PureToken.NX):
-                return False
-            async with client.pipeline(transaction=True) as p:
-                for r in rows:
-                    for column in COLUMNS:
-                        if r[column]:
-                            field = f"{r['key_id']}\t{r['model']}\t{column}"
-                            p.hincrby(usage_key(r["day"]), field, r[column])
-            return True
+            script = client.register_script(IMPORT)
+            added = 0
+            for i in range(0, len(counts), 1000):  # the store is not held long by one call
+                chunk = json.dumps(counts[i : i + 1000]).encode()
+                added += int(await script(keys=(PREFIX + "imported",), args=(PREFIX, chunk)))
+            return added > 0
 
         return bool(self._run(add))
