@@ -309,3 +309,31 @@ def lab_free_config(path: Path) -> Any:
     from trio_bridge._config import load_config
 
     return load_config(str(path))
+
+
+async def test_a_burst_through_two_connectors_admits_exactly_the_concurrency(
+    tmp_path: Path,
+) -> None:
+    """The first finding end to end: 30 long chats of one key at once over two brokers and
+    their connectors, concurrency 2: exactly 2 answered (before the fix: none, every one
+    refused by counts that nothing held), then each box serves the key again."""
+    from test_pool import open_pool, start_boxes
+
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("shared", limits=KeyLimits(concurrency=2))
+        await start_boxes(pool, token_delay=0.05)
+        for _ in range(2):
+            statuses: list[int] = []
+            async with pool.lab.client() as client, trio.open_nursery() as nursery:
+
+                async def one(box: int, statuses: list[int]) -> None:
+                    r = await pool.post(client, box, key, prompt="count to 40", stream=True)
+                    statuses.append(r.status_code)
+
+                for i in range(30):
+                    nursery.start_soon(one, i % 2, statuses)
+            assert sorted(statuses) == [200] * 2 + [429] * 28
+            await pool.flushed()
+        async with pool.lab.client() as client:
+            for box in (0, 1):
+                assert (await pool.post(client, box, key)).status_code == 200
