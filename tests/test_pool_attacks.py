@@ -337,3 +337,26 @@ async def test_a_burst_through_two_connectors_admits_exactly_the_concurrency(
         async with pool.lab.client() as client:
             for box in (0, 1):
                 assert (await pool.post(client, box, key)).status_code == 200
+
+
+@pytest.mark.parametrize("action", [["keys", "list"], ["usage"], ["keys", "revoke", "bob"]])
+async def test_the_cli_against_a_store_that_is_down_says_so_in_one_line(
+    tmp_path: Path, action: list[str]
+) -> None:
+    import sys
+
+    from netutil import free_port
+
+    config = tmp_path / "bridge.toml"
+    config.write_text(f'[connector]\nstore = "redis://:pw-secret@127.0.0.1:{free_port()}/0"\n')
+    done = await trio.run_process(
+        [sys.executable, "-m", "trio_bridge", *action, "-c", str(config)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    err = done.stderr.decode()
+    assert done.returncode != 0
+    assert "Traceback" not in err and "pw-secret" not in err, err
+    last = err.strip().splitlines()[-1]  # (before it: coredis's own info lines, for usage)
+    assert last.startswith("trio-bridge: config error: pool store redis://:***@127.0.0.1"), err

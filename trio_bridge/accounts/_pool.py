@@ -64,7 +64,7 @@ import trio
 
 from trio_bridge._backoff import Backoff
 from trio_bridge._config import Config, redact_url
-from trio_bridge._errors import ConfigError
+from trio_bridge._errors import ConfigError, leaves
 from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_private
 from trio_bridge.accounts._limits import KeyLimits, Limiter, Refusal, limit_refusal
 from trio_bridge.accounts._usagestore import COLUMNS, MAX_MODEL, OTHER, utc_day
@@ -1093,16 +1093,24 @@ class StoreCLI:
         self.where = redact_url(config.connector.store)
 
     def _run(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(client)`` in a short ``trio.run``; a store that cannot be reached is a
+        ConfigError (one line, no password), however coredis raised it (its client raises
+        from inside an exception group)."""
+        errors: tuple[type[BaseException], ...] = (*_store_errors(), BaseExceptionGroup)
+
         async def main() -> Any:
             client = store_client(self.config)
-            try:
-                async with client:
-                    with trio.fail_after(10):
-                        return await fn(client)
-            except _store_errors() as exc:
-                raise ConfigError(f"pool store {self.where}: {_why(exc)}") from None
+            async with client:
+                with trio.fail_after(10):
+                    return await fn(client)
 
-        return trio.run(main)
+        try:
+            return trio.run(main)
+        except errors as exc:
+            found = leaves(exc)
+            if not all(isinstance(e, _store_errors()) for e in found):
+                raise
+            raise ConfigError(f"pool store {self.where}: {_why(found[0])}") from None
 
     def keys(self) -> PoolKeys:
         return PoolKeys(
@@ -1129,6 +1137,7 @@ class StoreCLI:
         async def add(client: Any) -> bool:
             script = client.register_script(IMPORT)
             added = 0
+            await trio.lowlevel.checkpoint()
             for i in range(0, len(counts), 1000):  # the store is not held long by one call
                 chunk = json.dumps(counts[i : i + 1000]).encode()
                 added += int(await script(keys=(PREFIX + "imported",), args=(PREFIX, chunk)))
