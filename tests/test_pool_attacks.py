@@ -360,3 +360,29 @@ async def test_the_cli_against_a_store_that_is_down_says_so_in_one_line(
     assert "Traceback" not in err and "pw-secret" not in err, err
     last = err.strip().splitlines()[-1]  # (before it: coredis's own info lines, for usage)
     assert last.startswith("trio-bridge: config error: pool store redis://:***@127.0.0.1"), err
+
+
+async def test_a_stop_while_the_store_is_down_says_what_was_not_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last flush at a stop, with the store gone and usage waiting: one warning line,
+    and the stop goes on (no exception out of :meth:`PoolStore.run`)."""
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with open_lab() as lab:
+            config = lab.config(connector={"store": redis.url})
+            entry, _ = lab.keys.add("alice")
+            async with store_client(config) as client:
+                assert await put_keys(client, lab.keys.path.read_bytes(), b"") > 0
+            box = PoolStore(config)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(box.run)
+                await redis.kill()
+                box.record(entry.id, "m", now=time.time(), prompt=1, completion=1,
+                           estimated=False, error=False)  # fmt: skip
+                await wait_until(lambda: not box.up, 5)
+                nursery.cancel_scope.cancel()
+        assert "1 usage rows and 0 token counts not written at the stop" in caplog.text
+    finally:
+        await redis.kill()

@@ -902,17 +902,21 @@ class PoolStore:
             await trio.lowlevel.checkpoint()
             return
         client = store_client(self._config)
+        errors: tuple[type[BaseException], ...] = (*self._errors, BaseExceptionGroup)
         try:
             async with client:
                 await self._write_all(client)
-        except self._errors as exc:
+        except errors as exc:  # raised from inside the new client's task group
+            found = leaves(exc)
+            if not all(isinstance(e, self._errors) for e in found):
+                raise
             unsent = self._unsent or _Batch(0, b"", 0, 0, 0)
             log.warning(
                 "pool store %s: %d usage rows and %d token counts not written at the stop (%s)",
                 self.where,
                 len(self._usage) + unsent.rows,
                 len(self._tokens) + unsent.tokens,
-                _why(exc),
+                _why(found[0]),
             )
 
     async def flush(self) -> bool:
