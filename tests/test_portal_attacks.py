@@ -423,3 +423,21 @@ def test_an_identity_provider_over_plain_http_off_loopback_is_a_config_error(
         Connector(
             attrs.evolve(conf, base_dir=str(tmp_path)), keys=SecretStore(tmp_path / "k", "tbk")
         )
+
+
+@pytest.mark.slow  # a flood: 500 requests at once (about 10 s on two cores)
+async def test_a_flood_of_sign_in_starts_is_no_crash(env: Env) -> None:
+    """Hundreds of GET login at once (no session needed): each a write of the users file in
+    its own worker thread; SQLite's busy timeout ran out ('database is locked'), the handler
+    crashed (a 502 and a traceback each) and the flood held every worker thread of trio's."""
+    await env.start()
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=400)) as c:
+
+        async def one() -> None:
+            statuses.append((await c.get(env.base + "login")).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(500):
+                nursery.start_soon(one)
+    assert 502 not in statuses and 303 in statuses, sorted(set(statuses))

@@ -32,7 +32,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import attrs
@@ -53,6 +53,7 @@ from trio_bridge.relay._protocol import ResponseHead
 from trio_bridge.relay._relay import RelayStream
 
 log = logging.getLogger("trio_bridge.portal")
+T = TypeVar("T")
 
 PORTAL_PATH = "/_bridge/portal"
 SESSION_COOKIE = "tb_portal"
@@ -159,6 +160,13 @@ class Portal:
         self.emails = {e.lower() for e in pc.allowed_emails}
         self.groups = set(pc.allowed_groups)
         self.stall_timeout = float(config.limits.stall_timeout)
+        self.one_at_a_time = trio.CapacityLimiter(1)  # see in_thread
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """A blocking call (the users file, the keys file) in a worker thread, one at a time:
+        a flood of sign-ins waits here (cancellable, within DEADLINE) rather than in SQLite's
+        busy timeout ('database is locked'), and holds one of trio's worker threads, not all."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.one_at_a_time)
 
     async def aclose(self) -> None:
         await self.oidc.aclose()
@@ -293,7 +301,7 @@ class PortalRequest:
     async def _login(self) -> Answer:
         p = self.portal
         url, state, nonce, verifier = await p.oidc.authorization_url()
-        await trio.to_thread.run_sync(p.users.start_login, state, nonce, verifier)
+        await p.in_thread(p.users.start_login, state, nonce, verifier)
         # the states of this browser's sign-ins in progress (another tab's too), '-' apart
         earlier = [s for s in (p.unsign(self.cookies.get(LOGIN_COOKIE, "")) or "").split("-") if s]
         states = [*earlier[-(LOGIN_TABS - 1) :], state]
@@ -315,7 +323,7 @@ class PortalRequest:
                 "Sign-in failed",
                 "This sign-in was not started here (wrong state). Start again.",
             )
-        taken = await trio.to_thread.run_sync(p.users.take_login, state)
+        taken = await p.in_thread(p.users.take_login, state)
         if taken is None:
             log.warning("portal: a sign-in came back twice or too late (state unknown)")
             return self._refused(
@@ -340,7 +348,7 @@ class PortalRequest:
         # an address the provider does not say it verified (a user may have typed it) matches
         # no allowed domain or address; an allowed group still lets its members in
         if not p.allowed(email if verified in (True, "true") else "", groups):
-            await trio.to_thread.run_sync(
+            await p.in_thread(
                 users.audit,
                 "signin_refused",
                 email,
@@ -352,7 +360,7 @@ class PortalRequest:
                 403, "Not allowed", f"{email} may not use this service. Ask its operator."
             )
         new_state = ACTIVE if p.cfg.new_users == "auto" else PENDING
-        user, new = await trio.to_thread.run_sync(
+        user, new = await p.in_thread(
             users.sign_in,
             str(claims["sub"]),
             email,
@@ -361,14 +369,12 @@ class PortalRequest:
             new_state,
         )
         if user.state == BLOCKED:
-            await trio.to_thread.run_sync(users.audit, "signin_refused", email, "portal", "blocked")
+            await p.in_thread(users.audit, "signin_refused", email, "portal", "blocked")
             return self._refused(403, "Blocked", "Your access was blocked by the operator.")
         session_id = secrets.token_urlsafe(32)
         csrf = secrets.token_urlsafe(24)
-        await trio.to_thread.run_sync(
-            users.new_session, user.id, session_id, csrf, float(p.cfg.session_ttl)
-        )
-        await trio.to_thread.run_sync(
+        await p.in_thread(users.new_session, user.id, session_id, csrf, float(p.cfg.session_ttl))
+        await p.in_thread(
             users.audit, "signin", email, "user", f"new user ({user.state})" if new else ""
         )
         log.info("portal: user %d signed in", user.id)
@@ -389,7 +395,7 @@ class PortalRequest:
         if session_id is None:
             await trio.lowlevel.checkpoint()
             return None
-        session = await trio.to_thread.run_sync(self.portal.users.session, session_id)
+        session = await self.portal.in_thread(self.portal.users.session, session_id)
         if session is not None and session.user.state == BLOCKED:
             return None
         return session
@@ -436,8 +442,8 @@ class PortalRequest:
         p, user = self.portal, session.user
         if self.path == "logout":
             session_id = p.unsign(self.cookies.get(SESSION_COOKIE, "")) or ""
-            await trio.to_thread.run_sync(p.users.end_session, session_id)
-            await trio.to_thread.run_sync(p.users.audit, "signout", user.email, "user")
+            await p.in_thread(p.users.end_session, session_id)
+            await p.in_thread(p.users.audit, "signout", user.email, "user")
             return Answer(
                 303,
                 b"",
@@ -458,7 +464,7 @@ class PortalRequest:
         done = None
         if (action == "create" and not has_key) or (action in ("rotate", "revoke") and has_key):
             try:
-                done = await trio.to_thread.run_sync(p.change_key, user, action)
+                done = await p.in_thread(p.change_key, user, action)
             except ConfigError:  # the key changed meanwhile (a double click, another box)
                 done = None
         if done is None:
@@ -469,7 +475,7 @@ class PortalRequest:
                 ),
             )
         event, entry, secret = done
-        await trio.to_thread.run_sync(p.users.audit, event, user.email, "user", f"key {entry.id}")
+        await p.in_thread(p.users.audit, event, user.email, "user", f"key {entry.id}")
         log.info("portal: user %d: %s (key %s)", user.id, event, entry.id)
         return self._page(200, await self._user_page(session, secret=secret))
 
