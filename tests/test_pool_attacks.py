@@ -386,3 +386,34 @@ async def test_a_stop_while_the_store_is_down_says_what_was_not_written(
         assert "1 usage rows and 0 token counts not written at the stop" in caplog.text
     finally:
         await redis.kill()
+
+
+async def test_the_usage_summary_rereads_today_not_the_whole_month_every_time(
+    tmp_path: Path,
+) -> None:
+    """The summary (admin page, portal) was 31 HGETALLs every 2 s on every box: with a few
+    hundred keys x models that is ~0.5 s of the event loop's time per refresh (measured:
+    500 keys x 3 models, 0.6 s), and past ~150 000 rows the refresh alone outlasts the
+    sync's deadline, so the store counts as unreachable. A refresh reads today and
+    yesterday; the month is read again only every SUMMARY_FULL_INTERVAL."""
+    from trio_bridge.accounts._pool import SUMMARY_FULL_INTERVAL, SUMMARY_INTERVAL
+
+    assert SUMMARY_FULL_INTERVAL >= 30 * SUMMARY_INTERVAL
+    async with two_boxes(tmp_path, KeyLimits()) as (lab, redis, key_id, boxes):
+        box = boxes[0]
+        box.record(key_id, "m", now=time.time() - 5 * 86400, prompt=1, completion=1,
+                   estimated=False, error=False)  # fmt: skip
+        assert await box.flush()
+        box._summary_full_at = -1e9  # the month is due again
+        await box._read_summary()
+        assert [r["requests"] for r in box.rows()] == [1]
+
+        async def hgetalls() -> int:
+            async with store_client(lab.config(connector={"store": redis.url})) as client:
+                stats = await client.info("commandstats")
+            return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+
+        before = await hgetalls()
+        await box._read_summary()
+        assert await hgetalls() - before <= 2
+        assert [r["requests"] for r in box.rows()] == [1]  # the older days are kept
