@@ -417,3 +417,27 @@ async def test_the_usage_summary_rereads_today_not_the_whole_month_every_time(
         await box._read_summary()
         assert await hgetalls() - before <= 2
         assert [r["requests"] for r in box.rows()] == [1]  # the older days are kept
+
+
+async def test_a_request_admitted_during_an_outage_counts_in_flight_once_the_store_is_back(
+    tmp_path: Path,
+) -> None:
+    """on_store_failure = open: a long request box A admitted on its own counts while the
+    store was down is still in progress when the store is back: the pool's concurrency 1
+    is taken (box B refuses) until it ends."""
+    limits = KeyLimits(concurrency=1)
+    async with two_boxes(tmp_path, limits) as (_, redis, key_id, boxes):
+        box_a, box_b = boxes
+        await redis.kill()
+        await wait_until(lambda: not box_a.up, 5)
+        held = await box_a.admit(key_id, limits)
+        assert held.refusal is None and not held.shared  # on A's own counts
+        await redis.start()  # empty, as after a restart
+        await wait_until(lambda: box_a.up and box_b.up, 15)
+        assert await box_a.flush()
+        refused = await box_b.admit(key_id, limits)
+        assert refused.refusal is not None and refused.refusal.limit == "concurrency"
+        box_a.finish(key_id, 0, shared=False)
+        assert await box_a.flush()
+        decision = await box_b.admit(key_id, limits)
+        assert decision.refusal is None

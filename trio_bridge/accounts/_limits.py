@@ -175,6 +175,11 @@ class Limiter:
         st.requests.add(now, 1)
         return None
 
+    def in_flight(self, key_id: str) -> int:
+        """Requests of ``key_id`` admitted here and not finished."""
+        st = self._keys.get(key_id)
+        return 0 if st is None else st.in_flight
+
     def finish(self, key_id: str, tokens: int, now: float, *, wall: float | None = None) -> None:
         """A request of ``key_id`` ended having used ``tokens`` (prompt + completion)."""
         st = self._state(key_id, now, now if wall is None else wall)

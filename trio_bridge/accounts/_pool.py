@@ -487,6 +487,8 @@ class _Batch:
     ends: int
     tokens: int
     rows: int
+    #: keys whose count in flight it sets
+    keys: int = 0
 
 
 def _zeros() -> list[int]:
@@ -640,11 +642,19 @@ class PoolStore:
                 shared=False,
             )  # fmt: skip
         refusal = self.local.admit(key_id, limits, trio.current_time(), wall=wall)
+        if refusal is None:
+            self._seen.add(key_id)  # told to the store when it is back
         return Admission(refusal, shared=False)
 
     def _mine(self, key_id: str) -> int:
-        """This connector's requests of ``key_id`` in flight or being admitted."""
-        return self._flight.get(key_id, 0) + self._admitting.get(key_id, 0)
+        """This connector's requests of ``key_id`` in flight or being admitted (those it
+        admitted on its own counts while the store was unreachable too: they hold their
+        place in the pool until they end)."""
+        return (
+            self._flight.get(key_id, 0)
+            + self._admitting.get(key_id, 0)
+            + self.local.in_flight(key_id)
+        )
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -737,6 +747,7 @@ class PoolStore:
                 self._flight.pop(key_id, None)
         else:
             self.local.finish(key_id, tokens, trio.current_time(), wall=time.time())  # wall clock
+            self._ended[key_id] += 0  # its place in the pool's count is given back too
         if tokens:
             self._tokens[(key_id, utc_day(time.time()))] += tokens  # wall clock
         self._wake.set()
@@ -1002,7 +1013,9 @@ class PoolStore:
         }
         # an empty list must stay a JSON array for cjson: "[]", never "{}"
         blob = json.dumps(payload, separators=(",", ":")).encode()
-        return _Batch(self._batches, blob, sum(ended.values()), len(tokens), len(usage))
+        return _Batch(
+            self._batches, blob, sum(ended.values()), len(tokens), len(usage), len(flight)
+        )
 
     async def _write_all(self, client: Any) -> tuple[bool, bytes, tuple[int, int, int]]:
         """The batch that may not have been written (again, as it was), then what waits:
@@ -1023,7 +1036,7 @@ class PoolStore:
         """A batch and the heartbeat in one pipeline: (the heartbeat was there, the keys'
         version)."""
         async with client.pipeline(transaction=False) as p:
-            if batch.ends or batch.tokens or batch.rows:
+            if batch.keys or batch.tokens or batch.rows:
                 self._write_batch(
                     keys=(PREFIX + "wrote:" + self.instance,),
                     args=(PREFIX, self.instance, batch.number, batch.payload),
