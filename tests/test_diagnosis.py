@@ -569,3 +569,21 @@ async def test_check_asks_the_pools_store(
         assert report.failed and "FAIL  connector.store: redis://:***@127.0.0.1" in out, out
     finally:
         await server.kill()
+
+
+async def test_a_corrupt_keys_file_is_a_problem_without_a_request_and_gone_once_fixed(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review finding: the connector looked at its keys file only when a request came, so
+    # status and /readyz said nothing of a corrupt file (and kept saying it once fixed) and
+    # the error line came with the next user's request
+    async with open_bridge(network=MemoryNetwork()) as b:
+        caplog.set_level(logging.INFO, "trio_bridge")
+        good = b.keys.path.read_text()
+        b.keys.path.write_text("this is [not toml\n")
+        await trio.sleep(3)
+        assert any("keys file" in p for p in b.connector.status()["problems"])
+        assert any(r.levelno >= logging.ERROR for r in caplog.records)
+        b.keys.path.write_text(good)
+        await trio.sleep(3)
+        assert b.connector.status()["problems"] == []

@@ -43,6 +43,9 @@ from trio_bridge.http._upstream import H11Transport
 from trio_bridge.relay._frames import ResetCode
 from trio_bridge.relay._relay import Relay, RelayStream
 
+#: seconds between two looks at the keys file (a request also looks)
+KEYS_CHECK_EVERY = 1.0
+
 if TYPE_CHECKING:
     from trio_bridge.connector._portal import Portal
 
@@ -385,6 +388,8 @@ class Connector:
                 outer.start_soon(self.keeper.liveness.run)
                 if self.pool is not None:  # the keys read (or tried) before any relay
                     await outer.start(self.pool.run)
+                else:
+                    outer.start_soon(self._watch_keys)
                 if self._usage_file is not None:
                     outer.start_soon(self._usage_file.run)
                 outer.start_soon(self.notifier.watchdog_loop, self.status_line)
@@ -403,6 +408,14 @@ class Connector:
                     await self.portal.aclose()
                 if self._usage_file is not None:
                     await self._usage_file.flush()  # what ended after the last flush
+
+    async def _watch_keys(self) -> None:
+        """Look at the keys file every KEYS_CHECK_EVERY even when no request comes: a file
+        that cannot be read is logged and in ``problems`` when it happens, and a fixed one
+        leaves them, not at the next request. Runs until cancelled."""
+        while True:
+            await trio.sleep(KEYS_CHECK_EVERY)
+            self.keys.maybe_reload()
 
     def stop(self) -> None:
         """Close every relay cleanly (WebSocket close handshake) and make ``run`` return.
