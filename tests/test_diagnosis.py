@@ -28,7 +28,7 @@ import logging
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import httpx
@@ -313,6 +313,9 @@ async def test_a_connector_whose_answers_keep_failing_is_ejected_for_a_while(
             doc = broker.broker.status()
             [bad_doc] = [c for c in doc["routes"]["default"] if c["connector"] == "bad"]
             assert bad_doc["failed"] == 5 and bad_doc["ejected_for_s"] > 0
+            # trio-bridge status says it too (review finding: it read "bad (ready)")
+            [line] = [ln for ln in format_status(doc).splitlines() if ": bad (" in ln]
+            assert "ejected (10 s more)" in line and "answers 5, failed 5" in line
             assert [await ask("hello") for _ in range(4)] == [200] * 4
             assert [r.method for r in bad.model.requests].count("POST") == 5
             assert [r.method for r in good.model.requests].count("POST") == 4
@@ -587,3 +590,17 @@ async def test_a_corrupt_keys_file_is_a_problem_without_a_request_and_gone_once_
         b.keys.path.write_text(good)
         await trio.sleep(3)
         assert b.connector.status()["problems"] == []
+
+
+def test_answers_failing_while_a_connector_is_ejected_do_not_lengthen_its_ejection() -> None:
+    # review finding: a burst in flight when an LLM broke (15 answers failing within 50 ms)
+    # ejected its connector three times over: 10, 20, then 40 s (110 in flight: 5 min)
+    from trio_bridge.broker._registry import EJECT_FOR, ConnectorHandle
+
+    h = ConnectorHandle(cast(Any, None), "bad", "default", "t", capacity=110, connected_since=0)
+    for _ in range(15):
+        h.answered(False, 100.0)
+    assert (h.failed, h.ejected_until) == (15, 100.0 + EJECT_FOR)
+    for _ in range(5):  # tried again after the ejection, and failing again: twice as long
+        h.answered(False, 111.0)
+    assert h.ejected_until == 111.0 + 2 * EJECT_FOR

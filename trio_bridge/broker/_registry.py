@@ -57,13 +57,16 @@ class ConnectorHandle:
         """An answer from this connector ended: a failure (a 5xx from behind it, a broken
         answer, no answer in time) or not. EJECT_AFTER failures in a row keep new requests
         away from it for EJECT_FOR seconds, doubling with each ejection (at most
-        EJECT_MAX); a good answer resets the count and the doubling."""
+        EJECT_MAX); a good answer resets the count and the doubling. Failures while it is
+        ejected (answers already in flight) do not lengthen the ejection."""
         self.answers += 1
         if ok:
             self.failures_in_a_row = 0
             self.ejections = 0
             return
         self.failed += 1
+        if self.ejected(now):  # a request sent before the ejection: it is out already
+            return
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= EJECT_AFTER:
             self.ejections += 1

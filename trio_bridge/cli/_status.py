@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -124,9 +125,12 @@ def format_status(doc: dict[str, Any]) -> str:
             flags = ("ready" if c.get("ready") else "NOT READY") + (
                 " draining" if c.get("draining") else ""
             )
+            if c.get("ejected_for_s"):  # its recent answers failed: no new request for now
+                flags += f", ejected ({math.ceil(c['ejected_for_s'])} s more)"
+            failed = f", answers {c['answers']}, failed {c['failed']}" if c.get("failed") else ""
             lines.append(
                 f"route {route}: {c['connector']} ({flags}) in flight {c['in_flight']}/"
-                f"{c['capacity']}, connected {ago(c.get('connected_since'))}"
+                f"{c['capacity']}, connected {ago(c.get('connected_since'))}{failed}"
             )
     for key, models in doc.get("tokens", {}).items():
         for model, t in models.items():
