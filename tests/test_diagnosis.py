@@ -604,3 +604,24 @@ def test_answers_failing_while_a_connector_is_ejected_do_not_lengthen_its_ejecti
     for _ in range(5):  # tried again after the ejection, and failing again: twice as long
         h.answered(False, 111.0)
     assert h.ejected_until == 111.0 + 2 * EJECT_FOR
+
+
+def test_a_relay_refusal_gives_the_brokers_own_reason() -> None:
+    # review finding: a connector dialling a draining broker said "HTTP 503 (is URL the
+    # broker's relay URL ...?)" and one whose token was revoked "HTTP 401 (check the connector
+    # token)", though the broker's answer said "broker draining" or "revoked at ..."
+    from trio_bridge._errors import RelayRejected
+    from trio_bridge.connector._relays import _rejection
+    from trio_bridge.http._messages import error_body
+
+    url = "ws://127.0.0.1:8080/_bridge/relay"
+
+    def refused(status: int, message: str) -> str:
+        body = error_body(message, "invalid_request_error", "relay_refused")
+        return _rejection(url, RelayRejected(status, body))
+
+    line = refused(503, "broker draining: dial again later")
+    assert "broker draining: dial again later" in line and "relay URL" not in line
+    line = refused(401, "this connector token was revoked at 2026-12-07T11:51:29Z: ask …")
+    assert "revoked at 2026-12-07T11:51:29Z" in line
+    assert "relay URL" in _rejection(url, RelayRejected(503, b"<html>busy</html>"))  # a proxy

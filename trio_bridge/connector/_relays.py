@@ -366,14 +366,28 @@ def _rejection(url: str, exc: RelayRejected) -> str:
         if m := re.search(r"relay endpoint is (/[^\s;,)]*)", message):
             expected = m.group(1).rstrip(".")
         return f"no relay endpoint at this URL ({url}; expected a path like …{expected})"
-    if exc.status in (401, 403):
-        return f"broker refused the relay: HTTP {exc.status} (check the connector token)"
+    said = _brokers_reason(exc.body)
+    if exc.status in (401, 403):  # the broker says which: a bad token, revoked, expired, ...
+        told = f": {said}" if said else ""
+        return f"broker refused the relay: HTTP {exc.status} (check the connector token){told}"
     if exc.status == 429:
         return "broker refused the relay: HTTP 429 (too many refused tokens from this address)"
+    if said:  # a broker's own refusal (e.g. 503 while it drains): its reason, not a guess
+        return f"broker refused the relay: HTTP {exc.status}: {said}"
     return (
         f"broker refused the relay: HTTP {exc.status} (is {url} the broker's relay URL, "
         "ws(s)://HOST/_bridge/relay on its public port?)"
     )
+
+
+def _brokers_reason(body: bytes) -> str | None:
+    """The message of a broker's relay refusal (code relay_refused), or None (an answer from
+    something else: a proxy's page, another server)."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+        error = json.loads(body)["error"]
+        if error["code"] == "relay_refused":
+            return str(error["message"])[:300]
+    return None
 
 
 #: what OpenSSL says when a wss:// dial gets a plain HTTP answer
