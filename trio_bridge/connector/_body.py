@@ -169,6 +169,49 @@ class RelayGuard:
         return False
 
 
+class Prefixed:
+    """A body's first bytes (read before its request took an LLM slot), then the rest as it
+    comes (an async iterator, as :class:`BodyChunks`)."""
+
+    __slots__ = ("first", "rest")
+
+    def __init__(self, first: bytes, rest: BodyChunks) -> None:
+        self.first, self.rest = first, rest
+
+    def __aiter__(self) -> Prefixed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.first:
+            first, self.first = self.first, b""
+            await trio.lowlevel.checkpoint()
+            return first
+        return await self.rest.__anext__()
+
+
+async def read_start(
+    stream: RelayStream, rules: BodyRules, guard: RelayGuard, key_id: str, up_to: int
+) -> bytes | Prefixed:
+    """A body of unknown length (chunked): whole if it ends within ``up_to`` bytes, else its
+    first bytes and the rest to come (:class:`Prefixed`). What was read is taken from the
+    relay's ``guard`` (the caller gives it back once the call ends; here if reading fails).
+    Raises :class:`BodyRefused` as :func:`read_whole`."""
+    chunks = BodyChunks(stream, rules)
+    parts: list[bytes] = []
+    taken = 0
+    try:
+        async for chunk in chunks:
+            guard.take(len(chunk), key_id)
+            taken += len(chunk)
+            parts.append(chunk)
+            if taken > up_to:  # an upload: the rest streams
+                return Prefixed(b"".join(parts), chunks)
+    except BaseException:
+        guard.give(taken, key_id)
+        raise
+    return b"".join(parts)
+
+
 async def read_whole(
     stream: RelayStream, rules: BodyRules, guard: RelayGuard, key_id: str
 ) -> bytes:

@@ -36,6 +36,7 @@ from trio_bridge.connector._body import (
     BodyRefused,
     RelayGuard,
     TooLarge,
+    read_start,
     read_whole,
 )
 from trio_bridge.connector._selfservice import USAGE_PATH, answer_usage
@@ -234,9 +235,10 @@ class RelayedRequest:
         """The body to send on: read whole when it is all here, when it declares at most
         WHOLE_BEFORE_SLOT bytes (every chat request: a body that crawls in then holds no LLM
         slot meanwhile) or the key has a model allowlist (which needs the "model" before
-        anything is sent), else streamed as it comes (an upload). Refused: 413 / 408 / 429 /
-        503 (:class:`BodyRefused`), 400 (no readable model) and 403 (a model the key may not
-        use)."""
+        anything is sent), else streamed as it comes (an upload; one of unknown length once
+        its first WHOLE_BEFORE_SLOT bytes are here: read whole if it ends before). Refused:
+        413 / 408 / 429 / 503 (:class:`BodyRefused`), 400 (no readable model) and 403 (a
+        model the key may not use)."""
         stream, limits = self.stream, self.limits
         content: Content
         declared = header(self.head.headers, b"content-length")  # digits: _check_target
@@ -257,6 +259,17 @@ class RelayedRequest:
                     self._give_back()  # refused: nothing is held for it
                     return model
                 self.model = model
+        elif declared is None:  # chunked: its first WHOLE_BEFORE_SLOT bytes before the slot
+            try:
+                start = await read_start(
+                    stream, self.fw.body_rules, self.guard, self.key_id, WHOLE_BEFORE_SLOT
+                )
+            except BodyRefused as exc:
+                return Refusal(exc.status, exc.message)  # noqa: ASYNC910  raised from a read
+            self.held = len(start if isinstance(start, bytes) else start.first)
+            if isinstance(start, bytes):
+                self.body = start
+            content = start
         else:
             content = BodyChunks(stream, self.fw.body_rules)
         if self.fw.inspector.capture_bodies:
