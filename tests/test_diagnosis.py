@@ -625,3 +625,19 @@ def test_a_relay_refusal_gives_the_brokers_own_reason() -> None:
     line = refused(401, "this connector token was revoked at 2026-12-07T11:51:29Z: ask …")
     assert "revoked at 2026-12-07T11:51:29Z" in line
     assert "relay URL" in _rejection(url, RelayRejected(503, b"<html>busy</html>"))  # a proxy
+
+
+def test_keys_list_keeps_its_columns_for_expired_and_revoked_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # review finding: "revoked <time>" and "<time> (expired)" pushed the TODAY column over
+    cfg = keys_config(tmp_path)
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    store.add("alice", expires=PAST)
+    store.add("bob")
+    store.add("carol")
+    store.revoke("bob")
+    assert _cli.main(["keys", "list", "-c", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, *rows = lines
+    assert {row.index("0 req, ") for row in rows} == {header.index("TODAY")}  # none used today

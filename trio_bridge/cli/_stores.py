@@ -238,13 +238,14 @@ def _list_keys(s: SecretStore, config: Config) -> None:
             u = used.setdefault(r["key_id"], [0, 0])
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
-    print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<21} {'TODAY':<22} LIMITS")
+    # EXPIRES: a date, "<date> (expired)" or "revoked <date>" (30 wide)
+    print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<30} {'TODAY':<22} LIMITS")
     now = time.time()  # wall clock
     for e in entries:
         req, tok = used.get(e.id, [0, 0])
         expires = _expiry_text(e, now)
         print(
-            f"{e.name:<20} {e.id:<9} {expires:<21} "
+            f"{e.name:<20} {e.id:<9} {expires:<30} "
             f"{f'{req} req, {tok} tokens':<22} {_limits_text(s.limits_for(e)) or '-'}"
         )
     if s.defaults.limited or s.defaults.models:
@@ -363,9 +364,9 @@ def _list_entries(s: SecretStore, store: str) -> None:
         print(f"(no entries in {s.path})")
         return
     extra = "ROUTES" if store == "tokens" else ""
-    print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<21} {extra}".rstrip())
+    print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<30} {extra}".rstrip())
     now = time.time()  # wall clock
     for e in entries:
         expires = _expiry_text(e, now)
         routes = e.route_text if store == "tokens" else ""
-        print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<21} {routes}".rstrip())
+        print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<30} {routes}".rstrip())
