@@ -641,3 +641,23 @@ def test_keys_list_keeps_its_columns_for_expired_and_revoked_keys(
     lines = capsys.readouterr().out.splitlines()
     header, *rows = lines
     assert {row.index("0 req, ") for row in rows} == {header.index("TODAY")}  # none used today
+
+
+@pytest.mark.parametrize("which", ["keys", "tokens"])
+async def test_a_keys_or_tokens_file_that_is_not_utf8_is_a_problem_not_a_crash(
+    which: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # review finding: a file saved as UTF-16 (or any bytes not UTF-8) raised
+    # UnicodeDecodeError out of the reload (tomllib raises it, not TOMLDecodeError): the
+    # broker's token watch, and the connector's keys watch, ended their role
+    async with open_bridge(network=MemoryNetwork()) as b:
+        path = b.keys.path if which == "keys" else b.broker.tokens.path
+        good = path.read_bytes()
+        path.write_bytes(good.decode().encode("utf-16"))
+        await trio.sleep(3)
+        role = b.connector if which == "keys" else b.broker
+        [problem] = role.status()["problems"]
+        assert "not UTF-8" in problem
+        path.write_bytes(good)
+        await trio.sleep(3)
+        assert role.status()["problems"] == []

@@ -256,6 +256,12 @@ class SecretStore:
             return None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{self.path}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # tomllib's, for bytes that are not UTF-8
+            raise ConfigError(
+                f"{self.path}: not UTF-8 (byte {exc.start}): save it as UTF-8 TOML"
+            ) from None
+        except OSError as exc:  # a folder, no permission, an I/O error
+            raise ConfigError(f"{self.path}: cannot be read: {exc.strerror or exc}") from None
 
     def _save(self, data: bytes) -> None:
         """Replace the document with ``data`` (TOML)."""
