@@ -661,3 +661,20 @@ async def test_a_keys_or_tokens_file_that_is_not_utf8_is_a_problem_not_a_crash(
         path.write_bytes(good)
         await trio.sleep(3)
         assert role.status()["problems"] == []
+
+
+async def test_a_request_that_waited_for_a_connector_that_left_says_none_is_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # review finding: a connector gone (its token revoked, its box down): requests wait
+    # queue_timeout for it to re-dial, then read "no connector is available for this route",
+    # as if every connector were busy
+    async with open_bridge(network=MemoryNetwork()) as b:
+        await b.running_connector.stop()
+        with trio.fail_after(5):
+            while b.broker.registry.connectors():
+                await trio.sleep(0.1)
+        async with b.client(timeout=60) as client:
+            r = await chat_as(b, client, b.api_key, "hello")
+        assert r.status_code == 503
+        assert "no connector of this route is connected" in r.json()["error"]["message"]

@@ -161,6 +161,10 @@ class Exchanges:
             trio.current_time() - waited
         )
         if handle is None:
+            if not self.registry.connectors(route):  # it left (and did not dial again)
+                return Refusal(503, "no connector of this route is connected (waited "  # noqa: ASYNC910  the wait for a connector (awaited) ran out
+                               f"{self.queue_timeout:g} s for one); retry later",
+                               RETRY_AFTER_NOT_READY)  # fmt: skip
             return Refusal(503, "no connector is available for this route; retry later",  # noqa: ASYNC910  the wait for a connector (awaited) ran out
                            max(1, int(self.queue_timeout)))  # fmt: skip
         return handle  # noqa: ASYNC910  a free connector: taken without waiting
