@@ -8,16 +8,20 @@ The faults an operator met, one test (or more) each:
    ``test_a_failing_usage_file_never_stops_the_connector`` (served, counted, in ``problems``,
    cleared when written) and ``test_check_fails_on_a_usage_file_sqlite_cannot_write``
 3. a broken LLM in a pool: ``test_a_connector_whose_answers_keep_failing_is_ejected_*``,
-   ``test_a_request_whose_llm_is_unreachable_is_retried_on_another_connector``
+   ``test_a_request_whose_llm_is_unreachable_is_retried_on_another_connector``,
+   ``test_answers_failing_while_a_connector_is_ejected_*``
 4. 5xx counted as ok: ``test_an_llm_error_is_an_error_*``, ``test_the_docs_error_rate_*``
 5. error lines without a reason: ``test_a_bridge_made_error_names_its_cause_in_the_log_line``
-6. a corrupt keys file: ``test_a_corrupt_keys_file_*``
-7. a broker without connectors: ``test_a_broker_without_connectors_says_so_*``
+6. a corrupt keys file: ``test_a_corrupt_keys_file_*``,
+   ``test_a_keys_or_tokens_file_that_is_not_utf8_*``
+7. a broker without connectors: ``test_a_broker_without_connectors_says_so_*``,
+   ``test_a_request_that_waited_for_a_connector_that_left_*``
 8. ``check`` on a running role: ``test_check_asks_a_running_role_*``
 9. a slow model list: ``test_check_and_status_agree_on_an_llm_whose_model_list_is_slow``
 10. ``local_url`` pointing at the broker: ``test_a_local_url_that_reaches_the_broker_is_named``
 11. revoked keys and tokens: ``test_a_revoked_*`` (listed, 401 ``key_revoked``, refusals name
-    the id, refused relay dials not counted as requests); a stale last error:
+    the id, refused relay dials not counted as requests; the connector gives the broker's
+    reason: ``test_a_relay_refusal_gives_the_brokers_own_reason``); a stale last error:
     ``test_status_shows_a_relays_last_error_only_while_it_is_down``; not ready, and why:
     ``test_not_ready_says_why``
 """
