@@ -682,3 +682,45 @@ async def test_a_request_that_waited_for_a_connector_that_left_says_none_is_conn
             r = await chat_as(b, client, b.api_key, "hello")
         assert r.status_code == 503
         assert "no connector of this route is connected" in r.json()["error"]["message"]
+
+
+def test_status_url_sends_the_admin_token_only_to_the_roles_own_admin_address(
+    tmp_path: Path,
+) -> None:
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("authorization"))
+            body = b'{"role": "connector", "ready": true}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        (tmp_path / "admin.token").write_text("admin-secret-token\n")
+        (tmp_path / "admin.token").chmod(0o600)
+        other = tmp_path / "other.toml"
+        other.write_text(
+            '[connector]\nadmin_listen = "127.0.0.1:9"\nadmin_token_file = "admin.token"\n'
+        )
+        own = tmp_path / "own.toml"
+        own.write_text(
+            f'[connector]\nadmin_listen = "127.0.0.1:{port}"\nadmin_token_file = "admin.token"\n'
+        )
+        url = f"http://127.0.0.1:{port}"
+        for cfg in (other, own):
+            _cli.main(["status", "--role", "connector", "--url", url, "-c", str(cfg)])
+    finally:
+        server.shutdown()
+    assert seen == [None, "Bearer admin-secret-token"]

@@ -317,8 +317,9 @@ async def _check_llm(config: Config, report: _Report) -> None:
             report.fail(f"LLM {base}", f"{cc.health_path} answered HTTP {health.status_code}")
             return
         try:
-            models = await _list_models(client, base)
-        except httpx.TimeoutException:
+            with trio.fail_after(wait):  # both list paths together within the wait named
+                models = await _list_models(client, base)
+        except (httpx.TimeoutException, trio.TooSlowError):
             report.warn(
                 f"LLM {base}",
                 f"answers {cc.health_path} (HTTP {health.status_code}) but its model list did "

@@ -8,6 +8,7 @@ import logging
 import math
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -29,7 +30,12 @@ def admin_headers(config: Config, role: str | None) -> dict[str, str]:
 
 def status_command(config: Config, args: argparse.Namespace) -> int:
     if args.url:
-        targets = [(args.url.rstrip("/"), admin_headers(config, args.role))]
+        # the config's admin token goes only to that role's own admin address, never to
+        # whatever URL was typed (it would cross the network to another host in clear)
+        base = args.url.rstrip("/")
+        own = {"broker": config.broker.admin_listen, "connector": config.connector.admin_listen}
+        ours = args.role and urllib.parse.urlsplit(base).netloc == own[args.role]
+        targets = [(base, admin_headers(config, args.role) if ours else {})]
     else:
         listens = {"broker": config.broker.admin_listen, "connector": config.connector.admin_listen}
         roles = (
