@@ -67,7 +67,7 @@ from trio_bridge._config import Config, redact_url
 from trio_bridge._errors import ConfigError, leaves
 from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_private
 from trio_bridge.accounts._limits import KeyLimits, Limiter, Refusal, limit_refusal
-from trio_bridge.accounts._usagestore import COLUMNS, MAX_MODEL, OTHER, utc_day
+from trio_bridge.accounts._usagestore import COLUMNS, ModelNames, utc_day
 
 if TYPE_CHECKING:
     import coredis
@@ -540,7 +540,7 @@ class PoolStore:
         self.down_since: float | None = None  # wall clock
         self.last_error: str | None = None
         self.failures = 0
-        self._models = models or (lambda: None)
+        self._model_name = ModelNames(models)
         self._errors = _store_errors()
         self._admit = self.client.register_script(ADMIT)
         self._admit_sha = hashlib.sha1(ADMIT.encode()).hexdigest()
@@ -777,15 +777,6 @@ class PoolStore:
         row[4] += error
         row[5] += refused
         self._wake.set()
-
-    def _model_name(self, model: str) -> str:
-        model = (model or "unknown")[:MAX_MODEL]
-        if not model.isprintable() or "\t" in model:
-            return OTHER
-        known = self._models()
-        if known is None or model == "unknown" or model in known or f"{model}:latest" in known:
-            return model
-        return OTHER
 
     # -- the store reached or not --
     def _failed(self, exc: BaseException) -> None:

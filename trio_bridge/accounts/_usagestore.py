@@ -210,6 +210,37 @@ class UsageBook(Protocol):
     def tokens_on(self, day: str) -> dict[str, int]: ...
 
 
+class ModelNames:
+    """What a request for a model is counted under, in a usage store (a file or the pool's):
+    the name when the LLM lists it (or lists nothing yet: the first MAX_UNLISTED_MODELS names),
+    else OTHER; names that are not printable are never stored. Any client can name any model:
+    this bounds the rows."""
+
+    def __init__(self, models: KnownModels | None) -> None:
+        self._models = models or (lambda: None)
+        self._known_from: Collection[str] | None = None
+        self._known: frozenset[str] = frozenset()
+        self._unlisted: set[str] = set()
+
+    def __call__(self, model: str) -> str:
+        model = (model or "unknown")[:MAX_MODEL]
+        if not model.isprintable():  # control characters, lone surrogates: never stored
+            return OTHER
+        known = self._models()
+        if known is not None:
+            if known is not self._known_from:
+                self._known_from, self._known = known, frozenset(known)
+            if model in self._known or model == "unknown" or f"{model}:latest" in self._known:
+                return model
+            return OTHER
+        if model in self._unlisted:
+            return model
+        if len(self._unlisted) < MAX_UNLISTED_MODELS:
+            self._unlisted.add(model)
+            return model
+        return OTHER
+
+
 class UsageStore:
     """The usage file of one connector: counts in memory, written by :meth:`run`.
 
@@ -239,10 +270,7 @@ class UsageStore:
         self._today = ""
         self.loaded = False
         self._loading: trio.Event | None = None
-        self._models = models or (lambda: None)
-        self._known_from: Collection[str] | None = None
-        self._known: frozenset[str] = frozenset()
-        self._unlisted: set[str] = set()
+        self.model_name = ModelNames(models)
         self.flush_failures = 0
         #: why the last flush failed (None: it did not); its rows wait in memory
         self.last_error: str | None = None
@@ -264,25 +292,6 @@ class UsageStore:
             )
 
     # -- counting (the request path: memory only) --
-    def model_name(self, model: str) -> str:
-        """What a request for ``model`` is counted under (bounded; see the module docstring)."""
-        model = (model or "unknown")[:MAX_MODEL]
-        if not model.isprintable():  # control characters, lone surrogates: never stored
-            return OTHER
-        known = self._models()
-        if known is not None:
-            if known is not self._known_from:
-                self._known_from, self._known = known, frozenset(known)
-            if model in self._known or model == "unknown" or f"{model}:latest" in self._known:
-                return model
-            return OTHER
-        if model in self._unlisted:
-            return model
-        if len(self._unlisted) < MAX_UNLISTED_MODELS:
-            self._unlisted.add(model)
-            return model
-        return OTHER
-
     def record(
         self,
         key_id: str,
