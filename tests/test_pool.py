@@ -30,13 +30,10 @@ from trio_bridge.testing import Lab, RunningBroker, RunningConnector, open_lab
 
 pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not installed")
 
-from trio_bridge.accounts._pool import (
-    PoolStore,
-    fetch_keys,
-    put_keys,
-    read_usage,
-    store_client,
-)
+from trio_bridge.accounts._pool import PoolStore
+from trio_bridge.accounts._poolclient import store_client
+from trio_bridge.accounts._poolkeys import fetch_keys, put_keys
+from trio_bridge.accounts._poolusage import read_usage
 
 pytestmark = needs_redis
 CHAT = "/v1/chat/completions"

@@ -20,7 +20,9 @@ from trio_bridge.testing import Lab, open_lab
 
 pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not installed")
 
-from trio_bridge.accounts._pool import PoolStore, fetch_keys, put_keys, store_client
+from trio_bridge.accounts._pool import PoolStore
+from trio_bridge.accounts._poolclient import store_client
+from trio_bridge.accounts._poolkeys import fetch_keys, put_keys
 
 pytestmark = needs_redis
 
@@ -140,7 +142,7 @@ class SlowAnswers:
 
 
 async def usage_requests(lab: Lab, redis: RedisServer) -> int:
-    from trio_bridge.accounts._pool import read_usage
+    from trio_bridge.accounts._poolusage import read_usage
 
     async with store_client(lab.config(connector={"store": redis.url})) as client:
         return sum(r["requests"] for r in await read_usage(client))
@@ -273,7 +275,7 @@ async def test_a_usage_file_imported_again_after_it_grew_counts_each_request_onc
     import sys
 
     from trio_bridge.accounts._keys import SecretStore
-    from trio_bridge.accounts._pool import read_usage
+    from trio_bridge.accounts._poolusage import read_usage
     from trio_bridge.accounts._usagestore import UsageStore
 
     redis = RedisServer(tmp_path)
@@ -396,7 +398,7 @@ async def test_the_usage_summary_rereads_today_not_the_whole_month_every_time(
     500 keys x 3 models, 0.6 s), and past ~150 000 rows the refresh alone outlasts the
     sync's deadline, so the store counts as unreachable. A refresh reads today and
     yesterday; the month is read again only every SUMMARY_FULL_INTERVAL."""
-    from trio_bridge.accounts._pool import SUMMARY_FULL_INTERVAL, SUMMARY_INTERVAL
+    from trio_bridge.accounts._poolusage import SUMMARY_FULL_INTERVAL, SUMMARY_INTERVAL
 
     assert SUMMARY_FULL_INTERVAL >= 30 * SUMMARY_INTERVAL
     async with two_boxes(tmp_path, KeyLimits()) as (lab, redis, key_id, boxes):
@@ -404,8 +406,8 @@ async def test_the_usage_summary_rereads_today_not_the_whole_month_every_time(
         box.record(key_id, "m", now=time.time() - 5 * 86400, prompt=1, completion=1,
                    estimated=False, error=False)  # fmt: skip
         assert await box.flush()
-        box._summary_full_at = -1e9  # the month is due again
-        await box._read_summary()
+        box.summary.full_at = -1e9  # the month is due again
+        await box.summary.read(box.client)
         assert [r["requests"] for r in box.rows()] == [1]
 
         async def hgetalls() -> int:
@@ -414,7 +416,7 @@ async def test_the_usage_summary_rereads_today_not_the_whole_month_every_time(
             return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
 
         before = await hgetalls()
-        await box._read_summary()
+        await box.summary.read(box.client)
         assert await hgetalls() - before <= 2
         assert [r["requests"] for r in box.rows()] == [1]  # the older days are kept
 

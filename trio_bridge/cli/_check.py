@@ -187,7 +187,8 @@ async def _check_store(config: Config, report: _Report) -> None:
     """The pool's store answers (a real round trip, with the password and TLS the connector
     uses) and holds its keys."""
     from trio_bridge._config import redact_url
-    from trio_bridge.accounts._pool import _store_errors, _why, fetch_keys, store_client
+    from trio_bridge.accounts._poolclient import store_client, store_errors, why_failed
+    from trio_bridge.accounts._poolkeys import fetch_keys
 
     where = redact_url(config.connector.store)
     try:
@@ -195,7 +196,7 @@ async def _check_store(config: Config, report: _Report) -> None:
     except ConfigError as exc:
         report.fail("connector.store", str(exc))
         return  # noqa: ASYNC910  a config error: nothing to ask
-    errors: tuple[type[BaseException], ...] = (*_store_errors(), BaseExceptionGroup)
+    errors: tuple[type[BaseException], ...] = (*store_errors(), BaseExceptionGroup)
     try:
         with trio.fail_after(5):
             async with client:
@@ -205,7 +206,9 @@ async def _check_store(config: Config, report: _Report) -> None:
         found = leaves(exc)
         if not all(isinstance(e, errors) for e in found):
             raise
-        why = "no answer in 5 s" if isinstance(found[0], trio.TooSlowError) else _why(found[0])
+        why = (
+            "no answer in 5 s" if isinstance(found[0], trio.TooSlowError) else why_failed(found[0])
+        )
         report.fail("connector.store", f"{where}: {why}")
         return  # noqa: ASYNC910  the round trip raised (it awaited)
     if document is None:

@@ -18,7 +18,7 @@ from trio_bridge._config import Config, parse_duration
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import SecretEntry, SecretStore, check_route_patterns
 from trio_bridge.accounts._limits import KeyLimits
-from trio_bridge.accounts._pool import StoreCLI
+from trio_bridge.accounts._poolcli import StoreCLI
 from trio_bridge.accounts._usagestore import read_rows, utc_day
 
 log = logging.getLogger("trio_bridge.cli")
