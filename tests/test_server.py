@@ -151,6 +151,7 @@ VALID = (
     b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: b\r\nX-Key: v\r\nContent-Length: 11\r\n\r\nhello world"
     b"POST /v1/chat HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    b"POST /v1/empty HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\n\r\n"
     b"GET /v1/models HTTP/1.1\r\nHost: b\r\n\r\n"
 )
 
@@ -162,11 +163,58 @@ def test_pipelined_requests_parse_the_same_however_they_are_split(cuts: list[int
     assert [(m, t, b) for m, t, _h, b in seen] == [
         ("POST", b"/v1/chat?x=1", b"hello world"),
         ("POST", b"/v1/chat", b"hello world"),
+        ("POST", b"/v1/empty", b""),
         ("GET", b"/v1/models", b""),
     ]
     assert (b"x-key", b"v") in seen[0][2]
     answers = responses(out)
-    assert [json.loads(b)["n"] for s, b in answers if s == 200] == [1, 2, 3]
+    assert [json.loads(b)["n"] for s, b in answers if s == 200] == [1, 2, 3, 4]
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 200), max_size=6), short=st.integers(1, 11))
+def test_a_body_cut_short_by_the_client_is_never_a_request(cuts: list[int], short: int) -> None:
+    """A Content-Length body the client ends early (EOF) reaches no handler as complete, and
+    nothing after it is read as a next request."""
+    data = b"POST /a HTTP/1.1\r\nHost: b\r\nContent-Length: 11\r\n\r\nhello world"[:-short]
+    seen, out = run(split(data, cuts))
+    assert seen == []
+    assert out == b""
+
+
+@pytest.mark.parametrize(
+    ("extra", "served"),
+    [
+        (b"", ["/a", "/b"]),
+        (b"Upgrade: h2c\r\nConnection: upgrade\r\n", ["/a", "/b"]),
+        (b"Connection: close\r\n", ["/a"]),
+    ],
+    ids=["keep-alive", "protocol-switch-declined", "connection-close"],
+)
+def test_what_follows_a_body_is_the_next_request_unless_the_client_closes(
+    extra: bytes, served: list[str]
+) -> None:
+    """The bytes after a Content-Length body in the same read are the next request; a
+    proposed protocol switch the answer declines (200, not 101) keeps the connection; a
+    ``Connection: close`` ends it after the answer, and what follows is not read."""
+    first = b"POST /a HTTP/1.1\r\nHost: b\r\n" + extra + b"Content-Length: 3\r\n\r\nabc"
+    seen, out = run([first + b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n"])
+    assert [t.decode() for _m, t, _h, _b in seen] == served
+    assert seen[0][3] == b"abc"
+    assert [s for s, _ in responses(out)] == [200] * len(served)
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(0, 120), max_size=6))
+def test_a_client_that_expects_100_continue_gets_it_once(cuts: list[int]) -> None:
+    """``Expect: 100-continue``: one ``100 Continue`` before the first body read, however the
+    body arrives, then the answer."""
+    head = b"POST /a HTTP/1.1\r\nHost: b\r\nExpect: 100-continue\r\nContent-Length: 11\r\n\r\n"
+    seen, out = run([head, *split(b"hello world", cuts)])
+    assert [(m, t, b) for m, t, _h, b in seen] == [("POST", b"/a", b"hello world")]
+    assert out.count(b"HTTP/1.1 100 ") == 1
+    assert out.startswith(b"HTTP/1.1 100 ")
+    assert b"HTTP/1.1 200 " in out
 
 
 def test_bare_lf_and_obs_fold_are_refused_before_the_handler() -> None:
