@@ -9,6 +9,7 @@ nothing asserts a duration except the issue's "refused on the other box within a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -302,6 +303,72 @@ async def test_store_killed_closed_policy_refuses_503_then_serves_again(
             await pool.redis.start()
             await wait_for(lambda: pool.store(0).up)
             assert (await pool.post(client, 0, key)).status_code == 200
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+async def test_a_box_started_while_the_store_is_down_answers_503_not_401(
+    tmp_path: Path, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A box that starts while the store is unreachable has never read the keys document: it
+    cannot tell a good key from a bad one. It says so (503 store_unavailable, the OpenAI error
+    shape, Retry-After), not 401 as if the key were unknown; under ``open`` too (``open`` is
+    for the limits: there is no key list to fall back on). Once it reads the keys, it serves."""
+    caplog.set_level(logging.DEBUG)
+    async with open_pool(tmp_path, on_store_failure=policy) as pool:
+        entry, key = pool.lab.keys.add("early")
+        await pool.push_keys()
+        await pool.redis.kill()
+        model = await pool.lab.start_test_model()
+        pool.brokers.append(await pool.lab.start_broker())
+        pool.boxes.append(
+            await pool.lab.start_connector(
+                pool.brokers,
+                model.url,
+                connector={"name": "box0", "store": pool.redis.url, **pool.options},
+            )
+        )
+        assert not pool.store().up
+        async with pool.lab.client() as client:
+            for presented in (key, "tbk-" + "x" * 40):  # a good key and a bad one alike
+                r = await pool.post(client, 0, presented)
+                assert r.status_code == 503, r.text
+                error = r.json()["error"]
+                assert set(error) == {"message", "type", "code"}
+                assert error["code"] == "store_unavailable"
+                assert "key store is unreachable" in error["message"]
+                assert r.headers["retry-after"] == "1"
+                assert "www-authenticate" not in r.headers
+                assert presented not in r.text
+            host, port = pool.boxes[0].connector.admin_address or ("", 0)
+            problems = (await client.get(f"http://{host}:{port}/readyz")).json()["problems"]
+            assert any("no API keys read yet" in p and "503" in p for p in problems), problems
+            await pool.redis.start()  # empty (no persistence): the keys go in again
+            await pool.push_keys()
+            await wait_for(lambda: pool.store().keys.get(entry.id) is not None)
+            assert (await pool.post(client, 0, key)).status_code == 200
+    refused = [
+        r
+        for r in caplog.records
+        if getattr(r, "role", "") == "connector" and getattr(r, "status", None) == 503
+    ]
+    assert len(refused) == 2 and all("key store" in getattr(r, "reason", "") for r in refused)
+    assert not [r for r in caplog.records if key in str(vars(r))]  # the secret: nowhere
+
+
+async def test_a_box_whose_first_keys_document_is_unreadable_answers_503(tmp_path: Path) -> None:
+    """The store answers but the keys document in it cannot be read (written by hand, say) and
+    the box never read a good one: no key can be checked either (503, not 401)."""
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("early")
+        pool.lab.keys.path.write_text("[[keys]\nnot toml")
+        await start_boxes(pool, n=1)
+        async with pool.lab.client() as client:
+            r = await pool.post(client, 0, key)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert "cannot be read" in r.json()["error"]["message"]
+        [problem] = pool.store().problems()
+        assert problem.startswith("pool keys: ") and "no API keys read yet" in problem
+        assert "every request gets 503" in problem
 
 
 async def test_a_store_with_a_password(tmp_path: Path) -> None:

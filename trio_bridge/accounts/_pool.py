@@ -326,6 +326,25 @@ class PoolStore:
         await trio.lowlevel.checkpoint()
         return self.local.snapshot(key_id, limits, trio.current_time(), wall=wall)
 
+    def keys_unavailable(self) -> Refusal | None:
+        """Why no API key can be checked, as long as this connector never read the keys
+        document (the store not reached since the start, or the document unreadable): every
+        request is refused then (503), under either ``on_store_failure`` (that is for the
+        limits: there is no key list to fall back on). None once keys were read (the keys
+        last read stay in force)."""
+        if self.keys.loaded:
+            return None
+        if not self.up:
+            return Refusal(
+                STORE_DOWN,
+                "the pool's key store is unreachable and this connector has not read the API "
+                "keys yet; retry shortly",
+                1,
+            )
+        return Refusal(
+            STORE_DOWN, "the pool's API keys cannot be read from its key store; retry later", 1
+        )
+
     def holding(self, key_id: str) -> int:
         """Requests of ``key_id`` in flight here that the store admitted."""
         return self._flight.get(key_id, 0)
@@ -386,7 +405,9 @@ class PoolStore:
             if self._up_metric is not None:
                 self._up_metric.set(0)
             meanwhile = (
-                "admitting on this connector's own counts"
+                "refusing every request (503: no API keys read yet)"
+                if not self.keys.loaded
+                else "admitting on this connector's own counts"
                 if self.policy == "open"
                 else "refusing new requests (503)"
             )
@@ -410,7 +431,9 @@ class PoolStore:
                 else "the start"
             )
             policy = (
-                "limits counted per connector meanwhile"
+                f"no API keys read yet: every request gets 503 {STORE_DOWN}"
+                if not self.keys.loaded
+                else "limits counted per connector meanwhile"
                 if self.policy == "open"
                 else "new requests refused meanwhile"
             )
@@ -419,13 +442,18 @@ class PoolStore:
                 f"({self.last_error or 'not reached yet'}; on_store_failure = {self.policy}: "
                 f"{policy})"
             )
-        elif self.keys.document is None:
+        elif self.keys.loaded and self.keys.document is None:
             out.append(
                 f"pool store {self.where} holds no API keys yet: every request gets 401 "
                 "(`trio-bridge keys import` moves a keys file in; `keys add` makes one)"
             )
         if self.keys.reload_error is not None:
-            out.append(f"pool keys: {self.keys.reload_error} (the last good keys are in force)")
+            meanwhile = (
+                "the last good keys are in force"
+                if self.keys.loaded
+                else f"no API keys read yet: every request gets 503 {STORE_DOWN}"
+            )
+            out.append(f"pool keys: {self.keys.reload_error} ({meanwhile})")
         if dropped := self.backlog.rows_dropped:
             out.append(
                 f"pool usage: {dropped} usage rows dropped while the store was "
