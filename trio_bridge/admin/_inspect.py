@@ -40,7 +40,8 @@ SECRET_HEADERS = KEY_HEADERS | {
 def scrub(headers: Headers) -> Headers:
     """Secret values replaced, names and the rest kept as bytes (cheap: no decoding; for the
     request path). Header names from h11 are lower-case already."""
-    return [(k, _REDACTED_B if k in SECRET_HEADERS else v) for k, v in headers]
+    # the same tuple where nothing is replaced: an open request keeps these (~0.4 KiB less)
+    return [(kv[0], _REDACTED_B) if kv[0] in SECRET_HEADERS else kv for kv in headers]
 
 
 _REDACTED_B = REDACTED.encode()

@@ -121,12 +121,12 @@ class Trust:
         if trusted:
             prior = b", ".join(v for k, v in headers if k == b"x-forwarded-for")
         else:
-            headers = [(k, v) for k, v in headers if not _forwarding(k)]
-        headers = [(k, v) for k, v in headers if k.replace(b"_", b"-") != b"x-forwarded-for"]
+            headers = [kv for kv in headers if not _forwarding(kv[0])]
+        headers = [kv for kv in headers if kv[0].replace(b"_", b"-") != b"x-forwarded-for"]
         if peer:
             headers.append((b"x-forwarded-for", (prior + b", " if prior else b"") + peer.encode()))
         if not trusted or not any(k == b"x-forwarded-proto" for k, _ in headers):
-            headers = [(k, v) for k, v in headers if k != b"x-forwarded-proto"]
+            headers = [kv for kv in headers if kv[0] != b"x-forwarded-proto"]
             headers.append((b"x-forwarded-proto", req.scheme.encode()))
         return headers
 
@@ -232,7 +232,7 @@ def with_length(
     """``headers`` for ``body`` where it replaced ``original`` (a rewritten model)."""
     if body is original:
         return headers
-    out = [(k, v) for k, v in headers if k != b"content-length"]
+    out = [kv for kv in headers if kv[0] != b"content-length"]
     out.append((b"content-length", str(len(body)).encode()))
     return out
 
@@ -259,7 +259,7 @@ def model_list_answer(
             ],
         }  # fmt: skip
     body = json.dumps(doc).encode()
-    out = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
+    out = [kv for kv in headers if kv[0].lower() not in (b"content-length", b"content-type")]
     out += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     return out, body
 

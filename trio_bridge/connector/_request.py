@@ -84,6 +84,28 @@ class RelayedRequest:
     Cancellation: the stream's scope; whatever it holds is released by :meth:`run`'s end.
     """
 
+    __slots__ = (
+        "admitted",
+        "body",
+        "counted",
+        "facts",
+        "first_byte_by",
+        "first_chunk",
+        "fw",
+        "guard",
+        "head",
+        "held",
+        "key_id",
+        "last_chunk",
+        "limits",
+        "model",
+        "pooled",
+        "rec",
+        "slot",
+        "sniffer",
+        "stream",
+    )
+
     def __init__(self, fw: Forwarder, stream: RelayStream, guard: RelayGuard) -> None:
         head = stream.request_head
         assert head is not None

@@ -36,6 +36,25 @@ class RelayStream:
     to a client) can be cancelled.
     """
 
+    __slots__ = (
+        "_calls",
+        "_chunks",
+        "_counted",
+        "_held",
+        "_lot",
+        "_relay",
+        "_unacked",
+        "bytes_received",
+        "bytes_sent",
+        "id",
+        "on_reset",
+        "recv_done",
+        "request_head",
+        "reset_error",
+        "response_head",
+        "send_done",
+    )
+
     def __init__(self, relay: Relay, stream_id: int, request_head: RequestHead | None = None):
         self.id = stream_id
         self.request_head = request_head
