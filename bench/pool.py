@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netutil import free_port
 
 from trio_bridge.accounts._limits import KeyLimits, Limiter
-from trio_bridge.accounts._pool import fetch_keys, put_keys, store_client
+from trio_bridge.accounts._poolclient import store_client
+from trio_bridge.accounts._poolkeys import fetch_keys, put_keys
 from trio_bridge.testing import open_lab
 
 LIMITS = KeyLimits(rpm=1_000_000, tokens_per_minute=10**9, tokens_per_day=10**12)

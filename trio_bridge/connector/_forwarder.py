@@ -12,14 +12,13 @@ import httpx
 from trio_bridge._config import Config
 from trio_bridge.accounts._keys import SecretStore
 from trio_bridge.accounts._limits import Limiter
-from trio_bridge.accounts._limits import Refusal as LimitRefusal
 from trio_bridge.accounts._pool import PoolStore
 from trio_bridge.accounts._usagestore import UsageBook
 from trio_bridge.admin._inspect import Inspector, RequestRecord
 from trio_bridge.connector._accounting import Accounting
 from trio_bridge.connector._body import BodyRules, RelayGuard
 from trio_bridge.connector._llm import LLMWatch
-from trio_bridge.connector._request import Refusal, RelayedRequest
+from trio_bridge.connector._request import RelayedRequest
 from trio_bridge.connector._slots import FairSlots
 from trio_bridge.http._messages import KEY_HEADERS, REQUEST_ID, strip_hop_by_hop
 from trio_bridge.http._target import LLMBase
@@ -76,22 +75,7 @@ class Forwarder:
         held, failed key checks)."""
         if guard is None:
             guard = RelayGuard(self.max_buffered)
-        request = RelayedRequest(self, stream, guard)
-        if self.pool is not None and (down := self.pool.keys_unavailable()) is not None:
-            await self._keys_unavailable(request, down)
-            return
-        await request.run()
-
-    async def _keys_unavailable(self, request: RelayedRequest, down: LimitRefusal) -> None:
-        """No API key can be checked (the pool's keys were never read): 503, before any of
-        the request's checks; a 401 would tell a good key it is unknown."""
-        request.facts.limit = down.limit
-        self.accounting.limit_hit(down.limit)
-        refusal = Refusal(503, down.message, down.retry_after, code=down.limit)
-        try:
-            request.facts.outcome = await request.answer(refusal)
-        finally:
-            self.accounting.ended(request)
+        await RelayedRequest(self, stream, guard).run()
 
     def url_for(self, target: str) -> httpx.URL:
         """The LLM's URL for a request target (:class:`BadTarget` for one that may not go)."""

@@ -168,6 +168,12 @@ class RelayedRequest:
     # -- the steps, in order --
     def _check_key(self) -> SecretEntry | Refusal:
         fw, head = self.fw, self.head
+        if fw.pool is not None and (down := fw.pool.keys_unavailable()) is not None:
+            # the pool's keys were never read: no key can be checked, and a 401 would tell a
+            # good key it is unknown
+            self.facts.limit = down.limit
+            fw.accounting.limit_hit(down.limit)
+            return Refusal(503, down.message, down.retry_after, code=down.limit)
         presented = presented_key(head.headers)
         entry = fw.keys.lookup(presented) if presented is not None else None
         if entry is None:
