@@ -571,9 +571,12 @@ async def bench(args: argparse.Namespace, d: Path) -> dict[str, Any]:
                 "unit": "µs",
             }
         await limits_cost(res, roles, bridge, limited, rounds, q)
-        # 4. upload
+        # 4. upload: one each first (the first grows each process's heap for its buffers),
+        # then enough rounds for a median (each is ~50 ms; two were too few to say anything)
+        await upload(*direct, 10 * 1024 * 1024)
+        await upload(*bridge, 10 * 1024 * 1024)
         ud, ub = [], []
-        for _ in range(max(2, rounds // 2)):
+        for _ in range(5 if q else 9):
             ud.append(await upload(*direct, 10 * 1024 * 1024))
             ub.append(await upload(*bridge, 10 * 1024 * 1024))
         record("10 MB upload", ud, ub, "ms")
