@@ -24,6 +24,7 @@ import attrs
 import httpx
 import pytest
 import trio
+from faultproxy import FaultProxy
 from redisserver import RedisServer, needs_redis
 
 from trio_bridge.accounts._limits import KeyLimits
@@ -33,7 +34,7 @@ pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not instal
 
 from trio_bridge.accounts._pool import PoolStore
 from trio_bridge.accounts._poolclient import store_client
-from trio_bridge.accounts._poolkeys import fetch_keys, put_keys
+from trio_bridge.accounts._poolkeys import PoolKeys, fetch_keys, put_keys
 from trio_bridge.accounts._poolusage import read_usage
 
 pytestmark = needs_redis
@@ -115,17 +116,22 @@ async def open_pool(
         await redis.kill()
 
 
-async def start_boxes(pool: Pool, n: int = 2, token_delay: float = 0.001) -> None:
+async def start_boxes(
+    pool: Pool, n: int = 2, token_delay: float = 0.001, stores: list[str] | None = None
+) -> None:
+    """``n`` boxes, each with its broker; ``stores``: the store's URL each box dials (a
+    proxy's, say; default: the store's own)."""
     await pool.push_keys()
     model = await pool.lab.start_test_model(token_delay=token_delay)
     for i in range(n):
         broker = await pool.lab.start_broker()
         pool.brokers.append(broker)
+        url = stores[i] if stores is not None else pool.redis.url
         pool.boxes.append(
             await pool.lab.start_connector(
                 [broker],
                 model.url,
-                connector={"name": f"box{i}", "store": pool.redis.url, **pool.options},
+                connector={"name": f"box{i}", "store": url, **pool.options},
             )
         )
     for c in range(n):
@@ -222,6 +228,75 @@ async def test_keys_revoke_on_one_box_is_refused_on_the_other_within_a_second(
             assert trio.current_time() - revoked_at < 1.0
             r = await pool.post(client, 1, key)
         assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked"
+
+
+async def test_a_revocation_survives_a_store_restarted_empty_by_a_box_that_missed_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Box B is cut off from the store while an operator revokes a key (the CLI) and a key is
+    made on box A (the portal's path); Redis then restarts empty and B reaches it first: B
+    writes back the keys it last read, in which the revoked key is valid and the new one
+    missing. Within a few syncs the pool must refuse the revoked key on both boxes (401
+    key_revoked) and serve the new one on both: a revocation (or a key) that a live box
+    knows is not undone by another box's write-back."""
+    caplog.set_level(logging.INFO, logger="trio_bridge.pool")
+    async with open_pool(tmp_path) as pool:
+        entry, key = pool.lab.keys.add("leaver")
+        gates = [FaultProxy(pool.redis.port), FaultProxy(pool.redis.port)]
+        ports = [await pool.lab.nursery.start(gate.serve) for gate in gates]
+        urls = [pool.redis.url.replace(f":{pool.redis.port}/", f":{p}/") for p in ports]
+        await start_boxes(pool, stores=urls)
+        keys_a, keys_b = (rc.connector.keys for rc in pool.boxes)
+        config = tmp_path / "operator.toml"
+        config.write_text(f'[connector]\nstore = "{pool.redis.url}"\n')
+
+        def cut(box: int) -> None:
+            gates[box].set_mode("refuse")
+            gates[box].cut()
+
+        async with pool.lab.client() as client:
+            for box in (0, 1):
+                assert (await pool.post(client, box, key)).status_code == 200
+            cut(1)  # box B: cut off from the store
+            await wait_for(lambda: not pool.store(1).up)
+            await trio.run_process(
+                [sys.executable, "-m", "trio_bridge", "keys", "revoke", "leaver", "-c",
+                 str(config)],
+                capture_stdout=True,
+            )  # fmt: skip
+            made, secret = await trio.to_thread.run_sync(lambda: keys_a.add("newcomer"))
+            await wait_for(lambda: bool((e := keys_a.get(entry.id)) and e.revoked))
+            assert (await pool.post(client, 1, key)).status_code == 200  # B missed it
+            cut(0)
+            await wait_for(lambda: not pool.store(0).up)
+            await pool.redis.kill()
+            await pool.redis.start()  # empty (no persistence)
+            gates[1].set_mode("pass")  # B reaches it first, and writes back what it read
+            await wait_for(lambda: pool.store(1).up)
+            async with store_client(pool.config()) as direct:
+                doc, _ = await fetch_keys(direct)
+            assert doc is not None and made.id.encode() not in doc  # B's document won
+            gates[0].set_mode("pass")
+
+            def settled(keys: Any) -> bool:
+                e = keys.get(entry.id)
+                return e is not None and bool(e.revoked) and keys.get(made.id) is not None
+
+            await wait_for(lambda: settled(keys_a) and settled(keys_b), 5)
+            for box in (0, 1):
+                r = await pool.post(client, box, key)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked"
+                assert (await pool.post(client, box, secret)).status_code == 200
+        async with store_client(pool.config()) as direct:
+            doc, _ = await fetch_keys(direct)
+        written = PoolKeys("store")
+        written.apply(doc, b"")
+        assert (e := written.get(entry.id)) is not None and e.revoked  # a box started now too
+        assert written.get(made.id) is not None
+    said = [r.getMessage() for r in caplog.records if "revocation" in r.getMessage()]
+    assert len(said) == 1 and entry.id in said[0], said
+    assert not [r for r in caplog.records if key in r.getMessage() or secret in r.getMessage()]
+    assert not [r for r in caplog.records if entry.sha256 in r.getMessage()]
 
 
 async def test_usage_totals_equal_the_requests_made_on_both_boxes(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not instal
 
 from trio_bridge.accounts._pool import PoolStore
 from trio_bridge.accounts._poolclient import store_client
-from trio_bridge.accounts._poolkeys import fetch_keys, put_keys
+from trio_bridge.accounts._poolkeys import PoolKeys, fetch_keys, put_keys
 
 pytestmark = needs_redis
 
@@ -443,3 +443,258 @@ async def test_a_request_admitted_during_an_outage_counts_in_flight_once_the_sto
         assert await box_a.flush()
         decision = await box_b.admit(key_id, limits)
         assert decision.refusal is None
+
+
+# -- a Redis restarted empty, and a box (or a file) that holds an older keys document --
+
+
+async def push(config: Any, data: bytes) -> None:
+    """Replace the store's keys document with ``data`` (as `keys` commands do)."""
+    async with store_client(config) as client:
+        _, version = await fetch_keys(client)
+        assert await put_keys(client, data, version) > 0
+
+
+async def stored(config: Any) -> PoolKeys:
+    """The keys document in the store, read as a box would."""
+    async with store_client(config) as client:
+        doc, version = await fetch_keys(client)
+    keys = PoolKeys("store")
+    keys.apply(doc, version)
+    return keys
+
+
+async def synced(box: PoolStore) -> None:
+    """One sync that reached the store (the first after a restart may find the connection
+    gone)."""
+    for _ in range(10):
+        if await box._sync():
+            return
+        await trio.sleep(0.2)
+    raise AssertionError(box.problems())
+
+
+@asynccontextmanager
+async def store_and_lab(tmp_path: Path) -> AsyncIterator[tuple[Lab, RedisServer, Any]]:
+    redis = RedisServer(tmp_path)
+    await redis.start()
+    try:
+        async with open_lab() as lab:
+            yield lab, redis, lab.config(connector={"store": redis.url})
+    finally:
+        await redis.kill()
+
+
+def test_a_box_keeps_every_revocation_it_knows_whatever_document_it_reads(
+    tmp_path: Path,
+) -> None:
+    """Two documents that each know a revocation the other lacks (one box saw the first,
+    another the second): a box that read one and then reads the other holds both revoked,
+    and says the store's document lacks the one it knew."""
+    from trio_bridge.accounts._keys import SecretStore
+
+    one = SecretStore(tmp_path / "one.toml", "tbk")
+    first, _ = one.add("first")
+    second, _ = one.add("second")
+    (tmp_path / "two.toml").write_bytes(one.path.read_bytes())
+    (tmp_path / "two.toml").chmod(0o600)
+    one.revoke("first")
+    SecretStore(tmp_path / "two.toml", "tbk").revoke("second")
+    box = PoolKeys("store")
+    box.apply(one.path.read_bytes(), b"1.a")
+    box.apply((tmp_path / "two.toml").read_bytes(), b"2.b")
+    assert all((e := box.get(i)) is not None and e.revoked for i in (first.id, second.id))
+    assert box.lacking is not None and box.lacking.revoked == (first.id,)
+    assert box.version == b"2.b"
+
+
+def test_a_box_that_follows_the_stores_changes_finds_nothing_lacking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge must never fight the operator: a box that reads each document as the
+    `keys` commands write it (add, set, rotate, revoke, extend an expired key, trim) writes
+    nothing back and holds exactly the store's document."""
+    import trio_bridge.accounts._poolkeys as poolkeys
+    from trio_bridge.accounts import _keys
+    from trio_bridge.accounts._keys import SecretStore
+
+    file = SecretStore(tmp_path / "keys.toml", "tbk")
+    box = PoolKeys("store")
+    n = 0
+
+    def step() -> None:
+        nonlocal n
+        n += 1
+        doc = file.path.read_bytes()
+        box.apply(doc, f"{n}.x".encode())
+        assert box.lacking is None, n
+        assert box.document == doc
+
+    for name in ("alice", "bob", "carol", "dave"):
+        file.add(name)
+        step()
+    file.set_limits("alice", {"rpm": 5})
+    step()
+    file.rotate("bob", 0)  # the old secret expires at once: the rotation's write drops it
+    step()
+    file.revoke("carol")
+    step()
+    file.set_limits("dave", {"expires": "2000-01-01T00:00:00Z"})
+    step()
+    file.set_limits("dave", {"expires": ""})
+    step()
+    file.add("erin")
+    step()
+    carol = next(e for e in file.entries() if e.name == "carol")
+
+    class Later:  # 31 days on, for the box and the commands alike
+        @staticmethod
+        def time() -> float:
+            return time.time() + 31 * 86400
+
+    monkeypatch.setattr(_keys, "time", Later)
+    monkeypatch.setattr(poolkeys, "time", Later)
+    file.add("frank")  # the write drops carol (revoked more than REVOKED_KEPT ago)
+    assert file.get(carol.id) is None and _keys.REVOKED_KEPT == 30 * 86400
+    step()
+    assert box.get(carol.id) is None
+
+
+async def test_a_rotation_a_box_missed_is_not_undone_by_its_write_back(tmp_path: Path) -> None:
+    """alice's key was rotated (the old secret valid one hour more) while box B could not
+    reach the store; Redis restarted empty and B wrote back what it had read: no new
+    secret, an old one that never ends. Box A, which read the rotation, puts it back:
+    the new secret valid and the old one ending when the rotation said, everywhere."""
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        old, _ = lab.keys.add("alice")
+        await push(config, lab.keys.path.read_bytes())
+        box_a, box_b = PoolStore(config), PoolStore(config)
+        async with box_a.client, box_b.client:
+            await synced(box_a)
+            await synced(box_b)
+            new, _, until = lab.keys.rotate("alice", 3600)
+            await push(config, lab.keys.path.read_bytes())
+            await synced(box_a)  # B did not read it (cut off)
+            await redis.kill()
+            await redis.start()  # empty
+            await synced(box_b)  # first: writes back the old document
+            assert (await stored(config)).get(new.id) is None
+            await synced(box_a)
+            await synced(box_b)
+            for keys in (box_a.keys, box_b.keys, await stored(config)):
+                assert (e := keys.get(new.id)) is not None and e.usable()
+                assert (e := keys.get(old.id)) is not None and e.expires == until
+
+
+@pytest.mark.parametrize("restarted", [True, False], ids=["restarted-empty", "kept-its-doc"])
+async def test_a_box_away_longer_than_revocations_are_kept_brings_no_key_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool
+) -> None:
+    """Box B read bob's key and then could not reach the store for 31 days: bob was revoked
+    meanwhile and, 30 days on, left the document (revoked entries are kept 30 days, then no
+    box knows of the revocation any more). Whether Redis restarted empty meanwhile or not,
+    B must not put bob back: its keys are too old to be written back, or merged in."""
+    import trio_bridge.accounts._poolkeys as poolkeys
+
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        lab.keys.add("alice")
+        without_bob = lab.keys.path.read_bytes()  # the document once bob was trimmed
+        bob, _ = lab.keys.add("bob")
+        await push(config, lab.keys.path.read_bytes())
+        box_b = PoolStore(config)
+        async with box_b.client:
+            await synced(box_b)
+            await push(config, without_bob)
+            if restarted:
+                await redis.kill()
+                await redis.start()
+
+            class Later:
+                @staticmethod
+                def time() -> float:
+                    return time.time() + 31 * 86400
+
+            monkeypatch.setattr(poolkeys, "time", Later)
+            await synced(box_b)
+            await synced(box_b)
+        in_store = await stored(config)
+        assert in_store.get(bob.id) is None and box_b.keys.get(bob.id) is None
+        assert (in_store.document is None) == restarted
+
+
+async def test_a_key_made_on_a_box_before_it_merged_does_not_write_a_revoked_key_back(
+    tmp_path: Path,
+) -> None:
+    """Box A knows bob revoked; the store holds a document in which bob is valid (written
+    back by a box that missed the revocation) and, before A's next sync, the portal makes a
+    key on A: that change reads the store's document in a worker thread and writes it with
+    the new key. bob stays revoked, on A and in the store."""
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        lab.keys.add("alice")
+        bob, _ = lab.keys.add("bob")
+        stale = lab.keys.path.read_bytes()
+        await push(config, stale)
+        lab.keys.revoke("bob")
+        await push(config, lab.keys.path.read_bytes())
+        box_a = PoolStore(config)
+        async with box_a.client:
+            await synced(box_a)
+            assert (e := box_a.keys.get(bob.id)) is not None and e.revoked
+            await redis.kill()
+            await redis.start()
+            async with store_client(config) as client:  # box B's write-back, first
+                assert await put_keys(client, stale, b"") > 0
+            with trio.fail_after(5):
+                while True:  # A's connection to the restarted store
+                    try:
+                        await box_a.client.ping()
+                        break
+                    except Exception:
+                        await trio.sleep(0.1)
+            carol, _ = await trio.to_thread.run_sync(lambda: box_a.keys.add("carol"))
+            assert (e := box_a.keys.get(bob.id)) is not None and e.revoked
+        in_store = await stored(config)
+        assert (e := in_store.get(bob.id)) is not None and e.revoked
+        assert in_store.get(carol.id) is not None
+
+
+async def test_an_old_keys_file_imported_after_a_restart_does_not_bring_a_revoked_key_back(
+    tmp_path: Path,
+) -> None:
+    """The operator kept the keys file they once imported; Redis restarted empty and they
+    import that file again (`keys import`) before any box wrote its keys back: bob, revoked
+    in the store since, is valid in the file. The boxes, which know the revocation, make
+    the store's document say it again."""
+    import os
+    import sys
+
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        lab.keys.add("alice")
+        bob, _ = lab.keys.add("bob")
+        old = tmp_path / "keys.toml"
+        old.write_bytes(lab.keys.path.read_bytes())
+        os.chmod(old, 0o600)
+        await push(config, old.read_bytes())
+        lab.keys.revoke("bob")
+        await push(config, lab.keys.path.read_bytes())
+        boxes = [PoolStore(config), PoolStore(config)]
+        async with boxes[0].client, boxes[1].client:
+            for box in boxes:
+                await synced(box)
+            await redis.kill()
+            await redis.start()
+            cli = tmp_path / "operator.toml"
+            cli.write_text(f'[connector]\nstore = "{redis.url}"\n')
+            await trio.run_process(
+                [sys.executable, "-m", "trio_bridge", "keys", "import", str(old), "-c",
+                 str(cli)],
+                capture_stdout=True,
+                capture_stderr=True,
+            )  # fmt: skip
+            assert (e := (await stored(config)).get(bob.id)) is not None and not e.revoked
+            for box in boxes:
+                await synced(box)
+            for box in boxes:
+                await synced(box)
+                assert (e := box.keys.get(bob.id)) is not None and e.revoked
+        assert (e := (await stored(config)).get(bob.id)) is not None and e.revoked

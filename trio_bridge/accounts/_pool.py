@@ -556,21 +556,14 @@ class PoolStore:
                 alive, version, (ends, tokens, rows) = await self._write_all(self.client)
                 if not alive or not was_up:  # the store lost this connector's flight (or
                     await self._tell_flight()  # it was unreachable): say it again
-                if version != self.keys.version or not self.keys.loaded:
-                    doc = await self.client.get(KEYS_DOC)
-                    if doc is None and self.keys.document is not None:
-                        # the store lost the keys (restarted without persistence): the last
-                        # ones read go back (a version that another connector wrote wins)
-                        await put_keys(self.client, self.keys.document, b"")
-                        version = b""
-                        log.warning(
-                            "pool store %s held no keys document: the %d keys last read were "
-                            "written back",
-                            self.where,
-                            len(self.keys),
-                        )
-                    else:
-                        self.keys.apply(doc, version)
+                if (
+                    version != self.keys.version
+                    or not self.keys.loaded
+                    or self.keys.lacking is not None  # not written back yet
+                ):
+                    await self._read_keys(version)
+                else:
+                    self.keys.confirm()
                 if self.summary.due:
                     await self.summary.read(self.client)
         except self._errors as exc:
@@ -594,6 +587,20 @@ class PoolStore:
             self.down_since = None
             self.last_error = None
         return True
+
+    async def _read_keys(self, version: bytes) -> None:
+        """The keys document (of ``version``), merged with the one in force (a revoked key
+        stays revoked: :mod:`accounts._poolkeys`); what the store's lacks (all of it, if it
+        restarted empty) is written back if its version is still ``version`` (another
+        write first: merged again with the next sync)."""
+        self.keys.apply(await self.client.get(KEYS_DOC), version)
+        doc = self.keys.document
+        if (
+            self.keys.lacking is not None
+            and doc is not None
+            and (await put_keys(self.client, doc, version) > 0)
+        ):
+            self.keys.written()  # the next sync reads the new version
 
     async def _write_all(self, client: Any) -> tuple[bool, bytes, tuple[int, int, int]]:
         """The batch that may not have been written (again, as it was), then what waits:
