@@ -664,4 +664,12 @@ async def test_a_draining_broker_tells_its_connectors_and_refuses_new_relays(
                 )
             assert r.status_code == 503 and r.headers["retry-after"]
             assert "draining" in r.json()["error"]["message"]
+            # a request without a body is refused too, and its connection closed: a client
+            # that retries on its pooled connection must reach another broker, not this one
+            async with b.client() as client:
+                r = await client.get(
+                    b.base_url + "/v1/models", headers={"Authorization": f"Bearer {b.api_key}"}
+                )
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.headers["connection"] == "close"
         assert statuses == [200]  # the request in flight was finished

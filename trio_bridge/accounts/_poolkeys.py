@@ -187,7 +187,7 @@ class PoolKeys(SecretStore):
     def fresh(self) -> bool:
         """The document in force was the store's less than REVOKED_KEPT ago: what it holds
         that the store's lacks may be written back (see :func:`merge`)."""
-        return self._doc is not None and time.time() - self.read_at < REVOKED_KEPT  # wall
+        return self._doc is not None and time.time() - self.read_at < REVOKED_KEPT  # wall clock
 
     def confirm(self) -> None:
         """The store's version is still the one in force (polled): the document is current."""

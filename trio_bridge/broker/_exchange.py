@@ -498,7 +498,9 @@ class Exchange:
         s, h, body = error_response(
             status, message, self.request_id, retry_after=retry_after, code=code
         )
-        if not self.body_done:
+        if not self.body_done or self.svc.draining:
+            # a body we will not read; or, draining, a client that would retry on this very
+            # connection (its pool keeps it) instead of reaching another broker
             h.append((b"connection", b"close"))
         if self.stream is None:
             self.facts.bytes_out = len(body)  # else: what the stream brought (see _account)

@@ -252,19 +252,22 @@ def _keep_freed_buffers() -> bool:
     again: ~700-2 600 page faults per role and 10 MB upload (bench/run.py's upload, counted
     in /proc/PID/stat), a fifth of a role's CPU for it. Buffers below 4 MiB come from the
     heap, and up to 16 MiB of freed heap is kept. An operator's own
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` win. True if set.
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``GLIBC_TUNABLES=glibc.malloc.…``
+    win. True if both were set.
     """
-    if not sys.platform.startswith("linux") or any(
-        k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    if (
+        not sys.platform.startswith("linux")
+        or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
     ):
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on (not musl's)
     except (OSError, AttributeError):  # pragma: no cover - a C library without mallopt
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
+    mmap_set = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))  # 0: refused (32-bit: > 512 KiB)
+    trim_set = bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return mmap_set and trim_set
 
 
 def _freeze_startup_heap() -> None:

@@ -180,11 +180,18 @@ class Request:
             if not left:
                 return b""  # noqa: ASYNC910  fast path: the body is complete
             conn = self._conn
+            buf = conn.buf
+            if len(buf) > left:  # the rest of the body and what follows it (pipelined)
+                data = bytes(buf[:left])
+                del buf[:left]
+                self._left = 0
+                conn.body_received += left
+                return data  # noqa: ASYNC910  fast path: the whole rest was buffered
             data = await conn.receive_body_bytes()
             if not data:
                 raise ClientDisconnected("client closed the connection during the upload")
             if len(data) > left:  # what follows the body: the next (pipelined) request's
-                conn.buf[:0] = data[left:]
+                buf[:0] = data[left:]
                 data = data[:left]
             self._left = left - len(data)
             conn.body_received += len(data)
