@@ -67,3 +67,19 @@ async def test_revoke_reaches_a_running_store_without_restart(
 def test_secret_id() -> None:
     assert secret_id("tbk_abcdefgh_rest_with_underscores") == "abcdefgh"
     assert secret_id("sk-something") is None
+
+
+def test_ending_a_rotated_keys_old_secret_at_once_reports_it(tmp_path: Path) -> None:
+    """During a rotation's grace, ``keys set <old id> --expires <now>`` ends the old secret;
+    the write drops that entry (expired, a newer one of its name exists). The change is
+    reported as written (it raised StopIteration after the write succeeded)."""
+    import datetime as dt
+
+    store = SecretStore(tmp_path / "keys.toml", "tbk")
+    old, _ = store.add("alice")
+    new, _, _ = store.rotate("alice", 3600)
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    changed = store.set_limits(old.id, {"expires": past})
+    assert changed.id == old.id and changed.expired()
+    assert store.get(old.id) is None
+    assert store.get(new.id) is not None and store.get(new.id).usable()  # type: ignore[union-attr]

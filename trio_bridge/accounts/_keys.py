@@ -477,7 +477,9 @@ class SecretStore:
                     e = attrs.evolve(e, expires=expires)
             updated.append(e)
         self._write(updated)
-        return next(e for e in self.entries() if e.id == matches[-1].id)
+        changed = next(e for e in updated if e.id == matches[-1].id)
+        # the write may drop it (expired, a newer entry of its name exists): as written
+        return next((e for e in self.entries() if e.id == changed.id), changed)
 
     @_locked
     def set_defaults(self, changes: dict[str, Any]) -> KeyLimits:

@@ -81,24 +81,20 @@ def merge(
     """The store's entries (``theirs``) with what a box's (``ours``) knows that they lack,
     and what that was (None: nothing). Revoked stays revoked: an entry ``ours`` holds
     revoked is revoked in the result (one ``theirs`` dropped comes back, while
-    REVOKED_KEPT). If ``fresh`` (``ours`` was read from the store within REVOKED_KEPT), the
-    usable entries ``theirs`` lacks come back too, unless ``theirs`` holds an entry of their
-    name that ``ours`` does not (a newer one), and the other entries of their names as
-    ``ours`` holds them (a rotation ``theirs`` missed: the old key ends when it said)."""
+    REVOKED_KEPT): a revoked entry can never make a key usable, so putting it back is always
+    safe. If ``fresh`` (``ours`` was read from the store within REVOKED_KEPT), a usable entry
+    comes back only if ``theirs`` holds no entry of its name at all (a key added that the
+    store lost). Nothing else of ``ours`` is taken: where ``theirs`` holds a name, its
+    entries win, as an operator's end of a key during a rotation's grace drops the old entry
+    (putting it back undid that). A rotation the store lost is therefore not restored."""
     out = dict(theirs)
     added: list[str] = []
     if fresh:
-        # names with an entry ours never saw: a rotation's new key (whose write drops the
-        # old one if it expires at once), a name added again; their others are not put back
-        renewed = {t.name for t in theirs.values() if t.id not in ours}
+        names = {t.name for t in theirs.values()}
         for e in ours.values():
-            if e.id not in theirs and e.usable(now) and e.name not in renewed:
+            if e.id not in theirs and e.usable(now) and e.name not in names:
                 out[e.id] = e
                 added.append(e.id)
-        behind = {ours[i].name for i in added}
-        for e in ours.values():
-            if e.name in behind and e.id in theirs:
-                out[e.id] = attrs.evolve(e, revoked=theirs[e.id].revoked)
     revoked: list[str] = []
     for e in ours.values():
         if not e.revoked:
