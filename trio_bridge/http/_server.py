@@ -473,7 +473,6 @@ class _Connection:
             if head is None:
                 return
             first = False
-            self.head = head
             try:
                 h, event = _parse_head(head)
             except _HeadError as exc:
@@ -482,6 +481,11 @@ class _Connection:
             self.body_received = 0
             self.body_started = 0.0
             request = Request(self, h, event, client)
+            # The raw head, only for a WebSocket upgrade (its handshake reads it); neither it
+            # nor h11's event (raw header names, triples) stays alive while the request does:
+            # ~1 KiB per open request
+            self.head = head if request.is_websocket else b""
+            del head, event
             try:
                 await handler(request)
             except BadBody as exc:
