@@ -5,6 +5,7 @@ store restarted empty. Two :class:`PoolStore` objects in one process stand for t
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -707,3 +708,111 @@ async def test_an_old_keys_file_imported_after_a_restart_does_not_bring_a_revoke
                 await synced(box)
                 assert (e := box.keys.get(bob.id)) is not None and e.revoked
         assert (e := (await stored(config)).get(bob.id)) is not None and e.revoked
+
+
+# -- the keys document's cost on the event loop, and key changes racing the sync --
+
+
+async def test_each_new_keys_version_is_parsed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A box parses each new version of the keys document once (the merge's entries are the
+    ones it holds then; a merged document it writes back is not parsed again), and not at
+    all a version whose document it holds already (the one it wrote back). Each parse of a
+    pool of tens of thousands of keys costs a second of CPU."""
+    import tomllib
+
+    parsed: list[int] = []
+    real = tomllib.loads
+
+    def counting(text: str, **kw: Any) -> dict[str, Any]:
+        parsed.append(len(text))
+        return real(text, **kw)
+
+    async with store_and_lab(tmp_path) as (lab, _redis, config):
+        lab.keys.add("alice")
+        bob, _ = lab.keys.add("bob")
+        stale = lab.keys.path.read_bytes()
+        lab.keys.revoke("bob")
+        await push(config, lab.keys.path.read_bytes())
+        box = PoolStore(config)
+        async with box.client:
+            monkeypatch.setattr(tomllib, "loads", counting)
+            await synced(box)  # its first read
+            assert len(parsed) == 1
+            carol, _ = lab.keys.add("carol")
+            await push(config, lab.keys.path.read_bytes())
+            parsed.clear()
+            await synced(box)  # a new version
+            assert len(parsed) == 1 and box.keys.get(carol.id) is not None
+            parsed.clear()
+            await synced(box)  # the same version: nothing to read
+            assert parsed == []
+            await push(config, stale)  # lacks bob's revocation (a box that missed it)
+            parsed.clear()
+            await synced(box)  # merged, and written back
+            assert len(parsed) == 1
+            assert box.keys.lacking is None
+            assert (e := box.keys.get(bob.id)) is not None and e.revoked
+            parsed.clear()
+            await synced(box)  # the version it wrote: the document it holds
+            assert parsed == []
+        monkeypatch.undo()
+        in_store = await stored(config)
+        assert (e := in_store.get(bob.id)) is not None and e.revoked
+        # what it holds, never parsed from the document it wrote, is what that document says
+        assert in_store.entries() == box.keys.entries()
+        assert in_store.defaults == box.keys.defaults
+
+
+async def test_a_slow_keys_parse_neither_stalls_the_box_nor_marks_the_store_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keys document that takes longer to parse than a round trip may take (a large pool,
+    a slow CPU) is parsed off the event loop and outside the round trip's deadline: the box
+    goes on admitting meanwhile, the store is not said unreachable (under on_store_failure =
+    closed that refused every request), and the new keys are in force once parsed."""
+    import tomllib
+
+    from trio_bridge.accounts._poolclient import ROUND_TRIP_TIMEOUT
+
+    real = tomllib.loads
+
+    def slow(text: str, **kw: Any) -> dict[str, Any]:
+        time.sleep(ROUND_TRIP_TIMEOUT * 2 + 0.5)
+        return real(text, **kw)
+
+    async with store_and_lab(tmp_path) as (lab, redis, _config):
+        config = lab.config(connector={"store": redis.url, "on_store_failure": "closed"})
+        alice, _ = lab.keys.add("alice")
+        await push(config, lab.keys.path.read_bytes())
+        box = PoolStore(config)
+        async with box.client:
+            await synced(box)
+            carol, _ = lab.keys.add("carol")
+            await push(config, lab.keys.path.read_bytes())
+            monkeypatch.setattr(tomllib, "loads", slow)
+            ticks: list[float] = []
+            admitted: list[Any] = []
+
+            async def tick() -> None:
+                while True:
+                    ticks.append(trio.current_time())
+                    await trio.sleep(0.05)
+
+            async def admit() -> None:
+                await trio.sleep(ROUND_TRIP_TIMEOUT)  # the parse is under way
+                admitted.append(await box.admit(alice.id, KeyLimits()))
+                box.finish(alice.id, 0, shared=True)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                nursery.start_soon(admit)
+                ok = await box._sync()
+                nursery.cancel_scope.cancel()
+            monkeypatch.undo()
+            assert ok and box.up and box.failures == 0, box.problems()
+            assert box.keys.get(carol.id) is not None
+            [decision] = admitted
+            assert decision.refusal is None and decision.shared
+            assert max(b - a for a, b in itertools.pairwise(ticks)) < ROUND_TRIP_TIMEOUT

@@ -271,35 +271,7 @@ class SecretStore:
         data = self._load()
         if data is None:
             return []
-        entries = []
-        for i, item in enumerate(data.get("keys", [])):
-            try:
-                fields = {k: str(item[k]) for k in _FIELDS}
-                routes = item.get("routes", [])
-                if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
-                    raise TypeError
-                expires = str(item.get("expires", ""))
-                if expires:
-                    _parse_iso(expires)
-                revoked = str(item.get("revoked", ""))
-                if revoked:
-                    _parse_iso(revoked)
-                limits = limits_from(item, f"{self.path}: keys.{i}")
-                entries.append(
-                    SecretEntry(
-                        **fields,
-                        routes=tuple(routes),
-                        expires=expires,
-                        limits=limits,
-                        revoked=revoked,
-                    )
-                )
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(
-                    f"{self.path}: keys.{i}: needs {', '.join(_FIELDS)} "
-                    "(routes: a list of strings; expires, revoked: ISO times)"
-                ) from None
-        self._defaults = limits_from(data.get("defaults", {}), f"{self.path}: defaults")
+        entries, self._defaults = read_entries(data, str(self.path))
         return entries
 
     def reload(self) -> None:
@@ -540,6 +512,40 @@ class SecretStore:
 
 
 _FIELDS = ("name", "id", "sha256", "created")
+
+
+def read_entries(data: dict[str, Any], where: str) -> tuple[list[SecretEntry], KeyLimits]:
+    """The entries and the ``[defaults]`` of a keys document (its TOML, parsed); a
+    ConfigError that names ``where`` and the entry if one is wrong."""
+    entries = []
+    for i, item in enumerate(data.get("keys", [])):
+        try:
+            fields = {k: str(item[k]) for k in _FIELDS}
+            routes = item.get("routes", [])
+            if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+                raise TypeError
+            expires = str(item.get("expires", ""))
+            if expires:
+                _parse_iso(expires)
+            revoked = str(item.get("revoked", ""))
+            if revoked:
+                _parse_iso(revoked)
+            limits = limits_from(item, f"{where}: keys.{i}")
+            entries.append(
+                SecretEntry(
+                    **fields,
+                    routes=tuple(routes),
+                    expires=expires,
+                    limits=limits,
+                    revoked=revoked,
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: keys.{i}: needs {', '.join(_FIELDS)} "
+                "(routes: a list of strings; expires, revoked: ISO times)"
+            ) from None
+    return entries, limits_from(data.get("defaults", {}), f"{where}: defaults")
 
 
 def _as_toml(e: SecretEntry) -> dict[str, Any]:

@@ -54,10 +54,9 @@ from trio_bridge.accounts._poolclient import (
     store_errors,
     why_failed,
 )
-from trio_bridge.accounts._poolkeys import PoolKeys, fetch_keys, put_keys
+from trio_bridge.accounts._poolkeys import Base, PoolKeys, fetch_keys, put_keys
 from trio_bridge.accounts._poolscripts import (
     ADMIT,
-    KEYS_DOC,
     KEYS_VERSION,
     LIMIT_OF_CODE,
     PREFIX,
@@ -549,23 +548,30 @@ class PoolStore:
 
     async def _sync(self) -> bool:
         """One round trip: what ended, the usage, the heartbeat, the keys' version (and the
-        keys and usage summary when due). False if the store did not answer."""
+        keys document and the usage summary when due), within ROUND_TRIP_TIMEOUT * 2. Then a
+        new keys document is parsed and merged in a worker thread, outside that deadline (tens
+        of thousands of keys take a second and more: no sign of a slow store, and the event
+        loop serves meanwhile), and what the store's lacks is written back (its own round
+        trip). False if the store did not answer."""
         was_up = self.up
+        base = self.keys.base()  # before the read: a version put in force since wins
+        fetched: tuple[bytes | None, bytes] | None = None
         try:
             with trio.fail_after(ROUND_TRIP_TIMEOUT * 2):
                 alive, version, (ends, tokens, rows) = await self._write_all(self.client)
                 if not alive or not was_up:  # the store lost this connector's flight (or
                     await self._tell_flight()  # it was unreachable): say it again
-                if (
-                    version != self.keys.version
-                    or not self.keys.loaded
-                    or self.keys.lacking is not None  # not written back yet
-                ):
-                    await self._read_keys(version)
+                if self.keys.wants(version):
+                    fetched = await fetch_keys(self.client)
                 else:
-                    self.keys.confirm()
+                    self.keys.confirm(version)
                 if self.summary.due:
                     await self.summary.read(self.client)
+            if fetched is not None:
+                await self._take_keys(*fetched, base)
+            if self.keys.lacking is not None:  # not written back yet
+                with trio.fail_after(ROUND_TRIP_TIMEOUT * 2):
+                    await self._write_back()
         except self._errors as exc:
             self._failed(exc)
             return False  # noqa: ASYNC910  the write was awaited (it raised)
@@ -588,19 +594,35 @@ class PoolStore:
             self.last_error = None
         return True
 
-    async def _read_keys(self, version: bytes) -> None:
-        """The keys document (of ``version``), merged with the one in force (a revoked key
-        stays revoked: :mod:`accounts._poolkeys`); what the store's lacks (all of it, if it
-        restarted empty) is written back if its version is still ``version`` (another
-        write first: merged again with the next sync)."""
-        self.keys.apply(await self.client.get(KEYS_DOC), version)
-        doc = self.keys.document
-        if (
-            self.keys.lacking is not None
-            and doc is not None
-            and (await put_keys(self.client, doc, version) > 0)
-        ):
-            self.keys.written()  # the next sync reads the new version
+    async def _take_keys(self, doc: bytes | None, version: bytes, base: Base) -> None:
+        """The keys document (of ``version``) merged with ``base``, the one in force when the
+        sync began (a revoked key stays revoked: :mod:`accounts._poolkeys`), and put in force:
+        parsed once, in a worker thread (nothing of the store's state is touched there); not
+        put in force if a change (the portal's) put another in force meanwhile (the next
+        sync reads again)."""
+        if doc is None or doc == base.held.doc:  # nothing to parse
+            await trio.lowlevel.checkpoint()
+            held = self.keys.prepare(doc, version, base)
+        else:
+            try:
+                held = await trio.to_thread.run_sync(
+                    self.keys.prepare, doc, version, base, abandon_on_cancel=True
+                )
+            except ConfigError as exc:
+                self.keys.unreadable(exc, version)
+                return  # noqa: ASYNC910  the parse was awaited (it raised)
+        self.keys.install(held, base)
+
+    async def _write_back(self) -> None:
+        """What the store's keys document lacks (all of it, if it restarted empty), written
+        if its version is still the one the document in force was merged with (another write
+        first: the next sync reads and merges that)."""
+        held = self.keys.held
+        if held.lacking is None or held.doc is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if await put_keys(self.client, held.doc, held.version) > 0:
+            self.keys.written(held)  # the next sync reads the new version (the document held)
 
     async def _write_all(self, client: Any) -> tuple[bool, bytes, tuple[int, int, int]]:
         """The batch that may not have been written (again, as it was), then what waits:

@@ -43,6 +43,7 @@ from trio_bridge.accounts._keys import (
     _as_toml,
     _limits_toml,
     _parse_iso,
+    read_entries,
 )
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._poolscripts import KEYS_DOC, KEYS_VERSION, PUT_KEYS
@@ -122,13 +123,51 @@ def document(entries: list[SecretEntry], defaults: KeyLimits) -> bytes:
     return header + tomli_w.dumps(doc).encode()
 
 
+def parse_keys(doc: bytes, where: str) -> tuple[dict[str, SecretEntry], KeyLimits]:
+    """The entries (by id) and defaults of a keys document (a ConfigError if it cannot be
+    read): the one parse of each version a box reads (a second of CPU for 20 000 keys)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(doc.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: the keys document is invalid: {exc}") from None
+    entries, defaults = read_entries(data, where)
+    return {e.id: e for e in entries}, defaults
+
+
+@attrs.frozen(eq=False)
+class Held:
+    """A version of the keys document as a box holds it: the document (None: the store held
+    none), its version, its entries by id and defaults (never changed in place), and what
+    the store's document of that version lacks (None: nothing; to be written back)."""
+
+    doc: bytes | None = None
+    version: bytes = b""
+    by_id: dict[str, SecretEntry] = attrs.field(factory=dict)
+    defaults: KeyLimits = KeyLimits()
+    lacking: Lacking | None = None
+
+
+@attrs.frozen(eq=False)
+class Base:
+    """What a document read is merged with (:meth:`PoolKeys.prepare`, on any thread): the
+    version held, whether what it holds may be written back (:func:`merge`'s ``fresh``),
+    and how many versions were put in force before (another since: this one is stale)."""
+
+    held: Held
+    fresh: bool
+    count: int
+
+
 class PoolKeys(SecretStore):
     """The API keys of a pool: the keys file's document, kept in the store (hashes only).
 
-    In a connector, :meth:`apply` gives it each new version that :class:`PoolStore` read, and
-    ``fetch`` and ``put`` work from trio's worker threads (the portal changes keys there);
-    for the CLI they are each a short ``trio.run``. ``fetch`` may return None (nothing read:
-    the document in force stays). ``path`` is the store's address (no password).
+    In a connector, :class:`PoolStore` gives it each new version it read (:meth:`prepare` in
+    a worker thread, then :meth:`install`), and ``fetch`` and ``put`` work from trio's worker
+    threads (the portal changes keys there); for the CLI they are each a short ``trio.run``.
+    ``fetch`` may return None (nothing read: the document in force stays). ``path`` is the
+    store's address (no password).
 
     Each document read is merged with the one in force (:func:`merge`): :attr:`lacking`
     then says what the store's document lacks (None: nothing), for the caller to write
@@ -142,91 +181,150 @@ class PoolKeys(SecretStore):
         put: Callable[[bytes, bytes], int] | None = None,
     ) -> None:
         self._fetch, self._put = fetch, put
-        self._doc: bytes | None = None
-        self._version = b""
+        self._held = Held()
+        self._count = 0  # versions put in force
+        #: a version that could not be read (not read again: a fixed document is a new one)
+        self._unreadable: bytes | None = None
         self.loaded = False
-        #: what the store's document lacks that the one in force holds (to be written back)
-        self.lacking: Lacking | None = None
         #: when (wall clock) the document in force was last the store's, in full
         self.read_at = -math.inf
         super().__init__(Path(), "tbk")
         self.path = where  # type: ignore[assignment]  # a name in messages, not a file
 
-    def _load(self) -> dict[str, Any] | None:
-        if self._doc is None:
-            return None
-        import tomllib
-
-        try:
-            return tomllib.loads(self._doc.decode())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{self.path}: the keys document is invalid: {exc}") from None
-
     def _save(self, data: bytes) -> None:
         if self._put is None:
             raise ConfigError(f"{self.path}: keys are changed with the CLI, not by a connector")
-        version = self._put(data, self._version)
-        if version < 0:
+        if self._put(data, self._held.version) < 0:
             raise ConfigError(
                 f"{self.path}: the keys changed meanwhile (another `keys` command); run it again"
             )
         self.written()
 
     def reload(self) -> None:
+        """Read the store's document and put it in force, merged."""
+        base = self.base()
         fetched = self._fetch() if self._fetch is not None else None
-        if fetched is not None:
-            self._take(*fetched)
-        self._by_id = {e.id: e for e in self._read()}
-        self.generation += 1
+        if fetched is None:  # the document in force stays
+            return
+        doc, version = fetched
+        held = self.prepare(doc, version, base)
+        if self._count == base.count:  # (else another one was put in force: it stays)
+            self._put_in_force(held)
+
+    def base(self) -> Base:
+        """What a document read now is merged with (see :class:`Base`)."""
+        held = self._held
+        fresh = held.doc is not None and time.time() - self.read_at < REVOKED_KEPT  # wall clock
+        return Base(held, fresh, self._count)
 
     @property
     def fresh(self) -> bool:
         """The document in force was the store's less than REVOKED_KEPT ago: what it holds
         that the store's lacks may be written back (see :func:`merge`)."""
-        return self._doc is not None and time.time() - self.read_at < REVOKED_KEPT  # wall clock
+        return self.base().fresh
 
-    def confirm(self) -> None:
-        """The store's version is still the one in force (polled): the document is current."""
-        if self.lacking is None:
+    @property
+    def held(self) -> Held:
+        return self._held
+
+    def wants(self, version: bytes) -> bool:
+        """The store's version (polled): is its document to be read? (A new version, or none
+        read yet; not one that could not be read.)"""
+        if version == self._unreadable:
+            return False
+        return version != self._held.version or not self.loaded
+
+    def confirm(self, version: bytes) -> None:
+        """The store's version (polled) is the one in force: the document is current."""
+        held = self._held
+        if version == held.version and held.lacking is None:
             self.read_at = time.time()  # wall clock
 
-    def _take(self, doc: bytes | None, version: bytes) -> None:
-        """Put the store's document ``doc`` in force, merged with the one in force (a
-        ConfigError, and nothing changed, if ``doc`` cannot be read)."""
-        ours, lacking = self._doc, None
-        if ours is not None and doc != ours:
-            if doc is None:
-                if self.fresh:  # the store lost the document: ours goes back
-                    doc, lacking = ours, Lacking(whole=True)
-                else:
-                    log.warning(
-                        "pool store %s holds no keys document; the %d keys this connector "
-                        "last read are older than the revocations the document keeps: not "
-                        "written back (`trio-bridge keys import` fills it)",
-                        self.path,
-                        len(self._by_id),
-                    )
-            else:
-                now = time.time()  # wall clock
-                theirs, defaults = _entries(doc, str(self.path))
-                merged, lacking = merge(theirs, self._by_id, fresh=self.fresh, now=now)
-                if lacking is not None:
-                    doc = document(list(merged.values()), defaults)
-        self._doc, self._version, self.lacking = doc, version, lacking
+    def prepare(self, doc: bytes | None, version: bytes, base: Base) -> Held:
+        """The store's document ``doc`` of ``version``, merged with ``base`` (a ConfigError if
+        it cannot be read). Parsed once, and not at all if it is the document held; touches
+        nothing of this object's but its name (a worker thread may run it)."""
+        ours = base.held
+        if ours.doc is not None and doc == ours.doc:
+            return attrs.evolve(ours, version=version, lacking=None)
+        if doc is None:
+            if ours.doc is None:
+                return Held(version=version)
+            if base.fresh:  # the store lost the document: ours goes back
+                return attrs.evolve(ours, version=version, lacking=Lacking(whole=True))
+            log.warning(
+                "pool store %s holds no keys document; the %d keys this connector last read "
+                "are older than the revocations the document keeps: not written back "
+                "(`trio-bridge keys import` fills it)",
+                self.path,
+                len(ours.by_id),
+            )
+            return Held(version=version)
+        theirs, defaults = parse_keys(doc, str(self.path))
+        if ours.doc is None:
+            return Held(doc, version, theirs, defaults)
+        now = time.time()  # wall clock
+        merged, lacking = merge(theirs, ours.by_id, fresh=base.fresh, now=now)
         if lacking is None:
+            return Held(doc, version, theirs, defaults)
+        return Held(document(list(merged.values()), defaults), version, merged, defaults, lacking)
+
+    def _put_in_force(self, held: Held) -> None:
+        self._held = held
+        self._by_id, self._defaults = held.by_id, held.defaults
+        self._count += 1
+        self.generation += 1
+        if held.lacking is None:
             self.read_at = time.time()  # wall clock
 
-    def written(self) -> None:
-        """What the store's document lacked was written to it (the caller's compare-and-set
-        won): said in one line (key ids only)."""
-        lacking, self.lacking = self.lacking, None
+    def install(self, held: Held, base: Base) -> bool:
+        """Put in force a version the sync read and :meth:`prepare` merged with ``base``
+        (the trio thread). Not if another version was put in force since ``base``: False,
+        the next sync reads again."""
+        if self._count != base.count:
+            return False
+        self._put_in_force(held)
+        self._unreadable = None
+        self.loaded = True
+        if self.reload_error is not None:
+            log.info("pool keys readable again (%d entries)", len(self._by_id))
+        self.reload_error = None
+        return True
+
+    def unreadable(self, exc: ConfigError, version: bytes) -> None:
+        """The document of ``version`` cannot be read: the last good keys stay in force
+        (said once, and in :attr:`reload_error`); that version is not read again."""
+        self._unreadable = version
+        if self.reload_error != str(exc):
+            log.error("pool keys cannot be read, the last good ones stay in force: %s", exc)
+        self.reload_error = str(exc)
+
+    def apply(self, doc: bytes | None, version: bytes) -> bool:
+        """A version of the document read from the store, merged and put in force here and
+        now (:meth:`prepare` and :meth:`install`); False if it was not."""
+        base = self.base()
+        try:
+            held = self.prepare(doc, version, base)
+        except ConfigError as exc:
+            self.unreadable(exc, version)
+            return False
+        return self.install(held, base)
+
+    def written(self, held: Held | None = None) -> None:
+        """What the store's document of ``held`` (default: the one in force) lacked was
+        written to it (the caller's compare-and-set won): said in one line (key ids only),
+        and no longer lacking if ``held`` is still in force."""
+        held = self._held if held is None else held
+        lacking = held.lacking
         if lacking is None:
             return
+        if self._held is held:
+            self._held = attrs.evolve(held, lacking=None)
         if lacking.whole:
             log.warning(
                 "pool store %s held no keys document: the %d keys last read were written back",
                 self.path,
-                len(self._by_id),
+                len(held.by_id),
             )
             return
         said = []
@@ -244,27 +342,14 @@ class PoolKeys(SecretStore):
     def maybe_reload(self) -> None:
         """Nothing to look at: :class:`PoolStore` applies new versions as it reads them."""
 
-    def apply(self, doc: bytes | None, version: bytes) -> None:
-        """A version of the document read from the store; one that cannot be read keeps the
-        last good keys in force (said once, and in :attr:`reload_error`)."""
-        old = self._doc, self._version, self.lacking, self.read_at
-        try:
-            self._take(doc, version)
-            self.reload()
-        except ConfigError as exc:
-            self._doc, self._version, self.lacking, self.read_at = old
-            if self.reload_error != str(exc):
-                log.error("pool keys cannot be read, the last good ones stay in force: %s", exc)
-            self.reload_error = str(exc)
-        else:
-            self.loaded = True
-            if self.reload_error is not None:
-                log.info("pool keys readable again (%d entries)", len(self._by_id))
-            self.reload_error = None
+    @property
+    def lacking(self) -> Lacking | None:
+        """What the store's document lacks that the one in force holds (to be written back)."""
+        return self._held.lacking
 
     @property
     def version(self) -> bytes:
-        return self._version
+        return self._held.version
 
     def merge(self, entries: list[SecretEntry], defaults: KeyLimits) -> list[SecretEntry]:
         """Add the ``entries`` whose ids it does not hold (``keys import``); ``defaults``
@@ -280,12 +365,4 @@ class PoolKeys(SecretStore):
     @property
     def document(self) -> bytes | None:
         """The document in force (None before one was read)."""
-        return self._doc
-
-
-def _entries(doc: bytes, where: str) -> tuple[dict[str, SecretEntry], KeyLimits]:
-    """The entries (by id) and defaults of a keys document (ConfigError if unreadable)."""
-    keys = PoolKeys(where)
-    keys._doc = doc
-    keys.reload()
-    return keys._by_id, keys.defaults
+        return self._held.doc
