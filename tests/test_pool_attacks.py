@@ -816,3 +816,45 @@ async def test_a_slow_keys_parse_neither_stalls_the_box_nor_marks_the_store_down
             [decision] = admitted
             assert decision.refusal is None and decision.shared
             assert max(b - a for a, b in itertools.pairwise(ticks)) < ROUND_TRIP_TIMEOUT
+
+
+async def test_a_portal_change_racing_an_operators_change_keeps_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The portal changes keys in a worker thread: it reads the store's document, makes its
+    change and writes it by compare-and-set. Between its read and its write the operator
+    lowers alice's rpm and revokes bob (`keys set`, `keys revoke` elsewhere), and the box's
+    sync reads that. The portal's write must lose its compare-and-set (it was made from the
+    older version) and be made again on the new document: both changes hold."""
+    async with store_and_lab(tmp_path) as (lab, _redis, config):
+        lab.keys.add("alice")
+        bob, bob_secret = lab.keys.add("bob")
+        await push(config, lab.keys.path.read_bytes())
+        box = PoolStore(config)
+        async with box.client:
+            await synced(box)
+            real_save = box.keys._save
+            saves: list[bytes] = []
+
+            async def operator() -> None:
+                lab.keys.revoke("bob")
+                lab.keys.set_limits("alice", {"rpm": 1})
+                await push(config, lab.keys.path.read_bytes())
+                await synced(box)  # the box's sync reads it meanwhile
+
+            def save(data: bytes) -> None:
+                saves.append(data)
+                if len(saves) == 1:
+                    trio.from_thread.run(operator)
+                real_save(data)
+
+            monkeypatch.setattr(box.keys, "_save", save)
+            carol, _ = await trio.to_thread.run_sync(lambda: box.keys.add("carol"))
+            assert len(saves) == 2  # the first write lost; the change was made again
+            await synced(box)
+            for keys in (box.keys, await stored(config)):
+                alice = next(e for e in keys.entries() if e.name == "alice")
+                assert alice.limits.rpm == 1, "the operator's lowered limit was overwritten"
+                assert (e := keys.get(bob.id)) is not None and e.revoked
+                assert keys.get(carol.id) is not None
+            assert box.keys.verify(bob_secret) is None

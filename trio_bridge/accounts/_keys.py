@@ -173,15 +173,30 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+#: how many times a change is made in all when its write keeps losing to another's
+CHANGE_ATTEMPTS = 5
+
+
+class ChangedMeanwhile(ConfigError):
+    """A change's write lost to another write (a store's compare-and-set on the version the
+    change was read at): it is made again from the document read again."""
 
 
 def _locked(method: _F) -> _F:
     """A change (read the file, change, write it) made whole under :meth:`SecretStore.changing`:
     the portal and the admin page change keys from several worker threads at once, and
-    ``trio-bridge keys|users`` from another process meanwhile."""
+    ``trio-bridge keys|users`` from another process meanwhile. A write that lost to another
+    (:class:`ChangedMeanwhile`: a pool's store) is made again, read again first, up to
+    CHANGE_ATTEMPTS times in all."""
 
     @functools.wraps(method)
     def locked(self: SecretStore, *args: Any, **kwargs: Any) -> Any:
+        for _ in range(CHANGE_ATTEMPTS - 1):
+            try:
+                with self.changing():
+                    return method(self, *args, **kwargs)
+            except ChangedMeanwhile:
+                pass  # read again, made again
         with self.changing():
             return method(self, *args, **kwargs)
 

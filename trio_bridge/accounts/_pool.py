@@ -554,7 +554,7 @@ class PoolStore:
         loop serves meanwhile), and what the store's lacks is written back (its own round
         trip). False if the store did not answer."""
         was_up = self.up
-        base = self.keys.base()  # before the read: a version put in force since wins
+        base = self.keys.base()  # before the read: a change's version put in force since wins
         fetched: tuple[bytes | None, bytes] | None = None
         try:
             with trio.fail_after(ROUND_TRIP_TIMEOUT * 2):
@@ -598,8 +598,8 @@ class PoolStore:
         """The keys document (of ``version``) merged with ``base``, the one in force when the
         sync began (a revoked key stays revoked: :mod:`accounts._poolkeys`), and put in force:
         parsed once, in a worker thread (nothing of the store's state is touched there); not
-        put in force if a change (the portal's) put another in force meanwhile (the next
-        sync reads again)."""
+        put in force if a change (the portal's) put another in force meanwhile or holds the
+        lock (the next sync reads again)."""
         if doc is None or doc == base.held.doc:  # nothing to parse
             await trio.lowlevel.checkpoint()
             held = self.keys.prepare(doc, version, base)

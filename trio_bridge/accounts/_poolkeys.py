@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +39,12 @@ import tomli_w
 from trio_bridge._errors import ConfigError
 from trio_bridge.accounts._keys import (
     REVOKED_KEPT,
+    ChangedMeanwhile,
     SecretEntry,
     SecretStore,
     _as_toml,
     _limits_toml,
+    _locked,
     _parse_iso,
     read_entries,
 )
@@ -52,8 +55,11 @@ log = logging.getLogger("trio_bridge.pool")
 
 
 async def fetch_keys(client: Any) -> tuple[bytes | None, bytes]:
-    """The keys document and its version (b"" when there is none)."""
-    return await client.get(KEYS_DOC), (await client.get(KEYS_VERSION)) or b""
+    """The keys document and its version (b"" when there is none), read together (one MGET:
+    a write between two reads would pair a document with another's version, and a change
+    made from it would then win its compare-and-set against the newer one)."""
+    doc, version = await client.mget((KEYS_DOC, KEYS_VERSION))
+    return doc, version or b""
 
 
 async def put_keys(client: Any, data: bytes, version: bytes) -> int:
@@ -171,7 +177,14 @@ class PoolKeys(SecretStore):
 
     Each document read is merged with the one in force (:func:`merge`): :attr:`lacking`
     then says what the store's document lacks (None: nothing), for the caller to write
-    back; a change made here (the portal's) writes it along."""
+    back; a change made here (the portal's) writes it along.
+
+    Threads: a change (:meth:`SecretStore.changing`: :attr:`lock`) reads the store's
+    document itself and writes by compare-and-set on the version it read; a version the
+    sync read is not put in force while a change holds the lock (:meth:`install` does not
+    wait for it: a change holds it across ``trio.from_thread.run``), so what a change was
+    made from stays in force until its write. A write that lost (the store's version moved
+    on meanwhile) is :class:`ChangedMeanwhile`: the change is made again on the new one."""
 
     def __init__(
         self,
@@ -183,6 +196,8 @@ class PoolKeys(SecretStore):
         self._fetch, self._put = fetch, put
         self._held = Held()
         self._count = 0  # versions put in force
+        #: per thread: the version its change was read at (what its write compares with)
+        self._read_at_version = threading.local()
         #: a version that could not be read (not read again: a fixed document is a new one)
         self._unreadable: bytes | None = None
         self.loaded = False
@@ -194,22 +209,28 @@ class PoolKeys(SecretStore):
     def _save(self, data: bytes) -> None:
         if self._put is None:
             raise ConfigError(f"{self.path}: keys are changed with the CLI, not by a connector")
-        if self._put(data, self._held.version) < 0:
-            raise ConfigError(
+        version = getattr(self._read_at_version, "version", self._held.version)
+        if self._put(data, version) < 0:
+            raise ChangedMeanwhile(
                 f"{self.path}: the keys changed meanwhile (another `keys` command); run it again"
             )
         self.written()
 
     def reload(self) -> None:
-        """Read the store's document and put it in force, merged."""
+        """Read the store's document and put it in force, merged. A change reads it first,
+        under the lock: its write compares the store's version with the one read here, and
+        no other version is put in force until then."""
         base = self.base()
         fetched = self._fetch() if self._fetch is not None else None
         if fetched is None:  # the document in force stays
+            self._read_at_version.version = base.held.version
             return
         doc, version = fetched
         held = self.prepare(doc, version, base)
-        if self._count == base.count:  # (else another one was put in force: it stays)
-            self._put_in_force(held)
+        with self.lock:
+            if self._count == base.count:  # (else another thread put one in force: it stays)
+                self._put_in_force(held)
+            self._read_at_version.version = self._held.version
 
     def base(self) -> Base:
         """What a document read now is merged with (see :class:`Base`)."""
@@ -279,11 +300,16 @@ class PoolKeys(SecretStore):
 
     def install(self, held: Held, base: Base) -> bool:
         """Put in force a version the sync read and :meth:`prepare` merged with ``base``
-        (the trio thread). Not if another version was put in force since ``base``: False,
-        the next sync reads again."""
-        if self._count != base.count:
+        (the trio thread). Not if a change holds the lock (it reads the store itself), nor if
+        another version was put in force since ``base``: False, the next sync reads again."""
+        if not self.lock.acquire(blocking=False):
             return False
-        self._put_in_force(held)
+        try:
+            if self._count != base.count:
+                return False
+            self._put_in_force(held)
+        finally:
+            self.lock.release()
         self._unreadable = None
         self.loaded = True
         if self.reload_error is not None:
@@ -313,13 +339,18 @@ class PoolKeys(SecretStore):
     def written(self, held: Held | None = None) -> None:
         """What the store's document of ``held`` (default: the one in force) lacked was
         written to it (the caller's compare-and-set won): said in one line (key ids only),
-        and no longer lacking if ``held`` is still in force."""
+        and no longer lacking if ``held`` is still in force (the sync's write-back) or the
+        caller holds the lock (a change's write)."""
         held = self._held if held is None else held
         lacking = held.lacking
         if lacking is None:
             return
-        if self._held is held:
-            self._held = attrs.evolve(held, lacking=None)
+        if self.lock.acquire(blocking=False):
+            try:
+                if self._held is held:
+                    self._held = attrs.evolve(held, lacking=None)
+            finally:
+                self.lock.release()
         if lacking.whole:
             log.warning(
                 "pool store %s held no keys document: the %d keys last read were written back",
@@ -351,6 +382,7 @@ class PoolKeys(SecretStore):
     def version(self) -> bytes:
         return self._held.version
 
+    @_locked
     def merge(self, entries: list[SecretEntry], defaults: KeyLimits) -> list[SecretEntry]:
         """Add the ``entries`` whose ids it does not hold (``keys import``); ``defaults``
         apply if it has none. Returns the entries added."""
