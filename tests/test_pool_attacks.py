@@ -858,3 +858,84 @@ async def test_a_portal_change_racing_an_operators_change_keeps_both(
                 assert (e := keys.get(bob.id)) is not None and e.revoked
                 assert keys.get(carol.id) is not None
             assert box.keys.verify(bob_secret) is None
+
+
+async def test_a_change_made_again_after_losing_its_write_keeps_all_it_asked(
+    tmp_path: Path,
+) -> None:
+    """``keys set alice --expires … --rpm 7`` whose first write loses to another (a
+    concurrent change elsewhere) is made again on the new document: with the expiry too (the
+    first attempt took the expiry out of the caller's changes, and the retry ended nothing)."""
+    from trio_bridge.accounts._poolcli import StoreCLI
+
+    async with store_and_lab(tmp_path) as (lab, _redis, config):
+        lab.keys.add("alice")
+        lab.keys.add("bob")
+        await push(config, lab.keys.path.read_bytes())
+
+        def operator() -> tuple[str, int | None, int]:
+            keys, other = StoreCLI(config).keys(), StoreCLI(config).keys()
+            real_put, puts = keys._put, []
+
+            def put(data: bytes, version: bytes) -> int:
+                puts.append(1)
+                if len(puts) == 1:  # a write elsewhere first: this one loses its CAS
+                    other.set_limits("bob", {"rpm": 5})
+                return real_put(data, version)  # type: ignore[misc]
+
+            keys._put = put  # type: ignore[method-assign]
+            keys.set_limits("alice", {"expires": "2030-01-01T00:00:00Z", "rpm": 7})
+            alice = next(e for e in StoreCLI(config).keys().entries() if e.name == "alice")
+            return alice.expires, alice.limits.rpm, len(puts)
+
+        expires, rpm, puts = await trio.to_thread.run_sync(operator)
+        assert puts == 2  # it lost once and was made again
+        assert (expires, rpm) == ("2030-01-01T00:00:00Z", 7)
+
+
+async def test_a_user_blocked_while_the_portal_makes_their_key_gets_no_key(
+    tmp_path: Path,
+) -> None:
+    """The portal makes a key under the keys' lock after checking the user is active; in a
+    pool another process (``trio-bridge users block``) shares no lock with it, and blocks the
+    user between the portal's read and its write. The portal's write loses its
+    compare-and-set and must not be made again inside the portal's check (the user is
+    blocked now): no usable key for a blocked user."""
+    from trio_bridge._errors import ConfigError
+    from trio_bridge.accounts._poolcli import StoreCLI
+    from trio_bridge.accounts._users import ACTIVE, BLOCKED, UserStore, block
+
+    async with store_and_lab(tmp_path) as (lab, _redis, config):
+        users = UserStore(tmp_path / "users.sqlite3")
+        user, _ = users.sign_in("sub1", "u@example.com", "U", (), ACTIVE)
+        past = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lab.keys.add(user.key_name, expires=past)
+        lab.keys.add("other")
+        await push(config, lab.keys.path.read_bytes())
+        box = PoolStore(config)
+        async with box.client:
+            await synced(box)
+            real_save, saves = box.keys._save, []
+
+            def save(data: bytes) -> None:
+                saves.append(1)
+                if len(saves) == 1:  # the CLI's block, in "another process", meanwhile
+                    block(users, StoreCLI(config).keys(), user, "operator")
+                real_save(data)
+
+            box.keys._save = save  # type: ignore[method-assign]
+
+            def change_key() -> object:  # what Portal.change_key does
+                with box.keys.changing():
+                    if users.state_of(user.id) != ACTIVE:
+                        return None
+                    return box.keys.add(user.key_name)
+
+            try:
+                await trio.to_thread.run_sync(change_key)
+            except ConfigError:
+                pass  # the portal answers 409 "your key changed meanwhile"
+            stored_keys = await trio.to_thread.run_sync(lambda: StoreCLI(config).keys())
+        assert users.state_of(user.id) == BLOCKED
+        usable = [e for e in stored_keys.entries() if e.name == user.key_name and e.usable()]
+        assert usable == []

@@ -191,6 +191,11 @@ def _locked(method: _F) -> _F:
 
     @functools.wraps(method)
     def locked(self: SecretStore, *args: Any, **kwargs: Any) -> Any:
+        if self.changing_here():
+            # within a caller's change (it checked something under the lock, e.g. that a
+            # user is still active): made once; a lost write is the caller's to judge
+            with self.changing():
+                return method(self, *args, **kwargs)
         for _ in range(CHANGE_ATTEMPTS - 1):
             try:
                 with self.changing():
@@ -221,6 +226,7 @@ class SecretStore:
         #: the file's stamp when it last failed to read (False: it did not)
         self._bad_stamp: tuple[int, int, int] | bool | None = False
         self.lock = threading.RLock()  # see changing()
+        self._changing = threading.local()  # .depth: how deep this thread is in changing()
         self._flocked = False  # this store holds the file's lock (under self.lock)
         self.reload()
 
@@ -229,7 +235,16 @@ class SecretStore:
         """Held by each change; a caller may hold it across a check and its changes (no other
         thread, nor another process's store of this file, changes the keys meanwhile)."""
         with self.lock, self._file_lock():
-            yield
+            here = self._changing
+            here.depth = getattr(here, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                here.depth -= 1
+
+    def changing_here(self) -> bool:
+        """This thread holds :meth:`changing` already."""
+        return getattr(self._changing, "depth", 0) > 0
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -451,6 +466,7 @@ class SecretStore:
     @_locked
     def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
         """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
+        changes = dict(changes)  # a change made again (lost write) needs the caller's whole
         self.reload()
         named = self._named(name)
         # the valid entries of that name; if it has only expired ones, its newest (extend it)

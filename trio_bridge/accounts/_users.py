@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 
 from trio_bridge._errors import ConfigError
-from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.accounts._keys import CHANGE_ATTEMPTS, ChangedMeanwhile, SecretStore
 
 PENDING, ACTIVE, BLOCKED = "pending", "active", "blocked"
 #: how long a sign-in may take at the provider (its state is single-use and dies after this)
@@ -336,12 +336,17 @@ def block(users: UserStore, keys: SecretStore, user: User, actor: str) -> str:
     """Block ``user``: their sessions end, their key is revoked (in force within a second in
     a running connector). What was done, in words."""
     revoked = ""
-    with keys.changing():  # the portal reads the state under it (Portal.change_key)
-        users.set_state(user.id, BLOCKED)
-        keys.reload()
-        if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
-            entry = keys.revoke(user.key_name)
-            revoked = entry.id
+    for attempt in range(CHANGE_ATTEMPTS):
+        try:
+            with keys.changing():  # the portal reads the state under it (Portal.change_key)
+                users.set_state(user.id, BLOCKED)
+                keys.reload()
+                if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
+                    revoked = keys.revoke(user.key_name).id
+            break
+        except ChangedMeanwhile:  # a pool's keys changed between the read and the write
+            if attempt == CHANGE_ATTEMPTS - 1:
+                raise
     users.audit("user_blocked", user.email, actor, f"key {revoked} revoked" if revoked else "")
     return f"blocked {user.email}" + (f"; key {revoked} revoked" if revoked else "")
 
