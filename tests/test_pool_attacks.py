@@ -939,3 +939,37 @@ async def test_a_user_blocked_while_the_portal_makes_their_key_gets_no_key(
         assert users.state_of(user.id) == BLOCKED
         usable = [e for e in stored_keys.entries() if e.name == user.key_name and e.usable()]
         assert usable == []
+
+
+def test_keys_made_readable_by_a_change_on_the_box_leave_no_stale_problem(
+    tmp_path: Path,
+) -> None:
+    """A bad keys document was read (a problem: the keys cannot be read); a fixed one was
+    then put in force by a change made on this box (the portal's), not by the sync: the
+    problem is over (the sync no longer reads that version, so it said so until the next)."""
+    from trio_bridge.accounts._keys import SecretStore
+
+    source = SecretStore(tmp_path / "k.toml", "tbk")
+    source.add("alice")
+    good = (tmp_path / "k.toml").read_bytes()
+    store = {"doc": good, "v": b"1.a", "n": 1}
+
+    def fetch() -> tuple[bytes, bytes]:
+        return store["doc"], store["v"]  # type: ignore[return-value]
+
+    def put(data: bytes, version: bytes) -> int:
+        if version != store["v"]:
+            return -1
+        store["n"] += 1  # type: ignore[operator]
+        store["doc"], store["v"] = data, f"{store['n']}.x".encode()
+        return store["n"]  # type: ignore[return-value]
+
+    keys = PoolKeys("store", fetch=fetch, put=put)
+    assert keys.apply(*fetch()) is True
+    store["doc"], store["v"] = b"not toml [[[", b"2.bad"
+    keys.apply(*fetch())
+    assert keys.reload_error is not None
+    store["doc"], store["v"] = good, b"3.fixed"
+    keys.add("bob")  # a change on this box reads the fixed version and puts it in force
+    assert not keys.wants(store["v"])  # type: ignore[arg-type]
+    assert keys.reload_error is None

@@ -291,12 +291,19 @@ class PoolKeys(SecretStore):
         return Held(document(list(merged.values()), defaults), version, merged, defaults, lacking)
 
     def _put_in_force(self, held: Held) -> None:
+        """A readable version in force (under the lock; the sync's or a change's own read):
+        whatever said the keys could not be read is over."""
         self._held = held
         self._by_id, self._defaults = held.by_id, held.defaults
         self._count += 1
         self.generation += 1
         if held.lacking is None:
             self.read_at = time.time()  # wall clock
+        self._unreadable = None
+        self.loaded = True
+        if self.reload_error is not None:
+            log.info("pool keys readable again (%d entries)", len(self._by_id))
+        self.reload_error = None
 
     def install(self, held: Held, base: Base) -> bool:
         """Put in force a version the sync read and :meth:`prepare` merged with ``base``
@@ -310,11 +317,6 @@ class PoolKeys(SecretStore):
             self._put_in_force(held)
         finally:
             self.lock.release()
-        self._unreadable = None
-        self.loaded = True
-        if self.reload_error is not None:
-            log.info("pool keys readable again (%d entries)", len(self._by_id))
-        self.reload_error = None
         return True
 
     def unreadable(self, exc: ConfigError, version: bytes) -> None:
