@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from trio_bridge.accounts._usagestore import COLUMNS
+from trio_bridge.accounts._usagestore import COLUMNS, count_request, zeros
 
 #: usage rows (day x key x model) kept in memory while the store is unreachable
 MAX_PENDING_ROWS = 100_000
@@ -32,10 +32,6 @@ class Batch:
     keys: int = 0
 
 
-def _zeros() -> list[int]:
-    return [0] * len(COLUMNS)
-
-
 class Backlog:
     """What ended and was not written yet, and the batch sent whose answer never came."""
 
@@ -44,7 +40,7 @@ class Backlog:
         #: again); tokens per (key id, UTC day); usage rows per (day, key id, model)
         self.ended: dict[str, int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
-        self.usage: dict[tuple[str, str, str], list[int]] = defaultdict(_zeros)
+        self.usage: dict[tuple[str, str, str], list[int]] = defaultdict(zeros)
         #: a batch sent whose answer never came (the store may have applied it): sent again
         #: as it is before anything else (at most one; what ends meanwhile waits above)
         self.unsent: Batch | None = None
@@ -71,13 +67,14 @@ class Backlog:
         if key not in self.usage and len(self.usage) >= MAX_PENDING_ROWS:
             self.rows_dropped += 1
             return False
-        row = self.usage[key]
-        row[0] += 1
-        row[1] += prompt
-        row[2] += completion
-        row[3] += estimated
-        row[4] += error
-        row[5] += refused
+        count_request(
+            self.usage[key],
+            prompt=prompt,
+            completion=completion,
+            estimated=estimated,
+            error=error,
+            refused=refused,
+        )
         return True
 
     def take(self, flight: Callable[[str], list[Any]]) -> Batch:
@@ -85,7 +82,7 @@ class Backlog:
         entry that sets the key's count in flight (key id, count, sequence number)."""
         ended, tokens, usage = self.ended, self.tokens, self.usage
         self.ended, self.tokens = defaultdict(int), defaultdict(int)
-        self.usage = defaultdict(_zeros)
+        self.usage = defaultdict(zeros)
         per_key: dict[str, int] = defaultdict(int)
         for (k, _day), n in tokens.items():
             per_key[k] += n

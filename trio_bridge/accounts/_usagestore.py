@@ -171,8 +171,27 @@ MAX_PENDING_ROWS = 100_000
 MAX_RETRY_INTERVAL = 60.0
 
 
-def _zeros() -> list[int]:
+def zeros() -> list[int]:
+    """An empty usage row (one count per column of COLUMNS)."""
     return [0] * len(COLUMNS)
+
+
+def count_request(
+    row: list[int],
+    *,
+    prompt: int,
+    completion: int,
+    estimated: bool,
+    error: bool,
+    refused: bool,
+) -> None:
+    """Add one finished request to a usage ``row`` (the order of COLUMNS)."""
+    row[0] += 1
+    row[1] += prompt
+    row[2] += completion
+    row[3] += estimated
+    row[4] += error
+    row[5] += refused
 
 
 class UsageBook(Protocol):
@@ -263,7 +282,7 @@ class UsageStore:
         #: the connection is used from worker threads, one at a time; never taken on the loop
         #: while serving (only by tokens_on before load, at start, and close)
         self._lock = threading.Lock()
-        self._pending: dict[Key, list[int]] = defaultdict(_zeros)
+        self._pending: dict[Key, list[int]] = defaultdict(zeros)
         #: key id → day → model → counts: what the file holds for the last WINDOW_DAYS days,
         #: plus everything counted since (pending, being written, or kept after a failure)
         self._summary: dict[str, dict[str, dict[str, list[int]]]] = {}
@@ -316,13 +335,15 @@ class UsageStore:
         models = per_day.get(day)
         if models is None:
             models = per_day[day] = {}
-        for row in (self._pending[(day, key_id, model)], models.setdefault(model, _zeros())):
-            row[0] += 1
-            row[1] += prompt
-            row[2] += completion
-            row[3] += estimated
-            row[4] += error
-            row[5] += refused
+        for row in (self._pending[(day, key_id, model)], models.setdefault(model, zeros())):
+            count_request(
+                row,
+                prompt=prompt,
+                completion=completion,
+                estimated=estimated,
+                error=error,
+                refused=refused,
+            )
 
     def _new_day(self, day: str, now: float) -> None:
         """Forget the summary's days that left the window."""
@@ -361,7 +382,7 @@ class UsageStore:
                 rows = {}
             for (day, key_id, model), counts in rows.items():
                 models = self._summary.setdefault(key_id, {}).setdefault(day, {})
-                row = models.setdefault(model, _zeros())
+                row = models.setdefault(model, zeros())
                 for i, n in enumerate(counts):
                     row[i] += n
             self.loaded = True
@@ -386,7 +407,7 @@ class UsageStore:
                     model = OTHER
                 elif model != OTHER:
                     names[(day, key_id)] = n + 1
-                row = out.setdefault((day, key_id, model), _zeros())
+                row = out.setdefault((day, key_id, model), zeros())
                 for i, c in enumerate(counts):
                     row[i] += c
         return out
@@ -415,7 +436,7 @@ class UsageStore:
         if not self._lock.acquire(timeout=timeout):
             return False
         try:
-            batch, self._pending = self._pending, defaultdict(_zeros)
+            batch, self._pending = self._pending, defaultdict(zeros)
             self._write_locked(batch)
         except (sqlite3.Error, OSError):
             return False
@@ -431,7 +452,7 @@ class UsageStore:
         await self.load()
         if not self._pending:
             return True
-        batch, self._pending = self._pending, defaultdict(_zeros)
+        batch, self._pending = self._pending, defaultdict(zeros)
         try:
             await trio.to_thread.run_sync(self._write, batch)
         except (sqlite3.Error, OSError) as exc:
