@@ -181,21 +181,19 @@ class Request:
                 return b""  # noqa: ASYNC910  fast path: the body is complete
             conn = self._conn
             buf = conn.buf
-            if len(buf) > left:  # the rest of the body and what follows it (pipelined)
+            if buf:  # came with the head (and maybe the next, pipelined, request after it)
                 data = bytes(buf[:left])
                 del buf[:left]
-                self._left = 0
-                conn.body_received += left
-                return data  # noqa: ASYNC910  fast path: the whole rest was buffered
-            data = await conn.receive_body_bytes()
-            if not data:
-                raise ClientDisconnected("client closed the connection during the upload")
-            if len(data) > left:  # what follows the body: the next (pipelined) request's
-                buf[:0] = data[left:]
-                data = data[:left]
+            else:
+                data = await conn.receive_body_bytes()
+                if not data:
+                    raise ClientDisconnected("client closed the connection during the upload")
+                if len(data) > left:  # what follows the body: the next (pipelined) request's
+                    buf[:0] = data[left:]
+                    data = data[:left]
             self._left = left - len(data)
             conn.body_received += len(data)
-            return data
+            return data  # noqa: ASYNC910  fast path: buffered bytes, taken without a wait
         while True:  # noqa: ASYNC913  each turn returns, raises, or reads (a checkpoint)
             try:
                 event = h.next_event()
