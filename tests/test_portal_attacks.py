@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,28 +46,29 @@ __all__ = ["env"]  # the fixture, imported for the tests below
 
 
 # -- the keys file, changed from several worker threads at once --
+def _race(add: Callable[[int], object], revoke: Callable[[], object]) -> None:
+    """``add(0..7)`` and ``revoke()`` in nine threads let go at the same moment."""
+    start = threading.Barrier(9)
+
+    def go(fn: Callable[[], object]) -> None:
+        start.wait()
+        fn()
+
+    threads = [threading.Thread(target=go, args=(functools.partial(add, i),)) for i in range(8)]
+    threads.append(threading.Thread(target=go, args=(revoke,)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_keys_changed_from_many_threads_at_once_are_all_kept(tmp_path: Path) -> None:
     """The portal changes the keys file from worker threads (one per POST, and the admin
     page's block): a read-modify-write must not lose another thread's change (a key shown
     to its user but missing from the file, or a blocked user's revocation undone)."""
     store = SecretStore(tmp_path / "keys.toml", "tbk")
     store.add("victim")
-    start = threading.Barrier(9)
-
-    def add(i: int) -> None:
-        start.wait()
-        store.add(f"user{i}")
-
-    def revoke() -> None:
-        start.wait()
-        store.revoke("victim")
-
-    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
-    threads.append(threading.Thread(target=revoke))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _race(lambda i: store.add(f"user{i}"), lambda: store.revoke("victim"))
     fresh = SecretStore(tmp_path / "keys.toml", "tbk")
     names = {e.name for e in fresh.entries() if e.usable()}
     assert names == {f"user{i}" for i in range(8)}  # every key made, the victim revoked
@@ -343,22 +345,7 @@ def test_two_stores_of_one_keys_file_lose_no_change(tmp_path: Path) -> None:
     path = tmp_path / "keys.toml"
     stores = [SecretStore(path, "tbk"), SecretStore(path, "tbk")]
     stores[0].add("victim")
-    start = threading.Barrier(9)
-
-    def add(i: int) -> None:
-        start.wait()
-        stores[i % 2].add(f"user{i}")
-
-    def revoke() -> None:
-        start.wait()
-        stores[1].revoke("victim")
-
-    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
-    threads.append(threading.Thread(target=revoke))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _race(lambda i: stores[i % 2].add(f"user{i}"), lambda: stores[1].revoke("victim"))
     names = {e.name for e in SecretStore(path, "tbk").entries() if e.usable()}
     assert names == {f"user{i}" for i in range(8)}
 
