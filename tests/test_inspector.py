@@ -193,6 +193,7 @@ async def in_browser(fn: Callable[..., T], *args: Any) -> T:
 
 
 def wait_for(driver: Any, css: str, seconds: float = 5.0, text: str | None = None) -> Any:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -202,7 +203,17 @@ def wait_for(driver: Any, css: str, seconds: float = 5.0, text: str | None = Non
                 return e
         return False
 
-    return WebDriverWait(driver, seconds, poll_frequency=0.02).until(found)
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.02).until(found)
+    except TimeoutException:  # say what the page showed instead (a flake is then a clue)
+        seen = [
+            (e.is_displayed(), e.text[:200]) for e in driver.find_elements(By.CSS_SELECTOR, css)
+        ]
+        page = driver.find_element(By.TAG_NAME, "body").text[-600:]
+        raise AssertionError(
+            f"{css!r} {'with ' + repr(text) if text else ''} not shown within {seconds} s; "
+            f"elements (displayed, text): {seen!r}; the page ends: {page!r}"
+        ) from None
 
 
 def whole_page(driver: Any) -> str:

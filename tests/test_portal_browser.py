@@ -87,8 +87,20 @@ async def test_sign_in_get_a_key_use_it_chat_stop_and_revoke_in_a_browser(
         box.send_keys("count to 20000")
         d.find_element(By.CSS_SELECTOR, "#chat-send").click()
         wait_for(d, "#chat-log .assistant", 10, text="1 2 3 4 5")
+        stop = d.find_element(By.CSS_SELECTOR, "#chat-stop")
+        at = stop.location["y"]
+        answer = wait_for(d, "#chat-log .assistant", 10, text=" 300 ")  # many lines by now
+        # Stop stays where it was while the answer grows (the log scrolls, the page does not):
+        # a button that moves down a line at a time is missed by a user's click (and was by
+        # this test's, under load)
+        assert stop.location["y"] == at
+        assert d.execute_script(  # the log follows the answer: its end is in view
+            "const l = arguments[0].parentElement;"
+            "return l.scrollHeight - l.scrollTop - l.clientHeight < 40;",
+            answer,
+        )
         shot(d, "6-chat-streaming")
-        d.find_element(By.CSS_SELECTOR, "#chat-stop").click()
+        stop.click()
         wait_for(d, "#chat-stopped", 5, text="Stopped.")
         shot(d, "7-chat-stopped")
 

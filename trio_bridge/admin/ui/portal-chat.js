@@ -13,11 +13,20 @@ let controller = null;
 keyInput.value = sessionStorage.getItem("tb_portal_key") || "";
 keyInput.addEventListener("change", () => sessionStorage.setItem("tb_portal_key", keyInput.value));
 
+// The log scrolls inside a box of fixed height; it follows the end of the conversation unless
+// the reader scrolled up to read.
+function atEnd() { return log.scrollHeight - log.scrollTop - log.clientHeight < 24; }
+function show(update) {
+  const follow = atEnd();
+  update();
+  if (follow) log.scrollTop = log.scrollHeight;
+}
+
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.textContent = text;
-  log.appendChild(div);
+  show(() => log.appendChild(div));
   return div;
 }
 
@@ -43,8 +52,7 @@ document.getElementById("chat-form").addEventListener("submit", async (ev) => {
     if (!r.ok) {
       let msg = r.status + "";
       try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
-      out.textContent = "Error: " + msg;
-      out.classList.add("error");
+      show(() => { out.textContent = "Error: " + msg; out.classList.add("error"); });
       return;
     }
     const reader = r.body.getReader();
@@ -62,7 +70,7 @@ document.getElementById("chat-form").addEventListener("submit", async (ev) => {
         try {
           const delta = JSON.parse(line.slice(5)).choices[0].delta.content || "";
           answer += delta;
-          out.textContent = answer;
+          show(() => { out.textContent = answer; });
         } catch (e) { /* a keep-alive or a partial line */ }
       }
     }
@@ -72,7 +80,7 @@ document.getElementById("chat-form").addEventListener("submit", async (ev) => {
     note.className = "stopped";
     note.id = "chat-stopped";
     note.textContent = e.name === "AbortError" ? "Stopped." : "Failed: " + e.message;
-    log.appendChild(note);
+    show(() => log.appendChild(note));
     if (answer) history.push({ role: "assistant", content: answer });
   } finally {
     controller = null;
