@@ -49,7 +49,7 @@ from trio_bridge.broker._registry import BORN_GRACE
 from trio_bridge.cli import _cli
 from trio_bridge.cli._status import format_status
 from trio_bridge.connector._llm import A_BROKER
-from trio_bridge.testing import MemoryNetwork, open_bridge, open_lab
+from trio_bridge.testing import Bridge, MemoryNetwork, open_bridge, open_lab
 
 PAST = "2020-01-01T00:00:00Z"
 CHAT = "/v1/chat/completions"
@@ -78,7 +78,20 @@ def test_an_expired_key_stays_listed_and_can_be_extended_or_rotated(
     capsys.readouterr()
     assert _cli.main(["keys", "rotate", "alice", "-c", str(cfg)]) == 0
     fresh = [e for e in SecretStore(tmp_path / "keys.toml", "tbk").entries() if e.name == "alice"]
-    assert len(fresh) == 1 and not fresh[0].expired()  # the expired one it replaced is gone
+    # the expired one it replaced stays (marked replaced, REVOKED_KEPT, like a revoked one)
+    assert [(e.id == alice.id, e.usable(), bool(e.replaced)) for e in fresh] == [
+        (True, False, True),
+        (False, True, False),
+    ]
+
+
+async def chat_with(b: Bridge, key: str) -> httpx.Response:
+    async with b.client() as client:
+        return await client.post(
+            b.base_url + CHAT,
+            json={"model": "m", "messages": []},
+            headers={"Authorization": f"Bearer {key}"},
+        )
 
 
 async def test_an_expired_key_is_told_so_and_its_id_logged(
@@ -87,18 +100,28 @@ async def test_an_expired_key_is_told_so_and_its_id_logged(
     async with open_bridge(network=MemoryNetwork()) as b:
         entry, key = b.keys.add("carol", expires=PAST)
         caplog.set_level(logging.INFO, "trio_bridge")
-        async with b.client() as client:
-            r = await client.post(
-                b.base_url + CHAT,
-                json={"model": "m", "messages": []},
-                headers={"Authorization": f"Bearer {key}"},
-            )
+        r = await chat_with(b, key)
     assert r.status_code == 401
     error = r.json()["error"]
     assert "expired" in error["message"] and PAST in error["message"]
     assert error["code"] == "key_expired"
     lines = [rec for rec in caplog.records if rec.name == "trio_bridge.request"]
     assert any(getattr(rec, "key_id", None) == entry.id for rec in lines)
+
+
+async def test_a_rotated_away_key_is_told_it_was_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a rotation's grace, the old secret is refused saying so (it was dropped from the
+    file and answered "invalid API key", as if it had never existed)."""
+    async with open_bridge(network=MemoryNetwork()) as b:
+        _, key = b.keys.add("carol")
+        b.keys.rotate("carol", 0)
+        r = await chat_with(b, key)
+    assert r.status_code == 401
+    error = r.json()["error"]
+    assert error["code"] == "key_expired" and "replaced by a new one" in error["message"]
+    assert key not in r.text
 
 
 async def test_an_llm_error_is_an_error_in_the_connectors_log_metrics_and_inspector(
@@ -641,6 +664,8 @@ def test_keys_list_keeps_its_columns_for_expired_and_revoked_keys(
     store.add("bob")
     store.add("carol")
     store.revoke("bob")
+    store.add("dave")
+    store.rotate("dave", 3600)  # the old secret: "<time> (replaced)", the widest
     assert _cli.main(["keys", "list", "-c", str(cfg)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header, *rows = lines

@@ -71,8 +71,9 @@ def test_secret_id() -> None:
 
 def test_ending_a_rotated_keys_old_secret_at_once_reports_it(tmp_path: Path) -> None:
     """During a rotation's grace, ``keys set <old id> --expires <now>`` ends the old secret;
-    the write drops that entry (expired, a newer one of its name exists). The change is
-    reported as written (it raised StopIteration after the write succeeded)."""
+    the entry stays, replaced and expired (kept like a revoked one, so that a pool's boxes
+    can tell a store that lost the rotation). The change is reported as written (it raised
+    StopIteration after the write succeeded, when the write dropped the entry)."""
     import datetime as dt
 
     store = SecretStore(tmp_path / "keys.toml", "tbk")
@@ -81,5 +82,6 @@ def test_ending_a_rotated_keys_old_secret_at_once_reports_it(tmp_path: Path) -> 
     past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
     changed = store.set_limits(old.id, {"expires": past})
     assert changed.id == old.id and changed.expired()
-    assert store.get(old.id) is None
+    kept = store.get(old.id)
+    assert kept is not None and kept.replaced and not kept.usable()
     assert store.get(new.id) is not None and store.get(new.id).usable()  # type: ignore[union-attr]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ pytest.importorskip("coredis", reason="the [redis] extra (coredis) is not instal
 
 from trio_bridge.accounts._pool import PoolStore
 from trio_bridge.accounts._poolclient import store_client
-from trio_bridge.accounts._poolkeys import PoolKeys, fetch_keys, put_keys
+from trio_bridge.accounts._poolkeys import PoolKeys, document, fetch_keys, put_keys
 
 pytestmark = needs_redis
 
@@ -537,8 +538,9 @@ def test_a_box_that_follows_the_stores_changes_finds_nothing_lacking(
         step()
     file.set_limits("alice", {"rpm": 5})
     step()
-    file.rotate("bob", 0)  # the old secret expires at once: the rotation's write drops it
+    file.rotate("bob", 0)  # the old secret expires at once (kept, marked replaced)
     step()
+    bob = next(e for e in file.entries() if e.name == "bob" and e.replaced)
     file.revoke("carol")
     step()
     file.set_limits("dave", {"expires": "2000-01-01T00:00:00Z"})
@@ -556,21 +558,22 @@ def test_a_box_that_follows_the_stores_changes_finds_nothing_lacking(
 
     monkeypatch.setattr(_keys, "time", Later)
     monkeypatch.setattr(poolkeys, "time", Later)
-    file.add("frank")  # the write drops carol (revoked more than REVOKED_KEPT ago)
+    file.add("frank")  # the write drops carol (revoked more than REVOKED_KEPT ago), bob's old
     assert file.get(carol.id) is None and _keys.REVOKED_KEPT == 30 * 86400
+    assert file.get(bob.id) is None
     step()
-    assert box.get(carol.id) is None
+    assert box.get(carol.id) is None and box.get(bob.id) is None
 
 
 async def test_an_end_set_during_a_rotations_grace_is_not_undone_by_the_boxes(
     tmp_path: Path,
 ) -> None:
     """alice's key was rotated (the old secret valid one hour more) and every box read it;
-    then the operator ends alice's key at once. That write drops the old entry (expired, a
-    newer one of its name exists) and keeps the new one, expired. No box may put the old
-    entry back, nor its own copy of the new one: both secrets stay refused everywhere (the
-    first merge rule restored 'the keys the store lacks' and undid this, no fault needed).
-    Rotations across a store restarted empty are not merged (docs/pool.md says so)."""
+    then the operator ends alice's key at once: both entries expired (the old one kept,
+    marked replaced). No box may make either usable again, nor put the old entry back once
+    a document drops it (one written by hand, or by an older trio-bridge, whose writes
+    dropped it): both secrets stay refused everywhere (the first merge rule restored 'the
+    keys the store lacks' and undid this, no fault needed)."""
     async with store_and_lab(tmp_path) as (lab, _redis, config):
         old, _ = lab.keys.add("alice")
         await push(config, lab.keys.path.read_bytes())
@@ -585,15 +588,61 @@ async def test_an_end_set_during_a_rotations_grace_is_not_undone_by_the_boxes(
             assert all(box_a.keys.get(e.id).usable() for e in (old, new))  # type: ignore[union-attr]
             past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
             lab.keys.set_limits("alice", {"expires": past.strftime("%Y-%m-%dT%H:%M:%SZ")})
-            assert lab.keys.get(old.id) is None  # the write dropped it
+            kept = lab.keys.get(old.id)
+            assert kept is not None and kept.replaced and not kept.usable()
+            for doc in (
+                lab.keys.path.read_bytes(),
+                document([e for e in lab.keys.entries() if e.id != old.id], lab.keys.defaults),
+            ):
+                await push(config, doc)
+                for _ in range(3):
+                    await synced(box_a)
+                    await synced(box_b)
+                for keys in (box_a.keys, box_b.keys, await stored(config)):
+                    named = [e for e in keys.entries() if e.name == "alice"]
+                    assert named and not any(e.usable() for e in named), named
+            for keys in (box_a.keys, box_b.keys, await stored(config)):
+                assert keys.get(old.id) is None  # the last document dropped it: it stays out
+
+
+@pytest.mark.parametrize("grace", [0, 3600])
+async def test_a_rotation_survives_a_store_restarted_empty_by_a_box_that_missed_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, grace: int
+) -> None:
+    """alice's key is rotated (the portal's way: grace 0; or with an hour's grace) while box
+    B is away; Redis then restarts empty and B reaches it first: it writes back the document
+    it last read, in which the old secret is valid for ever and the new one missing (it was:
+    the new secret refused, the leaked old one usable again). Box A, which saw the rotation,
+    must restore it: the old secret ends when the rotation said, the new one works, on
+    every box and in the store."""
+    caplog.set_level(logging.INFO, logger="trio_bridge.pool")
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        old, old_secret = lab.keys.add("alice")
+        await push(config, lab.keys.path.read_bytes())
+        box_a, box_b = PoolStore(config), PoolStore(config)
+        async with box_a.client, box_b.client:
+            await synced(box_a)
+            await synced(box_b)
+            new, new_secret, until = lab.keys.rotate("alice", grace)
             await push(config, lab.keys.path.read_bytes())
+            await synced(box_a)  # B is away
+            await redis.kill()
+            await redis.start()  # empty
+            await synced(box_b)  # B first: its document, from before the rotation
+            written = await stored(config)
+            assert written.get(new.id) is None and not written.get(old.id).replaced  # type: ignore[union-attr]
             for _ in range(3):
                 await synced(box_a)
                 await synced(box_b)
             for keys in (box_a.keys, box_b.keys, await stored(config)):
-                named = [e for e in keys.entries() if e.name == "alice"]
-                assert named and not any(e.usable() for e in named), named
-                assert keys.get(old.id) is None
+                was, now = keys.get(old.id), keys.get(new.id)
+                assert was is not None and was.replaced and was.expires == until
+                assert was.usable() == (grace > 0)
+                assert now is not None and now.usable()
+                assert keys.lookup(new_secret) == now
+    said = [r.getMessage() for r in caplog.records if "rotation" in r.getMessage()]
+    assert len(said) == 1 and old.id in said[0] and new.id in said[0], said
+    assert not [r for r in caplog.records for s in (old_secret, new_secret) if s in r.getMessage()]
 
 
 @pytest.mark.parametrize("restarted", [True, False], ids=["restarted-empty", "kept-its-doc"])

@@ -91,6 +91,10 @@ class SecretEntry:
     #: ISO time it was revoked ("" = it was not): kept, hash only, for REVOKED_KEPT so that
     #: lists and refusals can say what happened to it; it never works again
     revoked: str = ""
+    #: ISO time a rotation replaced it with a new secret of its name ("" = none did): valid
+    #: until ``expires`` (the rotation's grace), then kept like a revoked one, REVOKED_KEPT, so
+    #: that a pool's boxes can tell a store that lost the rotation (see accounts/_poolkeys.py)
+    replaced: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         if not self.expires:
@@ -399,8 +403,8 @@ class SecretStore:
     # -- writing (CLI) --
     def _write(self, entries: list[SecretEntry], defaults: KeyLimits | None = None) -> None:
         """Write ``entries``: an expired one stays (listed as expired, its user told so, it
-        can be extended) unless a newer entry of its name replaced it (a rotation's old
-        secret, an expired key added again); a revoked one stays REVOKED_KEPT."""
+        can be extended) unless a newer entry of its name replaced it (an expired key added
+        again); a revoked one, and a rotation's old secret, stay REVOKED_KEPT."""
         now = time.time()  # wall clock
         live = [e for e in entries if not e.revoked]
         last = {e.name: i for i, e in enumerate(live)}  # entries come oldest first
@@ -408,8 +412,8 @@ class SecretStore:
             e
             for e in entries
             if (
-                _parse_iso(e.revoked) > now - REVOKED_KEPT
-                if e.revoked
+                _parse_iso(e.revoked or e.replaced) > now - REVOKED_KEPT
+                if e.revoked or (e.replaced and e.expired(now))
                 else not e.expired(now) or e is live[last[e.name]]
             )
         ]
@@ -509,12 +513,18 @@ class SecretStore:
         if not current:
             raise ConfigError(f"{self.path}: no entry named {name!r}")
         until = _iso(_now() + dt.timedelta(seconds=grace))
-        others = [e for e in self.entries() if e.name != name]
-        old = [
-            e if e.expires and e.expires <= until else attrs.evolve(e, expires=until)
-            for e in current
+        now = _iso(_now())
+        entries = [  # the others stay as they are (a revoked one of the name too)
+            attrs.evolve(
+                e,
+                expires=e.expires if e.expires and e.expires <= until else until,
+                replaced=e.replaced or now,
+            )
+            if e in current
+            else e
+            for e in self.entries()
         ]
-        entry, secret = self._new(name, current[-1].routes, [*others, *old], current[-1].limits)
+        entry, secret = self._new(name, current[-1].routes, entries, current[-1].limits)
         return entry, secret, until
 
     @_locked
@@ -559,8 +569,10 @@ def read_entries(data: dict[str, Any], where: str) -> tuple[list[SecretEntry], K
             if expires:
                 _parse_iso(expires)
             revoked = str(item.get("revoked", ""))
-            if revoked:
-                _parse_iso(revoked)
+            replaced = str(item.get("replaced", ""))
+            for when in (revoked, replaced):
+                if when:
+                    _parse_iso(when)
             limits = limits_from(item, f"{where}: keys.{i}")
             entries.append(
                 SecretEntry(
@@ -569,12 +581,13 @@ def read_entries(data: dict[str, Any], where: str) -> tuple[list[SecretEntry], K
                     expires=expires,
                     limits=limits,
                     revoked=revoked,
+                    replaced=replaced,
                 )
             )
         except (KeyError, TypeError, ValueError):
             raise ConfigError(
                 f"{where}: keys.{i}: needs {', '.join(_FIELDS)} "
-                "(routes: a list of strings; expires, revoked: ISO times)"
+                "(routes: a list of strings; expires, revoked, replaced: ISO times)"
             ) from None
     return entries, limits_from(data.get("defaults", {}), f"{where}: defaults")
 
@@ -587,6 +600,8 @@ def _as_toml(e: SecretEntry) -> dict[str, Any]:
         doc["expires"] = e.expires
     if e.revoked:
         doc["revoked"] = e.revoked
+    if e.replaced:
+        doc["replaced"] = e.replaced
     doc.update(_limits_toml(e.limits))
     return doc
 

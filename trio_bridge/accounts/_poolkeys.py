@@ -4,17 +4,18 @@ and replaced whole (:func:`fetch_keys`, :func:`put_keys`), and :class:`PoolKeys`
 
 Revocations are monotonic. Each document a box reads from the store is merged with the one
 it held (:func:`merge`): a key it knows revoked stays revoked, whatever the store's document
-says, and the keys (or a rotation's new key) it knows that the store's document lacks are
-put back, so that a store that restarted empty and took the keys back from a box that had
-missed changes (a revocation, a key added, a rotation) gets them again from the boxes that
-saw them; the store's document wins for everything else (its own additions, limits,
-defaults; but the entries of a rotation it missed are taken as the box holds them).
+says, a key it knows replaced by a rotation stays replaced (its old secret ends when the
+rotation said), and the keys (or a rotation's new key) it knows that the store's document
+lacks are put back, so that a store that restarted empty and took the keys back from a box
+that had missed changes (a revocation, a key added, a rotation) gets them again from the
+boxes that saw them; the store's document wins for everything else (its own additions,
+limits, defaults).
 What the store's document lacks is written back by the box (:class:`PoolStore` in
 ``accounts/_pool.py``: compare-and-set on the version it read; a lost race merges again with
 the next sync). In order, the documents the ``keys`` commands write never lack anything a box
-knows (no command takes a usable key out of the document but a rotation, whose new key of
-the same name comes in by the same write; a revoked one leaves it after REVOKED_KEPT), so a
-box that follows them writes nothing. A key edited out of the document by hand comes back
+knows (no command takes a usable key out of the document: a rotation keeps the old secret,
+marked replaced, beside the new one; a revoked or replaced one leaves it REVOKED_KEPT after),
+so a box that follows them writes nothing. A key edited out of the document by hand comes back
 from the boxes that hold it: ``keys revoke`` is how a key leaves the pool.
 
 Only keys still valid, or revoked within REVOKED_KEPT, are put back, and keys of the first
@@ -80,6 +81,8 @@ class Lacking:
     revoked: tuple[str, ...] = ()
     added: tuple[str, ...] = ()
     whole: bool = False
+    #: the old secrets of rotations it had lost (marked replaced again, ending as then)
+    replaced: tuple[str, ...] = ()
 
 
 def merge(
@@ -89,17 +92,33 @@ def merge(
     and what that was (None: nothing). Revoked stays revoked: an entry ``ours`` holds
     revoked is revoked in the result (one ``theirs`` dropped comes back, while
     REVOKED_KEPT): a revoked entry can never make a key usable, so putting it back is always
-    safe. If ``fresh`` (``ours`` was read from the store within REVOKED_KEPT), a usable entry
-    comes back only if ``theirs`` holds no entry of its name at all (a key added that the
-    store lost). Nothing else of ``ours`` is taken: where ``theirs`` holds a name, its
-    entries win, as an operator's end of a key during a rotation's grace drops the old entry
-    (putting it back undid that). A rotation the store lost is therefore not restored."""
+    safe. Replaced stays replaced: an entry ``ours`` holds replaced by a rotation that
+    ``theirs`` holds unreplaced (the store's document is older than the rotation: it lost
+    it, or an old backup was imported) is marked replaced again, ending when ours does if
+    that is sooner; where ``theirs`` holds it replaced, its entry wins (an operator may
+    change the grace), and one ``theirs`` dropped does not come back (an operator's end of
+    the old secret during the grace drops it). If ``fresh`` (``ours`` was read from the
+    store within REVOKED_KEPT), a usable entry comes back if ``theirs`` holds no entry of
+    its name at all (a key added that the store lost), or if its name's rotation was lost
+    (the rotation's new secret). Nothing else of ``ours`` is taken: where ``theirs`` holds
+    a name, its entries win."""
     out = dict(theirs)
+    replaced: list[str] = []
+    for e in ours.values():
+        have = out.get(e.id)
+        if not e.replaced or have is None or have.replaced or have.revoked:
+            continue
+        ends = e.expires
+        if have.expires and (not ends or _parse_iso(have.expires) < _parse_iso(ends)):
+            ends = have.expires
+        out[e.id] = attrs.evolve(have, replaced=e.replaced, expires=ends)
+        replaced.append(e.id)
     added: list[str] = []
     if fresh:
         names = {t.name for t in theirs.values()}
+        rotated = {ours[i].name for i in replaced}
         for e in ours.values():
-            if e.id not in theirs and e.usable(now) and e.name not in names:
+            if e.id not in theirs and e.usable(now) and (e.name not in names or e.name in rotated):
                 out[e.id] = e
                 added.append(e.id)
     revoked: list[str] = []
@@ -114,9 +133,13 @@ def merge(
         elif not have.revoked:
             out[e.id] = attrs.evolve(have, revoked=e.revoked)
             revoked.append(e.id)
-    if not added and not revoked:  # (an entry taken from ours comes with one added)
+    if not added and not revoked and not replaced:  # (an entry of ours comes with one added)
         return theirs, None
-    return out, Lacking(revoked=tuple(sorted(revoked)), added=tuple(sorted(added)))
+    return out, Lacking(
+        revoked=tuple(sorted(revoked)),
+        added=tuple(sorted(added)),
+        replaced=tuple(sorted(replaced)),
+    )
 
 
 def document(entries: list[SecretEntry], defaults: KeyLimits) -> bytes:
@@ -363,6 +386,11 @@ class PoolKeys(SecretStore):
         said = []
         if lacking.revoked:
             said.append(f"the revocation of key {', '.join(lacking.revoked)} restored")
+        if lacking.replaced:
+            said.append(
+                f"the rotation of key {', '.join(lacking.replaced)} restored (the old secret "
+                "ends as it did)"
+            )
         if lacking.added:
             said.append(f"key {', '.join(lacking.added)} (added before it lost them) restored")
         log.warning(

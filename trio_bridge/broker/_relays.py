@@ -191,7 +191,13 @@ class RelayEndpoint:
             log.warning("relay refused: bad connector token", extra={"peer": client})
             await _deny(req, 401, "invalid connector token")
             return None
-        why = f"revoked at {entry.revoked}" if entry.revoked else f"expired at {entry.expires}"
+        why = (
+            f"revoked at {entry.revoked}"
+            if entry.revoked
+            else f"replaced at {entry.replaced}, expired at {entry.expires}"
+            if entry.replaced
+            else f"expired at {entry.expires}"
+        )
         log.warning(
             "relay refused: connector token %r %s",
             entry.name,

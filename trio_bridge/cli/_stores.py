@@ -238,14 +238,15 @@ def _list_keys(s: SecretStore, config: Config) -> None:
             u = used.setdefault(r["key_id"], [0, 0])
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
-    # EXPIRES: a date, "<date> (expired)" or "revoked <date>" (30 wide)
-    print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<30} {'TODAY':<22} LIMITS")
+    # EXPIRES: a date, "<date> (expired)", "<date> (replaced)" (a rotation's grace) or
+    # "revoked <date>" (31 wide)
+    print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<31} {'TODAY':<22} LIMITS")
     now = time.time()  # wall clock
     for e in entries:
         req, tok = used.get(e.id, [0, 0])
         expires = _expiry_text(e, now)
         print(
-            f"{e.name:<20} {e.id:<9} {expires:<30} "
+            f"{e.name:<20} {e.id:<9} {expires:<31} "
             f"{f'{req} req, {tok} tokens':<22} {_limits_text(s.limits_for(e)) or '-'}"
         )
     if s.defaults.limited or s.defaults.models:
@@ -355,7 +356,9 @@ def _import_keys(config: Config, args: argparse.Namespace) -> int:
 def _expiry_text(e: SecretEntry, now: float) -> str:
     if e.revoked:
         return f"revoked {e.revoked}"
-    return f"{e.expires} (expired)" if e.expired(now) else (e.expires or "-")
+    if e.expired(now):
+        return f"{e.expires} (expired)"
+    return f"{e.expires} (replaced)" if e.replaced else (e.expires or "-")
 
 
 def _list_entries(s: SecretStore, store: str) -> None:

@@ -192,12 +192,17 @@ class RelayedRequest:
                 code="key_revoked",
             )
         if entry.expired():
-            return Refusal(
-                401,
-                f"this API key expired at {entry.expires}; ask the operator to extend it or "
-                "for a new one",
-                code="key_expired",
-            )
+            if entry.replaced:
+                why = (
+                    f"this API key was replaced by a new one at {entry.replaced} and stopped "
+                    f"working at {entry.expires}; use the new key"
+                )
+            else:
+                why = (
+                    f"this API key expired at {entry.expires}; ask the operator to extend it "
+                    "or for a new one"
+                )
+            return Refusal(401, why, code="key_expired")
         rec.request_headers = scrub(head.headers)
         self.limits = fw.keys.limits_for(entry)
         return entry
