@@ -645,6 +645,40 @@ async def test_a_rotation_survives_a_store_restarted_empty_by_a_box_that_missed_
     assert not [r for r in caplog.records for s in (old_secret, new_secret) if s in r.getMessage()]
 
 
+async def test_an_ended_grace_is_not_undone_by_the_order_the_boxes_come_back(
+    tmp_path: Path,
+) -> None:
+    """alice rotated with 1 h grace (Y away); then the operator ends the old secret at once
+    (`keys set OLD --expires <now>`, X away). Redis restarts empty; Y is back first, then X,
+    then W (which saw everything). The old secret must stay ended on every box (outside
+    review: X's mark, ending in an hour, won over W's earlier end)."""
+    async with store_and_lab(tmp_path) as (lab, redis, config):
+        old, _ = lab.keys.add("alice")
+        await push(config, lab.keys.path.read_bytes())
+        x, y, w = PoolStore(config), PoolStore(config), PoolStore(config)
+        async with x.client, y.client, w.client:
+            for box in (x, y, w):
+                await synced(box)
+            lab.keys.rotate("alice", 3600)
+            await push(config, lab.keys.path.read_bytes())
+            await synced(x)
+            await synced(w)  # Y away
+            past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+            lab.keys.set_limits(old.id, {"expires": past.strftime("%Y-%m-%dT%H:%M:%SZ")})
+            await push(config, lab.keys.path.read_bytes())
+            await synced(w)  # X away
+            assert not w.keys.get(old.id).usable()  # type: ignore[union-attr]
+            await redis.kill()
+            await redis.start()  # empty
+            await synced(y)  # first back: the old secret valid for ever
+            await synced(x)  # marks it replaced again, ending in an hour
+            for _ in range(3):
+                for box in (w, x, y):
+                    await synced(box)
+            for keys in (w.keys, x.keys, y.keys, await stored(config)):
+                assert not keys.get(old.id).usable(), keys.get(old.id)  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("restarted", [True, False], ids=["restarted-empty", "kept-its-doc"])
 async def test_a_box_away_longer_than_revocations_are_kept_brings_no_key_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restarted: bool

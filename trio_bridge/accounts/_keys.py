@@ -72,6 +72,13 @@ def _iso(t: dt.datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
+def sooner(a: str, b: str) -> str:
+    """The earlier of two expiry times ("" = never)."""
+    if not a or (b and _parse_iso(b) < _parse_iso(a)):
+        return b
+    return a
+
+
 def _parse_iso(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -412,8 +419,10 @@ class SecretStore:
             e
             for e in entries
             if (
-                _parse_iso(e.revoked or e.replaced) > now - REVOKED_KEPT
-                if e.revoked or (e.replaced and e.expired(now))
+                _parse_iso(e.revoked) > now - REVOKED_KEPT
+                if e.revoked
+                else max(_parse_iso(e.replaced), _parse_iso(e.expires)) > now - REVOKED_KEPT
+                if e.replaced and e.expired(now)
                 else not e.expired(now) or e is live[last[e.name]]
             )
         ]
@@ -469,19 +478,35 @@ class SecretStore:
 
     @_locked
     def set_limits(self, name: str, changes: dict[str, Any]) -> SecretEntry:
-        """Change some limits (``None`` clears one) or the expiry of the key ``name``."""
+        """Change some limits (``None`` clears one) or the expiry of the key ``name``. A
+        rotation's old secret (replaced) can only end sooner: named by its id, a later end
+        is refused; by the key's name, the change ends it too if sooner, never later."""
         changes = dict(changes)  # a change made again (lost write) needs the caller's whole
         self.reload()
         named = self._named(name)
         # the valid entries of that name; if it has only expired ones, its newest (extend it)
         matches = [e for e in named if not e.expired()] or named[-1:]
         expires = changes.pop("expires", None)
+        for e in matches:
+            if (
+                e.replaced
+                and e.id == name
+                and expires is not None
+                and sooner(e.expires, expires) != expires
+            ):
+                raise ConfigError(
+                    f"{self.path}: key {e.id} was replaced by a rotation at {e.replaced}: "
+                    f"its old secret can only end sooner than {e.expires or 'never'} "
+                    "(use the new key, or add one)"
+                )
         updated = []
         for e in self.entries():
             if e in matches:
                 e = attrs.evolve(e, limits=attrs.evolve(e.limits, **changes))
                 if expires is not None:
-                    e = attrs.evolve(e, expires=expires)
+                    e = attrs.evolve(
+                        e, expires=sooner(e.expires, expires) if e.replaced else expires
+                    )
             updated.append(e)
         self._write(updated)
         changed = next(e for e in updated if e.id == matches[-1].id)
@@ -515,11 +540,7 @@ class SecretStore:
         until = _iso(_now() + dt.timedelta(seconds=grace))
         now = _iso(_now())
         entries = [  # the others stay as they are (a revoked one of the name too)
-            attrs.evolve(
-                e,
-                expires=e.expires if e.expires and e.expires <= until else until,
-                replaced=e.replaced or now,
-            )
+            attrs.evolve(e, expires=sooner(e.expires, until), replaced=e.replaced or now)
             if e in current
             else e
             for e in self.entries()
@@ -535,7 +556,7 @@ class SecretStore:
         matches = self._named(name)
         when = _iso(_now())
         self._write([attrs.evolve(e, revoked=when) if e in matches else e for e in self.entries()])
-        return attrs.evolve(matches[0], revoked=when)
+        return attrs.evolve(matches[-1], revoked=when)  # the newest (a rotation's new key)
 
     def _named(self, name: str) -> list[SecretEntry]:
         """The unrevoked entries named ``name`` (or with that id), oldest first; a

@@ -48,6 +48,7 @@ from trio_bridge.accounts._keys import (
     _locked,
     _parse_iso,
     read_entries,
+    sooner,
 )
 from trio_bridge.accounts._limits import KeyLimits
 from trio_bridge.accounts._poolscripts import KEYS_DOC, KEYS_VERSION, PUT_KEYS
@@ -92,31 +93,34 @@ def merge(
     and what that was (None: nothing). Revoked stays revoked: an entry ``ours`` holds
     revoked is revoked in the result (one ``theirs`` dropped comes back, while
     REVOKED_KEPT): a revoked entry can never make a key usable, so putting it back is always
-    safe. Replaced stays replaced: an entry ``ours`` holds replaced by a rotation that
-    ``theirs`` holds unreplaced (the store's document is older than the rotation: it lost
-    it, or an old backup was imported) is marked replaced again, ending when ours does if
-    that is sooner; where ``theirs`` holds it replaced, its entry wins (an operator may
-    change the grace), and one ``theirs`` dropped does not come back (an operator's end of
-    the old secret during the grace drops it). If ``fresh`` (``ours`` was read from the
-    store within REVOKED_KEPT), a usable entry comes back if ``theirs`` holds no entry of
-    its name at all (a key added that the store lost), or if its name's rotation was lost
-    (the rotation's new secret). Nothing else of ``ours`` is taken: where ``theirs`` holds
-    a name, its entries win."""
+    safe. Replaced stays replaced, and ends at the soonest end known: a rotation's old
+    secret can only end sooner (``SecretStore.set_limits`` refuses a later end), so an
+    entry ``ours`` holds replaced is replaced in the result, ending at the earlier of the
+    two ends, whichever box saw which change and in whatever order they come back. An
+    entry ``theirs`` holds unreplaced is a rotation the store lost (its document is older:
+    a store restarted empty, an old backup imported). One ``theirs`` dropped does not come
+    back (dropped by hand, or by an older version's write: ended either way). If ``fresh``
+    (``ours`` was read from the store within REVOKED_KEPT), a usable entry comes back if
+    ``theirs`` holds no entry of its name at all (a key added that the store lost), or if
+    its name's rotation was lost (the rotation's new secret). Nothing else of ``ours`` is
+    taken: where ``theirs`` holds a name, its entries win."""
     out = dict(theirs)
     replaced: list[str] = []
+    rotated: set[str] = set()  # names whose rotation the store lost
     for e in ours.values():
         have = out.get(e.id)
-        if not e.replaced or have is None or have.replaced or have.revoked:
+        if not e.replaced or have is None or have.revoked:
             continue
-        ends = e.expires
-        if have.expires and (not ends or _parse_iso(have.expires) < _parse_iso(ends)):
-            ends = have.expires
-        out[e.id] = attrs.evolve(have, replaced=e.replaced, expires=ends)
+        ends = sooner(have.expires, e.expires)
+        if have.replaced and ends == have.expires:
+            continue
+        if not have.replaced:
+            rotated.add(e.name)
+        out[e.id] = attrs.evolve(have, replaced=have.replaced or e.replaced, expires=ends)
         replaced.append(e.id)
     added: list[str] = []
     if fresh:
         names = {t.name for t in theirs.values()}
-        rotated = {ours[i].name for i in replaced}
         for e in ours.values():
             if e.id not in theirs and e.usable(now) and (e.name not in names or e.name in rotated):
                 out[e.id] = e

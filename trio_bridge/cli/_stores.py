@@ -358,7 +358,7 @@ def _expiry_text(e: SecretEntry, now: float) -> str:
         return f"revoked {e.revoked}"
     if e.expired(now):
         return f"{e.expires} (expired)"
-    return f"{e.expires} (replaced)" if e.replaced else (e.expires or "-")
+    return f"{e.expires or '-'} (replaced)" if e.replaced else (e.expires or "-")
 
 
 def _list_entries(s: SecretStore, store: str) -> None:
@@ -367,9 +367,9 @@ def _list_entries(s: SecretStore, store: str) -> None:
         print(f"(no entries in {s.path})")
         return
     extra = "ROUTES" if store == "tokens" else ""
-    print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<30} {extra}".rstrip())
+    print(f"{'NAME':<24} {'ID':<10} {'CREATED':<21} {'EXPIRES':<31} {extra}".rstrip())
     now = time.time()  # wall clock
     for e in entries:
         expires = _expiry_text(e, now)
         routes = e.route_text if store == "tokens" else ""
-        print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<30} {routes}".rstrip())
+        print(f"{e.name:<24} {e.id:<10} {e.created:<21} {expires:<31} {routes}".rstrip())
