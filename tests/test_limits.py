@@ -207,6 +207,29 @@ async def start(
     return rb.url, lab.client()
 
 
+async def test_rotating_a_key_does_not_reset_its_limits(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A key's limits count under its name: the rotation's new secret goes on with the
+    minute's requests and the day's tokens (each rotation gave a fresh budget, and the
+    portal lets any user rotate their own key, as often as they like)."""
+    _, key = lab.keys.add("limited", limits=KeyLimits(rpm=2))
+    url, client = await start(lab, autojump_clock)
+    async with client:
+        for _ in range(2):
+            r = await client.post(
+                url + CHAT, json=chat(), headers={"Authorization": f"Bearer {key}"}
+            )
+            assert r.status_code == 200
+        _, new, _ = lab.keys.rotate("limited", 0)
+        await trio.sleep(1)  # a running store looks at its file at most twice a second
+        r = await client.post(url + CHAT, json=chat(), headers={"Authorization": f"Bearer {new}"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        await trio.sleep(61)
+        r = await client.post(url + CHAT, json=chat(), headers={"Authorization": f"Bearer {new}"})
+        assert r.status_code == 200
+
+
 async def test_over_its_rpm_a_key_gets_429_with_openai_headers_and_the_sdk_understands(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -173,7 +173,7 @@ async def test_concurrency_2_holds_across_two_boxes(tmp_path: Path) -> None:
 
             nursery.start_soon(slow, 0)
             nursery.start_soon(slow, 1)
-            await wait_for(lambda: all(pool.store(c).holding(entry.id) == 1 for c in (0, 1)))
+            await wait_for(lambda: all(pool.store(c).holding(entry.name) == 1 for c in (0, 1)))
             for box in (0, 1):  # a third request, on either box
                 r = await pool.post(client, box, key)
                 assert r.status_code == 429, r.text
@@ -622,6 +622,25 @@ async def test_self_service_usage_shows_what_is_left_across_the_pool(tmp_path: P
         # 4 chats on both boxes, and this request itself, in the pool's minute
         assert now["requests_this_minute"] == 5 and now["requests_left_this_minute"] == 5
         assert now["tokens_today"] > 0 and now["tokens_left_today"] == 10_000 - now["tokens_today"]
+
+
+async def test_a_rotation_goes_on_with_the_pools_counts(tmp_path: Path) -> None:
+    """A key rotated on one box (the portal's way: grace 0, in a worker thread): its new
+    secret is refused on both boxes once the minute's requests are spent: the pool counts
+    a key under its name, not its secret's id (each rotation gave a fresh budget)."""
+    async with open_pool(tmp_path) as pool:
+        _, key = pool.lab.keys.add("alice", limits=KeyLimits(rpm=4))
+        await start_boxes(pool)
+        keys_a, keys_b = (rc.connector.keys for rc in pool.boxes)
+        async with pool.lab.client() as client:
+            for i in range(4):
+                assert (await pool.post(client, i % 2, key)).status_code == 200
+            entry, new, _ = await trio.to_thread.run_sync(lambda: keys_a.rotate("alice", 0))
+            await wait_for(lambda: keys_b.get(entry.id) is not None)
+            for box in (0, 1):
+                r = await pool.post(client, box, new)
+                assert r.status_code == 429, r.text
+                assert "4 requests per minute" in r.json()["error"]["message"]
 
 
 async def test_the_admin_page_shows_the_pools_usage(tmp_path: Path) -> None:

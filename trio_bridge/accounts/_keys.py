@@ -122,6 +122,14 @@ class SecretEntry:
         return ", ".join(self.routes or (DEFAULT_ROUTE,))
 
 
+def budget(entry: SecretEntry) -> str:
+    """What an API key's limits count under (the limiter, the pool's store, fair slots, the
+    memory share): its name, not its id, so that a rotation, or a new key of the name after
+    a revocation, goes on with the day's and the minute's counts (a user could reset their
+    budget by rotating their key in the portal)."""
+    return entry.name
+
+
 def check_route_patterns(routes: list[str]) -> tuple[str, ...]:
     """Validate ``--route`` patterns (route names, ``*`` and ``?`` globs)."""
     for r in routes:

@@ -131,7 +131,8 @@ class _KeyState:
 
 
 class Limiter:
-    """The live counters of every key (one per connector process)."""
+    """The live counters of every key (one per connector process), by what its limits count
+    under (``key_id`` here: ``accounts._keys.budget``, the key's name)."""
 
     def __init__(self) -> None:
         self._keys: dict[str, _KeyState] = {}

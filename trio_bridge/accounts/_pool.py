@@ -119,7 +119,9 @@ class PoolStore:
 
     ``models``: the model names the connector knows (usage under others is "other");
     ``registry``: where its metrics go. Cancellation: :meth:`run` owns the connection; each
-    call on the request path is bounded by ROUND_TRIP_TIMEOUT."""
+    call on the request path is bounded by ROUND_TRIP_TIMEOUT. The ``key_id`` of admissions,
+    ends and snapshots is what a key's limits count under (``accounts._keys.budget``: its
+    name, the same for all its secrets); usage rows are by the secret's id."""
 
     def __init__(
         self,

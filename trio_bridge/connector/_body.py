@@ -190,7 +190,7 @@ class Prefixed:
 
 
 async def read_start(
-    stream: RelayStream, rules: BodyRules, guard: RelayGuard, key_id: str, up_to: int
+    stream: RelayStream, rules: BodyRules, guard: RelayGuard, key: str, up_to: int
 ) -> bytes | Prefixed:
     """A body of unknown length (chunked): whole if it ends within ``up_to`` bytes, else its
     first bytes and the rest to come (:class:`Prefixed`). What was read is taken from the
@@ -201,20 +201,18 @@ async def read_start(
     taken = 0
     try:
         async for chunk in chunks:
-            guard.take(len(chunk), key_id)
+            guard.take(len(chunk), key)
             taken += len(chunk)
             parts.append(chunk)
             if taken > up_to:  # an upload: the rest streams
                 return Prefixed(b"".join(parts), chunks)
     except BaseException:
-        guard.give(taken, key_id)
+        guard.give(taken, key)
         raise
     return b"".join(parts)
 
 
-async def read_whole(
-    stream: RelayStream, rules: BodyRules, guard: RelayGuard, key_id: str
-) -> bytes:
+async def read_whole(stream: RelayStream, rules: BodyRules, guard: RelayGuard, key: str) -> bytes:
     """The whole request body, its bytes taken from the relay's ``guard`` as they come (the
     caller gives them back once the call ends; here if reading fails). Raises
     :class:`BodyRefused`: beyond max_body, slower than the pace, over the budget."""
@@ -222,16 +220,16 @@ async def read_whole(
         body, _ = stream.take_ready()
         if len(body) > rules.max_body:
             raise TooLarge
-        guard.take(len(body), key_id)
+        guard.take(len(body), key)
         return body  # noqa: ASYNC910  all here already: the LLM call checkpoints
     parts: list[bytes] = []
     taken = 0
     try:
         async for chunk in BodyChunks(stream, rules):
-            guard.take(len(chunk), key_id)
+            guard.take(len(chunk), key)
             taken += len(chunk)
             parts.append(chunk)
     except BaseException:
-        guard.give(taken, key_id)
+        guard.give(taken, key)
         raise
     return b"".join(parts)

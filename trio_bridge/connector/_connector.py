@@ -25,7 +25,7 @@ from trio_bridge._net import TCP, Network
 from trio_bridge._notify import Notifier
 from trio_bridge._observe import Metrics, quiet_third_party_loggers
 from trio_bridge._version import __version__
-from trio_bridge.accounts._keys import SecretStore
+from trio_bridge.accounts._keys import SecretStore, budget
 from trio_bridge.accounts._limits import Limiter
 from trio_bridge.accounts._pool import PoolStore
 from trio_bridge.accounts._usagestore import KnownModels, UsageBook, UsageStore, utc_day
@@ -190,7 +190,8 @@ class Connector:
         if self._usage_file is not None:  # daily budgets go on where they were
             wall = time.time()  # wall clock
             for key_id, tokens in self._usage_file.tokens_on(utc_day(wall)).items():
-                self.limiter.seed_today(key_id, tokens, wall)
+                entry = self.keys.get(key_id)  # counted under its name (rotations)
+                self.limiter.seed_today(budget(entry) if entry else key_id, tokens, wall)
         self.slots = FairSlots(c.max_concurrent, c.max_queue, on_wait=self.accounting.waited)
         self.forwarder = Forwarder(
             config,

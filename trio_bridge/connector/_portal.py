@@ -40,7 +40,13 @@ import trio
 
 from trio_bridge._config import Config
 from trio_bridge._errors import ConfigError, StreamReset
-from trio_bridge.accounts._keys import SecretEntry, SecretStore, atomic_write, check_private
+from trio_bridge.accounts._keys import (
+    SecretEntry,
+    SecretStore,
+    atomic_write,
+    budget,
+    check_private,
+)
 from trio_bridge.accounts._limits import KeyLimits, Limiter
 from trio_bridge.accounts._usagestore import UsageStore, utc_day
 from trio_bridge.accounts._users import ACTIVE, BLOCKED, PENDING, Session, User, UserStore
@@ -486,7 +492,7 @@ class PortalRequest:
         limits = p.keys.limits_for(entry) if entry else p.user_limits(user)
         wall = time.time()  # wall clock
         now = trio.current_time()
-        now_left = p.limiter.snapshot(entry.id, limits, now, wall=wall) if entry else None
+        now_left = p.limiter.snapshot(budget(entry), limits, now, wall=wall) if entry else None
         rows: list[dict[str, Any]] = []
         store = p.usage_store
         if store is not None:

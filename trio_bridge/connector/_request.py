@@ -25,7 +25,7 @@ import trio
 
 from trio_bridge._errors import QueueFull, StreamReset
 from trio_bridge._observe import Facts, bridge_outcome
-from trio_bridge.accounts._keys import SecretEntry
+from trio_bridge.accounts._keys import SecretEntry, budget
 from trio_bridge.accounts._limits import KeyLimits, ratelimit_headers
 from trio_bridge.accounts._pool import STORE_DOWN, Admission
 from trio_bridge.accounts._usage import UsageSniffer
@@ -87,6 +87,7 @@ class RelayedRequest:
     __slots__ = (
         "admitted",
         "body",
+        "budget",
         "counted",
         "facts",
         "first_byte_by",
@@ -114,6 +115,8 @@ class RelayedRequest:
         facts.route = fw.route
         self.rec = fw.inspector.start(head.request_id, head.method, facts.path)
         self.key_id = ""
+        #: what its key's limits, slots and memory count under (:func:`budget`: the name)
+        self.budget = ""
         self.limits = _NO_LIMITS
         #: in the usage store when it ends (a valid key; not ``/_bridge/usage``)
         self.counted = False
@@ -183,6 +186,7 @@ class RelayedRequest:
                 return Refusal(429, "too many failed key checks; retry later", retry_after=5)
             return Refusal(401, "missing API key" if presented is None else "invalid API key")
         self.key_id = self.facts.key_id = entry.id
+        self.budget = budget(entry)
         rec = self.rec
         rec.key_id, rec.key_name = entry.id, entry.name
         if entry.revoked:
@@ -227,7 +231,7 @@ class RelayedRequest:
         from ``shown``)."""
         limiter = self.fw.limiter
         now = trio.current_time()
-        refusal = limiter.admit(self.key_id, limits, now, wall=time.time())  # wall clock
+        refusal = limiter.admit(self.budget, limits, now, wall=time.time())  # wall clock
         if refusal is None:
             self.admitted = True
             return None
@@ -237,7 +241,7 @@ class RelayedRequest:
             429,
             refusal.message,
             retry_after=refusal.retry_after,
-            extra=limiter.headers(self.key_id, shown, now),
+            extra=limiter.headers(self.budget, shown, now),
         )
 
     async def admit_pooled(self, limits: KeyLimits | None = None) -> Refusal | None:
@@ -246,7 +250,7 @@ class RelayedRequest:
         be reached with on_store_failure = "closed"."""
         pool = self.fw.pool
         assert pool is not None
-        self.pooled = decision = await pool.admit(self.key_id, limits or self.limits)
+        self.pooled = decision = await pool.admit(self.budget, limits or self.limits)
         refusal = decision.refusal
         if refusal is None:
             self.admitted = True
@@ -261,7 +265,7 @@ class RelayedRequest:
         """The rate-limit headers of a pooled admission (as the store counted them)."""
         d = self.pooled
         if d is None or not d.shared:
-            return self.fw.limiter.headers(self.key_id, self.limits, trio.current_time())
+            return self.fw.limiter.headers(self.budget, self.limits, trio.current_time())
         return ratelimit_headers(self.limits, d.requests, d.tokens)
 
     async def _take_body(self) -> Content | Refusal:
@@ -281,7 +285,7 @@ class RelayedRequest:
             or (declared is not None and int(declared) <= WHOLE_BEFORE_SLOT)
         ):
             try:
-                content = await read_whole(stream, self.fw.body_rules, self.guard, self.key_id)
+                content = await read_whole(stream, self.fw.body_rules, self.guard, self.budget)
             except BodyRefused as exc:
                 return Refusal(exc.status, exc.message)  # noqa: ASYNC910  raised from a read
             self.held = len(content)  # given back at the end
@@ -295,7 +299,7 @@ class RelayedRequest:
         elif declared is None:  # chunked: its first WHOLE_BEFORE_SLOT bytes before the slot
             try:
                 start = await read_start(
-                    stream, self.fw.body_rules, self.guard, self.key_id, WHOLE_BEFORE_SLOT
+                    stream, self.fw.body_rules, self.guard, self.budget, WHOLE_BEFORE_SLOT
                 )
             except BodyRefused as exc:
                 return Refusal(exc.status, exc.message)  # noqa: ASYNC910  raised from a read
@@ -400,7 +404,7 @@ class RelayedRequest:
             headers.append((REQUEST_ID, self.head.request_id.encode()))
             if self.limits.rpm is not None or self.limits.tokens_per_minute is not None:
                 headers += (
-                    fw.limiter.headers(self.key_id, self.limits, trio.current_time())
+                    fw.limiter.headers(self.budget, self.limits, trio.current_time())
                     if self.pooled is None
                     else self._pooled_headers()
                 )
@@ -530,7 +534,7 @@ class RelayedRequest:
         return _Tee(content, rec, inspector)
 
     def _give_back(self) -> None:
-        self.guard.give(self.held, self.key_id)
+        self.guard.give(self.held, self.budget)
         self.held = 0
 
     def _free_slot(self) -> None:
@@ -558,10 +562,10 @@ class RelayedRequest:
             prompt, completion, _ = self.tokens()
             if self.pooled is not None:
                 assert self.fw.pool is not None
-                self.fw.pool.finish(self.key_id, prompt + completion, shared=self.pooled.shared)
+                self.fw.pool.finish(self.budget, prompt + completion, shared=self.pooled.shared)
                 return
             self.fw.limiter.finish(
-                self.key_id,
+                self.budget,
                 prompt + completion,
                 trio.current_time(),
                 wall=time.time(),  # wall clock

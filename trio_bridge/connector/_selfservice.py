@@ -54,7 +54,8 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             return await req.reply_error(
                 503, "usage is still being read; retry shortly", retry_after=1
             )
-        rows = store.rows(since_day=utc_day(wall - 29 * 86400), key_ids=[entry.id])
+        ids = [e.id for e in req.fw.keys.entries() if e.name == entry.name]  # (rotations)
+        rows = store.rows(since_day=utc_day(wall - 29 * 86400), key_ids=ids)
     today = utc_day(wall)
     doc = {
         "key": {"name": entry.name, "id": entry.id, "expires": entry.expires or None},
@@ -67,9 +68,9 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             "priority": limits.priority,
         },
         "now": (
-            req.fw.limiter.snapshot(entry.id, limits, trio.current_time(), wall=wall)
+            req.fw.limiter.snapshot(req.budget, limits, trio.current_time(), wall=wall)
             if pool is None
-            else await pool.snapshot(entry.id, limits)
+            else await pool.snapshot(req.budget, limits)
         ),
         "today": totals(r for r in rows if r["day"] == today),
         "last_30_days": totals(rows),
