@@ -1056,3 +1056,35 @@ def test_keys_made_readable_by_a_change_on_the_box_leave_no_stale_problem(
     keys.add("bob")  # a change on this box reads the fixed version and puts it in force
     assert not keys.wants(store["v"])  # type: ignore[arg-type]
     assert keys.reload_error is None
+
+
+def test_keys_import_does_not_merge_two_people_into_one_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two boxes become one pool: each had its own `alice` (two people). `keys import` of
+    the second box's file added its `alice` beside the first (only ids were compared): two
+    usable entries of one name, sharing one budget (limits count by name), one
+    /_bridge/usage, one `keys rotate alice` / `keys revoke alice`. Refused now, naming it."""
+    import trio
+    from redisserver import RedisServer
+
+    from trio_bridge.accounts._keys import SecretStore
+    from trio_bridge.cli._cli import main
+
+    server = RedisServer(tmp_path)
+    trio.run(server.start)
+    try:
+        first = SecretStore(tmp_path / "box1.toml", "tbk")
+        first.add("alice", limits=KeyLimits(tokens_per_day=1000))
+        second = SecretStore(tmp_path / "box2.toml", "tbk")
+        second.add("alice", limits=KeyLimits(tokens_per_day=1000))
+        cfg = tmp_path / "connector.toml"
+        cfg.write_text(f'[connector]\nstore = "{server.url}"\nusage_file = ""\n')
+        assert main(["keys", "import", str(tmp_path / "box1.toml"), "-c", str(cfg)]) == 0
+        code = main(["keys", "import", str(tmp_path / "box2.toml"), "-c", str(cfg)])
+        assert code != 0 and "already holds a usable key named 'alice'" in capsys.readouterr().err
+        assert main(["keys", "list", "-c", str(cfg)]) == 0
+        alices = [x for x in capsys.readouterr().out.splitlines() if x.startswith("alice ")]
+        assert code != 0 or len(alices) == 1, alices
+    finally:
+        trio.run(server.kill)

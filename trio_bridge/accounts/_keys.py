@@ -123,10 +123,11 @@ class SecretEntry:
 
 
 def budget(entry: SecretEntry) -> str:
-    """What an API key's limits count under (the limiter, the pool's store, fair slots, the
-    memory share): its name, not its id, so that a rotation, or a new key of the name after
-    a revocation, goes on with the day's and the minute's counts (a user could reset their
-    budget by rotating their key in the portal)."""
+    """What an API key's limits count under (the limiter, the pool's store, its share of
+    buffered bodies; fair slots and usage rows stay per secret id): its name, not its id,
+    so that a rotation, or a new key of the name after a revocation, goes on with the day's
+    and the minute's counts (a user could reset their budget by rotating their key in the
+    portal)."""
     return entry.name
 
 
@@ -235,6 +236,8 @@ class SecretStore:
         self.path = path
         self.prefix = prefix
         self._by_id: dict[str, SecretEntry] = {}
+        #: ids by name, and the ``_by_id`` it was built from (rebuilt when that is replaced)
+        self._ids_by_name: tuple[dict[str, SecretEntry], dict[str, list[str]]] = ({}, {})
         self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = -math.inf
@@ -377,6 +380,18 @@ class SecretStore:
 
     def get(self, ident: str) -> SecretEntry | None:
         return self._by_id.get(ident)
+
+    def ids_named(self, name: str) -> list[str]:
+        """The ids of the entries named ``name`` (a key's secrets: rotated, revoked), without
+        going through every entry (an index built once per version of the entries)."""
+        by_id = self._by_id
+        built_from, index = self._ids_by_name
+        if built_from is not by_id:
+            index = {}
+            for e in by_id.values():
+                index.setdefault(e.name, []).append(e.id)
+            self._ids_by_name = (by_id, index)
+        return index.get(name, [])
 
     @property
     def defaults(self) -> KeyLimits:
@@ -553,7 +568,11 @@ class SecretStore:
             else e
             for e in self.entries()
         ]
-        entry, secret = self._new(name, current[-1].routes, entries, current[-1].limits)
+        # the new secret keeps the key's end (an operator's trial, a portal user's key): a
+        # rotation never lengthens a key's life; an end already passed is not kept (rotating
+        # an expired key is how the CLI gives it a new start)
+        ends = current[-1].expires if not current[-1].expired() else ""
+        entry, secret = self._new(name, current[-1].routes, entries, current[-1].limits, ends)
         return entry, secret, until
 
     @_locked

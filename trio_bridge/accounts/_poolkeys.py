@@ -423,6 +423,13 @@ class PoolKeys(SecretStore):
         self.reload()
         have = {e.id for e in self.entries()}
         new = [e for e in entries if e.id not in have]
+        held = {e.name for e in self.entries() if e.usable()}
+        if clash := sorted({e.name for e in new if e.usable() and e.name in held}):
+            raise ConfigError(  # one name, one key: its limits count under its name
+                f"{self.path}: the store already holds a usable key named "
+                f"{', '.join(map(repr, clash))} (another id): two people would share its "
+                "limits and usage; revoke one of them (or give it another name), then import again"
+            )
         mine = self.defaults if self.defaults != KeyLimits() else defaults
         if new or mine != self.defaults:
             self._write([*self.entries(), *new], mine)

@@ -207,7 +207,18 @@ class Portal:
         return usable[-1] if usable else None
 
     def key_ids(self, user: User) -> list[str]:
-        return [e.id for e in self.keys.entries() if e.name == user.key_name]
+        return list(self.keys.ids_named(user.key_name))
+
+    def ended_key(self, user: User) -> SecretEntry | None:
+        """``user``'s key if the operator's end for it passed (its newest secret expired,
+        neither revoked nor replaced): the portal makes no new key or secret for them then
+        (that would undo the end); the operator extends it (`keys set NAME --expires`)."""
+        named = [self.keys.get(i) for i in self.keys.ids_named(user.key_name)]
+        live = sorted(
+            (e for e in named if e is not None and not e.revoked and not e.replaced),
+            key=lambda e: e.created,
+        )
+        return live[-1] if live and live[-1].expired() else None
 
     def change_key(self, user: User, action: str) -> tuple[str, SecretEntry, str | None] | None:
         """Create, rotate or revoke ``user``'s key (a worker thread): (audit event, entry,
@@ -216,6 +227,8 @@ class Portal:
         is never made for a user being blocked (ConfigError: the key changed meanwhile)."""
         with self.keys.changing():
             if self.users.state_of(user.id) != ACTIVE:
+                return None
+            if action != "revoke" and self.ended_key(user) is not None:
                 return None
             if action == "create":
                 entry, secret = self.keys.add(user.key_name, limits=self.user_limits(user))
@@ -467,6 +480,15 @@ class PortalRequest:
             )
         action = self.form.get("action", "")
         has_key = p.current_key(user) is not None
+        if action != "revoke" and (ended := p.ended_key(user)) is not None:
+            return self._page(  # noqa: ASYNC910  a refusal: sent by run() right after (awaits)
+                403,
+                pages.message(
+                    "Key expired",
+                    f"Your key expired at {ended.expires}: ask the operator to extend it.",
+                    p.base,
+                ),
+            )
         done = None
         if (action == "create" and not has_key) or (action in ("rotate", "revoke") and has_key):
             try:

@@ -115,7 +115,7 @@ class RelayedRequest:
         facts.route = fw.route
         self.rec = fw.inspector.start(head.request_id, head.method, facts.path)
         self.key_id = ""
-        #: what its key's limits, slots and memory count under (:func:`budget`: the name)
+        #: what its key's limits and memory share count under (:func:`budget`: the name)
         self.budget = ""
         self.limits = _NO_LIMITS
         #: in the usage store when it ends (a valid key; not ``/_bridge/usage``)

@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from trio_bridge.accounts._keys import SecretEntry
-from trio_bridge.accounts._usagestore import utc_day
+from trio_bridge.accounts._usagestore import COLUMNS, utc_day
 from trio_bridge.http._messages import REQUEST_ID
 from trio_bridge.relay._protocol import ResponseHead
 
@@ -34,6 +34,19 @@ def totals(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
         for k in out:
             out[k] += r[k]
     return out
+
+
+def by_day_and_model(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (day, model), the key's secrets added up (a rotation makes two)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        row = out.get((r["day"], r["model"]))
+        if row is None:
+            out[(r["day"], r["model"])] = {k: v for k, v in r.items() if k != "key_id"}
+        else:
+            for k in COLUMNS:
+                row[k] += r[k]
+    return list(out.values())
 
 
 async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
@@ -54,7 +67,8 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             return await req.reply_error(
                 503, "usage is still being read; retry shortly", retry_after=1
             )
-        ids = [e.id for e in req.fw.keys.entries() if e.name == entry.name]  # (rotations)
+        keys = req.fw.keys  # its secrets (rotations); not revoked ones: a name given anew
+        ids = [i for i in keys.ids_named(entry.name) if not ((e := keys.get(i)) and e.revoked)]
         rows = store.rows(since_day=utc_day(wall - 29 * 86400), key_ids=ids)
     today = utc_day(wall)
     doc = {
@@ -74,7 +88,7 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
         ),
         "today": totals(r for r in rows if r["day"] == today),
         "last_30_days": totals(rows),
-        "by_day": [{k: v for k, v in r.items() if k != "key_id"} for r in rows],
+        "by_day": by_day_and_model(rows),
         "stored": store is not None,
     }
     body = json.dumps(doc, indent=1).encode()
