@@ -665,7 +665,7 @@ def test_keys_list_keeps_its_columns_for_expired_and_revoked_keys(
     store.add("carol")
     store.revoke("bob")
     store.add("dave")
-    store.rotate("dave", 3600)  # the old secret: "<time> (replaced)", the widest
+    store.rotate("dave", 0)  # the old secret: "<time> (replaced)", the widest
     assert _cli.main(["keys", "list", "-c", str(cfg)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header, *rows = lines

@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -127,7 +128,9 @@ def test_tokens_list_keeps_its_columns_during_a_grace(
 
 def test_a_replaced_secret_without_an_end_lists_readably() -> None:
     e = SecretEntry("alice", "old00001", "x" * 64, "2026-12-07T11:00:00Z", replaced="x")
-    assert _expiry_text(e, time.time()) == "- (replaced)"
+    assert _expiry_text(e, time.time()) == "- (grace)"  # (no end: still valid)
+    ended = attrs.evolve(e, expires="2026-12-07T11:30:00Z")
+    assert _expiry_text(ended, time.time()) == "2026-12-07T11:30:00Z (replaced)"
 
 
 @pytest.mark.parametrize("value", ["soon", "2026-13-01T00:00:00Z", 5])

@@ -238,7 +238,8 @@ def _list_keys(s: SecretStore, config: Config) -> None:
             u = used.setdefault(r["key_id"], [0, 0])
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
-    # EXPIRES: a date, "<date> (expired)", "<date> (replaced)" (a rotation's grace) or
+    # EXPIRES: a date, "<date> (expired)", "<date> (grace)" / "(replaced)" (a rotation's old
+    # secret, in its grace / after it) or
     # "revoked <date>" (31 wide)
     print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<31} {'TODAY':<22} LIMITS")
     now = time.time()  # wall clock
@@ -356,9 +357,9 @@ def _import_keys(config: Config, args: argparse.Namespace) -> int:
 def _expiry_text(e: SecretEntry, now: float) -> str:
     if e.revoked:
         return f"revoked {e.revoked}"
-    if e.expired(now):
-        return f"{e.expires} (expired)"
-    return f"{e.expires or '-'} (replaced)" if e.replaced else (e.expires or "-")
+    if e.replaced:  # a rotation's old secret: valid in its grace, then kept 30 days
+        return f"{e.expires or '-'} ({'replaced' if e.expired(now) else 'grace'})"
+    return f"{e.expires} (expired)" if e.expired(now) else (e.expires or "-")
 
 
 def _list_entries(s: SecretStore, store: str) -> None:
