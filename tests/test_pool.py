@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -641,6 +642,47 @@ async def test_a_rotation_goes_on_with_the_pools_counts(tmp_path: Path) -> None:
                 r = await pool.post(client, box, new)
                 assert r.status_code == 429, r.text
                 assert "4 requests per minute" in r.json()["error"]["message"]
+
+
+async def test_the_portal_shows_what_is_left_across_the_pool(tmp_path: Path) -> None:
+    """The portal's page on box 1 says what is left of the user's per-minute requests in the
+    pool (it read box 1's fallback counts, which count only while the store is down: 10
+    left after 3 requests of 10 on both boxes; outside review)."""
+    from types import SimpleNamespace
+
+    from trio_bridge._config import PortalConfig, structure
+    from trio_bridge.accounts._users import ACTIVE, Session
+    from trio_bridge.connector._connector import _open_portal
+    from trio_bridge.connector._portal import PortalRequest
+
+    async with open_pool(tmp_path) as pool:
+        await start_boxes(pool)
+        conn = pool.boxes[1].connector
+        portal_config = structure(
+            {"enabled": True, "public_url": "http://127.0.0.1:9/", "client_id": "c",
+             "issuer": "http://127.0.0.1:9/", "allowed_domains": ["example.com"]},
+            PortalConfig,
+            source="portal",
+        )  # fmt: skip
+        portal = _open_portal(attrs.evolve(pool.config(), portal=portal_config), conn)
+        assert portal is not None  # as the connector makes it, with its parts
+        user, _ = portal.users.sign_in("sub-1", "eve@example.com", "Eve", (), ACTIVE)
+        done = await trio.to_thread.run_sync(portal.change_key, user, "create")
+        assert done is not None and done[2] is not None
+        entry, key = done[1], done[2]
+        await trio.to_thread.run_sync(conn.keys.set_limits, entry.name, {"rpm": 10})
+        await wait_for(lambda: pool.boxes[0].connector.keys.get(entry.id) is not None)
+        async with pool.lab.client() as client:
+            for i in range(3):
+                assert (await pool.post(client, i % 2, key)).status_code == 200
+        await pool.flushed()
+        head = SimpleNamespace(target="/_bridge/portal/", method="GET", headers=[])
+        page = await PortalRequest(portal, SimpleNamespace(request_head=head))._user_page(  # type: ignore[arg-type]
+            Session(user=user, csrf="csrf", expires=0.0)
+        )
+        await portal.oidc.aclose()
+        left = re.search(r"Requests per minute</td><td class=num>10</td><td class=num>(\d+)<", page)
+        assert left is not None and left.group(1) == "7", page
 
 
 async def test_the_admin_page_shows_the_pools_usage(tmp_path: Path) -> None:

@@ -110,6 +110,7 @@ def _open_portal(config: Config, conn: Connector) -> Portal | None:
         config,
         keys=conn.keys,
         limiter=conn.limiter,
+        pool=conn.pool,
         # the portal reads load(), loaded and rows(), which the pool's store has too
         usage_store=cast("UsageStore | None", conn.usage_store),
         models=lambda: conn.llm.models,

@@ -32,7 +32,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import attrs
@@ -44,7 +44,6 @@ from trio_bridge.accounts._keys import (
     SecretEntry,
     SecretStore,
     atomic_write,
-    budget,
     check_private,
 )
 from trio_bridge.accounts._limits import KeyLimits, Limiter
@@ -52,11 +51,14 @@ from trio_bridge.accounts._usagestore import UsageStore, utc_day
 from trio_bridge.accounts._users import ACTIVE, BLOCKED, PENDING, Session, User, UserStore
 from trio_bridge.connector import _portalpages as pages
 from trio_bridge.connector._oidc import OIDCClient, SignInFailed
-from trio_bridge.connector._selfservice import totals
+from trio_bridge.connector._selfservice import left_now, totals
 from trio_bridge.http._messages import REQUEST_ID, header
 from trio_bridge.relay._frames import ResetCode
 from trio_bridge.relay._protocol import ResponseHead
 from trio_bridge.relay._relay import RelayStream
+
+if TYPE_CHECKING:
+    from trio_bridge.accounts._pool import PoolStore
 
 log = logging.getLogger("trio_bridge.portal")
 T = TypeVar("T")
@@ -114,6 +116,7 @@ class Portal:
         usage_store: UsageStore | None,
         models: Callable[[], tuple[str, ...] | None],
         oidc: OIDCClient | None = None,
+        pool: PoolStore | None = None,
     ) -> None:
         pc = config.portal
         if not (pc.public_url and pc.issuer and pc.client_id):
@@ -143,6 +146,9 @@ class Portal:
                 "in clear; put the broker behind TLS and use https://"
             )
         self.keys, self.limiter, self.usage_store = keys, limiter, usage_store
+        #: the pool's store: what is left now is the pool's (``limiter`` counts only while
+        #: the store cannot be reached)
+        self.pool = pool
         self.models = models
         self.users = UserStore(config.path(pc.users_file))
         self.secret = load_secret(config.path(pc.secret_file))
@@ -513,8 +519,7 @@ class PortalRequest:
         entry = p.current_key(user) if user.state == ACTIVE else None
         limits = p.keys.limits_for(entry) if entry else p.user_limits(user)
         wall = time.time()  # wall clock
-        now = trio.current_time()
-        now_left = p.limiter.snapshot(budget(entry), limits, now, wall=wall) if entry else None
+        now_left = await left_now(p.limiter, p.pool, entry, limits) if entry else None
         rows: list[dict[str, Any]] = []
         store = p.usage_store
         if store is not None:

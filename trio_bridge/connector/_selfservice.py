@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from trio_bridge.accounts._keys import SecretEntry
+from trio_bridge.accounts._keys import SecretEntry, budget
 from trio_bridge.accounts._usagestore import COLUMNS, utc_day
 from trio_bridge.http._messages import REQUEST_ID
 from trio_bridge.relay._protocol import ResponseHead
 
 if TYPE_CHECKING:
+    from trio_bridge.accounts._limits import KeyLimits, Limiter
+    from trio_bridge.accounts._pool import PoolStore
     from trio_bridge.connector._request import RelayedRequest
 
 USAGE_PATH = "/_bridge/usage"  # answered by the connector itself, for the key presented
@@ -47,6 +49,18 @@ def by_day_and_model(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             for k in COLUMNS:
                 row[k] += r[k]
     return list(out.values())
+
+
+async def left_now(
+    limiter: Limiter, pool: PoolStore | None, entry: SecretEntry, limits: KeyLimits
+) -> dict[str, int | None]:
+    """What is left now of ``entry``'s limits: the pool's, with a pool (its box's own counts
+    while the store cannot be reached), else this connector's."""
+    if pool is not None:
+        return await pool.snapshot(budget(entry), limits)
+    await trio.lowlevel.checkpoint()
+    wall = time.time()  # wall clock
+    return limiter.snapshot(budget(entry), limits, trio.current_time(), wall=wall)
 
 
 async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
@@ -81,11 +95,7 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             "models": list(limits.models) or None,
             "priority": limits.priority,
         },
-        "now": (
-            req.fw.limiter.snapshot(req.budget, limits, trio.current_time(), wall=wall)
-            if pool is None
-            else await pool.snapshot(req.budget, limits)
-        ),
+        "now": await left_now(req.fw.limiter, pool, entry, limits),
         "today": totals(r for r in rows if r["day"] == today),
         "last_30_days": totals(rows),
         "by_day": by_day_and_model(rows),
