@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -478,6 +478,17 @@ async def synced(box: PoolStore) -> None:
 
 
 @asynccontextmanager
+async def synced_boxes(config: Any, n: int) -> AsyncIterator[list[PoolStore]]:
+    """``n`` boxes on the store, each synced once."""
+    boxes = [PoolStore(config) for _ in range(n)]
+    async with AsyncExitStack() as stack:
+        for box in boxes:
+            await stack.enter_async_context(box.client)
+            await synced(box)
+        yield boxes
+
+
+@asynccontextmanager
 async def store_and_lab(tmp_path: Path) -> AsyncIterator[tuple[Lab, RedisServer, Any]]:
     redis = RedisServer(tmp_path)
     await redis.start()
@@ -577,10 +588,7 @@ async def test_an_end_set_during_a_rotations_grace_is_not_undone_by_the_boxes(
     async with store_and_lab(tmp_path) as (lab, _redis, config):
         old, _ = lab.keys.add("alice")
         await push(config, lab.keys.path.read_bytes())
-        box_a, box_b = PoolStore(config), PoolStore(config)
-        async with box_a.client, box_b.client:
-            await synced(box_a)
-            await synced(box_b)
+        async with synced_boxes(config, 2) as (box_a, box_b):
             new, _, _ = lab.keys.rotate("alice", 3600)
             await push(config, lab.keys.path.read_bytes())
             await synced(box_a)
@@ -619,10 +627,7 @@ async def test_a_rotation_survives_a_store_restarted_empty_by_a_box_that_missed_
     async with store_and_lab(tmp_path) as (lab, redis, config):
         old, old_secret = lab.keys.add("alice")
         await push(config, lab.keys.path.read_bytes())
-        box_a, box_b = PoolStore(config), PoolStore(config)
-        async with box_a.client, box_b.client:
-            await synced(box_a)
-            await synced(box_b)
+        async with synced_boxes(config, 2) as (box_a, box_b):
             new, new_secret, until = lab.keys.rotate("alice", grace)
             await push(config, lab.keys.path.read_bytes())
             await synced(box_a)  # B is away
@@ -655,10 +660,7 @@ async def test_an_ended_grace_is_not_undone_by_the_order_the_boxes_come_back(
     async with store_and_lab(tmp_path) as (lab, redis, config):
         old, _ = lab.keys.add("alice")
         await push(config, lab.keys.path.read_bytes())
-        x, y, w = PoolStore(config), PoolStore(config), PoolStore(config)
-        async with x.client, y.client, w.client:
-            for box in (x, y, w):
-                await synced(box)
+        async with synced_boxes(config, 3) as (x, y, w):
             lab.keys.rotate("alice", 3600)
             await push(config, lab.keys.path.read_bytes())
             await synced(x)

@@ -236,8 +236,8 @@ class SecretStore:
         self.path = path
         self.prefix = prefix
         self._by_id: dict[str, SecretEntry] = {}
-        #: ids by name, and the ``_by_id`` it was built from (rebuilt when that is replaced)
-        self._ids_by_name: tuple[dict[str, SecretEntry], dict[str, list[str]]] = ({}, {})
+        #: entries by name, and the ``_by_id`` it was built from (rebuilt when that is replaced)
+        self._by_name: tuple[dict[str, SecretEntry], dict[str, list[SecretEntry]]] = ({}, {})
         self._defaults = KeyLimits()
         self._stamp: tuple[int, int, int] | None = None
         self._checked = -math.inf
@@ -381,16 +381,16 @@ class SecretStore:
     def get(self, ident: str) -> SecretEntry | None:
         return self._by_id.get(ident)
 
-    def ids_named(self, name: str) -> list[str]:
-        """The ids of the entries named ``name`` (a key's secrets: rotated, revoked), without
-        going through every entry (an index built once per version of the entries)."""
+    def entries_named(self, name: str) -> list[SecretEntry]:
+        """The entries named ``name`` (a key's secrets: rotated, revoked), oldest first,
+        without going through every entry (an index built once per version of the entries)."""
         by_id = self._by_id
-        built_from, index = self._ids_by_name
+        built_from, index = self._by_name
         if built_from is not by_id:
             index = {}
-            for e in by_id.values():
-                index.setdefault(e.name, []).append(e.id)
-            self._ids_by_name = (by_id, index)
+            for e in sorted(by_id.values(), key=lambda e: e.created):
+                index.setdefault(e.name, []).append(e)
+            self._by_name = (by_id, index)
         return index.get(name, [])
 
     @property

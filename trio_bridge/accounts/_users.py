@@ -341,7 +341,7 @@ def block(users: UserStore, keys: SecretStore, user: User, actor: str) -> str:
             with keys.changing():  # the portal reads the state under it (Portal.change_key)
                 users.set_state(user.id, BLOCKED)
                 keys.reload()
-                if any(e.name == user.key_name and not e.revoked for e in keys.entries()):
+                if any(not e.revoked for e in keys.entries_named(user.key_name)):
                     revoked = keys.revoke(user.key_name).id
             break
         except ChangedMeanwhile:  # a pool's keys changed between the read and the write
@@ -364,7 +364,7 @@ def set_limits(
     limits = {k: list(v) if k == "models" else v for k, v in {**user.limits, **changes}.items()}
     limits = {k: v for k, v in limits.items() if v is not None and v != []}
     users.set_limits(user.id, limits)
-    if any(e.name == user.key_name and e.usable() for e in keys.entries()):
+    if any(e.usable() for e in keys.entries_named(user.key_name)):
         keys.set_limits(user.key_name, dict(changes))
     users.audit("user_limits", user.email, actor, json.dumps(limits, sort_keys=True))
     return f"{user.email}: limits {json.dumps(limits, sort_keys=True)}"

@@ -238,9 +238,8 @@ def _list_keys(s: SecretStore, config: Config) -> None:
             u = used.setdefault(r["key_id"], [0, 0])
             u[0] += r["requests"]
             u[1] += r["prompt_tokens"] + r["completion_tokens"]
-    # EXPIRES: a date, "<date> (expired)", "<date> (grace)" / "(replaced)" (a rotation's old
-    # secret, in its grace / after it) or
-    # "revoked <date>" (31 wide)
+    # EXPIRES: a date, "<date> (expired)", "revoked <date>", or a rotation's old secret
+    # "<date> (grace)" then "<date> (replaced)" (31 wide)
     print(f"{'NAME':<20} {'ID':<9} {'EXPIRES':<31} {'TODAY':<22} LIMITS")
     now = time.time()  # wall clock
     for e in entries:

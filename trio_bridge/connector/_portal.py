@@ -40,12 +40,7 @@ import trio
 
 from trio_bridge._config import Config
 from trio_bridge._errors import ConfigError, StreamReset
-from trio_bridge.accounts._keys import (
-    SecretEntry,
-    SecretStore,
-    atomic_write,
-    check_private,
-)
+from trio_bridge.accounts._keys import SecretEntry, SecretStore, atomic_write, check_private
 from trio_bridge.accounts._limits import KeyLimits, Limiter
 from trio_bridge.accounts._usagestore import UsageStore, utc_day
 from trio_bridge.accounts._users import ACTIVE, BLOCKED, PENDING, Session, User, UserStore
@@ -209,21 +204,18 @@ class Portal:
 
     def current_key(self, user: User) -> SecretEntry | None:
         self.keys.maybe_reload()
-        usable = [e for e in self.keys.entries() if e.name == user.key_name and e.usable()]
+        usable = [e for e in self.keys.entries_named(user.key_name) if e.usable()]
         return usable[-1] if usable else None
 
     def key_ids(self, user: User) -> list[str]:
-        return list(self.keys.ids_named(user.key_name))
+        return [e.id for e in self.keys.entries_named(user.key_name)]
 
     def ended_key(self, user: User) -> SecretEntry | None:
         """``user``'s key if the operator's end for it passed (its newest secret expired,
         neither revoked nor replaced): the portal makes no new key or secret for them then
         (that would undo the end); the operator extends it (`keys set NAME --expires`)."""
-        named = [self.keys.get(i) for i in self.keys.ids_named(user.key_name)]
-        live = sorted(
-            (e for e in named if e is not None and not e.revoked and not e.replaced),
-            key=lambda e: e.created,
-        )
+        named = self.keys.entries_named(user.key_name)
+        live = [e for e in named if not e.revoked and not e.replaced]
         return live[-1] if live and live[-1].expired() else None
 
     def change_key(self, user: User, action: str) -> tuple[str, SecretEntry, str | None] | None:

@@ -81,8 +81,8 @@ async def answer_usage(req: RelayedRequest, entry: SecretEntry) -> str:
             return await req.reply_error(
                 503, "usage is still being read; retry shortly", retry_after=1
             )
-        keys = req.fw.keys  # its secrets (rotations); not revoked ones: a name given anew
-        ids = [i for i in keys.ids_named(entry.name) if not ((e := keys.get(i)) and e.revoked)]
+        # its secrets (rotations); not revoked ones: a name given anew
+        ids = [e.id for e in req.fw.keys.entries_named(entry.name) if not e.revoked]
         rows = store.rows(since_day=utc_day(wall - 29 * 86400), key_ids=ids)
     today = utc_day(wall)
     doc = {
